@@ -1,0 +1,214 @@
+//! Opening an image and reading guest bytes from it, verified.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use crate::extent::{ExtentError, decode_extent};
+use crate::header::{HEADER_SIZE, Header, HeaderError, RawHeader};
+use crate::index::{Entry, Index, IndexError};
+use crate::io::ReadAt;
+use crate::meta::Metadata;
+use zerocopy::FromBytes;
+
+/// Errors from opening or reading an image.
+#[remain::sorted]
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An extent failed verification; the guest offset names it.
+    #[error("extent at guest offset {guest_offset:#x} is bad")]
+    BadExtent {
+        /// First guest byte of the extent.
+        guest_offset: u64,
+        /// What is wrong.
+        #[source]
+        source: ExtentError,
+    },
+    /// The metadata block is not valid.
+    #[error("metadata block is invalid: {0}")]
+    BadMetadata(String),
+    /// The header is invalid.
+    #[error("invalid header")]
+    Header(#[source] HeaderError),
+    /// The index is invalid.
+    #[error("invalid index")]
+    Index(#[source] IndexError),
+    /// Reading the underlying file failed.
+    #[error("cannot read {what} at file offset {offset:#x}")]
+    Io {
+        /// What was being read.
+        what: &'static str,
+        /// Where.
+        offset: u64,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A guest read lies past the end of the disk.
+    #[error("read {offset:#x}+{len:#x} past the virtual size {size:#x}")]
+    OutOfRange {
+        /// Requested offset.
+        offset: u64,
+        /// Requested length.
+        len: u64,
+        /// Virtual size.
+        size: u64,
+    },
+}
+
+fn read_vec<R: ReadAt + ?Sized>(src: &R, what: &'static str, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
+    // Callers only pass lengths already checked against the file length.
+    let mut buf = vec![0u8; usize::try_from(len).map_err(|_| Error::Io { what, offset, source: io::ErrorKind::OutOfMemory.into() })?];
+    src.read_exact_at(&mut buf, offset).map_err(|source| Error::Io { what, offset, source })?;
+    Ok(buf)
+}
+
+/// An open bootcache image over any positional reader.
+#[derive(Debug)]
+pub struct Image<R> {
+    src: R,
+    header: Header,
+    index: Index,
+    meta: Metadata,
+    last: Mutex<Option<(usize, Arc<Vec<u8>>)>>,
+}
+
+impl<R: ReadAt> Image<R> {
+    /// Opens and checks an image: header, index, root digest and metadata.
+    /// Extent data is checked when it is read.
+    ///
+    /// # Errors
+    /// Any structural problem, named; never panics on bad input, and never
+    /// allocates more than the file's own length justifies.
+    pub fn open(src: R) -> Result<Self, Error> {
+        let file_len = src.len().map_err(|source| Error::Io { what: "length", offset: 0, source })?;
+        if file_len < u64::from(HEADER_SIZE) {
+            return Err(Error::Header(HeaderError::TooShort(file_len)));
+        }
+        let head = read_vec(&src, "header", 0, u64::from(HEADER_SIZE))?;
+        let header = Header::parse(&head, file_len).map_err(Error::Header)?;
+        let range = header.index_range();
+        let index_bytes = read_vec(&src, "index", range.start, range.end - range.start)?;
+        let index = Index::parse(&index_bytes, &header).map_err(Error::Index)?;
+        let raw = RawHeader::ref_from_prefix(&head).map_err(|_| Error::Header(HeaderError::TooShort(file_len)))?.0;
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&raw.root_bytes());
+        hasher.update(&index_bytes);
+        if hasher.finalize().as_bytes() != &header.root_digest {
+            return Err(Error::Index(IndexError::RootDigestMismatch));
+        }
+        let meta_bytes = read_vec(&src, "metadata", header.meta.start, header.meta.end - header.meta.start)?;
+        if blake3::hash(&meta_bytes).as_bytes() != &header.meta_digest {
+            return Err(Error::BadMetadata("digest mismatch".into()));
+        }
+        let meta = serde_json::from_slice(&meta_bytes).map_err(|e| Error::BadMetadata(e.to_string()))?;
+        Ok(Image { src, header, index, meta, last: Mutex::new(None) })
+    }
+
+    /// The checked header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The checked index.
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// The metadata block.
+    pub fn metadata(&self) -> &Metadata {
+        &self.meta
+    }
+
+    /// Size of the guest disk.
+    pub fn virtual_size(&self) -> u64 {
+        self.header.virtual_size
+    }
+
+    /// The root digest, as lowercase hex.
+    pub fn root_digest_hex(&self) -> String {
+        hex(&self.header.root_digest)
+    }
+
+    /// Reads, verifies and decodes one extent.
+    ///
+    /// # Errors
+    /// An I/O error, or [`Error::BadExtent`] naming the extent's guest offset.
+    pub fn read_extent(&self, entry: &Entry) -> Result<Vec<u8>, Error> {
+        let stored = read_vec(&self.src, "extent", entry.stored.start, entry.stored_len())?;
+        decode_extent(entry, &stored).map_err(|source| Error::BadExtent { guest_offset: entry.guest.start, source })
+    }
+
+    fn cached_extent(&self, pos: usize) -> Result<Arc<Vec<u8>>, Error> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((p, data)) = &*last
+            && *p == pos
+        {
+            return Ok(Arc::clone(data));
+        }
+        let data = Arc::new(self.read_extent(&self.index.entries()[pos])?);
+        *last = Some((pos, Arc::clone(&data)));
+        Ok(data)
+    }
+
+    /// Fills `buf` with the guest bytes at `offset`. Ranges no extent covers
+    /// read as zero. Every byte returned has been verified.
+    ///
+    /// # Errors
+    /// [`Error::OutOfRange`] past the virtual size, or a bad extent.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
+        let len = buf.len() as u64;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.header.virtual_size)
+            .ok_or(Error::OutOfRange { offset, len, size: self.header.virtual_size })?;
+        buf.fill(0);
+        let first = self.index.position(offset);
+        for (i, entry) in self.index.overlapping(offset..end).iter().enumerate() {
+            let data = self.cached_extent(first + i)?;
+            let from = entry.guest.start.max(offset);
+            let to = entry.guest.end.min(end);
+            let src = &data[usize_of(from - entry.guest.start)..usize_of(to - entry.guest.start)];
+            buf[usize_of(from - offset)..usize_of(to - offset)].copy_from_slice(src);
+        }
+        Ok(())
+    }
+
+    /// Verifies every extent in file order.
+    ///
+    /// # Errors
+    /// The first bad extent, by its guest offset.
+    pub fn check(&self, mut progress: impl FnMut(u64)) -> Result<CheckReport, Error> {
+        let mut entries: Vec<&Entry> = self.index.entries().iter().collect();
+        entries.sort_by_key(|e| e.stored.start);
+        let mut report = CheckReport::default();
+        for entry in entries {
+            self.read_extent(entry)?;
+            report.extents += 1;
+            report.stored_bytes += entry.stored_len();
+            report.guest_bytes += entry.guest_len();
+            progress(entry.stored_len());
+        }
+        Ok(report)
+    }
+}
+
+/// What [`Image::check`] verified.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Extents verified.
+    pub extents: u64,
+    /// Stored bytes hashed.
+    pub stored_bytes: u64,
+    /// Guest bytes they cover.
+    pub guest_bytes: u64,
+}
+
+/// Offsets within one extent fit in usize (extents are at most 64 MiB).
+fn usize_of(v: u64) -> usize {
+    usize::try_from(v).unwrap_or(usize::MAX)
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,267 @@
+use std::io::Cursor;
+
+use proptest::prelude::*;
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::FromBytes;
+
+use crate::*;
+
+fn disk(len: usize) -> Vec<u8> {
+    // Compressible halves, incompressible halves, and a zero block.
+    let mut d: Vec<u8> = (0..len as u64).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    for (i, b) in d.iter_mut().enumerate().take(len / 4) {
+        *b = (i % 7) as u8;
+    }
+    d[len / 2..len / 2 + 4096].fill(0);
+    d
+}
+
+fn build(data: &[u8], plan: &[PlannedExtent], zstd: Option<i32>) -> Vec<u8> {
+    let opts = WriterOptions {
+        virtual_size: data.len() as u64,
+        block_size: 512,
+        max_extent_len: 1 << 20,
+        metadata: Metadata { creator: "test".into(), ..Default::default() },
+    };
+    let mut w = Writer::new(Cursor::new(Vec::new()), opts, plan.to_vec()).unwrap();
+    for p in plan {
+        w.push(&encode_extent(&data[p.guest.start as usize..p.guest.end as usize], zstd)).unwrap();
+    }
+    w.finish().unwrap().0.into_inner()
+}
+
+fn sample() -> (Vec<u8>, Vec<PlannedExtent>) {
+    let data = disk(64 * 1024);
+    let b = |r: std::ops::Range<u64>| PlannedExtent { guest: r, segment: Segment::Boot };
+    let r = |r: std::ops::Range<u64>| PlannedExtent { guest: r, segment: Segment::Rest };
+    // Boot extents out of guest order; a gap at 40960..45056 reads as zero in the source too.
+    let mut data = data;
+    data[40960..45056].fill(0);
+    let plan = vec![
+        b(20480..24576),
+        b(512..1536),
+        b(32768..36864),
+        r(0..512),
+        r(1536..20480),
+        r(24576..32768),
+        r(36864..40960),
+        r(45056..65536),
+    ];
+    (data, plan)
+}
+
+#[test]
+fn round_trip_reads_every_byte() {
+    for zstd in [None, Some(3)] {
+        let (data, plan) = sample();
+        let img = Image::open(build(&data, &plan, zstd)).unwrap();
+        let mut all = vec![0u8; data.len()];
+        img.read_at(&mut all, 0).unwrap();
+        assert_eq!(all, data);
+        for (off, len) in [(0, 1), (511, 2), (1000, 30000), (65535, 1), (40000, 6000)] {
+            let mut buf = vec![0xAAu8; len];
+            img.read_at(&mut buf, off as u64).unwrap();
+            assert_eq!(buf, data[off..off + len]);
+        }
+        assert!(matches!(img.read_at(&mut [0u8; 2], 65535), Err(Error::OutOfRange { .. })));
+        // 32768..36864 is all zero: a zero extent, with no place in the stream.
+        let order: Vec<u64> = img.index().boot_order().map(|e| e.guest.start).collect();
+        assert_eq!(order, vec![20480, 512]);
+        assert_eq!(img.header().boot_guest_bytes, 4096 + 1024 + 4096);
+        if zstd.is_some() {
+            assert!(img.index().entries().iter().any(|e| e.encoding == Encoding::Zstd));
+            assert!(img.index().entries().iter().any(|e| e.encoding == Encoding::Zero));
+        }
+    }
+}
+
+#[test]
+fn stream_order_is_header_index_boot_rest_meta() {
+    let (data, plan) = sample();
+    let img = Image::open(build(&data, &plan, None)).unwrap();
+    let h = img.header();
+    assert_eq!(h.index_offset, 256);
+    assert_eq!(h.boot.start, 256 + 64 * plan.len() as u64);
+    assert_eq!(h.boot.end - h.boot.start, 4096 + 1024);
+    assert!(h.rest.start == h.boot.end && h.meta.start == h.rest.end);
+}
+
+#[test]
+fn any_flipped_data_byte_is_caught_and_named() {
+    let (data, plan) = sample();
+    for zstd in [None, Some(3)] {
+        let file = build(&data, &plan, zstd);
+        let good = Image::open(file.clone()).unwrap();
+        let (start, end) = (good.header().boot.start, good.header().rest.end);
+        for pos in (start..end).step_by(97) {
+            let mut bad = file.clone();
+            bad[pos as usize] ^= 0x40;
+            let img = Image::open(bad).unwrap();
+            let owner = img.index().entries().iter().find(|e| e.stored.contains(&pos)).unwrap().clone();
+            match img.check(|_| {}) {
+                Err(Error::BadExtent { guest_offset, .. }) => assert_eq!(guest_offset, owner.guest.start),
+                other => panic!("flip at {pos:#x} not caught: {other:?}"),
+            }
+            let mut buf = vec![0u8; 16];
+            assert!(img.read_at(&mut buf, owner.guest.start).is_err());
+        }
+    }
+}
+
+#[test]
+fn any_flipped_header_or_index_byte_is_refused() {
+    let (data, plan) = sample();
+    let file = build(&data, &plan, None);
+    let index_end = 256 + 64 * plan.len();
+    for pos in 0..index_end {
+        let mut bad = file.clone();
+        bad[pos] ^= 0x01;
+        assert!(Image::open(bad).is_err(), "flip at {pos} accepted");
+    }
+}
+
+#[test]
+fn every_truncation_is_refused() {
+    let (data, plan) = sample();
+    let file = build(&data, &plan, Some(3));
+    for len in 0..file.len() {
+        assert!(Image::open(file[..len].to_vec()).is_err(), "truncated to {len} accepted");
+    }
+}
+
+fn reseal(file: &mut [u8], edit: impl FnOnce(&mut RawHeader)) {
+    let h = RawHeader::mut_from_prefix(file).unwrap().0;
+    edit(h);
+    h.header_crc32c = U32::new(h.compute_crc());
+}
+
+#[test]
+fn header_errors_name_the_problem() {
+    let (data, plan) = sample();
+    let file = build(&data, &plan, None);
+    let mut bad = file.clone();
+    bad[0] = b'X';
+    assert!(matches!(Image::open(bad).unwrap_err(), Error::Header(HeaderError::BadMagic(_))));
+    let mut bad = file.clone();
+    reseal(&mut bad, |h| h.version_major = 2.into());
+    assert!(matches!(Image::open(bad).unwrap_err(), Error::Header(HeaderError::UnsupportedVersion { major: 2, .. })));
+    let mut bad = file.clone();
+    reseal(&mut bad, |h| h.incompatible = U64::new(1 << 40));
+    match Image::open(bad).unwrap_err() {
+        Error::Header(e @ HeaderError::UnsupportedFeatures { .. }) => assert!(e.to_string().contains("unknown 0x10000000000")),
+        e => panic!("{e:?}"),
+    }
+    let mut bad = file.clone();
+    reseal(&mut bad, |h| h.incompatible = U64::new(incompat::PARENT));
+    assert!(Image::open(bad).unwrap_err().to_string().contains("header"));
+    let mut bad = file.clone();
+    reseal(&mut bad, |h| h.index_count = U64::new(u64::MAX / 2));
+    assert!(matches!(Image::open(bad).unwrap_err(), Error::Header(HeaderError::BadField { field: "index_count", .. })));
+    let mut bad = file.clone();
+    reseal(&mut bad, |h| h.max_extent_len = U32::new(u32::MAX));
+    assert!(matches!(Image::open(bad).unwrap_err(), Error::Header(HeaderError::BadField { field: "max_extent_len", .. })));
+}
+
+/// Rewrites entry `i` and reseals index CRC and root digest, as a careful forger would.
+fn forge_entry(file: &mut Vec<u8>, i: usize, edit: impl FnOnce(&mut RawEntry)) {
+    let count = RawHeader::ref_from_prefix(&file[..]).unwrap().0.index_count.get() as usize;
+    let range = 256..256 + 64 * count;
+    edit(RawEntry::mut_from_bytes(&mut file[256 + 64 * i..256 + 64 * (i + 1)]).unwrap());
+    let crc = crc32c::crc32c(&file[range.clone()]);
+    let index = file[range].to_vec();
+    reseal(file, |h| {
+        h.index_crc32c = U32::new(crc);
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&h.root_bytes());
+        hasher.update(&index);
+        h.root_digest = *hasher.finalize().as_bytes();
+    });
+}
+
+#[test]
+fn forged_indexes_are_refused() {
+    let (data, plan) = sample();
+    let file = build(&data, &plan, None);
+    let cases: Vec<(&str, Box<dyn Fn(&mut RawEntry)>)> = vec![
+        ("overlap", Box::new(|e| e.guest_offset = U64::new(e.guest_offset.get() - 256))),
+        ("past the virtual size", Box::new(|e| e.guest_offset = U64::new(u64::MAX - 10))),
+        ("outside", Box::new(|e| e.file_offset = U64::new(1 << 40))),
+        ("encoding", Box::new(|e| e.encoding = 9)),
+        ("guest length", Box::new(|e| e.guest_len = U32::new(0))),
+        ("tiled", Box::new(|e| e.file_offset = U64::new(e.file_offset.get() + 1))),
+    ];
+    for (what, edit) in cases {
+        let mut bad = file.clone();
+        forge_entry(&mut bad, 2, edit);
+        let err = Image::open(bad).unwrap_err();
+        let chain = format!("{err}: {}", std::error::Error::source(&err).map(|s| s.to_string()).unwrap_or_default());
+        assert!(chain.contains(what), "{what}: got {chain}");
+    }
+}
+
+#[test]
+fn writer_refuses_bad_plans() {
+    let opts = WriterOptions { virtual_size: 4096, block_size: 512, max_extent_len: 4096, metadata: Metadata::default() };
+    let plans = [
+        vec![PlannedExtent { guest: 0..8192, segment: Segment::Boot }],
+        vec![PlannedExtent { guest: 0..2048, segment: Segment::Rest }, PlannedExtent { guest: 2048..4096, segment: Segment::Boot }],
+        vec![PlannedExtent { guest: 0..2048, segment: Segment::Boot }, PlannedExtent { guest: 1024..3000, segment: Segment::Rest }],
+        vec![PlannedExtent { guest: 100..100, segment: Segment::Boot }],
+    ];
+    for plan in plans {
+        assert!(Writer::new(Cursor::new(Vec::new()), opts.clone(), plan).is_err());
+    }
+}
+
+#[test]
+fn zstd_bomb_is_bounded() {
+    let entry = Entry {
+        guest: 0..4096,
+        stored: 0..0,
+        encoding: Encoding::Zstd,
+        segment: Segment::Rest,
+        digest: [0; 32],
+    };
+    let bomb = zstd::bulk::compress(&vec![0u8; 1 << 20], 1).unwrap();
+    let entry = Entry { digest: *blake3::hash(&bomb).as_bytes(), ..entry };
+    assert!(matches!(decode_extent(&entry, &bomb), Err(ExtentError::Decompress(_) | ExtentError::LengthMismatch { .. })));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn lookup_matches_linear_scan(cuts in proptest::collection::btree_set(1u64..100_000, 1..40), probe in 0u64..100_000) {
+        let mut bounds: Vec<u64> = cuts.into_iter().collect();
+        bounds.insert(0, 0);
+        let entries: Vec<Entry> = bounds.windows(2).enumerate().filter(|(i, _)| i % 3 != 1).map(|(_, w)| Entry {
+            guest: w[0]..w[1], stored: 0..0, encoding: Encoding::Zero, segment: Segment::Rest, digest: [0; 32],
+        }).collect();
+        let index = Index::from_sorted(entries.clone());
+        let linear = entries.iter().find(|e| e.guest.contains(&probe));
+        prop_assert_eq!(index.find(probe), linear);
+        let lo = probe.saturating_sub(500);
+        let want: Vec<&Entry> = entries.iter().filter(|e| e.guest.start < probe + 1 && e.guest.end > lo).collect();
+        prop_assert_eq!(index.overlapping(lo..probe + 1).iter().collect::<Vec<_>>(), want);
+    }
+}
+
+#[test]
+fn header_is_what_format_md_says() {
+    use std::mem::offset_of;
+    let table = include_str!("../FORMAT.md");
+    let check = |name: &str, off: usize| assert!(table.contains(&format!("| {off} | `{name}`")), "FORMAT.md lacks `{name}` at {off}");
+    check("magic", offset_of!(RawHeader, magic));
+    check("virtual_size", offset_of!(RawHeader, virtual_size));
+    check("index_count", offset_of!(RawHeader, index_count));
+    check("boot_offset", offset_of!(RawHeader, boot_offset));
+    check("meta_digest", offset_of!(RawHeader, meta_digest));
+    check("root_digest", offset_of!(RawHeader, root_digest));
+    check("parent_digest", offset_of!(RawHeader, parent_digest));
+    check("boot_guest_bytes", offset_of!(RawHeader, boot_guest_bytes));
+    check("header_crc32c", offset_of!(RawHeader, header_crc32c));
+    check("guest_offset", offset_of!(RawEntry, guest_offset));
+    check("stored_len", offset_of!(RawEntry, stored_len));
+    check("encoding", offset_of!(RawEntry, encoding));
+    check("segment", offset_of!(RawEntry, segment));
+    check("digest", offset_of!(RawEntry, digest));
+}
