@@ -1,0 +1,133 @@
+//! PNG and SVG plots of a trace (feature `plot`).
+
+use std::path::{Path, PathBuf};
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use crate::analysis::{Analysis, cumulative_unique};
+use crate::file::Trace;
+
+/// Errors drawing plots.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot draw {file}: {why}")]
+pub struct PlotError {
+    /// The file being drawn.
+    pub file: PathBuf,
+    /// The drawing backend's message.
+    pub why: String,
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+type Area<'a, B> = DrawingArea<B, Shift>;
+
+fn histogram<B: DrawingBackend>(area: &Area<'_, B>, a: &Analysis) -> Result<(), String> {
+    area.fill(&WHITE).map_err(|e| e.to_string())?;
+    let labels: Vec<String> = a.histogram.iter().map(|b| human(b.min)).collect();
+    let max = a.histogram.iter().map(|b| b.count).max().unwrap_or(1);
+    let n = a.histogram.len().max(1);
+    let mut chart = ChartBuilder::on(area)
+        .caption("Read request sizes", ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d((0..n).into_segmented(), 0..max + max / 10 + 1)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc("request size (power-of-two bucket, lower bound)")
+        .y_desc("requests")
+        .x_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
+            _ => String::new(),
+        })
+        .draw()
+        .map_err(|e| e.to_string())?;
+    chart
+        .draw_series(
+            Histogram::vertical(&chart)
+                .style(BLUE.filled())
+                .margin(4)
+                .data(a.histogram.iter().enumerate().map(|(i, b)| (i, b.count))),
+        )
+        .map_err(|e| e.to_string())?;
+    area.present().map_err(|e| e.to_string())
+}
+
+fn offsets<B: DrawingBackend>(area: &Area<'_, B>, t: &Trace) -> Result<(), String> {
+    area.fill(&WHITE).map_err(|e| e.to_string())?;
+    let pts: Vec<(f64, f64)> = t.records.iter().filter_map(|r| Some((r.t_ns as f64 / 1e9, r.boot_bytes()?.start as f64 / MIB))).collect();
+    let tmax = pts.iter().map(|p| p.0).fold(0.0, f64::max) * 1.02 + 1e-3;
+    let omax = pts.iter().map(|p| p.1).fold(0.0, f64::max) * 1.02 + 1e-3;
+    let mut chart = ChartBuilder::on(area)
+        .caption("Read offset over time", ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..tmax, 0.0..omax)
+        .map_err(|e| e.to_string())?;
+    chart.configure_mesh().x_desc("time since start (s)").y_desc("offset (MiB)").draw().map_err(|e| e.to_string())?;
+    chart.draw_series(pts.iter().map(|&p| Circle::new(p, 2, BLUE.filled()))).map_err(|e| e.to_string())?;
+    area.present().map_err(|e| e.to_string())
+}
+
+fn cumulative<B: DrawingBackend>(area: &Area<'_, B>, t: &Trace) -> Result<(), String> {
+    area.fill(&WHITE).map_err(|e| e.to_string())?;
+    let mut pts: Vec<(f64, f64)> = vec![(0.0, 0.0)];
+    pts.extend(cumulative_unique(t).into_iter().map(|(ns, b)| (ns as f64 / 1e9, b as f64 / MIB)));
+    let tmax = pts.iter().map(|p| p.0).fold(0.0, f64::max) * 1.02 + 1e-3;
+    let bmax = pts.iter().map(|p| p.1).fold(0.0, f64::max) * 1.05 + 1e-3;
+    let mut chart = ChartBuilder::on(area)
+        .caption("Cumulative unique boot data", ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..tmax, 0.0..bmax)
+        .map_err(|e| e.to_string())?;
+    chart.configure_mesh().x_desc("time since start (s)").y_desc("unique bytes read (MiB)").draw().map_err(|e| e.to_string())?;
+    chart.draw_series(LineSeries::new(pts, BLUE.stroke_width(2))).map_err(|e| e.to_string())?;
+    area.present().map_err(|e| e.to_string())
+}
+
+fn human(b: u64) -> String {
+    match b {
+        b if b >= 1 << 20 => format!("{}M", b >> 20),
+        b if b >= 1 << 10 => format!("{}K", b >> 10),
+        b => format!("{b}"),
+    }
+}
+
+/// Draws `sizes`, `offsets` and `cumulative`, each as PNG and SVG, into `dir`.
+/// Returns the files written.
+///
+/// # Errors
+/// The first plot that cannot be drawn or written.
+pub fn plot_all(trace: &Trace, analysis: &Analysis, dir: &Path) -> Result<Vec<PathBuf>, PlotError> {
+    std::fs::create_dir_all(dir).map_err(|e| PlotError { file: dir.to_path_buf(), why: e.to_string() })?;
+    let mut written = Vec::new();
+    for name in ["sizes", "offsets", "cumulative"] {
+        for ext in ["png", "svg"] {
+            let file = dir.join(format!("{name}.{ext}"));
+            let draw = |result: Result<(), String>| result.map_err(|why| PlotError { file: file.clone(), why });
+            let size = (900, 540);
+            macro_rules! render {
+                ($backend:expr) => {{
+                    let area = $backend.into_drawing_area();
+                    match name {
+                        "sizes" => draw(histogram(&area, analysis))?,
+                        "offsets" => draw(offsets(&area, trace))?,
+                        _ => draw(cumulative(&area, trace))?,
+                    }
+                }};
+            }
+            if ext == "png" {
+                render!(BitMapBackend::new(&file, size));
+            } else {
+                render!(SVGBackend::new(&file, size));
+            }
+            written.push(file);
+        }
+    }
+    Ok(written)
+}
