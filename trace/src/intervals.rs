@@ -155,8 +155,6 @@ pub struct Piece {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AccessOrder {
     pieces: Vec<Piece>,
-    /// Bytes emitted so far.
-    bytes: u64,
 }
 
 /// Adds ranges in time order, keeping only bytes not seen before.
@@ -165,6 +163,8 @@ struct OrderBuilder {
     /// start -> end of the merged ranges seen so far.
     covered: BTreeMap<u64, u64>,
     pieces: Vec<Piece>,
+    /// Bytes emitted so far.
+    bytes: u64,
 }
 
 impl OrderBuilder {
