@@ -28,6 +28,7 @@ pub mod intervals;
 #[cfg(feature = "plot")]
 pub mod plot;
 mod record;
+pub mod synth;
 
 pub use analysis::{Analysis, analyze};
 pub use file::{ImageIdentity, OffsetSpace, Trace, TraceError, TraceInfo, TraceWriter};

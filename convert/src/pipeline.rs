@@ -1,0 +1,236 @@
+//! The conversion pipeline: source image + traces -> bootcache container, and back.
+
+use std::io::{Seek, Write};
+use std::time::Instant;
+
+use bootcache_format::{Encoding, Image, Metadata, ReadAt, WriteSummary, Writer, WriterOptions, encode_extent, hex};
+use bootcache_trace::{AccessOrder, OffsetSpace, Trace};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::image::{ImageSink, ImageSource};
+use crate::plan::plan;
+
+/// How much guest data is read, then encoded in parallel, at a time.
+const BATCH_BYTES: u64 = 64 << 20;
+
+/// Errors from conversion.
+#[remain::sorted]
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// The container could not be read.
+    #[error("cannot read the bootcache image")]
+    Image(#[source] bootcache_format::Error),
+    /// A trace does not fit the source image.
+    #[error("trace {index}: {why}")]
+    IncompatibleTrace {
+        /// Position in the trace list.
+        index: usize,
+        /// Why.
+        why: String,
+    },
+    /// The source image could not be read.
+    #[error("cannot read the source image at offset {offset:#x}")]
+    Source {
+        /// Where.
+        offset: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The output could not be written.
+    #[error("cannot write the output")]
+    Write(#[source] std::io::Error),
+    /// The container writer refused.
+    #[error("cannot write the bootcache image")]
+    Writer(#[source] bootcache_format::WriteError),
+}
+
+/// Options for [`convert`].
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    /// zstd level for extents, or `None` to store raw.
+    pub zstd_level: Option<i32>,
+    /// Keep bytes read in at least this many of the traces (1 = union).
+    pub min_boots: usize,
+    /// Largest boot extent.
+    pub boot_extent_max: u32,
+    /// Rest extents are cut at multiples of this.
+    pub rest_extent_len: u32,
+    /// Written into the container's metadata as `creator`.
+    pub creator: String,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            zstd_level: None,
+            min_boots: 1,
+            boot_extent_max: 1 << 20,
+            rest_extent_len: 256 << 10,
+            creator: format!("bootcache-convert {}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
+/// What [`convert`] did.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConvertReport {
+    /// Size of the disk.
+    pub virtual_size: u64,
+    /// Bytes the source reports allocated.
+    pub allocated_bytes: u64,
+    /// Exact bytes in the (merged) boot set.
+    pub boot_set_bytes: u64,
+    /// Guest bytes in the boot segment (after alignment).
+    pub boot_guest_bytes: u64,
+    /// Stored bytes of the boot segment.
+    pub boot_segment_bytes: u64,
+    /// Stored bytes of the rest segment.
+    pub rest_segment_bytes: u64,
+    /// Extents written.
+    pub extents: usize,
+    /// Extents found to be all zero (no bytes stored).
+    pub zero_extents: usize,
+    /// Alignment used for the boot set.
+    pub block_size: u64,
+    /// Length of the container file.
+    pub file_bytes: u64,
+    /// Root digest, hex.
+    pub root_digest: String,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+fn boot_order(traces: &[Trace], size: u64, min_boots: usize) -> Result<AccessOrder, ConvertError> {
+    let mut orders = Vec::with_capacity(traces.len());
+    for (index, t) in traces.iter().enumerate() {
+        let bad = |why: String| Err(ConvertError::IncompatibleTrace { index, why });
+        if t.space != OffsetSpace::Guest {
+            return bad("holds image-file offsets, not guest offsets; map it to guest space first".into());
+        }
+        if t.image.size != 0 && t.image.size != size {
+            return bad(format!("was recorded on an image of {} bytes, the source has {size}", t.image.size));
+        }
+        if t.lost_records != 0 {
+            tracing::warn!(trace = index, lost = t.lost_records, "trace lost records: its boot set may be incomplete");
+        }
+        let clipped = t.records.iter().filter_map(|r| r.boot_bytes()).filter(|b| b.end > size).count();
+        if clipped > 0 {
+            tracing::warn!(trace = index, reads = clipped, "reads past the end of the image are clipped");
+        }
+        orders.push(AccessOrder::from_timed(
+            t.records.iter().filter_map(|r| Some((r.boot_bytes()?, r.t_ns))).map(|(b, t)| (b.start.min(size)..b.end.min(size), t)),
+        ));
+    }
+    Ok(AccessOrder::merge(&orders, min_boots))
+}
+
+/// Converts `src` into a container written to `out`, the boot segment laid
+/// out from `traces`. `progress` is called with guest bytes done.
+///
+/// # Errors
+/// Unreadable source, a trace that does not fit the source, or a write error.
+pub fn convert<W: Write + Seek>(
+    src: &dyn ImageSource,
+    traces: &[Trace],
+    out: W,
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(W, ConvertReport), ConvertError> {
+    let started = Instant::now();
+    let size = src.size();
+    if traces.is_empty() {
+        tracing::warn!("no trace given: the boot segment is empty");
+    }
+    let order = boot_order(traces, size, opts.min_boots)?;
+    let allocated = src.allocated().map_err(|source| ConvertError::Source { offset: 0, source })?;
+    let plan = plan(&order, &allocated, size, u64::from(opts.boot_extent_max), u64::from(opts.rest_extent_len));
+    let extra = serde_json::json!({
+        "traces": traces.len(),
+        "min_boots": opts.min_boots,
+        "boot_set_bytes": plan.boot_set_bytes,
+        "boot_alignment": plan.block_size,
+    });
+    let wopts = WriterOptions {
+        virtual_size: size,
+        block_size: u32::try_from(plan.block_size).unwrap_or(1),
+        max_extent_len: opts.boot_extent_max.max(opts.rest_extent_len),
+        metadata: Metadata { creator: opts.creator.clone(), parent_locator: None, extra },
+    };
+    let mut writer = Writer::new(out, wopts, plan.extents.clone()).map_err(ConvertError::Writer)?;
+    let mut zero_extents = 0;
+    for batch in batches(&plan.extents) {
+        let mut bufs = Vec::with_capacity(batch.len());
+        for e in batch {
+            let mut buf = vec![0u8; usize::try_from(e.guest.end - e.guest.start).unwrap_or(0)];
+            src.read_at(&mut buf, e.guest.start).map_err(|source| ConvertError::Source { offset: e.guest.start, source })?;
+            bufs.push(buf);
+        }
+        let encoded: Vec<_> = bufs.par_iter().map(|b| encode_extent(b, opts.zstd_level)).collect();
+        for (enc, buf) in encoded.iter().zip(&bufs) {
+            zero_extents += usize::from(enc.encoding == Encoding::Zero);
+            writer.push(enc).map_err(ConvertError::Writer)?;
+            progress(buf.len() as u64);
+        }
+    }
+    let (out, s): (W, WriteSummary) = writer.finish().map_err(ConvertError::Writer)?;
+    let report = ConvertReport {
+        virtual_size: size,
+        allocated_bytes: allocated.bytes(),
+        boot_set_bytes: plan.boot_set_bytes,
+        boot_guest_bytes: s.boot_guest,
+        boot_segment_bytes: s.boot_stored,
+        rest_segment_bytes: s.rest_stored,
+        extents: s.extents,
+        zero_extents,
+        block_size: plan.block_size,
+        file_bytes: s.file_len,
+        root_digest: hex(&s.root_digest),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok((out, report))
+}
+
+/// Consecutive runs of extents of at most [`BATCH_BYTES`] guest bytes.
+fn batches(extents: &[bootcache_format::PlannedExtent]) -> Vec<&[bootcache_format::PlannedExtent]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, e) in extents.iter().enumerate() {
+        bytes += e.guest.end - e.guest.start;
+        if bytes >= BATCH_BYTES {
+            out.push(&extents[start..=i]);
+            (start, bytes) = (i + 1, 0);
+        }
+    }
+    if start < extents.len() {
+        out.push(&extents[start..]);
+    }
+    out
+}
+
+/// Total guest bytes [`convert`] will report through `progress` for `src`.
+///
+/// # Errors
+/// When the source's allocation cannot be listed.
+pub fn planned_bytes(src: &dyn ImageSource) -> Result<u64, ConvertError> {
+    Ok(src.allocated().map_err(|source| ConvertError::Source { offset: 0, source })?.bytes())
+}
+
+/// Writes every guest byte of `image` to `sink`, verifying each extent.
+/// `progress` is called with guest bytes done.
+///
+/// # Errors
+/// A bad extent (named by guest offset) or a write error.
+pub fn export<R: ReadAt>(image: &Image<R>, mut sink: Box<dyn ImageSink>, progress: &dyn Fn(u64)) -> Result<(), ConvertError> {
+    let mut entries: Vec<_> = image.index().entries().iter().collect();
+    entries.sort_by_key(|e| e.stored.start);
+    for e in entries {
+        if e.encoding != Encoding::Zero {
+            let data = image.read_extent(e).map_err(ConvertError::Image)?;
+            sink.write_at(&data, e.guest.start).map_err(ConvertError::Write)?;
+        }
+        progress(e.guest_len());
+    }
+    sink.finish().map_err(ConvertError::Write)
+}

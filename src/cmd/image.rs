@@ -1,0 +1,147 @@
+//! `bootcache convert`, `export`, `info` and `check`.
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use bootcache_convert::{ConvertOptions, RawSink, RawSource, convert as run_convert, export as run_export, planned_bytes};
+use bootcache_format::{Encoding, Image, Segment, feature_names};
+use bootcache_trace::Trace;
+use clap::Args;
+use serde::Serialize;
+
+use super::Output;
+use super::progress;
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// The source disk image (raw).
+    src: PathBuf,
+    /// The bootcache image to write.
+    dst: PathBuf,
+    /// Boot trace(s) whose reads go first; without one the boot segment is empty.
+    #[arg(long = "trace", value_name = "TRACE")]
+    traces: Vec<PathBuf>,
+    /// With several traces, keep bytes read in at least K of them (default: all of the union).
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    min_boots: usize,
+    /// Compress extents with zstd at this level (kept raw where it does not pay).
+    #[arg(long, value_name = "LEVEL", num_args = 0..=1, default_missing_value = "3")]
+    zstd: Option<i32>,
+    /// No progress bar.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Output format of the report.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+pub fn convert(args: &ConvertArgs) -> anyhow::Result<ExitCode> {
+    let src = RawSource::open(&args.src).with_context(|| format!("opening source {}", args.src.display()))?;
+    let traces = args
+        .traces
+        .iter()
+        .map(|p| Trace::open(p).with_context(|| format!("reading trace {}", p.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let opts = ConvertOptions { zstd_level: args.zstd, min_boots: args.min_boots, creator: format!("bootcache {}", env!("CARGO_PKG_VERSION")), ..Default::default() };
+    let out = File::create(&args.dst).with_context(|| format!("creating {}", args.dst.display()))?;
+    let bar = progress::bytes(planned_bytes(&src)?, "convert", args.quiet);
+    let (_, report) = run_convert(&src, &traces, BufWriter::with_capacity(1 << 20, out), &opts, &|n| bar.inc(n))
+        .with_context(|| format!("converting {}", args.src.display()))?;
+    bar.finish_and_clear();
+    if args.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("wrote {} ({} bytes, {} extents) in {:.2} s", args.dst.display(), report.file_bytes, report.extents, report.seconds);
+        println!("boot set {} bytes -> boot segment {} guest bytes, {} stored (alignment {})", report.boot_set_bytes, report.boot_guest_bytes, report.boot_segment_bytes, report.block_size);
+        println!("rest segment {} stored bytes; {} all-zero extents cost nothing", report.rest_segment_bytes, report.zero_extents);
+        println!("root digest {}", report.root_digest);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn open(path: &Path) -> anyhow::Result<Image<File>> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    Image::open(file).with_context(|| format!("{} is not a valid bootcache image", path.display()))
+}
+
+pub fn export(src: &Path, dst: &Path, quiet: bool) -> anyhow::Result<ExitCode> {
+    let image = open(src)?;
+    let sink = RawSink::create(dst, image.virtual_size()).with_context(|| format!("creating {}", dst.display()))?;
+    let bar = progress::bytes(image.index().entries().iter().map(|e| e.guest_len()).sum(), "export", quiet);
+    run_export(&image, Box::new(sink), &|n| bar.inc(n)).with_context(|| format!("exporting {}", src.display()))?;
+    bar.finish_and_clear();
+    eprintln!("wrote {} ({} bytes)", dst.display(), image.virtual_size());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize)]
+struct InfoJson {
+    format_version: String,
+    virtual_size: u64,
+    file_bytes: u64,
+    root_digest: String,
+    features: Vec<String>,
+    extents: usize,
+    boot_extents: usize,
+    zero_extents: usize,
+    zstd_extents: usize,
+    boot_segment_bytes: u64,
+    boot_guest_bytes: u64,
+    rest_segment_bytes: u64,
+    index_bytes: u64,
+    block_size: u32,
+    max_extent_len: u32,
+    metadata: bootcache_format::Metadata,
+}
+
+pub fn info(path: &Path, output: Output) -> anyhow::Result<ExitCode> {
+    let image = open(path)?;
+    let h = image.header();
+    let entries = image.index().entries();
+    let count = |f: &dyn Fn(&bootcache_format::Entry) -> bool| entries.iter().filter(|e| f(e)).count();
+    let features = if h.incompatible == 0 { Vec::new() } else { vec![feature_names(h.incompatible)] };
+    let info = InfoJson {
+        format_version: format!("1.{}", h.version_minor),
+        virtual_size: h.virtual_size,
+        file_bytes: h.meta.end,
+        root_digest: image.root_digest_hex(),
+        features,
+        extents: entries.len(),
+        boot_extents: count(&|e| e.segment == Segment::Boot),
+        zero_extents: count(&|e| e.encoding == Encoding::Zero),
+        zstd_extents: count(&|e| e.encoding == Encoding::Zstd),
+        boot_segment_bytes: h.boot.end - h.boot.start,
+        boot_guest_bytes: h.boot_guest_bytes,
+        rest_segment_bytes: h.rest.end - h.rest.start,
+        index_bytes: h.boot.start - h.index_offset,
+        block_size: h.block_size,
+        max_extent_len: h.max_extent_len,
+        metadata: image.metadata().clone(),
+    };
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("image            {}", path.display());
+    println!("format           bootcache {}{}", info.format_version, if info.features.is_empty() { String::new() } else { format!(" ({})", info.features.join(", ")) });
+    println!("virtual size     {} bytes", info.virtual_size);
+    println!("file size        {} bytes", info.file_bytes);
+    println!("index            {} extents ({} boot, {} zero, {} zstd), {} bytes", info.extents, info.boot_extents, info.zero_extents, info.zstd_extents, info.index_bytes);
+    println!("boot segment     {} bytes stored for {} guest bytes", info.boot_segment_bytes, info.boot_guest_bytes);
+    println!("rest segment     {} bytes stored", info.rest_segment_bytes);
+    println!("created by       {}", info.metadata.creator);
+    println!("root digest      {}", info.root_digest);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn check(path: &Path, quiet: bool) -> anyhow::Result<ExitCode> {
+    let image = open(path)?;
+    let bar = progress::bytes(image.header().rest.end - image.header().boot.start, "check", quiet);
+    let report = image.check(|n| bar.inc(n)).with_context(|| format!("{} failed verification", path.display()))?;
+    bar.finish_and_clear();
+    println!("ok: {} extents, {} stored bytes verified; root digest {}", report.extents, report.stored_bytes, image.root_digest_hex());
+    Ok(ExitCode::SUCCESS)
+}

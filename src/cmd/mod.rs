@@ -1,0 +1,89 @@
+//! Command-line definitions and dispatch.
+
+mod image;
+mod progress;
+mod trace;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Make VMs boot fast from remote images: record what a boot reads, lay the
+/// image out so those bytes come first, and check and convert such images.
+#[derive(Debug, Parser)]
+#[command(name = "bootcache", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Output format for machine-readable results.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Human-readable text.
+    Text,
+    /// One JSON object on stdout.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, import and export trace files.
+    #[command(subcommand)]
+    Trace(trace::TraceCmd),
+    /// Study a trace's reads: sizes, unique bytes, intervals; optional plots.
+    Analyze {
+        /// The trace file.
+        trace: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Write request-size, offset-over-time and cumulative plots (PNG and SVG) here.
+        #[arg(long, value_name = "DIR")]
+        plot: Option<PathBuf>,
+    },
+    /// Convert a raw disk image into a bootcache image, boot bytes first.
+    Convert(image::ConvertArgs),
+    /// Write a bootcache image back out as a (sparse) raw disk image.
+    Export {
+        /// The bootcache image.
+        src: PathBuf,
+        /// The raw image to write.
+        dst: PathBuf,
+        /// No progress bar.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Describe a bootcache image: sizes, segments, features, root digest.
+    Info {
+        /// The bootcache image.
+        image: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Verify every digest in a bootcache image; fails naming the first bad extent.
+    Check {
+        /// The bootcache image.
+        image: PathBuf,
+        /// No progress bar.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Trace(t) => trace::run(t),
+        Command::Analyze { trace, json, plot } => trace::analyze(&trace, json, plot.as_deref()),
+        Command::Convert(args) => image::convert(&args),
+        Command::Export { src, dst, quiet } => image::export(&src, &dst, quiet),
+        Command::Info { image, output } => image::info(&image, output),
+        Command::Check { image, quiet } => image::check(&image, quiet),
+    }
+}

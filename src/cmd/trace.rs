@@ -1,0 +1,160 @@
+//! `bootcache trace ...` and `bootcache analyze`.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use bootcache_trace::{ImageIdentity, OffsetSpace, Trace, TraceInfo, analyze as analyze_trace, csv};
+use clap::Subcommand;
+
+#[derive(Debug, Subcommand)]
+pub enum TraceCmd {
+    /// Make a trace file from CSV with a header line naming t_ns,offset,length
+    /// (optional columns: op, tid, result). Rows are reads unless op says write.
+    Import {
+        /// The CSV file (`-` for stdin).
+        #[arg(long, value_name = "FILE")]
+        csv: PathBuf,
+        /// The trace file to write.
+        #[arg(long, value_name = "TRACE")]
+        out: PathBuf,
+        /// The traced image: its size (and with --digest its BLAKE3) is stored in the trace.
+        #[arg(long, value_name = "IMG")]
+        image: Option<PathBuf>,
+        /// Also hash the whole image (slow for large images).
+        #[arg(long, requires = "image")]
+        digest: bool,
+    },
+    /// Synthesise a boot-shaped trace over an image's allocated ranges (for
+    /// demos and tests: a real trace comes from recording a boot).
+    Synth {
+        /// The raw image the trace should fit.
+        #[arg(long, value_name = "IMG")]
+        image: PathBuf,
+        /// The trace file to write.
+        #[arg(long, value_name = "TRACE")]
+        out: PathBuf,
+        /// Number of read requests.
+        #[arg(long, default_value_t = 1794)]
+        reads: usize,
+        /// Random seed (the same seed gives the same trace).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Print a trace's records as CSV (t_ns,offset,length,op,tid,result,class).
+    Export {
+        /// Write CSV (the only export format).
+        #[arg(long)]
+        csv: bool,
+        /// The trace file.
+        trace: PathBuf,
+        /// Write here instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+}
+
+pub fn run(cmd: TraceCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        TraceCmd::Import { csv: input, out, image, digest } => import(&input, &out, image.as_deref(), digest),
+        TraceCmd::Synth { image, out, reads, seed } => synth(&image, &out, reads, seed),
+        TraceCmd::Export { csv: _, trace, out } => {
+            let t = Trace::open(&trace).with_context(|| format!("reading trace {}", trace.display()))?;
+            let sink: Box<dyn Write> = match &out {
+                Some(p) => Box::new(File::create(p).with_context(|| format!("creating {}", p.display()))?),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            csv::export(&t.records, BufWriter::new(sink)).context("writing CSV")?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn identity(image: Option<&Path>, digest: bool) -> anyhow::Result<ImageIdentity> {
+    let Some(path) = image else { return Ok(ImageIdentity::default()) };
+    let size = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
+    let digest = if digest {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_mmap_rayon(path).with_context(|| format!("hashing {}", path.display()))?;
+        Some(*hasher.finalize().as_bytes())
+    } else {
+        None
+    };
+    Ok(ImageIdentity { size, digest })
+}
+
+fn import(input: &Path, out: &Path, image: Option<&Path>, digest: bool) -> anyhow::Result<ExitCode> {
+    let reader: Box<dyn Read> = if input == Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(File::open(input).with_context(|| format!("opening {}", input.display()))?)
+    };
+    let records = csv::import(BufReader::new(reader)).with_context(|| format!("importing {}", input.display()))?;
+    if records.is_empty() {
+        bail!("{} holds no records", input.display());
+    }
+    let info = TraceInfo {
+        recorder: format!("bootcache {} (csv import)", env!("CARGO_PKG_VERSION")),
+        extra: serde_json::json!({ "source": input.display().to_string() }),
+    };
+    let trace = Trace { image: identity(image, digest)?, space: OffsetSpace::Guest, lost_records: 0, info, records };
+    let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    trace.write_to(BufWriter::new(file)).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote {} records to {}", trace.records.len(), out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn synth(image: &Path, out: &Path, reads: usize, seed: u64) -> anyhow::Result<ExitCode> {
+    use bootcache_convert::{ImageSource, RawSource};
+    let src = RawSource::open(image).with_context(|| format!("opening {}", image.display()))?;
+    let allocated = src.allocated().with_context(|| format!("listing allocated ranges of {}", image.display()))?;
+    let records = bootcache_trace::synth::boot_like(&allocated, src.size(), reads, seed);
+    let info = TraceInfo {
+        recorder: format!("bootcache {} (synthetic, seed {seed})", env!("CARGO_PKG_VERSION")),
+        extra: serde_json::json!({ "image": image.display().to_string() }),
+    };
+    let trace = Trace { image: ImageIdentity { size: src.size(), digest: None }, space: OffsetSpace::Guest, lost_records: 0, info, records };
+    let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    trace.write_to(BufWriter::new(file)).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote {} synthetic records to {}", trace.records.len(), out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn analyze(path: &Path, json: bool, plot: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let trace = Trace::open(path).with_context(|| format!("reading trace {}", path.display()))?;
+    let a = analyze_trace(&trace);
+    let plots = match plot {
+        Some(dir) => bootcache_trace::plot::plot_all(&trace, &a, dir)?,
+        None => Vec::new(),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&a)?);
+    } else {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        println!("trace            {}", path.display());
+        println!("recorder         {}", trace.info.recorder);
+        println!("read requests    {}", a.requests);
+        println!("bytes read       {} ({:.1} MiB)", a.total_bytes, mib(a.total_bytes));
+        println!("unique bytes     {} ({:.1} MiB)", a.unique_bytes, mib(a.unique_bytes));
+        if a.image_size > 0 {
+            println!("  of image       {:.2}% of {:.1} MiB", 100.0 * a.unique_bytes as f64 / a.image_size as f64, mib(a.image_size));
+        }
+        println!("intervals        {} (merged); {} first-access pieces", a.intervals, a.first_access_pieces);
+        println!("re-read factor   {:.3}", a.reread_factor);
+        println!("writes           {}; failed or empty reads {}", a.writes, a.failed_or_empty_reads);
+        println!("duration         {:.3} s", a.duration_ns as f64 / 1e9);
+        println!("request sizes:");
+        for b in &a.histogram {
+            println!("  >= {:>8} B  {:>6} requests  {:>10} bytes", b.min, b.count, b.bytes);
+        }
+        for p in &plots {
+            println!("plot             {}", p.display());
+        }
+    }
+    if a.lost_records > 0 {
+        eprintln!("WARNING: the recorder lost {} records: this trace is incomplete", a.lost_records);
+    }
+    Ok(ExitCode::SUCCESS)
+}
