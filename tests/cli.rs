@@ -1,0 +1,212 @@
+//! The `bootcache` command line, end to end on real files.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use anyhow::Result;
+use bootcache_format::Image;
+
+fn bootcache(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bootcache")).args(args).output().expect("run bootcache")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = bootcache(args);
+    assert!(out.status.success(), "bootcache {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = bootcache(args);
+    assert!(!out.status.success(), "bootcache {args:?} should fail");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// A tiny deterministic generator, independent of the crate's own.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// A boot-like CSV of 1,794 reads over 512 MiB, and its exact unique bytes and
+/// interval count computed with a bitmap.
+fn boot_csv(dir: &Path) -> (PathBuf, u64, u64) {
+    const SPACE: u64 = 512 << 20;
+    let mut rng = Lcg(42);
+    let mut rows = String::from("t_ns,offset,length\n");
+    let mut bits = vec![0u64; (SPACE / 64) as usize];
+    for i in 0..1794u64 {
+        let (off, len) = if i < 15 {
+            (i * (2 << 20), 512 << 10 << rng.next(2))
+        } else {
+            let off = rng.next(SPACE / 512 - 2048) * 512;
+            (off, [512, 4096, 4096, 4096, 16384, 65536, 131072][rng.next(7) as usize])
+        };
+        rows.push_str(&format!("{},{off},{len}\n", i * 8_000_000 + rng.next(1000)));
+        for b in off..off + len {
+            bits[(b / 64) as usize] |= 1 << (b % 64);
+        }
+    }
+    let unique = bits.iter().map(|w| u64::from(w.count_ones())).sum();
+    // An interval starts at every set bit whose lower neighbour is clear.
+    let mut intervals = 0;
+    let mut carry = 0u64;
+    for &w in &bits {
+        intervals += u64::from((w & !((w << 1) | carry)).count_ones());
+        carry = w >> 63;
+    }
+    let path = dir.join("boot.csv");
+    std::fs::write(&path, rows).unwrap();
+    (path, unique, intervals)
+}
+
+#[test]
+fn csv_import_gives_exact_unique_bytes_and_intervals() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (csv, unique, intervals) = boot_csv(dir.path());
+    let trace = dir.path().join("boot.bctrace");
+    ok(&["trace", "import", "--csv", p(&csv), "--out", p(&trace)]);
+    let json: serde_json::Value = serde_json::from_str(&ok(&["analyze", p(&trace), "--json"]))?;
+    assert_eq!(json["requests"], 1794);
+    assert_eq!(json["unique_bytes"], unique);
+    assert_eq!(json["intervals"], intervals);
+    assert!(json["total_bytes"].as_u64().unwrap() >= unique);
+
+    // Export gives the same records back.
+    let exported = dir.path().join("again.csv");
+    ok(&["trace", "export", "--csv", p(&trace), "--out", p(&exported)]);
+    let again = dir.path().join("again.bctrace");
+    ok(&["trace", "import", "--csv", p(&exported), "--out", p(&again)]);
+    assert_eq!(ok(&["analyze", p(&again), "--json"]), ok(&["analyze", p(&trace), "--json"]));
+
+    // Plots: three, as PNG and SVG.
+    let plots = dir.path().join("plots");
+    ok(&["analyze", p(&trace), "--plot", p(&plots)]);
+    for name in ["sizes", "offsets", "cumulative"] {
+        assert!(std::fs::read(plots.join(format!("{name}.png")))?.starts_with(b"\x89PNG"));
+        assert!(std::fs::read_to_string(plots.join(format!("{name}.svg")))?.contains("<svg"));
+    }
+    Ok(())
+}
+
+#[test]
+fn truncated_trace_is_refused_by_name() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (csv, _, _) = boot_csv(dir.path());
+    let trace = dir.path().join("boot.bctrace");
+    ok(&["trace", "import", "--csv", p(&csv), "--out", p(&trace)]);
+    let len = std::fs::metadata(&trace)?.len();
+    OpenOptions::new().write(true).open(&trace)?.set_len(len - 30)?;
+    let err = fails(&["analyze", p(&trace)]);
+    assert!(err.contains("truncated") && err.contains("1794"), "{err}");
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, "t_ns,offset,length\n1,2,3\n4,5,-6\n")?;
+    let err = fails(&["trace", "import", "--csv", p(&bad), "--out", p(&trace)]);
+    assert!(err.contains("line 3") && err.contains("length"), "{err}");
+    Ok(())
+}
+
+/// A sparse 64 MiB image with scattered data, and a trace over part of it.
+fn sample(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let img = dir.join("disk.raw");
+    let f = OpenOptions::new().create(true).write(true).truncate(true).open(&img)?;
+    f.set_len(64 << 20)?;
+    let mut rng = Lcg(7);
+    for _ in 0..200 {
+        let off = rng.next(64 << 11) * 512;
+        let data: Vec<u8> = (0..rng.next(64 << 10) + 1).map(|i| (i as u8) ^ (rng.next(4) as u8)).collect();
+        f.write_all_at(&data, off.min((64 << 20) - data.len() as u64))?;
+    }
+    let trace = dir.join("disk.bctrace");
+    ok(&["trace", "synth", "--image", p(&img), "--out", p(&trace), "--reads", "300"]);
+    Ok((img, trace))
+}
+
+#[test]
+fn convert_export_round_trip_and_info() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (img, trace) = sample(dir.path())?;
+    for zstd in [false, true] {
+        let bc = dir.path().join("disk.bcimg");
+        let mut args = vec!["convert", p(&img), p(&bc), "--trace", p(&trace), "--output", "json"];
+        if zstd {
+            args.push("--zstd");
+        }
+        let report: serde_json::Value = serde_json::from_str(&ok(&args))?;
+        let info: serde_json::Value = serde_json::from_str(&ok(&["info", p(&bc), "--output", "json"]))?;
+        assert_eq!(info["virtual_size"], 64 << 20);
+        assert_eq!(info["root_digest"], report["root_digest"]);
+        assert_eq!(info["boot_segment_bytes"], report["boot_segment_bytes"]);
+        assert!(info["boot_segment_bytes"].as_u64().unwrap() > 0);
+        assert!(ok(&["check", p(&bc)]).contains(info["root_digest"].as_str().unwrap()));
+        let back = dir.path().join("back.raw");
+        ok(&["export", p(&bc), p(&back)]);
+        assert!(std::fs::read(&back)? == std::fs::read(&img)?, "export differs (zstd {zstd})");
+        // Reproducible: the same inputs give the same bytes.
+        let bc2 = dir.path().join("disk2.bcimg");
+        args[2] = p(&bc2);
+        ok(&args);
+        assert!(std::fs::read(&bc)? == std::fs::read(&bc2)?);
+    }
+    Ok(())
+}
+
+#[test]
+fn flipped_byte_fails_check_naming_the_extent() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (img, trace) = sample(dir.path())?;
+    let bc = dir.path().join("disk.bcimg");
+    ok(&["convert", p(&img), p(&bc), "--trace", p(&trace), "--zstd"]);
+    let image = Image::open(std::fs::File::open(&bc)?)?;
+    let entries = image.index().entries().to_vec();
+    let header = image.header().clone();
+    drop(image);
+    let mut rng = Lcg(3);
+    for _ in 0..8 {
+        let pos = header.boot.start + rng.next(header.rest.end - header.boot.start);
+        let owner = entries.iter().find(|e| e.stored.contains(&pos)).unwrap();
+        let f = OpenOptions::new().read(true).write(true).open(&bc)?;
+        let mut byte = [0u8];
+        f.read_exact_at(&mut byte, pos)?;
+        f.write_all_at(&[byte[0] ^ 0x5a], pos)?;
+        let err = fails(&["check", p(&bc)]);
+        assert!(err.contains(&format!("guest offset {:#x}", owner.guest.start)), "{err}");
+        assert!(fails(&["export", p(&bc), p(&dir.path().join("x.raw"))]).contains("guest offset"));
+        f.write_all_at(&byte, pos)?;
+    }
+    ok(&["check", p(&bc)]);
+    Ok(())
+}
+
+#[test]
+fn bad_inputs_get_clear_errors() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let junk = dir.path().join("junk.bcimg");
+    std::fs::write(&junk, vec![7u8; 4096])?;
+    assert!(fails(&["info", p(&junk)]).contains("not a bootcache image"));
+    assert!(fails(&["analyze", p(&junk)]).contains("not a bootcache trace"));
+    assert!(fails(&["info", p(&dir.path().join("missing"))]).contains("missing"));
+    // A trace recorded on another image is refused, naming both sizes.
+    let (img, trace) = sample(dir.path())?;
+    let other = dir.path().join("other.raw");
+    OpenOptions::new().create(true).write(true).truncate(true).open(&other)?.set_len(1 << 20)?;
+    let err = fails(&["convert", p(&other), p(&dir.path().join("o.bcimg")), "--trace", p(&trace)]);
+    assert!(err.contains("67108864") && err.contains("1048576"), "{err}");
+    // No trace: a warning and an empty boot segment.
+    let out = bootcache(&["convert", p(&img), p(&dir.path().join("n.bcimg")), "--output", "json"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no trace"));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["boot_segment_bytes"], 0);
+    assert!(ok(&["--help"]).contains("convert"));
+    Ok(())
+}
