@@ -67,7 +67,7 @@ pub fn decode_extent(entry: &Entry, stored: &[u8]) -> Result<Vec<u8>, ExtentErro
         Encoding::Zero => return Ok(vec![0; want_usize]),
         Encoding::Raw | Encoding::Zstd => {}
     }
-    if blake3::hash(stored).as_bytes() != &entry.digest {
+    if blake3::hash(stored).as_bytes() != &entry.digest && !cfg!(fuzzing) {
         return Err(ExtentError::DigestMismatch);
     }
     match entry.encoding {

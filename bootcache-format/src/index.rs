@@ -158,7 +158,7 @@ impl Index {
     /// The first bad entry, an overlap, or a segment not tiled exactly.
     pub fn parse(bytes: &[u8], header: &Header) -> Result<Index, IndexError> {
         let computed = crc32c::crc32c(bytes);
-        if computed != header.index_crc32c {
+        if computed != header.index_crc32c && !cfg!(fuzzing) {
             return Err(IndexError::BadChecksum { stored: header.index_crc32c, computed });
         }
         let raws = <[RawEntry]>::ref_from_bytes(bytes).map_err(|_| IndexError::BadEntry {
@@ -196,12 +196,8 @@ impl Index {
     }
 
     fn check_tiling(&self, segment: Segment, range: &Range<u64>) -> Result<(), IndexError> {
-        let mut stored: Vec<&Range<u64>> = self
-            .entries
-            .iter()
-            .filter(|e| e.segment == segment && e.encoding != Encoding::Zero)
-            .map(|e| &e.stored)
-            .collect();
+        let mut stored: Vec<&Range<u64>> =
+            self.entries.iter().filter(|e| e.segment == segment && e.encoding != Encoding::Zero).map(|e| &e.stored).collect();
         stored.sort_unstable_by_key(|r| r.start);
         let mut at = range.start;
         for r in stored {
@@ -242,11 +238,7 @@ impl Index {
     /// The boot-segment entries that store bytes, in stream (first-access)
     /// order. Zero extents store nothing and so have no place in the stream.
     pub fn boot_order(&self) -> impl Iterator<Item = &Entry> {
-        let mut boot: Vec<&Entry> = self
-            .entries
-            .iter()
-            .filter(|e| e.segment == Segment::Boot && e.encoding != Encoding::Zero)
-            .collect();
+        let mut boot: Vec<&Entry> = self.entries.iter().filter(|e| e.segment == Segment::Boot && e.encoding != Encoding::Zero).collect();
         boot.sort_by_key(|e| (e.stored.start, e.guest.start));
         boot.into_iter()
     }
@@ -297,7 +289,9 @@ fn check_entry(raw: &RawEntry, header: &Header) -> Result<Entry, String> {
     match encoding {
         Encoding::Raw if stored_len != guest_len => return Err("raw extent with stored length != guest length".into()),
         Encoding::Zstd if header.incompatible & incompat::ZSTD == 0 => return Err("zstd extent without the zstd feature".into()),
-        Encoding::Zstd if stored_len == 0 || stored_len > guest_len => return Err(format!("zstd stored length {stored_len:#x} out of range")),
+        Encoding::Zstd if stored_len == 0 || stored_len > guest_len => {
+            return Err(format!("zstd stored length {stored_len:#x} out of range"));
+        }
         Encoding::Zero if stored_len != 0 || raw.file_offset.get() != 0 => return Err("zero extent with stored bytes".into()),
         _ => {}
     }

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::extent::{ExtentError, decode_extent};
 use crate::header::{HEADER_SIZE, Header, HeaderError, RawHeader};
-use crate::index::{Entry, Index, IndexError};
+use crate::index::{Encoding, Entry, Index, IndexError};
 use crate::io::ReadAt;
 use crate::meta::Metadata;
 use zerocopy::FromBytes;
@@ -80,7 +80,7 @@ impl<R: ReadAt> Image<R> {
     /// Any structural problem, named; never panics on bad input, and never
     /// allocates more than the file's own length justifies.
     pub fn open(src: R) -> Result<Self, Error> {
-        let file_len = src.len().map_err(|source| Error::Io { what: "length", offset: 0, source })?;
+        let file_len = src.size().map_err(|source| Error::Io { what: "length", offset: 0, source })?;
         if file_len < u64::from(HEADER_SIZE) {
             return Err(Error::Header(HeaderError::TooShort(file_len)));
         }
@@ -93,11 +93,11 @@ impl<R: ReadAt> Image<R> {
         let mut hasher = blake3::Hasher::new();
         hasher.update(&raw.root_bytes());
         hasher.update(&index_bytes);
-        if hasher.finalize().as_bytes() != &header.root_digest {
+        if hasher.finalize().as_bytes() != &header.root_digest && !cfg!(fuzzing) {
             return Err(Error::Index(IndexError::RootDigestMismatch));
         }
         let meta_bytes = read_vec(&src, "metadata", header.meta.start, header.meta.end - header.meta.start)?;
-        if blake3::hash(&meta_bytes).as_bytes() != &header.meta_digest {
+        if blake3::hash(&meta_bytes).as_bytes() != &header.meta_digest && !cfg!(fuzzing) {
             return Err(Error::BadMetadata("digest mismatch".into()));
         }
         let meta = serde_json::from_slice(&meta_bytes).map_err(|e| Error::BadMetadata(e.to_string()))?;
@@ -157,13 +157,17 @@ impl<R: ReadAt> Image<R> {
     /// [`Error::OutOfRange`] past the virtual size, or a bad extent.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
         let len = buf.len() as u64;
-        let end = offset
-            .checked_add(len)
-            .filter(|&e| e <= self.header.virtual_size)
-            .ok_or(Error::OutOfRange { offset, len, size: self.header.virtual_size })?;
+        let end = offset.checked_add(len).filter(|&e| e <= self.header.virtual_size).ok_or(Error::OutOfRange {
+            offset,
+            len,
+            size: self.header.virtual_size,
+        })?;
         buf.fill(0);
         let first = self.index.position(offset);
         for (i, entry) in self.index.overlapping(offset..end).iter().enumerate() {
+            if entry.encoding == Encoding::Zero {
+                continue; // already zero-filled; nothing to fetch or allocate
+            }
             let data = self.cached_extent(first + i)?;
             let from = entry.guest.start.max(offset);
             let to = entry.guest.end.min(end);
@@ -182,7 +186,9 @@ impl<R: ReadAt> Image<R> {
         entries.sort_by_key(|e| e.stored.start);
         let mut report = CheckReport::default();
         for entry in entries {
-            self.read_extent(entry)?;
+            if entry.encoding != Encoding::Zero {
+                self.read_extent(entry)?;
+            }
             report.extents += 1;
             report.stored_bytes += entry.stored_len();
             report.guest_bytes += entry.guest_len();

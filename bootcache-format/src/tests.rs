@@ -1,8 +1,8 @@
 use std::io::Cursor;
 
 use proptest::prelude::*;
-use zerocopy::little_endian::{U32, U64};
 use zerocopy::FromBytes;
+use zerocopy::little_endian::{U32, U64};
 
 use crate::*;
 
@@ -37,16 +37,8 @@ fn sample() -> (Vec<u8>, Vec<PlannedExtent>) {
     // Boot extents out of guest order; a gap at 40960..45056 reads as zero in the source too.
     let mut data = data;
     data[40960..45056].fill(0);
-    let plan = vec![
-        b(20480..24576),
-        b(512..1536),
-        b(32768..36864),
-        r(0..512),
-        r(1536..20480),
-        r(24576..32768),
-        r(36864..40960),
-        r(45056..65536),
-    ];
+    let plan =
+        vec![b(20480..24576), b(512..1536), b(32768..36864), r(0..512), r(1536..20480), r(24576..32768), r(36864..40960), r(45056..65536)];
     (data, plan)
 }
 
@@ -163,7 +155,7 @@ fn header_errors_name_the_problem() {
 }
 
 /// Rewrites entry `i` and reseals index CRC and root digest, as a careful forger would.
-fn forge_entry(file: &mut Vec<u8>, i: usize, edit: impl FnOnce(&mut RawEntry)) {
+fn forge_entry(file: &mut [u8], i: usize, edit: impl FnOnce(&mut RawEntry)) {
     let count = RawHeader::ref_from_prefix(&file[..]).unwrap().0.index_count.get() as usize;
     let range = 256..256 + 64 * count;
     edit(RawEntry::mut_from_bytes(&mut file[256 + 64 * i..256 + 64 * (i + 1)]).unwrap());
@@ -182,7 +174,8 @@ fn forge_entry(file: &mut Vec<u8>, i: usize, edit: impl FnOnce(&mut RawEntry)) {
 fn forged_indexes_are_refused() {
     let (data, plan) = sample();
     let file = build(&data, &plan, None);
-    let cases: Vec<(&str, Box<dyn Fn(&mut RawEntry)>)> = vec![
+    type Edit = Box<dyn Fn(&mut RawEntry)>;
+    let cases: Vec<(&str, Edit)> = vec![
         ("overlap", Box::new(|e| e.guest_offset = U64::new(e.guest_offset.get() - 256))),
         ("past the virtual size", Box::new(|e| e.guest_offset = U64::new(u64::MAX - 10))),
         ("outside", Box::new(|e| e.file_offset = U64::new(1 << 40))),
@@ -215,13 +208,7 @@ fn writer_refuses_bad_plans() {
 
 #[test]
 fn zstd_bomb_is_bounded() {
-    let entry = Entry {
-        guest: 0..4096,
-        stored: 0..0,
-        encoding: Encoding::Zstd,
-        segment: Segment::Rest,
-        digest: [0; 32],
-    };
+    let entry = Entry { guest: 0..4096, stored: 0..0, encoding: Encoding::Zstd, segment: Segment::Rest, digest: [0; 32] };
     let bomb = zstd::bulk::compress(&vec![0u8; 1 << 20], 1).unwrap();
     let entry = Entry { digest: *blake3::hash(&bomb).as_bytes(), ..entry };
     assert!(matches!(decode_extent(&entry, &bomb), Err(ExtentError::Decompress(_) | ExtentError::LengthMismatch { .. })));

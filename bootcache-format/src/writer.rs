@@ -140,10 +140,8 @@ impl<W: Write + Seek> Writer<W> {
     /// # Errors
     /// More pushes than planned extents, or an I/O error.
     pub fn push(&mut self, extent: &EncodedExtent) -> Result<(), WriteError> {
-        let planned = self.plan.get(self.entries.len()).ok_or(WriteError::WrongCount {
-            expected: self.plan.len(),
-            got: self.entries.len() + 1,
-        })?;
+        let planned =
+            self.plan.get(self.entries.len()).ok_or(WriteError::WrongCount { expected: self.plan.len(), got: self.entries.len() + 1 })?;
         if planned.segment == Segment::Rest && self.boot_end.is_none() {
             self.boot_end = Some(self.pos);
         }

@@ -28,8 +28,8 @@
 #![deny(missing_docs)]
 
 mod image;
-pub mod plan;
 mod pipeline;
+pub mod plan;
 mod raw;
 
 pub use image::{ImageSink, ImageSource};

@@ -98,7 +98,7 @@ mod tests {
     #[test]
     fn boot_first_in_order_rest_in_guest_order_no_overlap() {
         let order = AccessOrder::from_timed([(8192..12288, 0), (12288..16384, 1), (0..100, 2), (1 << 20..(1 << 20) + 4096, 3)]);
-        let allocated = IntervalSet::from_ranges([0..(2 << 20)]);
+        let allocated = IntervalSet::from_ranges(std::iter::once(0..(2 << 20)));
         let p = plan(&order, &allocated, 4 << 20, 1 << 20, 256 << 10);
         let boot: Vec<_> = p.extents.iter().filter(|e| e.segment == Segment::Boot).map(|e| e.guest.clone()).collect();
         // 0..100 is padded to 0..512 (4096 would add more than 10%), the two
@@ -114,7 +114,7 @@ mod tests {
     #[test]
     fn boot_reads_of_holes_cost_nothing() {
         let order = AccessOrder::from_timed([(0..8192, 0)]);
-        let allocated = IntervalSet::from_ranges([4096..8192]);
+        let allocated = IntervalSet::from_ranges(std::iter::once(4096..8192));
         let p = plan(&order, &allocated, 1 << 20, 1 << 20, 256 << 10);
         assert_eq!(p.extents, vec![PlannedExtent { guest: 4096..8192, segment: Segment::Boot }]);
     }

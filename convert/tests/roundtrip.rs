@@ -35,7 +35,17 @@ fn make_image(dir: &std::path::Path, c: &Case) -> (std::path::PathBuf, Vec<u8>) 
     f.set_len(c.size).unwrap();
     let mut model = vec![0u8; c.size as usize];
     for &(off, len, fill) in &c.writes {
-        let data: Vec<u8> = (0..len).map(|i| if fill == 0 { 0 } else if fill % 2 == 0 { fill } else { (i.wrapping_mul(fill as u64 * 7919) >> 3) as u8 }).collect();
+        let data: Vec<u8> = (0..len)
+            .map(|i| {
+                if fill == 0 {
+                    0
+                } else if fill % 2 == 0 {
+                    fill
+                } else {
+                    (i.wrapping_mul(fill as u64 * 7919) >> 3) as u8
+                }
+            })
+            .collect();
         f.write_all_at(&data, off).unwrap();
         model[off as usize..(off + len) as usize].copy_from_slice(&data);
     }

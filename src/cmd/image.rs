@@ -45,7 +45,12 @@ pub fn convert(args: &ConvertArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|p| Trace::open(p).with_context(|| format!("reading trace {}", p.display())))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let opts = ConvertOptions { zstd_level: args.zstd, min_boots: args.min_boots, creator: format!("bootcache {}", env!("CARGO_PKG_VERSION")), ..Default::default() };
+    let opts = ConvertOptions {
+        zstd_level: args.zstd,
+        min_boots: args.min_boots,
+        creator: format!("bootcache {}", env!("CARGO_PKG_VERSION")),
+        ..Default::default()
+    };
     let out = File::create(&args.dst).with_context(|| format!("creating {}", args.dst.display()))?;
     let bar = progress::bytes(planned_bytes(&src)?, "convert", args.quiet);
     let (_, report) = run_convert(&src, &traces, BufWriter::with_capacity(1 << 20, out), &opts, &|n| bar.inc(n))
@@ -55,7 +60,10 @@ pub fn convert(args: &ConvertArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!("wrote {} ({} bytes, {} extents) in {:.2} s", args.dst.display(), report.file_bytes, report.extents, report.seconds);
-        println!("boot set {} bytes -> boot segment {} guest bytes, {} stored (alignment {})", report.boot_set_bytes, report.boot_guest_bytes, report.boot_segment_bytes, report.block_size);
+        println!(
+            "boot set {} bytes -> boot segment {} guest bytes, {} stored (alignment {})",
+            report.boot_set_bytes, report.boot_guest_bytes, report.boot_segment_bytes, report.block_size
+        );
         println!("rest segment {} stored bytes; {} all-zero extents cost nothing", report.rest_segment_bytes, report.zero_extents);
         println!("root digest {}", report.root_digest);
     }
@@ -126,10 +134,17 @@ pub fn info(path: &Path, output: Output) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!("image            {}", path.display());
-    println!("format           bootcache {}{}", info.format_version, if info.features.is_empty() { String::new() } else { format!(" ({})", info.features.join(", ")) });
+    println!(
+        "format           bootcache {}{}",
+        info.format_version,
+        if info.features.is_empty() { String::new() } else { format!(" ({})", info.features.join(", ")) }
+    );
     println!("virtual size     {} bytes", info.virtual_size);
     println!("file size        {} bytes", info.file_bytes);
-    println!("index            {} extents ({} boot, {} zero, {} zstd), {} bytes", info.extents, info.boot_extents, info.zero_extents, info.zstd_extents, info.index_bytes);
+    println!(
+        "index            {} extents ({} boot, {} zero, {} zstd), {} bytes",
+        info.extents, info.boot_extents, info.zero_extents, info.zstd_extents, info.index_bytes
+    );
     println!("boot segment     {} bytes stored for {} guest bytes", info.boot_segment_bytes, info.boot_guest_bytes);
     println!("rest segment     {} bytes stored", info.rest_segment_bytes);
     println!("created by       {}", info.metadata.creator);

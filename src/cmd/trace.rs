@@ -115,7 +115,8 @@ fn synth(image: &Path, out: &Path, reads: usize, seed: u64) -> anyhow::Result<Ex
         recorder: format!("bootcache {} (synthetic, seed {seed})", env!("CARGO_PKG_VERSION")),
         extra: serde_json::json!({ "image": image.display().to_string() }),
     };
-    let trace = Trace { image: ImageIdentity { size: src.size(), digest: None }, space: OffsetSpace::Guest, lost_records: 0, info, records };
+    let trace =
+        Trace { image: ImageIdentity { size: src.size(), digest: None }, space: OffsetSpace::Guest, lost_records: 0, info, records };
     let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
     trace.write_to(BufWriter::new(file)).with_context(|| format!("writing {}", out.display()))?;
     eprintln!("wrote {} synthetic records to {}", trace.records.len(), out.display());

@@ -42,7 +42,14 @@ struct Columns {
 fn columns(headers: &csv::StringRecord) -> Result<Columns, CsvError> {
     let find = |name| headers.iter().position(|h| h.trim().eq_ignore_ascii_case(name));
     let need = |name| find(name).ok_or(CsvError::MissingColumn(name));
-    Ok(Columns { t: need("t_ns")?, offset: need("offset")?, length: need("length")?, op: find("op"), tid: find("tid"), result: find("result") })
+    Ok(Columns {
+        t: need("t_ns")?,
+        offset: need("offset")?,
+        length: need("length")?,
+        op: find("op"),
+        tid: find("tid"),
+        result: find("result"),
+    })
 }
 
 fn field<T: std::str::FromStr>(row: &csv::StringRecord, i: usize, line: u64, column: &'static str) -> Result<T, CsvError>
@@ -99,8 +106,16 @@ pub fn export(records: &[Record], out: impl Write) -> Result<(), CsvError> {
     for r in records {
         let op = if r.op == Op::Read { "read" } else { "write" };
         let class = if r.class == Class::Data { "data" } else { "metadata" };
-        w.write_record([r.t_ns.to_string(), r.offset.to_string(), r.length.to_string(), op.into(), r.tid.to_string(), r.result.to_string(), class.into()])
-            .map_err(CsvError::Csv)?;
+        w.write_record([
+            r.t_ns.to_string(),
+            r.offset.to_string(),
+            r.length.to_string(),
+            op.into(),
+            r.tid.to_string(),
+            r.result.to_string(),
+            class.into(),
+        ])
+        .map_err(CsvError::Csv)?;
     }
     w.flush().map_err(|e| CsvError::Csv(e.into()))
 }

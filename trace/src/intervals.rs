@@ -68,10 +68,7 @@ impl IntervalSet {
     /// The parts of `r` that are in the set. O(log n) plus the result.
     pub fn clip<'a>(&'a self, r: &'a Range<u64>) -> impl Iterator<Item = Range<u64>> + 'a {
         let first = self.ranges.partition_point(|x| x.end <= r.start);
-        self.ranges[first..]
-            .iter()
-            .take_while(move |x| x.start < r.end)
-            .map(move |x| x.start.max(r.start)..x.end.min(r.end))
+        self.ranges[first..].iter().take_while(move |x| x.start < r.end).map(move |x| x.start.max(r.start)..x.end.min(r.end))
     }
 
     /// The bytes in `self` and not in `other`.
@@ -138,7 +135,7 @@ impl IntervalSet {
 pub fn align_range(r: &Range<u64>, block: u64, limit: u64) -> Range<u64> {
     let mask = block.max(1) - 1;
     let start = r.start & !mask;
-    let end = r.end.checked_add(mask).map_or(u64::MAX & !mask, |e| e & !mask).min(limit.max(r.end));
+    let end = r.end.checked_add(mask).map_or(!mask, |e| e & !mask).min(limit.max(r.end));
     start..end
 }
 

@@ -46,10 +46,7 @@ fn histogram<B: DrawingBackend>(area: &Area<'_, B>, a: &Analysis) -> Result<(), 
         .map_err(|e| e.to_string())?;
     chart
         .draw_series(
-            Histogram::vertical(&chart)
-                .style(BLUE.filled())
-                .margin(4)
-                .data(a.histogram.iter().enumerate().map(|(i, b)| (i, b.count))),
+            Histogram::vertical(&chart).style(BLUE.filled()).margin(4).data(a.histogram.iter().enumerate().map(|(i, b)| (i, b.count))),
         )
         .map_err(|e| e.to_string())?;
     area.present().map_err(|e| e.to_string())

@@ -48,7 +48,7 @@ impl ImageSource for RawSource {
                 Ok(s) => s,
                 Err(Errno::NXIO) => break,
                 // A file system without SEEK_DATA: everything may hold data.
-                Err(Errno::INVAL | Errno::OPNOTSUPP) => return Ok(IntervalSet::from_ranges([0..self.size])),
+                Err(Errno::INVAL | Errno::OPNOTSUPP) => return Ok(IntervalSet::from_ranges(std::iter::once(0..self.size))),
                 Err(e) => return Err(e.into()),
             };
             let end = match seek(&self.file, SeekFrom::Hole(start)) {
