@@ -75,6 +75,14 @@ pub struct WriteSummary {
     pub extents: usize,
 }
 
+/// Where the segments ended up.
+struct Layout {
+    data_start: u64,
+    boot_end: u64,
+    meta_offset: u64,
+    index_count: u64,
+}
+
 /// Streams an image to `W`.
 #[derive(Debug)]
 pub struct Writer<W: Write + Seek> {
@@ -163,6 +171,37 @@ impl<W: Write + Seek> Writer<W> {
         Ok(())
     }
 
+    fn header(&self, layout: &Layout, zstd: bool, boot_guest: u64, meta: &[u8], index_bytes: &[u8]) -> RawHeader {
+        RawHeader {
+            magic: MAGIC,
+            version_major: U16::new(VERSION_MAJOR),
+            version_minor: U16::new(VERSION_MINOR),
+            header_size: U32::new(HEADER_SIZE),
+            incompatible: U64::new(if zstd { incompat::ZSTD } else { 0 }),
+            compatible: U64::ZERO,
+            autoclear: U64::ZERO,
+            virtual_size: U64::new(self.opts.virtual_size),
+            index_offset: U64::new(u64::from(HEADER_SIZE)),
+            index_count: U64::new(layout.index_count),
+            index_entry_size: U32::new(ENTRY_SIZE),
+            index_crc32c: U32::new(crc32c::crc32c(index_bytes)),
+            boot_offset: U64::new(layout.data_start),
+            boot_length: U64::new(layout.boot_end - layout.data_start),
+            rest_offset: U64::new(layout.boot_end),
+            rest_length: U64::new(layout.meta_offset - layout.boot_end),
+            meta_offset: U64::new(layout.meta_offset),
+            meta_length: U64::new(meta.len() as u64),
+            block_size: U32::new(self.opts.block_size),
+            max_extent_len: U32::new(self.opts.max_extent_len),
+            meta_digest: *blake3::hash(meta).as_bytes(),
+            root_digest: [0; 32],
+            parent_digest: [0; 32],
+            boot_guest_bytes: U64::new(boot_guest),
+            reserved: [0; 20],
+            header_crc32c: U32::ZERO,
+        }
+    }
+
     /// Writes metadata, index and header.
     ///
     /// # Errors
@@ -185,34 +224,8 @@ impl<W: Write + Seek> Writer<W> {
         let summary_extents = sorted.len();
         let index_bytes = Index::from_sorted(sorted).to_bytes();
 
-        let mut raw = RawHeader {
-            magic: MAGIC,
-            version_major: U16::new(VERSION_MAJOR),
-            version_minor: U16::new(VERSION_MINOR),
-            header_size: U32::new(HEADER_SIZE),
-            incompatible: U64::new(if zstd { incompat::ZSTD } else { 0 }),
-            compatible: U64::ZERO,
-            autoclear: U64::ZERO,
-            virtual_size: U64::new(self.opts.virtual_size),
-            index_offset: U64::new(u64::from(HEADER_SIZE)),
-            index_count: U64::new(summary_extents as u64),
-            index_entry_size: U32::new(ENTRY_SIZE),
-            index_crc32c: U32::new(crc32c::crc32c(&index_bytes)),
-            boot_offset: U64::new(data_start),
-            boot_length: U64::new(boot_end - data_start),
-            rest_offset: U64::new(boot_end),
-            rest_length: U64::new(meta_offset - boot_end),
-            meta_offset: U64::new(meta_offset),
-            meta_length: U64::new(meta.len() as u64),
-            block_size: U32::new(self.opts.block_size),
-            max_extent_len: U32::new(self.opts.max_extent_len),
-            meta_digest: *blake3::hash(&meta).as_bytes(),
-            root_digest: [0; 32],
-            parent_digest: [0; 32],
-            boot_guest_bytes: U64::new(boot_guest),
-            reserved: [0; 20],
-            header_crc32c: U32::ZERO,
-        };
+        let layout = Layout { data_start, boot_end, meta_offset, index_count: summary_extents as u64 };
+        let mut raw = self.header(&layout, zstd, boot_guest, &meta, &index_bytes);
         let mut hasher = blake3::Hasher::new();
         hasher.update(&raw.root_bytes());
         hasher.update(&index_bytes);

@@ -159,21 +159,7 @@ pub fn convert<W: Write + Seek>(
         metadata: Metadata { creator: opts.creator.clone(), parent_locator: None, extra },
     };
     let mut writer = Writer::new(out, wopts, plan.extents.clone()).map_err(ConvertError::Writer)?;
-    let mut zero_extents = 0;
-    for batch in batches(&plan.extents) {
-        let mut bufs = Vec::with_capacity(batch.len());
-        for e in batch {
-            let mut buf = vec![0u8; usize::try_from(e.guest.end - e.guest.start).unwrap_or(0)];
-            src.read_at(&mut buf, e.guest.start).map_err(|source| ConvertError::Source { offset: e.guest.start, source })?;
-            bufs.push(buf);
-        }
-        let encoded: Vec<_> = bufs.par_iter().map(|b| encode_extent(b, opts.zstd_level)).collect();
-        for (enc, buf) in encoded.iter().zip(&bufs) {
-            zero_extents += usize::from(enc.encoding == Encoding::Zero);
-            writer.push(enc).map_err(ConvertError::Writer)?;
-            progress(buf.len() as u64);
-        }
-    }
+    let zero_extents = write_extents(src, &mut writer, &plan.extents, opts.zstd_level, progress)?;
     let (out, s): (W, WriteSummary) = writer.finish().map_err(ConvertError::Writer)?;
     let report = ConvertReport {
         virtual_size: size,
@@ -190,6 +176,33 @@ pub fn convert<W: Write + Seek>(
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok((out, report))
+}
+
+/// Reads the planned extents in bounded batches, encodes each batch in
+/// parallel and appends it in order. Returns how many extents were all zero.
+fn write_extents<W: Write + Seek>(
+    src: &dyn ImageSource,
+    writer: &mut Writer<W>,
+    extents: &[bootcache_format::PlannedExtent],
+    zstd_level: Option<i32>,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<usize, ConvertError> {
+    let mut zero_extents = 0;
+    for batch in batches(extents) {
+        let mut bufs = Vec::with_capacity(batch.len());
+        for e in batch {
+            let mut buf = vec![0u8; usize::try_from(e.guest.end - e.guest.start).unwrap_or(0)];
+            src.read_at(&mut buf, e.guest.start).map_err(|source| ConvertError::Source { offset: e.guest.start, source })?;
+            bufs.push(buf);
+        }
+        let encoded: Vec<_> = bufs.par_iter().map(|b| encode_extent(b, zstd_level)).collect();
+        for (enc, buf) in encoded.iter().zip(&bufs) {
+            zero_extents += usize::from(enc.encoding == Encoding::Zero);
+            writer.push(enc).map_err(ConvertError::Writer)?;
+            progress(buf.len() as u64);
+        }
+    }
+    Ok(zero_extents)
 }
 
 /// Consecutive runs of extents of at most [`BATCH_BYTES`] guest bytes.

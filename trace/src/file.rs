@@ -1,4 +1,4 @@
-//! The binary trace file (`.bctrace`). See TRACE-FORMAT.md.
+//! The binary trace file (`.bctrace`). TRACE-FORMAT.md is the specification.
 //!
 //! A 128-byte little-endian header, a JSON block describing the recorder,
 //! then fixed-size 48-byte records. The record count and a CRC of the records

@@ -215,3 +215,24 @@ fn new_bytes_over_time_counts_each_byte_once() {
     let reads = [(0..100, 5), (50..150, 5), (0..300, 9), (1000..1001, 9)];
     assert_eq!(AccessOrder::new_bytes_over_time(reads), vec![(5, 150), (9, 151)]);
 }
+
+#[test]
+fn header_and_record_are_what_trace_format_md_says() {
+    use crate::file::{RawRecord, RawTraceHeader};
+    use std::mem::offset_of;
+    let doc = include_str!("../TRACE-FORMAT.md");
+    let check = |name: &str, off: usize| assert!(doc.contains(&format!("| {off} | `{name}`")), "TRACE-FORMAT.md lacks `{name}` at {off}");
+    check("record_size", offset_of!(RawTraceHeader, record_size));
+    check("offset_space", offset_of!(RawTraceHeader, offset_space));
+    check("record_count", offset_of!(RawTraceHeader, record_count));
+    check("lost_records", offset_of!(RawTraceHeader, lost_records));
+    check("image_digest", offset_of!(RawTraceHeader, image_digest));
+    check("info_length", offset_of!(RawTraceHeader, info_length));
+    check("body_crc32c", offset_of!(RawTraceHeader, body_crc32c));
+    check("header_crc32c", offset_of!(RawTraceHeader, header_crc32c));
+    check("t_ns", offset_of!(RawRecord, t_ns));
+    check("result", offset_of!(RawRecord, result));
+    check("tid", offset_of!(RawRecord, tid));
+    check("op", offset_of!(RawRecord, op));
+    check("class", offset_of!(RawRecord, class));
+}
