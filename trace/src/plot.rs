@@ -52,39 +52,42 @@ fn histogram<B: DrawingBackend>(area: &Area<'_, B>, a: &Analysis) -> Result<(), 
     area.present().map_err(|e| e.to_string())
 }
 
-fn offsets<B: DrawingBackend>(area: &Area<'_, B>, t: &Trace) -> Result<(), String> {
+/// How the points of a time plot are drawn.
+enum Mark {
+    Dots,
+    Line,
+}
+
+/// A plot of `pts` (seconds, MiB) with time on the x axis.
+fn time_plot<B: DrawingBackend>(area: &Area<'_, B>, title: &str, y_desc: &str, pts: Vec<(f64, f64)>, mark: Mark) -> Result<(), String> {
     area.fill(&WHITE).map_err(|e| e.to_string())?;
-    let pts: Vec<(f64, f64)> = t.records.iter().filter_map(|r| Some((r.t_ns as f64 / 1e9, r.boot_bytes()?.start as f64 / MIB))).collect();
     let tmax = pts.iter().map(|p| p.0).fold(0.0, f64::max) * 1.02 + 1e-3;
-    let omax = pts.iter().map(|p| p.1).fold(0.0, f64::max) * 1.02 + 1e-3;
+    let ymax = pts.iter().map(|p| p.1).fold(0.0, f64::max) * 1.05 + 1e-3;
     let mut chart = ChartBuilder::on(area)
-        .caption("Read offset over time", ("sans-serif", 22))
+        .caption(title, ("sans-serif", 22))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d(0.0..tmax, 0.0..omax)
+        .build_cartesian_2d(0.0..tmax, 0.0..ymax)
         .map_err(|e| e.to_string())?;
-    chart.configure_mesh().x_desc("time since start (s)").y_desc("offset (MiB)").draw().map_err(|e| e.to_string())?;
-    chart.draw_series(pts.iter().map(|&p| Circle::new(p, 2, BLUE.filled()))).map_err(|e| e.to_string())?;
+    chart.configure_mesh().x_desc("time since start (s)").y_desc(y_desc).draw().map_err(|e| e.to_string())?;
+    match mark {
+        Mark::Dots => chart.draw_series(pts.iter().map(|&p| Circle::new(p, 2, BLUE.filled()))).map(|_| ()),
+        Mark::Line => chart.draw_series(LineSeries::new(pts, BLUE.stroke_width(2))).map(|_| ()),
+    }
+    .map_err(|e| e.to_string())?;
     area.present().map_err(|e| e.to_string())
 }
 
+fn offsets<B: DrawingBackend>(area: &Area<'_, B>, t: &Trace) -> Result<(), String> {
+    let pts = t.records.iter().filter_map(|r| Some((r.t_ns as f64 / 1e9, r.boot_bytes()?.start as f64 / MIB))).collect();
+    time_plot(area, "Read offset over time", "offset (MiB)", pts, Mark::Dots)
+}
+
 fn cumulative<B: DrawingBackend>(area: &Area<'_, B>, t: &Trace) -> Result<(), String> {
-    area.fill(&WHITE).map_err(|e| e.to_string())?;
     let mut pts: Vec<(f64, f64)> = vec![(0.0, 0.0)];
     pts.extend(cumulative_unique(t).into_iter().map(|(ns, b)| (ns as f64 / 1e9, b as f64 / MIB)));
-    let tmax = pts.iter().map(|p| p.0).fold(0.0, f64::max) * 1.02 + 1e-3;
-    let bmax = pts.iter().map(|p| p.1).fold(0.0, f64::max) * 1.05 + 1e-3;
-    let mut chart = ChartBuilder::on(area)
-        .caption("Cumulative unique boot data", ("sans-serif", 22))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0.0..tmax, 0.0..bmax)
-        .map_err(|e| e.to_string())?;
-    chart.configure_mesh().x_desc("time since start (s)").y_desc("unique bytes read (MiB)").draw().map_err(|e| e.to_string())?;
-    chart.draw_series(LineSeries::new(pts, BLUE.stroke_width(2))).map_err(|e| e.to_string())?;
-    area.present().map_err(|e| e.to_string())
+    time_plot(area, "Cumulative unique boot data", "unique bytes read (MiB)", pts, Mark::Line)
 }
 
 fn human(b: u64) -> String {
