@@ -55,29 +55,30 @@ pub fn encode_extent(data: &[u8], zstd_level: Option<i32>) -> EncodedExtent {
     EncodedExtent { encoding: Encoding::Raw, bytes: data.to_vec(), digest: *blake3::hash(data).as_bytes() }
 }
 
-/// Verifies `stored` against `entry` and returns the guest bytes.
+/// Verifies `stored` against `entry` and returns the guest bytes (raw
+/// extents are returned in the same allocation, without a copy).
 ///
 /// # Errors
 /// A digest mismatch, or a zstd frame that does not decode to exactly the
 /// guest length. Never allocates more than the entry's guest length.
-pub fn decode_extent(entry: &Entry, stored: &[u8]) -> Result<Vec<u8>, ExtentError> {
+pub fn decode_extent(entry: &Entry, stored: Vec<u8>) -> Result<Vec<u8>, ExtentError> {
     let want = entry.guest_len();
     let want_usize = usize::try_from(want).map_err(|_| ExtentError::LengthMismatch { got: 0, want })?;
     match entry.encoding {
         Encoding::Zero => return Ok(vec![0; want_usize]),
         Encoding::Raw | Encoding::Zstd => {}
     }
-    if blake3::hash(stored).as_bytes() != &entry.digest && !cfg!(fuzzing) {
+    if blake3::hash(&stored).as_bytes() != &entry.digest && !cfg!(fuzzing) {
         return Err(ExtentError::DigestMismatch);
     }
     match entry.encoding {
-        Encoding::Raw if stored.len() as u64 == want => Ok(stored.to_vec()),
+        Encoding::Raw if stored.len() as u64 == want => Ok(stored),
         Encoding::Raw => Err(ExtentError::LengthMismatch { got: stored.len() as u64, want }),
         _ => {
             // Decompress into a buffer one byte larger than expected, so an
             // over-long frame is detected instead of truncated.
             let mut out = vec![0u8; want_usize + 1];
-            let got = zstd::bulk::decompress_to_buffer(stored, &mut out).map_err(ExtentError::Decompress)?;
+            let got = zstd::bulk::decompress_to_buffer(&stored, &mut out).map_err(ExtentError::Decompress)?;
             if got as u64 != want {
                 return Err(ExtentError::LengthMismatch { got: got as u64, want });
             }

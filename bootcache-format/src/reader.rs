@@ -135,7 +135,7 @@ impl<R: ReadAt> Image<R> {
     /// An I/O error, or [`Error::BadExtent`] naming the extent's guest offset.
     pub fn read_extent(&self, entry: &Entry) -> Result<Vec<u8>, Error> {
         let stored = read_vec(&self.src, "extent", entry.stored.start, entry.stored_len())?;
-        decode_extent(entry, &stored).map_err(|source| Error::BadExtent { guest_offset: entry.guest.start, source })
+        decode_extent(entry, stored).map_err(|source| Error::BadExtent { guest_offset: entry.guest.start, source })
     }
 
     fn cached_extent(&self, pos: usize) -> Result<Arc<Vec<u8>>, Error> {

@@ -211,7 +211,7 @@ fn zstd_bomb_is_bounded() {
     let entry = Entry { guest: 0..4096, stored: 0..0, encoding: Encoding::Zstd, segment: Segment::Rest, digest: [0; 32] };
     let bomb = zstd::bulk::compress(&vec![0u8; 1 << 20], 1).unwrap();
     let entry = Entry { digest: *blake3::hash(&bomb).as_bytes(), ..entry };
-    assert!(matches!(decode_extent(&entry, &bomb), Err(ExtentError::Decompress(_) | ExtentError::LengthMismatch { .. })));
+    assert!(matches!(decode_extent(&entry, bomb), Err(ExtentError::Decompress(_) | ExtentError::LengthMismatch { .. })));
 }
 
 proptest! {
