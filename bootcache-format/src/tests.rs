@@ -85,7 +85,7 @@ fn any_flipped_data_byte_is_caught_and_named() {
         let file = build(&data, &plan, zstd);
         let good = Image::open(file.clone()).unwrap();
         let (start, end) = (good.header().boot.start, good.header().rest.end);
-        for pos in (start..end).step_by(97) {
+        for pos in start..end {
             let mut bad = file.clone();
             bad[pos as usize] ^= 0x40;
             let img = Image::open(bad).unwrap();
