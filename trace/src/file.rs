@@ -82,8 +82,10 @@ pub struct RawRecord {
     pub op: u8,
     /// 0 data, 1 metadata.
     pub class: u8,
+    /// Syscall that carried the request (0 unknown).
+    pub source: u8,
     /// Zero.
-    pub reserved: [u8; 10],
+    pub reserved: [u8; 9],
 }
 const _: () = assert!(size_of::<RawRecord>() == RECORD_SIZE as usize);
 
@@ -226,7 +228,8 @@ fn to_raw(r: &Record) -> RawRecord {
             Class::Data => 0,
             Class::Metadata => 1,
         },
-        reserved: [0; 10],
+        source: r.source,
+        reserved: [0; 9],
     }
 }
 
@@ -245,7 +248,16 @@ fn from_raw(index: u64, r: &RawRecord) -> Result<Record, TraceError> {
     if r.offset.get().checked_add(r.length.get()).is_none() {
         return Err(bad("offset + length overflows"));
     }
-    Ok(Record { t_ns: r.t_ns.get(), offset: r.offset.get(), length: r.length.get(), result: r.result.get(), op, class, tid: r.tid.get() })
+    Ok(Record {
+        t_ns: r.t_ns.get(),
+        offset: r.offset.get(),
+        length: r.length.get(),
+        result: r.result.get(),
+        op,
+        class,
+        tid: r.tid.get(),
+        source: r.source,
+    })
 }
 
 impl Trace {

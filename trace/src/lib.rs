@@ -28,6 +28,8 @@ pub mod intervals;
 #[cfg(feature = "plot")]
 pub mod plot;
 mod record;
+#[cfg(feature = "record")]
+pub mod recorder;
 pub mod synth;
 
 pub use analysis::{Analysis, analyze};

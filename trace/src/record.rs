@@ -39,6 +39,8 @@ pub struct Record {
     pub tid: u32,
     /// Data or metadata.
     pub class: Class,
+    /// The syscall that carried it (0: unknown or imported; see TRACE-FORMAT.md).
+    pub source: u8,
 }
 
 impl Record {
