@@ -2,6 +2,7 @@
 
 mod image;
 mod progress;
+mod record;
 mod trace;
 
 use std::path::PathBuf;
@@ -32,6 +33,8 @@ pub enum Output {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Record the reads a VM makes on its image while it boots (eBPF; needs root).
+    Record(record::RecordArgs),
     /// Create, import and export trace files.
     #[command(subcommand)]
     Trace(trace::TraceCmd),
@@ -79,6 +82,7 @@ enum Command {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Record(args) => record::record(&args),
         Command::Trace(t) => trace::run(t),
         Command::Analyze { trace, json, plot } => trace::analyze(&trace, json, plot.as_deref()),
         Command::Convert(args) => image::convert(&args),

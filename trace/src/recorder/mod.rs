@@ -13,6 +13,7 @@
 
 mod fds;
 mod probes;
+pub mod qemu;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -62,6 +63,15 @@ pub enum RecordError {
     Process {
         /// The process.
         pid: u32,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU could not be started or controlled.
+    #[error("QEMU: {what}")]
+    Qemu {
+        /// What went wrong.
+        what: String,
         /// Why.
         #[source]
         source: std::io::Error,

@@ -1,0 +1,126 @@
+//! `bootcache record`: trace a VM boot (or any process) with the eBPF recorder.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bootcache_trace::recorder::Recorder;
+use bootcache_trace::recorder::qemu::{Outcome, QemuOptions, record_qemu};
+use bootcache_trace::{Trace, TraceInfo};
+use clap::Args;
+
+/// The marker the reference guest prints on ttyS0 when multi-user.target is reached.
+pub const REFERENCE_MARKER: &str = "BOOTCACHE-BOOTED";
+
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    /// The image file whose reads are recorded.
+    #[arg(long, value_name = "IMG")]
+    image: PathBuf,
+    /// The trace file to write.
+    #[arg(long, value_name = "TRACE")]
+    out: PathBuf,
+    /// Stop when a console line matches this regular expression.
+    #[arg(long, value_name = "REGEX", default_value = REFERENCE_MARKER)]
+    marker: String,
+    /// Give up after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    timeout: u64,
+    /// Attach to this running process instead of starting QEMU; records until
+    /// it exits, the timeout, or Ctrl-C.
+    #[arg(long, value_name = "PID", conflicts_with = "qemu")]
+    pid: Option<u32>,
+    /// Keep QEMU's serial console here.
+    #[arg(long, value_name = "FILE")]
+    console_log: Option<PathBuf>,
+    /// Write the trace and exit 0 even if the recorder lost records.
+    #[arg(long)]
+    accept_losses: bool,
+    /// QEMU and its arguments, after `--` (e.g. `-- qemu-system-x86_64 -accel tcg ...`).
+    /// Do not pass -S, -qmp or -serial: the recorder adds its own.
+    #[arg(last = true, value_name = "QEMU")]
+    qemu: Vec<OsString>,
+}
+
+fn write(trace: &Trace, out: &Path) -> anyhow::Result<()> {
+    let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    trace.write_to(BufWriter::new(file)).with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
+}
+
+fn finish(trace: &Trace, out: &Path, accept_losses: bool) -> anyhow::Result<ExitCode> {
+    write(trace, out)?;
+    eprintln!("wrote {} records to {}", trace.records.len(), out.display());
+    if trace.lost_records > 0 {
+        eprintln!("WARNING: the recorder lost {} records: this trace is incomplete", trace.lost_records);
+        if !accept_losses {
+            bail!("{} records lost (--accept-losses keeps such a trace and exits 0)", trace.lost_records);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn record(args: &RecordArgs) -> anyhow::Result<ExitCode> {
+    let timeout = Duration::from_secs(args.timeout);
+    if let Some(pid) = args.pid {
+        return record_pid(pid, args, timeout);
+    }
+    if args.qemu.is_empty() {
+        bail!("give QEMU's command line after `--`, or --pid PID to attach to a running process");
+    }
+    let marker = regex::Regex::new(&args.marker).with_context(|| format!("bad --marker {:?}", args.marker))?;
+    let work = tempfile::tempdir().context("creating a working directory")?;
+    let opts = QemuOptions {
+        image: args.image.clone(),
+        command: args.qemu.clone(),
+        marker,
+        timeout,
+        console_log: args.console_log.clone(),
+        work_dir: work.path().to_path_buf(),
+    };
+    let rec = record_qemu(&opts, |_| {}).context("recording the boot")?;
+    match &rec.outcome {
+        Outcome::Marker(after) => eprintln!("boot marker after {:.1} s", after.as_secs_f64()),
+        Outcome::QemuExited(status) => {
+            write(&rec.trace, &args.out)?;
+            eprintln!(
+                "QEMU exited before the marker ({status}); partial trace of {} records in {}",
+                rec.trace.records.len(),
+                args.out.display()
+            );
+            eprintln!("last console lines:\n  {}", rec.console_tail.join("\n  "));
+            let log = std::fs::read_to_string(work.path().join("qemu.log")).unwrap_or_default();
+            bail!("QEMU exited early ({status}): {}", log.lines().last().unwrap_or(""));
+        }
+        Outcome::Timeout => {
+            write(&rec.trace, &args.out)?;
+            eprintln!("last console lines:\n  {}", rec.console_tail.join("\n  "));
+            bail!("no boot marker matching {:?} within {} s; partial trace in {}", args.marker, args.timeout, args.out.display());
+        }
+    }
+    finish(&rec.trace, &args.out, args.accept_losses)
+}
+
+fn record_pid(pid: u32, args: &RecordArgs, timeout: Duration) -> anyhow::Result<ExitCode> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing a signal handler")?;
+    }
+    let mut rec = Recorder::attach(pid, &args.image).context("attaching the recorder")?;
+    eprintln!("recording process {pid} on {} (descriptors {:?}); Ctrl-C stops", args.image.display(), rec.fds());
+    let started = Instant::now();
+    while !stop.load(Ordering::Relaxed) && started.elapsed() < timeout && Path::new(&format!("/proc/{pid}")).exists() {
+        rec.poll(Duration::from_millis(100))?;
+    }
+    let info = TraceInfo {
+        recorder: format!("bootcache {} (eBPF, syscall tracepoints)", env!("CARGO_PKG_VERSION")),
+        extra: serde_json::json!({ "pid": pid }),
+    };
+    finish(&rec.finish(info), &args.out, args.accept_losses)
+}

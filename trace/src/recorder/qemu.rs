@@ -1,0 +1,199 @@
+//! Recording a QEMU boot: QEMU starts held (`-S`), the probes attach, QMP
+//! `cont` lets the guest run, and the serial console is watched for the boot
+//! marker. If QEMU dies first, the partial trace is kept and the exit status
+//! and last console lines are reported.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use regex::Regex;
+use serde_json::{Value, json};
+
+use super::{RecordError, Recorder};
+use crate::file::{Trace, TraceInfo};
+
+/// What to record.
+#[derive(Debug, Clone)]
+pub struct QemuOptions {
+    /// The image whose reads are recorded.
+    pub image: PathBuf,
+    /// QEMU's program and arguments (without `-S`, `-qmp` or `-serial`: those are added).
+    pub command: Vec<OsString>,
+    /// The boot is complete when a console line matches.
+    pub marker: Regex,
+    /// Give up after this long.
+    pub timeout: Duration,
+    /// Where the console goes (a temporary file when `None`).
+    pub console_log: Option<PathBuf>,
+    /// Directory for the QMP socket and logs.
+    pub work_dir: PathBuf,
+}
+
+/// How the recording ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The marker appeared this long after the guest started.
+    Marker(Duration),
+    /// QEMU exited before the marker.
+    QemuExited(ExitStatus),
+    /// Neither within the timeout.
+    Timeout,
+}
+
+/// A finished recording.
+#[derive(Debug)]
+pub struct QemuRecording {
+    /// The trace (complete or partial).
+    pub trace: Trace,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// The last console lines.
+    pub console_tail: Vec<String>,
+}
+
+fn qmp(stream: &mut UnixStream, reader: &mut BufReader<UnixStream>, command: &str) -> Result<Value, RecordError> {
+    let io = |source| RecordError::Qemu { what: format!("QMP {command}"), source };
+    writeln!(stream, "{}", json!({ "execute": command })).map_err(io)?;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).map_err(io)? == 0 {
+            return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        if v.get("return").is_some() {
+            return Ok(v);
+        }
+        if let Some(e) = v.get("error") {
+            return Err(io(std::io::Error::other(e.to_string())));
+        }
+    }
+}
+
+fn connect(sock: &Path, child: &mut Child) -> Result<UnixStream, RecordError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(s) = UnixStream::connect(sock) {
+            return Ok(s);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(RecordError::Qemu {
+                what: format!("QEMU exited at start ({status})"),
+                source: std::io::ErrorKind::NotConnected.into(),
+            });
+        }
+        if Instant::now() > deadline {
+            return Err(RecordError::Qemu { what: "QMP socket never appeared".into(), source: std::io::ErrorKind::TimedOut.into() });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn tail(path: &Path, n: usize) -> Vec<String> {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].iter().map(|l| l.to_string()).collect()
+}
+
+/// Starts QEMU held, records its reads of the image until the marker, its
+/// exit or the timeout. `progress` is called with the record count now and then.
+///
+/// # Errors
+/// QEMU cannot be started or controlled, or the recorder cannot attach.
+pub fn record_qemu(opts: &QemuOptions, mut progress: impl FnMut(usize)) -> Result<QemuRecording, RecordError> {
+    if opts.command.iter().any(|a| a == "-serial" || a == "-qmp" || a == "-S") {
+        return Err(RecordError::Qemu {
+            what: "do not pass -serial, -qmp or -S: the recorder adds its own (use --console-log to keep the console)".into(),
+            source: std::io::ErrorKind::InvalidInput.into(),
+        });
+    }
+    let sock = opts.work_dir.join("qmp.sock");
+    let console = opts.console_log.clone().unwrap_or_else(|| opts.work_dir.join("console.log"));
+    let _ = std::fs::remove_file(&sock);
+    std::fs::write(&console, b"").map_err(|source| RecordError::Qemu { what: format!("creating {}", console.display()), source })?;
+    let stderr = std::fs::File::create(opts.work_dir.join("qemu.log"))
+        .map_err(|source| RecordError::Qemu { what: "creating qemu.log".into(), source })?;
+    let (program, args) = opts
+        .command
+        .split_first()
+        .ok_or(RecordError::Qemu { what: "no QEMU command given".into(), source: std::io::ErrorKind::InvalidInput.into() })?;
+    let mut child = Command::new(program)
+        .args(args)
+        .arg("-S")
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .arg("-chardev")
+        .arg(format!("file,id=bcserial,path={}", console.display()))
+        .arg("-serial")
+        .arg("chardev:bcserial")
+        .stdin(Stdio::null())
+        .stdout(stderr.try_clone().map_err(|source| RecordError::Qemu { what: "qemu.log".into(), source })?)
+        .stderr(stderr)
+        .spawn()
+        .map_err(|source| RecordError::Qemu { what: format!("starting {}", program.to_string_lossy()), source })?;
+    let result = run(opts, &mut child, &sock, &console, &mut progress);
+    if result.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    result
+}
+
+fn run(
+    opts: &QemuOptions,
+    child: &mut Child,
+    sock: &Path,
+    console: &Path,
+    progress: &mut impl FnMut(usize),
+) -> Result<QemuRecording, RecordError> {
+    let mut stream = connect(sock, child)?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(|source| RecordError::Qemu { what: "QMP".into(), source })?);
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).map_err(|source| RecordError::Qemu { what: "QMP greeting".into(), source })?;
+    qmp(&mut stream, &mut reader, "qmp_capabilities")?;
+    let mut rec = Recorder::attach(child.id(), &opts.image)?;
+    qmp(&mut stream, &mut reader, "cont")?;
+    let started = Instant::now();
+    let mut seen = 0usize;
+    let outcome = loop {
+        rec.poll(Duration::from_millis(50))?;
+        progress(rec.records().len());
+        let text = std::fs::read(console).unwrap_or_default();
+        if text.len() > seen {
+            let from = seen.saturating_sub(256); // a marker may straddle two reads
+            seen = text.len();
+            if opts.marker.is_match(&String::from_utf8_lossy(&text[from..])) {
+                break Outcome::Marker(started.elapsed());
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            break Outcome::QemuExited(status);
+        }
+        if started.elapsed() > opts.timeout {
+            break Outcome::Timeout;
+        }
+    };
+    rec.poll(Duration::from_millis(100))?;
+    if !matches!(outcome, Outcome::QemuExited(_)) {
+        let _ = qmp(&mut stream, &mut reader, "quit");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let info = TraceInfo {
+        recorder: format!("bootcache {} (eBPF, syscall tracepoints)", env!("CARGO_PKG_VERSION")),
+        extra: json!({
+            "command": opts.command.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>(),
+            "marker": opts.marker.as_str(),
+            "outcome": format!("{outcome:?}"),
+        }),
+    };
+    Ok(QemuRecording { trace: rec.finish(info), outcome, console_tail: tail(console, 15) })
+}
