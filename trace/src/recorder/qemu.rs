@@ -111,6 +111,12 @@ pub fn record_qemu(opts: &QemuOptions, mut progress: impl FnMut(usize)) -> Resul
             source: std::io::ErrorKind::InvalidInput.into(),
         });
     }
+    if opts.command.iter().any(|a| a.to_string_lossy().contains("aio=io_uring")) {
+        return Err(RecordError::Qemu {
+            what: "aio=io_uring submits reads through a shared ring, not a syscall the probes see: use aio=threads or aio=native to record".into(),
+            source: std::io::ErrorKind::Unsupported.into(),
+        });
+    }
     let sock = opts.work_dir.join("qmp.sock");
     let console = opts.console_log.clone().unwrap_or_else(|| opts.work_dir.join("console.log"));
     let _ = std::fs::remove_file(&sock);

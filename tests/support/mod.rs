@@ -1,0 +1,34 @@
+//! Shared pieces of the end-to-end tests: the reference guest, QEMU command
+//! lines, and an independent observer of the image's direct I/O.
+
+#![allow(dead_code, reason = "each test binary uses a different part")]
+
+pub mod iomap;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The reference guest, built (or taken from the cache) by scripts/reference-guest.
+pub fn reference_guest() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/reference-guest");
+    let out = Command::new(&script).output().expect("run scripts/reference-guest");
+    assert!(out.status.success(), "scripts/reference-guest failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// QEMU arguments that boot `image` under TCG (KVM here cannot run a stock
+/// kernel), without writing to it (`-snapshot`), with the given `aio=` mode.
+pub fn qemu_args(image: &Path, format: &str, aio: &str) -> Vec<String> {
+    let drive = format!("file={},format={format},if=virtio,cache=none,aio={aio}", image.display());
+    ["qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-display", "none", "-snapshot", "-net", "none", "-drive", &drive]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// Runs the `bootcache` binary; panics with its stderr when it fails.
+pub fn bootcache(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_bootcache")).args(args).output().expect("run bootcache");
+    assert!(out.status.success(), "bootcache {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
