@@ -30,6 +30,7 @@
 mod image;
 mod pipeline;
 pub mod plan;
+pub mod qcow2;
 mod raw;
 
 pub use image::{ImageSink, ImageSource};

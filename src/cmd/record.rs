@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bootcache_trace::recorder::Recorder;
 use bootcache_trace::recorder::qemu::{Outcome, QemuOptions, record_qemu};
-use bootcache_trace::{Trace, TraceInfo};
+use bootcache_trace::{OffsetSpace, Trace, TraceInfo};
 use clap::Args;
 
 /// The marker the reference guest prints on ttyS0 when multi-user.target is reached.
@@ -39,6 +39,10 @@ pub struct RecordArgs {
     /// Keep QEMU's serial console here.
     #[arg(long, value_name = "FILE")]
     console_log: Option<PathBuf>,
+    /// For a qcow2 image, keep image-file offsets instead of mapping the trace
+    /// to guest offsets (`bootcache trace map` does it later).
+    #[arg(long)]
+    no_map: bool,
     /// Write the trace and exit 0 even if the recorder lost records.
     #[arg(long)]
     accept_losses: bool,
@@ -54,7 +58,15 @@ fn write(trace: &Trace, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn finish(trace: &Trace, out: &Path, accept_losses: bool) -> anyhow::Result<ExitCode> {
+fn finish(trace: &Trace, args: &RecordArgs) -> anyhow::Result<ExitCode> {
+    let (out, accept_losses) = (&args.out, args.accept_losses);
+    let mapped;
+    let trace = if trace.space == OffsetSpace::ImageFile && !args.no_map {
+        mapped = super::trace::map_qcow2(trace, &args.image)?;
+        &mapped
+    } else {
+        trace
+    };
     write(trace, out)?;
     eprintln!("wrote {} records to {}", trace.records.len(), out.display());
     if trace.lost_records > 0 {
@@ -104,7 +116,7 @@ pub fn record(args: &RecordArgs) -> anyhow::Result<ExitCode> {
             bail!("no boot marker matching {:?} within {} s; partial trace in {}", args.marker, args.timeout, args.out.display());
         }
     }
-    finish(&rec.trace, &args.out, args.accept_losses)
+    finish(&rec.trace, args)
 }
 
 fn record_pid(pid: u32, args: &RecordArgs, timeout: Duration) -> anyhow::Result<ExitCode> {
@@ -122,5 +134,5 @@ fn record_pid(pid: u32, args: &RecordArgs, timeout: Duration) -> anyhow::Result<
         recorder: format!("bootcache {} (eBPF, syscall tracepoints)", env!("CARGO_PKG_VERSION")),
         extra: serde_json::json!({ "pid": pid }),
     };
-    finish(&rec.finish(info), &args.out, args.accept_losses)
+    finish(&rec.finish(info), args)
 }

@@ -43,6 +43,18 @@ pub enum TraceCmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Map a trace of a qcow2 image (image-file offsets) to guest offsets;
+    /// reads of qcow2 metadata are kept apart as metadata records.
+    Map {
+        /// The qcow2 image the trace was recorded on.
+        #[arg(long, value_name = "IMG")]
+        image: PathBuf,
+        /// The trace to map.
+        trace: PathBuf,
+        /// The guest-space trace to write.
+        #[arg(long, value_name = "TRACE")]
+        out: PathBuf,
+    },
     /// Print a trace's records as CSV (t_ns,offset,length,op,tid,result,class).
     Export {
         /// Write CSV (the only export format).
@@ -59,6 +71,13 @@ pub enum TraceCmd {
 pub fn run(cmd: TraceCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         TraceCmd::Import { csv: input, out, image, digest } => import(&input, &out, image.as_deref(), digest),
+        TraceCmd::Map { image, trace, out } => {
+            let t = Trace::open(&trace).with_context(|| format!("reading trace {}", trace.display()))?;
+            let mapped = map_qcow2(&t, &image)?;
+            let file = File::create(&out).with_context(|| format!("creating {}", out.display()))?;
+            mapped.write_to(BufWriter::new(file)).with_context(|| format!("writing {}", out.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         TraceCmd::Synth { image, out, reads, seed } => synth(&image, &out, reads, seed),
         TraceCmd::Export { csv: _, trace, out } => {
             let t = Trace::open(&trace).with_context(|| format!("reading trace {}", trace.display()))?;
@@ -70,6 +89,20 @@ pub fn run(cmd: TraceCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Maps an image-file-space trace of a qcow2 image to guest space.
+pub fn map_qcow2(trace: &Trace, image: &Path) -> anyhow::Result<Trace> {
+    if trace.space != OffsetSpace::ImageFile {
+        bail!("the trace already holds guest offsets");
+    }
+    let q = bootcache_convert::qcow2::Qcow2::open(image).with_context(|| format!("opening {} as qcow2", image.display()))?;
+    let (mapped, stats) = bootcache_convert::qcow2::map_trace(trace, &q).context("mapping the trace to guest offsets")?;
+    eprintln!(
+        "mapped to guest offsets: {} data pieces, {} metadata reads kept apart, {} unmapped bytes dropped",
+        stats.data_pieces, stats.metadata_pieces, stats.unmapped_bytes
+    );
+    Ok(mapped)
 }
 
 fn identity(image: Option<&Path>, digest: bool) -> anyhow::Result<ImageIdentity> {

@@ -113,7 +113,8 @@ pub fn record_qemu(opts: &QemuOptions, mut progress: impl FnMut(usize)) -> Resul
     }
     if opts.command.iter().any(|a| a.to_string_lossy().contains("aio=io_uring")) {
         return Err(RecordError::Qemu {
-            what: "aio=io_uring submits reads through a shared ring, not a syscall the probes see: use aio=threads or aio=native to record".into(),
+            what: "aio=io_uring submits reads through a shared ring, not a syscall the probes see: use aio=threads or aio=native to record"
+                .into(),
             source: std::io::ErrorKind::Unsupported.into(),
         });
     }
