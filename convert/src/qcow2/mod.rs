@@ -111,7 +111,7 @@ impl Qcow2 {
 
     fn cluster_at(&self, table: &'static str, index: u64, offset: u64) -> Result<u64, Qcow2Error> {
         let c = self.header.cluster_size();
-        if offset % c != 0 || offset.checked_add(c).is_none_or(|e| e > self.file_len) {
+        if !offset.is_multiple_of(c) || offset.checked_add(c).is_none_or(|e| e > self.file_len) {
             return Err(Qcow2Error::BadTable { table, index, why: format!("cluster {offset:#x} misaligned or past the end of the file") });
         }
         Ok(offset)
