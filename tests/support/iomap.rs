@@ -43,10 +43,11 @@ impl Observer {
                 if s.load(Ordering::Relaxed) && line.contains("bootcache-observer-stop") {
                     break;
                 }
-                if line.contains("iomap_dio_rw_begin") && !line.contains("WRITE") {
-                    if let (Some(off), Some(len)) = (hex_field(&line, "offset"), hex_field(&line, "length")) {
-                        r.lock().unwrap().push(off..off + len);
-                    }
+                if line.contains("iomap_dio_rw_begin")
+                    && !line.contains("WRITE")
+                    && let (Some(off), Some(len)) = (hex_field(&line, "offset"), hex_field(&line, "length"))
+                {
+                    r.lock().unwrap().push(off..off + len);
                 }
             }
         });
