@@ -43,6 +43,10 @@ pub struct RecordArgs {
     /// to guest offsets (`bootcache trace map` does it later).
     #[arg(long)]
     no_map: bool,
+    /// Run the same session without attaching the probes (an empty trace):
+    /// the baseline for measuring the recorder's overhead.
+    #[arg(long)]
+    no_probes: bool,
     /// Write the trace and exit 0 even if the recorder lost records.
     #[arg(long)]
     accept_losses: bool,
@@ -95,10 +99,11 @@ pub fn record(args: &RecordArgs) -> anyhow::Result<ExitCode> {
         timeout,
         console_log: args.console_log.clone(),
         work_dir: work.path().to_path_buf(),
+        probes: !args.no_probes,
     };
     let rec = record_qemu(&opts, |_| {}).context("recording the boot")?;
     match &rec.outcome {
-        Outcome::Marker(after) => eprintln!("boot marker after {:.1} s", after.as_secs_f64()),
+        Outcome::Marker(after) => eprintln!("boot marker after {:.3} s", after.as_secs_f64()),
         Outcome::QemuExited(status) => {
             write(&rec.trace, &args.out)?;
             eprintln!(

@@ -16,11 +16,21 @@ pub fn reference_guest() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
-/// QEMU arguments that boot `image` under TCG (KVM here cannot run a stock
-/// kernel), without writing to it (`-snapshot`), with the given `aio=` mode.
+/// The accelerator that boots the reference guest here (scripts/qemu-accel:
+/// KVM when a trial boot works, TCG otherwise; cached).
+pub fn accel() -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/qemu-accel");
+    let out = Command::new(&script).output().expect("run scripts/qemu-accel");
+    assert!(out.status.success(), "scripts/qemu-accel failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// QEMU arguments that boot `image` without writing to it (`-snapshot`),
+/// with the given `aio=` mode.
 pub fn qemu_args(image: &Path, format: &str, aio: &str) -> Vec<String> {
     let drive = format!("file={},format={format},if=virtio,cache=none,aio={aio}", image.display());
-    ["qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-display", "none", "-snapshot", "-net", "none", "-drive", &drive]
+    let accel = accel();
+    ["qemu-system-x86_64", "-accel", &accel, "-m", "512", "-display", "none", "-snapshot", "-net", "none", "-drive", &drive]
         .iter()
         .map(|s| s.to_string())
         .collect()

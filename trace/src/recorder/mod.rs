@@ -178,6 +178,11 @@ impl Recorder {
         }
     }
 
+    /// Makes "now" time zero of the trace (e.g. when the guest starts running).
+    pub fn restart_clock(&mut self) {
+        self.start_ns = monotonic_ns();
+    }
+
     /// The descriptors currently traced.
     pub fn fds(&self) -> &BTreeSet<u32> {
         &self.fds

@@ -31,6 +31,8 @@ pub struct QemuOptions {
     pub console_log: Option<PathBuf>,
     /// Directory for the QMP socket and logs.
     pub work_dir: PathBuf,
+    /// Attach the probes (false runs the same session unrecorded, to measure overhead).
+    pub probes: bool,
 }
 
 /// How the recording ended.
@@ -162,13 +164,21 @@ fn run(
     let mut greeting = String::new();
     reader.read_line(&mut greeting).map_err(|source| RecordError::Qemu { what: "QMP greeting".into(), source })?;
     qmp(&mut stream, &mut reader, "qmp_capabilities")?;
-    let mut rec = Recorder::attach(child.id(), &opts.image)?;
+    let mut rec = if opts.probes { Some(Recorder::attach(child.id(), &opts.image)?) } else { None };
+    if let Some(rec) = rec.as_mut() {
+        rec.restart_clock(); // time zero: the guest starts running
+    }
     qmp(&mut stream, &mut reader, "cont")?;
     let started = Instant::now();
     let mut seen = 0usize;
     let outcome = loop {
-        rec.poll(Duration::from_millis(50))?;
-        progress(rec.records().len());
+        match rec.as_mut() {
+            Some(rec) => {
+                rec.poll(Duration::from_millis(50))?;
+                progress(rec.records().len());
+            }
+            None => std::thread::sleep(Duration::from_millis(50)),
+        }
         let text = std::fs::read(console).unwrap_or_default();
         if text.len() > seen {
             let from = seen.saturating_sub(256); // a marker may straddle two reads
@@ -184,7 +194,9 @@ fn run(
             break Outcome::Timeout;
         }
     };
-    rec.poll(Duration::from_millis(100))?;
+    if let Some(rec) = rec.as_mut() {
+        rec.poll(Duration::from_millis(100))?;
+    }
     if !matches!(outcome, Outcome::QemuExited(_)) {
         let _ = qmp(&mut stream, &mut reader, "quit");
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -202,5 +214,9 @@ fn run(
             "outcome": format!("{outcome:?}"),
         }),
     };
-    Ok(QemuRecording { trace: rec.finish(info), outcome, console_tail: tail(console, 15) })
+    let trace = match rec {
+        Some(rec) => rec.finish(info),
+        None => Trace { info, ..Trace::default() },
+    };
+    Ok(QemuRecording { trace, outcome, console_tail: tail(console, 15) })
 }
