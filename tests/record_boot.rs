@@ -98,3 +98,44 @@ fn io_uring_is_refused_with_a_way_out() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("aio=threads") && err.contains("aio=native"), "{err}");
 }
+
+#[test]
+fn qemu_dying_mid_boot_keeps_the_partial_trace() {
+    let image = reference_guest();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("partial.bctrace");
+    let name = format!("bootcache-kill-{}", std::process::id());
+    let mut qemu = qemu_args(&image, "raw", "threads");
+    qemu.extend(["-name".to_string(), name.clone()]);
+    let mut args = vec!["record", "--image", image.to_str().unwrap(), "--out", out.to_str().unwrap(), "--"];
+    args.extend(qemu.iter().map(String::as_str));
+    let child =
+        std::process::Command::new(env!("CARGO_BIN_EXE_bootcache")).args(&args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // Kill QEMU once the guest has been reading for a while.
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    assert!(std::process::Command::new("pkill").args(["-KILL", "-f", &format!("^qemu-system-x86_64 .*{name}")]).status().unwrap().success(), "QEMU was not running");
+    let result = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success(), "record should fail when QEMU dies");
+    assert!(err.contains("QEMU exited") && err.contains("signal: 9"), "{err}");
+    assert!(err.contains("last console lines"), "{err}");
+    let partial = Trace::open(&out).expect("the partial trace is kept");
+    assert!(partial.records.len() > 10, "partial trace has {} records", partial.records.len());
+}
+
+#[test]
+fn without_privileges_the_missing_capabilities_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("x.raw");
+    std::fs::write(&image, [0u8; 4096]).unwrap();
+    // As nobody, with no capabilities at all.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .arg(env!("CARGO_BIN_EXE_bootcache"))
+        .args(["record", "--image", image.to_str().unwrap(), "--out", "/tmp/never.bctrace", "--pid", "1"])
+        .output()
+        .expect("setpriv (util-linux)");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("CAP_BPF") && err.contains("CAP_PERFMON"), "{err}");
+}

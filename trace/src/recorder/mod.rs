@@ -55,6 +55,9 @@ pub enum RecordError {
     /// A map operation failed.
     #[error("eBPF map {0} failed")]
     Map(&'static str, #[source] aya::maps::MapError),
+    /// The process lacks capabilities the recorder needs.
+    #[error("missing capabilities: {0} (run as root, or grant them, e.g. setcap cap_bpf,cap_perfmon,cap_dac_read_search+ep)")]
+    MissingCapabilities(String),
     /// tracefs is not mounted.
     #[error("tracefs is not mounted at /sys/kernel/tracing (mount -t tracefs nodev /sys/kernel/tracing)")]
     NoTracefs,
@@ -99,6 +102,14 @@ impl std::fmt::Debug for Recorder {
     }
 }
 
+/// The capabilities the recorder needs that this process does not have.
+fn missing_capabilities() -> Vec<&'static str> {
+    const NEEDED: [(u32, &str); 3] = [(39, "CAP_BPF"), (38, "CAP_PERFMON"), (2, "CAP_DAC_READ_SEARCH")];
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok()).unwrap_or(0);
+    NEEDED.iter().filter(|(bit, _)| eff & (1 << bit) == 0).map(|(_, name)| *name).collect()
+}
+
 /// True when the file starts with the qcow2 magic.
 fn is_qcow2(path: &Path) -> bool {
     use std::io::Read;
@@ -119,6 +130,10 @@ impl Recorder {
     /// Missing privileges or tracefs, an image that cannot be stat'ed, a
     /// process that cannot be inspected.
     pub fn attach(pid: u32, image: &Path) -> Result<Recorder, RecordError> {
+        let missing = missing_capabilities();
+        if !missing.is_empty() {
+            return Err(RecordError::MissingCapabilities(missing.join(", ")));
+        }
         if !Path::new("/sys/kernel/tracing/events/syscalls").is_dir() {
             return Err(RecordError::NoTracefs);
         }
