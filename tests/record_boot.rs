@@ -113,7 +113,10 @@ fn qemu_dying_mid_boot_keeps_the_partial_trace() {
         std::process::Command::new(env!("CARGO_BIN_EXE_bootcache")).args(&args).stderr(std::process::Stdio::piped()).spawn().unwrap();
     // Kill QEMU once the guest has been reading for a while.
     std::thread::sleep(std::time::Duration::from_secs(8));
-    assert!(std::process::Command::new("pkill").args(["-KILL", "-f", &format!("^qemu-system-x86_64 .*{name}")]).status().unwrap().success(), "QEMU was not running");
+    assert!(
+        std::process::Command::new("pkill").args(["-KILL", "-f", &format!("^qemu-system-x86_64 .*{name}")]).status().unwrap().success(),
+        "QEMU was not running"
+    );
     let result = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&result.stderr);
     assert!(!result.status.success(), "record should fail when QEMU dies");
