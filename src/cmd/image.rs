@@ -6,19 +6,34 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use bootcache_convert::{ConvertOptions, RawSink, RawSource, convert as run_convert, export as run_export, planned_bytes};
+use bootcache_convert::qcow2::Qcow2Source;
+use bootcache_convert::{ConvertOptions, ImageSource, RawSink, RawSource, convert as run_convert, export as run_export, planned_bytes};
 use bootcache_format::{Encoding, Image, Segment, feature_names};
-use bootcache_trace::Trace;
+use bootcache_trace::{OffsetSpace, Trace};
 use clap::Args;
 use serde::Serialize;
 
 use super::Output;
 use super::progress;
 
+/// Source image formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SrcFormat {
+    /// qcow2 if the file starts with the qcow2 magic, raw otherwise.
+    Auto,
+    /// A raw disk image.
+    Raw,
+    /// A qcow2 image (v2 or v3; zlib or zstd clusters; backing chains).
+    Qcow2,
+}
+
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
-    /// The source disk image (raw).
+    /// The source disk image (raw or qcow2).
     src: PathBuf,
+    /// The source's format.
+    #[arg(long, value_enum, default_value_t = SrcFormat::Auto)]
+    src_format: SrcFormat,
     /// The bootcache image to write.
     dst: PathBuf,
     /// Boot trace(s) whose reads go first; without one the boot segment is empty.
@@ -39,12 +54,22 @@ pub struct ConvertArgs {
 }
 
 pub fn convert(args: &ConvertArgs) -> anyhow::Result<ExitCode> {
-    let src = RawSource::open(&args.src).with_context(|| format!("opening source {}", args.src.display()))?;
-    let traces = args
-        .traces
-        .iter()
-        .map(|p| Trace::open(p).with_context(|| format!("reading trace {}", p.display())))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let is_qcow2 = match args.src_format {
+        SrcFormat::Raw => false,
+        SrcFormat::Qcow2 => true,
+        SrcFormat::Auto => bootcache_convert::qcow2::Qcow2::open(&args.src).is_ok(),
+    };
+    let src: Box<dyn ImageSource> = if is_qcow2 {
+        Box::new(Qcow2Source::open(&args.src).with_context(|| format!("opening {} as qcow2", args.src.display()))?)
+    } else {
+        Box::new(RawSource::open(&args.src).with_context(|| format!("opening source {}", args.src.display()))?)
+    };
+    let mut traces = Vec::with_capacity(args.traces.len());
+    for p in &args.traces {
+        let t = Trace::open(p).with_context(|| format!("reading trace {}", p.display()))?;
+        // A qcow2 boot recorded with --no-map: map it through this image.
+        traces.push(if t.space == OffsetSpace::ImageFile && is_qcow2 { super::trace::map_qcow2(&t, &args.src)? } else { t });
+    }
     let opts = ConvertOptions {
         zstd_level: args.zstd,
         min_boots: args.min_boots,
@@ -52,8 +77,8 @@ pub fn convert(args: &ConvertArgs) -> anyhow::Result<ExitCode> {
         ..Default::default()
     };
     let out = File::create(&args.dst).with_context(|| format!("creating {}", args.dst.display()))?;
-    let bar = progress::bytes(planned_bytes(&src)?, "convert", args.quiet);
-    let (_, report) = run_convert(&src, &traces, BufWriter::with_capacity(1 << 20, out), &opts, &|n| bar.inc(n))
+    let bar = progress::bytes(planned_bytes(src.as_ref())?, "convert", args.quiet);
+    let (_, report) = run_convert(src.as_ref(), &traces, BufWriter::with_capacity(1 << 20, out), &opts, &|n| bar.inc(n))
         .with_context(|| format!("converting {}", args.src.display()))?;
     bar.finish_and_clear();
     if args.output == Output::Json {

@@ -49,7 +49,7 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         plot: Option<PathBuf>,
     },
-    /// Convert a raw disk image into a bootcache image, boot bytes first.
+    /// Convert a raw or qcow2 disk image into a bootcache image, boot bytes first.
     Convert(image::ConvertArgs),
     /// Write a bootcache image back out as a (sparse) raw disk image.
     Export {

@@ -74,6 +74,17 @@ pub struct Header {
     pub backing_file: Option<String>,
     /// Incompatible feature bits.
     pub incompatible: u64,
+    /// How compressed clusters are compressed.
+    pub compression: Compression,
+}
+
+/// The compression of compressed clusters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// Raw deflate (the default).
+    Zlib,
+    /// zstd frames (compression_type 1).
+    Zstd,
 }
 
 impl Header {
@@ -139,7 +150,14 @@ impl Header {
                 Some(String::from_utf8_lossy(&bytes[off as usize..(off + len) as usize]).into_owned())
             }
         };
+        let compression = match (incompatible & incompat::COMPRESSION_TYPE != 0, raw.header_length.get() > 104, bytes.get(104)) {
+            (false, _, _) => Compression::Zlib,
+            (true, true, Some(0)) => Compression::Zlib,
+            (true, true, Some(1)) => Compression::Zstd,
+            (true, _, other) => return Err(bad(format!("unknown compression type {other:?}"))),
+        };
         Ok(Header {
+            compression,
             version,
             cluster_bits,
             size,

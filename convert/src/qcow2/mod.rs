@@ -6,14 +6,16 @@
 
 mod header;
 mod map;
+mod source;
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-pub use header::{Header, incompat};
+pub use header::{Compression, Header, incompat};
 pub use map::{MapStats, map_trace};
+pub use source::{Qcow2Source, open_image};
 
 use bootcache_trace::IntervalSet;
 
@@ -118,7 +120,7 @@ impl Qcow2 {
     }
 
     /// File offsets of the L2 tables, by L1 index (0: none).
-    fn l2_tables(&self) -> Result<Vec<u64>, Qcow2Error> {
+    pub(crate) fn l2_tables(&self) -> Result<Vec<u64>, Qcow2Error> {
         let h = &self.header;
         let l1 = read(&self.file, h.l1_table_offset, h.l1_size * 8)?;
         be64(&l1)
@@ -128,6 +130,30 @@ impl Qcow2 {
                 off => self.cluster_at("L1", i as u64, off),
             })
             .collect()
+    }
+
+    /// Reads one L2 table at `offset` (already checked by [`Qcow2::l2_tables`]).
+    pub(crate) fn read_l2(&self, offset: u64) -> Result<Vec<u64>, Qcow2Error> {
+        Ok(be64(&read(&self.file, offset, self.header.cluster_size())?).collect())
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    pub(crate) fn read_exact(&self, buf: &mut [u8], offset: u64) -> Result<(), Qcow2Error> {
+        self.file.read_exact_at(buf, offset).map_err(|source| Qcow2Error::Io { offset, source })
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`; returns how many.
+    pub(crate) fn read_some(&self, buf: &mut [u8], offset: u64) -> Result<usize, Qcow2Error> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => return Err(Qcow2Error::Io { offset, source }),
+            }
+        }
+        Ok(done)
     }
 
     /// Every allocated or zero guest cluster, as (guest offset, where).
@@ -157,7 +183,7 @@ impl Qcow2 {
         Ok(out)
     }
 
-    fn entry(&self, e: u64, index: u64) -> Result<Option<Cluster>, Qcow2Error> {
+    pub(crate) fn entry(&self, e: u64, index: u64) -> Result<Option<Cluster>, Qcow2Error> {
         let bits = self.header.cluster_bits;
         if e & COMPRESSED != 0 {
             let x = 62 - (bits - 8);
