@@ -93,7 +93,7 @@ fn backing_chains_discards_and_zeroes() {
     let dir = tempfile::tempdir().unwrap();
     let base = base_raw(dir.path(), 16 << 20);
     let d = dir.path();
-    let b = qcow2(d, "b.qcow2", &base, &["-o", "cluster_size=65536"]);
+    qcow2(d, "b.qcow2", &base, &["-o", "cluster_size=65536"]);
     let mid = d.join("mid.qcow2");
     run("qemu-img", &["create", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", mid.to_str().unwrap()]);
     run("qemu-io", &["-c", "write -P 0xab 1M 192k", "-c", "write -z 4M 128k", "-c", "discard 8M 64k", mid.to_str().unwrap()]);
