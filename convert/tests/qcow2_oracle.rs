@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use bootcache_convert::qcow2::open_image;
+use bootcache_convert::qcow2::{Qcow2Sink, open_image};
 use bootcache_convert::{ConvertOptions, RawSink, convert, export};
 use bootcache_format::Image;
 
@@ -53,6 +53,11 @@ fn check(src: &Path, dir: &Path, what: &str) {
     let back = dir.join("back.raw");
     export(&bc, Box::new(RawSink::create(&back, bc.virtual_size()).unwrap()), &|_| {}).unwrap();
     assert!(std::fs::read(&back).unwrap() == want, "{what}: convert + export differs from qemu-img");
+    // And out as qcow2: qemu-img must find it consistent and equal.
+    let q = dir.join("back.qcow2");
+    export(&bc, Box::new(Qcow2Sink::create(&q, bc.virtual_size()).unwrap()), &|_| {}).unwrap();
+    run("qemu-img", &["check", "-f", "qcow2", q.to_str().unwrap()]);
+    run("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", q.to_str().unwrap(), reference.to_str().unwrap()]);
 }
 
 fn qcow2(dir: &Path, name: &str, base: &Path, opts: &[&str]) -> PathBuf {

@@ -6,8 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use bootcache_convert::qcow2::Qcow2Source;
-use bootcache_convert::{ConvertOptions, ImageSource, RawSink, RawSource, convert as run_convert, export as run_export, planned_bytes};
+use bootcache_convert::qcow2::{Qcow2Sink, Qcow2Source};
+use bootcache_convert::{
+    ConvertOptions, ImageSink, ImageSource, RawSink, RawSource, convert as run_convert, export as run_export, planned_bytes,
+};
 use bootcache_format::{Encoding, Image, Segment, feature_names};
 use bootcache_trace::{OffsetSpace, Trace};
 use clap::Args;
@@ -100,11 +102,24 @@ fn open(path: &Path) -> anyhow::Result<Image<File>> {
     Image::open(file).with_context(|| format!("{} is not a valid bootcache image", path.display()))
 }
 
-pub fn export(src: &Path, dst: &Path, quiet: bool) -> anyhow::Result<ExitCode> {
+/// Output formats of `export`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DstFormat {
+    /// A sparse raw disk image.
+    Raw,
+    /// A sparse qcow2 (v3, 64 KiB clusters) image.
+    Qcow2,
+}
+
+pub fn export(src: &Path, dst: &Path, format: DstFormat, quiet: bool) -> anyhow::Result<ExitCode> {
     let image = open(src)?;
-    let sink = RawSink::create(dst, image.virtual_size()).with_context(|| format!("creating {}", dst.display()))?;
+    let size = image.virtual_size();
+    let sink: Box<dyn ImageSink> = match format {
+        DstFormat::Raw => Box::new(RawSink::create(dst, size).with_context(|| format!("creating {}", dst.display()))?),
+        DstFormat::Qcow2 => Box::new(Qcow2Sink::create(dst, size).with_context(|| format!("creating {}", dst.display()))?),
+    };
     let bar = progress::bytes(image.index().entries().iter().map(|e| e.guest_len()).sum(), "export", quiet);
-    run_export(&image, Box::new(sink), &|n| bar.inc(n)).with_context(|| format!("exporting {}", src.display()))?;
+    run_export(&image, sink, &|n| bar.inc(n)).with_context(|| format!("exporting {}", src.display()))?;
     bar.finish_and_clear();
     eprintln!("wrote {} ({} bytes)", dst.display(), image.virtual_size());
     Ok(ExitCode::SUCCESS)

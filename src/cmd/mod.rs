@@ -51,12 +51,15 @@ enum Command {
     },
     /// Convert a raw or qcow2 disk image into a bootcache image, boot bytes first.
     Convert(image::ConvertArgs),
-    /// Write a bootcache image back out as a (sparse) raw disk image.
+    /// Write a bootcache image back out as a sparse raw or qcow2 disk image.
     Export {
         /// The bootcache image.
         src: PathBuf,
-        /// The raw image to write.
+        /// The disk image to write.
         dst: PathBuf,
+        /// Format of the output.
+        #[arg(long, value_enum, default_value_t = image::DstFormat::Raw)]
+        format: image::DstFormat,
         /// No progress bar.
         #[arg(short, long)]
         quiet: bool,
@@ -86,7 +89,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Trace(t) => trace::run(t),
         Command::Analyze { trace, json, plot } => trace::analyze(&trace, json, plot.as_deref()),
         Command::Convert(args) => image::convert(&args),
-        Command::Export { src, dst, quiet } => image::export(&src, &dst, quiet),
+        Command::Export { src, dst, format, quiet } => image::export(&src, &dst, format, quiet),
         Command::Info { image, output } => image::info(&image, output),
         Command::Check { image, quiet } => image::check(&image, quiet),
     }

@@ -6,6 +6,7 @@
 
 mod header;
 mod map;
+mod sink;
 mod source;
 
 use std::fs::File;
@@ -15,6 +16,7 @@ use std::path::Path;
 
 pub use header::{Compression, Header, incompat};
 pub use map::{MapStats, map_trace};
+pub use sink::Qcow2Sink;
 pub use source::{Qcow2Source, open_image};
 
 use bootcache_trace::IntervalSet;
