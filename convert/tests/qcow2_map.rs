@@ -99,14 +99,36 @@ fn malformed_qcow2_gets_a_clear_error() {
         (36, &[0x7f, 0xff, 0xff, 0xff], "L1"),
         (72, &[0, 0, 0, 0, 0, 0, 0, 0x10], "unsupported qcow2 features"),
     ];
+    let p = dir.path().join("bad.qcow2");
     for (at, bytes, what) in cases {
         let mut bad = good.clone();
         bad[at..at + bytes.len()].copy_from_slice(bytes);
-        let p = dir.path().join("bad.qcow2");
         std::fs::write(&p, &bad).unwrap();
         let err = Qcow2::open(&p).map(|_| ()).and_then(|_| Qcow2::open(&p).unwrap().clusters().map(|_| ())).unwrap_err().to_string();
         assert!(err.contains(what), "{what}: {err}");
     }
     std::fs::write(dir.path().join("short.qcow2"), &good[..50]).unwrap();
     assert!(Qcow2::open(&dir.path().join("short.qcow2")).unwrap_err().to_string().contains("too short"));
+
+    // Truncated after the metadata: data clusters (and so L2 entries) point past the end.
+    let image = Qcow2::open(&q).unwrap();
+    let last_meta = image.metadata().unwrap().ranges().last().unwrap().end;
+    let cut = dir.path().join("cut.qcow2");
+    std::fs::write(&cut, &good[..usize::try_from(last_meta).unwrap().max(good.len() / 2)]).unwrap();
+    let err = Qcow2::open(&cut).and_then(|q| q.clusters()).map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("past the end"), "truncated: {err}");
+
+    // An L1 entry that points past the end of the file.
+    let l1 = image.header().l1_table_offset as usize;
+    let mut bad = good.clone();
+    bad[l1..l1 + 8].copy_from_slice(&(0x8000_0000_0000_0000u64 | (1 << 40)).to_be_bytes());
+    std::fs::write(&p, &bad).unwrap();
+    let err = Qcow2::open(&p).unwrap().clusters().map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("L1") && err.contains("past the end"), "L1: {err}");
+
+    // An absurd virtual size.
+    let mut bad = good.clone();
+    bad[24..32].copy_from_slice(&u64::MAX.to_be_bytes());
+    std::fs::write(&p, &bad).unwrap();
+    assert!(Qcow2::open(&p).unwrap_err().to_string().contains("L1 size"));
 }

@@ -39,6 +39,10 @@ pub fn open_image(path: &Path) -> Result<Box<dyn ImageSource>, Qcow2Error> {
 
 fn open_chain(path: &Path, seen: &mut BTreeSet<PathBuf>) -> Result<Box<dyn ImageSource>, Qcow2Error> {
     let canonical = path.canonicalize().map_err(|source| Qcow2Error::Io { offset: 0, source })?;
+    // A device or FIFO named by an untrusted image could block or never end.
+    if !canonical.metadata().is_ok_and(|m| m.is_file()) {
+        return Err(Qcow2Error::BadHeader(format!("{} is not a regular file", canonical.display())));
+    }
     if !seen.insert(canonical.clone()) {
         return Err(Qcow2Error::BadHeader(format!("backing chain loops back to {}", canonical.display())));
     }
