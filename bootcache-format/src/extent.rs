@@ -40,19 +40,26 @@ pub enum ExtentError {
 /// the data is compressed and kept compressed only when that saves at least
 /// one eighth.
 pub fn encode_extent(data: &[u8], zstd_level: Option<i32>) -> EncodedExtent {
-    if is_zero(data) {
-        return EncodedExtent { encoding: Encoding::Zero, bytes: Vec::new(), digest: [0; 32] };
+    encode_extent_owned(data.to_vec(), zstd_level).0
+}
+
+/// Like [`encode_extent`], but takes the buffer: a raw extent keeps it as
+/// its stored bytes (no copy), and a zero or compressed one hands it back as
+/// the second value, so a caller can reuse its buffers.
+pub fn encode_extent_owned(data: Vec<u8>, zstd_level: Option<i32>) -> (EncodedExtent, Option<Vec<u8>>) {
+    if is_zero(&data) {
+        return (EncodedExtent { encoding: Encoding::Zero, bytes: Vec::new(), digest: [0; 32] }, Some(data));
     }
-    if let Some(level) = zstd_level {
-        // Compressing from a slice into a Vec cannot fail except on allocation.
-        if let Ok(packed) = zstd::bulk::compress(data, level)
-            && packed.len() <= data.len() - data.len() / 8
-        {
-            let digest = *blake3::hash(&packed).as_bytes();
-            return EncodedExtent { encoding: Encoding::Zstd, bytes: packed, digest };
-        }
+    // Compressing from a slice into a Vec cannot fail except on allocation.
+    if let Some(level) = zstd_level
+        && let Ok(packed) = zstd::bulk::compress(&data, level)
+        && packed.len() <= data.len() - data.len() / 8
+    {
+        let digest = *blake3::hash(&packed).as_bytes();
+        return (EncodedExtent { encoding: Encoding::Zstd, bytes: packed, digest }, Some(data));
     }
-    EncodedExtent { encoding: Encoding::Raw, bytes: data.to_vec(), digest: *blake3::hash(data).as_bytes() }
+    let digest = *blake3::hash(&data).as_bytes();
+    (EncodedExtent { encoding: Encoding::Raw, bytes: data, digest }, None)
 }
 
 /// Verifies `stored` against `entry` and returns the guest bytes (raw

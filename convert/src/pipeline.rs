@@ -3,7 +3,7 @@
 use std::io::{Seek, Write};
 use std::time::Instant;
 
-use bootcache_format::{Encoding, Image, Metadata, ReadAt, WriteSummary, Writer, WriterOptions, encode_extent, hex};
+use bootcache_format::{Encoding, Image, Metadata, ReadAt, WriteSummary, Writer, WriterOptions, encode_extent_owned, hex};
 use bootcache_trace::{AccessOrder, OffsetSpace, Trace};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -12,7 +12,7 @@ use crate::image::{ImageSink, ImageSource};
 use crate::plan::plan;
 
 /// How much guest data is read, then encoded in parallel, at a time.
-const BATCH_BYTES: u64 = 64 << 20;
+const BATCH_BYTES: u64 = 16 << 20;
 
 /// Errors from conversion.
 #[remain::sorted]
@@ -188,18 +188,26 @@ fn write_extents<W: Write + Seek>(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<usize, ConvertError> {
     let mut zero_extents = 0;
+    // Buffers are recycled from batch to batch: fresh ones would each be
+    // page-faulted in, which costs more than the copy itself.
+    let mut pool: Vec<Vec<u8>> = Vec::new();
     for batch in batches(extents) {
         let mut bufs = Vec::with_capacity(batch.len());
         for e in batch {
-            let mut buf = vec![0u8; usize::try_from(e.guest.end - e.guest.start).unwrap_or(0)];
+            let mut buf = pool.pop().unwrap_or_default();
+            buf.resize(usize::try_from(e.guest.end - e.guest.start).unwrap_or(0), 0);
             src.read_at(&mut buf, e.guest.start).map_err(|source| ConvertError::Source { offset: e.guest.start, source })?;
             bufs.push(buf);
         }
-        let encoded: Vec<_> = bufs.par_iter().map(|b| encode_extent(b, zstd_level)).collect();
-        for (enc, buf) in encoded.iter().zip(&bufs) {
+        let encoded: Vec<_> = bufs.into_par_iter().map(|b| encode_extent_owned(b, zstd_level)).collect();
+        for (enc, spare) in encoded {
             zero_extents += usize::from(enc.encoding == Encoding::Zero);
-            writer.push(enc).map_err(ConvertError::Writer)?;
-            progress(buf.len() as u64);
+            writer.push(&enc).map_err(ConvertError::Writer)?;
+            progress(spare.as_ref().map_or(enc.bytes.len(), Vec::len) as u64);
+            pool.extend(spare);
+            if enc.encoding == Encoding::Raw {
+                pool.push(enc.bytes);
+            }
         }
     }
     Ok(zero_extents)
