@@ -3,7 +3,7 @@
 use std::io::{Seek, Write};
 use std::time::Instant;
 
-use bootcache_format::{Encoding, Image, Metadata, ReadAt, WriteSummary, Writer, WriterOptions, encode_extent_owned, hex};
+use bootcache_format::{EncodedExtent, Encoding, Image, Metadata, ReadAt, WriteSummary, Writer, WriterOptions, encode_extent_owned, hex};
 use bootcache_trace::{AccessOrder, OffsetSpace, Trace};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -131,7 +131,7 @@ fn boot_order(traces: &[Trace], size: u64, min_boots: usize) -> Result<AccessOrd
 ///
 /// # Errors
 /// Unreadable source, a trace that does not fit the source, or a write error.
-pub fn convert<W: Write + Seek>(
+pub fn convert<W: Write + Seek + Send>(
     src: &dyn ImageSource,
     traces: &[Trace],
     out: W,
@@ -179,38 +179,63 @@ pub fn convert<W: Write + Seek>(
 }
 
 /// Reads the planned extents in bounded batches, encodes each batch in
-/// parallel and appends it in order. Returns how many extents were all zero.
-fn write_extents<W: Write + Seek>(
+/// parallel and appends it in order, as a three-stage pipeline: a reader
+/// thread, the encoding pool, and a writer thread, so that reading, hashing
+/// and writing overlap. Buffers go back to the reader for reuse (fresh ones
+/// would each be page-faulted in). Returns how many extents were all zero.
+fn write_extents<W: Write + Seek + Send>(
     src: &dyn ImageSource,
     writer: &mut Writer<W>,
     extents: &[bootcache_format::PlannedExtent],
     zstd_level: Option<i32>,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<usize, ConvertError> {
-    let mut zero_extents = 0;
-    // Buffers are recycled from batch to batch: fresh ones would each be
-    // page-faulted in, which costs more than the copy itself.
-    let mut pool: Vec<Vec<u8>> = Vec::new();
-    for batch in batches(extents) {
-        let mut bufs = Vec::with_capacity(batch.len());
-        for e in batch {
-            let mut buf = pool.pop().unwrap_or_default();
-            buf.resize(usize::try_from(e.guest.end - e.guest.start).unwrap_or(0), 0);
-            src.read_at(&mut buf, e.guest.start).map_err(|source| ConvertError::Source { offset: e.guest.start, source })?;
-            bufs.push(buf);
-        }
-        let encoded: Vec<_> = bufs.into_par_iter().map(|b| encode_extent_owned(b, zstd_level)).collect();
-        for (enc, spare) in encoded {
-            zero_extents += usize::from(enc.encoding == Encoding::Zero);
-            writer.push(&enc).map_err(ConvertError::Writer)?;
-            progress(spare.as_ref().map_or(enc.bytes.len(), Vec::len) as u64);
-            pool.extend(spare);
-            if enc.encoding == Encoding::Raw {
-                pool.push(enc.bytes);
+    use std::sync::mpsc::{channel, sync_channel};
+    let (to_encode, read_batches) = sync_channel::<Vec<Vec<u8>>>(1);
+    let (to_write, encoded_batches) = sync_channel::<Vec<(EncodedExtent, Option<Vec<u8>>)>>(1);
+    let (recycle, free) = channel::<Vec<u8>>();
+    std::thread::scope(|s| {
+        let reader = s.spawn(move || -> Result<(), ConvertError> {
+            for batch in batches(extents) {
+                let mut bufs = Vec::with_capacity(batch.len());
+                for e in batch {
+                    let mut buf = free.try_recv().unwrap_or_default();
+                    buf.resize(usize::try_from(e.guest.end - e.guest.start).unwrap_or(0), 0);
+                    src.read_at(&mut buf, e.guest.start).map_err(|source| ConvertError::Source { offset: e.guest.start, source })?;
+                    bufs.push(buf);
+                }
+                if to_encode.send(bufs).is_err() {
+                    break; // the writer stopped on an error
+                }
+            }
+            Ok(())
+        });
+        let writing = s.spawn(move || -> Result<usize, ConvertError> {
+            let mut zero_extents = 0;
+            for batch in encoded_batches {
+                for (enc, spare) in batch {
+                    zero_extents += usize::from(enc.encoding == Encoding::Zero);
+                    writer.push(&enc).map_err(ConvertError::Writer)?;
+                    progress(spare.as_ref().map_or(enc.bytes.len(), Vec::len) as u64);
+                    let reuse = if enc.encoding == Encoding::Raw { Some(enc.bytes) } else { spare };
+                    if let Some(buf) = reuse {
+                        let _ = recycle.send(buf);
+                    }
+                }
+            }
+            Ok(zero_extents)
+        });
+        for bufs in read_batches {
+            let encoded = bufs.into_par_iter().map(|b| encode_extent_owned(b, zstd_level)).collect();
+            if to_write.send(encoded).is_err() {
+                break;
             }
         }
-    }
-    Ok(zero_extents)
+        drop(to_write);
+        let zero_extents = writing.join().map_err(|_| ConvertError::Write(std::io::Error::other("writer thread panicked")))??;
+        reader.join().map_err(|_| ConvertError::Write(std::io::Error::other("reader thread panicked")))??;
+        Ok(zero_extents)
+    })
 }
 
 /// Consecutive runs of extents of at most [`BATCH_BYTES`] guest bytes.
