@@ -126,6 +126,13 @@ fn malformed_qcow2_gets_a_clear_error() {
     let err = Qcow2::open(&p).unwrap().clusters().map(|_| ()).unwrap_err().to_string();
     assert!(err.contains("L1") && err.contains("past the end"), "L1: {err}");
 
+    // A snapshot table past the end of the file (found by fuzzing: an overflow).
+    let mut bad = good.clone();
+    bad[60..64].copy_from_slice(&1u32.to_be_bytes());
+    bad[64..72].copy_from_slice(&u64::MAX.to_be_bytes());
+    std::fs::write(&p, &bad).unwrap();
+    assert!(Qcow2::open(&p).unwrap_err().to_string().contains("snapshot table"));
+
     // An absurd virtual size.
     let mut bad = good.clone();
     bad[24..32].copy_from_slice(&u64::MAX.to_be_bytes());

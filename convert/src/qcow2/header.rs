@@ -140,6 +140,10 @@ impl Header {
         if size.div_ceil(per_l1) > l1_size || l1_size > size.div_ceil(per_l1).max(1) * 8 + 64 {
             return Err(bad(format!("L1 size {l1_size} does not fit a {size}-byte disk")));
         }
+        let nb_snapshots = raw.nb_snapshots.get();
+        if nb_snapshots > 0 {
+            within("snapshot table", raw.snapshots_offset.get(), 1)?;
+        }
         let backing_file = match raw.backing_file_offset.get() {
             0 => None,
             off => {
@@ -165,7 +169,7 @@ impl Header {
             l1_table_offset: raw.l1_table_offset.get(),
             refcount_table_offset: raw.refcount_table_offset.get(),
             refcount_table_clusters,
-            nb_snapshots: raw.nb_snapshots.get(),
+            nb_snapshots,
             snapshots_offset: raw.snapshots_offset.get(),
             backing_file,
             incompatible,

@@ -173,10 +173,12 @@ impl Qcow2 {
             }
             let l2 = read(&self.file, l2_off, c)?;
             for (j, e) in be64(&l2).enumerate() {
-                let guest = (i as u64 * per_l2 + j as u64) * c;
-                if guest >= h.size {
-                    break;
+                let index = i as u64 * per_l2 + j as u64;
+                match index.checked_mul(c) {
+                    Some(guest) if guest < h.size => {}
+                    _ => break,
                 }
+                let guest = index * c;
                 if let Some(cluster) = self.entry(e, i as u64 * per_l2 + j as u64)? {
                     out.push((guest, cluster));
                 }
@@ -228,7 +230,7 @@ impl Qcow2 {
             }
         }
         if h.nb_snapshots > 0 {
-            ranges.push(h.snapshots_offset..h.snapshots_offset + c);
+            ranges.push(h.snapshots_offset..h.snapshots_offset.saturating_add(c).min(self.file_len));
         }
         Ok(IntervalSet::from_ranges(ranges))
     }
