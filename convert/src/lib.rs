@@ -1,11 +1,11 @@
 //! Converting disk images to and from the bootcache container.
 //!
 //! ```text
-//!  ImageSource (raw, ...) ─┐                        ┌─► .bcimg (bootcache-format)
-//!                          ├─► plan ─► read batch ─► encode in parallel ─┘
-//!  Traces (boot order) ────┘   (boot first,   (bounded    (zstd, BLAKE3,
-//!                               rest after)    memory)     zero detection)
-//!  .bcimg ─► export ─► ImageSink (raw, ...)
+//!  ImageSource (raw, qcow2) ─┐                          ┌─► .bcimg (bootcache-format)
+//!                            ├─► plan ─► reader thread ─► encode in parallel ─► writer thread
+//!  Traces (boot order) ──────┘   (boot first,  (recycled    (zstd, BLAKE3,
+//!                                 rest after)   buffers)     zero detection)
+//!  .bcimg ─► export ─► ImageSink (raw, qcow2)
 //! ```
 //!
 //! The policy (which bytes are boot bytes, how they are aligned and cut)
@@ -13,14 +13,15 @@
 //!
 //! ```no_run
 //! use std::fs::File;
-//! use bootcache_convert::{ConvertOptions, RawSource, convert};
+//! use bootcache_convert::{ConvertOptions, convert, qcow2::open_image};
 //! use bootcache_trace::Trace;
 //!
-//! let src = RawSource::open("disk.raw".as_ref())?;
+//! // Raw or qcow2 (with its backing chain), by the file's magic.
+//! let src = open_image("golden.qcow2".as_ref())?;
 //! let traces = vec![Trace::open("boot.bctrace".as_ref())?];
-//! let out = File::create("disk.bcimg")?;
+//! let out = File::create("golden.bcimg")?;
 //! let opts = ConvertOptions { zstd_level: Some(3), ..Default::default() };
-//! let (_file, report) = convert(&src, &traces, out, &opts, &|_done| {})?;
+//! let (_file, report) = convert(src.as_ref(), &traces, out, &opts, &|_done| {})?;
 //! println!("boot segment: {} bytes, root digest {}", report.boot_segment_bytes, report.root_digest);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
