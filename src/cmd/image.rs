@@ -80,7 +80,7 @@ pub fn convert(args: &ConvertArgs) -> anyhow::Result<ExitCode> {
     };
     let out = File::create(&args.dst).with_context(|| format!("creating {}", args.dst.display()))?;
     let bar = progress::bytes(planned_bytes(src.as_ref())?, "convert", args.quiet);
-    let (_, report) = run_convert(src.as_ref(), &traces, BufWriter::with_capacity(1 << 20, out), &opts, &|n| bar.inc(n))
+    let (_, report) = run_convert(src.as_ref(), &traces, BufWriter::with_capacity(64 << 10, out), &opts, &|n| bar.inc(n))
         .with_context(|| format!("converting {}", args.src.display()))?;
     bar.finish_and_clear();
     if args.output == Output::Json {
