@@ -33,6 +33,9 @@ pub struct QemuOptions {
     pub work_dir: PathBuf,
     /// Attach the probes (false runs the same session unrecorded, to measure overhead).
     pub probes: bool,
+    /// Keep the guest paused until this long after QEMU started (so that
+    /// runs with and without probes start the guest at the same point).
+    pub hold: Duration,
 }
 
 /// How the recording ended.
