@@ -47,6 +47,10 @@ pub struct RecordArgs {
     /// the baseline for measuring the recorder's overhead.
     #[arg(long)]
     no_probes: bool,
+    /// Keep the guest paused until SECS after QEMU started (benchmarks give
+    /// both arms the same start-up time this way).
+    #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+    hold: f64,
     /// Write the trace and exit 0 even if the recorder lost records.
     #[arg(long)]
     accept_losses: bool,
@@ -100,6 +104,7 @@ pub fn record(args: &RecordArgs) -> anyhow::Result<ExitCode> {
         console_log: args.console_log.clone(),
         work_dir: work.path().to_path_buf(),
         probes: !args.no_probes,
+        hold: Duration::from_secs_f64(args.hold.max(0.0)),
     };
     let rec = record_qemu(&opts, |_| {}).context("recording the boot")?;
     match &rec.outcome {

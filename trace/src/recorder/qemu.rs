@@ -162,12 +162,16 @@ fn run(
     console: &Path,
     progress: &mut impl FnMut(usize),
 ) -> Result<QemuRecording, RecordError> {
+    let spawned = Instant::now();
     let mut stream = connect(sock, child)?;
     let mut reader = BufReader::new(stream.try_clone().map_err(|source| RecordError::Qemu { what: "QMP".into(), source })?);
     let mut greeting = String::new();
     reader.read_line(&mut greeting).map_err(|source| RecordError::Qemu { what: "QMP greeting".into(), source })?;
     qmp(&mut stream, &mut reader, "qmp_capabilities")?;
     let mut rec = if opts.probes { Some(Recorder::attach(child.id(), &opts.image)?) } else { None };
+    if let Some(wait) = opts.hold.checked_sub(spawned.elapsed()) {
+        std::thread::sleep(wait);
+    }
     if let Some(rec) = rec.as_mut() {
         rec.restart_clock(); // time zero: the guest starts running
     }
