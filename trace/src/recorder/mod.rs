@@ -94,7 +94,12 @@ pub struct Recorder {
     records: Vec<Record>,
     /// io_submit iocbs waiting for their call's return value, by thread.
     aio: HashMap<u32, Vec<Event>>,
+    /// When `/proc/PID/fd` was last compared with the filter.
+    last_rescan: std::time::Instant,
 }
+
+/// How often the descriptor filter is checked against `/proc/PID/fd`.
+const RESCAN_EVERY: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for Recorder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -153,6 +158,7 @@ impl Recorder {
             start_ns,
             records: Vec::new(),
             aio: HashMap::new(),
+            last_rescan: std::time::Instant::now(),
         };
         rec.rescan_fds()?;
         Ok(rec)
@@ -164,6 +170,7 @@ impl Recorder {
     /// # Errors
     /// When the process cannot be inspected or the map update fails.
     pub fn rescan_fds(&mut self) -> Result<(), RecordError> {
+        self.last_rescan = std::time::Instant::now();
         let now = image_fds(self.pid, self.image).map_err(|source| RecordError::Process { pid: self.pid, source })?;
         for fd in now.difference(&self.fds) {
             self.probes.add_fd(self.pid, *fd)?;
@@ -214,7 +221,10 @@ impl Recorder {
         for e in self.probes.drain() {
             self.take(&e);
         }
-        if Path::new(&format!("/proc/{}", self.pid)).exists() {
+        // Opens and duplicates are followed as they happen; the /proc rescan
+        // is a safety net (e.g. descriptors passed over a socket), so once a
+        // second is enough and keeps the recorder off QEMU's CPUs.
+        if self.last_rescan.elapsed() >= RESCAN_EVERY && Path::new(&format!("/proc/{}", self.pid)).exists() {
             self.rescan_fds()?;
         }
         Ok(self.records.len() - before)
