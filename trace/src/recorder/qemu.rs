@@ -104,6 +104,20 @@ fn tail(path: &Path, n: usize) -> Vec<String> {
     lines[lines.len().saturating_sub(n)..].iter().map(|l| l.to_string()).collect()
 }
 
+/// Appends what the console wrote since the last call to `window`, keeping
+/// only its last 4 KiB (a marker line may straddle two reads). True when
+/// anything new arrived. Reads only the new bytes, not the whole log.
+fn console_grew(log: &mut std::fs::File, window: &mut Vec<u8>) -> bool {
+    use std::io::Read;
+    let before = window.len();
+    let _ = log.read_to_end(window);
+    let grew = window.len() > before;
+    if window.len() > 4096 {
+        window.drain(..window.len() - 4096);
+    }
+    grew
+}
+
 /// Starts QEMU held, records its reads of the image until the marker, its
 /// exit or the timeout. `progress` is called with the record count now and then.
 ///
@@ -177,7 +191,9 @@ fn run(
     }
     qmp(&mut stream, &mut reader, "cont")?;
     let started = Instant::now();
-    let mut seen = 0usize;
+    let mut log =
+        std::fs::File::open(console).map_err(|source| RecordError::Qemu { what: format!("opening {}", console.display()), source })?;
+    let mut window = Vec::new();
     let outcome = loop {
         match rec.as_mut() {
             Some(rec) => {
@@ -186,13 +202,8 @@ fn run(
             }
             None => std::thread::sleep(Duration::from_millis(50)),
         }
-        let text = std::fs::read(console).unwrap_or_default();
-        if text.len() > seen {
-            let from = seen.saturating_sub(256); // a marker may straddle two reads
-            seen = text.len();
-            if opts.marker.is_match(&String::from_utf8_lossy(&text[from..])) {
-                break Outcome::Marker(started.elapsed());
-            }
+        if console_grew(&mut log, &mut window) && opts.marker.is_match(&String::from_utf8_lossy(&window)) {
+            break Outcome::Marker(started.elapsed());
         }
         if let Ok(Some(status)) = child.try_wait() {
             break Outcome::QemuExited(status);
