@@ -9,6 +9,7 @@
 #![no_std]
 #![no_main]
 
+use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user};
 use aya_ebpf::macros::{map, tracepoint};
 use aya_ebpf::maps::{Array, HashMap, PerCpuArray, RingBuf};
@@ -117,9 +118,15 @@ fn enter(ctx: &TracePointContext, call: u8, vectored: bool, write: bool) -> u32 
     0
 }
 
+/// Wake the recorder only when this much is waiting; otherwise it drains the
+/// ring on its own schedule (every 50 ms), so a boot's thousands of reads do
+/// not each wake a process that competes with QEMU for the CPUs.
+const WAKEUP_BYTES: u64 = 1 << 20;
+
 fn emit(e: &Event) {
     count(COUNTER_SEEN, 1);
-    if EVENTS.output::<Event>(e, 0).is_err() {
+    let wakeup = if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    if EVENTS.output::<Event>(e, u64::from(wakeup)).is_err() {
         count(COUNTER_LOST, 1);
     }
 }
