@@ -1,5 +1,6 @@
 //! Command-line definitions and dispatch.
 
+mod deliver;
 mod image;
 mod progress;
 mod record;
@@ -72,6 +73,14 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Serve bootcache images to nodes over HTTP.
+    #[command(subcommand)]
+    Store(deliver::StoreCmd),
+    /// Run a compute node's shared image caches and NBD exports.
+    #[command(subcommand)]
+    Node(deliver::NodeCmd),
+    /// Boot a VM from an image on a store: boot segment first, the rest on demand and in the background.
+    Boot(deliver::BootArgs),
     /// Verify every digest in a bootcache image; fails naming the first bad extent.
     Check {
         /// The bootcache image.
@@ -92,5 +101,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Export { src, dst, format, quiet } => image::export(&src, &dst, format, quiet),
         Command::Info { image, output } => image::info(&image, output),
         Command::Check { image, quiet } => image::check(&image, quiet),
+        Command::Store(cmd) => deliver::store(cmd),
+        Command::Node(cmd) => deliver::node(cmd),
+        Command::Boot(args) => deliver::boot(&args),
     }
 }

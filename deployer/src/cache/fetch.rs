@@ -1,0 +1,290 @@
+//! How bytes arrive: guest misses on demand, the boot segment as one
+//! stream, the rest in the background; and how they are made durable.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bootcache_format::{Index, Segment, decode_extent};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use tokio::sync::{Semaphore, mpsc};
+
+use super::presence::Journal;
+use super::{Background, Inner, Source, State};
+use crate::metrics::Metrics;
+
+/// Largest request of a demand fetch or a stream step. Streams re-plan
+/// between steps, so extents that arrived on demand are not fetched twice.
+const MAX_RUN: u64 = 16 << 20;
+/// How long verified extents wait to be journaled together.
+const PERSIST_BATCH: Duration = Duration::from_millis(100);
+
+/// Groups extent positions into runs contiguous in the file, each at most
+/// `max` stored bytes (a single larger extent is a run of its own).
+pub(super) fn runs(index: &Index, mut positions: Vec<usize>, max: u64) -> Vec<Vec<usize>> {
+    let e = index.entries();
+    positions.sort_by_key(|&i| e[i].stored.start);
+    positions.dedup();
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut bytes = 0;
+    for i in positions {
+        match out.last_mut() {
+            Some(run) if e[run[run.len() - 1]].stored.end == e[i].stored.start && bytes + e[i].stored_len() <= max => {
+                run.push(i);
+                bytes += e[i].stored_len();
+            }
+            _ => {
+                out.push(vec![i]);
+                bytes = e[i].stored_len();
+            }
+        }
+    }
+    out
+}
+
+/// Guest misses: fetched at once, several runs in flight, misses that
+/// queued meanwhile coalesced into the same requests.
+pub(super) async fn demand_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Vec<usize>>) {
+    let permits = Arc::new(Semaphore::new(inner.opts.demand_parallel.max(1)));
+    while let Some(mut wanted) = rx.recv().await {
+        while let Ok(more) = rx.try_recv() {
+            wanted.extend(more);
+        }
+        for run in runs(&inner.index, wanted, MAX_RUN) {
+            let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
+            let inner = Arc::clone(&inner);
+            inner.demand_in_flight.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                fetch_run(&inner, &run, Source::Demand).await;
+                inner.demand_in_flight.fetch_sub(1, Ordering::SeqCst);
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// The boot segment in first-access order, then (unless off) the rest.
+pub(super) async fn stream_loop(inner: Arc<Inner>) {
+    let started = Instant::now();
+    stream_segment(&inner, Segment::Boot, None).await;
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), "boot segment cached");
+    let rate = match inner.opts.background {
+        Background::Off => return,
+        Background::Unlimited => None,
+        Background::Rate(r) => Some(r.max(1)),
+    };
+    stream_segment(&inner, Segment::Rest, rate).await;
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), "image fully cached");
+}
+
+async fn stream_segment(inner: &Arc<Inner>, segment: Segment, rate: Option<u64>) {
+    let source = if segment == Segment::Boot { Source::Boot } else { Source::Background };
+    // Steps small enough to pace at a quarter of a second of the rate.
+    let step = rate.map_or(MAX_RUN, |r| (r / 4).clamp(64 << 10, MAX_RUN));
+    let started = Instant::now();
+    let mut sent = 0u64;
+    loop {
+        let absent: Vec<usize> = {
+            let state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
+            (0..state.len()).filter(|&i| state[i] == State::Absent && inner.index.entries()[i].segment == segment).collect()
+        };
+        let Some(run) = runs(&inner.index, absent, step).into_iter().next() else { return };
+        let bytes: u64 = run.iter().map(|&i| inner.index.entries()[i].stored_len()).sum();
+        if !fetch_run(inner, &run, source).await {
+            tokio::time::sleep(Duration::from_millis(500)).await; // the store is away; the next pass retries
+        }
+        sent += bytes;
+        if let Some(r) = rate {
+            let due = Duration::from_secs_f64(sent as f64 / r as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// Fetches `run` (extents contiguous in the file) as one streamed request,
+/// resuming after a broken connection at the extent it was receiving. A
+/// demand run's extents are already claimed; a stream claims each extent as
+/// its bytes start to arrive, and drops bytes of extents another fetch has
+/// claimed. Returns false if it gave up (the store stayed away).
+async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
+    let entries = inner.index.entries();
+    let mut next = 0;
+    let mut failing_since: Option<Instant> = None;
+    while next < run.len() {
+        let range = entries[run[next]].stored.start..entries[run[run.len() - 1]].stored.end;
+        let mut stream = match inner.remote.stream(range).await {
+            Ok(s) => s,
+            Err(e) => {
+                inner.set_error(e.to_string());
+                if source == Source::Demand {
+                    release(inner, &run[next..]);
+                }
+                return false;
+            }
+        };
+        let mut buf = BytesMut::new();
+        let mut broken = None;
+        while next < run.len() {
+            let pos = run[next];
+            let mine = source == Source::Demand || claim(inner, pos);
+            let need = usize::try_from(entries[pos].stored_len()).unwrap_or(usize::MAX);
+            while buf.len() < need {
+                if source != Source::Demand {
+                    yield_to_demand(inner).await;
+                }
+                match stream.next().await {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(e)) => {
+                        broken = Some(e.to_string());
+                        break;
+                    }
+                    None => {
+                        broken = Some("the store closed the response early".into());
+                        break;
+                    }
+                }
+            }
+            if let Some(why) = &broken {
+                if mine && source != Source::Demand {
+                    release(inner, &[pos]);
+                }
+                inner.set_error(why.clone());
+                break;
+            }
+            let stored = buf.split_to(need).freeze();
+            deliver(inner, pos, stored, source, mine).await;
+            failing_since = None;
+            next += 1;
+        }
+        if let Some(why) = broken {
+            let since = *failing_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > inner.opts.retry.budget {
+                if source == Source::Demand {
+                    release(inner, &run[next..]);
+                }
+                return false;
+            }
+            tracing::warn!(url = inner.remote.url(), error = why, "fetch interrupted; resuming");
+            tokio::time::sleep(inner.opts.retry.first_backoff).await;
+        }
+    }
+    true
+}
+
+/// Streams give the link to guest misses: they stop reading (and TCP slows
+/// the sender) while demand fetches are in flight.
+async fn yield_to_demand(inner: &Inner) {
+    while inner.demand_in_flight.load(Ordering::SeqCst) > 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn claim(inner: &Inner, pos: usize) -> bool {
+    let mut state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
+    if state[pos] == State::Absent {
+        state[pos] = State::Fetching;
+        true
+    } else {
+        false
+    }
+}
+
+/// Gives claimed extents back (the fetch failed); waiting reads re-ask.
+fn release(inner: &Inner, positions: &[usize]) {
+    {
+        let mut state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
+        for &p in positions {
+            if state[p] == State::Fetching {
+                state[p] = State::Absent;
+            }
+        }
+    }
+    inner.changed.notify_waiters();
+}
+
+/// Verifies, decodes and writes one extent's stored bytes, then marks it
+/// present. Bytes that fail their digest are never written.
+async fn deliver(inner: &Arc<Inner>, pos: usize, stored: Bytes, source: Source, mine: bool) {
+    let len = stored.len() as u64;
+    if !mine {
+        Metrics::add(&inner.metrics.discarded_bytes, len);
+        return;
+    }
+    let me = Arc::clone(inner);
+    let outcome = tokio::task::spawn_blocking(move || {
+        let entry = &me.index.entries()[pos];
+        match decode_extent(entry, stored.to_vec()) {
+            Ok(data) => Ok(std::os::unix::fs::FileExt::write_all_at(&me.data, &data, entry.guest.start).map_err(|e| e.to_string())),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| Ok(Err(format!("worker failed: {e}"))));
+    let guest = inner.index.entries()[pos].guest.start;
+    let new_state = match outcome {
+        Ok(Ok(())) => {
+            let counter = match source {
+                Source::Boot => &inner.metrics.boot_bytes,
+                Source::Demand => &inner.metrics.demand_bytes,
+                Source::Background => &inner.metrics.background_bytes,
+            };
+            Metrics::add(counter, len);
+            let _ = inner.durable.send(u32::try_from(pos).unwrap_or(u32::MAX));
+            State::Present
+        }
+        Ok(Err(why)) => {
+            tracing::error!(guest_offset = guest, error = why, "cannot write to the cache file");
+            inner.set_error(format!("cache file: {why}"));
+            State::Absent
+        }
+        Err(why) => {
+            Metrics::add(&inner.metrics.bad_extents, 1);
+            tracing::error!(
+                guest_offset = format_args!("{guest:#x}"),
+                url = inner.remote.url(),
+                error = why,
+                "extent from the store failed verification; not served"
+            );
+            inner.set_error(format!("extent at guest offset {guest:#x} failed verification: {why}"));
+            State::Bad
+        }
+    };
+    inner.state.lock().unwrap_or_else(|p| p.into_inner())[pos] = new_state;
+    inner.changed.notify_waiters();
+}
+
+/// Makes verified extents durable: `fdatasync` of the data file, then their
+/// journal records, in batches.
+pub(super) async fn persist_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<u32>, mut journal: Journal) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let deadline = tokio::time::sleep(PERSIST_BATCH);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                () = &mut deadline => break,
+                more = rx.recv() => match more {
+                    Some(n) => batch.push(n),
+                    None => break,
+                },
+            }
+        }
+        let me = Arc::clone(&inner);
+        let done = tokio::task::spawn_blocking(move || {
+            let r = me.data.sync_data().and_then(|()| journal.append(&batch));
+            (journal, r)
+        })
+        .await;
+        match done {
+            Ok((j, Ok(()))) => journal = j,
+            Ok((_, Err(e))) => {
+                tracing::error!(error = %e, "cannot persist the presence map; cached data will be fetched again after a restart");
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+}

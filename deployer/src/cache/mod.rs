@@ -1,0 +1,294 @@
+//! The node cache of one image: a sparse local file of the guest disk and a
+//! persistent presence map, filled from the store boot segment first.
+//!
+//! ```text
+//!   guest read ──► present? ──yes──► local file
+//!                     │ no
+//!                     ▼
+//!   demand fetch (at once, coalesced, whole extents) ─┐
+//!   boot segment stream (first-access order) ─────────┼─► verify digest ─► write ─► present
+//!   background stream (rest, rate-limited or off) ────┘                               │
+//!                                              fdatasync, then journal record ◄────────┘
+//! ```
+//!
+//! One cache per image root digest on a node, shared by every VM that uses
+//! the image; VMs keep their writes in their own overlays and the cache is
+//! never written by them. A byte is served only from an extent whose stored
+//! bytes matched their BLAKE3 digest.
+
+mod fetch;
+mod open;
+pub mod presence;
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bootcache_format::{Encoding, Header, Index};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+
+use crate::metrics::{Metrics, Snapshot};
+use crate::remote::{Remote, RemoteError, RetryPolicy};
+
+/// Errors opening a cache.
+#[remain::sorted]
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The container on the store is not a valid bootcache image.
+    #[error("{url} is not a usable bootcache image")]
+    Image {
+        /// Where.
+        url: String,
+        /// Why.
+        #[source]
+        source: bootcache_format::Error,
+    },
+    /// A local file could not be used.
+    #[error("cache file {path}")]
+    Local {
+        /// Which file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+}
+
+/// What to do once the boot segment is cached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Background {
+    /// Fetch nothing more than the guests ask for.
+    Off,
+    /// Stream the rest as fast as the link allows.
+    Unlimited,
+    /// Stream the rest at most this many bytes per second.
+    Rate(u64),
+}
+
+/// Settings of a cache.
+#[derive(Clone, Debug)]
+pub struct CacheOptions {
+    /// The node's cache directory; this image's files go in
+    /// `DIR/<root digest>/`.
+    pub dir: PathBuf,
+    /// Background streaming after the boot segment.
+    pub background: Background,
+    /// A guest read waiting for the store fails after this long.
+    pub read_timeout: Duration,
+    /// Retries of store requests.
+    pub retry: RetryPolicy,
+    /// Demand fetches in flight at once.
+    pub demand_parallel: usize,
+}
+
+impl CacheOptions {
+    /// Defaults for a cache under `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        CacheOptions {
+            dir: dir.into(),
+            background: Background::Unlimited,
+            read_timeout: Duration::from_secs(30),
+            retry: RetryPolicy::default(),
+            demand_parallel: 8,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Absent,
+    Fetching,
+    Present,
+    /// The store's bytes failed their digest (kept apart from Absent so a
+    /// waiting read can tell the guest why).
+    Bad,
+}
+
+/// Who fetched an extent (for the metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Boot,
+    Demand,
+    Background,
+}
+
+struct Inner {
+    remote: Remote,
+    header: Header,
+    index: Index,
+    data: File,
+    state: Mutex<Vec<State>>,
+    changed: Notify,
+    demand: mpsc::UnboundedSender<Vec<usize>>,
+    durable: mpsc::UnboundedSender<u32>,
+    metrics: Metrics,
+    /// Demand fetches in flight; streams yield the link while non-zero.
+    demand_in_flight: std::sync::atomic::AtomicUsize,
+    last_error: Mutex<Option<String>>,
+    opts: CacheOptions,
+}
+
+/// An open node cache. Cheap to share behind an `Arc`; dropping it stops
+/// its fetches (what is verified and journaled stays).
+pub struct NodeCache {
+    inner: Arc<Inner>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for NodeCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeCache").field("url", &self.inner.remote.url()).finish_non_exhaustive()
+    }
+}
+
+impl NodeCache {
+    /// Opens the cache of the image at `url`: fetches and checks its header,
+    /// index and metadata, reopens what an earlier run left (verified
+    /// extents only), and starts fetching the boot segment.
+    ///
+    /// # Errors
+    /// The store is unreachable, the image is invalid, or the cache
+    /// directory is unusable.
+    pub async fn open(url: &str, opts: CacheOptions) -> Result<NodeCache, CacheError> {
+        open::open(url, opts).await
+    }
+
+    /// Size of the guest disk.
+    pub fn virtual_size(&self) -> u64 {
+        self.inner.header.virtual_size
+    }
+
+    /// The image's root digest, hex.
+    pub fn root_digest(&self) -> String {
+        bootcache_format::hex(&self.inner.header.root_digest)
+    }
+
+    /// The counters now.
+    pub fn metrics(&self) -> Snapshot {
+        let state = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+        let present = state.iter().filter(|s| **s == State::Present).count() as u64;
+        self.inner.metrics.snapshot(present, state.len() as u64)
+    }
+
+    /// Whether every extent is present.
+    pub fn complete(&self) -> bool {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner()).iter().all(|s| *s == State::Present)
+    }
+
+    /// Reads `len` guest bytes at `offset`, fetching what is missing first.
+    ///
+    /// # Errors
+    /// Past the end of the disk (`InvalidInput`); an extent that failed its
+    /// digest, or the store away longer than the read timeout (`Other`, the
+    /// message names the guest offset and the reason).
+    pub async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        let inner = &self.inner;
+        let result = inner.read(offset, len).await;
+        Metrics::add(&inner.metrics.guest_reads, 1);
+        match &result {
+            Ok(_) => Metrics::add(&inner.metrics.guest_read_bytes, u64::from(len)),
+            Err(e) => {
+                Metrics::add(&inner.metrics.read_errors, 1);
+                tracing::error!(offset, len, error = %e, "guest read failed");
+            }
+        }
+        result
+    }
+}
+
+impl Drop for NodeCache {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Inner {
+    async fn read(self: &Arc<Self>, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        let end = offset.checked_add(u64::from(len)).filter(|&e| e <= self.header.virtual_size).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("read of {len} bytes at {offset:#x} past the disk's {} bytes", self.header.virtual_size),
+            )
+        })?;
+        let first = self.index.position(offset);
+        let wanted: Vec<usize> = (first..first + self.index.overlapping(offset..end).len())
+            .filter(|&i| self.index.entries()[i].encoding != Encoding::Zero)
+            .collect();
+        let mut waited: Option<Instant> = None;
+        let mut asked = Vec::new();
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let mut claim = Vec::new();
+            {
+                let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                for &i in &wanted {
+                    match state[i] {
+                        State::Present | State::Fetching => {}
+                        State::Bad if asked.contains(&i) => {
+                            let guest = self.index.entries()[i].guest.start;
+                            return Err(io::Error::other(format!(
+                                "extent at guest offset {guest:#x} failed its digest check on the store; not served"
+                            )));
+                        }
+                        State::Absent | State::Bad => {
+                            state[i] = State::Fetching;
+                            claim.push(i);
+                        }
+                    }
+                }
+                if wanted.iter().all(|&i| state[i] == State::Present) {
+                    break;
+                }
+            }
+            asked.extend_from_slice(&claim);
+            if !claim.is_empty() {
+                let _ = self.demand.send(claim);
+            }
+            let started = *waited.get_or_insert_with(|| {
+                Metrics::add(&self.metrics.misses, 1);
+                Instant::now()
+            });
+            let left = self.opts.read_timeout.saturating_sub(started.elapsed());
+            if tokio::time::timeout(left, notified).await.is_err() {
+                self.note_wait(started);
+                let why = self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| "no answer".into());
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("guest offset {offset:#x}: waited {:?} for the store ({why})", self.opts.read_timeout),
+                ));
+            }
+        }
+        match waited {
+            Some(started) => self.note_wait(started),
+            None => Metrics::add(&self.metrics.hits, 1),
+        }
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len as usize];
+            me.data.read_exact_at(&mut buf, offset).map(|()| buf)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    fn note_wait(&self, started: Instant) {
+        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.metrics.miss_wait_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    fn set_error(&self, why: String) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+}

@@ -1,0 +1,117 @@
+//! Opening a cache: the image's structure from the store, the local files,
+//! and what an earlier run left.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use bootcache_format::{Encoding, HEADER_SIZE, Header, Image, ReadAt};
+use bytes::Bytes;
+use tokio::sync::{Notify, mpsc};
+
+use super::presence::Journal;
+use super::{CacheError, CacheOptions, Inner, NodeCache, State, fetch};
+use crate::metrics::Metrics;
+use crate::remote::Remote;
+
+/// The parts of a remote container fetched so far, readable as a file of
+/// the container's length (reads elsewhere fail).
+struct Regions {
+    len: u64,
+    parts: Vec<(u64, Bytes)>,
+}
+
+impl ReadAt for Regions {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.len)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        for (at, bytes) in &self.parts {
+            if offset >= *at && offset + buf.len() as u64 <= at + bytes.len() as u64 {
+                let from = usize::try_from(offset - at).map_err(io::Error::other)?;
+                buf.copy_from_slice(&bytes[from..from + buf.len()]);
+                return Ok(());
+            }
+        }
+        Err(io::Error::new(io::ErrorKind::UnexpectedEof, "range not fetched"))
+    }
+}
+
+async fn fetch(remote: &Remote, regions: &mut Regions, range: Range<u64>) -> Result<(), CacheError> {
+    if range.start < range.end {
+        let bytes = remote.get(range.clone()).await?;
+        regions.parts.push((range.start, bytes));
+    }
+    Ok(())
+}
+
+pub(super) async fn open(url: &str, opts: CacheOptions) -> Result<NodeCache, CacheError> {
+    let remote = Remote::open(url, opts.retry).await?;
+    let bad = |source| CacheError::Image { url: url.into(), source };
+    let mut regions = Regions { len: remote.len(), parts: Vec::new() };
+    if remote.len() < u64::from(HEADER_SIZE) {
+        return Err(bad(bootcache_format::Error::Header(bootcache_format::HeaderError::TooShort(remote.len()))));
+    }
+    fetch(&remote, &mut regions, 0..u64::from(HEADER_SIZE)).await?;
+    let header = Header::parse(&regions.parts[0].1, remote.len()).map_err(|e| bad(bootcache_format::Error::Header(e)))?;
+    fetch(&remote, &mut regions, header.index_range()).await?;
+    fetch(&remote, &mut regions, header.meta.clone()).await?;
+    // The format crate checks everything: header, index tiling, root digest, metadata.
+    let image = Image::open(regions).map_err(bad)?;
+    let header = image.header().clone();
+    let index = image.index().clone();
+    if let Some(etag) = remote.etag()
+        && etag.len() == 64
+        && etag != image.root_digest_hex()
+    {
+        tracing::warn!(url, etag, root = %image.root_digest_hex(), "the store's ETag is not this image's root digest");
+    }
+
+    let dir = opts.dir.join(image.root_digest_hex());
+    let local = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| CacheError::Local { path, source }
+    };
+    std::fs::create_dir_all(&dir).map_err(local(&dir))?;
+    let extents = u32::try_from(index.entries().len()).map_err(|_| local(&dir)(io::Error::other("too many extents")))?;
+    let journal_path = dir.join("present");
+    let (journal, present) = Journal::open(&journal_path, &header.root_digest, extents).map_err(local(&journal_path))?;
+    let data_path = dir.join("data");
+    let data = OpenOptions::new().create(true).read(true).write(true).truncate(false).open(&data_path).map_err(local(&data_path))?;
+    if present.is_empty() {
+        data.set_len(0).map_err(local(&data_path))?; // nothing verified: start from holes
+    }
+    data.set_len(header.virtual_size).map_err(local(&data_path))?;
+
+    let mut state: Vec<State> =
+        index.entries().iter().map(|e| if e.encoding == Encoding::Zero { State::Present } else { State::Absent }).collect();
+    for n in &present {
+        state[*n as usize] = State::Present;
+    }
+    tracing::info!(url, root = %image.root_digest_hex(), extents, resumed = present.len(), "cache open");
+
+    let (demand_tx, demand_rx) = mpsc::unbounded_channel();
+    let (durable_tx, durable_rx) = mpsc::unbounded_channel();
+    let inner = Arc::new(Inner {
+        remote,
+        header,
+        index,
+        data,
+        state: Mutex::new(state),
+        changed: Notify::new(),
+        demand: demand_tx,
+        durable: durable_tx,
+        metrics: Metrics::default(),
+        demand_in_flight: std::sync::atomic::AtomicUsize::new(0),
+        last_error: Mutex::new(None),
+        opts,
+    });
+    let tasks = vec![
+        tokio::spawn(fetch::demand_loop(Arc::clone(&inner), demand_rx)),
+        tokio::spawn(fetch::stream_loop(Arc::clone(&inner))),
+        tokio::spawn(fetch::persist_loop(Arc::clone(&inner), durable_rx, journal)),
+    ];
+    Ok(NodeCache { inner, tasks })
+}

@@ -1,0 +1,205 @@
+//! A compute node's image service: one cache per image root digest, each
+//! exported over NBD under any number of names, and a small HTTP API to open
+//! and close images and read the metrics.
+//!
+//! ```text
+//! POST   /images          {"name": "vm1-disk", "url": "http://store/debian.bcimg"}  -> image info
+//! GET    /images          -> every open name with its cache's metrics
+//! DELETE /images/{name}   -> closes the name (the cache when no name uses it)
+//! GET    /metrics         -> Prometheus text
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use axum::Json;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use bootcache_format::{HEADER_SIZE, Header, hex};
+use serde::{Deserialize, Serialize};
+
+use crate::cache::{CacheError, CacheOptions, NodeCache};
+use crate::metrics::{Snapshot, prometheus};
+use crate::nbd::NbdServer;
+use crate::remote::Remote;
+
+/// An image opened under a name.
+#[derive(Clone, Debug, Serialize)]
+pub struct OpenImage {
+    /// The export name.
+    pub name: String,
+    /// Where the container is.
+    pub url: String,
+    /// Its root digest (names the cache).
+    pub root_digest: String,
+    /// Guest disk size.
+    pub virtual_size: u64,
+    /// What QEMU opens (as the backing file of its own overlay).
+    pub nbd_url: String,
+}
+
+/// The caches and exports of one node.
+pub struct Node {
+    nbd: Arc<NbdServer>,
+    socket: PathBuf,
+    opts: CacheOptions,
+    caches: tokio::sync::Mutex<HashMap<String, Arc<NodeCache>>>,
+    names: Mutex<BTreeMap<String, OpenImage>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("socket", &self.socket).finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// A node whose exports QEMU reaches at the unix socket `socket` (the
+    /// caller serves `nbd()` there).
+    pub fn new(socket: PathBuf, opts: CacheOptions) -> Arc<Node> {
+        Arc::new(Node {
+            nbd: NbdServer::new(),
+            socket,
+            opts,
+            caches: tokio::sync::Mutex::new(HashMap::new()),
+            names: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// The NBD server of the node's exports.
+    pub fn nbd(&self) -> Arc<NbdServer> {
+        Arc::clone(&self.nbd)
+    }
+
+    /// Opens the image at `url` and exports it as `name`. Images with the
+    /// same root digest share one cache, whatever their URL or name.
+    ///
+    /// # Errors
+    /// See [`CacheError`].
+    pub async fn open(&self, name: &str, url: &str) -> Result<OpenImage, CacheError> {
+        let remote = Remote::open(url, self.opts.retry).await?;
+        let head = remote.get(0..u64::from(HEADER_SIZE).min(remote.len())).await?;
+        let root = Header::parse(&head, remote.len())
+            .map(|h| hex(&h.root_digest))
+            .map_err(|e| CacheError::Image { url: url.into(), source: bootcache_format::Error::Header(e) })?;
+        let cache = {
+            let mut caches = self.caches.lock().await;
+            match caches.get(&root) {
+                Some(c) => Arc::clone(c),
+                None => {
+                    let c = Arc::new(NodeCache::open(url, self.opts.clone()).await?);
+                    caches.insert(root.clone(), Arc::clone(&c));
+                    c
+                }
+            }
+        };
+        let image = OpenImage {
+            name: name.into(),
+            url: url.into(),
+            root_digest: root,
+            virtual_size: cache.virtual_size(),
+            nbd_url: format!("nbd+unix:///{name}?socket={}", self.socket.display()),
+        };
+        self.nbd.add(name, cache);
+        self.names.lock().unwrap_or_else(|p| p.into_inner()).insert(name.into(), image.clone());
+        Ok(image)
+    }
+
+    /// Closes `name`; the cache stops when no name uses it. Returns whether
+    /// the name was open.
+    pub async fn close(&self, name: &str) -> bool {
+        let Some(image) = self.names.lock().unwrap_or_else(|p| p.into_inner()).remove(name) else { return false };
+        self.nbd.remove(name);
+        let still_used = self.names.lock().unwrap_or_else(|p| p.into_inner()).values().any(|i| i.root_digest == image.root_digest);
+        if !still_used {
+            self.caches.lock().await.remove(&image.root_digest);
+        }
+        true
+    }
+
+    /// Every open name with its cache's counters.
+    pub async fn status(&self) -> Vec<(OpenImage, Snapshot)> {
+        let names: Vec<OpenImage> = self.names.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let caches = self.caches.lock().await;
+        names
+            .into_iter()
+            .filter_map(|i| {
+                let m = caches.get(&i.root_digest)?.metrics();
+                Some((i, m))
+            })
+            .collect()
+    }
+
+    /// The counters of each cache, by root digest.
+    pub async fn cache_metrics(&self) -> Vec<(String, Snapshot)> {
+        self.caches.lock().await.iter().map(|(root, c)| (root.clone(), c.metrics())).collect()
+    }
+
+    /// The cache of a root digest, if open.
+    pub async fn cache(&self, root_digest: &str) -> Option<Arc<NodeCache>> {
+        self.caches.lock().await.get(root_digest).cloned()
+    }
+
+    /// The HTTP API (see the module documentation).
+    pub fn api(self: &Arc<Self>) -> axum::Router {
+        axum::Router::new()
+            .route("/images", get(list).post(open))
+            .route("/images/{name}", delete(close))
+            .route("/metrics", get(metrics))
+            .with_state(Arc::clone(self))
+    }
+}
+
+#[derive(Deserialize)]
+struct OpenRequest {
+    name: String,
+    url: String,
+}
+
+#[derive(Serialize)]
+struct Listed {
+    #[serde(flatten)]
+    image: OpenImage,
+    metrics: Snapshot,
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 255 && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+async fn open(State(node): State<Arc<Node>>, Json(req): Json<OpenRequest>) -> Response {
+    if !valid_name(&req.name) {
+        return (StatusCode::BAD_REQUEST, "name: letters, digits, '.', '_' and '-' only\n").into_response();
+    }
+    match node.open(&req.name, &req.url).await {
+        Ok(image) => Json(image).into_response(),
+        Err(e) => (StatusCode::BAD_GATEWAY, format!("{}\n", anyhow_like(&e))).into_response(),
+    }
+}
+
+async fn list(State(node): State<Arc<Node>>) -> Json<Vec<Listed>> {
+    Json(node.status().await.into_iter().map(|(image, metrics)| Listed { image, metrics }).collect())
+}
+
+async fn close(State(node): State<Arc<Node>>, UrlPath(name): UrlPath<String>) -> StatusCode {
+    if node.close(&name).await { StatusCode::NO_CONTENT } else { StatusCode::NOT_FOUND }
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> String {
+    prometheus(&node.cache_metrics().await)
+}
+
+/// An error with its chain of causes, on one line.
+fn anyhow_like(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}

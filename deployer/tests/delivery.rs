@@ -1,0 +1,379 @@
+//! A real store over HTTP on loopback, a node cache, and the NBD export read
+//! by QEMU's own NBD client (qemu-img, qemu-io).
+
+use std::fs::OpenOptions;
+use std::io::Cursor;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bootcache_convert::{ConvertOptions, RawSource, convert};
+use bootcache_deployer::cache::{Background, CacheOptions, NodeCache};
+use bootcache_deployer::nbd::NbdServer;
+use bootcache_deployer::store::{self, StoreStats};
+use bootcache_format::{Encoding, Image, Segment};
+use bootcache_trace::{ImageIdentity, Record, Trace};
+
+const MIB: u64 = 1 << 20;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    source: PathBuf,
+    model: Vec<u8>,
+    container: PathBuf,
+    reads: Vec<(u64, u64)>,
+    url: String,
+    stats: Arc<StoreStats>,
+}
+
+/// A 48 MiB disk (random, text-like, allocated zeros, a hole, random),
+/// converted with a boot trace into a container the store serves.
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("disk.raw");
+    let f = OpenOptions::new().create(true).write(true).truncate(true).open(&source).unwrap();
+    let size = 48 * MIB;
+    f.set_len(size).unwrap();
+    let mut model = vec![0u8; size as usize];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for (i, b) in model.iter_mut().enumerate() {
+        let i = i as u64;
+        *b = match i / (8 * MIB) {
+            0 | 5 => {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            }
+            1 => b"the quick brown fox jumps over the lazy dog\n"[(i % 44) as usize],
+            _ => 0,
+        };
+    }
+    f.write_all_at(&model[..(24 * MIB) as usize], 0).unwrap(); // 16-24 MiB: allocated zeros
+    f.write_all_at(&model[(40 * MIB) as usize..], 40 * MIB).unwrap();
+    let reads = vec![(0, 64 << 10), (10 * MIB, 512 << 10), (41 * MIB, MIB), (5 * MIB, 200 << 10), (3 * MIB + 17, 4000)];
+    let trace = Trace {
+        image: ImageIdentity { size, digest: None },
+        records: reads.iter().enumerate().map(|(t, &(o, l))| Record::read(t as u64 * 1000, o, l)).collect(),
+        ..Trace::default()
+    };
+    let store_dir = dir.path().join("store");
+    std::fs::create_dir(&store_dir).unwrap();
+    let container = store_dir.join("disk.bcimg");
+    let src = RawSource::open(&source).unwrap();
+    let opts = ConvertOptions { zstd_level: Some(3), ..ConvertOptions::default() };
+    let (out, _) = convert(&src, &[trace], Cursor::new(Vec::new()), &opts, &|_| {}).unwrap();
+    std::fs::write(&container, out.into_inner()).unwrap();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/disk.bcimg", listener.local_addr().unwrap());
+    let stats = Arc::new(StoreStats::default());
+    tokio::spawn(store::serve(listener, store_dir, Arc::clone(&stats)));
+    Fixture { dir, source, model, container, reads, url, stats }
+}
+
+fn options(dir: &Path, background: Background) -> CacheOptions {
+    let mut o = CacheOptions::new(dir.join("cache"));
+    o.background = background;
+    o.read_timeout = Duration::from_secs(10);
+    o.retry.budget = Duration::from_secs(5);
+    o
+}
+
+fn image(path: &Path) -> Image<std::fs::File> {
+    Image::open(std::fs::File::open(path).unwrap()).unwrap()
+}
+
+async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn run(cmd: &str, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(cmd).args(args).output().await.unwrap_or_else(|e| panic!("{cmd} must be installed: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_reads_the_export_byte_for_byte_over_unix_and_tcp_at_once() {
+    let fx = fixture().await;
+    let cache = NodeCache::open(&fx.url, options(fx.dir.path(), Background::Off)).await.unwrap();
+    let nbd = NbdServer::new();
+    nbd.add("disk", Arc::new(cache));
+    let sock = fx.dir.path().join("nbd.sock");
+    tokio::spawn(Arc::clone(&nbd).serve_unix(tokio::net::UnixListener::bind(&sock).unwrap()));
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    tokio::spawn(Arc::clone(&nbd).serve_tcp(tcp));
+
+    let src = fx.source.to_str().unwrap();
+    let unix_url = format!("nbd+unix:///disk?socket={}", sock.display());
+    let tcp_url = format!("nbd://127.0.0.1:{port}/disk");
+    // Two clients at once (several connections, each with requests in flight).
+    let over_unix = ["compare", "-f", "raw", "-F", "raw", src, &unix_url];
+    let over_tcp = ["compare", "-f", "raw", "-F", "raw", src, &tcp_url];
+    let (a, b) = tokio::join!(run("qemu-img", &over_unix), run("qemu-img", &over_tcp));
+    for out in [a, b] {
+        assert!(out.status.success(), "qemu-img compare: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    let copy = fx.dir.path().join("copy.raw");
+    let out = run("qemu-img", &["convert", "-f", "raw", "-O", "raw", &unix_url, copy.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(std::fs::read(&copy).unwrap() == fx.model, "converted copy differs from the source");
+
+    // Unknown exports and writes are refused.
+    let out = run("qemu-img", &["info", &format!("nbd+unix:///nosuch?socket={}", sock.display())]).await;
+    assert!(!out.status.success());
+    let out = run("qemu-io", &["-f", "raw", "-c", "write -P 0x55 0 4k", &unix_url]).await;
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() || said.contains("Operation not permitted"), "write was not refused: {said}");
+    assert!(said.contains("Permission denied") || said.contains("Operation not permitted"), "unexpected refusal: {said}");
+    let out = run("qemu-img", &["compare", "-f", "raw", "-F", "raw", src, &unix_url]).await;
+    assert!(out.status.success(), "the export changed after a refused write");
+}
+
+/// A minimal NBD client speaking the wire protocol directly, for what QEMU's
+/// client will not send (a write to a read-only export, a bad length).
+mod raw_client {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+
+    pub async fn go(sock: &std::path::Path, name: &str) -> Result<(UnixStream, u64, u16), String> {
+        let mut s = UnixStream::connect(sock).await.unwrap();
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).await.unwrap();
+        assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
+        s.write_all(&3u32.to_be_bytes()).await.unwrap(); // fixed newstyle, no zeroes
+        let mut data = (name.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(name.as_bytes());
+        data.extend_from_slice(&0u16.to_be_bytes());
+        let mut opt = b"IHAVEOPT".to_vec();
+        opt.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
+        opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        opt.extend_from_slice(&data);
+        s.write_all(&opt).await.unwrap();
+        let (mut size, mut flags) = (0, 0);
+        loop {
+            let mut head = [0u8; 20];
+            s.read_exact(&mut head).await.unwrap();
+            let kind = u32::from_be_bytes(head[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(head[16..20].try_into().unwrap()) as usize;
+            let mut body = vec![0u8; len];
+            s.read_exact(&mut body).await.unwrap();
+            match kind {
+                1 => return Ok((s, size, flags)),
+                3 if u16::from_be_bytes([body[0], body[1]]) == 0 => {
+                    size = u64::from_be_bytes(body[2..10].try_into().unwrap());
+                    flags = u16::from_be_bytes(body[10..12].try_into().unwrap());
+                }
+                3 => {}
+                k if k & (1 << 31) != 0 => return Err(String::from_utf8_lossy(&body).into_owned()),
+                k => panic!("unexpected reply {k}"),
+            }
+        }
+    }
+
+    /// Sends one request; returns the reply's error and data (for reads).
+    pub async fn request(s: &mut UnixStream, kind: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) -> (u32, Vec<u8>) {
+        let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
+        r.extend_from_slice(&0u16.to_be_bytes());
+        r.extend_from_slice(&kind.to_be_bytes());
+        r.extend_from_slice(&cookie.to_be_bytes());
+        r.extend_from_slice(&offset.to_be_bytes());
+        r.extend_from_slice(&len.to_be_bytes());
+        r.extend_from_slice(payload);
+        s.write_all(&r).await.unwrap();
+        let mut head = [0u8; 16];
+        s.read_exact(&mut head).await.unwrap();
+        assert_eq!(u32::from_be_bytes(head[..4].try_into().unwrap()), 0x6744_6698);
+        assert_eq!(u64::from_be_bytes(head[8..16].try_into().unwrap()), cookie);
+        let error = u32::from_be_bytes(head[4..8].try_into().unwrap());
+        let mut data = vec![0u8; if error == 0 && kind == 0 { len as usize } else { 0 }];
+        s.read_exact(&mut data).await.unwrap();
+        (error, data)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wire_protocol_refuses_writes_bad_ranges_and_unknown_exports() {
+    let fx = fixture().await;
+    let cache = NodeCache::open(&fx.url, options(fx.dir.path(), Background::Off)).await.unwrap();
+    let nbd = NbdServer::new();
+    nbd.add("disk", Arc::new(cache));
+    let sock = fx.dir.path().join("nbd.sock");
+    tokio::spawn(Arc::clone(&nbd).serve_unix(tokio::net::UnixListener::bind(&sock).unwrap()));
+
+    let err = raw_client::go(&sock, "other").await.unwrap_err();
+    assert!(err.contains("other"), "{err}");
+    let (mut s, size, flags) = raw_client::go(&sock, "disk").await.unwrap();
+    assert_eq!(size, fx.model.len() as u64);
+    assert_ne!(flags & 2, 0, "advertised read-only");
+    let (error, _) = raw_client::request(&mut s, 1, 7, 0, 4096, &[0x55; 4096]).await; // WRITE
+    assert_eq!(error, 1, "EPERM for a write");
+    let (error, _) = raw_client::request(&mut s, 0, 8, size - 100, 4096, &[]).await; // READ past the end
+    assert_eq!(error, 22, "EINVAL for a read past the end");
+    let (error, data) = raw_client::request(&mut s, 0, 9, 0, 4096, &[]).await;
+    assert_eq!(error, 0);
+    assert!(data == fx.model[..4096], "the refused write changed nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_boot_segment_arrives_first_and_boot_reads_need_nothing_else() {
+    let fx = fixture().await;
+    let img = image(&fx.container);
+    let boot_len = img.header().boot.end - img.header().boot.start;
+    let cache = NodeCache::open(&fx.url, options(fx.dir.path(), Background::Off)).await.unwrap();
+    wait_for("the boot segment", || cache.metrics().boot_prefetch_bytes == boot_len).await;
+    for &(offset, len) in &fx.reads {
+        let got = cache.read(offset, len as u32).await.unwrap();
+        assert!(got == fx.model[offset as usize..(offset + len) as usize], "read at {offset:#x} differs");
+    }
+    let m = cache.metrics();
+    assert_eq!((m.demand_bytes, m.background_bytes, m.discarded_bytes), (0, 0, 0), "{m:?}");
+    assert_eq!(m.hits, fx.reads.len() as u64, "every boot read is a hit: {m:?}");
+    // The store sent the header, index, metadata and the boot segment: nothing more.
+    let h = img.header();
+    let structure = 256 + (h.index_range().end - h.index_range().start) + (h.meta.end - h.meta.start);
+    assert_eq!(fx.stats.body_bytes.load(Ordering::Relaxed), structure + boot_len);
+
+    // A read outside the boot set is a miss, fetched on demand as whole extents.
+    let got = cache.read(45 * MIB + 3, 10_000).await.unwrap();
+    assert!(got == fx.model[(45 * MIB + 3) as usize..(45 * MIB + 10_003) as usize]);
+    let m = cache.metrics();
+    assert_eq!(m.misses, 1);
+    let extent = img.index().find(45 * MIB + 3).unwrap();
+    assert!(m.demand_bytes >= extent.stored_len() && m.demand_bytes <= 2 * extent.stored_len(), "{m:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_extent_is_never_served_and_is_named_by_guest_offset() {
+    let fx = fixture().await;
+    let img = image(&fx.container);
+    let victim = img.index().entries().iter().find(|e| e.segment == Segment::Rest && e.encoding != Encoding::Zero).unwrap().clone();
+    let f = OpenOptions::new().write(true).open(&fx.container).unwrap();
+    let mut byte = [0u8];
+    std::fs::File::open(&fx.container).unwrap().read_exact_at(&mut byte, victim.stored.start + 7).unwrap();
+    f.write_all_at(&[byte[0] ^ 0x20], victim.stored.start + 7).unwrap();
+
+    let cache = NodeCache::open(&fx.url, options(fx.dir.path(), Background::Off)).await.unwrap();
+    let err = cache.read(victim.guest.start + 100, 4096).await.unwrap_err();
+    assert!(err.to_string().contains(&format!("{:#x}", victim.guest.start)), "error does not name the extent: {err}");
+    let m = cache.metrics();
+    assert_eq!(m.bad_extents, 1);
+    assert_eq!(m.read_errors, 1);
+    // Never written to the cache file: its range is still a hole of zeros.
+    let data = std::fs::read(fx.dir.path().join("cache").join(img.root_digest_hex()).join("data")).unwrap();
+    assert!(data[victim.guest.start as usize..victim.guest.end as usize].iter().all(|&b| b == 0));
+    // Other extents are still served.
+    let other = img.index().entries().iter().find(|e| e.encoding != Encoding::Zero && e.guest != victim.guest).unwrap();
+    let got = cache.read(other.guest.start, 4096).await.unwrap();
+    assert!(got == fx.model[other.guest.start as usize..other.guest.start as usize + 4096]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_trusts_only_journaled_extents_and_fetches_the_rest_again() {
+    let fx = fixture().await;
+    let img = image(&fx.container);
+    let root = img.root_digest_hex();
+    let stored_total: u64 = img.index().entries().iter().map(|e| e.stored_len()).sum();
+    {
+        let cache = NodeCache::open(&fx.url, options(fx.dir.path(), Background::Unlimited)).await.unwrap();
+        wait_for("the whole image", || cache.complete()).await;
+        assert_eq!(cache.metrics().fetched_bytes(), stored_total);
+        tokio::time::sleep(Duration::from_millis(400)).await; // the journal is written in 100 ms batches
+    }
+    // Reopened: everything is present, nothing fetched but the structure.
+    let before = fx.stats.body_bytes.load(Ordering::Relaxed);
+    {
+        let cache = NodeCache::open(&fx.url, options(fx.dir.path(), Background::Off)).await.unwrap();
+        assert!(cache.complete());
+        let all = cache.read(0, u32::try_from(fx.model.len()).unwrap()).await.unwrap();
+        assert!(all == fx.model);
+        assert_eq!(cache.metrics().fetched_bytes(), 0);
+    }
+    let h = img.header();
+    let structure = 256 + (h.index_range().end - h.index_range().start) + (h.meta.end - h.meta.start);
+    assert_eq!(fx.stats.body_bytes.load(Ordering::Relaxed) - before, structure);
+
+    // A crash lost the last journal records (torn write), and the data of
+    // those extents on disk is garbage: they must be fetched again.
+    let dir = fx.dir.path().join("cache").join(&root);
+    let journal = dir.join("present");
+    let len = std::fs::metadata(&journal).unwrap().len();
+    let records = (len - 48) / 8;
+    let kept = records / 2;
+    let lost: Vec<u32> = std::fs::read(&journal).unwrap()[(48 + kept * 8) as usize..]
+        .chunks_exact(8)
+        .map(|r| u32::from_le_bytes([r[0], r[1], r[2], r[3]]))
+        .collect();
+    OpenOptions::new().write(true).open(&journal).unwrap().set_len(48 + kept * 8 + 5).unwrap();
+    let data = OpenOptions::new().write(true).open(dir.join("data")).unwrap();
+    for &n in &lost {
+        let e = &img.index().entries()[n as usize];
+        data.write_all_at(&vec![0xEE; e.guest_len() as usize], e.guest.start).unwrap();
+    }
+    let cache = NodeCache::open(&fx.url, options(fx.dir.path(), Background::Off)).await.unwrap();
+    let all = cache.read(0, u32::try_from(fx.model.len()).unwrap()).await.unwrap();
+    assert!(all == fx.model, "served unverified bytes after a restart");
+    let refetched: u64 = lost.iter().map(|&n| img.index().entries()[n as usize].stored_len()).sum();
+    assert_eq!(cache.metrics().fetched_bytes(), refetched);
+}
+
+/// Serves the fixture's store directory on `addr` until `stop` fires.
+async fn store_on(fx: &Fixture, addr: std::net::SocketAddr) -> tokio::sync::oneshot::Sender<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let dir = fx.container.parent().unwrap().to_owned();
+    tokio::spawn(store::serve_until(listener, dir, Arc::clone(&fx.stats), async {
+        let _ = rx.await;
+    }));
+    tx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_waits_while_the_store_is_briefly_away_and_fails_with_a_reason_after_the_timeout() {
+    let fx = fixture().await;
+    let img = image(&fx.container);
+    // A second store on a port of its own, which the test can stop and restart.
+    let probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = probe.local_addr().unwrap();
+    drop(probe);
+    let stop = store_on(&fx, addr).await;
+    let url = format!("http://{addr}/disk.bcimg");
+    let mut opts = options(fx.dir.path(), Background::Off);
+    opts.read_timeout = Duration::from_secs(2);
+    opts.retry.budget = Duration::from_secs(1);
+    let cache = NodeCache::open(&url, opts.clone()).await.unwrap();
+    let boot_len = img.header().boot.end - img.header().boot.start;
+    wait_for("the boot segment", || cache.metrics().boot_prefetch_bytes == boot_len).await;
+    let _ = stop.send(());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Away for good: the read fails after the timeout, naming where and why.
+    let rest: Vec<_> =
+        img.index().entries().iter().filter(|e| e.segment == Segment::Rest && e.encoding != Encoding::Zero).cloned().collect();
+    let started = Instant::now();
+    let err = cache.read(rest[0].guest.start, 4096).await.unwrap_err();
+    assert!(started.elapsed() >= Duration::from_secs(2), "failed before the timeout: {err}");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    let msg = err.to_string();
+    assert!(msg.contains(&format!("{:#x}", rest[0].guest.start)) && msg.contains("unreachable"), "{msg}");
+
+    // Away for one second: the read waits and succeeds.
+    let read = {
+        let offset = rest[1].guest.start;
+        let cache = &cache;
+        async move { cache.read(offset, 4096).await }
+    };
+    let restart = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        store_on(&fx, addr).await
+    };
+    let (got, _stop) = tokio::join!(read, restart);
+    let o = rest[1].guest.start as usize;
+    assert!(got.unwrap() == fx.model[o..o + 4096]);
+}

@@ -1,0 +1,279 @@
+//! `bootcache store serve`, `bootcache node serve` and `bootcache boot`:
+//! delivering images to compute nodes.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bootcache_deployer::cache::{Background, CacheOptions};
+use bootcache_deployer::node::Node;
+use bootcache_deployer::store::{self, StoreStats};
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use super::record::REFERENCE_MARKER;
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCmd {
+    /// Serve the bootcache images in DIR over HTTP (Range, HEAD, ETag = root digest).
+    Serve {
+        /// Directory of images; only plain files directly inside it are served.
+        dir: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// Run a node's caches and NBD exports, with an HTTP API to open and close images.
+    ///
+    /// POST /images {"name": N, "url": URL} opens an image (shared cache per root
+    /// digest) and exports it as N; GET /images lists them with metrics;
+    /// DELETE /images/N closes; GET /metrics gives Prometheus text.
+    Serve {
+        #[command(flatten)]
+        cache: CacheArgs,
+        /// Unix socket for NBD clients (QEMU: nbd+unix:///NAME?socket=PATH).
+        #[arg(long, value_name = "PATH")]
+        nbd_socket: PathBuf,
+        /// Also serve NBD on this TCP address.
+        #[arg(long, value_name = "ADDR")]
+        nbd_listen: Option<SocketAddr>,
+        /// Address of the HTTP API.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
+        api: SocketAddr,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    /// The node's cache directory (one subdirectory per image root digest).
+    #[arg(long, value_name = "DIR", default_value = "/var/cache/bootcache")]
+    cache_dir: PathBuf,
+    /// After the boot segment: `off`, `full`, or a rate in bytes per second
+    /// (suffixes K, M, G: powers of 1024), e.g. `20M`.
+    #[arg(long, value_name = "WHAT", default_value = "full", value_parser = parse_background)]
+    background: Background,
+    /// A guest read waiting for an unreachable store fails after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    read_timeout: f64,
+}
+
+impl CacheArgs {
+    fn options(&self) -> CacheOptions {
+        let mut o = CacheOptions::new(&self.cache_dir);
+        o.background = self.background;
+        o.read_timeout = Duration::from_secs_f64(self.read_timeout.max(0.0));
+        o.retry.budget = o.read_timeout.max(Duration::from_secs(1));
+        o
+    }
+}
+
+fn parse_background(s: &str) -> Result<Background, String> {
+    match s {
+        "off" => Ok(Background::Off),
+        "full" => Ok(Background::Unlimited),
+        _ => {
+            let (num, mult) = match s.as_bytes().last() {
+                Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
+                Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
+                Some(b'G' | b'g') => (&s[..s.len() - 1], 1 << 30),
+                _ => (s, 1),
+            };
+            let n: u64 = num.parse().map_err(|_| format!("expected off, full or a rate like 20M, not {s:?}"))?;
+            Ok(Background::Rate(n.saturating_mul(mult).max(1)))
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct BootArgs {
+    /// Base URL of the store (e.g. http://store:8080).
+    #[arg(long, value_name = "URL")]
+    store: String,
+    /// The image's file name on the store.
+    image: String,
+    #[command(flatten)]
+    cache: CacheArgs,
+    /// The guest's disk interface.
+    #[arg(long, value_name = "IF", default_value = "virtio")]
+    drive_if: String,
+    /// Report when a console line matches this regular expression.
+    #[arg(long, value_name = "REGEX", default_value = REFERENCE_MARKER)]
+    marker: String,
+    /// Stop QEMU once the marker is seen.
+    #[arg(long)]
+    exit_at_marker: bool,
+    /// Stop QEMU after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 3600)]
+    timeout: u64,
+    /// Print one JSON object (outcome, marker time, cache metrics) on stdout.
+    #[arg(long)]
+    json: bool,
+    /// QEMU and its arguments, after `--`, without the disk: bootcache adds
+    /// the drive (a qcow2 overlay over the cache's NBD export) and the serial
+    /// console it watches.
+    #[arg(last = true, required = true, value_name = "QEMU")]
+    qemu: Vec<OsString>,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+async fn until_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = async { if let Some(t) = term.as_mut() { t.recv().await; } else { std::future::pending::<()>().await } } => {}
+    }
+}
+
+pub fn store(cmd: StoreCmd) -> anyhow::Result<ExitCode> {
+    let StoreCmd::Serve { dir, listen } = cmd;
+    if !dir.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    runtime()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
+        eprintln!("serving {} on http://{}/", dir.display(), listener.local_addr()?);
+        store::serve_until(listener, dir, Arc::new(StoreStats::default()), until_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn node(cmd: NodeCmd) -> anyhow::Result<ExitCode> {
+    let NodeCmd::Serve { cache, nbd_socket, nbd_listen, api } = cmd;
+    runtime()?.block_on(async {
+        let node = Node::new(nbd_socket.clone(), cache.options());
+        let _ = std::fs::remove_file(&nbd_socket);
+        let unix = tokio::net::UnixListener::bind(&nbd_socket).with_context(|| format!("binding {}", nbd_socket.display()))?;
+        tokio::spawn(node.nbd().serve_unix(unix));
+        if let Some(addr) = nbd_listen {
+            let tcp = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+            tokio::spawn(node.nbd().serve_tcp(tcp));
+        }
+        let listener = tokio::net::TcpListener::bind(api).await.with_context(|| format!("listening on {api}"))?;
+        eprintln!("node API on http://{}/, NBD on {}", listener.local_addr()?, nbd_socket.display());
+        axum::serve(listener, node.api()).with_graceful_shutdown(until_signal()).await?;
+        let _ = std::fs::remove_file(&nbd_socket);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn boot(args: &BootArgs) -> anyhow::Result<ExitCode> {
+    let marker = regex::Regex::new(&args.marker).with_context(|| format!("--marker {:?}", args.marker))?;
+    if args.qemu.iter().any(|a| a == "-serial") {
+        bail!("do not pass -serial: bootcache boot attaches the serial console it watches for the marker");
+    }
+    let work = tempfile::Builder::new().prefix("bootcache-boot-").tempdir().context("creating a work directory")?;
+    let url = format!("{}/{}", args.store.trim_end_matches('/'), args.image);
+    runtime()?.block_on(async {
+        let sock = work.path().join("nbd.sock");
+        let node = Node::new(sock.clone(), args.cache.options());
+        tokio::spawn(node.nbd().serve_unix(tokio::net::UnixListener::bind(&sock)?));
+        let opened = Instant::now();
+        let image = node.open("disk", &url).await.with_context(|| format!("opening {url}"))?;
+        tracing::info!(root = image.root_digest, seconds = opened.elapsed().as_secs_f64(), "image open");
+        let overlay = work.path().join("overlay.qcow2");
+        let size = image.virtual_size.to_string();
+        let out = tokio::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", &image.nbd_url])
+            .arg(&overlay)
+            .arg(&size)
+            .output()
+            .await
+            .context("running qemu-img (install qemu-utils)")?;
+        if !out.status.success() {
+            bail!("qemu-img create failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let console = work.path().join("console.log");
+        std::fs::File::create(&console)?;
+        let mut cmd = tokio::process::Command::new(&args.qemu[0]);
+        cmd.args(&args.qemu[1..])
+            .arg("-drive")
+            .arg(format!("file={},format=qcow2,if={}", overlay.display(), args.drive_if))
+            .arg("-chardev")
+            .arg(format!("file,id=bcserial,path={}", console.display()))
+            .arg("-serial")
+            .arg("chardev:bcserial")
+            .kill_on_drop(true);
+        let started = Instant::now();
+        let mut child = cmd.spawn().with_context(|| format!("starting {}", args.qemu[0].to_string_lossy()))?;
+        let (outcome, marker_at) = watch(&mut child, &console, &marker, args, started).await?;
+        let metrics = node.cache(&image.root_digest).await.map(|c| c.metrics()).unwrap_or_default();
+        if args.json {
+            println!(
+                "{}",
+                json!({
+                    "outcome": outcome,
+                    "marker_seconds": marker_at.map(|d| d.as_secs_f64()),
+                    "root_digest": image.root_digest,
+                    "metrics": metrics,
+                })
+            );
+        } else {
+            eprintln!(
+                "{outcome}; fetched {} bytes (boot prefetch {}, on demand {}, background {}), {} of {} guest reads waited ({:.2} s in all)",
+                metrics.fetched_bytes(),
+                metrics.boot_prefetch_bytes,
+                metrics.demand_bytes,
+                metrics.background_bytes,
+                metrics.misses,
+                metrics.guest_reads,
+                metrics.miss_wait_seconds
+            );
+        }
+        Ok(if outcome == "qemu failed" || outcome == "timeout" { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    })
+}
+
+/// Follows the console until the marker (and exit if asked), QEMU's exit or
+/// the timeout. Returns the outcome and when the marker was seen.
+async fn watch(
+    child: &mut tokio::process::Child,
+    console: &Path,
+    marker: &regex::Regex,
+    args: &BootArgs,
+    started: Instant,
+) -> anyhow::Result<(&'static str, Option<Duration>)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut log = std::fs::File::open(console)?;
+    let (mut window, mut read_to) = (Vec::new(), 0u64);
+    let mut marker_at = None;
+    loop {
+        if marker_at.is_none() {
+            log.seek(SeekFrom::Start(read_to))?;
+            let n = log.read_to_end(&mut window)?;
+            read_to += n as u64;
+            if n > 0 && marker.is_match(&String::from_utf8_lossy(&window)) {
+                marker_at = Some(started.elapsed());
+                eprintln!("boot marker after {:.3} s", started.elapsed().as_secs_f64());
+                if args.exit_at_marker {
+                    let _ = child.kill().await;
+                    return Ok(("marker", marker_at));
+                }
+            }
+            // Keep the tail only: a marker split across reads is still found.
+            let keep = window.len().saturating_sub(4096);
+            window.drain(..keep);
+        }
+        tokio::select! {
+            status = child.wait() => {
+                let status = status?;
+                return Ok((if status.success() { if marker_at.is_some() { "marker" } else { "qemu exited" } } else { "qemu failed" }, marker_at));
+            }
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        if started.elapsed() > Duration::from_secs(args.timeout) {
+            let _ = child.kill().await;
+            return Ok(("timeout", marker_at));
+        }
+    }
+}
