@@ -3,6 +3,7 @@
 
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
+pub mod deliver;
 pub mod iomap;
 
 use std::path::{Path, PathBuf};

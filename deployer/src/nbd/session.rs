@@ -12,8 +12,11 @@ use super::{Export, NbdServer};
 
 /// Longest option payload accepted (names are at most 4096 bytes).
 const MAX_OPTION: u32 = 8 << 10;
-/// Requests of one connection being served at once.
+/// Replies of one connection queued for sending.
 const IN_FLIGHT: usize = 64;
+/// Bytes of reads one connection may have in flight (in 4 KiB units), so a
+/// client cannot make the server hold more than this for it.
+const IN_FLIGHT_PAGES: u32 = (64 << 20) / 4096;
 
 pub(super) async fn run<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(server: Arc<NbdServer>, stream: S) {
     let (mut rd, mut wr) = tokio::io::split(stream);
@@ -166,7 +169,8 @@ async fn transmission(
         wr.flush().await?;
         wr.shutdown().await
     });
-    let permits = Arc::new(Semaphore::new(IN_FLIGHT));
+    let permits = Arc::new(Semaphore::new(IN_FLIGHT_PAGES as usize));
+    let pages = |len: u32| len.div_ceil(4096).max(1);
     let size = export.size();
     let result = loop {
         let mut head = [0u8; size_of::<Request>()];
@@ -184,7 +188,7 @@ async fn transmission(
                 let _ = tx.send(frame(cookie, EINVAL, Vec::new())).await;
             }
             CMD_READ => {
-                let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { break Ok(()) };
+                let Ok(permit) = Arc::clone(&permits).acquire_many_owned(pages(length)).await else { break Ok(()) };
                 let (export, tx) = (Arc::clone(&export), tx.clone());
                 tokio::spawn(async move {
                     let f = match export.read(offset, length).await {
@@ -215,11 +219,14 @@ async fn transmission(
                 let _ = tx.send(frame(cookie, 0, Vec::new())).await;
             }
             CMD_CACHE if in_range => {
-                // A hint: start fetching without sending data back.
+                // A hint: fetch into the cache without sending data back.
+                let length = length.min(MAX_REQUEST);
+                let Ok(permit) = Arc::clone(&permits).acquire_many_owned(pages(length)).await else { break Ok(()) };
                 let (export, tx) = (Arc::clone(&export), tx.clone());
                 tokio::spawn(async move {
-                    let error = if export.read(offset, length.min(MAX_REQUEST)).await.is_ok() { 0 } else { EIO };
+                    let error = if export.read(offset, length).await.is_ok() { 0 } else { EIO };
                     let _ = tx.send(frame(cookie, error, Vec::new())).await;
+                    drop(permit);
                 });
             }
             CMD_DISC => break Ok(()),
