@@ -105,12 +105,20 @@ fn a_node_killed_while_streaming_resumes_and_its_export_equals_the_source() {
     assert!(fetched_after < stored, "the restart fetched everything again ({fetched_after} of {stored})");
     // What was verified before the kill is, but for the last journal batch,
     // not fetched again.
-    assert!(fetched_after <= stored - fetched_before / 2, "resumed from too far back: {fetched_before} before, {fetched_after} after, of {stored}");
+    assert!(
+        fetched_after <= stored - fetched_before / 2,
+        "resumed from too far back: {fetched_before} before, {fetched_after} after, of {stored}"
+    );
     let cmp = Command::new("qemu-img")
         .args(["compare", "-f", "raw", "-F", "raw"])
         .arg(&image)
         .arg(opened["nbd_url"].as_str().unwrap())
         .output()
         .unwrap();
-    assert!(cmp.status.success(), "export differs from the source: {}{}", String::from_utf8_lossy(&cmp.stdout), String::from_utf8_lossy(&cmp.stderr));
+    assert!(
+        cmp.status.success(),
+        "export differs from the source: {}{}",
+        String::from_utf8_lossy(&cmp.stdout),
+        String::from_utf8_lossy(&cmp.stderr)
+    );
 }

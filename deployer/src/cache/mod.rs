@@ -22,6 +22,7 @@ pub mod presence;
 
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -183,6 +184,28 @@ impl NodeCache {
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner()).iter().all(|s| *s == State::Present)
     }
 
+    /// Ranges within `range` that read as zeros without any data: zero
+    /// extents and ranges no extent covers (runs of at least 4 KiB, sorted).
+    pub fn zero_ranges(&self, range: Range<u64>) -> Vec<Range<u64>> {
+        let mut out: Vec<Range<u64>> = Vec::new();
+        let mut push = |r: Range<u64>| match out.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ if r.start < r.end => out.push(r),
+            _ => {}
+        };
+        let mut pos = range.start;
+        for e in self.inner.index.overlapping(range.clone()) {
+            push(pos..e.guest.start.max(pos));
+            if e.encoding == Encoding::Zero {
+                push(e.guest.start.max(range.start)..e.guest.end.min(range.end));
+            }
+            pos = e.guest.end.max(pos);
+        }
+        push(pos.min(range.end)..range.end);
+        out.retain(|r| r.end - r.start >= 4096);
+        out
+    }
+
     /// Reads `len` guest bytes at `offset`, fetching what is missing first.
     ///
     /// # Errors
@@ -190,11 +213,23 @@ impl NodeCache {
     /// digest, or the store away longer than the read timeout (`Other`, the
     /// message names the guest offset and the reason).
     pub async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len as usize];
+        self.read_into(offset, &mut buf).await?;
+        Ok(buf)
+    }
+
+    /// Fills `buf` with the guest bytes at `offset`, fetching what is
+    /// missing first (the allocation-free form of [`NodeCache::read`]).
+    ///
+    /// # Errors
+    /// As [`NodeCache::read`].
+    pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let inner = &self.inner;
-        let result = inner.read(offset, len).await;
+        let len = u32::try_from(buf.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "read larger than 4 GiB"))?;
+        let result = inner.read(offset, buf).await;
         Metrics::add(&inner.metrics.guest_reads, 1);
         match &result {
-            Ok(_) => Metrics::add(&inner.metrics.guest_read_bytes, u64::from(len)),
+            Ok(()) => Metrics::add(&inner.metrics.guest_read_bytes, u64::from(len)),
             Err(e) => {
                 Metrics::add(&inner.metrics.read_errors, 1);
                 tracing::error!(offset, len, error = %e, "guest read failed");
@@ -213,8 +248,9 @@ impl Drop for NodeCache {
 }
 
 impl Inner {
-    async fn read(self: &Arc<Self>, offset: u64, len: u32) -> io::Result<Vec<u8>> {
-        let end = offset.checked_add(u64::from(len)).filter(|&e| e <= self.header.virtual_size).ok_or_else(|| {
+    async fn read(self: &Arc<Self>, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let len = buf.len();
+        let end = offset.checked_add(len as u64).filter(|&e| e <= self.header.virtual_size).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("read of {len} bytes at {offset:#x} past the disk's {} bytes", self.header.virtual_size),
@@ -274,13 +310,35 @@ impl Inner {
             Some(started) => self.note_wait(started),
             None => Metrics::add(&self.metrics.hits, 1),
         }
-        let me = Arc::clone(self);
-        tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; len as usize];
-            me.data.read_exact_at(&mut buf, offset).map(|()| buf)
-        })
-        .await
-        .map_err(io::Error::other)?
+        self.read_local(offset, buf).await
+    }
+
+    /// Reads present bytes from the local file: straight from the page cache
+    /// when they are there (`RWF_NOWAIT`, no thread hop), otherwise on the
+    /// blocking pool so that a slow disk does not stall other guests.
+    async fn read_local(self: &Arc<Self>, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let mut iov = [io::IoSliceMut::new(&mut buf[done..])];
+            match rustix::io::preadv2(&self.data, &mut iov, offset + done as u64, rustix::io::ReadWriteFlags::NOWAIT) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN | rustix::io::Errno::OPNOTSUPP) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if done < buf.len() {
+            let (me, at, want) = (Arc::clone(self), offset + done as u64, buf.len() - done);
+            let rest = tokio::task::spawn_blocking(move || {
+                let mut tmp = vec![0u8; want];
+                me.data.read_exact_at(&mut tmp, at).map(|()| tmp)
+            })
+            .await
+            .map_err(io::Error::other)??;
+            buf[done..].copy_from_slice(&rest);
+        }
+        Ok(())
     }
 
     fn note_wait(&self, started: Instant) {

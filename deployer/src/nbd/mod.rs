@@ -13,6 +13,7 @@ mod session;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
@@ -21,8 +22,14 @@ pub trait Export: Send + Sync + 'static {
     /// Size in bytes.
     fn size(&self) -> u64;
 
-    /// Reads `len` bytes at `offset` (within the size).
-    fn read(&self, offset: u64, len: u32) -> Pin<Box<dyn Future<Output = io::Result<Vec<u8>>> + Send + '_>>;
+    /// Fills `buf` with the bytes at `offset` (within the size).
+    fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>>;
+
+    /// Ranges within `range` known to read as zeros, sorted; clients that
+    /// negotiated structured replies get them as holes, without data.
+    fn zeros(&self, _range: Range<u64>) -> Vec<Range<u64>> {
+        Vec::new()
+    }
 }
 
 /// The exports of a node, by name.
@@ -93,7 +100,11 @@ impl Export for crate::cache::NodeCache {
         self.virtual_size()
     }
 
-    fn read(&self, offset: u64, len: u32) -> Pin<Box<dyn Future<Output = io::Result<Vec<u8>>> + Send + '_>> {
-        Box::pin(crate::cache::NodeCache::read(self, offset, len))
+    fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>> {
+        Box::pin(self.read_into(offset, buf))
+    }
+
+    fn zeros(&self, range: Range<u64>) -> Vec<Range<u64>> {
+        self.zero_ranges(range)
     }
 }

@@ -46,6 +46,9 @@ pub const OPT_INFO: u32 = 6;
 /// Ask about an export and start transmission.
 pub const OPT_GO: u32 = 7;
 
+/// Structured replies (needed for holes).
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
+
 /// Option replies.
 pub const REP_ACK: u32 = 1;
 /// One export in a list.
@@ -87,6 +90,21 @@ pub const EIO: u32 = 5;
 pub const EINVAL: u32 = 22;
 /// Not supported.
 pub const ENOTSUP: u32 = 95;
+
+/// Structured reply chunk magic.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Chunk flag: the last chunk of a reply.
+pub const REPLY_FLAG_DONE: u16 = 1;
+/// Chunk type: no payload.
+pub const REPLY_TYPE_NONE: u16 = 0;
+/// Chunk type: offset, then data.
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+/// Chunk type: offset and length of a run of zeros.
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+/// Chunk type: error, message length, message.
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+/// Command flag: the client wants the read in one chunk.
+pub const CMD_FLAG_DF: u16 = 1 << 2;
 
 /// The largest request served (also advertised as the maximum block size).
 pub const MAX_REQUEST: u32 = 32 << 20;
@@ -147,6 +165,22 @@ pub struct SimpleReply {
     pub cookie: U64,
 }
 
+/// Structured reply chunk header.
+#[derive(Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct ChunkHeader {
+    /// STRUCTURED_REPLY_MAGIC.
+    pub magic: U32,
+    /// REPLY_FLAG_*.
+    pub flags: U16,
+    /// REPLY_TYPE_*.
+    pub kind: U16,
+    /// The request's cookie.
+    pub cookie: U64,
+    /// Payload length.
+    pub length: U32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,6 +191,7 @@ mod tests {
         assert_eq!(size_of::<OptionReply>(), 20);
         assert_eq!(size_of::<Request>(), 28);
         assert_eq!(size_of::<SimpleReply>(), 16);
+        assert_eq!(size_of::<ChunkHeader>(), 20);
         assert_eq!(&NBDMAGIC.to_be_bytes(), b"NBDMAGIC");
         assert_eq!(&IHAVEOPT.to_be_bytes(), b"IHAVEOPT");
     }

@@ -21,8 +21,8 @@ const IN_FLIGHT_PAGES: u32 = (64 << 20) / 4096;
 pub(super) async fn run<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(server: Arc<NbdServer>, stream: S) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     match handshake(&server, &mut rd, &mut wr).await {
-        Ok(Some(export)) => {
-            if let Err(e) = transmission(export, rd, wr).await {
+        Ok(Some((export, structured))) => {
+            if let Err(e) = transmission(export, structured, rd, wr).await {
                 tracing::debug!(error = %e, "NBD connection ended");
             }
         }
@@ -42,12 +42,13 @@ async fn reply(wr: &mut (impl AsyncWrite + Unpin), option: u32, kind: u32, data:
     wr.write_all(data).await
 }
 
-/// Negotiates; returns the export chosen, or `None` if the client left.
+/// Negotiates; returns the export chosen and whether structured replies
+/// were agreed, or `None` if the client left.
 async fn handshake(
     server: &NbdServer,
     rd: &mut (impl AsyncRead + Unpin),
     wr: &mut (impl AsyncWrite + Unpin),
-) -> io::Result<Option<Arc<dyn Export>>> {
+) -> io::Result<Option<(Arc<dyn Export>, bool)>> {
     let mut greeting = Vec::with_capacity(18);
     greeting.extend_from_slice(&NBDMAGIC.to_be_bytes());
     greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -60,6 +61,7 @@ async fn handshake(
     }
     let no_zeroes = client & CLIENT_NO_ZEROES != 0;
     let tflags = TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_SEND_FLUSH | TFLAG_CAN_MULTI_CONN | TFLAG_SEND_CACHE;
+    let mut structured = false;
     loop {
         let mut head = [0u8; size_of::<OptionHeader>()];
         rd.read_exact(&mut head).await?;
@@ -85,8 +87,13 @@ async fn handshake(
                     wr.write_all(&[0u8; 124]).await?;
                 }
                 wr.flush().await?;
-                return Ok(Some(export));
+                return Ok(Some((export, structured)));
             }
+            OPT_STRUCTURED_REPLY if data.is_empty() => {
+                structured = true;
+                reply(wr, option, REP_ACK, &[]).await?;
+            }
+            OPT_STRUCTURED_REPLY => reply(wr, option, REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data").await?,
             OPT_ABORT => {
                 reply(wr, option, REP_ACK, &[]).await?;
                 wr.flush().await?;
@@ -119,7 +126,7 @@ async fn handshake(
                         reply(wr, option, REP_ACK, &[]).await?;
                         if option == OPT_GO {
                             wr.flush().await?;
-                            return Ok(Some(export));
+                            return Ok(Some((export, structured)));
                         }
                     }
                 },
@@ -145,23 +152,126 @@ fn parse_info(data: &[u8]) -> Option<(String, Vec<u16>)> {
     Some((String::from_utf8(name.to_vec()).ok()?, infos))
 }
 
-type Frame = (SimpleReply, Vec<u8>);
+/// A reply as sent: the 16-byte simple reply header, then any data.
+type Frame = Vec<u8>;
+const HEAD: usize = size_of::<SimpleReply>();
 
-fn frame(cookie: u64, error: u32, data: Vec<u8>) -> Frame {
-    (SimpleReply { magic: SIMPLE_REPLY_MAGIC.into(), error: error.into(), cookie: cookie.into() }, data)
+fn put_head(frame: &mut [u8], cookie: u64, error: u32) {
+    let head = SimpleReply { magic: SIMPLE_REPLY_MAGIC.into(), error: error.into(), cookie: cookie.into() };
+    frame[..HEAD].copy_from_slice(head.as_bytes());
+}
+
+fn frame(cookie: u64, error: u32) -> Frame {
+    let mut f = vec![0u8; HEAD];
+    put_head(&mut f, cookie, error);
+    f
+}
+
+/// A structured reply chunk: header for a payload of `payload` bytes, the
+/// buffer sized to hold it (the caller fills the payload).
+fn chunk(pool: &Pool, cookie: u64, flags: u16, kind: u16, payload: usize) -> Frame {
+    let mut f = pool.take(CHUNK + payload);
+    let head = ChunkHeader {
+        magic: STRUCTURED_REPLY_MAGIC.into(),
+        flags: flags.into(),
+        kind: kind.into(),
+        cookie: cookie.into(),
+        length: u32::try_from(payload).unwrap_or(u32::MAX).into(),
+    };
+    f[..CHUNK].copy_from_slice(head.as_bytes());
+    f
+}
+const CHUNK: usize = size_of::<ChunkHeader>();
+
+fn error_chunk(pool: &Pool, cookie: u64, error: u32, msg: &str) -> Frame {
+    let msg = &msg.as_bytes()[..msg.len().min(4096)];
+    let mut f = chunk(pool, cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6 + msg.len());
+    f[CHUNK..CHUNK + 4].copy_from_slice(&error.to_be_bytes());
+    f[CHUNK + 4..CHUNK + 6].copy_from_slice(&u16::try_from(msg.len()).unwrap_or(0).to_be_bytes());
+    f[CHUNK + 6..].copy_from_slice(msg);
+    f
+}
+
+/// A read answered in structured chunks: data where there is data, holes
+/// where the export knows the bytes are zero (sent as a length, not bytes).
+async fn structured_read(export: &dyn Export, pool: &Pool, cookie: u64, offset: u64, length: u32, one_chunk: bool) -> Vec<Frame> {
+    let end = offset + u64::from(length);
+    let holes = if one_chunk { Vec::new() } else { export.zeros(offset..end) };
+    let mut pieces = Vec::new();
+    let mut pos = offset;
+    for h in holes {
+        if h.start > pos {
+            pieces.push((pos..h.start, false));
+        }
+        pieces.push((h.clone(), true));
+        pos = h.end;
+    }
+    if pos < end {
+        pieces.push((pos..end, false));
+    }
+    let mut frames = Vec::with_capacity(pieces.len().max(1));
+    for (r, hole) in pieces {
+        let len = (r.end - r.start) as usize;
+        if hole {
+            let mut f = chunk(pool, cookie, 0, REPLY_TYPE_OFFSET_HOLE, 12);
+            f[CHUNK..CHUNK + 8].copy_from_slice(&r.start.to_be_bytes());
+            f[CHUNK + 8..].copy_from_slice(&u32::try_from(len).unwrap_or(0).to_be_bytes());
+            frames.push(f);
+        } else {
+            let mut f = chunk(pool, cookie, 0, REPLY_TYPE_OFFSET_DATA, 8 + len);
+            f[CHUNK..CHUNK + 8].copy_from_slice(&r.start.to_be_bytes());
+            if let Err(e) = export.read(r.start, &mut f[CHUNK + 8..]).await {
+                tracing::warn!(offset = r.start, len, error = %e, "NBD read failed; the client gets EIO");
+                frames.into_iter().chain([f]).for_each(|f| pool.give(f));
+                return vec![error_chunk(pool, cookie, EIO, &e.to_string())];
+            }
+            frames.push(f);
+        }
+    }
+    match frames.last_mut() {
+        Some(last) => last[4..6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes()),
+        None => frames.push(chunk(pool, cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0)),
+    }
+    frames
+}
+
+/// Reply buffers, reused so that reads neither allocate nor fault in fresh
+/// pages (a 1 MiB `Vec` is a new mapping every time otherwise).
+#[derive(Default)]
+struct Pool(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl Pool {
+    const KEEP: usize = 32;
+    const LARGEST: usize = 4 << 20;
+
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
+        v.resize(len, 0);
+        v
+    }
+
+    fn give(&self, v: Vec<u8>) {
+        let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < Self::KEEP && v.capacity() <= Self::LARGEST {
+            pool.push(v);
+        }
+    }
 }
 
 async fn transmission(
     export: Arc<dyn Export>,
+    structured: bool,
     mut rd: impl AsyncRead + Unpin,
     wr: impl AsyncWrite + Unpin + Send + 'static,
 ) -> io::Result<()> {
     let (tx, mut rx) = mpsc::channel::<Frame>(IN_FLIGHT);
+    let pool = Arc::new(Pool::default());
+    let returns = Arc::clone(&pool);
     let writer = tokio::spawn(async move {
-        let mut wr = BufWriter::with_capacity(256 << 10, wr);
-        while let Some((head, data)) = rx.recv().await {
-            wr.write_all(head.as_bytes()).await?;
-            wr.write_all(&data).await?;
+        let mut wr = BufWriter::with_capacity(64 << 10, wr);
+        while let Some(frame) = rx.recv().await {
+            wr.write_all(&frame).await?;
+            returns.give(frame);
             if rx.is_empty() {
                 wr.flush().await?;
             }
@@ -184,21 +294,37 @@ async fn transmission(
         let (cookie, offset, length) = (req.cookie.get(), req.offset.get(), req.length.get());
         let in_range = offset.checked_add(u64::from(length)).is_some_and(|end| end <= size);
         match req.kind.get() {
+            CMD_READ if structured && (!in_range || length > MAX_REQUEST) => {
+                let _ = tx.send(error_chunk(&pool, cookie, EINVAL, "read outside the export or too long")).await;
+            }
+            CMD_READ if structured => {
+                let Ok(permit) = Arc::clone(&permits).acquire_many_owned(pages(length)).await else { break Ok(()) };
+                let (export, tx, pool) = (Arc::clone(&export), tx.clone(), Arc::clone(&pool));
+                let one_chunk = req.flags.get() & CMD_FLAG_DF != 0;
+                tokio::spawn(async move {
+                    for f in structured_read(export.as_ref(), &pool, cookie, offset, length, one_chunk).await {
+                        let _ = tx.send(f).await;
+                    }
+                    drop(permit);
+                });
+            }
             CMD_READ if !in_range || length > MAX_REQUEST => {
-                let _ = tx.send(frame(cookie, EINVAL, Vec::new())).await;
+                let _ = tx.send(frame(cookie, EINVAL)).await;
             }
             CMD_READ => {
                 let Ok(permit) = Arc::clone(&permits).acquire_many_owned(pages(length)).await else { break Ok(()) };
-                let (export, tx) = (Arc::clone(&export), tx.clone());
+                let (export, tx, pool) = (Arc::clone(&export), tx.clone(), Arc::clone(&pool));
                 tokio::spawn(async move {
-                    let f = match export.read(offset, length).await {
-                        Ok(data) if data.len() == length as usize => frame(cookie, 0, data),
-                        Ok(_) => frame(cookie, EIO, Vec::new()),
+                    let mut f = pool.take(HEAD + length as usize);
+                    let error = match export.read(offset, &mut f[HEAD..]).await {
+                        Ok(()) => 0,
                         Err(e) => {
                             tracing::warn!(offset, length, error = %e, "NBD read failed; the client gets EIO");
-                            frame(cookie, EIO, Vec::new())
+                            f.truncate(HEAD);
+                            EIO
                         }
                     };
+                    put_head(&mut f, cookie, error);
                     let _ = tx.send(f).await;
                     drop(permit);
                 });
@@ -210,28 +336,30 @@ async fn transmission(
                 }
                 let mut sink = (&mut rd).take(u64::from(length));
                 tokio::io::copy(&mut sink, &mut tokio::io::sink()).await?;
-                let _ = tx.send(frame(cookie, EPERM, Vec::new())).await;
+                let _ = tx.send(frame(cookie, EPERM)).await;
             }
             CMD_TRIM | CMD_WRITE_ZEROES => {
-                let _ = tx.send(frame(cookie, EPERM, Vec::new())).await;
+                let _ = tx.send(frame(cookie, EPERM)).await;
             }
             CMD_FLUSH => {
-                let _ = tx.send(frame(cookie, 0, Vec::new())).await;
+                let _ = tx.send(frame(cookie, 0)).await;
             }
             CMD_CACHE if in_range => {
                 // A hint: fetch into the cache without sending data back.
                 let length = length.min(MAX_REQUEST);
                 let Ok(permit) = Arc::clone(&permits).acquire_many_owned(pages(length)).await else { break Ok(()) };
-                let (export, tx) = (Arc::clone(&export), tx.clone());
+                let (export, tx, pool) = (Arc::clone(&export), tx.clone(), Arc::clone(&pool));
                 tokio::spawn(async move {
-                    let error = if export.read(offset, length).await.is_ok() { 0 } else { EIO };
-                    let _ = tx.send(frame(cookie, error, Vec::new())).await;
+                    let mut scratch = pool.take(length as usize);
+                    let error = if export.read(offset, &mut scratch).await.is_ok() { 0 } else { EIO };
+                    pool.give(scratch);
+                    let _ = tx.send(frame(cookie, error)).await;
                     drop(permit);
                 });
             }
             CMD_DISC => break Ok(()),
             _ => {
-                let _ = tx.send(frame(cookie, EINVAL, Vec::new())).await;
+                let _ = tx.send(frame(cookie, EINVAL)).await;
             }
         }
     };
