@@ -1,0 +1,234 @@
+//! Lazy delivery on the multi-node testbed: a store host and a compute node
+//! in their own network namespaces, joined by shaped links (100 Mbit/s with
+//! 2 ms and 20 ms round trips, 1 Gbit/s with 2 ms; 5% loss), booting the
+//! reference guest to its marker. Bytes are counted on the store's
+//! interface. Needs root.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bootcache_testbed::{Link, Testbed};
+use support::deliver::Killed;
+use support::{accel, bootcache, qemu_args, reference_guest};
+
+/// One test at a time: they share the machine's two cores and the testbed's names.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    image: PathBuf,
+    store_dir: PathBuf,
+    /// Boot segment plus header and index, bytes.
+    boot_bytes: u64,
+}
+
+/// The reference guest, its recorded boot, and the container laid out from it.
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let image = reference_guest();
+        let dir = tempfile::tempdir().unwrap();
+        let store_dir = dir.path().join("store");
+        std::fs::create_dir(&store_dir).unwrap();
+        let trace = dir.path().join("boot.bctrace");
+        let mut record = vec!["record".to_string(), "--image".into(), s(&image), "--out".into(), s(&trace), "--".into()];
+        record.extend(qemu_args(&image, "raw", "threads"));
+        bootcache(&record.iter().map(String::as_str).collect::<Vec<_>>());
+        let container = store_dir.join("guest.bcimg");
+        bootcache(&["convert", &s(&image), &s(&container), "--trace", &s(&trace), "--zstd", "-q"]);
+        let info: serde_json::Value = serde_json::from_str(&bootcache(&["info", &s(&container), "--output", "json"])).unwrap();
+        let boot_bytes = info["boot_segment_bytes"].as_u64().unwrap() + 256 + info["index_bytes"].as_u64().unwrap();
+        Fixture { _dir: dir, image, store_dir, boot_bytes }
+    })
+}
+
+fn s(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+/// `bootcache store serve DIR` on the store host, port 8080, reachable from the node.
+fn store(tb: &Testbed, dir: &Path) -> Killed {
+    let addr = format!("{}:8080", tb.host("store").addr);
+    let server =
+        Killed(tb.command("store", env!("CARGO_BIN_EXE_bootcache")).args(["store", "serve", "--listen", &addr]).arg(dir).spawn().unwrap());
+    let start = Instant::now();
+    while !tb
+        .command("node", "curl")
+        .args(["-sf", "-o", "/dev/null", "-I", &format!("http://{addr}/guest.bcimg")])
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(start.elapsed() < Duration::from_secs(20), "the store did not come up on {addr}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server
+}
+
+/// Starts `bootcache boot` on the node against the store; returns the child.
+fn start_boot(tb: &Testbed, cache: &Path, extra: &[&str]) -> std::process::Child {
+    tb.command("node", env!("CARGO_BIN_EXE_bootcache"))
+        .args(["boot", "--store", &format!("http://{}:8080", tb.host("store").addr), "guest.bcimg", "--exit-at-marker", "--json"])
+        .args(["--timeout", "300", "--cache-dir"])
+        .arg(cache)
+        .args(extra)
+        .args(["--", "qemu-system-x86_64", "-accel", &accel(), "-m", "512", "-display", "none", "-net", "none"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn report(out: &Output) -> serde_json::Value {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bootcache boot failed:\n{stderr}");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no JSON report ({e}):\n{stderr}"))
+}
+
+#[test]
+fn boots_at_every_link_setting_with_little_more_than_the_boot_segment_sent() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let mut tb = Testbed::new(&["store", "node"]).unwrap();
+    let _store = store(&tb, &fx.store_dir);
+    for (i, link) in [Link::new(100, 2.0), Link::new(100, 20.0), Link::new(1000, 2.0)].into_iter().enumerate() {
+        tb.shape(link).unwrap();
+        let sent_before = tb.tx_bytes("store").unwrap();
+        let cache = dir.path().join(format!("cache{i}"));
+        let r = report(&start_boot(&tb, &cache, &["--background", "off"]).wait_with_output().unwrap());
+        let sent = tb.tx_bytes("store").unwrap() - sent_before;
+        eprintln!(
+            "{link}: marker after {} s; store sent {sent} bytes on the wire for {} of boot segment, header and index; {}",
+            r["marker_seconds"], fx.boot_bytes, r["metrics"]
+        );
+        assert_eq!(r["outcome"], "marker", "{link}: {r}");
+        assert!(sent as f64 <= 1.10 * fx.boot_bytes as f64, "{link}: the store sent {sent} bytes, over 1.10 x {}", fx.boot_bytes);
+    }
+    // The guest's disk through the export equals the source byte for byte
+    // (what the boot did not read now comes on demand over the link).
+    let cache = dir.path().join("cache2");
+    let socket = dir.path().join("nbd.sock");
+    let api = format!("{}:7070", tb.host("node").addr);
+    let node = tb
+        .command("node", env!("CARGO_BIN_EXE_bootcache"))
+        .args(["node", "serve", "--background", "off", "--api", &api, "--cache-dir"])
+        .arg(&cache)
+        .arg("--nbd-socket")
+        .arg(&socket)
+        .spawn()
+        .unwrap();
+    let _node = Killed(node);
+    let body = format!(r#"{{"name":"guest","url":"http://{}:8080/guest.bcimg"}}"#, tb.host("store").addr);
+    let start = Instant::now();
+    let opened = loop {
+        let out = tb
+            .command("node", "curl")
+            .args(["-sf", "-H", "content-type: application/json", "-d", &body, &format!("http://{api}/images")])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "the node API did not answer");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&fx.image)
+        .arg(opened["nbd_url"].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "the export differs from the source: {}{}",
+        String::from_utf8_lossy(&cmp.stdout),
+        String::from_utf8_lossy(&cmp.stderr)
+    );
+}
+
+#[test]
+fn a_boot_completes_over_a_link_losing_five_percent_of_packets() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let mut tb = Testbed::new(&["store", "node"]).unwrap();
+    let _store = store(&tb, &fx.store_dir);
+    let link = Link::new(100, 2.0).with_loss(5.0);
+    tb.shape(link).unwrap();
+    let r = report(&start_boot(&tb, &dir.path().join("cache"), &["--background", "full"]).wait_with_output().unwrap());
+    eprintln!("{link}: {r}");
+    assert_eq!(r["outcome"], "marker", "{r}");
+    assert_eq!(r["metrics"]["read_errors"], 0, "{r}");
+}
+
+#[test]
+fn a_boot_completes_when_the_store_dies_3_s_in_and_returns_5_s_later() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let mut tb = Testbed::new(&["store", "node"]).unwrap();
+    // At 100 Mbit/s and 20 ms the boot segment alone takes longer than 3 s.
+    tb.shape(Link::new(100, 20.0)).unwrap();
+    let mut server = Some(store(&tb, &fx.store_dir));
+    let started = Instant::now();
+    let boot = start_boot(&tb, &dir.path().join("cache"), &["--background", "off", "--read-timeout", "60"]);
+    std::thread::sleep(Duration::from_secs(3).saturating_sub(started.elapsed()));
+    drop(server.take()); // SIGKILL
+    std::thread::sleep(Duration::from_secs(5));
+    server = Some(store(&tb, &fx.store_dir));
+    let r = report(&boot.wait_with_output().unwrap());
+    drop(server);
+    eprintln!("store killed at 3 s, back at 8 s: {r}");
+    assert_eq!(r["outcome"], "marker", "{r}");
+    assert_eq!(r["metrics"]["read_errors"], 0, "{r}");
+    assert!(r["metrics"]["miss_wait_seconds"].as_f64().unwrap() > 1.0, "the boot never waited for the store: {r}");
+}
+
+#[test]
+fn a_tampered_extent_on_the_store_is_detected_never_served_and_named() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    // A copy of the store with one byte of one rest extent flipped.
+    let store_dir = dir.path().join("store");
+    std::fs::create_dir(&store_dir).unwrap();
+    let container = store_dir.join("guest.bcimg");
+    std::fs::copy(fx.store_dir.join("guest.bcimg"), &container).unwrap();
+    let image = bootcache_format::Image::open(std::fs::File::open(&container).unwrap()).unwrap();
+    let victim = image
+        .index()
+        .entries()
+        .iter()
+        .find(|e| e.segment == bootcache_format::Segment::Rest && e.encoding != bootcache_format::Encoding::Zero)
+        .unwrap()
+        .clone();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&container).unwrap();
+    let mut b = [0u8];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, victim.stored.start + 1).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[b[0] ^ 1], victim.stored.start + 1).unwrap();
+    drop(f);
+
+    let mut tb = Testbed::new(&["store", "node"]).unwrap();
+    tb.shape(Link::new(1000, 2.0)).unwrap();
+    let _store = store(&tb, &store_dir);
+    // Background streaming reaches the tampered extent during the boot.
+    let out = start_boot(&tb, &dir.path().join("cache"), &["--background", "full"]).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let r = report(&out);
+    eprintln!("{r}");
+    assert_eq!(r["outcome"], "marker", "{r}");
+    assert_eq!(r["metrics"]["bad_extents"], 1, "{r}");
+    let offset = format!("{:#x}", victim.guest.start);
+    assert!(stderr.contains(&offset), "the log does not name guest offset {offset}:\n{stderr}");
+    let data = std::fs::read_dir(dir.path().join("cache")).unwrap().next().unwrap().unwrap().path().join("data");
+    let cached = std::fs::read(data).unwrap();
+    assert!(
+        cached[victim.guest.start as usize..victim.guest.end as usize].iter().all(|&x| x == 0),
+        "the tampered extent reached the cache file"
+    );
+}
