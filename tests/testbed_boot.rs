@@ -1,8 +1,10 @@
 //! Lazy delivery on the multi-node testbed: a store host and a compute node
 //! in their own network namespaces, joined by shaped links (100 Mbit/s with
 //! 2 ms and 20 ms round trips, 1 Gbit/s with 2 ms; 5% loss), booting the
-//! reference guest to its marker. Bytes are counted on the store's
-//! interface. Needs root.
+//! reference guest to its marker. The store is nginx (a real third-party
+//! HTTP server), or `bootcache store serve` where the test kills it or
+//! serves a tampered copy. Bytes are counted on the store's interface.
+//! Needs root.
 
 mod support;
 
@@ -12,8 +14,10 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bootcache_testbed::{Link, Testbed};
-use support::deliver::Killed;
+use support::deliver::{Killed, Nginx, NodeProc, overlay, start_vm, wait_markers};
 use support::{accel, bootcache, qemu_args, reference_guest};
+
+const MARKER: &str = "BOOTCACHE-BOOTED";
 
 /// One test at a time: they share the machine's two cores and the testbed's names.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -90,53 +94,34 @@ fn report(out: &Output) -> serde_json::Value {
 }
 
 #[test]
-fn boots_at_every_link_setting_with_little_more_than_the_boot_segment_sent() {
+fn boots_at_every_link_setting_from_nginx_and_four_vms_share_one_cache() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let fx = fixture();
     let dir = tempfile::tempdir().unwrap();
     let mut tb = Testbed::new(&["store", "node"]).unwrap();
-    let _store = store(&tb, &fx.store_dir);
+    let store_addr = tb.host("store").addr.to_string();
+    let _nginx = Nginx::start_in(Some(&tb.host("store").netns), &store_addr, 8080, &fx.store_dir, &dir.path().join("nginx"));
+    let url = format!("http://{store_addr}:8080/guest.bcimg");
+    let mut one = 0;
     for (i, link) in [Link::new(100, 2.0), Link::new(100, 20.0), Link::new(1000, 2.0)].into_iter().enumerate() {
         tb.shape(link).unwrap();
         let sent_before = tb.tx_bytes("store").unwrap();
         let cache = dir.path().join(format!("cache{i}"));
         let r = report(&start_boot(&tb, &cache, &["--background", "off"]).wait_with_output().unwrap());
-        let sent = tb.tx_bytes("store").unwrap() - sent_before;
+        one = tb.tx_bytes("store").unwrap() - sent_before;
         eprintln!(
-            "{link}: marker after {} s; store sent {sent} bytes on the wire for {} of boot segment, header and index; {}",
+            "{link}: marker after {} s; store sent {one} bytes on the wire for {} of boot segment, header and index; {}",
             r["marker_seconds"], fx.boot_bytes, r["metrics"]
         );
         assert_eq!(r["outcome"], "marker", "{link}: {r}");
-        assert!(sent as f64 <= 1.10 * fx.boot_bytes as f64, "{link}: the store sent {sent} bytes, over 1.10 x {}", fx.boot_bytes);
+        assert!(one as f64 <= 1.10 * fx.boot_bytes as f64, "{link}: the store sent {one} bytes, over 1.10 x {}", fx.boot_bytes);
     }
+
     // The guest's disk through the export equals the source byte for byte
     // (what the boot did not read now comes on demand over the link).
-    let cache = dir.path().join("cache2");
-    let socket = dir.path().join("nbd.sock");
-    let api = format!("{}:7070", tb.host("node").addr);
-    let node = tb
-        .command("node", env!("CARGO_BIN_EXE_bootcache"))
-        .args(["node", "serve", "--background", "off", "--api", &api, "--cache-dir"])
-        .arg(&cache)
-        .arg("--nbd-socket")
-        .arg(&socket)
-        .spawn()
-        .unwrap();
-    let _node = Killed(node);
-    let body = format!(r#"{{"name":"guest","url":"http://{}:8080/guest.bcimg"}}"#, tb.host("store").addr);
-    let start = Instant::now();
-    let opened = loop {
-        let out = tb
-            .command("node", "curl")
-            .args(["-sf", "-H", "content-type: application/json", "-d", &body, &format!("http://{api}/images")])
-            .output()
-            .unwrap();
-        if out.status.success() {
-            break serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "the node API did not answer");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let node_ns = tb.host("node").netns.clone();
+    let node = NodeProc::start_in(Some(&node_ns), &dir.path().join("cache2"), &dir.path().join("node-check"), "off");
+    let opened = node.open("check", &url);
     let cmp = Command::new("qemu-img")
         .args(["compare", "-f", "raw", "-F", "raw"])
         .arg(&fx.image)
@@ -149,6 +134,41 @@ fn boots_at_every_link_setting_with_little_more_than_the_boot_segment_sent() {
         String::from_utf8_lossy(&cmp.stdout),
         String::from_utf8_lossy(&cmp.stderr)
     );
+    drop(node);
+
+    // Four VMs at once on one node from one image (1 Gbit/s, 2 ms): one
+    // cache, so the store sends the image's boot bytes once.
+    let sent_before = tb.tx_bytes("store").unwrap();
+    let node = NodeProc::start_in(Some(&node_ns), &dir.path().join("cache4"), &dir.path().join("node4"), "off");
+    let rss_open_before = node.rss();
+    let mut consoles = Vec::new();
+    let mut disks = Vec::new();
+    for i in 0..4 {
+        let opened = node.open(&format!("vm{i}"), &url);
+        let disk = dir.path().join(format!("vm{i}.qcow2"));
+        overlay(&disk, opened["nbd_url"].as_str().unwrap(), opened["virtual_size"].as_u64().unwrap());
+        consoles.push(dir.path().join(format!("vm{i}.console")));
+        disks.push(disk);
+    }
+    let rss_open = node.rss();
+    let running: Vec<_> = disks.iter().zip(&consoles).map(|(disk, console)| start_vm(disk, console, &accel())).collect();
+    let times = wait_markers(&consoles, MARKER, Duration::from_secs(600));
+    let rss_booted = node.rss();
+    drop(running);
+    let four = tb.tx_bytes("store").unwrap() - sent_before;
+    let status: serde_json::Value = serde_json::from_str(&node.get("/images")).unwrap();
+    let roots: std::collections::BTreeSet<_> =
+        status.as_array().unwrap().iter().map(|i| i["root_digest"].as_str().unwrap().to_string()).collect();
+    assert_eq!(roots.len(), 1, "four names, one cache: {status}");
+    let per_vm = rss_booted.saturating_sub(rss_open) as f64 / 4.0;
+    eprintln!(
+        "four VMs: markers after {times:?}; store sent {four} bytes (one VM: {one}); node RSS idle {rss_open_before}, images open \
+         {rss_open}, after the boots {rss_booted} ({per_vm:.0} bytes per VM); metrics {}",
+        status[0]["metrics"]
+    );
+    assert!(four as f64 <= 1.05 * one as f64, "four VMs made the store send {four} bytes, one VM {one}");
+    // A cache per VM would hold the boot set (about 60 MB) each time.
+    assert!(per_vm < 16.0 * 1024.0 * 1024.0, "the node grew by {per_vm:.0} bytes per VM");
 }
 
 #[test]

@@ -6,6 +6,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// `program`, run inside network namespace `netns` when one is given.
+pub fn wrap(netns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
 /// A port nothing listens on now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -49,8 +61,15 @@ impl Drop for Nginx {
 }
 
 impl Nginx {
+    /// nginx on a free loopback port.
     pub fn start(root: &Path, work: &Path) -> Nginx {
         let port = free_port();
+        Nginx::start_in(None, "127.0.0.1", port, root, work)
+    }
+
+    /// nginx on `addr:port` inside `netns` (or the current namespace).
+    pub fn start_in(netns: Option<&str>, addr: &str, port: u16, root: &Path, work: &Path) -> Nginx {
+        std::fs::create_dir_all(work).unwrap();
         let log = work.join("access.log");
         let w = work.display();
         let conf = format!(
@@ -58,13 +77,13 @@ impl Nginx {
              http {{\n  log_format bytes '$bytes_sent $status \"$request\" \"$http_range\"';\n  access_log {w}/access.log bytes;\n\
              client_body_temp_path {w}/body; proxy_temp_path {w}/proxy; fastcgi_temp_path {w}/fastcgi;\n\
              uwsgi_temp_path {w}/uwsgi; scgi_temp_path {w}/scgi;\n\
-             server {{ listen 127.0.0.1:{port}; root {}; location / {{ }} }}\n}}\n",
+             server {{ listen {addr}:{port}; root {}; location / {{ }} }}\n}}\n",
             root.display()
         );
         let conf_path = work.join("nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();
         std::fs::write(&log, "").unwrap();
-        let mut child = Command::new("nginx")
+        let mut child = wrap(netns, "nginx")
             .arg("-c")
             .arg(&conf_path)
             .arg("-p")
@@ -73,7 +92,16 @@ impl Nginx {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("nginx must be installed (scripts/setup installs it)");
-        wait_port(port, &mut child, "nginx");
+        let url = format!("http://{addr}:{port}/");
+        let start = Instant::now();
+        while !wrap(netns, "curl").args(["-s", "-o", "/dev/null", &url]).status().unwrap().success() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("nginx exited before listening: {status}");
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "nginx does not answer on {url}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::fs::write(&log, "").unwrap(); // forget the readiness probes
         Nginx { child, log, port }
     }
 
@@ -93,14 +121,20 @@ pub struct NodeProc {
     pub child: Killed,
     pub api: u16,
     pub socket: PathBuf,
+    netns: Option<String>,
 }
 
 impl NodeProc {
     pub fn start(cache_dir: &Path, work: &Path, background: &str) -> NodeProc {
+        NodeProc::start_in(None, cache_dir, work, background)
+    }
+
+    /// The node inside `netns` (its API on that namespace's loopback).
+    pub fn start_in(netns: Option<&str>, cache_dir: &Path, work: &Path, background: &str) -> NodeProc {
         std::fs::create_dir_all(work).unwrap();
         let api = free_port();
         let socket = work.join("nbd.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_bootcache"))
+        let child = wrap(netns, env!("CARGO_BIN_EXE_bootcache"))
             .args(["node", "serve", "--background", background, "--api", &format!("127.0.0.1:{api}")])
             .arg("--cache-dir")
             .arg(cache_dir)
@@ -108,14 +142,24 @@ impl NodeProc {
             .arg(&socket)
             .spawn()
             .expect("run bootcache node serve");
-        wait_port(api, &mut child, "bootcache node serve");
-        NodeProc { child: Killed(child), api, socket }
+        let node = NodeProc { child: Killed(child), api, socket, netns: netns.map(str::to_owned) };
+        let start = Instant::now();
+        while !node.curl().args(["-s", "-o", "/dev/null", &format!("http://127.0.0.1:{api}/images")]).status().unwrap().success() {
+            assert!(start.elapsed() < Duration::from_secs(20), "bootcache node serve does not answer on port {api}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        node
+    }
+
+    fn curl(&self) -> Command {
+        wrap(self.netns.as_deref(), "curl")
     }
 
     /// Opens `url` as export `name`; returns the API's JSON answer.
     pub fn open(&self, name: &str, url: &str) -> serde_json::Value {
         let body = serde_json::json!({ "name": name, "url": url }).to_string();
-        let out = Command::new("curl")
+        let out = self
+            .curl()
             .args(["-sS", "--fail-with-body", "-H", "content-type: application/json", "-d", &body])
             .arg(format!("http://127.0.0.1:{}/images", self.api))
             .output()
@@ -126,7 +170,7 @@ impl NodeProc {
 
     /// GET `path` on the API.
     pub fn get(&self, path: &str) -> String {
-        let out = Command::new("curl").args(["-sS", "--fail"]).arg(format!("http://127.0.0.1:{}{path}", self.api)).output().expect("curl");
+        let out = self.curl().args(["-sS", "--fail"]).arg(format!("http://127.0.0.1:{}{path}", self.api)).output().expect("curl");
         assert!(out.status.success(), "GET {path}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     }
