@@ -377,3 +377,80 @@ async fn a_read_waits_while_the_store_is_briefly_away_and_fails_with_a_reason_af
     let o = rest[1].guest.start as usize;
     assert!(got.unwrap() == fx.model[o..o + 4096]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_gives_ranges_and_the_root_digest_as_etag_and_nothing_outside_its_directory() {
+    let fx = fixture().await;
+    let img = image(&fx.container);
+    let remote = bootcache_deployer::remote::Remote::open(&fx.url, Default::default()).await.unwrap();
+    assert_eq!(remote.len(), std::fs::metadata(&fx.container).unwrap().len());
+    assert_eq!(remote.etag(), Some(img.root_digest_hex().as_str()), "ETag is the root digest");
+    let bytes = remote.get(100..4196).await.unwrap();
+    assert!(bytes[..] == std::fs::read(&fx.container).unwrap()[100..4196]);
+
+    // A link inside the directory to a file outside it, and names that climb out.
+    let store_dir = fx.container.parent().unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", store_dir.join("escape")).unwrap();
+    std::fs::write(fx.dir.path().join("secret"), "outside").unwrap();
+    let base = fx.url.trim_end_matches("disk.bcimg");
+    let client = reqwest::Client::new();
+    for path in ["escape", "..%2Fsecret", "%2E%2E/secret", ".hidden", "sub/disk.bcimg"] {
+        let status = client.get(format!("{base}{path}")).send().await.unwrap().status();
+        assert_eq!(status, reqwest::StatusCode::NOT_FOUND, "{path} was served");
+    }
+    // A range past the end is refused with the file's length.
+    let resp = client.get(&fx.url).header("range", format!("bytes={}-", remote.len() + 10)).send().await.unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(resp.headers()["content-range"], format!("bytes */{}", remote.len()).as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_api_opens_shares_lists_measures_and_closes_images() {
+    let fx = fixture().await;
+    let sock = fx.dir.path().join("node.sock");
+    let node = bootcache_deployer::node::Node::new(sock.clone(), options(fx.dir.path(), Background::Off));
+    tokio::spawn(node.nbd().serve_unix(tokio::net::UnixListener::bind(&sock).unwrap()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, node.api()).await });
+    let client = reqwest::Client::new();
+    let open = |name: &str| client.post(format!("{api}/images")).json(&serde_json::json!({"name": name, "url": fx.url})).send();
+    let a: serde_json::Value = open("a").await.unwrap().json().await.unwrap();
+    let b: serde_json::Value = open("b").await.unwrap().json().await.unwrap();
+    assert_eq!(a["root_digest"], b["root_digest"], "one image, one cache");
+    assert_eq!(a["nbd_url"], format!("nbd+unix:///a?socket={}", sock.display()));
+    let bad = client.post(format!("{api}/images")).json(&serde_json::json!({"name": "x/y", "url": fx.url})).send().await.unwrap();
+    assert_eq!(bad.status(), reqwest::StatusCode::BAD_REQUEST);
+    let missing = client
+        .post(format!("{api}/images"))
+        .json(&serde_json::json!({"name": "m", "url": format!("{}.nope", fx.url)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), reqwest::StatusCode::BAD_GATEWAY);
+    assert!(missing.text().await.unwrap().contains("404"), "the reason reaches the caller");
+
+    // Read through one name; both names see the same cache's counters.
+    let out = run("qemu-img", &["compare", "-f", "raw", "-F", "raw", fx.source.to_str().unwrap(), a["nbd_url"].as_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: serde_json::Value = client.get(format!("{api}/images")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    assert_eq!(listed[0]["metrics"], listed[1]["metrics"]);
+    // Zero ranges go out as holes without touching the cache; the data was read.
+    let read = listed[0]["metrics"]["guest_read_bytes"].as_u64().unwrap();
+    assert!(read > 0 && read <= fx.model.len() as u64, "{listed}");
+    let text = client.get(format!("{api}/metrics")).send().await.unwrap().text().await.unwrap();
+    let root = a["root_digest"].as_str().unwrap();
+    assert!(text.contains("# TYPE bootcache_fetched_bytes_total counter"), "{text}");
+    let line =
+        text.lines().find(|l| l.starts_with(&format!("bootcache_guest_read_bytes_total{{image=\"{root}\"}}"))).expect("a sample per cache");
+    assert_eq!(line.split(' ').nth(1).unwrap().parse::<f64>().unwrap(), read as f64, "Prometheus and JSON agree");
+
+    // Closing one name keeps the export of the other.
+    assert_eq!(client.delete(format!("{api}/images/a")).send().await.unwrap().status(), reqwest::StatusCode::NO_CONTENT);
+    assert_eq!(client.delete(format!("{api}/images/a")).send().await.unwrap().status(), reqwest::StatusCode::NOT_FOUND);
+    let gone = run("qemu-img", &["info", a["nbd_url"].as_str().unwrap()]).await;
+    assert!(!gone.status.success(), "closed export still served");
+    let kept = run("qemu-img", &["info", b["nbd_url"].as_str().unwrap()]).await;
+    assert!(kept.status.success(), "{}", String::from_utf8_lossy(&kept.stderr));
+}
