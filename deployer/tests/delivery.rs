@@ -94,6 +94,16 @@ async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// The fixture's image in a node cache, exported as "disk" on a unix socket.
+async fn export_over_unix(fx: &Fixture) -> (Arc<NbdServer>, PathBuf) {
+    let cache = NodeCache::open(&fx.url, options(fx.dir.path(), Background::Off)).await.unwrap();
+    let nbd = NbdServer::new();
+    nbd.add("disk", Arc::new(cache));
+    let sock = fx.dir.path().join("nbd.sock");
+    tokio::spawn(Arc::clone(&nbd).serve_unix(tokio::net::UnixListener::bind(&sock).unwrap()));
+    (nbd, sock)
+}
+
 async fn run(cmd: &str, args: &[&str]) -> std::process::Output {
     tokio::process::Command::new(cmd).args(args).output().await.unwrap_or_else(|e| panic!("{cmd} must be installed: {e}"))
 }
@@ -101,11 +111,7 @@ async fn run(cmd: &str, args: &[&str]) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_reads_the_export_byte_for_byte_over_unix_and_tcp_at_once() {
     let fx = fixture().await;
-    let cache = NodeCache::open(&fx.url, options(fx.dir.path(), Background::Off)).await.unwrap();
-    let nbd = NbdServer::new();
-    nbd.add("disk", Arc::new(cache));
-    let sock = fx.dir.path().join("nbd.sock");
-    tokio::spawn(Arc::clone(&nbd).serve_unix(tokio::net::UnixListener::bind(&sock).unwrap()));
+    let (nbd, sock) = export_over_unix(&fx).await;
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = tcp.local_addr().unwrap().port();
     tokio::spawn(Arc::clone(&nbd).serve_tcp(tcp));
@@ -201,11 +207,7 @@ mod raw_client {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wire_protocol_refuses_writes_bad_ranges_and_unknown_exports() {
     let fx = fixture().await;
-    let cache = NodeCache::open(&fx.url, options(fx.dir.path(), Background::Off)).await.unwrap();
-    let nbd = NbdServer::new();
-    nbd.add("disk", Arc::new(cache));
-    let sock = fx.dir.path().join("nbd.sock");
-    tokio::spawn(Arc::clone(&nbd).serve_unix(tokio::net::UnixListener::bind(&sock).unwrap()));
+    let (_nbd, sock) = export_over_unix(&fx).await;
 
     let err = raw_client::go(&sock, "other").await.unwrap_err();
     assert!(err.contains("other"), "{err}");
