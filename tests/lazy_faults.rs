@@ -7,7 +7,7 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::deliver::{Killed, NodeProc, free_port, wait_port};
+use support::deliver::{Killed, NodeProc, assert_export_equals, free_port, wait_port};
 use support::{accel, bootcache, reference_guest};
 
 fn store(dir: &std::path::Path, port: u16) -> Killed {
@@ -109,16 +109,5 @@ fn a_node_killed_while_streaming_resumes_and_its_export_equals_the_source() {
         fetched_after <= stored - fetched_before / 2,
         "resumed from too far back: {fetched_before} before, {fetched_after} after, of {stored}"
     );
-    let cmp = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(&image)
-        .arg(opened["nbd_url"].as_str().unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        cmp.status.success(),
-        "export differs from the source: {}{}",
-        String::from_utf8_lossy(&cmp.stdout),
-        String::from_utf8_lossy(&cmp.stderr)
-    );
+    assert_export_equals(&image, opened["nbd_url"].as_str().unwrap());
 }

@@ -9,12 +9,12 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bootcache_testbed::{Link, Testbed};
-use support::deliver::{Killed, Nginx, NodeProc, overlay, start_vm, wait_markers};
+use support::deliver::{Killed, Nginx, NodeProc, assert_export_equals, overlay, start_vm, wait_markers};
 use support::{accel, bootcache, qemu_args, reference_guest};
 
 const MARKER: &str = "BOOTCACHE-BOOTED";
@@ -122,18 +122,7 @@ fn boots_at_every_link_setting_from_nginx_and_four_vms_share_one_cache() {
     let node_ns = tb.host("node").netns.clone();
     let node = NodeProc::start_in(Some(&node_ns), &dir.path().join("cache2"), &dir.path().join("node-check"), "off");
     let opened = node.open("check", &url);
-    let cmp = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(&fx.image)
-        .arg(opened["nbd_url"].as_str().unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        cmp.status.success(),
-        "the export differs from the source: {}{}",
-        String::from_utf8_lossy(&cmp.stdout),
-        String::from_utf8_lossy(&cmp.stderr)
-    );
+    assert_export_equals(&fx.image, opened["nbd_url"].as_str().unwrap());
     drop(node);
 
     // Four VMs at once on one node from one image (1 Gbit/s, 2 ms): one

@@ -18,7 +18,7 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
-use bootcache_format::{HEADER_SIZE, Header, hex};
+use bootcache_format::hex;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{CacheError, CacheOptions, NodeCache};
@@ -81,16 +81,16 @@ impl Node {
     /// See [`CacheError`].
     pub async fn open(&self, name: &str, url: &str) -> Result<OpenImage, CacheError> {
         let remote = Remote::open(url, self.opts.retry).await?;
-        let head = remote.get(0..u64::from(HEADER_SIZE).min(remote.len())).await?;
-        let root = Header::parse(&head, remote.len())
-            .map(|h| hex(&h.root_digest))
-            .map_err(|e| CacheError::Image { url: url.into(), source: bootcache_format::Error::Header(e) })?;
+        // The header names the cache; a new cache goes on from the same
+        // connection state and header rather than fetching them again.
+        let (head, header) = crate::cache::open::head(&remote).await?;
+        let root = hex(&header.root_digest);
         let cache = {
             let mut caches = self.caches.lock().await;
             match caches.get(&root) {
                 Some(c) => Arc::clone(c),
                 None => {
-                    let c = Arc::new(NodeCache::open(url, self.opts.clone()).await?);
+                    let c = Arc::new(crate::cache::open::open_from(remote, head, &header, self.opts.clone()).await?);
                     caches.insert(root.clone(), Arc::clone(&c));
                     c
                 }

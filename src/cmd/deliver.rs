@@ -243,16 +243,14 @@ async fn watch(
     args: &BootArgs,
     started: Instant,
 ) -> anyhow::Result<(&'static str, Option<Duration>)> {
-    use std::io::{Read, Seek, SeekFrom};
+    use std::io::Read;
+    // The file position follows what has been read: each pass reads only new bytes.
     let mut log = std::fs::File::open(console)?;
-    let (mut window, mut read_to) = (Vec::new(), 0u64);
+    let mut window = Vec::new();
     let mut marker_at = None;
     loop {
-        if marker_at.is_none() {
-            log.seek(SeekFrom::Start(read_to))?;
-            let n = log.read_to_end(&mut window)?;
-            read_to += n as u64;
-            if n > 0 && marker.is_match(&String::from_utf8_lossy(&window)) {
+        if marker_at.is_none() && log.read_to_end(&mut window)? > 0 {
+            if marker.is_match(&String::from_utf8_lossy(&window)) {
                 marker_at = Some(started.elapsed());
                 eprintln!("boot marker after {:.3} s", started.elapsed().as_secs_f64());
                 if args.exit_at_marker {
@@ -261,8 +259,7 @@ async fn watch(
                 }
             }
             // Keep the tail only: a marker split across reads is still found.
-            let keep = window.len().saturating_sub(4096);
-            window.drain(..keep);
+            window.drain(..window.len().saturating_sub(4096));
         }
         tokio::select! {
             status = child.wait() => {

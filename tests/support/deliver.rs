@@ -45,10 +45,9 @@ impl Drop for Killed {
     }
 }
 
-/// nginx serving `root` on a loopback port, logging the bytes of each response.
+/// nginx serving `root` (its access log, with bytes sent, in its work dir).
 pub struct Nginx {
     child: Child,
-    log: PathBuf,
     pub port: u16,
 }
 
@@ -61,16 +60,9 @@ impl Drop for Nginx {
 }
 
 impl Nginx {
-    /// nginx on a free loopback port.
-    pub fn start(root: &Path, work: &Path) -> Nginx {
-        let port = free_port();
-        Nginx::start_in(None, "127.0.0.1", port, root, work)
-    }
-
     /// nginx on `addr:port` inside `netns` (or the current namespace).
     pub fn start_in(netns: Option<&str>, addr: &str, port: u16, root: &Path, work: &Path) -> Nginx {
         std::fs::create_dir_all(work).unwrap();
-        let log = work.join("access.log");
         let w = work.display();
         let conf = format!(
             "worker_processes 1;\ndaemon off;\nerror_log {w}/error.log;\npid {w}/nginx.pid;\nevents {{}}\n\
@@ -82,7 +74,6 @@ impl Nginx {
         );
         let conf_path = work.join("nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();
-        std::fs::write(&log, "").unwrap();
         let mut child = wrap(netns, "nginx")
             .arg("-c")
             .arg(&conf_path)
@@ -101,18 +92,7 @@ impl Nginx {
             assert!(start.elapsed() < Duration::from_secs(20), "nginx does not answer on {url}");
             std::thread::sleep(Duration::from_millis(50));
         }
-        std::fs::write(&log, "").unwrap(); // forget the readiness probes
-        Nginx { child, log, port }
-    }
-
-    /// Bytes nginx has sent (headers and bodies) in responses so far.
-    pub fn bytes_sent(&self) -> u64 {
-        std::fs::read_to_string(&self.log).unwrap().lines().filter_map(|l| l.split(' ').next()?.parse::<u64>().ok()).sum()
-    }
-
-    /// The access log, for failure messages.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap()
+        Nginx { child, port }
     }
 }
 
@@ -181,6 +161,18 @@ impl NodeProc {
         let kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap();
         kb * 1024
     }
+}
+
+/// The source image and an NBD export of it compare equal, byte for byte
+/// (`qemu-img compare` through QEMU's NBD client).
+pub fn assert_export_equals(image: &Path, nbd_url: &str) {
+    let cmp = Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(image).arg(nbd_url).output().unwrap();
+    assert!(
+        cmp.status.success(),
+        "the export differs from the source: {}{}",
+        String::from_utf8_lossy(&cmp.stdout),
+        String::from_utf8_lossy(&cmp.stderr)
+    );
 }
 
 /// A qcow2 overlay of `size` bytes over the NBD export at `nbd_url`.

@@ -17,7 +17,7 @@
 //! bytes matched their BLAKE3 digest.
 
 mod fetch;
-mod open;
+pub(crate) mod open;
 pub mod presence;
 
 use std::fs::File;

@@ -47,15 +47,31 @@ async fn fetch(remote: &Remote, regions: &mut Regions, range: Range<u64>) -> Res
     Ok(())
 }
 
+/// The store's copy of the image's header, parsed and checked against its
+/// length (what names the cache: the root digest).
+pub(crate) async fn head(remote: &Remote) -> Result<(Bytes, Header), CacheError> {
+    let bad = |e| CacheError::Image { url: remote.url().into(), source: bootcache_format::Error::Header(e) };
+    if remote.len() < u64::from(HEADER_SIZE) {
+        return Err(bad(bootcache_format::HeaderError::TooShort(remote.len())));
+    }
+    let bytes = remote.get(0..u64::from(HEADER_SIZE)).await?;
+    let header = Header::parse(&bytes, remote.len()).map_err(bad)?;
+    Ok((bytes, header))
+}
+
 pub(super) async fn open(url: &str, opts: CacheOptions) -> Result<NodeCache, CacheError> {
     let remote = Remote::open(url, opts.retry).await?;
+    let (bytes, header) = head(&remote).await?;
+    open_from(remote, bytes, &header, opts).await
+}
+
+/// Opens the cache of the image behind `remote`, whose header (`head`,
+/// parsed as `header`) has been fetched already.
+pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts: CacheOptions) -> Result<NodeCache, CacheError> {
+    let url = remote.url().to_owned();
+    let url = url.as_str();
     let bad = |source| CacheError::Image { url: url.into(), source };
-    let mut regions = Regions { len: remote.len(), parts: Vec::new() };
-    if remote.len() < u64::from(HEADER_SIZE) {
-        return Err(bad(bootcache_format::Error::Header(bootcache_format::HeaderError::TooShort(remote.len()))));
-    }
-    fetch(&remote, &mut regions, 0..u64::from(HEADER_SIZE)).await?;
-    let header = Header::parse(&regions.parts[0].1, remote.len()).map_err(|e| bad(bootcache_format::Error::Header(e)))?;
+    let mut regions = Regions { len: remote.len(), parts: vec![(0, head)] };
     fetch(&remote, &mut regions, header.index_range()).await?;
     fetch(&remote, &mut regions, header.meta.clone()).await?;
     // The format crate checks everything: header, index tiling, root digest, metadata.
