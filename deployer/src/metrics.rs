@@ -12,6 +12,8 @@ pub struct Metrics {
     pub(crate) demand_bytes: AtomicU64,
     pub(crate) background_bytes: AtomicU64,
     pub(crate) discarded_bytes: AtomicU64,
+    pub(crate) peer_bytes: AtomicU64,
+    pub(crate) served_bytes: AtomicU64,
     pub(crate) bad_extents: AtomicU64,
     pub(crate) guest_reads: AtomicU64,
     pub(crate) guest_read_bytes: AtomicU64,
@@ -32,6 +34,11 @@ pub struct Snapshot {
     pub background_bytes: u64,
     /// Bytes received but not used (the extent had arrived by another path).
     pub discarded_bytes: u64,
+    /// Of the fetched bytes, those that came from peers rather than the
+    /// store.
+    pub peer_bytes: u64,
+    /// Stored bytes this cache served to other nodes.
+    pub served_to_peers_bytes: u64,
     /// Extents whose bytes failed their digest (never served).
     pub bad_extents: u64,
     /// Guest reads served (or failed).
@@ -68,6 +75,8 @@ impl Metrics {
             demand_bytes: g(&self.demand_bytes),
             background_bytes: g(&self.background_bytes),
             discarded_bytes: g(&self.discarded_bytes),
+            peer_bytes: g(&self.peer_bytes),
+            served_to_peers_bytes: g(&self.served_bytes),
             bad_extents: g(&self.bad_extents),
             guest_reads: reads,
             guest_read_bytes: g(&self.guest_read_bytes),
@@ -93,12 +102,14 @@ impl Snapshot {
 /// counter, each sample labelled with its image.
 pub fn prometheus(caches: &[(String, Snapshot)]) -> String {
     type Get = fn(&Snapshot) -> f64;
-    let families: [(&str, &str, &str, Get); 14] = [
+    let families: [(&str, &str, &str, Get); 16] = [
         ("fetched_bytes_total", "counter", "Stored bytes fetched from the network.", |s| s.fetched_bytes() as f64),
         ("boot_prefetch_bytes_total", "counter", "Stored bytes fetched by the boot-segment prefetch.", |s| s.boot_prefetch_bytes as f64),
         ("demand_bytes_total", "counter", "Stored bytes fetched because a guest read missed.", |s| s.demand_bytes as f64),
         ("background_bytes_total", "counter", "Stored bytes fetched by background streaming.", |s| s.background_bytes as f64),
         ("discarded_bytes_total", "counter", "Bytes received that another fetch had already delivered.", |s| s.discarded_bytes as f64),
+        ("peer_bytes_total", "counter", "Fetched bytes that came from peers rather than the store.", |s| s.peer_bytes as f64),
+        ("served_to_peers_bytes_total", "counter", "Stored bytes served to other nodes.", |s| s.served_to_peers_bytes as f64),
         ("bad_extents_total", "counter", "Extents that failed their digest.", |s| s.bad_extents as f64),
         ("guest_reads_total", "counter", "Guest reads.", |s| s.guest_reads as f64),
         ("guest_read_bytes_total", "counter", "Guest bytes read.", |s| s.guest_read_bytes as f64),

@@ -3,19 +3,27 @@
 //! and close images and read the metrics.
 //!
 //! ```text
-//! POST   /images          {"name": "vm1-disk", "url": "http://store/debian.bcimg"}  -> image info
+//! POST   /images          {"name": "vm1-disk", "url": "http://store/debian.bcimg",
+//!                           "peers": ["http://node2:7000"]}        -> image info
 //! GET    /images          -> every open name with its cache's metrics
 //! DELETE /images/{name}   -> closes the name (the cache when no name uses it)
 //! GET    /metrics         -> Prometheus text
+//! HEAD   /peer/{root}     -> the container's length, ETag = root digest
+//! GET    /peer/{root}     -> with Range: the container's bytes, when every
+//!                            extent in the range is cached here (else 404)
 //! ```
+//!
+//! `peers` (optional) are other nodes' APIs to fetch from before the store,
+//! added to the node's own list; the `/peer` routes are what they serve.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use axum::Json;
+use axum::body::Body;
 use axum::extract::{Path as UrlPath, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use bootcache_format::hex;
@@ -75,11 +83,12 @@ impl Node {
     }
 
     /// Opens the image at `url` and exports it as `name`. Images with the
-    /// same root digest share one cache, whatever their URL or name.
+    /// same root digest share one cache, whatever their URL or name. A new
+    /// cache fetches from `peers` (and the node's own) before the store.
     ///
     /// # Errors
     /// See [`CacheError`].
-    pub async fn open(&self, name: &str, url: &str) -> Result<OpenImage, CacheError> {
+    pub async fn open(&self, name: &str, url: &str, peers: &[String]) -> Result<OpenImage, CacheError> {
         let remote = Remote::open(url, self.opts.retry).await?;
         // The header names the cache; a new cache goes on from the same
         // connection state and header rather than fetching them again.
@@ -90,7 +99,9 @@ impl Node {
             match caches.get(&root) {
                 Some(c) => Arc::clone(c),
                 None => {
-                    let c = Arc::new(crate::cache::open::open_from(remote, head, &header, self.opts.clone()).await?);
+                    let mut opts = self.opts.clone();
+                    opts.peers.extend(peers.iter().filter(|p| !opts.peers.contains(p)).cloned().collect::<Vec<_>>());
+                    let c = Arc::new(crate::cache::open::open_from(remote, head, &header, opts).await?);
                     caches.insert(root.clone(), Arc::clone(&c));
                     c
                 }
@@ -149,6 +160,7 @@ impl Node {
             .route("/images", get(list).post(open))
             .route("/images/{name}", delete(close))
             .route("/metrics", get(metrics))
+            .route("/peer/{root}", get(peer))
             .with_state(Arc::clone(self))
     }
 }
@@ -157,6 +169,8 @@ impl Node {
 struct OpenRequest {
     name: String,
     url: String,
+    #[serde(default)]
+    peers: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -174,7 +188,7 @@ async fn open(State(node): State<Arc<Node>>, Json(req): Json<OpenRequest>) -> Re
     if !valid_name(&req.name) {
         return (StatusCode::BAD_REQUEST, "name: letters, digits, '.', '_' and '-' only\n").into_response();
     }
-    match node.open(&req.name, &req.url).await {
+    match node.open(&req.name, &req.url, &req.peers).await {
         Ok(image) => Json(image).into_response(),
         Err(e) => (StatusCode::BAD_GATEWAY, format!("{}\n", anyhow_like(&e))).into_response(),
     }
@@ -190,6 +204,47 @@ async fn close(State(node): State<Arc<Node>>, UrlPath(name): UrlPath<String>) ->
 
 async fn metrics(State(node): State<Arc<Node>>) -> String {
     prometheus(&node.cache_metrics().await)
+}
+
+/// What another node fetches: the container's bytes at their own offsets
+/// (HEAD for the length and root digest), only for cached extents.
+async fn peer(State(node): State<Arc<Node>>, method: Method, UrlPath(root): UrlPath<String>, headers: HeaderMap) -> Response {
+    let plain = |status: StatusCode, msg: &str| (status, format!("{msg}\n")).into_response();
+    let Some(cache) = node.cache(&root).await else { return plain(StatusCode::NOT_FOUND, "image not cached here") };
+    let len = cache.container_len();
+    let mut resp = if method == Method::HEAD {
+        let mut r = Response::new(Body::empty());
+        r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        r
+    } else {
+        let Some(Ok(Ok(parsed))) = headers.get(header::RANGE).map(|v| v.to_str().map(http_range_header::parse_range_header)) else {
+            return plain(StatusCode::BAD_REQUEST, "a peer serves Range requests only");
+        };
+        let range = match parsed.validate(len) {
+            Ok(r) if r.len() == 1 => *r[0].start()..*r[0].end() + 1,
+            _ => return plain(StatusCode::RANGE_NOT_SATISFIABLE, "one range inside the container, please"),
+        };
+        match cache.read_stored(range.clone()).await {
+            Ok(Some(bytes)) => {
+                let mut r = Response::new(Body::from(bytes));
+                *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+                let h = r.headers_mut();
+                h.insert(header::CONTENT_LENGTH, HeaderValue::from(range.end - range.start));
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{len}", range.start, range.end - 1)) {
+                    h.insert(header::CONTENT_RANGE, v);
+                }
+                r
+            }
+            Ok(None) => return plain(StatusCode::NOT_FOUND, "range not cached here"),
+            Err(e) => return plain(StatusCode::INTERNAL_SERVER_ERROR, &format!("cache: {e}")),
+        }
+    };
+    let h = resp.headers_mut();
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{root}\"")) {
+        h.insert(header::ETAG, v);
+    }
+    resp
 }
 
 /// An error with its chain of causes, on one line.

@@ -63,6 +63,12 @@ pub struct CacheArgs {
     /// A guest read waiting for an unreachable store fails after this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     read_timeout: f64,
+    /// Another node to fetch extents from before the store: the base URL of
+    /// its node API (`bootcache node serve --api`), e.g. http://10.0.0.2:7000.
+    /// Repeatable. Its bytes are verified like the store's; what it lacks
+    /// comes from the store.
+    #[arg(long, value_name = "URL")]
+    peer: Vec<String>,
 }
 
 impl CacheArgs {
@@ -71,6 +77,7 @@ impl CacheArgs {
         o.background = self.background;
         o.read_timeout = Duration::from_secs_f64(self.read_timeout.max(0.0));
         o.retry.budget = o.read_timeout.max(Duration::from_secs(1));
+        o.peers.clone_from(&self.peer);
         o
     }
 }
@@ -179,7 +186,7 @@ pub fn boot(args: &BootArgs) -> anyhow::Result<ExitCode> {
         let node = Node::new(sock.clone(), args.cache.options());
         tokio::spawn(node.nbd().serve_unix(tokio::net::UnixListener::bind(&sock)?));
         let opened = Instant::now();
-        let image = node.open("disk", &url).await.with_context(|| format!("opening {url}"))?;
+        let image = node.open("disk", &url, &[]).await.with_context(|| format!("opening {url}"))?;
         tracing::info!(root = image.root_digest, seconds = opened.elapsed().as_secs_f64(), "image open");
         let overlay = work.path().join("overlay.qcow2");
         let size = image.virtual_size.to_string();

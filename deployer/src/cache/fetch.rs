@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bootcache_format::{Index, Segment, decode_extent};
+use bootcache_format::{Encoding, Index, Segment, decode_extent};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::sync::{Semaphore, mpsc};
@@ -13,6 +13,7 @@ use tokio::sync::{Semaphore, mpsc};
 use super::presence::Journal;
 use super::{Background, Inner, Source, State};
 use crate::metrics::Metrics;
+use crate::remote::RemoteError;
 
 /// Largest request of a demand fetch or a stream step. Streams re-plan
 /// between steps, so extents that arrived on demand are not fetched twice.
@@ -115,7 +116,7 @@ async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
     let mut failing_since: Option<Instant> = None;
     while next < run.len() {
         let range = entries[run[next]].stored.start..entries[run[run.len() - 1]].stored.end;
-        let mut stream = match inner.remote.stream(range).await {
+        let (mut stream, from) = match open_stream(inner, range).await {
             Ok(s) => s,
             Err(e) => {
                 inner.set_error(e.to_string());
@@ -142,7 +143,7 @@ async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
                         break;
                     }
                     None => {
-                        broken = Some("the store closed the response early".into());
+                        broken = Some("the response ended early".into());
                         break;
                     }
                 }
@@ -155,11 +156,17 @@ async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
                 break;
             }
             let stored = buf.split_to(need).freeze();
-            deliver(inner, pos, stored, source, mine).await;
+            deliver(inner, pos, stored, source, mine, from).await;
             failing_since = None;
             next += 1;
         }
         if let Some(why) = broken {
+            if let Some(p) = from {
+                // A peer that breaks off is left alone; the store goes on.
+                tracing::warn!(peer = inner.peers[p].remote.url(), error = why, "peer fetch interrupted; asking the store");
+                inner.peers[p].pause();
+                continue;
+            }
             let since = *failing_since.get_or_insert_with(Instant::now);
             if since.elapsed() > inner.opts.retry.budget {
                 if source == Source::Demand {
@@ -172,6 +179,26 @@ async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
         }
     }
     true
+}
+
+/// A stream of `range` from the first usable peer that has all of it, or
+/// else from the store; with the peer's position, if any.
+async fn open_stream(
+    inner: &Inner,
+    range: std::ops::Range<u64>,
+) -> Result<(impl futures_util::Stream<Item = Result<Bytes, reqwest::Error>> + use<>, Option<usize>), RemoteError> {
+    for (i, p) in inner.peers.iter().enumerate().filter(|(_, p)| p.usable()) {
+        match p.remote.stream(range.clone()).await {
+            Ok(s) => return Ok((s, Some(i))),
+            // It lacks part of the range (404): the store has it.
+            Err(RemoteError::Protocol { .. }) => {}
+            Err(e) => {
+                tracing::warn!(peer = p.remote.url(), error = %e, "peer unreachable; asking the store");
+                p.pause();
+            }
+        }
+    }
+    Ok((inner.remote.stream(range).await?, None))
 }
 
 /// Streams give the link to guest misses: they stop reading (and TCP slows
@@ -205,9 +232,10 @@ fn release(inner: &Inner, positions: &[usize]) {
     inner.changed.notify_waiters();
 }
 
-/// Verifies, decodes and writes one extent's stored bytes, then marks it
-/// present. Bytes that fail their digest are never written.
-async fn deliver(inner: &Arc<Inner>, pos: usize, stored: Bytes, source: Source, mine: bool) {
+/// Verifies, decodes and writes one extent's stored bytes (from peer `from`
+/// or the store), then marks it present. Bytes that fail their digest are
+/// never written; a peer that sent them is not asked again.
+async fn deliver(inner: &Arc<Inner>, pos: usize, stored: Bytes, source: Source, mine: bool, from: Option<usize>) {
     let len = stored.len() as u64;
     if !mine {
         Metrics::add(&inner.metrics.discarded_bytes, len);
@@ -215,9 +243,12 @@ async fn deliver(inner: &Arc<Inner>, pos: usize, stored: Bytes, source: Source, 
     }
     let me = Arc::clone(inner);
     let outcome = tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
         let entry = &me.index.entries()[pos];
         match decode_extent(entry, stored.to_vec()) {
-            Ok(data) => Ok(std::os::unix::fs::FileExt::write_all_at(&me.data, &data, entry.guest.start).map_err(|e| e.to_string())),
+            Ok(data) => Ok(if entry.encoding == Encoding::Raw { Ok(()) } else { me.stored.write_all_at(&stored, entry.stored.start) }
+                .and_then(|()| me.data.write_all_at(&data, entry.guest.start))
+                .map_err(|e| e.to_string())),
             Err(e) => Err(e.to_string()),
         }
     })
@@ -232,12 +263,27 @@ async fn deliver(inner: &Arc<Inner>, pos: usize, stored: Bytes, source: Source, 
                 Source::Background => &inner.metrics.background_bytes,
             };
             Metrics::add(counter, len);
+            if from.is_some() {
+                Metrics::add(&inner.metrics.peer_bytes, len);
+            }
             let _ = inner.durable.send(u32::try_from(pos).unwrap_or(u32::MAX));
             State::Present
         }
         Ok(Err(why)) => {
             tracing::error!(guest_offset = guest, error = why, "cannot write to the cache file");
             inner.set_error(format!("cache file: {why}"));
+            State::Absent
+        }
+        Err(why) if let Some(p) = from => {
+            Metrics::add(&inner.metrics.bad_extents, 1);
+            let peer = inner.peers[p].remote.url();
+            tracing::error!(
+                guest_offset = format_args!("{guest:#x}"),
+                peer,
+                error = why,
+                "extent from a peer failed verification; asking the store"
+            );
+            inner.peers[p].ban();
             State::Absent
         }
         Err(why) => {
@@ -274,7 +320,7 @@ pub(super) async fn persist_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedRecei
         }
         let me = Arc::clone(&inner);
         let done = tokio::task::spawn_blocking(move || {
-            let r = me.data.sync_data().and_then(|()| journal.append(&batch));
+            let r = me.data.sync_data().and_then(|()| me.stored.sync_data()).and_then(|()| journal.append(&batch));
             (journal, r)
         })
         .await;

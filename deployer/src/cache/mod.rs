@@ -18,6 +18,7 @@
 
 mod fetch;
 pub(crate) mod open;
+mod peer;
 pub mod presence;
 
 use std::fs::File;
@@ -88,6 +89,10 @@ pub struct CacheOptions {
     pub retry: RetryPolicy,
     /// Demand fetches in flight at once.
     pub demand_parallel: usize,
+    /// Other nodes to fetch extents from before the store (base URLs of
+    /// their node APIs, e.g. `http://10.0.0.2:7000`); every byte from a peer
+    /// is verified against the store's index like the store's own.
+    pub peers: Vec<String>,
 }
 
 impl CacheOptions {
@@ -99,6 +104,7 @@ impl CacheOptions {
             read_timeout: Duration::from_secs(30),
             retry: RetryPolicy::default(),
             demand_parallel: 8,
+            peers: Vec::new(),
         }
     }
 }
@@ -125,7 +131,15 @@ struct Inner {
     remote: Remote,
     header: Header,
     index: Index,
+    /// The guest disk: decoded bytes of present extents at guest offsets.
     data: File,
+    /// Stored bytes of present compressed extents at their container
+    /// offsets, kept to serve peers byte for byte (raw extents' stored
+    /// bytes are in `data`).
+    stored: File,
+    /// Positions of extents with stored bytes, in container order.
+    by_stored: Vec<usize>,
+    peers: Vec<peer::Peer>,
     state: Mutex<Vec<State>>,
     changed: Notify,
     demand: mpsc::UnboundedSender<Vec<usize>>,

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use tokio::sync::{Notify, mpsc};
 
 use super::presence::Journal;
-use super::{CacheError, CacheOptions, Inner, NodeCache, State, fetch};
+use super::{CacheError, CacheOptions, Inner, NodeCache, State, fetch, peer};
 use crate::metrics::Metrics;
 use crate::remote::Remote;
 
@@ -100,6 +100,19 @@ pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts
         data.set_len(0).map_err(local(&data_path))?; // nothing verified: start from holes
     }
     data.set_len(header.virtual_size).map_err(local(&data_path))?;
+    let stored_path = dir.join("stored");
+    let stored = OpenOptions::new().create(true).read(true).write(true).truncate(false).open(&stored_path).map_err(local(&stored_path))?;
+    if present.is_empty() {
+        stored.set_len(0).map_err(local(&stored_path))?;
+    }
+    stored.set_len(remote.len()).map_err(local(&stored_path))?;
+    let mut by_stored: Vec<usize> = (0..index.entries().len()).filter(|&i| index.entries()[i].stored_len() > 0).collect();
+    by_stored.sort_by_key(|&i| index.entries()[i].stored.start);
+    let root = image.root_digest_hex();
+    let mut peers = Vec::new();
+    for base in &opts.peers {
+        peers.extend(peer::Peer::open(base, &root, remote.len(), opts.retry).await);
+    }
 
     let mut state: Vec<State> =
         index.entries().iter().map(|e| if e.encoding == Encoding::Zero { State::Present } else { State::Absent }).collect();
@@ -115,6 +128,9 @@ pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts
         header,
         index,
         data,
+        stored,
+        by_stored,
+        peers,
         state: Mutex::new(state),
         changed: Notify::new(),
         demand: demand_tx,

@@ -1,0 +1,141 @@
+//! Nodes fetching from each other: a real store and two nodes on loopback,
+//! the second told to ask the first before the store.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bootcache_deployer::cache::{Background, NodeCache};
+use bootcache_deployer::node::Node;
+use bootcache_format::{Encoding, Image, Segment};
+use common::{Fixture, fixture, image, options, wait_for};
+
+/// A node serving its API (with the peer routes) on loopback; opens the
+/// fixture's image in a cache under `sub`.
+async fn peer_node(fx: &Fixture, sub: &str, background: Background) -> (Arc<Node>, Arc<NodeCache>, String) {
+    let node = Node::new(fx.dir.path().join(format!("{sub}.sock")), options(&fx.dir.path().join(sub), background));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = format!("http://{}", listener.local_addr().unwrap());
+    let router = node.api();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let opened = node.open("disk", &fx.url, &[]).await.unwrap();
+    let cache = node.cache(&opened.root_digest).await.unwrap();
+    (node, cache, api)
+}
+
+/// The bytes the store sends to open an image: header, index, metadata.
+fn structure(img: &Image<std::fs::File>) -> u64 {
+    let h = img.header();
+    256 + (h.index_range().end - h.index_range().start) + (h.meta.end - h.meta.start)
+}
+
+fn stored_bytes(img: &Image<std::fs::File>, segment: Option<Segment>) -> u64 {
+    img.index().entries().iter().filter(|e| segment.is_none_or(|s| e.segment == s)).map(|e| e.stored_len()).sum()
+}
+
+async fn assert_reads_model(cache: &NodeCache, fx: &Fixture) {
+    let mut at = 0;
+    while at < fx.model.len() as u64 {
+        let got = cache.read(at, 1 << 20).await.unwrap();
+        assert!(got == fx.model[at as usize..(at + (1 << 20)) as usize], "guest bytes at {at:#x} differ");
+        at += 1 << 20;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_takes_everything_from_a_caching_peer_and_the_store_sends_only_the_structure() {
+    let fx = fixture().await;
+    let img = image(&fx.container);
+    let (_a, a_cache, a_api) = peer_node(&fx, "a", Background::Unlimited).await;
+    wait_for("peer A to cache the image", || a_cache.complete()).await;
+
+    let before = fx.stats.body_bytes.load(Ordering::Relaxed);
+    let mut opts = options(&fx.dir.path().join("b"), Background::Unlimited);
+    // A peer that is not there is skipped.
+    opts.peers = vec!["http://127.0.0.1:1".into(), a_api];
+    let b = NodeCache::open(&fx.url, opts).await.unwrap();
+    wait_for("node B to cache the image", || b.complete()).await;
+    let from_store = fx.stats.body_bytes.load(Ordering::Relaxed) - before;
+
+    let all = stored_bytes(&img, None);
+    let m = b.metrics();
+    assert_eq!(from_store, structure(&img), "the store sent only header, index and metadata: {m:?}");
+    assert_eq!(m.peer_bytes, all, "every extent came from the peer: {m:?}");
+    assert_eq!(m.fetched_bytes(), all, "{m:?}");
+    assert_eq!(a_cache.metrics().served_to_peers_bytes, all);
+    assert_reads_model(&b, &fx).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_peer_lacks_comes_from_the_store() {
+    let fx = fixture().await;
+    let img = image(&fx.container);
+    let boot = stored_bytes(&img, Some(Segment::Boot));
+    // Peer A holds the boot segment only.
+    let (_a, a_cache, a_api) = peer_node(&fx, "a", Background::Off).await;
+    wait_for("peer A's boot segment", || a_cache.metrics().boot_prefetch_bytes == boot).await;
+
+    // Its peer routes refuse what they cannot serve.
+    let client = reqwest::Client::new();
+    let root = bootcache_format::hex(&img.header().root_digest);
+    let peer_url = format!("{a_api}/peer/{root}");
+    let get = |range: Option<String>, url: String| {
+        let req = client.get(url);
+        async move { if let Some(r) = range { req.header("range", r) } else { req }.send().await.unwrap().status().as_u16() }
+    };
+    let rest = img.header().rest.clone();
+    assert_eq!(get(Some(format!("bytes={}-{}", rest.start, rest.start + 99)), peer_url.clone()).await, 404, "uncached range");
+    assert_eq!(get(None, peer_url.clone()).await, 400, "no Range");
+    assert_eq!(get(Some(format!("bytes={}-", img.header().meta.end + 10)), peer_url.clone()).await, 416);
+    assert_eq!(get(Some("bytes=0-99".into()), format!("{a_api}/peer/{}", "0".repeat(64))).await, 404, "unknown image");
+    let b = img.header().boot.clone();
+    assert_eq!(get(Some(format!("bytes={}-{}", b.start, b.end - 1)), peer_url).await, 206, "the boot segment");
+
+    let before = fx.stats.body_bytes.load(Ordering::Relaxed);
+    let mut opts = options(&fx.dir.path().join("b"), Background::Unlimited);
+    opts.peers = vec![a_api];
+    let b = NodeCache::open(&fx.url, opts).await.unwrap();
+    wait_for("node B to cache the image", || b.complete()).await;
+    let from_store = fx.stats.body_bytes.load(Ordering::Relaxed) - before;
+    let m = b.metrics();
+    assert_eq!(m.peer_bytes, boot, "the boot segment came from the peer: {m:?}");
+    assert_eq!(from_store, structure(&img) + stored_bytes(&img, Some(Segment::Rest)), "the rest came from the store: {m:?}");
+    assert_reads_model(&b, &fx).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_whose_bytes_fail_their_digest_is_dropped_and_the_store_serves() {
+    let fx = fixture().await;
+    let img = image(&fx.container);
+    let (_a, a_cache, a_api) = peer_node(&fx, "a", Background::Unlimited).await;
+    wait_for("peer A to cache the image", || a_cache.complete()).await;
+    // Rot in A's cache: a byte of a raw extent (in its guest data) and of a
+    // compressed one (in its stored bytes).
+    let root = bootcache_format::hex(&img.header().root_digest);
+    let dir = fx.dir.path().join("a/cache").join(&root);
+    let raw = img.index().entries().iter().find(|e| e.encoding == Encoding::Raw).unwrap();
+    let zstd = img.index().entries().iter().find(|e| e.encoding == Encoding::Zstd).unwrap();
+    let data = std::fs::OpenOptions::new().write(true).open(dir.join("data")).unwrap();
+    data.write_all_at(&[!fx.model[raw.guest.start as usize + 5]], raw.guest.start + 5).unwrap();
+    let stored = std::fs::OpenOptions::new().read(true).write(true).open(dir.join("stored")).unwrap();
+    let mut byte = [0u8];
+    stored.read_exact_at(&mut byte, zstd.stored.start + 9).unwrap();
+    stored.write_all_at(&[!byte[0]], zstd.stored.start + 9).unwrap();
+
+    let mut opts = options(&fx.dir.path().join("b"), Background::Unlimited);
+    opts.peers = vec![a_api];
+    let b = NodeCache::open(&fx.url, opts).await.unwrap();
+    // Reads of both extents wait for good bytes and get them.
+    for e in [raw, zstd] {
+        let got = b.read(e.guest.start, u32::try_from(e.guest_len()).unwrap()).await.unwrap();
+        assert!(got == fx.model[e.guest.start as usize..e.guest.end as usize], "extent at {:#x}", e.guest.start);
+    }
+    wait_for("node B to cache the image", || b.complete()).await;
+    let m = b.metrics();
+    assert!(m.bad_extents >= 1, "the bad bytes were noticed: {m:?}");
+    assert!(m.peer_bytes < stored_bytes(&img, None), "the store served what the peer could not: {m:?}");
+    assert_eq!(m.read_errors, 0, "{m:?}");
+    assert_reads_model(&b, &fx).await;
+}
