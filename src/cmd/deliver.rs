@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use bootcache_deployer::cache::{Background, CacheOptions};
+use bootcache_deployer::cache::{Background, CacheOptions, Prefetch};
 use bootcache_deployer::node::Node;
 use bootcache_deployer::store::{self, StoreStats};
+use bootcache_trace::{AccessOrder, OffsetSpace, Trace};
 use clap::{Args, Subcommand};
 use serde_json::json;
 
@@ -69,17 +70,38 @@ pub struct CacheArgs {
     /// comes from the store.
     #[arg(long, value_name = "URL")]
     peer: Vec<String>,
+    /// What to fetch before the guest asks: `boot` (the boot segment, in
+    /// first-access order), `off` (guest misses only), or a trace file
+    /// (guest offsets): the extents it read, in its order, wherever they
+    /// lie in the container. The last two are for comparisons.
+    #[arg(long, value_name = "WHAT", default_value = "boot")]
+    prefetch: String,
 }
 
 impl CacheArgs {
-    fn options(&self) -> CacheOptions {
+    fn options(&self) -> anyhow::Result<CacheOptions> {
         let mut o = CacheOptions::new(&self.cache_dir);
+        o.prefetch = match self.prefetch.as_str() {
+            "boot" => Prefetch::BootSegment,
+            "off" => Prefetch::Off,
+            path => Prefetch::Ranges(trace_order(Path::new(path))?),
+        };
         o.background = self.background;
         o.read_timeout = Duration::from_secs_f64(self.read_timeout.max(0.0));
         o.retry.budget = o.read_timeout.max(Duration::from_secs(1));
         o.peers.clone_from(&self.peer);
-        o
+        Ok(o)
     }
+}
+
+/// The guest ranges a trace read, in first-access order.
+fn trace_order(path: &Path) -> anyhow::Result<Vec<std::ops::Range<u64>>> {
+    let t = Trace::open(path).with_context(|| format!("--prefetch: reading trace {}", path.display()))?;
+    if t.space != OffsetSpace::Guest {
+        bail!("--prefetch: {} holds image-file offsets; map it to guest offsets first (bootcache trace map)", path.display());
+    }
+    let order = AccessOrder::from_timed(t.records.iter().filter_map(|r| Some((r.boot_bytes()?, r.t_ns))));
+    Ok(order.pieces().iter().map(|p| p.range.clone()).collect())
 }
 
 fn parse_background(s: &str) -> Result<Background, String> {
@@ -158,7 +180,7 @@ pub fn store(cmd: StoreCmd) -> anyhow::Result<ExitCode> {
 pub fn node(cmd: NodeCmd) -> anyhow::Result<ExitCode> {
     let NodeCmd::Serve { cache, nbd_socket, nbd_listen, api } = cmd;
     runtime()?.block_on(async {
-        let node = Node::new(nbd_socket.clone(), cache.options());
+        let node = Node::new(nbd_socket.clone(), cache.options()?);
         let _ = std::fs::remove_file(&nbd_socket);
         let unix = tokio::net::UnixListener::bind(&nbd_socket).with_context(|| format!("binding {}", nbd_socket.display()))?;
         tokio::spawn(node.nbd().serve_unix(unix));
@@ -183,7 +205,7 @@ pub fn boot(args: &BootArgs) -> anyhow::Result<ExitCode> {
     let url = format!("{}/{}", args.store.trim_end_matches('/'), args.image);
     runtime()?.block_on(async {
         let sock = work.path().join("nbd.sock");
-        let node = Node::new(sock.clone(), args.cache.options());
+        let node = Node::new(sock.clone(), args.cache.options()?);
         tokio::spawn(node.nbd().serve_unix(tokio::net::UnixListener::bind(&sock)?));
         let opened = Instant::now();
         let image = node.open("disk", &url, &[]).await.with_context(|| format!("opening {url}"))?;

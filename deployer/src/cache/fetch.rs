@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use tokio::sync::{Semaphore, mpsc};
 
 use super::presence::Journal;
-use super::{Background, Inner, Source, State};
+use super::{Background, Inner, Prefetch, Source, State};
 use crate::metrics::Metrics;
 use crate::remote::RemoteError;
 
@@ -65,11 +65,21 @@ pub(super) async fn demand_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiv
     }
 }
 
-/// The boot segment in first-access order, then (unless off) the rest.
+/// The prefetch (normally the boot segment in first-access order), then
+/// (unless off) the rest.
 pub(super) async fn stream_loop(inner: Arc<Inner>) {
     let started = Instant::now();
-    stream_segment(&inner, Segment::Boot, None).await;
-    tracing::info!(seconds = started.elapsed().as_secs_f64(), "boot segment cached");
+    match &inner.opts.prefetch {
+        Prefetch::BootSegment => {
+            stream_segment(&inner, Segment::Boot, None).await;
+            tracing::info!(seconds = started.elapsed().as_secs_f64(), "boot segment cached");
+        }
+        Prefetch::Off => {}
+        Prefetch::Ranges(ranges) => {
+            stream_ranges(&inner, ranges).await;
+            tracing::info!(seconds = started.elapsed().as_secs_f64(), "prefetch ranges cached");
+        }
+    }
     let rate = match inner.opts.background {
         Background::Off => return,
         Background::Unlimited => None,
@@ -101,6 +111,50 @@ async fn stream_segment(inner: &Arc<Inner>, segment: Segment, rate: Option<u64>)
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 tokio::time::sleep(wait).await;
             }
+        }
+    }
+}
+
+/// The extents holding `ranges`, in the order of the ranges; neighbours in
+/// both that order and the file go in one request.
+async fn stream_ranges(inner: &Arc<Inner>, ranges: &[std::ops::Range<u64>]) {
+    let entries = inner.index.entries();
+    let mut seen = vec![false; entries.len()];
+    let mut order = Vec::new();
+    for r in ranges {
+        let end = r.end.min(inner.header.virtual_size);
+        if r.start >= end {
+            continue;
+        }
+        let first = inner.index.position(r.start);
+        for pos in first..first + inner.index.overlapping(r.start..end).len() {
+            if !seen[pos] && entries[pos].stored_len() > 0 {
+                seen[pos] = true;
+                order.push(pos);
+            }
+        }
+    }
+    let mut at = 0;
+    while at < order.len() {
+        let mut run = vec![order[at]];
+        let mut bytes = entries[order[at]].stored_len();
+        at += 1;
+        while at < order.len()
+            && entries[run[run.len() - 1]].stored.end == entries[order[at]].stored.start
+            && bytes + entries[order[at]].stored_len() <= MAX_RUN
+        {
+            bytes += entries[order[at]].stored_len();
+            run.push(order[at]);
+            at += 1;
+        }
+        // What arrived meanwhile (on demand) is not fetched again; what is
+        // left of the run is still contiguous pieces in the same order.
+        let still: Vec<usize> = {
+            let state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
+            run.into_iter().filter(|&i| state[i] == State::Absent).collect()
+        };
+        for piece in runs(&inner.index, still, MAX_RUN) {
+            fetch_run(inner, &piece, Source::Boot).await;
         }
     }
 }

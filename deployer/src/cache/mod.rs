@@ -75,13 +75,28 @@ pub enum Background {
     Rate(u64),
 }
 
+/// What to fetch ahead of the guests' reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Prefetch {
+    /// The boot segment, as one stream in its first-access order.
+    BootSegment,
+    /// Nothing: guest misses only (and the background stream, if on).
+    Off,
+    /// The extents holding these guest ranges, in this order, each run as it
+    /// lies in the container: what a trace-replay prefetcher does on an
+    /// image that was not reordered (kept for comparison).
+    Ranges(Vec<Range<u64>>),
+}
+
 /// Settings of a cache.
 #[derive(Clone, Debug)]
 pub struct CacheOptions {
     /// The node's cache directory; this image's files go in
     /// `DIR/<root digest>/`.
     pub dir: PathBuf,
-    /// Background streaming after the boot segment.
+    /// What to fetch before the guests ask.
+    pub prefetch: Prefetch,
+    /// Background streaming after the prefetch.
     pub background: Background,
     /// A guest read waiting for the store fails after this long.
     pub read_timeout: Duration,
@@ -100,6 +115,7 @@ impl CacheOptions {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         CacheOptions {
             dir: dir.into(),
+            prefetch: Prefetch::BootSegment,
             background: Background::Unlimited,
             read_timeout: Duration::from_secs(30),
             retry: RetryPolicy::default(),
