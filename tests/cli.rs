@@ -199,8 +199,15 @@ fn bad_inputs_get_clear_errors() -> Result<()> {
     let (img, trace) = sample(dir.path())?;
     let other = dir.path().join("other.raw");
     OpenOptions::new().create(true).write(true).truncate(true).open(&other)?.set_len(1 << 20)?;
-    let err = fails(&["convert", p(&other), p(&dir.path().join("o.bcimg")), "--trace", p(&trace)]);
+    // The failed conversion leaves an earlier output as it was, and no
+    // half-written file beside it.
+    let earlier = dir.path().join("o.bcimg");
+    std::fs::write(&earlier, b"an earlier output")?;
+    let err = fails(&["convert", p(&other), p(&earlier), "--trace", p(&trace)]);
     assert!(err.contains("67108864") && err.contains("1048576"), "{err}");
+    assert_eq!(std::fs::read(&earlier)?, b"an earlier output");
+    let names: Vec<_> = std::fs::read_dir(dir.path())?.map(|e| e.unwrap().file_name()).collect();
+    assert!(!names.iter().any(|n| n.to_string_lossy().starts_with(".bootcache-convert")), "{names:?}");
     // No trace: a warning and an empty boot segment.
     let out = bootcache(&["convert", p(&img), p(&dir.path().join("n.bcimg")), "--output", "json"]);
     assert!(out.status.success());

@@ -3,15 +3,19 @@
 //! These are pure functions so that a converter can run them in parallel and
 //! a network cache can verify fetched bytes without an open [`crate::Image`].
 
+use std::borrow::Cow;
+
 use crate::index::{Encoding, Entry};
 
 /// An extent ready to be written: its encoding, stored bytes and digest.
+/// The bytes are owned by default; [`encode_extent_borrowed`] leaves raw
+/// extents borrowed from the caller's memory.
 #[derive(Clone, Debug)]
-pub struct EncodedExtent {
+pub struct EncodedExtent<B = Vec<u8>> {
     /// How the bytes are stored.
     pub encoding: Encoding,
     /// The stored bytes (empty for [`Encoding::Zero`]).
-    pub bytes: Vec<u8>,
+    pub bytes: B,
     /// BLAKE3 of `bytes` (zero for [`Encoding::Zero`]).
     pub digest: [u8; 32],
 }
@@ -60,6 +64,22 @@ pub fn encode_extent_owned(data: Vec<u8>, zstd_level: Option<i32>) -> (EncodedEx
     }
     let digest = *blake3::hash(&data).as_bytes();
     (EncodedExtent { encoding: Encoding::Raw, bytes: data, digest }, None)
+}
+
+/// Like [`encode_extent`], but a raw extent's stored bytes stay borrowed
+/// from `data` (no copy); only a compressed one is allocated.
+pub fn encode_extent_borrowed(data: &[u8], zstd_level: Option<i32>) -> EncodedExtent<Cow<'_, [u8]>> {
+    if is_zero(data) {
+        return EncodedExtent { encoding: Encoding::Zero, bytes: Cow::Borrowed(&[]), digest: [0; 32] };
+    }
+    if let Some(level) = zstd_level
+        && let Ok(packed) = zstd::bulk::compress(data, level)
+        && packed.len() <= data.len() - data.len() / 8
+    {
+        let digest = *blake3::hash(&packed).as_bytes();
+        return EncodedExtent { encoding: Encoding::Zstd, bytes: Cow::Owned(packed), digest };
+    }
+    EncodedExtent { encoding: Encoding::Raw, bytes: Cow::Borrowed(data), digest: *blake3::hash(data).as_bytes() }
 }
 
 /// Verifies `stored` against `entry` and returns the guest bytes (raw

@@ -147,7 +147,7 @@ impl<W: Write + Seek> Writer<W> {
     ///
     /// # Errors
     /// More pushes than planned extents, or an I/O error.
-    pub fn push(&mut self, extent: &EncodedExtent) -> Result<(), WriteError> {
+    pub fn push<B: AsRef<[u8]>>(&mut self, extent: &EncodedExtent<B>) -> Result<(), WriteError> {
         let planned =
             self.plan.get(self.entries.len()).ok_or(WriteError::WrongCount { expected: self.plan.len(), got: self.entries.len() + 1 })?;
         if planned.segment == Segment::Rest && self.boot_end.is_none() {
@@ -156,9 +156,10 @@ impl<W: Write + Seek> Writer<W> {
         let stored = if extent.encoding == Encoding::Zero {
             0..0
         } else {
-            self.out.write_all(&extent.bytes).map_err(WriteError::Io)?;
+            let bytes = extent.bytes.as_ref();
+            self.out.write_all(bytes).map_err(WriteError::Io)?;
             let start = self.pos;
-            self.pos += extent.bytes.len() as u64;
+            self.pos += bytes.len() as u64;
             start..self.pos
         };
         self.entries.push(Entry {

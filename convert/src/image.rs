@@ -17,6 +17,25 @@ pub trait ImageSource: Send + Sync + Debug {
     /// Any I/O error, or a read past the end.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
 
+    /// The guest bytes in `range` as memory, when the source holds them
+    /// contiguously in a file it has mapped (a raw file; a run of plain
+    /// qcow2 data clusters): conversion then hashes and writes them without
+    /// copying them into a buffer. `None` means: use
+    /// [`ImageSource::read_at`].
+    fn map(&self, range: std::ops::Range<u64>) -> Option<&[u8]> {
+        let _ = range;
+        None
+    }
+
+    /// Whether the image changed since it was opened, so that bytes read
+    /// at different times may not belong together.
+    ///
+    /// # Errors
+    /// Any I/O error while asking the file system.
+    fn changed(&self) -> io::Result<bool> {
+        Ok(false)
+    }
+
     /// The guest ranges that may hold data (a superset: holes are certain to
     /// read as zero, allocated ranges may still be zero).
     ///

@@ -29,6 +29,7 @@
 #![deny(missing_docs)]
 
 mod image;
+mod mapped;
 mod pipeline;
 pub mod plan;
 pub mod qcow2;

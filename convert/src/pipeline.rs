@@ -1,9 +1,12 @@
 //! The conversion pipeline: source image + traces -> bootcache container, and back.
 
+use std::borrow::Cow;
 use std::io::{Seek, Write};
 use std::time::Instant;
 
-use bootcache_format::{EncodedExtent, Encoding, Image, Metadata, ReadAt, WriteSummary, Writer, WriterOptions, encode_extent_owned, hex};
+use bootcache_format::{
+    EncodedExtent, Encoding, Image, Metadata, ReadAt, WriteSummary, Writer, WriterOptions, encode_extent_borrowed, encode_extent_owned, hex,
+};
 use bootcache_trace::{AccessOrder, OffsetSpace, Trace};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -11,7 +14,7 @@ use serde::Serialize;
 use crate::image::{ImageSink, ImageSource};
 use crate::plan::plan;
 
-/// How much guest data is read, then encoded in parallel, at a time.
+/// How much guest data is encoded in parallel at a time.
 const BATCH_BYTES: u64 = 16 << 20;
 
 /// Errors from conversion.
@@ -38,6 +41,9 @@ pub enum ConvertError {
         #[source]
         source: std::io::Error,
     },
+    /// The source image was written to while it was being converted.
+    #[error("the source image changed while it was being converted; convert it again when nothing writes to it")]
+    SourceChanged,
     /// The output could not be written.
     #[error("cannot write the output")]
     Write(#[source] std::io::Error),
@@ -160,6 +166,9 @@ pub fn convert<W: Write + Seek + Send>(
     };
     let mut writer = Writer::new(out, wopts, plan.extents.clone()).map_err(ConvertError::Writer)?;
     let zero_extents = write_extents(src, &mut writer, &plan.extents, opts.zstd_level, progress)?;
+    if src.changed().map_err(|source| ConvertError::Source { offset: 0, source })? {
+        return Err(ConvertError::SourceChanged);
+    }
     let (out, s): (W, WriteSummary) = writer.finish().map_err(ConvertError::Writer)?;
     let report = ConvertReport {
         virtual_size: size,
@@ -178,11 +187,15 @@ pub fn convert<W: Write + Seek + Send>(
     Ok((out, report))
 }
 
-/// Reads the planned extents in bounded batches, encodes each batch in
-/// parallel and appends it in order, as a three-stage pipeline: a reader
-/// thread, the encoding pool, and a writer thread, so that reading, hashing
-/// and writing overlap. Buffers go back to the reader for reuse (fresh ones
-/// would each be page-faulted in). Returns how many extents were all zero.
+/// An extent's guest length and its encoding, borrowed from the source's
+/// mapping where it could be.
+type Encoded<'a> = (u64, EncodedExtent<Cow<'a, [u8]>>);
+
+/// Encodes the planned extents in bounded batches, each batch in parallel,
+/// while a writer thread appends the batch before, in order. An extent the
+/// source holds in a mapped file is hashed and written straight from the
+/// mapping, never copied into a buffer; any other is read into one. Returns
+/// how many extents were all zero.
 fn write_extents<W: Write + Seek + Send>(
     src: &dyn ImageSource,
     writer: &mut Writer<W>,
@@ -190,51 +203,42 @@ fn write_extents<W: Write + Seek + Send>(
     zstd_level: Option<i32>,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<usize, ConvertError> {
-    use std::sync::mpsc::{channel, sync_channel};
-    let (to_encode, read_batches) = sync_channel::<Vec<Vec<u8>>>(1);
-    let (to_write, encoded_batches) = sync_channel::<Vec<(EncodedExtent, Option<Vec<u8>>)>>(1);
-    let (recycle, free) = channel::<Vec<u8>>();
+    let encode = |e: &bootcache_format::PlannedExtent| -> Result<Encoded<'_>, ConvertError> {
+        let len = e.guest.end - e.guest.start;
+        if let Some(bytes) = src.map(e.guest.clone()) {
+            return Ok((len, encode_extent_borrowed(bytes, zstd_level)));
+        }
+        let mut buf =
+            vec![
+                0u8;
+                usize::try_from(len)
+                    .map_err(|_| ConvertError::Source { offset: e.guest.start, source: std::io::ErrorKind::OutOfMemory.into() })?
+            ];
+        src.read_at(&mut buf, e.guest.start).map_err(|source| ConvertError::Source { offset: e.guest.start, source })?;
+        let (enc, _) = encode_extent_owned(buf, zstd_level);
+        Ok((len, EncodedExtent { encoding: enc.encoding, bytes: Cow::Owned(enc.bytes), digest: enc.digest }))
+    };
+    let (to_write, encoded_batches) = std::sync::mpsc::sync_channel::<Vec<Encoded<'_>>>(1);
     std::thread::scope(|s| {
-        let reader = s.spawn(move || -> Result<(), ConvertError> {
-            for batch in batches(extents) {
-                let mut bufs = Vec::with_capacity(batch.len());
-                for e in batch {
-                    let mut buf = free.try_recv().unwrap_or_default();
-                    buf.resize(usize::try_from(e.guest.end - e.guest.start).unwrap_or(0), 0);
-                    src.read_at(&mut buf, e.guest.start).map_err(|source| ConvertError::Source { offset: e.guest.start, source })?;
-                    bufs.push(buf);
-                }
-                if to_encode.send(bufs).is_err() {
-                    break; // the writer stopped on an error
-                }
-            }
-            Ok(())
-        });
         let writing = s.spawn(move || -> Result<usize, ConvertError> {
             let mut zero_extents = 0;
             for batch in encoded_batches {
-                for (enc, spare) in batch {
+                for (len, enc) in batch {
                     zero_extents += usize::from(enc.encoding == Encoding::Zero);
                     writer.push(&enc).map_err(ConvertError::Writer)?;
-                    progress(spare.as_ref().map_or(enc.bytes.len(), Vec::len) as u64);
-                    let reuse = if enc.encoding == Encoding::Raw { Some(enc.bytes) } else { spare };
-                    if let Some(buf) = reuse {
-                        let _ = recycle.send(buf);
-                    }
+                    progress(len);
                 }
             }
             Ok(zero_extents)
         });
-        for bufs in read_batches {
-            let encoded = bufs.into_par_iter().map(|b| encode_extent_owned(b, zstd_level)).collect();
+        for batch in batches(extents) {
+            let encoded: Vec<_> = batch.par_iter().map(encode).collect::<Result<_, _>>()?;
             if to_write.send(encoded).is_err() {
-                break;
+                break; // the writer stopped on an error
             }
         }
         drop(to_write);
-        let zero_extents = writing.join().map_err(|_| ConvertError::Write(std::io::Error::other("writer thread panicked")))??;
-        reader.join().map_err(|_| ConvertError::Write(std::io::Error::other("reader thread panicked")))??;
-        Ok(zero_extents)
+        writing.join().map_err(|_| ConvertError::Write(std::io::Error::other("writer thread panicked")))?
     })
 }
 

@@ -128,3 +128,20 @@ fn sparse_source_costs_no_data_bytes() {
     assert_eq!(report.zero_extents, 1);
     assert!(out.into_inner().len() < 16 << 10);
 }
+
+#[test]
+fn a_source_written_during_conversion_fails_it_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("busy.raw");
+    let f = OpenOptions::new().create(true).write(true).truncate(true).open(&path).unwrap();
+    f.write_all_at(&[7u8; 1 << 20], 0).unwrap();
+    let src = RawSource::open(&path).unwrap();
+    // The same length and, mostly, the same bytes: only the timestamps tell.
+    f.write_all_at(&[8u8; 512], 4096).unwrap();
+    let err = convert(&src, &[], Cursor::new(Vec::new()), &ConvertOptions::default(), &|_| {}).unwrap_err();
+    assert!(matches!(err, bootcache_convert::ConvertError::SourceChanged), "{err:?}");
+    assert!(err.to_string().contains("changed while it was being converted"), "{err}");
+    // Opened again, the same file converts.
+    let src = RawSource::open(&path).unwrap();
+    convert(&src, &[], Cursor::new(Vec::new()), &ConvertOptions::default(), &|_| {}).unwrap();
+}

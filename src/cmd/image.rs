@@ -78,11 +78,20 @@ pub fn convert(args: &ConvertArgs) -> anyhow::Result<ExitCode> {
         creator: format!("bootcache {}", env!("CARGO_PKG_VERSION")),
         ..Default::default()
     };
-    let out = File::create(&args.dst).with_context(|| format!("creating {}", args.dst.display()))?;
+    // Written beside the destination and renamed over it only when complete:
+    // a failed conversion leaves no half file and keeps an older one intact.
+    let dir = args.dst.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".bootcache-convert")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666)) // less the umask, like a created file
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a file in {}", dir.display()))?;
     let bar = progress::bytes(planned_bytes(src.as_ref())?, "convert", args.quiet);
-    let (_, report) = run_convert(src.as_ref(), &traces, BufWriter::with_capacity(64 << 10, out), &opts, &|n| bar.inc(n))
+    let (out, report) = run_convert(src.as_ref(), &traces, BufWriter::with_capacity(64 << 10, tmp), &opts, &|n| bar.inc(n))
         .with_context(|| format!("converting {}", args.src.display()))?;
     bar.finish_and_clear();
+    let tmp = out.into_inner().map_err(std::io::IntoInnerError::into_error).context("writing the container")?;
+    tmp.persist(&args.dst).with_context(|| format!("moving the container to {}", args.dst.display()))?;
     if args.output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -96,6 +96,11 @@ fn be64(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
 }
 
 impl Qcow2 {
+    /// The image file.
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Opens and checks `path`.
     ///
     /// # Errors

@@ -13,6 +13,7 @@ use bootcache_trace::IntervalSet;
 use super::header::Compression;
 use super::{Cluster, Qcow2, Qcow2Error};
 use crate::image::ImageSource;
+use crate::mapped::MappedFile;
 use crate::raw::RawSource;
 
 /// Deepest backing chain followed.
@@ -24,6 +25,7 @@ const L2_CACHE: usize = 64;
 #[derive(Debug)]
 pub struct Qcow2Source {
     image: Qcow2,
+    mapped: MappedFile,
     l2_offsets: Vec<u64>,
     l2_cache: Mutex<HashMap<usize, Arc<Vec<u64>>>>,
     backing: Option<Box<dyn ImageSource>>,
@@ -82,7 +84,9 @@ impl Qcow2Source {
                 Some(open_chain(&p, seen)?)
             }
         };
-        Ok(Qcow2Source { image, l2_offsets, l2_cache: Mutex::new(HashMap::new()), backing })
+        let io = |source| Qcow2Error::Io { offset: 0, source };
+        let mapped = MappedFile::new(image.file().try_clone().map_err(io)?).map_err(io)?;
+        Ok(Qcow2Source { image, mapped, l2_offsets, l2_cache: Mutex::new(HashMap::new()), backing })
     }
 
     fn l2(&self, index: usize) -> Result<Option<Arc<Vec<u64>>>, Qcow2Error> {
@@ -168,6 +172,27 @@ impl ImageSource for Qcow2Source {
             at += take;
         }
         Ok(())
+    }
+
+    fn map(&self, range: std::ops::Range<u64>) -> Option<&[u8]> {
+        if range.start >= range.end || range.end > self.size() {
+            return None;
+        }
+        let c = self.image.header().cluster_size();
+        let first = range.start / c;
+        let Ok(Some(Cluster::Data { host })) = self.cluster(first) else { return None };
+        for n in first + 1..=(range.end - 1) / c {
+            match self.cluster(n) {
+                Ok(Some(Cluster::Data { host: h })) if h == host + (n - first) * c => {}
+                _ => return None,
+            }
+        }
+        let start = host + range.start % c;
+        self.mapped.slice(start..start + (range.end - range.start))
+    }
+
+    fn changed(&self) -> io::Result<bool> {
+        Ok(self.mapped.changed()? || self.backing.as_ref().map(|b| b.changed()).transpose()?.unwrap_or(false))
     }
 
     fn allocated(&self) -> io::Result<IntervalSet> {

@@ -11,11 +11,13 @@ use rustix::fs::{SeekFrom, seek};
 use rustix::io::Errno;
 
 use crate::image::{ImageSink, ImageSource};
+use crate::mapped::MappedFile;
 
-/// A raw image file opened for reading.
+/// A raw image file opened for reading (and mapped: see
+/// [`ImageSource::map`]).
 #[derive(Debug)]
 pub struct RawSource {
-    file: File,
+    file: MappedFile,
     size: u64,
 }
 
@@ -25,8 +27,8 @@ impl RawSource {
     /// # Errors
     /// When the file cannot be opened or measured.
     pub fn open(path: &Path) -> io::Result<RawSource> {
-        let file = File::open(path)?;
-        let size = file.metadata()?.len();
+        let file = MappedFile::new(File::open(path)?)?;
+        let size = file.len();
         Ok(RawSource { file, size })
     }
 }
@@ -37,21 +39,29 @@ impl ImageSource for RawSource {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        self.file.file().read_exact_at(buf, offset)
+    }
+
+    fn map(&self, range: std::ops::Range<u64>) -> Option<&[u8]> {
+        self.file.slice(range)
+    }
+
+    fn changed(&self) -> io::Result<bool> {
+        self.file.changed()
     }
 
     fn allocated(&self) -> io::Result<IntervalSet> {
         let mut ranges = Vec::new();
         let mut at = 0;
         while at < self.size {
-            let start = match seek(&self.file, SeekFrom::Data(at)) {
+            let start = match seek(self.file.file(), SeekFrom::Data(at)) {
                 Ok(s) => s,
                 Err(Errno::NXIO) => break,
                 // A file system without SEEK_DATA: everything may hold data.
                 Err(Errno::INVAL | Errno::OPNOTSUPP) => return Ok(IntervalSet::from_ranges(std::iter::once(0..self.size))),
                 Err(e) => return Err(e.into()),
             };
-            let end = match seek(&self.file, SeekFrom::Hole(start)) {
+            let end = match seek(self.file.file(), SeekFrom::Hole(start)) {
                 Ok(e) => e.min(self.size),
                 Err(Errno::NXIO) => self.size,
                 Err(e) => return Err(e.into()),
