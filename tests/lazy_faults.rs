@@ -7,7 +7,7 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::deliver::{Killed, NodeProc, assert_export_equals, free_port, wait_port};
+use support::deliver::{Killed, NodeProc, assert_export_equals, bootcache_bin, free_port, wait_port};
 use support::{accel, bootcache, reference_guest};
 
 fn store(dir: &std::path::Path, port: u16) -> Killed {
@@ -16,7 +16,7 @@ fn store(dir: &std::path::Path, port: u16) -> Killed {
         .arg(dir)
         .spawn()
         .expect("bootcache store serve");
-    wait_port(port, &mut child, "bootcache store serve");
+    wait_port(port, &mut child, "bootcache store serve").unwrap();
     Killed(child)
 }
 
@@ -33,7 +33,7 @@ fn a_boot_survives_the_store_being_killed_and_restarted() {
     // No trace: nothing is prefetched, every read the guest makes is fetched
     // on demand, so the boot needs the store all along.
     bootcache(&["convert", image.to_str().unwrap(), store_dir.join("guest.bcimg").to_str().unwrap(), "--zstd", "-q"]);
-    let port = free_port();
+    let port = free_port().unwrap();
     let mut server = Some(store(&store_dir, port));
     let started = Instant::now();
     let boot = Command::new(env!("CARGO_BIN_EXE_bootcache"))
@@ -74,26 +74,26 @@ fn a_node_killed_while_streaming_resumes_and_its_export_equals_the_source() {
     bootcache(&["convert", image.to_str().unwrap(), container.to_str().unwrap(), "--zstd", "-q"]);
     let info = json(&bootcache(&["info", container.to_str().unwrap(), "--output", "json"]));
     let stored = info["boot_segment_bytes"].as_u64().unwrap() + info["rest_segment_bytes"].as_u64().unwrap();
-    let port = free_port();
+    let port = free_port().unwrap();
     let _store = store(&store_dir, port);
     let url = format!("http://127.0.0.1:{port}/guest.bcimg");
     let cache = dir.path().join("cache");
 
     // Streaming at 16 MiB/s: killed (SIGKILL) after 3 s, part way through.
-    let node = NodeProc::start(&cache, &dir.path().join("node-a"), "16M");
-    node.open("guest", &url);
+    let node = NodeProc::start_in(bootcache_bin(), None, None, &cache, &dir.path().join("node-a"), &["--background", "16M"]).unwrap();
+    node.open("guest", &url, &[]).unwrap();
     std::thread::sleep(Duration::from_secs(3));
-    let before = json(&node.get("/images"))[0]["metrics"].clone();
+    let before = json(&node.get("/images").unwrap())[0]["metrics"].clone();
     drop(node);
     let fetched_before = before["background_bytes"].as_u64().unwrap() + before["boot_prefetch_bytes"].as_u64().unwrap();
     assert!(fetched_before > 0 && fetched_before < stored, "not killed part way: {before}");
 
     // Restarted: resumes from the journal, finishes, and serves the source exactly.
-    let node = NodeProc::start(&cache, &dir.path().join("node-b"), "full");
-    let opened = node.open("guest", &url);
+    let node = NodeProc::start_in(bootcache_bin(), None, None, &cache, &dir.path().join("node-b"), &["--background", "full"]).unwrap();
+    let opened = node.open("guest", &url, &[]).unwrap();
     let start = Instant::now();
     let after = loop {
-        let m = json(&node.get("/images"))[0]["metrics"].clone();
+        let m = json(&node.get("/images").unwrap())[0]["metrics"].clone();
         if m["present_extents"] == m["extents"] {
             break m;
         }

@@ -14,7 +14,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bootcache_testbed::{Link, Testbed};
-use support::deliver::{Killed, Nginx, NodeProc, assert_export_equals, overlay, start_vm, wait_markers};
+use support::deliver::{Killed, Nginx, NodeProc, assert_export_equals, bootcache_bin, overlay, start_vm, wait_markers};
 use support::{accel, bootcache, qemu_args, reference_guest};
 
 const MARKER: &str = "BOOTCACHE-BOOTED";
@@ -100,7 +100,7 @@ fn boots_at_every_link_setting_from_nginx_and_four_vms_share_one_cache() {
     let dir = tempfile::tempdir().unwrap();
     let mut tb = Testbed::new(&["store", "node"]).unwrap();
     let store_addr = tb.host("store").addr.to_string();
-    let _nginx = Nginx::start_in(Some(&tb.host("store").netns), &store_addr, 8080, &fx.store_dir, &dir.path().join("nginx"));
+    let _nginx = Nginx::start_in(Some(&tb.host("store").netns), &store_addr, 8080, &fx.store_dir, &dir.path().join("nginx")).unwrap();
     let url = format!("http://{store_addr}:8080/guest.bcimg");
     let mut one = 0;
     for (i, link) in [Link::new(100, 2.0), Link::new(100, 20.0), Link::new(1000, 2.0)].into_iter().enumerate() {
@@ -119,45 +119,80 @@ fn boots_at_every_link_setting_from_nginx_and_four_vms_share_one_cache() {
 
     // The guest's disk through the export equals the source byte for byte
     // (what the boot did not read now comes on demand over the link).
-    let node_ns = tb.host("node").netns.clone();
-    let node = NodeProc::start_in(Some(&node_ns), &dir.path().join("cache2"), &dir.path().join("node-check"), "off");
-    let opened = node.open("check", &url);
+    let node = NodeProc::start_in(
+        bootcache_bin(),
+        Some(&tb.host("node").netns),
+        None,
+        &dir.path().join("cache2"),
+        &dir.path().join("node-check"),
+        &["--background", "off"],
+    )
+    .unwrap();
+    let opened = node.open("check", &url, &[]).unwrap();
     assert_export_equals(&fx.image, opened["nbd_url"].as_str().unwrap());
     drop(node);
 
     // Four VMs at once on one node from one image (1 Gbit/s, 2 ms): one
-    // cache, so the store sends the image's boot bytes once.
+    // cache, so the store sends the image's boot bytes once. Done at two
+    // guest memory sizes: what a VM adds to the node must not follow it.
+    let small = four_vms(&tb, &dir.path().join("four-512"), &url, 512, one);
+    let large = four_vms(&tb, &dir.path().join("four-2048"), &url, 2048, one);
+    eprintln!("node RSS per added VM: {small:.0} bytes at -m 512, {large:.0} bytes at -m 2048");
+    // A cache per VM would hold the boot set (about 60 MB) each time; guest
+    // memory held by the node would add hundreds of MB at -m 2048.
+    for (mem, per_vm) in [(512, small), (2048, large)] {
+        assert!(per_vm < 16.0 * 1024.0 * 1024.0, "-m {mem}: the node grew by {per_vm:.0} bytes per VM");
+    }
+    assert!(
+        large <= small + 4.0 * 1024.0 * 1024.0,
+        "per-VM node memory grew with guest memory: {small:.0} bytes at -m 512, {large:.0} at -m 2048"
+    );
+}
+
+/// Boots four VMs of `mem_mb` MiB at once from one fresh node cache under
+/// `dir`; checks they share one cache and the store sends at most 1.05 x
+/// `one` VM's bytes. Returns the node's RSS growth per VM, in bytes.
+fn four_vms(tb: &Testbed, dir: &Path, url: &str, mem_mb: u32, one: u64) -> f64 {
+    std::fs::create_dir_all(dir).unwrap();
     let sent_before = tb.tx_bytes("store").unwrap();
-    let node = NodeProc::start_in(Some(&node_ns), &dir.path().join("cache4"), &dir.path().join("node4"), "off");
-    let rss_open_before = node.rss();
+    let node = NodeProc::start_in(
+        bootcache_bin(),
+        Some(&tb.host("node").netns),
+        None,
+        &dir.join("cache"),
+        &dir.join("node"),
+        &["--background", "off"],
+    )
+    .unwrap();
+    let rss_idle = node.rss().unwrap();
     let mut consoles = Vec::new();
     let mut disks = Vec::new();
     for i in 0..4 {
-        let opened = node.open(&format!("vm{i}"), &url);
-        let disk = dir.path().join(format!("vm{i}.qcow2"));
-        overlay(&disk, opened["nbd_url"].as_str().unwrap(), opened["virtual_size"].as_u64().unwrap());
-        consoles.push(dir.path().join(format!("vm{i}.console")));
+        let opened = node.open(&format!("vm{i}"), url, &[]).unwrap();
+        let disk = dir.join(format!("vm{i}.qcow2"));
+        overlay(&disk, opened["nbd_url"].as_str().unwrap(), "raw", opened["virtual_size"].as_u64().unwrap()).unwrap();
+        consoles.push(dir.join(format!("vm{i}.console")));
         disks.push(disk);
     }
-    let rss_open = node.rss();
-    let running: Vec<_> = disks.iter().zip(&consoles).map(|(disk, console)| start_vm(disk, console, &accel())).collect();
-    let times = wait_markers(&consoles, MARKER, Duration::from_secs(600));
-    let rss_booted = node.rss();
+    let rss_open = node.rss().unwrap();
+    let running: Vec<_> =
+        disks.iter().zip(&consoles).map(|(disk, console)| start_vm(None, disk, console, &accel(), mem_mb).unwrap()).collect();
+    let times = wait_markers(&consoles, MARKER, std::time::Instant::now(), Duration::from_secs(600)).unwrap();
+    let rss_booted = node.rss().unwrap();
     drop(running);
     let four = tb.tx_bytes("store").unwrap() - sent_before;
-    let status: serde_json::Value = serde_json::from_str(&node.get("/images")).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&node.get("/images").unwrap()).unwrap();
     let roots: std::collections::BTreeSet<_> =
         status.as_array().unwrap().iter().map(|i| i["root_digest"].as_str().unwrap().to_string()).collect();
     assert_eq!(roots.len(), 1, "four names, one cache: {status}");
     let per_vm = rss_booted.saturating_sub(rss_open) as f64 / 4.0;
     eprintln!(
-        "four VMs: markers after {times:?}; store sent {four} bytes (one VM: {one}); node RSS idle {rss_open_before}, images open \
-         {rss_open}, after the boots {rss_booted} ({per_vm:.0} bytes per VM); metrics {}",
+        "four VMs at -m {mem_mb}: markers after {times:?}; store sent {four} bytes (one VM: {one}); node RSS idle {rss_idle}, \
+         images open {rss_open}, after the boots {rss_booted} ({per_vm:.0} bytes per VM); metrics {}",
         status[0]["metrics"]
     );
-    assert!(four as f64 <= 1.05 * one as f64, "four VMs made the store send {four} bytes, one VM {one}");
-    // A cache per VM would hold the boot set (about 60 MB) each time.
-    assert!(per_vm < 16.0 * 1024.0 * 1024.0, "the node grew by {per_vm:.0} bytes per VM");
+    assert!(four as f64 <= 1.05 * one as f64, "four VMs at -m {mem_mb} made the store send {four} bytes, one VM {one}");
+    per_vm
 }
 
 #[test]

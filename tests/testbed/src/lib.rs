@@ -12,6 +12,8 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, bail};
 
+pub mod programs;
+
 /// How every host's link behaves.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Link {

@@ -1,0 +1,301 @@
+//! The programs run on testbed hosts: nginx (a third-party store),
+//! `qemu-nbd`, `bootcache node serve`, and QEMU guests booting through
+//! overlays of their own. Each is stopped when its handle is dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// `program`, run inside network namespace `netns` when one is given.
+pub fn wrap(netns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// A port nothing listens on now.
+///
+/// # Errors
+/// When no port can be bound.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Waits until `ok` holds, failing if `child` exits or `limit` passes.
+fn wait_until(child: &mut Child, what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while !ok() {
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited before it answered: {status}");
+        }
+        if start.elapsed() > limit {
+            bail!("{what} does not answer after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Waits until `port` on loopback (of the current namespace) accepts
+/// connections.
+///
+/// # Errors
+/// When `child` exits first or 20 s pass.
+pub fn wait_port(port: u16, child: &mut Child, what: &str) -> anyhow::Result<()> {
+    wait_until(child, what, Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+}
+
+/// A child process killed when dropped.
+#[derive(Debug)]
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn curl_ok(netns: Option<&str>, url: &str) -> bool {
+    wrap(netns, "curl").args(["-s", "-o", "/dev/null", "--fail", url]).status().is_ok_and(|s| s.success())
+}
+
+/// nginx serving `root` (its access log, with bytes sent, in its work dir).
+#[derive(Debug)]
+pub struct Nginx {
+    child: Child,
+    /// Its port.
+    pub port: u16,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM: the master stops its workers too (SIGKILL would orphan them).
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Nginx {
+    /// nginx on `addr:port` inside `netns` (or the current namespace).
+    ///
+    /// # Errors
+    /// nginx missing, or not answering within 20 s.
+    pub fn start_in(netns: Option<&str>, addr: &str, port: u16, root: &Path, work: &Path) -> anyhow::Result<Nginx> {
+        std::fs::create_dir_all(work)?;
+        let w = work.display();
+        let conf = format!(
+            "worker_processes 1;\ndaemon off;\nerror_log {w}/error.log;\npid {w}/nginx.pid;\nevents {{}}\n\
+             http {{\n  log_format bytes '$bytes_sent $status \"$request\" \"$http_range\"';\n  access_log {w}/access.log bytes;\n\
+             client_body_temp_path {w}/body; proxy_temp_path {w}/proxy; fastcgi_temp_path {w}/fastcgi;\n\
+             uwsgi_temp_path {w}/uwsgi; scgi_temp_path {w}/scgi;\n\
+             server {{ listen {addr}:{port}; root {}; location / {{ }} }}\n}}\n",
+            root.display()
+        );
+        let conf_path = work.join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let child = wrap(netns, "nginx")
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(work)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("nginx must be installed (scripts/setup installs it)")?;
+        let mut nginx = Nginx { child, port };
+        let url = format!("http://{addr}:{port}/");
+        wait_until(&mut nginx.child, "nginx", Duration::from_secs(20), || {
+            wrap(netns, "curl").args(["-s", "-o", "/dev/null", &url]).status().is_ok_and(|s| s.success())
+        })?;
+        Ok(nginx)
+    }
+}
+
+/// `qemu-nbd` exporting `image` read-only as `name` on `addr:port`, for any
+/// number of clients.
+///
+/// # Errors
+/// qemu-nbd missing or not listening within 20 s.
+pub fn qemu_nbd_in(netns: Option<&str>, addr: &str, port: u16, image: &Path, format: &str, name: &str) -> anyhow::Result<Killed> {
+    let child = wrap(netns, "qemu-nbd")
+        .args(["--read-only", "--persistent", "--shared=0", "--format", format, "--export-name", name, "--bind", addr])
+        .args(["--port", &port.to_string()])
+        .arg(image)
+        .stdout(Stdio::null())
+        .spawn()
+        .context("qemu-nbd must be installed (package qemu-utils)")?;
+    let mut k = Killed(child);
+    let url = format!("nbd://{addr}:{port}/{name}");
+    wait_until(&mut k.0, "qemu-nbd", Duration::from_secs(20), || {
+        wrap(netns, "qemu-img").args(["info", &url]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    })
+    .with_context(|| format!("waiting for {url}"))?;
+    Ok(k)
+}
+
+/// `bootcache node serve` with its API on a loopback port.
+#[derive(Debug)]
+pub struct NodeProc {
+    /// The process.
+    pub child: Killed,
+    /// Its API, `addr:port`.
+    pub api: String,
+    /// NBD socket.
+    pub socket: PathBuf,
+    netns: Option<String>,
+}
+
+impl NodeProc {
+    /// Starts `bootcache` (the binary at `bin`) `node serve` inside `netns`,
+    /// its API on `api_addr` (the namespace's loopback when `None`; a host
+    /// address for peers), with `extra` arguments (`--background`,
+    /// `--prefetch`, `--peer`...).
+    ///
+    /// # Errors
+    /// The node does not start or answer within 20 s.
+    pub fn start_in(
+        bin: &Path,
+        netns: Option<&str>,
+        api_addr: Option<&str>,
+        cache_dir: &Path,
+        work: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<NodeProc> {
+        std::fs::create_dir_all(work)?;
+        let api = format!("{}:{}", api_addr.unwrap_or("127.0.0.1"), free_port()?);
+        let socket = work.join("nbd.sock");
+        let child = wrap(netns, bin)
+            .args(["node", "serve", "--api", &api])
+            .args(extra)
+            .arg("--cache-dir")
+            .arg(cache_dir)
+            .arg("--nbd-socket")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("running {} node serve", bin.display()))?;
+        let mut node = NodeProc { child: Killed(child), api, socket, netns: netns.map(str::to_owned) };
+        let url = format!("http://{}/images", node.api);
+        let ns = node.netns.clone();
+        wait_until(&mut node.child.0, "bootcache node serve", Duration::from_secs(20), || curl_ok(ns.as_deref(), &url))?;
+        Ok(node)
+    }
+
+    fn curl(&self) -> Command {
+        wrap(self.netns.as_deref(), "curl")
+    }
+
+    /// Opens `url` as export `name`, fetching from `peers` (node API URLs)
+    /// before the store; returns the API's JSON answer.
+    ///
+    /// # Errors
+    /// The node refuses (the message says why).
+    pub fn open(&self, name: &str, url: &str, peers: &[String]) -> anyhow::Result<serde_json::Value> {
+        let body = serde_json::json!({ "name": name, "url": url, "peers": peers }).to_string();
+        let out = self
+            .curl()
+            .args(["-sS", "--fail-with-body", "-H", "content-type: application/json", "-d", &body])
+            .arg(format!("http://{}/images", self.api))
+            .output()
+            .context("running curl")?;
+        if !out.status.success() {
+            bail!("opening {url}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// GET `path` on the API.
+    ///
+    /// # Errors
+    /// Any failure of the request.
+    pub fn get(&self, path: &str) -> anyhow::Result<String> {
+        let out = self.curl().args(["-sS", "--fail"]).arg(format!("http://{}{path}", self.api)).output().context("running curl")?;
+        if !out.status.success() {
+            bail!("GET {path}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Resident memory of the node process, bytes.
+    ///
+    /// # Errors
+    /// When the process is gone.
+    pub fn rss(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.0.id()))?;
+        let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).context("no VmRSS")?.trim().trim_end_matches(" kB").trim();
+        Ok(kb.parse::<u64>()? * 1024)
+    }
+}
+
+/// A qcow2 overlay at `path` of `size` bytes over `backing` (a file name,
+/// `nbd+unix://` or `nbd://` URL, or a `json:` pseudo-protocol string) whose
+/// format is `backing_format`.
+///
+/// # Errors
+/// When qemu-img fails.
+pub fn overlay(path: &Path, backing: &str, backing_format: &str, size: u64) -> anyhow::Result<()> {
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-u", "-F", backing_format, "-b", backing])
+        .arg(path)
+        .arg(size.to_string())
+        .output()
+        .context("qemu-img must be installed (package qemu-utils)")?;
+    if !out.status.success() {
+        bail!("qemu-img create: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Starts QEMU inside `netns` (or here) with `mem_mb` MiB on `disk` (qcow2)
+/// with its serial console in `console`.
+///
+/// # Errors
+/// When QEMU cannot be started.
+pub fn start_vm(netns: Option<&str>, disk: &Path, console: &Path, accel: &str, mem_mb: u32) -> anyhow::Result<Killed> {
+    std::fs::write(console, "")?;
+    let child = wrap(netns, "qemu-system-x86_64")
+        .args(["-accel", accel, "-m", &mem_mb.to_string(), "-display", "none", "-net", "none", "-drive"])
+        .arg(format!("file={},format=qcow2,if=virtio", disk.display()))
+        .arg("-chardev")
+        .arg(format!("file,id=con,path={}", console.display()))
+        .args(["-serial", "chardev:con"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("qemu-system-x86_64 must be installed")?;
+    Ok(Killed(child))
+}
+
+/// Waits until every console shows `marker`; returns each VM's time to it
+/// from `start`.
+///
+/// # Errors
+/// When `timeout` passes first (the error shows the consoles' last lines).
+pub fn wait_markers(consoles: &[PathBuf], marker: &str, start: Instant, timeout: Duration) -> anyhow::Result<Vec<Duration>> {
+    let mut seen = vec![None; consoles.len()];
+    while seen.iter().any(Option::is_none) {
+        for (i, c) in consoles.iter().enumerate() {
+            if seen[i].is_none() && std::fs::read_to_string(c).unwrap_or_default().contains(marker) {
+                seen[i] = Some(start.elapsed());
+            }
+        }
+        if start.elapsed() > timeout {
+            let tails: Vec<String> = consoles
+                .iter()
+                .map(|c| std::fs::read_to_string(c).unwrap_or_default())
+                .map(|s| s.chars().rev().take(400).collect::<String>().chars().rev().collect())
+                .collect();
+            bail!("not every VM reached the marker within {timeout:?}: {seen:?}\nconsole tails: {tails:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(seen.into_iter().flatten().collect())
+}
