@@ -154,7 +154,8 @@ pub struct NodeProc {
 }
 
 impl NodeProc {
-    /// Starts `bootcache` (the binary at `bin`) `node serve` inside `netns`,
+    /// Starts `bootcache` (the binary at `bin`) `node serve` inside `netns`
+    /// (its log in `work/node.log`),
     /// its API on `api_addr` (the namespace's loopback when `None`; a host
     /// address for peers), with `extra` arguments (`--background`,
     /// `--prefetch`, `--peer`...).
@@ -172,6 +173,7 @@ impl NodeProc {
         std::fs::create_dir_all(work)?;
         let api = format!("{}:{}", api_addr.unwrap_or("127.0.0.1"), free_port()?);
         let socket = work.join("nbd.sock");
+        let log = std::fs::File::create(work.join("node.log"))?;
         let child = wrap(netns, bin)
             .args(["node", "serve", "--api", &api])
             .args(extra)
@@ -180,6 +182,7 @@ impl NodeProc {
             .arg("--nbd-socket")
             .arg(&socket)
             .stdout(Stdio::null())
+            .stderr(log)
             .spawn()
             .with_context(|| format!("running {} node serve", bin.display()))?;
         let mut node = NodeProc { child: Killed(child), api, socket, netns: netns.map(str::to_owned) };

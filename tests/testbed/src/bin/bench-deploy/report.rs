@@ -1,0 +1,254 @@
+//! The table (median, min, max; ratio to local), the goals, and the plots.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use plotters::prelude::*;
+
+use crate::run::{Deployment, Method};
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => f64::midpoint(v[n / 2 - 1], v[n / 2]),
+    }
+}
+
+/// The settings present, in first-seen order: (rate, rtt, vms per node).
+fn settings(results: &[Deployment]) -> Vec<(u32, f64, usize)> {
+    let mut out: Vec<(u32, f64, usize)> = Vec::new();
+    for d in results {
+        let k = (d.rate_mbit, d.rtt_ms, d.vms_per_node);
+        if !out.contains(&k) {
+            out.push(k);
+        }
+    }
+    out
+}
+
+fn of(results: &[Deployment], k: (u32, f64, usize), m: Method) -> Vec<&Deployment> {
+    results.iter().filter(|d| (d.rate_mbit, d.rtt_ms, d.vms_per_node) == k && d.method == m).collect()
+}
+
+fn med(ds: &[&Deployment], f: impl Fn(&Deployment) -> f64) -> f64 {
+    median(&mut ds.iter().map(|d| f(d)).collect::<Vec<_>>())
+}
+
+/// What the nodes fetched by the last sample (MB), summed over nodes, and
+/// how long guest reads waited in all (s).
+fn fetched(d: &Deployment) -> (f64, f64, f64, f64, f64) {
+    let mut last: Vec<&crate::run::Sample> = Vec::new();
+    for s in d.timeline.iter().rev() {
+        if !last.iter().any(|l| l.node == s.node) {
+            last.push(s);
+        }
+    }
+    let sum = |f: fn(&crate::run::Sample) -> u64| last.iter().map(|s| f(s)).sum::<u64>() as f64 / 1e6;
+    let wait = last.iter().map(|s| s.miss_wait_seconds).sum();
+    (sum(|s| s.prefetch_bytes), sum(|s| s.demand_bytes), sum(|s| s.background_bytes), sum(|s| s.peer_bytes), wait)
+}
+
+/// The Markdown table and the goals, each as a ratio from the same run.
+pub fn table(results: &[Deployment]) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "| link | VMs/node | method | time to last marker: median (min-max) | ratio to local | store MB | peer MB | fetched MB: prefetch / demand / background | guest reads waited |"
+    );
+    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|");
+    for k in settings(results) {
+        let local = med(&of(results, k, Method::Local), |d| d.seconds);
+        for m in Method::ALL {
+            let ds = of(results, k, m);
+            if ds.is_empty() {
+                continue;
+            }
+            let secs = med(&ds, |d| d.seconds);
+            let min = ds.iter().map(|d| d.seconds).fold(f64::INFINITY, f64::min);
+            let max = ds.iter().map(|d| d.seconds).fold(0.0, f64::max);
+            let split = if ds[0].timeline.is_empty() {
+                " | ".to_owned()
+            } else {
+                let (p, d, b) = (med(&ds, |d| fetched(d).0), med(&ds, |d| fetched(d).1), med(&ds, |d| fetched(d).2));
+                format!("{p:.1} / {d:.1} / {b:.1} | {:.1} s", med(&ds, |d| fetched(d).4))
+            };
+            let _ = writeln!(
+                t,
+                "| {} Mbit/s, {} ms | {} | {m} | {secs:.1} s ({min:.1}-{max:.1}) | {:.2} | {:.1} | {:.1} | {split} |",
+                k.0,
+                k.1,
+                k.2,
+                secs / local,
+                med(&ds, |d| d.store_bytes as f64 / 1e6),
+                med(&ds, |d| d.peer_bytes as f64 / 1e6),
+            );
+        }
+    }
+    t.push('\n');
+    t.push_str(&goals(results));
+    t
+}
+
+fn goals(results: &[Deployment]) -> String {
+    let mut g = String::from("Goals (ratios of medians from this run):\n\n");
+    for k in settings(results) {
+        let time = |m| med(&of(results, k, m), |d| d.seconds);
+        let store = |m| med(&of(results, k, m), |d| d.store_bytes as f64);
+        let link = format!("{} Mbit/s, {} ms, {} VM(s)/node", k.0, k.1, k.2);
+        let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+        let bc = time(Method::Bootcache);
+        if bc.is_finite() && time(Method::Local).is_finite() {
+            let r = bc / time(Method::Local);
+            let _ = writeln!(g, "- {link}: bootcache / local = {r:.3} (goal <= 1.10: {})", verdict(r <= 1.10));
+        }
+        if k.0 == 100 {
+            for m in [Method::FullCopy, Method::Nbd, Method::Curl] {
+                if time(m).is_finite() && bc.is_finite() {
+                    let r = bc / time(m);
+                    let _ = writeln!(g, "- {link}: bootcache / {m} = {r:.3} (goal < 1: {})", verdict(r < 1.0));
+                }
+            }
+        }
+        if store(Method::BootcachePeer).is_finite() && store(Method::Bootcache).is_finite() {
+            let r = store(Method::BootcachePeer) / store(Method::Bootcache);
+            let _ = writeln!(g, "- {link}: store bytes with a peer / without = {r:.3} (goal <= 0.5: {})", verdict(r <= 0.5));
+        }
+        if k.2 > 1 {
+            let one = med(&of(results, (k.0, k.1, 1), Method::Bootcache), |d| d.store_bytes as f64);
+            if one.is_finite() && store(Method::Bootcache).is_finite() {
+                let r = store(Method::Bootcache) / one;
+                let _ = writeln!(
+                    g,
+                    "- {link}: store bytes / those with 1 VM per node = {r:.3} (goal: no growth, <= 1.05: {})",
+                    verdict(r <= 1.05)
+                );
+            }
+        }
+    }
+    g
+}
+
+/// Fails unless the store sent at most half the bytes with a caching peer
+/// as without, at every setting where both ran.
+pub fn require_peer_halves(results: &[Deployment]) -> anyhow::Result<()> {
+    let mut checked = 0;
+    for k in settings(results) {
+        let store = |m| med(&of(results, k, m), |d| d.store_bytes as f64);
+        let (with, without) = (store(Method::BootcachePeer), store(Method::Bootcache));
+        if with.is_finite() && without.is_finite() {
+            anyhow::ensure!(with <= 0.5 * without, "at {k:?} the store sent {with} bytes with a peer, {without} without");
+            checked += 1;
+        }
+    }
+    anyhow::ensure!(checked > 0, "no setting ran both bootcache and bootcache-peer");
+    Ok(())
+}
+
+/// `boot-times.svg` (median time per method and setting) and
+/// `timeline.svg` (one bootcache deployment's fetched bytes over time).
+pub fn plots(results: &[Deployment], out: &Path) -> anyhow::Result<()> {
+    let ks = settings(results);
+    let methods: Vec<Method> = Method::ALL.into_iter().filter(|m| results.iter().any(|d| d.method == *m)).collect();
+    let path = out.join("boot-times.svg");
+    {
+        let root = SVGBackend::new(&path, (1100, 420 + 20 * ks.len() as u32)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let ymax = results.iter().map(|d| d.seconds).fold(1.0, f64::max) * 1.1;
+        let groups = ks.len().max(1);
+        let mut chart = ChartBuilder::on(&root)
+            .caption("Time from deploy to the last VM's boot marker (median)", ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0.0..(groups * (methods.len() + 1)) as f64, 0.0..ymax)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart.configure_mesh().disable_x_mesh().x_labels(0).y_desc("seconds").draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+        for (mi, m) in methods.iter().enumerate() {
+            let color = Palette99::pick(mi).to_rgba();
+            let bars: Vec<_> = ks
+                .iter()
+                .enumerate()
+                .filter_map(|(gi, k)| {
+                    let t = med(&of(results, *k, *m), |d| d.seconds);
+                    let x = (gi * (methods.len() + 1) + mi) as f64;
+                    t.is_finite().then(|| Rectangle::new([(x, 0.0), (x + 0.9, t)], color.filled()))
+                })
+                .collect();
+            chart
+                .draw_series(bars)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .label(m.to_string())
+                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+        }
+        for (gi, k) in ks.iter().enumerate() {
+            let x = (gi * (methods.len() + 1)) as f64;
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    format!("{} Mbit/s {} ms, {}/node", k.0, k.1, k.2),
+                    (x, ymax * 0.97),
+                    ("sans-serif", 13),
+                )))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        root.present().map_err(|e| anyhow::anyhow!("{e}")).context("writing boot-times.svg")?;
+    }
+    // The timeline of the first bootcache deployment at the slowest link.
+    let pick = results
+        .iter()
+        .filter(|d| d.method == Method::Bootcache && d.vms_per_node == 1)
+        .min_by(|a, b| a.rate_mbit.cmp(&b.rate_mbit).then(b.rtt_ms.total_cmp(&a.rtt_ms)));
+    if let Some(d) = pick {
+        timeline(d, &out.join("timeline.svg"))?;
+    }
+    Ok(())
+}
+
+fn timeline(d: &Deployment, path: &Path) -> anyhow::Result<()> {
+    let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let node1: Vec<_> = d.timeline.iter().filter(|s| s.node == "node1").collect();
+    let xmax = node1.last().map_or(1.0, |s| s.seconds).max(d.seconds) * 1.05;
+    let ymax = node1.iter().map(|s| (s.prefetch_bytes + s.demand_bytes + s.background_bytes) as f64 / 1e6).fold(1.0, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("node1, {} Mbit/s {} ms: bytes fetched by kind, boot marker", d.rate_mbit, d.rtt_ms), ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..xmax, 0.0..ymax)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart.configure_mesh().x_desc("seconds since deploy").y_desc("MB fetched").draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+    type Get = fn(&crate::run::Sample) -> u64;
+    let kinds: [(&str, Get, RGBColor); 3] =
+        [("prefetch", |s| s.prefetch_bytes, BLUE), ("on demand", |s| s.demand_bytes, RED), ("background", |s| s.background_bytes, GREEN)];
+    for (name, get, color) in kinds {
+        chart
+            .draw_series(LineSeries::new(node1.iter().map(|s| (s.seconds, get(s) as f64 / 1e6)), color.stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2)));
+    }
+    let marker = d.vm_seconds.first().copied().unwrap_or(d.seconds);
+    chart
+        .draw_series(std::iter::once(PathElement::new([(marker, 0.0), (marker, ymax)], BLACK.stroke_width(1))))
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .label("boot marker")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLACK));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}")).context("writing timeline.svg")
+}

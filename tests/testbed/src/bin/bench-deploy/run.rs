@@ -1,0 +1,267 @@
+//! One deployment: VMs on both compute nodes, by one method, timed to the
+//! last boot marker, with the bytes each server sent.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bootcache_testbed::programs::{Killed, NodeProc, overlay, start_vm, wrap};
+use bootcache_testbed::{Link, Testbed};
+use serde::{Deserialize, Serialize};
+
+/// A way of getting the VMs running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// The image already on the node.
+    Local,
+    /// Download the sparse qcow2 over HTTP, then boot.
+    FullCopy,
+    /// qemu-nbd on the store, QEMU's NBD client.
+    Nbd,
+    /// QEMU's curl block driver on the raw image over HTTP, with its read-ahead.
+    Curl,
+    /// bootcache from the store.
+    Bootcache,
+    /// bootcache with a peer that already caches the image.
+    BootcachePeer,
+    /// Ablation: bootcache without any prefetch (guest misses only).
+    OnDemand,
+    /// Ablation: the trace's ranges prefetched in trace order from a
+    /// container that was not reordered.
+    TraceOrder,
+}
+
+impl Method {
+    pub const ALL: [Method; 8] = [
+        Method::Local,
+        Method::FullCopy,
+        Method::Nbd,
+        Method::Curl,
+        Method::Bootcache,
+        Method::BootcachePeer,
+        Method::OnDemand,
+        Method::TraceOrder,
+    ];
+
+    fn uses_node(self) -> bool {
+        matches!(self, Method::Bootcache | Method::BootcachePeer | Method::OnDemand | Method::TraceOrder)
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
+        f.write_str(v.as_str().unwrap_or("?"))
+    }
+}
+
+/// What every deployment shares.
+#[derive(Debug)]
+pub struct Setup {
+    pub bootcache: PathBuf,
+    pub image: PathBuf,
+    pub trace: PathBuf,
+    pub store_url: String,
+    pub nbd_url: String,
+    pub peer_url: String,
+    pub accel: String,
+    pub mem: u32,
+    pub marker: String,
+    pub timeout: Duration,
+    pub work: PathBuf,
+    /// `--background` of the bootcache nodes.
+    pub background: String,
+    /// Set by SIGINT or SIGTERM: stop, cleaning up.
+    pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A sample of one node's cache counters during a deployment.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Sample {
+    pub seconds: f64,
+    pub node: String,
+    pub prefetch_bytes: u64,
+    pub demand_bytes: u64,
+    pub background_bytes: u64,
+    pub peer_bytes: u64,
+    /// Guest reads that waited, and how long in all.
+    #[serde(default)]
+    pub misses: u64,
+    #[serde(default)]
+    pub miss_wait_seconds: f64,
+}
+
+/// What one deployment measured.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Deployment {
+    pub run: usize,
+    pub method: Method,
+    pub rate_mbit: u32,
+    pub rtt_ms: f64,
+    pub vms_per_node: usize,
+    /// From "deploy" to the last VM's marker.
+    pub seconds: f64,
+    /// Each VM's time to its marker.
+    pub vm_seconds: Vec<f64>,
+    /// Bytes the store host sent until the last marker.
+    pub store_bytes: u64,
+    /// Bytes the peer host sent until the last marker.
+    pub peer_bytes: u64,
+    /// For bootcache methods: the nodes' counters, sampled.
+    pub timeline: Vec<Sample>,
+}
+
+const NODES: [&str; 2] = ["node1", "node2"];
+
+/// Deploys `vms` VMs on each compute node by `method` and waits for every
+/// boot marker.
+pub fn deploy(tb: &Testbed, s: &Setup, method: Method, link: Link, vms: usize, run: usize) -> anyhow::Result<Deployment> {
+    let dir = s.work.join(format!("{method}-{}-{}-{vms}-{run}", link.rate_mbit, link.rtt_ms));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    // A node daemon is already running on a compute node before a deployment.
+    let mut nodes = Vec::new();
+    if method.uses_node() {
+        for n in NODES {
+            let trace = s.trace.to_string_lossy().into_owned();
+            let extra: Vec<&str> = match method {
+                Method::OnDemand => vec!["--prefetch", "off"],
+                Method::TraceOrder => vec!["--prefetch", &trace],
+                _ => vec![],
+            };
+            let mut extra = extra.into_iter().map(str::to_owned).collect::<Vec<_>>();
+            extra.extend(["--background".to_owned(), s.background.clone()]);
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            let node = NodeProc::start_in(&s.bootcache, Some(&tb.host(n).netns), None, &dir.join(n).join("cache"), &dir.join(n), &extra)?;
+            nodes.push(node);
+        }
+    }
+    let (store0, peer0) = (tb.tx_bytes("store")?, tb.tx_bytes("peer")?);
+    let start = Instant::now();
+    // Both nodes deploy at once.
+    let prepared: Vec<anyhow::Result<Vec<(PathBuf, Killed)>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = NODES
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let (dir, node) = (dir.join(n), nodes.get(i));
+                scope.spawn(move || deploy_node(tb, s, method, n, &dir, node, vms))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("deploy thread panicked")))).collect()
+    });
+    let mut vms_running = Vec::new();
+    for p in prepared {
+        vms_running.extend(p?);
+    }
+    let consoles: Vec<PathBuf> = vms_running.iter().map(|(c, _)| c.clone()).collect();
+    let mut seen: Vec<Option<f64>> = vec![None; consoles.len()];
+    let mut timeline = Vec::new();
+    let mut next_sample = Duration::ZERO;
+    while seen.iter().any(Option::is_none) {
+        for (i, c) in consoles.iter().enumerate() {
+            if seen[i].is_none() && std::fs::read_to_string(c).unwrap_or_default().contains(&s.marker) {
+                seen[i] = Some(start.elapsed().as_secs_f64());
+            }
+        }
+        if start.elapsed() >= next_sample {
+            for (i, node) in nodes.iter().enumerate() {
+                timeline.extend(sample(node, NODES[i], start));
+            }
+            next_sample += Duration::from_millis(500);
+        }
+        if s.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        if start.elapsed() > s.timeout {
+            bail!("not every VM reached its marker within {:?}: {seen:?}", s.timeout);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (store_bytes, peer_bytes) = (tb.tx_bytes("store")? - store0, tb.tx_bytes("peer")? - peer0);
+    for (i, node) in nodes.iter().enumerate() {
+        timeline.extend(sample(node, NODES[i], start));
+    }
+    let vm_seconds: Vec<f64> = seen.into_iter().flatten().collect();
+    drop(vms_running);
+    drop(nodes);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Deployment {
+        run,
+        method,
+        rate_mbit: link.rate_mbit,
+        rtt_ms: link.rtt_ms,
+        vms_per_node: vms,
+        seconds: vm_seconds.iter().copied().fold(0.0, f64::max),
+        vm_seconds,
+        store_bytes,
+        peer_bytes,
+        timeline,
+    })
+}
+
+fn sample(node: &NodeProc, name: &str, start: Instant) -> Option<Sample> {
+    let listed: serde_json::Value = serde_json::from_str(&node.get("/images").ok()?).ok()?;
+    let m = &listed.get(0)?["metrics"];
+    let g = |k: &str| m[k].as_u64().unwrap_or(0);
+    Some(Sample {
+        seconds: start.elapsed().as_secs_f64(),
+        node: name.into(),
+        prefetch_bytes: g("boot_prefetch_bytes"),
+        demand_bytes: g("demand_bytes"),
+        background_bytes: g("background_bytes"),
+        peer_bytes: g("peer_bytes"),
+        misses: g("misses"),
+        miss_wait_seconds: m["miss_wait_seconds"].as_f64().unwrap_or(0.0),
+    })
+}
+
+/// One node's part: gets the backing image ready by `method`, then starts
+/// `vms` VMs on overlays of it. Returns each VM's console and process.
+fn deploy_node(
+    tb: &Testbed,
+    s: &Setup,
+    method: Method,
+    host: &str,
+    dir: &Path,
+    node: Option<&NodeProc>,
+    vms: usize,
+) -> anyhow::Result<Vec<(PathBuf, Killed)>> {
+    std::fs::create_dir_all(dir)?;
+    let netns = tb.host(host).netns.clone();
+    let size = std::fs::metadata(&s.image)?.len();
+    let (backing, format) = match method {
+        Method::Local => (s.image.to_string_lossy().into_owned(), "raw"),
+        Method::FullCopy => {
+            let copy = dir.join("guest.qcow2");
+            let out = wrap(Some(&netns), "curl")
+                .args(["-sS", "--fail", "-o"])
+                .arg(&copy)
+                .arg(format!("{}/guest.qcow2", s.store_url))
+                .output()
+                .context("running curl")?;
+            if !out.status.success() {
+                bail!("downloading the qcow2: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+            (copy.to_string_lossy().into_owned(), "qcow2")
+        }
+        Method::Nbd => (s.nbd_url.clone(), "raw"),
+        Method::Curl => (format!(r#"json:{{"file.driver":"http","file.url":"{}/guest.raw"}}"#, s.store_url), "raw"),
+        Method::Bootcache | Method::BootcachePeer | Method::OnDemand | Method::TraceOrder => {
+            let node = node.context("no node daemon")?;
+            let image = if method == Method::TraceOrder { "plain.bcimg" } else { "guest.bcimg" };
+            let peers = if method == Method::BootcachePeer { vec![s.peer_url.clone()] } else { vec![] };
+            let opened = node.open("guest", &format!("{}/{image}", s.store_url), &peers)?;
+            (opened["nbd_url"].as_str().context("no nbd_url")?.to_owned(), "raw")
+        }
+    };
+    let mut out = Vec::new();
+    for v in 0..vms {
+        let disk = dir.join(format!("vm{v}.qcow2"));
+        overlay(&disk, &backing, format, size)?;
+        let console = dir.join(format!("vm{v}.console"));
+        out.push((console.clone(), start_vm(Some(&netns), &disk, &console, &s.accel, s.mem)?));
+    }
+    Ok(out)
+}
