@@ -7,7 +7,7 @@
 //! methods run interleaved, their order rotated from run to run. Each
 //! deployment is timed from "deploy" to the last VM's boot marker.
 //!
-//! Writes `results.json` (every deployment), `table.md` and SVG plots to
+//! Writes `results.json` (every deployment), `table.md` and PNG plots to
 //! `--out`, and prints the table.
 
 mod report;

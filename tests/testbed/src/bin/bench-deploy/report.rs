@@ -147,16 +147,16 @@ pub fn require_peer_halves(results: &[Deployment]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `boot-times.svg` (median time per method and setting) and
-/// `timeline.svg` (one bootcache deployment's fetched bytes over time).
+/// `boot-times.png` (median time per method and setting) and
+/// `timeline.png` (one bootcache deployment's fetched bytes over time).
 pub fn plots(results: &[Deployment], out: &Path) -> anyhow::Result<()> {
     let ks = settings(results);
     let methods: Vec<Method> = Method::ALL.into_iter().filter(|m| results.iter().any(|d| d.method == *m)).collect();
-    let path = out.join("boot-times.svg");
+    let path = out.join("boot-times.png");
     {
-        let root = SVGBackend::new(&path, (1100, 420 + 20 * ks.len() as u32)).into_drawing_area();
+        let root = BitMapBackend::new(&path, (1100, 420 + 20 * ks.len() as u32)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let ymax = results.iter().map(|d| d.seconds).fold(1.0, f64::max) * 1.1;
+        let ymax = results.iter().map(|d| d.seconds).fold(1.0, f64::max) * 1.45; // room for the legend
         let groups = ks.len().max(1);
         let mut chart = ChartBuilder::on(&root)
             .caption("Time from deploy to the last VM's boot marker (median)", ("sans-serif", 20))
@@ -200,7 +200,7 @@ pub fn plots(results: &[Deployment], out: &Path) -> anyhow::Result<()> {
             .position(SeriesLabelPosition::UpperRight)
             .draw()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        root.present().map_err(|e| anyhow::anyhow!("{e}")).context("writing boot-times.svg")?;
+        root.present().map_err(|e| anyhow::anyhow!("{e}")).context("writing boot-times.png")?;
     }
     // The timeline of the first bootcache deployment at the slowest link.
     let pick = results
@@ -208,13 +208,13 @@ pub fn plots(results: &[Deployment], out: &Path) -> anyhow::Result<()> {
         .filter(|d| d.method == Method::Bootcache && d.vms_per_node == 1)
         .min_by(|a, b| a.rate_mbit.cmp(&b.rate_mbit).then(b.rtt_ms.total_cmp(&a.rtt_ms)));
     if let Some(d) = pick {
-        timeline(d, &out.join("timeline.svg"))?;
+        timeline(d, &out.join("timeline.png"))?;
     }
     Ok(())
 }
 
 fn timeline(d: &Deployment, path: &Path) -> anyhow::Result<()> {
-    let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
+    let root = BitMapBackend::new(path, (900, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let node1: Vec<_> = d.timeline.iter().filter(|s| s.node == "node1").collect();
     let xmax = node1.last().map_or(1.0, |s| s.seconds).max(d.seconds) * 1.05;
@@ -250,5 +250,5 @@ fn timeline(d: &Deployment, path: &Path) -> anyhow::Result<()> {
         .position(SeriesLabelPosition::LowerRight)
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    root.present().map_err(|e| anyhow::anyhow!("{e}")).context("writing timeline.svg")
+    root.present().map_err(|e| anyhow::anyhow!("{e}")).context("writing timeline.png")
 }
