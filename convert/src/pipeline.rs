@@ -152,11 +152,15 @@ pub fn convert<W: Write + Seek + Send>(
     let order = boot_order(traces, size, opts.min_boots)?;
     let allocated = src.allocated().map_err(|source| ConvertError::Source { offset: 0, source })?;
     let plan = plan(&order, &allocated, size, u64::from(opts.boot_extent_max), u64::from(opts.rest_extent_len));
+    // How long the recorded boots read (the latest of their last reads): a
+    // node streams the rest of the image after that, not during the boot.
+    let boot_ns = traces.iter().filter_map(|t| t.records.iter().filter(|r| r.boot_bytes().is_some()).map(|r| r.t_ns).max()).max();
     let extra = serde_json::json!({
         "traces": traces.len(),
         "min_boots": opts.min_boots,
         "boot_set_bytes": plan.boot_set_bytes,
         "boot_alignment": plan.block_size,
+        "boot_seconds": boot_ns.map(|n| n as f64 / 1e9),
     });
     let wopts = WriterOptions {
         virtual_size: size,

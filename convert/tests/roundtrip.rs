@@ -122,7 +122,11 @@ fn sparse_source_costs_no_data_bytes() {
     f.write_all_at(&[0u8; 4096], 512 << 20).unwrap();
     let trace = Trace { records: vec![Record::read(0, 4096, 4096)], ..Trace::default() };
     let src = RawSource::open(&path).unwrap();
-    let (out, report) = convert(&src, &[trace], Cursor::new(Vec::new()), &ConvertOptions::default(), &|_| {}).unwrap();
+    let late = Trace { records: vec![Record::read(2_500_000_000, 4096, 512)], ..Trace::default() };
+    let (out, report) = convert(&src, &[trace, late], Cursor::new(Vec::new()), &ConvertOptions::default(), &|_| {}).unwrap();
+    // The latest boot's last read is recorded for the node's background stream.
+    let img = Image::open(out.get_ref().as_slice()).unwrap();
+    assert_eq!(img.metadata().extra["boot_seconds"], 2.5);
     // 8 KiB of data, an allocated zero block that costs nothing, a 1 GiB disk.
     assert_eq!(report.boot_segment_bytes + report.rest_segment_bytes, 8192);
     assert_eq!(report.zero_extents, 1);

@@ -48,3 +48,20 @@ async fn trace_ranges_prefetch_exactly_the_extents_holding_them() {
     let m = cache.metrics();
     assert_eq!((m.boot_prefetch_bytes, m.demand_bytes, m.misses), (want, 0, 0), "the prefetched reads hit: {m:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_stream_waits_until_the_boot_would_be_over() {
+    let fx = fixture().await;
+    let img = image(&fx.container);
+    let boot: u64 = img.index().entries().iter().filter(|e| e.segment == bootcache_format::Segment::Boot).map(|e| e.stored_len()).sum();
+    let mut opts = options(fx.dir.path(), Background::Unlimited);
+    opts.background_after = Some(Duration::from_millis(1500));
+    let started = std::time::Instant::now();
+    let cache = NodeCache::open(&fx.url, opts).await.unwrap();
+    wait_for("the boot segment", || cache.metrics().boot_prefetch_bytes == boot).await;
+    tokio::time::sleep(Duration::from_millis(1000).saturating_sub(started.elapsed())).await;
+    assert_eq!(cache.metrics().background_bytes, 0, "the rest streamed during the boot");
+    wait_for("the rest", || cache.complete()).await;
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert!(cache.metrics().background_bytes > 0);
+}

@@ -61,6 +61,12 @@ pub struct CacheArgs {
     /// (suffixes K, M, G: powers of 1024), e.g. `20M`.
     #[arg(long, value_name = "WHAT", default_value = "full", value_parser = parse_background)]
     background: Background,
+    /// Start the background stream this many seconds after the image is
+    /// opened (never before the prefetch is done). Default: when the
+    /// image's recorded boot would be over, so the rest of the image does
+    /// not compete with booting guests; at once for images without a trace.
+    #[arg(long, value_name = "SECS")]
+    background_after: Option<f64>,
     /// A guest read waiting for an unreachable store fails after this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     read_timeout: f64,
@@ -87,6 +93,7 @@ impl CacheArgs {
             path => Prefetch::Ranges(trace_order(Path::new(path))?),
         };
         o.background = self.background;
+        o.background_after = self.background_after.map(|s| Duration::from_secs_f64(s.clamp(0.0, 86_400.0)));
         o.read_timeout = Duration::from_secs_f64(self.read_timeout.max(0.0));
         o.retry.budget = o.read_timeout.max(Duration::from_secs(1));
         o.peers.clone_from(&self.peer);

@@ -85,6 +85,7 @@ pub(super) async fn stream_loop(inner: Arc<Inner>) {
         Background::Unlimited => None,
         Background::Rate(r) => Some(r.max(1)),
     };
+    tokio::time::sleep_until(inner.background_at.into()).await;
     stream_segment(&inner, Segment::Rest, rate).await;
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "image fully cached");
 }

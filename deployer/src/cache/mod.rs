@@ -98,6 +98,12 @@ pub struct CacheOptions {
     pub prefetch: Prefetch,
     /// Background streaming after the prefetch.
     pub background: Background,
+    /// When the background stream starts, counted from opening the cache
+    /// (and never before the prefetch is done). `None`: when the image's
+    /// recorded boot would be over (its metadata's `boot_seconds`), so that
+    /// the rest does not compete with booting guests for the link and the
+    /// node's CPU; at once for an image without it.
+    pub background_after: Option<Duration>,
     /// A guest read waiting for the store fails after this long.
     pub read_timeout: Duration,
     /// Retries of store requests.
@@ -117,6 +123,7 @@ impl CacheOptions {
             dir: dir.into(),
             prefetch: Prefetch::BootSegment,
             background: Background::Unlimited,
+            background_after: None,
             read_timeout: Duration::from_secs(30),
             retry: RetryPolicy::default(),
             demand_parallel: 8,
@@ -145,6 +152,8 @@ enum Source {
 
 struct Inner {
     remote: Remote,
+    /// When the background stream may start.
+    background_at: Instant,
     header: Header,
     index: Index,
     /// The guest disk: decoded bytes of present extents at guest offsets.

@@ -76,6 +76,10 @@ pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts
     fetch(&remote, &mut regions, header.meta.clone()).await?;
     // The format crate checks everything: header, index tiling, root digest, metadata.
     let image = Image::open(regions).map_err(bad)?;
+    let recorded_boot =
+        image.metadata().extra.get("boot_seconds").and_then(serde_json::Value::as_f64).filter(|s| s.is_finite() && *s >= 0.0);
+    let background_at = std::time::Instant::now()
+        + opts.background_after.unwrap_or_else(|| std::time::Duration::from_secs_f64(recorded_boot.unwrap_or(0.0).min(3600.0)));
     let header = image.header().clone();
     let index = image.index().clone();
     if let Some(etag) = remote.etag()
@@ -125,6 +129,7 @@ pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts
     let (durable_tx, durable_rx) = mpsc::unbounded_channel();
     let inner = Arc::new(Inner {
         remote,
+        background_at,
         header,
         index,
         data,

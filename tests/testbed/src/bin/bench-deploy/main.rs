@@ -158,7 +158,7 @@ fn main() -> anyhow::Result<()> {
         Some(&peer_addr),
         &work.path().join("peer-cache"),
         &work.path().join("peer"),
-        &["--background", "full"],
+        &["--background", "full", "--background-after", "0"],
     )?;
     peer.open("guest", &format!("{store_url}/guest.bcimg"), &[])?;
     let warm = Instant::now();
