@@ -86,6 +86,9 @@ pub(super) async fn stream_loop(inner: Arc<Inner>) {
         Background::Rate(r) => Some(r.max(1)),
     };
     tokio::time::sleep_until(inner.background_at.into()).await;
+    if inner.background_waits_for_quiet {
+        wait_for_quiet(&inner).await;
+    }
     stream_segment(&inner, Segment::Rest, rate).await;
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "image fully cached");
 }
@@ -113,6 +116,24 @@ async fn stream_segment(inner: &Arc<Inner>, segment: Segment, rate: Option<u64>)
                 tokio::time::sleep(wait).await;
             }
         }
+    }
+}
+
+/// Guests that have not read for this long are past their boot.
+const QUIET: Duration = Duration::from_secs(2);
+/// The longest the background stream waits for quiet guests.
+const QUIET_AT_MOST: Duration = Duration::from_secs(60);
+
+/// Waits until no guest has read for [`QUIET`] (at most [`QUIET_AT_MOST`]).
+async fn wait_for_quiet(inner: &Inner) {
+    let started = Instant::now();
+    loop {
+        let last = Duration::from_nanos(inner.last_read_ns.load(Ordering::Relaxed));
+        let idle = inner.opened.elapsed().saturating_sub(last);
+        if idle >= QUIET || started.elapsed() >= QUIET_AT_MOST {
+            return;
+        }
+        tokio::time::sleep(QUIET - idle).await;
     }
 }
 

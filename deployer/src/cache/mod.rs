@@ -98,11 +98,12 @@ pub struct CacheOptions {
     pub prefetch: Prefetch,
     /// Background streaming after the prefetch.
     pub background: Background,
-    /// When the background stream starts, counted from opening the cache
-    /// (and never before the prefetch is done). `None`: when the image's
-    /// recorded boot would be over (its metadata's `boot_seconds`), so that
-    /// the rest does not compete with booting guests for the link and the
-    /// node's CPU; at once for an image without it.
+    /// When the background stream may start, counted from opening the
+    /// cache (and never before the prefetch is done). `None`: when the
+    /// image's recorded boot would be over (its metadata's `boot_seconds`),
+    /// and then once guests have not read for a moment (or a minute has
+    /// passed), so that the rest does not compete with booting guests for
+    /// the link and the node's CPU; at once for an image without it.
     pub background_after: Option<Duration>,
     /// A guest read waiting for the store fails after this long.
     pub read_timeout: Duration,
@@ -152,8 +153,13 @@ enum Source {
 
 struct Inner {
     remote: Remote,
-    /// When the background stream may start.
+    /// When the background stream may start, and whether it then waits for
+    /// quiet guests (images with a recorded boot, no explicit start).
     background_at: Instant,
+    background_waits_for_quiet: bool,
+    /// When the cache was opened, and the last guest read since then (ns).
+    opened: Instant,
+    last_read_ns: std::sync::atomic::AtomicU64,
     header: Header,
     index: Index,
     /// The guest disk: decoded bytes of present extents at guest offsets.
@@ -267,6 +273,8 @@ impl NodeCache {
         let len = u32::try_from(buf.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "read larger than 4 GiB"))?;
         let result = inner.read(offset, buf).await;
         Metrics::add(&inner.metrics.guest_reads, 1);
+        let now = u64::try_from(inner.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        inner.last_read_ns.store(now, Ordering::Relaxed);
         match &result {
             Ok(()) => Metrics::add(&inner.metrics.guest_read_bytes, u64::from(len)),
             Err(e) => {

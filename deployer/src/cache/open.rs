@@ -130,6 +130,9 @@ pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts
     let inner = Arc::new(Inner {
         remote,
         background_at,
+        background_waits_for_quiet: opts.background_after.is_none() && recorded_boot.is_some(),
+        opened: std::time::Instant::now(),
+        last_read_ns: std::sync::atomic::AtomicU64::new(0),
         header,
         index,
         data,
