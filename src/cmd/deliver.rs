@@ -63,8 +63,9 @@ pub struct CacheArgs {
     background: Background,
     /// Start the background stream this many seconds after the image is
     /// opened (never before the prefetch is done). Default: when the
-    /// image's recorded boot would be over, so the rest of the image does
-    /// not compete with booting guests; at once for images without a trace.
+    /// image's recorded boot would be over and the guests have not read for
+    /// 2 s (at most a minute later), so the rest of the image does not
+    /// compete with booting guests; at once for images without a trace.
     #[arg(long, value_name = "SECS")]
     background_after: Option<f64>,
     /// A guest read waiting for an unreachable store fails after this many seconds.
