@@ -25,6 +25,13 @@ async fn peer_node(fx: &Fixture, sub: &str, background: Background) -> (Arc<Node
     (node, cache, api)
 }
 
+/// A peer node "a" that has cached the whole image.
+async fn caching_peer(fx: &Fixture) -> (Arc<Node>, Arc<NodeCache>, String) {
+    let (node, cache, api) = peer_node(fx, "a", Background::Unlimited).await;
+    wait_for("peer A to cache the image", || cache.complete()).await;
+    (node, cache, api)
+}
+
 /// The bytes the store sends to open an image: header, index, metadata.
 fn structure(img: &Image<std::fs::File>) -> u64 {
     let h = img.header();
@@ -48,8 +55,7 @@ async fn assert_reads_model(cache: &NodeCache, fx: &Fixture) {
 async fn a_node_takes_everything_from_a_caching_peer_and_the_store_sends_only_the_structure() {
     let fx = fixture().await;
     let img = image(&fx.container);
-    let (_a, a_cache, a_api) = peer_node(&fx, "a", Background::Unlimited).await;
-    wait_for("peer A to cache the image", || a_cache.complete()).await;
+    let (_a, a_cache, a_api) = caching_peer(&fx).await;
 
     let before = fx.stats.body_bytes.load(Ordering::Relaxed);
     let mut opts = options(&fx.dir.path().join("b"), Background::Unlimited);
@@ -109,8 +115,7 @@ async fn what_a_peer_lacks_comes_from_the_store() {
 async fn a_peer_whose_bytes_fail_their_digest_is_dropped_and_the_store_serves() {
     let fx = fixture().await;
     let img = image(&fx.container);
-    let (_a, a_cache, a_api) = peer_node(&fx, "a", Background::Unlimited).await;
-    wait_for("peer A to cache the image", || a_cache.complete()).await;
+    let (_a, _a_cache, a_api) = caching_peer(&fx).await;
     // Rot in A's cache: a byte of a raw extent (in its guest data) and of a
     // compressed one (in its stored bytes).
     let root = bootcache_format::hex(&img.header().root_digest);
