@@ -260,8 +260,9 @@ fn a_tampered_extent_on_the_store_is_detected_never_served_and_named() {
     let mut tb = Testbed::new(&["store", "node"]).unwrap();
     tb.shape(Link::new(1000, 2.0)).unwrap();
     let _store = store(&tb, &store_dir);
-    // Background streaming reaches the tampered extent during the boot.
-    let out = start_boot(&tb, &dir.path().join("cache"), &["--background", "full"]).wait_with_output().unwrap();
+    // Background streaming, started at once rather than after the boot,
+    // reaches the tampered extent during the boot.
+    let out = start_boot(&tb, &dir.path().join("cache"), &["--background", "full", "--background-after", "0"]).wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let r = report(&out);
     eprintln!("{r}");
