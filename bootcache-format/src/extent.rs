@@ -42,36 +42,13 @@ pub enum ExtentError {
 
 /// Encodes `data`: all-zero data becomes [`Encoding::Zero`]; with `zstd_level`
 /// the data is compressed and kept compressed only when that saves at least
-/// one eighth.
-pub fn encode_extent(data: &[u8], zstd_level: Option<i32>) -> EncodedExtent {
-    encode_extent_owned(data.to_vec(), zstd_level).0
-}
-
-/// Like [`encode_extent`], but takes the buffer: a raw extent keeps it as
-/// its stored bytes (no copy), and a zero or compressed one hands it back as
-/// the second value, so a caller can reuse its buffers.
-pub fn encode_extent_owned(data: Vec<u8>, zstd_level: Option<i32>) -> (EncodedExtent, Option<Vec<u8>>) {
-    if is_zero(&data) {
-        return (EncodedExtent { encoding: Encoding::Zero, bytes: Vec::new(), digest: [0; 32] }, Some(data));
-    }
-    // Compressing from a slice into a Vec cannot fail except on allocation.
-    if let Some(level) = zstd_level
-        && let Ok(packed) = zstd::bulk::compress(&data, level)
-        && packed.len() <= data.len() - data.len() / 8
-    {
-        let digest = *blake3::hash(&packed).as_bytes();
-        return (EncodedExtent { encoding: Encoding::Zstd, bytes: packed, digest }, Some(data));
-    }
-    let digest = *blake3::hash(&data).as_bytes();
-    (EncodedExtent { encoding: Encoding::Raw, bytes: data, digest }, None)
-}
-
-/// Like [`encode_extent`], but a raw extent's stored bytes stay borrowed
-/// from `data` (no copy); only a compressed one is allocated.
+/// one eighth. A raw extent's stored bytes stay borrowed from `data` (no
+/// copy); only a compressed one is allocated.
 pub fn encode_extent_borrowed(data: &[u8], zstd_level: Option<i32>) -> EncodedExtent<Cow<'_, [u8]>> {
     if is_zero(data) {
         return EncodedExtent { encoding: Encoding::Zero, bytes: Cow::Borrowed(&[]), digest: [0; 32] };
     }
+    // Compressing from a slice into a Vec cannot fail except on allocation.
     if let Some(level) = zstd_level
         && let Ok(packed) = zstd::bulk::compress(data, level)
         && packed.len() <= data.len() - data.len() / 8
@@ -80,6 +57,24 @@ pub fn encode_extent_borrowed(data: &[u8], zstd_level: Option<i32>) -> EncodedEx
         return EncodedExtent { encoding: Encoding::Zstd, bytes: Cow::Owned(packed), digest };
     }
     EncodedExtent { encoding: Encoding::Raw, bytes: Cow::Borrowed(data), digest: *blake3::hash(data).as_bytes() }
+}
+
+/// Like [`encode_extent_borrowed`], with the stored bytes owned (a raw
+/// extent's are copied).
+pub fn encode_extent(data: &[u8], zstd_level: Option<i32>) -> EncodedExtent {
+    let e = encode_extent_borrowed(data, zstd_level);
+    EncodedExtent { encoding: e.encoding, bytes: e.bytes.into_owned(), digest: e.digest }
+}
+
+/// Like [`encode_extent`], but takes the buffer: a raw extent keeps it as
+/// its stored bytes (no copy).
+pub fn encode_extent_owned(data: Vec<u8>, zstd_level: Option<i32>) -> EncodedExtent {
+    let EncodedExtent { encoding, bytes, digest } = encode_extent_borrowed(&data, zstd_level);
+    let packed = match bytes {
+        Cow::Owned(packed) => packed,
+        Cow::Borrowed(_) => Vec::new(),
+    };
+    EncodedExtent { encoding, bytes: if encoding == Encoding::Raw { data } else { packed }, digest }
 }
 
 /// Verifies `stored` against `entry` and returns the guest bytes (raw

@@ -219,7 +219,7 @@ fn write_extents<W: Write + Seek + Send>(
                     .map_err(|_| ConvertError::Source { offset: e.guest.start, source: std::io::ErrorKind::OutOfMemory.into() })?
             ];
         src.read_at(&mut buf, e.guest.start).map_err(|source| ConvertError::Source { offset: e.guest.start, source })?;
-        let (enc, _) = encode_extent_owned(buf, zstd_level);
+        let enc = encode_extent_owned(buf, zstd_level);
         Ok((len, EncodedExtent { encoding: enc.encoding, bytes: Cow::Owned(enc.bytes), digest: enc.digest }))
     };
     let (to_write, encoded_batches) = std::sync::mpsc::sync_channel::<Vec<Encoded<'_>>>(1);

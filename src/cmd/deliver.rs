@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use bootcache_deployer::cache::{Background, CacheOptions, Prefetch};
 use bootcache_deployer::node::Node;
 use bootcache_deployer::store::{self, StoreStats};
-use bootcache_trace::{AccessOrder, OffsetSpace, Trace};
+use bootcache_trace::{OffsetSpace, Trace};
 use clap::{Args, Subcommand};
 use serde_json::json;
 
@@ -108,8 +108,7 @@ fn trace_order(path: &Path) -> anyhow::Result<Vec<std::ops::Range<u64>>> {
     if t.space != OffsetSpace::Guest {
         bail!("--prefetch: {} holds image-file offsets; map it to guest offsets first (bootcache trace map)", path.display());
     }
-    let order = AccessOrder::from_timed(t.records.iter().filter_map(|r| Some((r.boot_bytes()?, r.t_ns))));
-    Ok(order.pieces().iter().map(|p| p.range.clone()).collect())
+    Ok(t.first_access_order().pieces().iter().map(|p| p.range.clone()).collect())
 }
 
 fn parse_background(s: &str) -> Result<Background, String> {

@@ -52,7 +52,7 @@ pub fn analyze(trace: &Trace) -> Analysis {
     let reads: Vec<&Record> = recs.iter().filter(|r| r.boot_bytes().is_some()).collect();
     let total: u64 = reads.iter().filter_map(|r| r.boot_bytes()).map(|b| b.end - b.start).sum();
     let set = IntervalSet::from_ranges(reads.iter().filter_map(|r| r.boot_bytes()));
-    let order = AccessOrder::from_timed(reads.iter().filter_map(|r| Some((r.boot_bytes()?, r.t_ns))));
+    let order = trace.first_access_order();
     let unique = set.bytes();
     Analysis {
         requests: reads.len() as u64,

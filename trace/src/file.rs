@@ -261,6 +261,12 @@ fn from_raw(index: u64, r: &RawRecord) -> Result<Record, TraceError> {
 }
 
 impl Trace {
+    /// The boot reads' bytes in first-access order (the boot set D, each
+    /// byte at the time it was first read).
+    pub fn first_access_order(&self) -> crate::AccessOrder {
+        crate::AccessOrder::from_timed(self.records.iter().filter_map(|r| Some((r.boot_bytes()?, r.t_ns))))
+    }
+
     /// Parses a whole trace file held in memory.
     ///
     /// # Errors

@@ -27,6 +27,13 @@ pub(super) fn runs(index: &Index, mut positions: Vec<usize>, max: u64) -> Vec<Ve
     let e = index.entries();
     positions.sort_by_key(|&i| e[i].stored.start);
     positions.dedup();
+    runs_in_order(index, positions, max)
+}
+
+/// Like [`runs`], keeping the given order: only neighbours that follow
+/// each other both in the list and in the file join.
+fn runs_in_order(index: &Index, positions: Vec<usize>, max: u64) -> Vec<Vec<usize>> {
+    let e = index.entries();
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut bytes = 0;
     for i in positions {
@@ -85,7 +92,7 @@ pub(super) async fn stream_loop(inner: Arc<Inner>) {
         Background::Unlimited => None,
         Background::Rate(r) => Some(r.max(1)),
     };
-    tokio::time::sleep_until(inner.background_at.into()).await;
+    tokio::time::sleep_until((inner.opened + inner.background_delay).into()).await;
     if inner.background_waits_for_quiet {
         wait_for_quiet(&inner).await;
     }
@@ -156,19 +163,7 @@ async fn stream_ranges(inner: &Arc<Inner>, ranges: &[std::ops::Range<u64>]) {
             }
         }
     }
-    let mut at = 0;
-    while at < order.len() {
-        let mut run = vec![order[at]];
-        let mut bytes = entries[order[at]].stored_len();
-        at += 1;
-        while at < order.len()
-            && entries[run[run.len() - 1]].stored.end == entries[order[at]].stored.start
-            && bytes + entries[order[at]].stored_len() <= MAX_RUN
-        {
-            bytes += entries[order[at]].stored_len();
-            run.push(order[at]);
-            at += 1;
-        }
+    for run in runs_in_order(&inner.index, order, MAX_RUN) {
         // What arrived meanwhile (on demand) is not fetched again; what is
         // left of the run is still contiguous pieces in the same order.
         let still: Vec<usize> = {

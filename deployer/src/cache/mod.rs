@@ -153,12 +153,13 @@ enum Source {
 
 struct Inner {
     remote: Remote,
-    /// When the background stream may start, and whether it then waits for
-    /// quiet guests (images with a recorded boot, no explicit start).
-    background_at: Instant,
-    background_waits_for_quiet: bool,
     /// When the cache was opened, and the last guest read since then (ns).
     opened: Instant,
+    /// How long after opening the background stream may start, and whether
+    /// it then waits for quiet guests (images with a recorded boot, no
+    /// explicit start).
+    background_delay: Duration,
+    background_waits_for_quiet: bool,
     last_read_ns: std::sync::atomic::AtomicU64,
     header: Header,
     index: Index,

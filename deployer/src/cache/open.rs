@@ -78,8 +78,8 @@ pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts
     let image = Image::open(regions).map_err(bad)?;
     let recorded_boot =
         image.metadata().extra.get("boot_seconds").and_then(serde_json::Value::as_f64).filter(|s| s.is_finite() && *s >= 0.0);
-    let background_at = std::time::Instant::now()
-        + opts.background_after.unwrap_or_else(|| std::time::Duration::from_secs_f64(recorded_boot.unwrap_or(0.0).min(3600.0)));
+    let background_delay =
+        opts.background_after.unwrap_or_else(|| std::time::Duration::from_secs_f64(recorded_boot.unwrap_or(0.0).min(3600.0)));
     let header = image.header().clone();
     let index = image.index().clone();
     if let Some(etag) = remote.etag()
@@ -129,9 +129,9 @@ pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts
     let (durable_tx, durable_rx) = mpsc::unbounded_channel();
     let inner = Arc::new(Inner {
         remote,
-        background_at,
-        background_waits_for_quiet: opts.background_after.is_none() && recorded_boot.is_some(),
         opened: std::time::Instant::now(),
+        background_delay,
+        background_waits_for_quiet: opts.background_after.is_none() && recorded_boot.is_some(),
         last_read_ns: std::sync::atomic::AtomicU64::new(0),
         header,
         index,

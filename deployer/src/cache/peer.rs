@@ -30,9 +30,17 @@ const PAUSE: Duration = Duration::from_secs(5);
 /// A peer as seen by the fetching node.
 pub(super) struct Peer {
     pub(super) remote: Remote,
-    /// Not asked until then; `None` in the tuple's second place means never
-    /// again (it served bytes that failed their digest).
-    resting: Mutex<Option<(Instant, bool)>>,
+    standing: Mutex<Standing>,
+}
+
+/// Whether a peer is asked.
+#[derive(Clone, Copy)]
+enum Standing {
+    Asked,
+    /// Not asked until then (it failed or went away).
+    Paused(Instant),
+    /// Never asked again (it served bytes that failed their digest).
+    Dropped,
 }
 
 impl Peer {
@@ -45,7 +53,7 @@ impl Peer {
         match Remote::open(&url, quick).await {
             Ok(remote) if remote.len() == len && remote.etag() == Some(root) => {
                 tracing::info!(peer = url, "fetching from peer before the store");
-                Some(Peer { remote, resting: Mutex::new(None) })
+                Some(Peer { remote, standing: Mutex::new(Standing::Asked) })
             }
             Ok(remote) => {
                 tracing::warn!(peer = url, len = remote.len(), etag = remote.etag(), "peer offers another image; not used");
@@ -59,24 +67,24 @@ impl Peer {
     }
 
     pub(super) fn usable(&self) -> bool {
-        match *self.resting.lock().unwrap_or_else(|p| p.into_inner()) {
-            None => true,
-            Some((_, true)) => false,
-            Some((until, false)) => Instant::now() >= until,
+        match *self.standing.lock().unwrap_or_else(|p| p.into_inner()) {
+            Standing::Asked => true,
+            Standing::Paused(until) => Instant::now() >= until,
+            Standing::Dropped => false,
         }
     }
 
     /// Leaves the peer alone for a while (it failed or went away).
     pub(super) fn pause(&self) {
-        let mut r = self.resting.lock().unwrap_or_else(|p| p.into_inner());
-        if !matches!(*r, Some((_, true))) {
-            *r = Some((Instant::now() + PAUSE, false));
+        let mut s = self.standing.lock().unwrap_or_else(|p| p.into_inner());
+        if !matches!(*s, Standing::Dropped) {
+            *s = Standing::Paused(Instant::now() + PAUSE);
         }
     }
 
     /// Never asks the peer again (its bytes failed their digest).
     pub(super) fn ban(&self) {
-        *self.resting.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), true));
+        *self.standing.lock().unwrap_or_else(|p| p.into_inner()) = Standing::Dropped;
     }
 }
 

@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::Context;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::run::{Deployment, Method};
@@ -131,6 +132,18 @@ fn goals(results: &[Deployment]) -> String {
     g
 }
 
+/// A plotters error, whatever its backend.
+fn drawing(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
+}
+
+type Chart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// The series' legend at `position`.
+fn legend<'a, DB: DrawingBackend + 'a>(chart: &mut Chart<'a, DB>, position: SeriesLabelPosition) -> anyhow::Result<()> {
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).position(position).draw().map_err(drawing)
+}
+
 /// Fails unless the store sent at most half the bytes with a caching peer
 /// as without, at every setting where both ran.
 pub fn require_peer_halves(results: &[Deployment]) -> anyhow::Result<()> {
@@ -155,7 +168,7 @@ pub fn plots(results: &[Deployment], out: &Path) -> anyhow::Result<()> {
     let path = out.join("boot-times.png");
     {
         let root = BitMapBackend::new(&path, (1100, 420 + 20 * ks.len() as u32)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+        root.fill(&WHITE).map_err(drawing)?;
         let ymax = results.iter().map(|d| d.seconds).fold(1.0, f64::max) * 1.45; // room for the legend
         let groups = ks.len().max(1);
         let mut chart = ChartBuilder::on(&root)
@@ -164,8 +177,8 @@ pub fn plots(results: &[Deployment], out: &Path) -> anyhow::Result<()> {
             .x_label_area_size(40)
             .y_label_area_size(50)
             .build_cartesian_2d(0.0..(groups * (methods.len() + 1)) as f64, 0.0..ymax)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        chart.configure_mesh().disable_x_mesh().x_labels(0).y_desc("seconds").draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+            .map_err(drawing)?;
+        chart.configure_mesh().disable_x_mesh().x_labels(0).y_desc("seconds").draw().map_err(drawing)?;
         for (mi, m) in methods.iter().enumerate() {
             let color = Palette99::pick(mi).to_rgba();
             let bars: Vec<_> = ks
@@ -179,7 +192,7 @@ pub fn plots(results: &[Deployment], out: &Path) -> anyhow::Result<()> {
                 .collect();
             chart
                 .draw_series(bars)
-                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .map_err(drawing)?
                 .label(m.to_string())
                 .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
         }
@@ -191,16 +204,10 @@ pub fn plots(results: &[Deployment], out: &Path) -> anyhow::Result<()> {
                     (x, ymax * 0.97),
                     ("sans-serif", 13),
                 )))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                .map_err(drawing)?;
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        root.present().map_err(|e| anyhow::anyhow!("{e}")).context("writing boot-times.png")?;
+        legend(&mut chart, SeriesLabelPosition::UpperRight)?;
+        root.present().map_err(drawing).context("writing boot-times.png")?;
     }
     // The timeline of the first bootcache deployment at the slowest link.
     let pick = results
@@ -215,7 +222,7 @@ pub fn plots(results: &[Deployment], out: &Path) -> anyhow::Result<()> {
 
 fn timeline(d: &Deployment, path: &Path) -> anyhow::Result<()> {
     let root = BitMapBackend::new(path, (900, 480)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.fill(&WHITE).map_err(drawing)?;
     let node1: Vec<_> = d.timeline.iter().filter(|s| s.node == "node1").collect();
     let xmax = node1.last().map_or(1.0, |s| s.seconds).max(d.seconds) * 1.05;
     let ymax = node1.iter().map(|s| (s.prefetch_bytes + s.demand_bytes + s.background_bytes) as f64 / 1e6).fold(1.0, f64::max) * 1.1;
@@ -225,30 +232,24 @@ fn timeline(d: &Deployment, path: &Path) -> anyhow::Result<()> {
         .x_label_area_size(40)
         .y_label_area_size(60)
         .build_cartesian_2d(0.0..xmax, 0.0..ymax)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    chart.configure_mesh().x_desc("seconds since deploy").y_desc("MB fetched").draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(drawing)?;
+    chart.configure_mesh().x_desc("seconds since deploy").y_desc("MB fetched").draw().map_err(drawing)?;
     type Get = fn(&crate::run::Sample) -> u64;
     let kinds: [(&str, Get, RGBColor); 3] =
         [("prefetch", |s| s.prefetch_bytes, BLUE), ("on demand", |s| s.demand_bytes, RED), ("background", |s| s.background_bytes, GREEN)];
     for (name, get, color) in kinds {
         chart
             .draw_series(LineSeries::new(node1.iter().map(|s| (s.seconds, get(s) as f64 / 1e6)), color.stroke_width(2)))
-            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .map_err(drawing)?
             .label(name)
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2)));
     }
     let marker = d.vm_seconds.first().copied().unwrap_or(d.seconds);
     chart
         .draw_series(std::iter::once(PathElement::new([(marker, 0.0), (marker, ymax)], BLACK.stroke_width(1))))
-        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .map_err(drawing)?
         .label("boot marker")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLACK));
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    root.present().map_err(|e| anyhow::anyhow!("{e}")).context("writing timeline.png")
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
+    root.present().map_err(drawing).context("writing timeline.png")
 }
