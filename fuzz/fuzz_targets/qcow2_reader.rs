@@ -1,5 +1,6 @@
 //! Any bytes given to the qcow2 reader (as a file): an error or a readable
-//! disk, never a panic or a hang; the trace mapping copes too.
+//! disk, never a panic or a hang; bytes the reader offers straight from its
+//! mapping of the file equal what it reads; the trace mapping copes too.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -20,7 +21,10 @@ fuzz_target!(|data: &[u8]| {
         let mut buf = vec![0u8; 8192];
         for off in [0, size / 2, size.saturating_sub(8192)] {
             let len = (size - off.min(size)).min(8192) as usize;
-            let _ = image.read_at(&mut buf[..len], off);
+            let read = image.read_at(&mut buf[..len], off);
+            if let Some(mapped) = image.map(off..off + len as u64) {
+                assert!(read.is_ok() && mapped == &buf[..len], "mapped bytes differ from read bytes at {off:#x}");
+            }
         }
         let _ = image.allocated();
     }
