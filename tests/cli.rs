@@ -115,6 +115,41 @@ fn truncated_trace_is_refused_by_name() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn trace_cover_counts_what_a_union_and_k_of_n_miss() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let trace = |name: &str, rows: &str| -> Result<PathBuf> {
+        let (csv, out) = (dir.path().join(format!("{name}.csv")), dir.path().join(format!("{name}.bctrace")));
+        std::fs::write(&csv, format!("t_ns,offset,length\n{rows}"))?;
+        ok(&["trace", "import", "--csv", p(&csv), "--out", p(&out)]);
+        Ok(out)
+    };
+    // Two recorded boots share [0, 8192); each also read a range of its own.
+    let a = trace("a", "1,0,8192\n2,100000,4096\n")?;
+    let b = trace("b", "1,0,8192\n2,200000,4096\n")?;
+    // The deployed boot reads the shared part, b's own range and something new.
+    let target = trace("t", "1,0,4096\n2,4096,4096\n3,200000,4096\n4,300000,512\n")?;
+    let cover = |args: &[&str]| -> Result<serde_json::Value> {
+        let mut all = args.to_vec();
+        all.extend(["--json", p(&target)]);
+        Ok(serde_json::from_str(&ok(&[&["trace", "cover"], &all[..]].concat()))?)
+    };
+    let only_a = cover(&["--trace", p(&a)])?;
+    assert_eq!((only_a["missed_bytes"].as_u64(), only_a["missed_requests"].as_u64()), (Some(4096 + 512), Some(2)));
+    assert_eq!(only_a["unused_bytes"], 4096);
+    let union = cover(&["--trace", p(&a), "--trace", p(&b)])?;
+    assert_eq!((union["missed_bytes"].as_u64(), union["missed_intervals"].as_u64()), (Some(512), Some(1)));
+    assert_eq!((union["set_bytes"].as_u64(), union["unused_bytes"].as_u64()), (Some(16384), Some(4096)));
+    let both = cover(&["--trace", p(&a), "--trace", p(&b), "--min-boots", "2"])?;
+    assert_eq!(
+        (both["set_bytes"].as_u64(), both["missed_bytes"].as_u64(), both["unused_bytes"].as_u64()),
+        (Some(8192), Some(4608), Some(0))
+    );
+    let err = fails(&["trace", "cover", "--trace", p(&a), "--min-boots", "2", p(&target)]);
+    assert!(err.contains("--min-boots 2") && err.contains("number of traces (1)"), "{err}");
+    Ok(())
+}
+
 /// A sparse 64 MiB image with scattered data, and a trace over part of it.
 fn sample(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     let img = dir.join("disk.raw");

@@ -55,6 +55,22 @@ pub enum TraceCmd {
         #[arg(long, value_name = "TRACE")]
         out: PathBuf,
     },
+    /// How much of one boot's reads the boot set of other traces covers (the
+    /// set `convert` would build from them): the bytes and reads a deployment
+    /// booted as in AGAINST would miss, and the set's bytes it would not use.
+    Cover {
+        /// A trace the boot set is made from (repeat, as for `convert`).
+        #[arg(long = "trace", value_name = "TRACE", required = true)]
+        traces: Vec<PathBuf>,
+        /// Keep only bytes read in at least this many of them (as for `convert`).
+        #[arg(long, value_name = "K", default_value_t = 1)]
+        min_boots: usize,
+        /// The boot to check the set against.
+        against: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a trace's records as CSV (t_ns,offset,length,op,tid,result,class).
     Export {
         /// Write CSV (the only export format).
@@ -79,6 +95,7 @@ pub fn run(cmd: TraceCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         TraceCmd::Synth { image, out, reads, seed } => synth(&image, &out, reads, seed),
+        TraceCmd::Cover { traces, min_boots, against, json } => cover(&traces, min_boots, &against, json),
         TraceCmd::Export { csv: _, trace, out } => {
             let t = Trace::open(&trace).with_context(|| format!("reading trace {}", trace.display()))?;
             let sink: Box<dyn Write> = match &out {
@@ -89,6 +106,42 @@ pub fn run(cmd: TraceCmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn guest_trace(path: &Path) -> anyhow::Result<Trace> {
+    let t = Trace::open(path).with_context(|| format!("reading trace {}", path.display()))?;
+    if t.space != OffsetSpace::Guest {
+        bail!("{} holds image-file offsets: map it to guest offsets first (bootcache trace map)", path.display());
+    }
+    Ok(t)
+}
+
+fn cover(traces: &[PathBuf], min_boots: usize, against: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    if min_boots == 0 || min_boots > traces.len() {
+        bail!("--min-boots {min_boots}: must be between 1 and the number of traces ({})", traces.len());
+    }
+    let orders = traces.iter().map(|p| Ok(guest_trace(p)?.first_access_order())).collect::<anyhow::Result<Vec<_>>>()?;
+    let set = bootcache_trace::AccessOrder::merge(&orders, min_boots).set();
+    let boot = guest_trace(against)?;
+    let c = bootcache_trace::coverage(&set, &boot);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&c)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mb = |b: u64| b as f64 / 1e6;
+    let pct = |a: u64, b: u64| if b == 0 { 0.0 } else { 100.0 * a as f64 / b as f64 };
+    println!("boot set         {:.1} MB from {} trace(s), bytes read in at least {min_boots}", mb(c.set_bytes), traces.len());
+    println!("boot read        {:.1} MB in {} reads", mb(c.boot_bytes), c.requests);
+    println!("covered          {:.1} MB ({:.1}%)", mb(c.covered_bytes), pct(c.covered_bytes, c.boot_bytes));
+    println!(
+        "missed           {:.2} MB in {} intervals; {} reads ({:.1}%) need a missed byte",
+        mb(c.missed_bytes),
+        c.missed_intervals,
+        c.missed_requests,
+        pct(c.missed_requests, c.requests)
+    );
+    println!("unused           {:.1} MB of the set ({:.1}%)", mb(c.unused_bytes), pct(c.unused_bytes, c.set_bytes));
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Maps an image-file-space trace of a qcow2 image to guest space.

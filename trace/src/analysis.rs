@@ -88,6 +88,47 @@ fn histogram(reads: &[&Record]) -> Vec<Bucket> {
     buckets
 }
 
+/// How much of one boot's reads a boot set covers: what a deployment
+/// prefetching that set would still miss (at byte granularity; a node
+/// fetches whole extents, so its misses are fewer and larger).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Coverage {
+    /// Bytes in the boot set.
+    pub set_bytes: u64,
+    /// Unique bytes the boot read.
+    pub boot_bytes: u64,
+    /// Of those, the bytes in the set.
+    pub covered_bytes: u64,
+    /// The bytes the boot read outside the set.
+    pub missed_bytes: u64,
+    /// Intervals those bytes form.
+    pub missed_intervals: u64,
+    /// The boot's data reads.
+    pub requests: u64,
+    /// Reads that needed some byte outside the set.
+    pub missed_requests: u64,
+    /// Bytes of the set the boot never read.
+    pub unused_bytes: u64,
+}
+
+/// Measures how much of `boot`'s reads `set` covers.
+pub fn coverage(set: &IntervalSet, boot: &Trace) -> Coverage {
+    let reads: Vec<_> = boot.records.iter().filter_map(Record::boot_bytes).collect();
+    let read = IntervalSet::from_ranges(reads.iter().cloned());
+    let missed = read.difference(set);
+    let missed_requests = reads.iter().filter(|r| set.clip(r).map(|c| c.end - c.start).sum::<u64>() < r.end - r.start).count();
+    Coverage {
+        set_bytes: set.bytes(),
+        boot_bytes: read.bytes(),
+        covered_bytes: read.intersection(set).bytes(),
+        missed_bytes: missed.bytes(),
+        missed_intervals: missed.len() as u64,
+        requests: reads.len() as u64,
+        missed_requests: missed_requests as u64,
+        unused_bytes: set.difference(&read).bytes(),
+    }
+}
+
 /// Cumulative unique bytes over time: `(t_ns, bytes first read by then)`.
 pub fn cumulative_unique(trace: &Trace) -> Vec<(u64, u64)> {
     let mut total = 0;

@@ -32,7 +32,7 @@ mod record;
 pub mod recorder;
 pub mod synth;
 
-pub use analysis::{Analysis, analyze};
+pub use analysis::{Analysis, Coverage, analyze, coverage};
 pub use file::{ImageIdentity, OffsetSpace, Trace, TraceError, TraceInfo, TraceWriter};
 pub use intervals::{AccessOrder, IntervalSet, Piece};
 pub use record::{Class, Op, Record};

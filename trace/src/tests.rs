@@ -118,6 +118,23 @@ proptest! {
     }
 
     #[test]
+    fn coverage_equals_byte_map(set_reads in reads_strategy(), boot in reads_strategy()) {
+        let (ms, mb) = (byte_model(&set_reads), byte_model(&boot));
+        let set = order_of(&set_reads).set();
+        let trace = Trace { records: boot.iter().map(|&(t, o, l)| Record::read(t, o, l)).collect(), ..sample_trace(&[], 0) };
+        let c = coverage(&set, &trace);
+        let count = |f: &dyn Fn(bool, bool) -> bool| ms.iter().zip(&mb).filter(|(s, b)| f(s.is_some(), b.is_some())).count() as u64;
+        prop_assert_eq!(c.set_bytes, count(&|s, _| s));
+        prop_assert_eq!(c.boot_bytes, count(&|_, b| b));
+        prop_assert_eq!(c.covered_bytes, count(&|s, b| s && b));
+        prop_assert_eq!(c.missed_bytes, count(&|s, b| !s && b));
+        prop_assert_eq!(c.unused_bytes, count(&|s, b| s && !b));
+        prop_assert_eq!(c.missed_intervals as usize, ranges_of(ms.iter().zip(&mb).map(|(s, b)| s.is_none() && b.is_some())).len());
+        let missed = boot.iter().filter(|&&(_, o, l)| l > 0 && (o..(o + l).min(SPACE)).any(|x| ms[x as usize].is_none())).count();
+        prop_assert_eq!((c.requests, c.missed_requests), (boot.iter().filter(|r| r.2 > 0).count() as u64, missed as u64));
+    }
+
+    #[test]
     fn trace_file_round_trips(reads in reads_strategy(), lost in 0u64..3) {
         let trace = sample_trace(&reads, lost);
         let bytes = trace.write_to(Cursor::new(Vec::new())).unwrap().into_inner();
