@@ -176,7 +176,7 @@ fn four_vms(tb: &Testbed, dir: &Path, url: &str, mem_mb: u32, one: u64) -> f64 {
     }
     let rss_open = node.rss().unwrap();
     let running: Vec<_> =
-        disks.iter().zip(&consoles).map(|(disk, console)| start_vm(None, disk, console, &accel(), mem_mb).unwrap()).collect();
+        disks.iter().zip(&consoles).map(|(disk, console)| start_vm(None, disk, console, &accel(), mem_mb, &[]).unwrap()).collect();
     let times = wait_markers(&consoles, MARKER, std::time::Instant::now(), Duration::from_secs(600)).unwrap();
     let rss_booted = node.rss().unwrap();
     drop(running);

@@ -258,15 +258,17 @@ pub fn overlay(path: &Path, backing: &str, backing_format: &str, size: u64) -> a
 }
 
 /// Starts QEMU inside `netns` (or here) with `mem_mb` MiB on `disk` (qcow2)
-/// with its serial console in `console`.
+/// with its serial console in `console`, and `extra` arguments (`-smp 2`,
+/// a direct kernel boot's `-kernel`, `-initrd` and `-append`, ...).
 ///
 /// # Errors
 /// When QEMU cannot be started.
-pub fn start_vm(netns: Option<&str>, disk: &Path, console: &Path, accel: &str, mem_mb: u32) -> anyhow::Result<Killed> {
+pub fn start_vm(netns: Option<&str>, disk: &Path, console: &Path, accel: &str, mem_mb: u32, extra: &[String]) -> anyhow::Result<Killed> {
     std::fs::write(console, "")?;
     let child = wrap(netns, "qemu-system-x86_64")
         .args(["-accel", accel, "-m", &mem_mb.to_string(), "-display", "none", "-net", "none", "-drive"])
         .arg(format!("file={},format=qcow2,if=virtio", disk.display()))
+        .args(extra)
         .arg("-chardev")
         .arg(format!("file,id=con,path={}", console.display()))
         .args(["-serial", "chardev:con"])

@@ -21,7 +21,7 @@ use bootcache_testbed::programs::{Killed, Nginx, NodeProc, qemu_nbd_in};
 use bootcache_testbed::{Link, Testbed};
 use clap::Parser;
 
-use run::{Deployment, Method, Setup};
+use run::{Arm, Deployment, Method, Setup};
 
 /// Deployment benchmark on a namespace testbed (needs root).
 #[derive(Debug, Parser)]
@@ -86,6 +86,15 @@ struct Args {
     /// Only write the table and plots for an earlier run's results.json.
     #[arg(long, value_name = "RESULTS_JSON")]
     from_results: Option<PathBuf>,
+    /// More QEMU arguments for every VM (repeat; e.g. `--vm-arg=-smp
+    /// --vm-arg=2`, or a direct kernel boot's -kernel, -initrd, -append).
+    #[arg(long = "vm-arg", value_name = "ARG", allow_hyphen_values = true)]
+    vm_args: Vec<String>,
+    /// Another container of the same disk, NAME=PATH (repeat): `bootcache`
+    /// also runs from each, reported as `bootcache [NAME]` (e.g. boot sets
+    /// from other traces, for the trace-robustness comparison).
+    #[arg(long = "variant", value_name = "NAME=PATH")]
+    variants: Vec<String>,
     /// Fail unless, at every setting, the store sends at most half the
     /// bytes with a caching peer (a check that does not depend on timing).
     #[arg(long)]
@@ -129,10 +138,21 @@ fn main() -> anyhow::Result<()> {
     let links: Vec<Link> = args.links.iter().map(|s| parse_link(s)).collect::<Result<_, _>>()?;
     let multi_links: Vec<Link> = args.multi_vm_links.iter().map(|s| parse_link(s)).collect::<Result<_, _>>()?;
     let methods = if args.methods.is_empty() { Method::ALL.to_vec() } else { args.methods.clone() };
+    let mut variants = Vec::new();
+    for v in &args.variants {
+        let (name, path) = v.split_once('=').with_context(|| format!("--variant {v:?}: expected NAME=PATH"))?;
+        anyhow::ensure!(
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+            "--variant {v:?}: the name must be letters, digits, '-' or '_'"
+        );
+        variants.push((name.to_owned(), need(&Some(PathBuf::from(path)), "variant")?));
+    }
     let work = tempfile::Builder::new().prefix("bench-deploy-").tempdir_in("/var/tmp").context("creating a work directory")?;
     let store_dir = work.path().join("store");
     std::fs::create_dir(&store_dir)?;
-    for (name, src) in [("guest.raw", &image), ("guest.qcow2", &qcow2), ("guest.bcimg", &container), ("plain.bcimg", &plain)] {
+    let inputs = [("guest.raw", &image), ("guest.qcow2", &qcow2), ("guest.bcimg", &container), ("plain.bcimg", &plain)];
+    let variant_inputs: Vec<(String, &PathBuf)> = variants.iter().map(|(n, p)| (format!("variant-{n}.bcimg"), p)).collect();
+    for (name, src) in inputs.iter().map(|(n, p)| (n.to_string(), *p)).chain(variant_inputs) {
         // nginx's workers run as nobody: a hard link (or a sparse copy)
         // in a readable directory, not a link into the caller's files.
         let dst = store_dir.join(name);
@@ -146,18 +166,112 @@ fn main() -> anyhow::Result<()> {
 
     let mut tb = Testbed::new(&["store", "peer", "node1", "node2"])?;
     let store_addr = tb.host("store").addr.to_string();
-    let peer_addr = tb.host("peer").addr.to_string();
     let _nginx = Nginx::start_in(Some(&tb.host("store").netns), &store_addr, 8080, &store_dir, &work.path().join("nginx"))?;
     let _nbd: Killed = qemu_nbd_in(Some(&tb.host("store").netns), &store_addr, 10809, &qcow2, "qcow2", "guest")?;
     let store_url = format!("http://{store_addr}:8080");
 
     // The peer caches the image once, before any run (unshaped).
+    let peer =
+        if methods.contains(&Method::BootcachePeer) { Some(warm_peer(&tb, &bootcache, &store_url, work.path(), &stop)?) } else { None };
+
+    let setup = Setup {
+        bootcache,
+        image,
+        trace,
+        store_url,
+        nbd_url: format!("nbd://{store_addr}:10809/guest"),
+        peer_url: peer.as_ref().map(|p| format!("http://{}", p.api)).unwrap_or_default(),
+        accel: args.accel.clone(),
+        mem: args.mem,
+        vm_args: args.vm_args.clone(),
+        marker: args.marker.clone(),
+        timeout: std::time::Duration::from_secs(args.timeout),
+        work: work.path().to_owned(),
+        background: args.background.clone(),
+        stop: std::sync::Arc::clone(&stop),
+    };
+    let mut schedule = Vec::new();
+    for run in 0..args.runs {
+        for &vms in &args.vms {
+            for link in &links {
+                if vms > 1 && !multi_links.is_empty() && !multi_links.contains(link) {
+                    continue;
+                }
+                let mut ms: Vec<Arm<'_>> = methods
+                    .iter()
+                    .copied()
+                    .filter(|m| vms == 1 || args.multi_vm_methods.is_empty() || args.multi_vm_methods.contains(m))
+                    .flat_map(|m| {
+                        let extra: Vec<Option<&str>> =
+                            if m == Method::Bootcache { variants.iter().map(|(n, _)| Some(n.as_str())).collect() } else { vec![] };
+                        std::iter::once(None).chain(extra).map(move |variant| Arm { method: m, variant })
+                    })
+                    .collect();
+                let n = ms.len().max(1);
+                ms.rotate_left(run % n);
+                schedule.extend(ms.into_iter().map(|arm| (run, *link, vms, arm)));
+            }
+        }
+    }
+    let started = Instant::now();
+    let mut results: Vec<Deployment> = Vec::new();
+    let mut failure = None;
+    for (i, (run, link, vms, arm)) in schedule.iter().enumerate() {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            failure = Some(anyhow::anyhow!("interrupted"));
+            break;
+        }
+        tb.shape(*link)?;
+        let d = match run::deploy(&tb, &setup, *arm, *link, *vms, *run) {
+            Ok(d) => d,
+            Err(e) => {
+                // Report what was measured; everything is torn down on the way out.
+                failure = Some(e.context(format!("{arm} at {link}, {vms} VM(s) per node")));
+                break;
+            }
+        };
+        eprintln!(
+            "[{}/{} {:.0} min] run {run} {link} {vms}/node {arm}: {:.1} s, store sent {:.1} MB, peer {:.1} MB",
+            i + 1,
+            schedule.len(),
+            started.elapsed().as_secs_f64() / 60.0,
+            d.seconds,
+            d.store_bytes as f64 / 1e6,
+            d.peer_bytes as f64 / 1e6
+        );
+        results.push(d);
+        std::fs::write(args.out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
+    }
+    drop(peer);
+    tb.unshape();
+    if !results.is_empty() {
+        report_all(&results, &args.out)?;
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if args.require_peer_halves {
+        report::require_peer_halves(&results)?;
+    }
+    eprintln!("{} deployments in {:.1} min; results in {}", results.len(), started.elapsed().as_secs_f64() / 60.0, args.out.display());
+    Ok(())
+}
+
+/// Starts the peer node and waits until it caches the whole image.
+fn warm_peer(
+    tb: &Testbed,
+    bootcache: &std::path::Path,
+    store_url: &str,
+    work: &std::path::Path,
+    stop: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<NodeProc> {
+    let peer_addr = tb.host("peer").addr.to_string();
     let peer = NodeProc::start_in(
-        &bootcache,
+        bootcache,
         Some(&tb.host("peer").netns),
         Some(&peer_addr),
-        &work.path().join("peer-cache"),
-        &work.path().join("peer"),
+        &work.join("peer-cache"),
+        &work.join("peer"),
         &["--background", "full", "--background-after", "0"],
     )?;
     peer.open("guest", &format!("{store_url}/guest.bcimg"), &[])?;
@@ -177,79 +291,5 @@ fn main() -> anyhow::Result<()> {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     eprintln!("peer cached the image in {:.1} s", warm.elapsed().as_secs_f64());
-
-    let setup = Setup {
-        bootcache,
-        image,
-        trace,
-        store_url,
-        nbd_url: format!("nbd://{store_addr}:10809/guest"),
-        peer_url: format!("http://{}", peer.api),
-        accel: args.accel.clone(),
-        mem: args.mem,
-        marker: args.marker.clone(),
-        timeout: std::time::Duration::from_secs(args.timeout),
-        work: work.path().to_owned(),
-        background: args.background.clone(),
-        stop: std::sync::Arc::clone(&stop),
-    };
-    let mut schedule = Vec::new();
-    for run in 0..args.runs {
-        for &vms in &args.vms {
-            for link in &links {
-                if vms > 1 && !multi_links.is_empty() && !multi_links.contains(link) {
-                    continue;
-                }
-                let mut ms: Vec<Method> = methods
-                    .iter()
-                    .copied()
-                    .filter(|m| vms == 1 || args.multi_vm_methods.is_empty() || args.multi_vm_methods.contains(m))
-                    .collect();
-                let n = ms.len().max(1);
-                ms.rotate_left(run % n);
-                schedule.extend(ms.into_iter().map(|m| (run, *link, vms, m)));
-            }
-        }
-    }
-    let started = Instant::now();
-    let mut results: Vec<Deployment> = Vec::new();
-    let mut failure = None;
-    for (i, (run, link, vms, method)) in schedule.iter().enumerate() {
-        if stop.load(std::sync::atomic::Ordering::Relaxed) {
-            failure = Some(anyhow::anyhow!("interrupted"));
-            break;
-        }
-        tb.shape(*link)?;
-        let d = match run::deploy(&tb, &setup, *method, *link, *vms, *run) {
-            Ok(d) => d,
-            Err(e) => {
-                // Report what was measured; everything is torn down on the way out.
-                failure = Some(e.context(format!("{method} at {link}, {vms} VM(s) per node")));
-                break;
-            }
-        };
-        eprintln!(
-            "[{}/{} {:.0} min] run {run} {link} {vms}/node {method}: {:.1} s, store sent {:.1} MB, peer {:.1} MB",
-            i + 1,
-            schedule.len(),
-            started.elapsed().as_secs_f64() / 60.0,
-            d.seconds,
-            d.store_bytes as f64 / 1e6,
-            d.peer_bytes as f64 / 1e6
-        );
-        results.push(d);
-        std::fs::write(args.out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
-    }
-    tb.unshape();
-    if !results.is_empty() {
-        report_all(&results, &args.out)?;
-    }
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    if args.require_peer_halves {
-        report::require_peer_halves(&results)?;
-    }
-    eprintln!("{} deployments in {:.1} min; results in {}", results.len(), started.elapsed().as_secs_f64() / 60.0, args.out.display());
-    Ok(())
+    Ok(peer)
 }

@@ -31,22 +31,32 @@ fn settings(results: &[Deployment]) -> Vec<(u32, f64, usize)> {
 }
 
 fn of(results: &[Deployment], k: (u32, f64, usize), m: Method) -> Vec<&Deployment> {
-    results.iter().filter(|d| (d.rate_mbit, d.rtt_ms, d.vms_per_node) == k && d.method == m).collect()
+    results.iter().filter(|d| (d.rate_mbit, d.rtt_ms, d.vms_per_node) == k && d.method == m && d.variant.is_none()).collect()
+}
+
+fn of_variant<'a>(results: &'a [Deployment], k: (u32, f64, usize), v: &str) -> Vec<&'a Deployment> {
+    results.iter().filter(|d| (d.rate_mbit, d.rtt_ms, d.vms_per_node) == k && d.variant.as_deref() == Some(v)).collect()
 }
 
 fn med(ds: &[&Deployment], f: impl Fn(&Deployment) -> f64) -> f64 {
     median(&mut ds.iter().map(|d| f(d)).collect::<Vec<_>>())
 }
 
-/// What the nodes fetched by the last sample (MB), summed over nodes, and
-/// how long guest reads waited in all (s).
-fn fetched(d: &Deployment) -> (f64, f64, f64, f64, f64) {
+/// The last sample of each node.
+fn last_samples(d: &Deployment) -> Vec<&crate::run::Sample> {
     let mut last: Vec<&crate::run::Sample> = Vec::new();
     for s in d.timeline.iter().rev() {
         if !last.iter().any(|l| l.node == s.node) {
             last.push(s);
         }
     }
+    last
+}
+
+/// What the nodes fetched by the last sample (MB), summed over nodes, and
+/// how long guest reads waited in all (s).
+fn fetched(d: &Deployment) -> (f64, f64, f64, f64, f64) {
+    let last = last_samples(d);
     let sum = |f: fn(&crate::run::Sample) -> u64| last.iter().map(|s| f(s)).sum::<u64>() as f64 / 1e6;
     let wait = last.iter().map(|s| s.miss_wait_seconds).sum();
     (sum(|s| s.prefetch_bytes), sum(|s| s.demand_bytes), sum(|s| s.background_bytes), sum(|s| s.peer_bytes), wait)
@@ -90,6 +100,52 @@ pub fn table(results: &[Deployment]) -> String {
     }
     t.push('\n');
     t.push_str(&goals(results));
+    if results.iter().any(|d| d.variant.is_some()) {
+        t.push('\n');
+        t.push_str(&variants(results));
+    }
+    t
+}
+
+/// bootcache from each container (boot sets from other traces) against
+/// local: the boot set fetched, the guest's misses and what they cost.
+fn variants(results: &[Deployment]) -> String {
+    let mut names: Vec<&str> = Vec::new();
+    for d in results {
+        if let Some(v) = d.variant.as_deref()
+            && !names.contains(&v)
+        {
+            names.push(v);
+        }
+    }
+    let mut t = String::from(
+        "| link | VMs/node | container | time: median (min-max) | ratio to local | boot set fetched MB | guest reads that waited | fetched on demand MB | waited s |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for k in settings(results) {
+        let local = med(&of(results, k, Method::Local), |d| d.seconds);
+        let rows = std::iter::once(("main".to_owned(), of(results, k, Method::Bootcache)))
+            .chain(names.iter().map(|n| ((*n).to_owned(), of_variant(results, k, n))));
+        for (name, ds) in rows {
+            if ds.is_empty() {
+                continue;
+            }
+            let secs = med(&ds, |d| d.seconds);
+            let min = ds.iter().map(|d| d.seconds).fold(f64::INFINITY, f64::min);
+            let max = ds.iter().map(|d| d.seconds).fold(0.0, f64::max);
+            let misses = med(&ds, |d| last_samples(d).iter().map(|s| s.misses).sum::<u64>() as f64);
+            let _ = writeln!(
+                t,
+                "| {} Mbit/s, {} ms | {} | {name} | {secs:.1} s ({min:.1}-{max:.1}) | {:.2} | {:.1} | {misses:.0} | {:.1} | {:.1} |",
+                k.0,
+                k.1,
+                k.2,
+                secs / local,
+                med(&ds, |d| fetched(d).0),
+                med(&ds, |d| fetched(d).1),
+                med(&ds, |d| fetched(d).4),
+            );
+        }
+    }
     t
 }
 

@@ -56,6 +56,23 @@ impl std::fmt::Display for Method {
     }
 }
 
+/// A method, and for `bootcache` the container it runs from (`None`: the
+/// main one; a name: `--variant`'s).
+#[derive(Clone, Copy, Debug)]
+pub struct Arm<'a> {
+    pub method: Method,
+    pub variant: Option<&'a str>,
+}
+
+impl std::fmt::Display for Arm<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.variant {
+            Some(v) => write!(f, "{} [{v}]", self.method),
+            None => write!(f, "{}", self.method),
+        }
+    }
+}
+
 /// What every deployment shares.
 #[derive(Debug)]
 pub struct Setup {
@@ -67,6 +84,8 @@ pub struct Setup {
     pub peer_url: String,
     pub accel: String,
     pub mem: u32,
+    /// More QEMU arguments for every VM.
+    pub vm_args: Vec<String>,
     pub marker: String,
     pub timeout: Duration,
     pub work: PathBuf,
@@ -97,6 +116,9 @@ pub struct Sample {
 pub struct Deployment {
     pub run: usize,
     pub method: Method,
+    /// For `bootcache` from another container (`--variant`): its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
     pub rate_mbit: u32,
     pub rtt_ms: f64,
     pub vms_per_node: usize,
@@ -114,10 +136,11 @@ pub struct Deployment {
 
 const NODES: [&str; 2] = ["node1", "node2"];
 
-/// Deploys `vms` VMs on each compute node by `method` and waits for every
+/// Deploys `vms` VMs on each compute node by `arm` and waits for every
 /// boot marker.
-pub fn deploy(tb: &Testbed, s: &Setup, method: Method, link: Link, vms: usize, run: usize) -> anyhow::Result<Deployment> {
-    let dir = s.work.join(format!("{method}-{}-{}-{vms}-{run}", link.rate_mbit, link.rtt_ms));
+pub fn deploy(tb: &Testbed, s: &Setup, arm: Arm<'_>, link: Link, vms: usize, run: usize) -> anyhow::Result<Deployment> {
+    let Arm { method, variant } = arm;
+    let dir = s.work.join(format!("{method}-{}-{}-{}-{vms}-{run}", variant.unwrap_or("main"), link.rate_mbit, link.rtt_ms));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     // A node daemon is already running on a compute node before a deployment.
@@ -146,7 +169,7 @@ pub fn deploy(tb: &Testbed, s: &Setup, method: Method, link: Link, vms: usize, r
             .enumerate()
             .map(|(i, n)| {
                 let (dir, node) = (dir.join(n), nodes.get(i));
-                scope.spawn(move || deploy_node(tb, s, method, n, &dir, node, vms))
+                scope.spawn(move || deploy_node(tb, s, arm, n, &dir, node, vms))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("deploy thread panicked")))).collect()
@@ -190,6 +213,7 @@ pub fn deploy(tb: &Testbed, s: &Setup, method: Method, link: Link, vms: usize, r
     Ok(Deployment {
         run,
         method,
+        variant: variant.map(str::to_owned),
         rate_mbit: link.rate_mbit,
         rtt_ms: link.rtt_ms,
         vms_per_node: vms,
@@ -222,13 +246,14 @@ fn sample(node: &NodeProc, name: &str, start: Instant) -> Option<Sample> {
 fn deploy_node(
     tb: &Testbed,
     s: &Setup,
-    method: Method,
+    arm: Arm<'_>,
     host: &str,
     dir: &Path,
     node: Option<&NodeProc>,
     vms: usize,
 ) -> anyhow::Result<Vec<(PathBuf, Killed)>> {
     std::fs::create_dir_all(dir)?;
+    let Arm { method, variant } = arm;
     let netns = tb.host(host).netns.clone();
     let size = std::fs::metadata(&s.image)?.len();
     let (backing, format) = match method {
@@ -250,7 +275,11 @@ fn deploy_node(
         Method::Curl => (format!(r#"json:{{"file.driver":"http","file.url":"{}/guest.raw"}}"#, s.store_url), "raw"),
         Method::Bootcache | Method::BootcachePeer | Method::OnDemand | Method::TraceOrder => {
             let node = node.context("no node daemon")?;
-            let image = if method == Method::TraceOrder { "plain.bcimg" } else { "guest.bcimg" };
+            let image = match (method, variant) {
+                (Method::TraceOrder, _) => "plain.bcimg".to_owned(),
+                (_, Some(v)) => format!("variant-{v}.bcimg"),
+                _ => "guest.bcimg".to_owned(),
+            };
             let peers = if method == Method::BootcachePeer { vec![s.peer_url.clone()] } else { vec![] };
             let opened = node.open("guest", &format!("{}/{image}", s.store_url), &peers)?;
             (opened["nbd_url"].as_str().context("no nbd_url")?.to_owned(), "raw")
@@ -261,7 +290,7 @@ fn deploy_node(
         let disk = dir.join(format!("vm{v}.qcow2"));
         overlay(&disk, &backing, format, size)?;
         let console = dir.join(format!("vm{v}.console"));
-        out.push((console.clone(), start_vm(Some(&netns), &disk, &console, &s.accel, s.mem)?));
+        out.push((console.clone(), start_vm(Some(&netns), &disk, &console, &s.accel, s.mem, &s.vm_args)?));
     }
     Ok(out)
 }
