@@ -2,7 +2,7 @@
 //! stream, the rest in the background; and how they are made durable.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bootcache_format::{Encoding, Index, Segment, decode_extent};
@@ -51,6 +51,34 @@ fn runs_in_order(index: &Index, positions: Vec<usize>, max: u64) -> Vec<Vec<usiz
     out
 }
 
+/// Where the boot stream goes on (container offsets). The boot segment is
+/// in first-access order, so a guest that misses a boot extent beyond the
+/// run the stream is fetching has got ahead of it: what lies between is
+/// what this boot skipped, and the stream is re-aimed past the miss (the
+/// miss itself is fetched on demand). The aim only moves forward; what it
+/// skipped is fetched when the stream reaches the segment's end.
+#[derive(Debug, Default)]
+pub(super) struct Aim {
+    /// The stream continues at the first absent extent from here.
+    from: AtomicU64,
+    /// The end of the run the stream is fetching.
+    run_end: AtomicU64,
+}
+
+impl Aim {
+    /// A guest missed the boot extent stored at `stored`; true if that
+    /// moved the aim.
+    fn miss(&self, stored: &std::ops::Range<u64>) -> bool {
+        let run_end = self.run_end.load(Ordering::SeqCst);
+        run_end > 0 && stored.start >= run_end && self.from.fetch_max(stored.end, Ordering::SeqCst) < stored.end
+    }
+
+    /// Whether the stream should leave the run ending at `end`.
+    fn passed(&self, end: u64) -> bool {
+        self.from.load(Ordering::SeqCst) >= end
+    }
+}
+
 /// Guest misses: fetched at once, several runs in flight, misses that
 /// queued meanwhile coalesced into the same requests.
 pub(super) async fn demand_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Vec<usize>>) {
@@ -58,6 +86,14 @@ pub(super) async fn demand_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiv
     while let Some(mut wanted) = rx.recv().await {
         while let Ok(more) = rx.try_recv() {
             wanted.extend(more);
+        }
+        if inner.opts.prefetch == Prefetch::BootSegment {
+            let entries = inner.index.entries();
+            let ahead =
+                wanted.iter().filter(|&&p| entries[p].segment == Segment::Boot).map(|&p| &entries[p].stored).max_by_key(|s| s.start);
+            if ahead.is_some_and(|s| inner.aim.miss(s)) {
+                Metrics::add(&inner.metrics.boot_reaims, 1);
+            }
         }
         for run in runs(&inner.index, wanted, MAX_RUN) {
             let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
@@ -111,7 +147,15 @@ async fn stream_segment(inner: &Arc<Inner>, segment: Segment, rate: Option<u64>)
             let state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
             (0..state.len()).filter(|&i| state[i] == State::Absent && inner.index.entries()[i].segment == segment).collect()
         };
-        let Some(run) = runs(&inner.index, absent, step).into_iter().next() else { return };
+        // The boot stream goes on from its aim, then comes back for what it skipped.
+        let from = if segment == Segment::Boot { inner.aim.from.load(Ordering::SeqCst) } else { 0 };
+        let ahead: Vec<usize> = absent.iter().copied().filter(|&i| inner.index.entries()[i].stored.start >= from).collect();
+        let pick = if ahead.is_empty() { absent } else { ahead };
+        let Some(run) = runs(&inner.index, pick, step).into_iter().next() else { return };
+        if segment == Segment::Boot {
+            let end = inner.index.entries()[run[run.len() - 1]].stored.end;
+            inner.aim.run_end.store(end, Ordering::SeqCst);
+        }
         let bytes: u64 = run.iter().map(|&i| inner.index.entries()[i].stored_len()).sum();
         if !fetch_run(inner, &run, source).await {
             tokio::time::sleep(Duration::from_millis(500)).await; // the store is away; the next pass retries
@@ -180,9 +224,12 @@ async fn stream_ranges(inner: &Arc<Inner>, ranges: &[std::ops::Range<u64>]) {
 /// resuming after a broken connection at the extent it was receiving. A
 /// demand run's extents are already claimed; a stream claims each extent as
 /// its bytes start to arrive, and drops bytes of extents another fetch has
-/// claimed. Returns false if it gave up (the store stayed away).
+/// claimed; the boot stream leaves a run its aim has passed. Returns false
+/// if it gave up (the store stayed away).
 async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
     let entries = inner.index.entries();
+    let run_end = entries[run[run.len() - 1]].stored.end;
+    let re_aimed = || source == Source::Boot && inner.opts.prefetch == Prefetch::BootSegment && inner.aim.passed(run_end);
     let mut next = 0;
     let mut failing_since: Option<Instant> = None;
     while next < run.len() {
@@ -200,12 +247,21 @@ async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
         let mut buf = BytesMut::new();
         let mut broken = None;
         while next < run.len() {
+            if re_aimed() {
+                return true;
+            }
             let pos = run[next];
             let mine = source == Source::Demand || claim(inner, pos);
             let need = usize::try_from(entries[pos].stored_len()).unwrap_or(usize::MAX);
             while buf.len() < need {
                 if source != Source::Demand {
                     yield_to_demand(inner).await;
+                    if re_aimed() {
+                        if mine {
+                            release(inner, &[pos]);
+                        }
+                        return true;
+                    }
                 }
                 match stream.next().await {
                     Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
@@ -403,5 +459,23 @@ pub(super) async fn persist_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedRecei
             }
             Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_miss_beyond_the_streamed_run_moves_the_aim_and_only_forward() {
+        let aim = Aim::default();
+        assert!(!aim.miss(&(4096..8192)), "before the stream starts, misses do not aim it");
+        aim.run_end.store(1 << 20, Ordering::SeqCst);
+        assert!(!aim.miss(&(4096..8192)), "a miss inside the run leaves the stream alone");
+        assert!(!aim.passed(1 << 20));
+        assert!(aim.miss(&(3 << 20..(3 << 20) + 4096)), "a miss beyond the run re-aims it");
+        assert!(aim.passed(1 << 20) && aim.from.load(Ordering::SeqCst) == (3 << 20) + 4096);
+        assert!(!aim.miss(&(2 << 20..(2 << 20) + 4096)), "the aim never moves back");
+        assert_eq!(aim.from.load(Ordering::SeqCst), (3 << 20) + 4096);
     }
 }

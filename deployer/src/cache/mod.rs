@@ -179,6 +179,8 @@ struct Inner {
     metrics: Metrics,
     /// Demand fetches in flight; streams yield the link while non-zero.
     demand_in_flight: std::sync::atomic::AtomicUsize,
+    /// Where the boot stream goes on; guest misses ahead of it move it.
+    aim: fetch::Aim,
     last_error: Mutex<Option<String>>,
     opts: CacheOptions,
 }

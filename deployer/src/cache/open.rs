@@ -145,6 +145,7 @@ pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts
         durable: durable_tx,
         metrics: Metrics::default(),
         demand_in_flight: std::sync::atomic::AtomicUsize::new(0),
+        aim: fetch::Aim::default(),
         last_error: Mutex::new(None),
         opts,
     });
