@@ -109,6 +109,9 @@ pub struct Sample {
     pub misses: u64,
     #[serde(default)]
     pub miss_wait_seconds: f64,
+    /// Times a guest ahead of the boot stream re-aimed it.
+    #[serde(default)]
+    pub boot_reaims: u64,
 }
 
 /// What one deployment measured.
@@ -238,6 +241,7 @@ fn sample(node: &NodeProc, name: &str, start: Instant) -> Option<Sample> {
         peer_bytes: g("peer_bytes"),
         misses: g("misses"),
         miss_wait_seconds: m["miss_wait_seconds"].as_f64().unwrap_or(0.0),
+        boot_reaims: g("boot_reaims"),
     })
 }
 
