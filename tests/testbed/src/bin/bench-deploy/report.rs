@@ -119,7 +119,7 @@ fn variants(results: &[Deployment]) -> String {
         }
     }
     let mut t = String::from(
-        "| link | VMs/node | container | time: median (min-max) | ratio to local | boot set fetched MB | guest reads that waited | fetched on demand MB | waited s |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| link | VMs/node | container | time: median (min-max) | ratio to local | boot set fetched MB | guest reads that waited | fetched on demand MB | waited s | boot stream re-aimed |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for k in settings(results) {
         let local = med(&of(results, k, Method::Local), |d| d.seconds);
@@ -133,9 +133,10 @@ fn variants(results: &[Deployment]) -> String {
             let min = ds.iter().map(|d| d.seconds).fold(f64::INFINITY, f64::min);
             let max = ds.iter().map(|d| d.seconds).fold(0.0, f64::max);
             let misses = med(&ds, |d| last_samples(d).iter().map(|s| s.misses).sum::<u64>() as f64);
+            let reaims = med(&ds, |d| last_samples(d).iter().map(|s| s.boot_reaims).sum::<u64>() as f64);
             let _ = writeln!(
                 t,
-                "| {} Mbit/s, {} ms | {} | {name} | {secs:.1} s ({min:.1}-{max:.1}) | {:.2} | {:.1} | {misses:.0} | {:.1} | {:.1} |",
+                "| {} Mbit/s, {} ms | {} | {name} | {secs:.1} s ({min:.1}-{max:.1}) | {:.2} | {:.1} | {misses:.0} | {:.1} | {:.1} | {reaims:.0} |",
                 k.0,
                 k.1,
                 k.2,
