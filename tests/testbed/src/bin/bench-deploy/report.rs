@@ -175,13 +175,20 @@ fn goals(results: &[Deployment]) -> String {
             let _ = writeln!(g, "- {link}: store bytes with a peer / without = {r:.3} (goal <= 0.5: {})", verdict(r <= 0.5));
         }
         if k.2 > 1 {
-            let one = med(&of(results, (k.0, k.1, 1), Method::Bootcache), |d| d.store_bytes as f64);
-            if one.is_finite() && store(Method::Bootcache).is_finite() {
-                let r = store(Method::Bootcache) / one;
+            // What the nodes fetched for the boots (prefetch and on demand):
+            // the store's total also holds background streaming, which runs
+            // or not by the time the slower many-VM boots take.
+            let for_boots = |d: &Deployment| fetched(d).0 + fetched(d).1;
+            let ones = of(results, (k.0, k.1, 1), Method::Bootcache);
+            let (one, many) = (med(&ones, for_boots), med(&of(results, k, Method::Bootcache), for_boots));
+            if one.is_finite() && many.is_finite() {
+                let r = many / one;
                 let _ = writeln!(
                     g,
-                    "- {link}: store bytes / those with 1 VM per node = {r:.3} (goal: no growth, <= 1.05: {})",
-                    verdict(r <= 1.05)
+                    "- {link}: bytes fetched for the boots / those with 1 VM per node = {r:.3} ({many:.1} MB / {one:.1} MB; goal: no growth, <= 1.05: {}); store bytes {:.1} MB / {:.1} MB with background streaming",
+                    verdict(r <= 1.05),
+                    store(Method::Bootcache) / 1e6,
+                    med(&ones, |d| d.store_bytes as f64) / 1e6,
                 );
             }
         }
