@@ -177,10 +177,6 @@ fn main() -> anyhow::Result<()> {
     let peer =
         if methods.contains(&Method::BootcachePeer) { Some(warm_peer(&tb, &bootcache, &store_url, work.path(), &stop)?) } else { None };
 
-    // The container not reordered carries no recorded boot, so its node would
-    // stream the rest at once: the trace-order ablation starts it at the
-    // reordered container's recorded boot time instead.
-    let boot_seconds = recorded_boot_seconds(&bootcache, &container)?;
     let setup = Setup {
         bootcache,
         image,
@@ -195,7 +191,6 @@ fn main() -> anyhow::Result<()> {
         timeout: std::time::Duration::from_secs(args.timeout),
         work: work.path().to_owned(),
         background: args.background.clone(),
-        trace_order_background_after: boot_seconds,
         stop: std::sync::Arc::clone(&stop),
     };
     let mut schedule = Vec::new();
@@ -263,14 +258,6 @@ fn main() -> anyhow::Result<()> {
     }
     eprintln!("{} deployments in {:.1} min; results in {}", results.len(), started.elapsed().as_secs_f64() / 60.0, args.out.display());
     Ok(())
-}
-
-/// The `boot_seconds` a container's metadata records, if any.
-fn recorded_boot_seconds(bootcache: &std::path::Path, container: &std::path::Path) -> anyhow::Result<Option<f64>> {
-    let out = std::process::Command::new(bootcache).args(["info", "--output", "json"]).arg(container).output()?;
-    anyhow::ensure!(out.status.success(), "bootcache info {}: {}", container.display(), String::from_utf8_lossy(&out.stderr).trim());
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok(info["metadata"]["extra"]["boot_seconds"].as_f64())
 }
 
 /// Starts the peer node and waits until it caches the whole image.

@@ -91,9 +91,6 @@ pub struct Setup {
     pub work: PathBuf,
     /// `--background` of the bootcache nodes.
     pub background: String,
-    /// `--background-after` of the trace-order ablation's nodes (its
-    /// container records no boot time).
-    pub trace_order_background_after: Option<f64>,
     /// Set by SIGINT or SIGTERM: stop, cleaning up.
     pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
@@ -160,10 +157,12 @@ pub fn deploy(tb: &Testbed, s: &Setup, arm: Arm<'_>, link: Link, vms: usize, run
                 _ => vec![],
             };
             let mut extra = extra.into_iter().map(str::to_owned).collect::<Vec<_>>();
-            extra.extend(["--background".to_owned(), s.background.clone()]);
-            if let (Method::TraceOrder, Some(secs)) = (method, s.trace_order_background_after) {
-                extra.extend(["--background-after".to_owned(), format!("{secs:.1}")]);
-            }
+            // The container not reordered records no boot time, so its node
+            // cannot tell when the boot is over: the trace-order ablation
+            // streams no background, which would otherwise run during its
+            // boots (the reordered container's nodes wait for the boot).
+            let background = if method == Method::TraceOrder { "off".to_owned() } else { s.background.clone() };
+            extra.extend(["--background".to_owned(), background]);
             let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
             let node = NodeProc::start_in(&s.bootcache, Some(&tb.host(n).netns), None, &dir.join(n).join("cache"), &dir.join(n), &extra)?;
             nodes.push(node);
