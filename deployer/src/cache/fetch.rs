@@ -149,7 +149,11 @@ async fn stream_segment(inner: &Arc<Inner>, segment: Segment, rate: Option<u64>)
         };
         // The boot stream goes on from its aim, then comes back for what it skipped.
         let from = if segment == Segment::Boot { inner.aim.from.load(Ordering::SeqCst) } else { 0 };
-        let ahead: Vec<usize> = absent.iter().copied().filter(|&i| inner.index.entries()[i].stored.start >= from).collect();
+        let ahead: Vec<usize> = if from == 0 {
+            Vec::new()
+        } else {
+            absent.iter().copied().filter(|&i| inner.index.entries()[i].stored.start >= from).collect()
+        };
         let pick = if ahead.is_empty() { absent } else { ahead };
         let Some(run) = runs(&inner.index, pick, step).into_iter().next() else { return };
         if segment == Segment::Boot {

@@ -31,11 +31,19 @@ fn settings(results: &[Deployment]) -> Vec<(u32, f64, usize)> {
 }
 
 fn of(results: &[Deployment], k: (u32, f64, usize), m: Method) -> Vec<&Deployment> {
-    results.iter().filter(|d| (d.rate_mbit, d.rtt_ms, d.vms_per_node) == k && d.method == m && d.variant.is_none()).collect()
+    of_arm(results, k, m, None)
 }
 
-fn of_variant<'a>(results: &'a [Deployment], k: (u32, f64, usize), v: &str) -> Vec<&'a Deployment> {
-    results.iter().filter(|d| (d.rate_mbit, d.rtt_ms, d.vms_per_node) == k && d.variant.as_deref() == Some(v)).collect()
+/// The deployments at setting `k` by `m` from container `variant` (`None`: the main one).
+fn of_arm<'a>(results: &'a [Deployment], k: (u32, f64, usize), m: Method, variant: Option<&str>) -> Vec<&'a Deployment> {
+    results.iter().filter(|d| (d.rate_mbit, d.rtt_ms, d.vms_per_node) == k && d.method == m && d.variant.as_deref() == variant).collect()
+}
+
+/// Median, min and max time to the last marker.
+fn spread(ds: &[&Deployment]) -> (f64, f64, f64) {
+    let min = ds.iter().map(|d| d.seconds).fold(f64::INFINITY, f64::min);
+    let max = ds.iter().map(|d| d.seconds).fold(0.0, f64::max);
+    (med(ds, |d| d.seconds), min, max)
 }
 
 fn med(ds: &[&Deployment], f: impl Fn(&Deployment) -> f64) -> f64 {
@@ -77,9 +85,7 @@ pub fn table(results: &[Deployment]) -> String {
             if ds.is_empty() {
                 continue;
             }
-            let secs = med(&ds, |d| d.seconds);
-            let min = ds.iter().map(|d| d.seconds).fold(f64::INFINITY, f64::min);
-            let max = ds.iter().map(|d| d.seconds).fold(0.0, f64::max);
+            let (secs, min, max) = spread(&ds);
             let split = if ds[0].timeline.is_empty() {
                 " | ".to_owned()
             } else {
@@ -124,14 +130,12 @@ fn variants(results: &[Deployment]) -> String {
     for k in settings(results) {
         let local = med(&of(results, k, Method::Local), |d| d.seconds);
         let rows = std::iter::once(("main".to_owned(), of(results, k, Method::Bootcache)))
-            .chain(names.iter().map(|n| ((*n).to_owned(), of_variant(results, k, n))));
+            .chain(names.iter().map(|n| ((*n).to_owned(), of_arm(results, k, Method::Bootcache, Some(n)))));
         for (name, ds) in rows {
             if ds.is_empty() {
                 continue;
             }
-            let secs = med(&ds, |d| d.seconds);
-            let min = ds.iter().map(|d| d.seconds).fold(f64::INFINITY, f64::min);
-            let max = ds.iter().map(|d| d.seconds).fold(0.0, f64::max);
+            let (secs, min, max) = spread(&ds);
             let misses = med(&ds, |d| last_samples(d).iter().map(|s| s.misses).sum::<u64>() as f64);
             let reaims = med(&ds, |d| last_samples(d).iter().map(|s| s.boot_reaims).sum::<u64>() as f64);
             let _ = writeln!(
@@ -178,7 +182,10 @@ fn goals(results: &[Deployment]) -> String {
             // What the nodes fetched for the boots (prefetch and on demand):
             // the store's total also holds background streaming, which runs
             // or not by the time the slower many-VM boots take.
-            let for_boots = |d: &Deployment| fetched(d).0 + fetched(d).1;
+            let for_boots = |d: &Deployment| {
+                let (prefetch, demand, ..) = fetched(d);
+                prefetch + demand
+            };
             let ones = of(results, (k.0, k.1, 1), Method::Bootcache);
             let (one, many) = (med(&ones, for_boots), med(&of(results, k, Method::Bootcache), for_boots));
             if one.is_finite() && many.is_finite() {
