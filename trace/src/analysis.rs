@@ -50,7 +50,8 @@ pub struct Analysis {
 pub fn analyze(trace: &Trace) -> Analysis {
     let recs = &trace.records;
     let reads: Vec<&Record> = recs.iter().filter(|r| r.boot_bytes().is_some()).collect();
-    let total: u64 = reads.iter().filter_map(|r| r.boot_bytes()).map(|b| b.end - b.start).sum();
+    // Saturating: a damaged trace's lengths may add up past u64.
+    let total = reads.iter().filter_map(|r| r.boot_bytes()).fold(0u64, |t, b| t.saturating_add(b.end - b.start));
     let set = IntervalSet::from_ranges(reads.iter().filter_map(|r| r.boot_bytes()));
     let order = trace.first_access_order();
     let unique = set.bytes();
@@ -79,7 +80,7 @@ fn histogram(reads: &[&Record]) -> Vec<Bucket> {
         match buckets.iter_mut().find(|x| x.min == min) {
             Some(x) => {
                 x.count += 1;
-                x.bytes += size;
+                x.bytes = x.bytes.saturating_add(size);
             }
             None => buckets.push(Bucket { min, count: 1, bytes: size }),
         }
