@@ -10,7 +10,9 @@
 //! GET    /metrics         -> Prometheus text
 //! HEAD   /peer/{root}     -> the container's length, ETag = root digest
 //! GET    /peer/{root}     -> with Range: the container's bytes, when every
-//!                            extent in the range is cached here (else 404)
+//!                            extent in the range is cached here (else 404);
+//!                            with `Prefer: wait=N` also boot extents still
+//!                            on their way here, sent as they arrive
 //! ```
 //!
 //! `peers` (optional) are other nodes' APIs to fetch from before the store,
@@ -224,9 +226,13 @@ async fn peer(State(node): State<Arc<Node>>, method: Method, UrlPath(root): UrlP
             Ok(r) if r.len() == 1 => *r[0].start()..*r[0].end() + 1,
             _ => return plain(StatusCode::RANGE_NOT_SATISFIABLE, "one range inside the container, please"),
         };
-        match cache.read_stored(range.clone()).await {
-            Ok(Some(bytes)) => {
-                let mut r = Response::new(Body::from(bytes));
+        let answer = match prefer_wait(&headers) {
+            Some(wait) => Ok(cache.stream_stored(range.clone(), wait).map(Body::from_stream)),
+            None => cache.read_stored(range.clone()).await.map(|b| b.map(Body::from)),
+        };
+        match answer {
+            Ok(Some(body)) => {
+                let mut r = Response::new(body);
                 *r.status_mut() = StatusCode::PARTIAL_CONTENT;
                 let h = r.headers_mut();
                 h.insert(header::CONTENT_LENGTH, HeaderValue::from(range.end - range.start));
@@ -245,6 +251,17 @@ async fn peer(State(node): State<Arc<Node>>, method: Method, UrlPath(root): UrlP
         h.insert(header::ETAG, v);
     }
     resp
+}
+
+/// The `wait` of a `Prefer` header (RFC 7240), when above zero.
+fn prefer_wait(headers: &HeaderMap) -> Option<std::time::Duration> {
+    let secs = headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix("wait=")?.trim().parse::<u64>().ok())?;
+    (secs > 0).then(|| std::time::Duration::from_secs(secs))
 }
 
 /// An error with its chain of causes, on one line.

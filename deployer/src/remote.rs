@@ -138,7 +138,7 @@ impl Remote {
     pub async fn get(&self, range: Range<u64>) -> Result<Bytes, RemoteError> {
         let want = range.end - range.start;
         self.with_retry(|| async {
-            let mut body = self.request(range.clone()).await?;
+            let mut body = self.request(range.clone(), None).await?;
             let mut out = bytes::BytesMut::with_capacity(usize::try_from(want).unwrap_or(0));
             while let Some(chunk) = body.next().await {
                 out.extend_from_slice(&chunk.map_err(Failure::Transient)?);
@@ -161,20 +161,36 @@ impl Remote {
         &self,
         range: Range<u64>,
     ) -> Result<impl futures_util::Stream<Item = Result<Bytes, reqwest::Error>> + use<>, RemoteError> {
-        self.with_retry(|| self.request(range.clone())).await
+        self.with_retry(|| self.request(range.clone(), None)).await
     }
 
-    async fn request(&self, range: Range<u64>) -> Result<impl futures_util::Stream<Item = Result<Bytes, reqwest::Error>> + use<>, Failure> {
+    /// Like [`Remote::stream`]; with `wait`, asks the server to wait up to
+    /// that long for bytes it is itself still receiving (`Prefer: wait=N`,
+    /// RFC 7240): what a node relaying its boot stream to another honours.
+    ///
+    /// # Errors
+    /// As [`Remote::stream`].
+    pub async fn stream_waiting(
+        &self,
+        range: Range<u64>,
+        wait: Option<Duration>,
+    ) -> Result<impl futures_util::Stream<Item = Result<Bytes, reqwest::Error>> + use<>, RemoteError> {
+        self.with_retry(|| self.request(range.clone(), wait)).await
+    }
+
+    async fn request(
+        &self,
+        range: Range<u64>,
+        prefer_wait: Option<Duration>,
+    ) -> Result<impl futures_util::Stream<Item = Result<Bytes, reqwest::Error>> + use<>, Failure> {
         if range.start >= range.end || range.end > self.len {
             return Err(Failure::Permanent(format!("range {range:?} outside the file's {} bytes", self.len)));
         }
-        let resp = self
-            .client
-            .get(&self.url)
-            .header(RANGE, format!("bytes={}-{}", range.start, range.end - 1))
-            .send()
-            .await
-            .map_err(Failure::Transient)?;
+        let mut req = self.client.get(&self.url).header(RANGE, format!("bytes={}-{}", range.start, range.end - 1));
+        if let Some(wait) = prefer_wait {
+            req = req.header(reqwest::header::HeaderName::from_static("prefer"), format!("wait={}", wait.as_secs().max(1)));
+        }
+        let resp = req.send().await.map_err(Failure::Transient)?;
         match resp.status() {
             StatusCode::PARTIAL_CONTENT => {}
             StatusCode::OK => return Err(Failure::Permanent("the store ignores Range requests".into())),

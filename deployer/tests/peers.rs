@@ -144,3 +144,104 @@ async fn a_peer_whose_bytes_fail_their_digest_is_dropped_and_the_store_serves() 
     assert_eq!(m.read_errors, 0, "{m:?}");
     assert_reads_model(&b, &fx).await;
 }
+
+/// A TCP proxy to `upstream` that sends its answers at about `rate` bytes
+/// per second (a slow link between a node and the store).
+async fn slow_proxy(upstream: std::net::SocketAddr, rate: u64) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
+                let mut buf = vec![0u8; 16 << 10];
+                while let Ok(n @ 1..) = sr.read(&mut buf).await {
+                    tokio::time::sleep(std::time::Duration::from_secs_f64(n as f64 / rate as f64)).await;
+                    if cw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_relays_its_boot_stream_while_it_arrives_and_the_store_sends_it_once() {
+    let fx = fixture().await;
+    let img = image(&fx.container);
+    let boot = stored_bytes(&img, Some(Segment::Boot));
+    // Node A reaches the store over a slow link: its boot segment takes
+    // about two seconds; B, opened just after A with A as its peer, has a
+    // fast link to the store and would take the boot segment from it at once
+    // if A did not relay what is still on its way.
+    let store: std::net::SocketAddr = fx.url.trim_start_matches("http://").split('/').next().unwrap().parse().unwrap();
+    let slow_url = fx.url.replace(&store.to_string(), &slow_proxy(store, boot / 2).await.to_string());
+    let a = Node::new(fx.dir.path().join("a.sock"), options(&fx.dir.path().join("a"), Background::Off));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a_api = format!("http://{}", listener.local_addr().unwrap());
+    let router = a.api();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let before = fx.stats.body_bytes.load(Ordering::Relaxed);
+    let root = a.open("disk", &slow_url, &[]).await.unwrap().root_digest;
+    let a_cache = a.cache(&root).await.unwrap();
+
+    let mut opts = options(&fx.dir.path().join("b"), Background::Off);
+    opts.peers = vec![a_api.clone()];
+    let b = NodeCache::open(&fx.url, opts).await.unwrap();
+    assert!(a_cache.metrics().boot_prefetch_bytes < boot, "A still fetching when B starts");
+    wait_for("node B's boot segment", || b.metrics().boot_prefetch_bytes == boot).await;
+    let from_store = fx.stats.body_bytes.load(Ordering::Relaxed) - before;
+    let m = b.metrics();
+    assert_eq!(m.peer_bytes, boot, "B's boot segment came from A: {m:?}");
+    assert_eq!(from_store, 2 * structure(&img) + boot, "the store sent the boot segment once: {m:?}");
+    assert_eq!(a_cache.metrics().served_to_peers_bytes, boot);
+
+    // A relays only what it is fetching: with Prefer: wait, a range of the
+    // rest (A streams no background) is still refused at once.
+    let rest = img.header().rest.clone();
+    let status = reqwest::Client::new()
+        .get(format!("{a_api}/peer/{root}"))
+        .header("range", format!("bytes={}-{}", rest.start, rest.start + 99))
+        .header("prefer", "wait=5")
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 404, "nothing on its way: refused");
+    assert_reads_model(&b, &fx).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_opens_the_image_later_is_asked_then() {
+    let fx = fixture().await;
+    let img = image(&fx.container);
+    // Node A's API is up, but A has not opened the image yet.
+    let a = Node::new(fx.dir.path().join("a.sock"), options(&fx.dir.path().join("a"), Background::Unlimited));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a_api = format!("http://{}", listener.local_addr().unwrap());
+    let router = a.api();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let mut opts = options(&fx.dir.path().join("b"), Background::Off);
+    opts.peers = vec![a_api];
+    let b = NodeCache::open(&fx.url, opts).await.unwrap();
+    let boot = stored_bytes(&img, Some(Segment::Boot));
+    wait_for("node B's boot segment", || b.metrics().boot_prefetch_bytes == boot).await;
+    assert_eq!(b.metrics().peer_bytes, 0, "A had nothing to give");
+
+    let root = a.open("disk", &fx.url, &[]).await.unwrap().root_digest;
+    let a_cache = a.cache(&root).await.unwrap();
+    wait_for("peer A to cache the image", || a_cache.complete()).await;
+    // B asked A when it did not have the image; once that pause is over,
+    // B's misses go to A.
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    let rest = img.index().entries().iter().find(|e| e.segment == Segment::Rest && e.stored_len() > 0).unwrap();
+    let got = b.read(rest.guest.start, u32::try_from(rest.guest_len()).unwrap()).await.unwrap();
+    assert!(got == fx.model[rest.guest.start as usize..rest.guest.end as usize]);
+    assert_eq!(b.metrics().peer_bytes, rest.stored_len(), "{:?}", b.metrics());
+}

@@ -238,7 +238,7 @@ async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
     let mut failing_since: Option<Instant> = None;
     while next < run.len() {
         let range = entries[run[next]].stored.start..entries[run[run.len() - 1]].stored.end;
-        let (mut stream, from) = match open_stream(inner, range).await {
+        let (mut stream, from) = match open_stream(inner, range, source == Source::Boot).await {
             Ok(s) => s,
             Err(e) => {
                 inner.set_error(e.to_string());
@@ -294,7 +294,7 @@ async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
         if let Some(why) = broken {
             if let Some(p) = from {
                 // A peer that breaks off is left alone; the store goes on.
-                tracing::warn!(peer = inner.peers[p].remote.url(), error = why, "peer fetch interrupted; asking the store");
+                tracing::warn!(peer = inner.peers[p].url(), error = why, "peer fetch interrupted; asking the store");
                 inner.peers[p].pause();
                 continue;
             }
@@ -312,24 +312,27 @@ async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
     true
 }
 
-/// A stream of `range` from the first usable peer that has all of it, or
-/// else from the store; with the peer's position, if any.
+/// A stream of `range` from the first usable peer that has all of it (or,
+/// for the boot stream, has it on its way: a relay), or else from the
+/// store; with the peer's position, if any.
 async fn open_stream(
     inner: &Inner,
     range: std::ops::Range<u64>,
+    relayed: bool,
 ) -> Result<(impl futures_util::Stream<Item = Result<Bytes, reqwest::Error>> + use<>, Option<usize>), RemoteError> {
-    for (i, p) in inner.peers.iter().enumerate().filter(|(_, p)| p.usable()) {
-        match p.remote.stream(range.clone()).await {
+    for (i, p) in inner.peers.iter().enumerate() {
+        let Some(remote) = p.remote().await else { continue };
+        match remote.stream_waiting(range.clone(), relayed.then_some(super::peer::RELAY_WAIT)).await {
             Ok(s) => return Ok((s, Some(i))),
             // It lacks part of the range (404): the store has it.
             Err(RemoteError::Protocol { .. }) => {}
             Err(e) => {
-                tracing::warn!(peer = p.remote.url(), error = %e, "peer unreachable; asking the store");
+                tracing::warn!(peer = p.url(), error = %e, "peer unreachable; asking the store");
                 p.pause();
             }
         }
     }
-    Ok((inner.remote.stream(range).await?, None))
+    Ok((inner.remote.stream_waiting(range, None).await?, None))
 }
 
 /// Streams give the link to guest misses: they stop reading (and TCP slows
@@ -407,7 +410,7 @@ async fn deliver(inner: &Arc<Inner>, pos: usize, stored: Bytes, source: Source, 
         }
         Err(why) if let Some(p) = from => {
             Metrics::add(&inner.metrics.bad_extents, 1);
-            let peer = inner.peers[p].remote.url();
+            let peer = inner.peers[p].url();
             tracing::error!(
                 guest_offset = format_args!("{guest:#x}"),
                 peer,

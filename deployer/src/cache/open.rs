@@ -113,10 +113,7 @@ pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts
     let mut by_stored: Vec<usize> = (0..index.entries().len()).filter(|&i| index.entries()[i].stored_len() > 0).collect();
     by_stored.sort_by_key(|&i| index.entries()[i].stored.start);
     let root = image.root_digest_hex();
-    let mut peers = Vec::new();
-    for base in &opts.peers {
-        peers.extend(peer::Peer::open(base, &root, remote.len(), opts.retry).await);
-    }
+    let peers = opts.peers.iter().map(|base| peer::Peer::new(base, &root, remote.len(), opts.retry)).collect();
 
     let mut state: Vec<State> =
         index.entries().iter().map(|e| if e.encoding == Encoding::Zero { State::Present } else { State::Absent }).collect();

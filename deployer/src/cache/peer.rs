@@ -7,16 +7,28 @@
 //! the store's bytes: a peer is trusted with nothing. A peer that lacks a
 //! range answers 404 and the store is asked instead; a peer that fails is
 //! left alone for a while, and one whose bytes fail their digest for good.
+//!
+//! A node also relays what it is still fetching: asked with `Prefer: wait=N`
+//! (by another node's boot stream), it answers for the boot extents its own
+//! boot stream has yet to fetch and sends each as soon as it is verified
+//! here, so nodes that boot the same image at once can take the store's
+//! bytes from each other instead of each sharing the store's link. A relay
+//! that stalls for `N` seconds ends its answer early and is paused like a
+//! failed peer. Relays should form a chain or a tree (a node asks nodes
+//! that do not ask it back), or two nodes may wait for each other until
+//! that timeout.
 
 use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use bootcache_format::Encoding;
+use bootcache_format::{Encoding, Segment};
+use bytes::Bytes;
+use futures_util::Stream;
 
-use super::{Inner, NodeCache, State};
+use super::{Inner, NodeCache, Prefetch, State};
 use crate::metrics::Metrics;
 use crate::remote::{Remote, RetryPolicy};
 
@@ -27,9 +39,21 @@ pub const MAX_PEER_RANGE: u64 = 64 << 20;
 /// How long a peer that failed is not asked.
 const PAUSE: Duration = Duration::from_secs(5);
 
+/// How long a fetching boot stream lets a relaying peer go without sending
+/// (its `Prefer: wait` and the peer connection's read timeout).
+pub(super) const RELAY_WAIT: Duration = Duration::from_secs(2);
+
+/// The longest `Prefer: wait` a relaying node honours.
+pub const MAX_RELAY_WAIT: Duration = Duration::from_secs(30);
+
 /// A peer as seen by the fetching node.
 pub(super) struct Peer {
-    pub(super) remote: Remote,
+    url: String,
+    root: String,
+    len: u64,
+    retry: RetryPolicy,
+    /// Its view of the image, once it has answered for it.
+    remote: OnceLock<Remote>,
     standing: Mutex<Standing>,
 }
 
@@ -37,30 +61,59 @@ pub(super) struct Peer {
 #[derive(Clone, Copy)]
 enum Standing {
     Asked,
-    /// Not asked until then (it failed or went away).
+    /// Not asked until then (it failed, went away or is not up yet).
     Paused(Instant),
-    /// Never asked again (it served bytes that failed their digest).
+    /// Never asked again (it served bytes that failed their digest, or
+    /// offers another image under this root).
     Dropped,
 }
 
 impl Peer {
-    /// Opens the peer's view of the image with root `root` (hex) and length
-    /// `len`; `None` (logged) when it does not offer that image.
-    pub(super) async fn open(base: &str, root: &str, len: u64, retry: RetryPolicy) -> Option<Peer> {
-        let url = format!("{}/peer/{root}", base.trim_end_matches('/'));
+    /// The node API at `base` as a peer for the image with root `root` (hex)
+    /// and container length `len`. Nothing is asked yet: a peer is opened on
+    /// first use, so one that comes up later (a node opening the same image
+    /// a moment after this one) is still used.
+    pub(super) fn new(base: &str, root: &str, len: u64, retry: RetryPolicy) -> Peer {
+        Peer {
+            url: format!("{}/peer/{root}", base.trim_end_matches('/')),
+            root: root.to_owned(),
+            len,
+            retry,
+            remote: OnceLock::new(),
+            standing: Mutex::new(Standing::Asked),
+        }
+    }
+
+    /// The peer's URL for this image.
+    pub(super) fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The peer's view of the image, opened on first use; `None` (logged)
+    /// while it is paused or dropped, or when it does not answer (paused)
+    /// or offers another image (dropped).
+    pub(super) async fn remote(&self) -> Option<&Remote> {
+        if !self.usable() {
+            return None;
+        }
+        if let Some(r) = self.remote.get() {
+            return Some(r);
+        }
         // One quick attempt: the store is always there to fall back on.
-        let quick = RetryPolicy { budget: Duration::ZERO, request_timeout: retry.request_timeout.min(Duration::from_secs(2)), ..retry };
-        match Remote::open(&url, quick).await {
-            Ok(remote) if remote.len() == len && remote.etag() == Some(root) => {
-                tracing::info!(peer = url, "fetching from peer before the store");
-                Some(Peer { remote, standing: Mutex::new(Standing::Asked) })
+        let quick = RetryPolicy { budget: Duration::ZERO, request_timeout: self.retry.request_timeout.min(RELAY_WAIT), ..self.retry };
+        match Remote::open(&self.url, quick).await {
+            Ok(remote) if remote.len() == self.len && remote.etag() == Some(self.root.as_str()) => {
+                tracing::info!(peer = self.url, "fetching from peer before the store");
+                Some(self.remote.get_or_init(|| remote))
             }
             Ok(remote) => {
-                tracing::warn!(peer = url, len = remote.len(), etag = remote.etag(), "peer offers another image; not used");
+                tracing::warn!(peer = self.url, len = remote.len(), etag = remote.etag(), "peer offers another image; not used");
+                self.ban();
                 None
             }
             Err(e) => {
-                tracing::warn!(peer = url, error = %e, "peer not available; fetching from the store");
+                tracing::warn!(peer = self.url, error = %e, "peer not available; asking the store (and the peer again later)");
+                self.pause();
                 None
             }
         }
@@ -103,7 +156,7 @@ impl NodeCache {
     /// When the local files cannot be read.
     pub async fn read_stored(&self, range: Range<u64>) -> io::Result<Option<Vec<u8>>> {
         let inner = std::sync::Arc::clone(&self.inner);
-        let Some(pieces) = pieces(&inner, &range) else { return Ok(None) };
+        let Some(pieces) = pieces(&inner, &range, |s, _| s == State::Present) else { return Ok(None) };
         let want = usize::try_from(range.end - range.start).map_err(io::Error::other)?;
         let out = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
             let mut out = vec![0u8; want];
@@ -123,12 +176,72 @@ impl NodeCache {
         Metrics::add(&self.inner.metrics.served_bytes, out.len() as u64);
         Ok(Some(out))
     }
+
+    /// The container's bytes in `range` as a stream, one item per extent:
+    /// the relaying form of [`NodeCache::read_stored`]. Extents present here
+    /// are sent at once; extents being fetched, and boot extents this
+    /// cache's boot stream has yet to fetch, are sent as soon as they are
+    /// verified here. An extent that does not arrive within `wait`, or fails
+    /// its digest, ends the stream with an error. `None` (nothing to wait
+    /// for) when some extent in the range is neither here nor on its way.
+    pub fn stream_stored(&self, range: Range<u64>, wait: Duration) -> Option<impl Stream<Item = io::Result<Bytes>> + Send + use<>> {
+        let inner = std::sync::Arc::clone(&self.inner);
+        let streams_boot = inner.opts.prefetch == Prefetch::BootSegment;
+        let pieces = pieces(&inner, &range, |s, boot| match s {
+            State::Present | State::Fetching => true,
+            State::Absent => boot && streams_boot,
+            State::Bad => false,
+        })?;
+        let wait = wait.min(MAX_RELAY_WAIT);
+        Some(futures_util::stream::unfold((inner, pieces.into_iter()), move |(inner, mut left)| async move {
+            let (pos, within) = left.next()?;
+            let item = relay_one(&inner, pos, within, wait).await;
+            if let Ok(b) = &item {
+                Metrics::add(&inner.metrics.served_bytes, b.len() as u64);
+            }
+            // After an error the stream ends: the fetching node resumes elsewhere.
+            let rest = if item.is_ok() { left } else { Vec::new().into_iter() };
+            Some((item, (inner, rest)))
+        }))
+    }
+}
+
+/// Waits (at most `wait`) for extent `pos` to be verified here, then reads
+/// the part `within` of its stored bytes.
+async fn relay_one(inner: &std::sync::Arc<Inner>, pos: usize, within: Range<u64>, wait: Duration) -> io::Result<Bytes> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let notified = inner.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        match inner.state.lock().unwrap_or_else(|p| p.into_inner())[pos] {
+            State::Present => break,
+            State::Bad => return Err(io::Error::other("extent failed its digest check here")),
+            State::Absent | State::Fetching => {}
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, format!("extent not here within {wait:?}")));
+        }
+    }
+    let me = std::sync::Arc::clone(inner);
+    tokio::task::spawn_blocking(move || {
+        let e = &me.index.entries()[pos];
+        let mut buf = vec![0u8; usize::try_from(within.end - within.start).map_err(io::Error::other)?];
+        match e.encoding {
+            Encoding::Raw => me.data.read_exact_at(&mut buf, e.guest.start + within.start)?,
+            _ => me.stored.read_exact_at(&mut buf, e.stored.start + within.start)?,
+        }
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(io::Error::other)?
 }
 
 /// The extents that make up `range`, each with the part of its stored bytes
-/// (relative to its start) inside the range; `None` unless all are present
-/// and they tile the range.
-fn pieces(inner: &Inner, range: &Range<u64>) -> Option<Vec<(usize, Range<u64>)>> {
+/// (relative to its start) inside the range; `None` unless `ok` holds for
+/// each (given its state and whether it is in the boot segment) and they
+/// tile the range.
+fn pieces(inner: &Inner, range: &Range<u64>, ok: impl Fn(State, bool) -> bool) -> Option<Vec<(usize, Range<u64>)>> {
     if range.start >= range.end || range.end - range.start > MAX_PEER_RANGE {
         return None;
     }
@@ -142,7 +255,7 @@ fn pieces(inner: &Inner, range: &Range<u64>) -> Option<Vec<(usize, Range<u64>)>>
         if at >= range.end {
             break;
         }
-        if e.stored.start > at || state[pos] != State::Present {
+        if e.stored.start > at || !ok(state[pos], e.segment == Segment::Boot) {
             return None;
         }
         let end = e.stored.end.min(range.end);

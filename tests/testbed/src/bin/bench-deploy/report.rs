@@ -75,9 +75,9 @@ pub fn table(results: &[Deployment]) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| link | VMs/node | method | time to last marker: median (min-max) | ratio to local | store MB | peer MB | fetched MB: prefetch / demand / background | guest reads waited |"
+        "| link | VMs/node | method | time to last marker: median (min-max) | ratio to local | store MB | peer MB | nodes MB | fetched MB: prefetch / demand / background | guest reads waited |"
     );
-    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|---|");
     for k in settings(results) {
         let local = med(&of(results, k, Method::Local), |d| d.seconds);
         for m in Method::ALL {
@@ -94,13 +94,14 @@ pub fn table(results: &[Deployment]) -> String {
             };
             let _ = writeln!(
                 t,
-                "| {} Mbit/s, {} ms | {} | {m} | {secs:.1} s ({min:.1}-{max:.1}) | {:.2} | {:.1} | {:.1} | {split} |",
+                "| {} Mbit/s, {} ms | {} | {m} | {secs:.1} s ({min:.1}-{max:.1}) | {:.2} | {:.1} | {:.1} | {:.1} | {split} |",
                 k.0,
                 k.1,
                 k.2,
                 secs / local,
                 med(&ds, |d| d.store_bytes as f64 / 1e6),
                 med(&ds, |d| d.peer_bytes as f64 / 1e6),
+                med(&ds, |d| d.node_bytes as f64 / 1e6),
             );
         }
     }

@@ -21,7 +21,8 @@ pub enum Method {
     Nbd,
     /// QEMU's curl block driver on the raw image over HTTP, with its read-ahead.
     Curl,
-    /// bootcache from the store.
+    /// bootcache from the store, the second node taking the boot stream
+    /// from the first as it arrives (a relay: the store sends it once).
     Bootcache,
     /// bootcache with a peer that already caches the image.
     BootcachePeer,
@@ -133,6 +134,10 @@ pub struct Deployment {
     pub store_bytes: u64,
     /// Bytes the peer host sent until the last marker.
     pub peer_bytes: u64,
+    /// Bytes the compute nodes sent until the last marker (what they
+    /// relayed to each other, and their requests).
+    #[serde(default)]
+    pub node_bytes: u64,
     /// For bootcache methods: the nodes' counters, sampled.
     pub timeline: Vec<Sample>,
 }
@@ -164,20 +169,28 @@ pub fn deploy(tb: &Testbed, s: &Setup, arm: Arm<'_>, link: Link, vms: usize, run
             let background = if method == Method::TraceOrder { "off".to_owned() } else { s.background.clone() };
             extra.extend(["--background".to_owned(), background]);
             let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-            let node = NodeProc::start_in(&s.bootcache, Some(&tb.host(n).netns), None, &dir.join(n).join("cache"), &dir.join(n), &extra)?;
+            let host = tb.host(n);
+            let addr = host.addr.to_string();
+            let node = NodeProc::start_in(&s.bootcache, Some(&host.netns), Some(&addr), &dir.join(n).join("cache"), &dir.join(n), &extra)?;
             nodes.push(node);
         }
     }
-    let (store0, peer0) = (tb.tx_bytes("store")?, tb.tx_bytes("peer")?);
+    let node_tx = || -> anyhow::Result<u64> { NODES.iter().map(|n| tb.tx_bytes(n)).sum() };
+    let (store0, peer0, nodes0) = (tb.tx_bytes("store")?, tb.tx_bytes("peer")?, node_tx()?);
     let start = Instant::now();
-    // Both nodes deploy at once.
+    // The nodes open the image one after the other (a node relays to the
+    // next only once it has the image open), then deploy at once.
+    let mut backings = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        backings.push(Some(open_on_node(s, arm, node, &nodes[..i])?));
+    }
     let prepared: Vec<anyhow::Result<Vec<(PathBuf, Killed)>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = NODES
             .iter()
             .enumerate()
             .map(|(i, n)| {
-                let (dir, node) = (dir.join(n), nodes.get(i));
-                scope.spawn(move || deploy_node(tb, s, arm, n, &dir, node, vms))
+                let (dir, backing) = (dir.join(n), backings.get(i).cloned().flatten());
+                scope.spawn(move || deploy_node(tb, s, arm, n, &dir, backing, vms))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("deploy thread panicked")))).collect()
@@ -210,7 +223,7 @@ pub fn deploy(tb: &Testbed, s: &Setup, arm: Arm<'_>, link: Link, vms: usize, run
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let (store_bytes, peer_bytes) = (tb.tx_bytes("store")? - store0, tb.tx_bytes("peer")? - peer0);
+    let (store_bytes, peer_bytes, node_bytes) = (tb.tx_bytes("store")? - store0, tb.tx_bytes("peer")? - peer0, node_tx()? - nodes0);
     for (i, node) in nodes.iter().enumerate() {
         timeline.extend(sample(node, NODES[i], start));
     }
@@ -229,6 +242,7 @@ pub fn deploy(tb: &Testbed, s: &Setup, arm: Arm<'_>, link: Link, vms: usize, run
         vm_seconds,
         store_bytes,
         peer_bytes,
+        node_bytes,
         timeline,
     })
 }
@@ -250,19 +264,38 @@ fn sample(node: &NodeProc, name: &str, start: Instant) -> Option<Sample> {
     })
 }
 
-/// One node's part: gets the backing image ready by `method`, then starts
-/// `vms` VMs on overlays of it. Returns each VM's console and process.
+/// Opens the image on a bootcache node (`before`: the nodes that opened it
+/// already); returns the NBD URL QEMU opens.
+fn open_on_node(s: &Setup, arm: Arm<'_>, node: &NodeProc, before: &[NodeProc]) -> anyhow::Result<String> {
+    let image = match arm {
+        Arm { method: Method::TraceOrder, .. } => "plain.bcimg".to_owned(),
+        Arm { variant: Some(v), .. } => format!("variant-{v}.bcimg"),
+        _ => "guest.bcimg".to_owned(),
+    };
+    let peers: Vec<String> = match arm.method {
+        Method::BootcachePeer => vec![s.peer_url.clone()],
+        // The store sends the boot stream once: each node relays from the one before.
+        Method::Bootcache => before.last().map(|n| format!("http://{}", n.api)).into_iter().collect(),
+        _ => vec![],
+    };
+    let opened = node.open("guest", &format!("{}/{image}", s.store_url), &peers)?;
+    Ok(opened["nbd_url"].as_str().context("no nbd_url")?.to_owned())
+}
+
+/// One node's part: gets the backing image ready by `method` (bootcache
+/// methods: `backing`, opened on the node), then starts `vms` VMs on
+/// overlays of it. Returns each VM's console and process.
 fn deploy_node(
     tb: &Testbed,
     s: &Setup,
     arm: Arm<'_>,
     host: &str,
     dir: &Path,
-    node: Option<&NodeProc>,
+    backing: Option<String>,
     vms: usize,
 ) -> anyhow::Result<Vec<(PathBuf, Killed)>> {
     std::fs::create_dir_all(dir)?;
-    let Arm { method, variant } = arm;
+    let method = arm.method;
     let netns = tb.host(host).netns.clone();
     let size = std::fs::metadata(&s.image)?.len();
     let (backing, format) = match method {
@@ -283,15 +316,7 @@ fn deploy_node(
         Method::Nbd => (s.nbd_url.clone(), "raw"),
         Method::Curl => (format!(r#"json:{{"file.driver":"http","file.url":"{}/guest.raw"}}"#, s.store_url), "raw"),
         Method::Bootcache | Method::BootcachePeer | Method::OnDemand | Method::TraceOrder => {
-            let node = node.context("no node daemon")?;
-            let image = match (method, variant) {
-                (Method::TraceOrder, _) => "plain.bcimg".to_owned(),
-                (_, Some(v)) => format!("variant-{v}.bcimg"),
-                _ => "guest.bcimg".to_owned(),
-            };
-            let peers = if method == Method::BootcachePeer { vec![s.peer_url.clone()] } else { vec![] };
-            let opened = node.open("guest", &format!("{}/{image}", s.store_url), &peers)?;
-            (opened["nbd_url"].as_str().context("no nbd_url")?.to_owned(), "raw")
+            (backing.context("the image is not open on the node")?, "raw")
         }
     };
     let mut out = Vec::new();
