@@ -74,7 +74,9 @@ pub struct CacheArgs {
     /// Another node to fetch extents from before the store: the base URL of
     /// its node API (`bootcache node serve --api`), e.g. http://10.0.0.2:7000.
     /// Repeatable. Its bytes are verified like the store's; what it lacks
-    /// comes from the store.
+    /// comes from the store. A peer still fetching the same boot segment
+    /// relays it as it arrives (chain nodes that deploy at once: each names
+    /// the one before it).
     #[arg(long, value_name = "URL")]
     peer: Vec<String>,
     /// What to fetch before the guest asks: `boot` (the boot segment, in

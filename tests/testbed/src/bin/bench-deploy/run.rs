@@ -24,7 +24,8 @@ pub enum Method {
     /// bootcache from the store, the second node taking the boot stream
     /// from the first as it arrives (a relay: the store sends it once).
     Bootcache,
-    /// bootcache with a peer that already caches the image.
+    /// bootcache with a peer that already caches the image (the second
+    /// node relaying from the first, which asks the peer).
     BootcachePeer,
     /// Ablation: bootcache without any prefetch (guest misses only).
     OnDemand,
@@ -272,10 +273,12 @@ fn open_on_node(s: &Setup, arm: Arm<'_>, node: &NodeProc, before: &[NodeProc]) -
         Arm { variant: Some(v), .. } => format!("variant-{v}.bcimg"),
         _ => "guest.bcimg".to_owned(),
     };
+    // Each node relays the boot stream to the next (so the store, or the
+    // caching peer, sends it once); the first asks the caching peer, if any.
+    let relay = before.last().map(|n| format!("http://{}", n.api));
     let peers: Vec<String> = match arm.method {
-        Method::BootcachePeer => vec![s.peer_url.clone()],
-        // The store sends the boot stream once: each node relays from the one before.
-        Method::Bootcache => before.last().map(|n| format!("http://{}", n.api)).into_iter().collect(),
+        Method::BootcachePeer => relay.into_iter().chain([s.peer_url.clone()]).collect(),
+        Method::Bootcache => relay.into_iter().collect(),
         _ => vec![],
     };
     let opened = node.open("guest", &format!("{}/{image}", s.store_url), &peers)?;
