@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bootcache_deployer::cache::{Background, NodeCache};
+use bootcache_deployer::cache::{Background, NodeCache, Prefetch};
 use bootcache_deployer::node::Node;
 use bootcache_format::{Encoding, Image, Segment};
 use common::{Fixture, fixture, image, options, wait_for};
@@ -171,18 +171,33 @@ async fn slow_proxy(upstream: std::net::SocketAddr, rate: u64) -> std::net::Sock
     addr
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_relays_its_boot_stream_while_it_arrives_and_the_store_sends_it_once() {
+/// Node A fetches by `prefetch` over a slow link to the store; node B,
+/// opened just after A with A as its peer, has a fast link to the store and
+/// would take the prefetch from it at once if A did not relay what is still
+/// on its way. Checks that the store sends the prefetched bytes once.
+async fn relay_case(prefetch: Prefetch) {
     let fx = fixture().await;
     let img = image(&fx.container);
-    let boot = stored_bytes(&img, Some(Segment::Boot));
-    // Node A reaches the store over a slow link: its boot segment takes
-    // about two seconds; B, opened just after A with A as its peer, has a
-    // fast link to the store and would take the boot segment from it at once
-    // if A did not relay what is still on its way.
+    let entries = img.index().entries();
+    let wanted: u64 = match &prefetch {
+        Prefetch::Ranges(ranges) => {
+            let mut seen = vec![false; entries.len()];
+            for r in ranges {
+                let first = img.index().position(r.start);
+                let n = img.index().overlapping(r.clone()).len();
+                seen[first..first + n].fill(true);
+            }
+            (0..entries.len()).filter(|&i| seen[i]).map(|i| entries[i].stored_len()).sum()
+        }
+        _ => stored_bytes(&img, Some(Segment::Boot)),
+    };
     let store: std::net::SocketAddr = fx.url.trim_start_matches("http://").split('/').next().unwrap().parse().unwrap();
-    let slow_url = fx.url.replace(&store.to_string(), &slow_proxy(store, boot / 2).await.to_string());
-    let a = Node::new(fx.dir.path().join("a.sock"), options(&fx.dir.path().join("a"), Background::Off));
+    // About a second for A's prefetch (and for its largest extent, 1 MiB of
+    // random bytes, less than the relay's wait).
+    let slow_url = fx.url.replace(&store.to_string(), &slow_proxy(store, wanted).await.to_string());
+    let mut a_opts = options(&fx.dir.path().join("a"), Background::Off);
+    a_opts.prefetch = prefetch.clone();
+    let a = Node::new(fx.dir.path().join("a.sock"), a_opts);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a_api = format!("http://{}", listener.local_addr().unwrap());
     let router = a.api();
@@ -193,21 +208,23 @@ async fn a_node_relays_its_boot_stream_while_it_arrives_and_the_store_sends_it_o
 
     let mut opts = options(&fx.dir.path().join("b"), Background::Off);
     opts.peers = vec![a_api.clone()];
+    opts.prefetch = prefetch;
     let b = NodeCache::open(&fx.url, opts).await.unwrap();
-    assert!(a_cache.metrics().boot_prefetch_bytes < boot, "A still fetching when B starts");
-    wait_for("node B's boot segment", || b.metrics().boot_prefetch_bytes == boot).await;
+    assert!(a_cache.metrics().boot_prefetch_bytes < wanted, "A still fetching when B starts");
+    wait_for("node B's prefetch", || b.metrics().boot_prefetch_bytes == wanted).await;
     let from_store = fx.stats.body_bytes.load(Ordering::Relaxed) - before;
     let m = b.metrics();
-    assert_eq!(m.peer_bytes, boot, "B's boot segment came from A: {m:?}");
-    assert_eq!(from_store, 2 * structure(&img) + boot, "the store sent the boot segment once: {m:?}");
-    assert_eq!(a_cache.metrics().served_to_peers_bytes, boot);
+    assert_eq!(m.peer_bytes, wanted, "B's prefetch came from A: {m:?}");
+    assert_eq!(from_store, 2 * structure(&img) + wanted, "the store sent the prefetch once: {m:?}");
+    assert_eq!(a_cache.metrics().served_to_peers_bytes, wanted);
 
     // A relays only what it is fetching: with Prefer: wait, a range of the
-    // rest (A streams no background) is still refused at once.
-    let rest = img.header().rest.clone();
+    // rest that its prefetch leaves out (A streams no background) is still
+    // refused at once.
+    let outside = entries.iter().find(|e| e.segment == Segment::Rest && e.stored_len() > 0).unwrap();
     let status = reqwest::Client::new()
         .get(format!("{a_api}/peer/{root}"))
-        .header("range", format!("bytes={}-{}", rest.start, rest.start + 99))
+        .header("range", format!("bytes={}-{}", outside.stored.start, outside.stored.end - 1))
         .header("prefer", "wait=5")
         .send()
         .await
@@ -215,6 +232,17 @@ async fn a_node_relays_its_boot_stream_while_it_arrives_and_the_store_sends_it_o
         .status();
     assert_eq!(status, 404, "nothing on its way: refused");
     assert_reads_model(&b, &fx).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_relays_its_boot_stream_while_it_arrives_and_the_store_sends_it_once() {
+    relay_case(Prefetch::BootSegment).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_relays_a_trace_order_prefetch_while_it_arrives() {
+    let fx_reads = [(41u64 << 20, 1u64 << 20), (10 << 20, 512 << 10)];
+    relay_case(Prefetch::Ranges(fx_reads.iter().map(|&(o, l)| o..o + l).collect())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -192,25 +192,32 @@ async fn wait_for_quiet(inner: &Inner) {
     }
 }
 
-/// The extents holding `ranges`, in the order of the ranges; neighbours in
-/// both that order and the file go in one request.
-async fn stream_ranges(inner: &Arc<Inner>, ranges: &[std::ops::Range<u64>]) {
-    let entries = inner.index.entries();
+/// The extents with stored bytes that hold the guest `ranges` (on a disk of
+/// `size` bytes), each once, in the order of the ranges.
+pub(super) fn extents_of(index: &Index, size: u64, ranges: &[std::ops::Range<u64>]) -> Vec<usize> {
+    let entries = index.entries();
     let mut seen = vec![false; entries.len()];
     let mut order = Vec::new();
     for r in ranges {
-        let end = r.end.min(inner.header.virtual_size);
+        let end = r.end.min(size);
         if r.start >= end {
             continue;
         }
-        let first = inner.index.position(r.start);
-        for pos in first..first + inner.index.overlapping(r.start..end).len() {
+        let first = index.position(r.start);
+        for pos in first..first + index.overlapping(r.start..end).len() {
             if !seen[pos] && entries[pos].stored_len() > 0 {
                 seen[pos] = true;
                 order.push(pos);
             }
         }
     }
+    order
+}
+
+/// The extents holding `ranges`, in the order of the ranges; neighbours in
+/// both that order and the file go in one request.
+async fn stream_ranges(inner: &Arc<Inner>, ranges: &[std::ops::Range<u64>]) {
+    let order = extents_of(&inner.index, inner.header.virtual_size, ranges);
     for run in runs_in_order(&inner.index, order, MAX_RUN) {
         // What arrived meanwhile (on demand) is not fetched again; what is
         // left of the run is still contiguous pieces in the same order.

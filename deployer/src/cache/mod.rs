@@ -171,6 +171,8 @@ struct Inner {
     stored: File,
     /// Positions of extents with stored bytes, in container order.
     by_stored: Vec<usize>,
+    /// Extents the prefetch fetches: what a relay waits for while absent.
+    prefetched: Vec<bool>,
     peers: Vec<peer::Peer>,
     state: Mutex<Vec<State>>,
     changed: Notify,

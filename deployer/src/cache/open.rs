@@ -6,12 +6,12 @@ use std::io;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-use bootcache_format::{Encoding, HEADER_SIZE, Header, Image, ReadAt};
+use bootcache_format::{Encoding, HEADER_SIZE, Header, Image, ReadAt, Segment};
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc};
 
 use super::presence::Journal;
-use super::{CacheError, CacheOptions, Inner, NodeCache, State, fetch, peer};
+use super::{CacheError, CacheOptions, Inner, NodeCache, Prefetch, State, fetch, peer};
 use crate::metrics::Metrics;
 use crate::remote::Remote;
 
@@ -113,6 +113,15 @@ pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts
     let mut by_stored: Vec<usize> = (0..index.entries().len()).filter(|&i| index.entries()[i].stored_len() > 0).collect();
     by_stored.sort_by_key(|&i| index.entries()[i].stored.start);
     let root = image.root_digest_hex();
+    let mut prefetched: Vec<bool> = match &opts.prefetch {
+        Prefetch::BootSegment => index.entries().iter().map(|e| e.segment == Segment::Boot).collect(),
+        Prefetch::Off | Prefetch::Ranges(_) => vec![false; index.entries().len()],
+    };
+    if let Prefetch::Ranges(ranges) = &opts.prefetch {
+        for pos in fetch::extents_of(&index, header.virtual_size, ranges) {
+            prefetched[pos] = true;
+        }
+    }
     let peers = opts.peers.iter().map(|base| peer::Peer::new(base, &root, remote.len(), opts.retry)).collect();
 
     let mut state: Vec<State> =
@@ -135,6 +144,7 @@ pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts
         data,
         stored,
         by_stored,
+        prefetched,
         peers,
         state: Mutex::new(state),
         changed: Notify::new(),

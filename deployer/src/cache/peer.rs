@@ -9,8 +9,8 @@
 //! left alone for a while, and one whose bytes fail their digest for good.
 //!
 //! A node also relays what it is still fetching: asked with `Prefer: wait=N`
-//! (by another node's boot stream), it answers for the boot extents its own
-//! boot stream has yet to fetch and sends each as soon as it is verified
+//! (by another node's boot stream), it answers for the extents its own
+//! prefetch has yet to fetch and sends each as soon as it is verified
 //! here, so nodes that boot the same image at once can take the store's
 //! bytes from each other instead of each sharing the store's link. A relay
 //! that stalls for `N` seconds ends its answer early and is paused like a
@@ -24,11 +24,11 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use bootcache_format::{Encoding, Segment};
+use bootcache_format::Encoding;
 use bytes::Bytes;
 use futures_util::Stream;
 
-use super::{Inner, NodeCache, Prefetch, State};
+use super::{Inner, NodeCache, State};
 use crate::metrics::Metrics;
 use crate::remote::{Remote, RetryPolicy};
 
@@ -179,17 +179,16 @@ impl NodeCache {
 
     /// The container's bytes in `range` as a stream, one item per extent:
     /// the relaying form of [`NodeCache::read_stored`]. Extents present here
-    /// are sent at once; extents being fetched, and boot extents this
-    /// cache's boot stream has yet to fetch, are sent as soon as they are
-    /// verified here. An extent that does not arrive within `wait`, or fails
+    /// are sent at once; extents being fetched, and extents this cache's
+    /// prefetch (the boot stream, or a trace's ranges) has yet to fetch, are
+    /// sent as soon as they are verified here. An extent that does not arrive within `wait`, or fails
     /// its digest, ends the stream with an error. `None` (nothing to wait
     /// for) when some extent in the range is neither here nor on its way.
     pub fn stream_stored(&self, range: Range<u64>, wait: Duration) -> Option<impl Stream<Item = io::Result<Bytes>> + Send + use<>> {
         let inner = std::sync::Arc::clone(&self.inner);
-        let streams_boot = inner.opts.prefetch == Prefetch::BootSegment;
-        let pieces = pieces(&inner, &range, |s, boot| match s {
+        let pieces = pieces(&inner, &range, |s, pos| match s {
             State::Present | State::Fetching => true,
-            State::Absent => boot && streams_boot,
+            State::Absent => inner.prefetched[pos],
             State::Bad => false,
         })?;
         let wait = wait.min(MAX_RELAY_WAIT);
@@ -239,9 +238,8 @@ async fn relay_one(inner: &std::sync::Arc<Inner>, pos: usize, within: Range<u64>
 
 /// The extents that make up `range`, each with the part of its stored bytes
 /// (relative to its start) inside the range; `None` unless `ok` holds for
-/// each (given its state and whether it is in the boot segment) and they
-/// tile the range.
-fn pieces(inner: &Inner, range: &Range<u64>, ok: impl Fn(State, bool) -> bool) -> Option<Vec<(usize, Range<u64>)>> {
+/// each (given its state and position) and they tile the range.
+fn pieces(inner: &Inner, range: &Range<u64>, ok: impl Fn(State, usize) -> bool) -> Option<Vec<(usize, Range<u64>)>> {
     if range.start >= range.end || range.end - range.start > MAX_PEER_RANGE {
         return None;
     }
@@ -255,7 +253,7 @@ fn pieces(inner: &Inner, range: &Range<u64>, ok: impl Fn(State, bool) -> bool) -
         if at >= range.end {
             break;
         }
-        if e.stored.start > at || !ok(state[pos], e.segment == Segment::Boot) {
+        if e.stored.start > at || !ok(state[pos], pos) {
             return None;
         }
         let end = e.stored.end.min(range.end);

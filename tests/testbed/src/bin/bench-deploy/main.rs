@@ -10,6 +10,7 @@
 //! Writes `results.json` (every deployment), `table.md` and PNG plots to
 //! `--out`, and prints the table.
 
+mod limit;
 mod report;
 mod run;
 
@@ -86,7 +87,9 @@ struct Args {
     /// prefetch (`full`, `off`, or a rate such as `4M`).
     #[arg(long, default_value = "full")]
     background: String,
-    /// Only write the table and plots for an earlier run's results.json.
+    /// Only write the table and plots for an earlier run's results.json
+    /// (the link's limit from the demand.json beside it, or from `--trace`
+    /// and `--container` when given).
     #[arg(long, value_name = "RESULTS_JSON")]
     from_results: Option<PathBuf>,
     /// More QEMU arguments for every VM (repeat; e.g. `--vm-arg=-smp
@@ -109,8 +112,8 @@ fn parse_link(s: &str) -> anyhow::Result<Link> {
     Ok(Link::new(rate.parse().with_context(|| format!("link rate {rate:?}"))?, rtt.parse().with_context(|| format!("link RTT {rtt:?}"))?))
 }
 
-fn report_all(results: &[Deployment], out: &std::path::Path) -> anyhow::Result<()> {
-    let table = report::table(results);
+fn report_all(results: &[Deployment], demand: Option<&limit::Demand>, out: &std::path::Path) -> anyhow::Result<()> {
+    let table = report::table(results, demand);
     std::fs::write(out.join("table.md"), &table)?;
     print!("{table}");
     report::plots(results, out)
@@ -122,7 +125,16 @@ fn main() -> anyhow::Result<()> {
     if let Some(path) = &args.from_results {
         let results: Vec<Deployment> =
             serde_json::from_slice(&std::fs::read(path)?).with_context(|| format!("reading {}", path.display()))?;
-        return report_all(&results, &args.out);
+        // The boot's demand: from --trace and --container if given, else
+        // saved beside the results.
+        let demand = match (&args.trace, &args.container) {
+            (Some(t), Some(c)) => Some(limit::Demand::of(t, c)?),
+            _ => std::fs::read(path.with_file_name("demand.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()),
+        };
+        if let Some(d) = &demand {
+            std::fs::write(args.out.join("demand.json"), serde_json::to_string(d)?)?;
+        }
+        return report_all(&results, demand.as_ref(), &args.out);
     }
     let need = |p: &Option<PathBuf>, what: &str| -> anyhow::Result<PathBuf> {
         let p = p.clone().with_context(|| format!("--{what} is needed"))?;
@@ -134,6 +146,8 @@ fn main() -> anyhow::Result<()> {
     let (bootcache, image, qcow2) = (need(&args.bootcache, "bootcache")?, need(&args.image, "image")?, need(&args.qcow2, "qcow2")?);
     let (container, plain, trace) =
         (need(&args.container, "container")?, need(&args.plain_container, "plain-container")?, need(&args.trace, "trace")?);
+    let demand = limit::Demand::of(&trace, &container)?;
+    std::fs::write(args.out.join("demand.json"), serde_json::to_string(&demand)?)?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, std::sync::Arc::clone(&stop))?;
@@ -248,7 +262,7 @@ fn main() -> anyhow::Result<()> {
     drop(peer);
     tb.unshape();
     if !results.is_empty() {
-        report_all(&results, &args.out)?;
+        report_all(&results, Some(&demand), &args.out)?;
     }
     if let Some(e) = failure {
         return Err(e);

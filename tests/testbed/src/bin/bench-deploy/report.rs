@@ -7,6 +7,7 @@ use anyhow::Context;
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
+use crate::limit::Demand;
 use crate::run::{Deployment, Method};
 
 fn median(v: &mut [f64]) -> f64 {
@@ -71,7 +72,7 @@ fn fetched(d: &Deployment) -> (f64, f64, f64, f64, f64) {
 }
 
 /// The Markdown table and the goals, each as a ratio from the same run.
-pub fn table(results: &[Deployment]) -> String {
+pub fn table(results: &[Deployment], demand: Option<&Demand>) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
@@ -94,19 +95,32 @@ pub fn table(results: &[Deployment]) -> String {
             };
             let _ = writeln!(
                 t,
-                "| {} Mbit/s, {} ms | {} | {m} | {secs:.1} s ({min:.1}-{max:.1}) | {:.2} | {:.1} | {:.1} | {:.1} | {split} |",
+                "| {} Mbit/s, {} ms | {} | {m} | {secs:.1} s ({min:.1}-{max:.1}) | {} | {:.1} | {:.1} | {:.1} | {split} |",
                 k.0,
                 k.1,
                 k.2,
-                secs / local,
+                if local.is_finite() { format!("{:.2}", secs / local) } else { "(no local run)".to_owned() },
                 med(&ds, |d| d.store_bytes as f64 / 1e6),
                 med(&ds, |d| d.peer_bytes as f64 / 1e6),
                 med(&ds, |d| d.node_bytes as f64 / 1e6),
             );
+            if let Some(stall) = demand.map(|d| d.least_stall(f64::from(k.0)))
+                && m == Method::Local
+            {
+                let _ = writeln!(
+                    t,
+                    "| {} Mbit/s, {} ms | {} | limit: local + {stall:.2} s, the least wait at the link's rate | {:.1} s | {:.2} | | | | | |",
+                    k.0,
+                    k.1,
+                    k.2,
+                    local + stall,
+                    (local + stall) / local,
+                );
+            }
         }
     }
     t.push('\n');
-    t.push_str(&goals(results));
+    t.push_str(&goals(results, demand));
     if results.iter().any(|d| d.variant.is_some()) {
         t.push('\n');
         t.push_str(&variants(results));
@@ -155,7 +169,7 @@ fn variants(results: &[Deployment]) -> String {
     t
 }
 
-fn goals(results: &[Deployment]) -> String {
+fn goals(results: &[Deployment], demand: Option<&Demand>) -> String {
     let mut g = String::from("Goals (ratios of medians from this run):\n\n");
     for k in settings(results) {
         let time = |m| med(&of(results, k, m), |d| d.seconds);
@@ -166,6 +180,16 @@ fn goals(results: &[Deployment]) -> String {
         if bc.is_finite() && time(Method::Local).is_finite() {
             let r = bc / time(Method::Local);
             let _ = writeln!(g, "- {link}: bootcache / local = {r:.3} (goal <= 1.10: {})", verdict(r <= 1.10));
+            if let Some(stall) = demand.map(|d| d.least_stall(f64::from(k.0))) {
+                let limit = time(Method::Local) + stall;
+                let _ = writeln!(
+                    g,
+                    "- {link}: the link's limit = local + {stall:.2} s = {:.3} x local (the boot needs {:.1} MB of the boot segment within its first second); bootcache / limit = {:.3}",
+                    limit / time(Method::Local),
+                    demand.map_or(0.0, |d| d.needed_by(1.0) as f64 / 1e6),
+                    bc / limit
+                );
+            }
         }
         if k.0 == 100 {
             for m in [Method::FullCopy, Method::Nbd, Method::Curl] {

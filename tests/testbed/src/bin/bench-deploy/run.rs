@@ -22,7 +22,8 @@ pub enum Method {
     /// QEMU's curl block driver on the raw image over HTTP, with its read-ahead.
     Curl,
     /// bootcache from the store, the second node taking the boot stream
-    /// from the first as it arrives (a relay: the store sends it once).
+    /// from the first as it arrives (a relay: the store sends it once; the
+    /// ablations below relay alike).
     Bootcache,
     /// bootcache with a peer that already caches the image (the second
     /// node relaying from the first, which asks the peer).
@@ -273,13 +274,12 @@ fn open_on_node(s: &Setup, arm: Arm<'_>, node: &NodeProc, before: &[NodeProc]) -
         Arm { variant: Some(v), .. } => format!("variant-{v}.bcimg"),
         _ => "guest.bcimg".to_owned(),
     };
-    // Each node relays the boot stream to the next (so the store, or the
+    // Each node relays its prefetch to the next (so the store, or the
     // caching peer, sends it once); the first asks the caching peer, if any.
     let relay = before.last().map(|n| format!("http://{}", n.api));
     let peers: Vec<String> = match arm.method {
         Method::BootcachePeer => relay.into_iter().chain([s.peer_url.clone()]).collect(),
-        Method::Bootcache => relay.into_iter().collect(),
-        _ => vec![],
+        _ => relay.into_iter().collect(),
     };
     let opened = node.open("guest", &format!("{}/{image}", s.store_url), &peers)?;
     Ok(opened["nbd_url"].as_str().context("no nbd_url")?.to_owned())
