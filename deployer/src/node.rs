@@ -11,8 +11,8 @@
 //! HEAD   /peer/{root}     -> the container's length, ETag = root digest
 //! GET    /peer/{root}     -> with Range: the container's bytes, when every
 //!                            extent in the range is cached here (else 404);
-//!                            with `Prefer: wait=N` also boot extents still
-//!                            on their way here, sent as they arrive
+//!                            with `Prefer: wait=N` also extents this node's
+//!                            prefetch is still fetching, sent as they arrive
 //! ```
 //!
 //! `peers` (optional) are other nodes' APIs to fetch from before the store,

@@ -153,24 +153,13 @@ impl Remote {
 
     /// Starts a streamed fetch of `range` (one attempt; the caller resumes
     /// from where a broken stream stopped). Chunks arrive as the network
-    /// delivers them.
+    /// delivers them. With `wait`, asks the server to wait up to that long
+    /// for bytes it is itself still receiving (`Prefer: wait=N`, RFC 7240):
+    /// what a node relaying its prefetch to another honours.
     ///
     /// # Errors
     /// See [`RemoteError`]; an interrupted body yields an error item.
     pub async fn stream(
-        &self,
-        range: Range<u64>,
-    ) -> Result<impl futures_util::Stream<Item = Result<Bytes, reqwest::Error>> + use<>, RemoteError> {
-        self.with_retry(|| self.request(range.clone(), None)).await
-    }
-
-    /// Like [`Remote::stream`]; with `wait`, asks the server to wait up to
-    /// that long for bytes it is itself still receiving (`Prefer: wait=N`,
-    /// RFC 7240): what a node relaying its boot stream to another honours.
-    ///
-    /// # Errors
-    /// As [`Remote::stream`].
-    pub async fn stream_waiting(
         &self,
         range: Range<u64>,
         wait: Option<Duration>,

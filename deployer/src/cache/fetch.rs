@@ -329,7 +329,7 @@ async fn open_stream(
 ) -> Result<(impl futures_util::Stream<Item = Result<Bytes, reqwest::Error>> + use<>, Option<usize>), RemoteError> {
     for (i, p) in inner.peers.iter().enumerate() {
         let Some(remote) = p.remote().await else { continue };
-        match remote.stream_waiting(range.clone(), relayed.then_some(super::peer::RELAY_WAIT)).await {
+        match remote.stream(range.clone(), relayed.then_some(super::peer::RELAY_WAIT)).await {
             Ok(s) => return Ok((s, Some(i))),
             // It lacks part of the range (404): the store has it.
             Err(RemoteError::Protocol { .. }) => {}
@@ -339,7 +339,7 @@ async fn open_stream(
             }
         }
     }
-    Ok((inner.remote.stream_waiting(range, None).await?, None))
+    Ok((inner.remote.stream(range, None).await?, None))
 }
 
 /// Streams give the link to guest misses: they stop reading (and TCP slows

@@ -113,15 +113,17 @@ pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts
     let mut by_stored: Vec<usize> = (0..index.entries().len()).filter(|&i| index.entries()[i].stored_len() > 0).collect();
     by_stored.sort_by_key(|&i| index.entries()[i].stored.start);
     let root = image.root_digest_hex();
-    let mut prefetched: Vec<bool> = match &opts.prefetch {
+    let prefetched: Vec<bool> = match &opts.prefetch {
         Prefetch::BootSegment => index.entries().iter().map(|e| e.segment == Segment::Boot).collect(),
-        Prefetch::Off | Prefetch::Ranges(_) => vec![false; index.entries().len()],
-    };
-    if let Prefetch::Ranges(ranges) = &opts.prefetch {
-        for pos in fetch::extents_of(&index, header.virtual_size, ranges) {
-            prefetched[pos] = true;
+        Prefetch::Off => vec![false; index.entries().len()],
+        Prefetch::Ranges(ranges) => {
+            let mut marked = vec![false; index.entries().len()];
+            for pos in fetch::extents_of(&index, header.virtual_size, ranges) {
+                marked[pos] = true;
+            }
+            marked
         }
-    }
+    };
     let peers = opts.peers.iter().map(|base| peer::Peer::new(base, &root, remote.len(), opts.retry)).collect();
 
     let mut state: Vec<State> =

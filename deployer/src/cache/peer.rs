@@ -163,11 +163,8 @@ impl NodeCache {
             for (pos, within) in pieces {
                 let e = &inner.index.entries()[pos];
                 let to = usize::try_from(e.stored.start + within.start - range.start).map_err(io::Error::other)?;
-                let buf = &mut out[to..to + usize::try_from(within.end - within.start).map_err(io::Error::other)?];
-                match e.encoding {
-                    Encoding::Raw => inner.data.read_exact_at(buf, e.guest.start + within.start)?,
-                    _ => inner.stored.read_exact_at(buf, e.stored.start + within.start)?,
-                }
+                let len = usize::try_from(within.end - within.start).map_err(io::Error::other)?;
+                read_piece(&inner, pos, &within, &mut out[to..to + len])?;
             }
             Ok(out)
         })
@@ -181,8 +178,9 @@ impl NodeCache {
     /// the relaying form of [`NodeCache::read_stored`]. Extents present here
     /// are sent at once; extents being fetched, and extents this cache's
     /// prefetch (the boot stream, or a trace's ranges) has yet to fetch, are
-    /// sent as soon as they are verified here. An extent that does not arrive within `wait`, or fails
-    /// its digest, ends the stream with an error. `None` (nothing to wait
+    /// sent as soon as they are verified here. An extent that does not
+    /// arrive within `wait`, or fails its digest, ends the stream with an
+    /// error. `None` (nothing to wait
     /// for) when some extent in the range is neither here nor on its way.
     pub fn stream_stored(&self, range: Range<u64>, wait: Duration) -> Option<impl Stream<Item = io::Result<Bytes>> + Send + use<>> {
         let inner = std::sync::Arc::clone(&self.inner);
@@ -224,16 +222,23 @@ async fn relay_one(inner: &std::sync::Arc<Inner>, pos: usize, within: Range<u64>
     }
     let me = std::sync::Arc::clone(inner);
     tokio::task::spawn_blocking(move || {
-        let e = &me.index.entries()[pos];
         let mut buf = vec![0u8; usize::try_from(within.end - within.start).map_err(io::Error::other)?];
-        match e.encoding {
-            Encoding::Raw => me.data.read_exact_at(&mut buf, e.guest.start + within.start)?,
-            _ => me.stored.read_exact_at(&mut buf, e.stored.start + within.start)?,
-        }
+        read_piece(&me, pos, &within, &mut buf)?;
         Ok(Bytes::from(buf))
     })
     .await
     .map_err(io::Error::other)?
+}
+
+/// Reads the part `within` (relative to its start) of extent `pos`'s stored
+/// bytes into `buf`: a raw extent's from the guest data, a compressed one's
+/// from the kept stored bytes.
+fn read_piece(inner: &Inner, pos: usize, within: &Range<u64>, buf: &mut [u8]) -> io::Result<()> {
+    let e = &inner.index.entries()[pos];
+    match e.encoding {
+        Encoding::Raw => inner.data.read_exact_at(buf, e.guest.start + within.start),
+        _ => inner.stored.read_exact_at(buf, e.stored.start + within.start),
+    }
 }
 
 /// The extents that make up `range`, each with the part of its stored bytes

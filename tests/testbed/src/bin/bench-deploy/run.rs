@@ -184,14 +184,14 @@ pub fn deploy(tb: &Testbed, s: &Setup, arm: Arm<'_>, link: Link, vms: usize, run
     // next only once it has the image open), then deploy at once.
     let mut backings = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
-        backings.push(Some(open_on_node(s, arm, node, &nodes[..i])?));
+        backings.push(open_on_node(s, arm, node, &nodes[..i])?);
     }
     let prepared: Vec<anyhow::Result<Vec<(PathBuf, Killed)>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = NODES
             .iter()
             .enumerate()
             .map(|(i, n)| {
-                let (dir, backing) = (dir.join(n), backings.get(i).cloned().flatten());
+                let (dir, backing) = (dir.join(n), backings.get(i).cloned());
                 scope.spawn(move || deploy_node(tb, s, arm, n, &dir, backing, vms))
             })
             .collect();
