@@ -269,6 +269,13 @@ impl Header {
         if boot.start != index.end || rest.start != boot.end || meta.start != rest.end {
             return Err(field("boot_offset", "segments must follow each other: index, boot, rest, metadata"));
         }
+        if meta.end != file_len {
+            return Err(field("meta_length", format!("the metadata ends at {:#x} but the file goes on to {file_len:#x}", meta.end)));
+        }
+        // Extents tile the disk without overlap, each at least one byte long.
+        if raw.index_count.get() > raw.virtual_size.get() {
+            return Err(field("index_count", format!("{} extents for a disk of {} bytes", raw.index_count, raw.virtual_size)));
+        }
         if meta.end - meta.start > MAX_META_LEN {
             return Err(field("meta_length", format!("{:#x} exceeds the limit {MAX_META_LEN:#x}", meta.end - meta.start)));
         }

@@ -13,11 +13,12 @@
 //!
 //! ```no_run
 //! use std::fs::File;
-//! use bootcache_convert::{ConvertOptions, convert, qcow2::open_image};
+//! use bootcache_convert::{ConvertOptions, convert, open};
 //! use bootcache_trace::Trace;
 //!
-//! // Raw or qcow2 (with its backing chain), by the file's magic.
-//! let src = open_image("golden.qcow2".as_ref())?;
+//! // Raw or qcow2 (with its backing chain), by the file's magic; any other
+//! // format it names is refused, never read as raw.
+//! let src = open("golden.qcow2".as_ref(), None)?.source;
 //! let traces = vec![Trace::open("boot.bctrace".as_ref())?];
 //! let out = File::create("golden.bcimg")?;
 //! let opts = ConvertOptions { zstd_level: Some(3), ..Default::default() };
@@ -30,11 +31,14 @@
 
 mod image;
 mod mapped;
+mod open;
+pub mod output;
 mod pipeline;
 pub mod plan;
 pub mod qcow2;
 mod raw;
 
 pub use image::{ImageSink, ImageSource};
+pub use open::{Format, OpenError, Opened, by_magic, detect, open, open_file};
 pub use pipeline::{ConvertError, ConvertOptions, ConvertReport, convert, export, planned_bytes};
 pub use raw::{RawSink, RawSource};

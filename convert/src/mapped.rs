@@ -33,6 +33,7 @@ impl Stamp {
 pub(crate) struct MappedFile {
     file: File,
     map: Option<Mmap>,
+    len: u64,
     stamp: Stamp,
 }
 
@@ -40,11 +41,16 @@ impl MappedFile {
     /// Maps `file`; a file that cannot be mapped is still usable by `file`.
     pub(crate) fn new(file: File) -> io::Result<MappedFile> {
         let stamp = Stamp::of(&file)?;
-        // SAFETY: the mapping is read-only and private to this value; its
-        // bytes change only if another process writes the file, which
-        // `changed` detects (see the module documentation).
-        let map = if stamp.len == 0 { None } else { unsafe { Mmap::map(&file) }.ok() };
-        Ok(MappedFile { file, map, stamp })
+        // A block device's length is not in its metadata.
+        let len = crate::open::input_len(&file)?;
+        let map = match usize::try_from(len) {
+            Ok(0) | Err(_) => None,
+            // SAFETY: the mapping is read-only and private to this value; its
+            // bytes change only if another process writes the file, which
+            // `changed` detects (see the module documentation).
+            Ok(n) => unsafe { memmap2::MmapOptions::new().len(n).map(&file) }.ok(),
+        };
+        Ok(MappedFile { file, map, len, stamp })
     }
 
     pub(crate) fn file(&self) -> &File {
@@ -52,7 +58,7 @@ impl MappedFile {
     }
 
     pub(crate) fn len(&self) -> u64 {
-        self.stamp.len
+        self.len
     }
 
     /// The bytes at `range` of the file, their pages filled in one go; `None`

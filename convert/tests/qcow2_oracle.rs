@@ -8,8 +8,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use bootcache_convert::qcow2::{Qcow2Sink, open_image};
-use bootcache_convert::{ConvertOptions, RawSink, convert, export};
+use bootcache_convert::qcow2::Qcow2Sink;
+use bootcache_convert::{ConvertOptions, RawSink, convert, export, open};
 use bootcache_format::Image;
 
 fn run(program: &str, args: &[&str]) {
@@ -39,7 +39,7 @@ fn check(src: &Path, dir: &Path, what: &str) {
     let reference = dir.join("reference.raw");
     run("qemu-img", &["convert", "-O", "raw", src.to_str().unwrap(), reference.to_str().unwrap()]);
     let want = std::fs::read(&reference).unwrap();
-    let image = open_image(src).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let image = open(src, None).unwrap_or_else(|e| panic!("{what}: {e}")).source;
     assert_eq!(image.size(), want.len() as u64, "{what}: size");
     let mut got = vec![0u8; want.len()];
     for (i, chunk) in got.chunks_mut(1 << 20).enumerate() {
@@ -113,6 +113,13 @@ fn backing_chains_discards_and_zeroes() {
     run("qemu-img", &["create", "-f", "qcow2", "-b", "small.raw", "-F", "raw", over.to_str().unwrap(), "8M"]);
     run("qemu-io", &["-c", "write -P 0x77 2M 2M", over.to_str().unwrap()]);
     check(&over, d, "raw backing file");
+
+    // A qcow2 file declared raw by its overlay is read as raw bytes, as QEMU does.
+    let inner = d.join("inner.qcow2");
+    run("qemu-img", &["create", "-f", "qcow2", inner.to_str().unwrap(), "8M"]);
+    let declared = d.join("declared-raw.qcow2");
+    run("qemu-img", &["create", "-f", "qcow2", "-b", "inner.qcow2", "-F", "raw", declared.to_str().unwrap()]);
+    check(&declared, d, "qcow2 file as a raw backing file");
 }
 
 #[test]
@@ -125,6 +132,17 @@ fn a_backing_loop_is_refused() {
     run("qemu-img", &["create", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", b.to_str().unwrap()]);
     // Point a's backing file at b: a -> b -> a.
     run("qemu-img", &["rebase", "-u", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", a.to_str().unwrap()]);
-    let err = open_image(&b).map(|_| ()).unwrap_err().to_string();
+    let err = chain(&open(&b, None).map(|_| ()).unwrap_err());
     assert!(err.contains("loops"), "{err}");
+}
+
+/// An error and its causes, on one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s = format!("{s}: {c}");
+        cause = c.source();
+    }
+    s
 }

@@ -5,7 +5,8 @@
 
 use std::sync::OnceLock;
 
-use bootcache_convert::qcow2::{Qcow2, map_trace, open_image};
+use bootcache_convert::open;
+use bootcache_convert::qcow2::{Qcow2, map_trace};
 use bootcache_trace::{OffsetSpace, Record, Trace};
 use libfuzzer_sys::fuzz_target;
 
@@ -16,7 +17,7 @@ fn path() -> &'static std::path::Path {
 
 fuzz_target!(|data: &[u8]| {
     std::fs::write(path(), data).expect("write the input");
-    if let Ok(image) = open_image(path()) {
+    if let Ok(image) = open(path(), None).map(|o| o.source) {
         let size = image.size();
         let mut buf = vec![0u8; 8192];
         for off in [0, size / 2, size.saturating_sub(8192)] {

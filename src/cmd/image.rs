@@ -5,10 +5,10 @@ use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context;
-use bootcache_convert::qcow2::{Qcow2Sink, Qcow2Source};
+use anyhow::{Context, bail};
+use bootcache_convert::qcow2::Qcow2Sink;
 use bootcache_convert::{
-    ConvertOptions, ImageSink, ImageSource, RawSink, RawSource, convert as run_convert, export as run_export, planned_bytes,
+    ConvertOptions, Format, ImageSink, RawSink, convert as run_convert, export as run_export, open as open_image, output, planned_bytes,
 };
 use bootcache_format::{Encoding, Image, Segment, feature_names};
 use bootcache_trace::{OffsetSpace, Trace};
@@ -21,12 +21,24 @@ use super::progress;
 /// Source image formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SrcFormat {
-    /// qcow2 if the file starts with the qcow2 magic, raw otherwise.
+    /// By the file's magic: qcow2 is read, other known formats (VMDK, VHD,
+    /// VHDX, VDI, QED, LUKS, compressed files, bootcache containers) are
+    /// refused by name, a file with no known magic is raw.
     Auto,
-    /// A raw disk image.
+    /// A raw disk image, whatever its first bytes.
     Raw,
     /// A qcow2 image (v2 or v3; zlib or zstd clusters; backing chains).
     Qcow2,
+}
+
+impl SrcFormat {
+    fn wanted(self) -> Option<Format> {
+        match self {
+            SrcFormat::Auto => None,
+            SrcFormat::Raw => Some(Format::Raw),
+            SrcFormat::Qcow2 => Some(Format::Qcow2),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -56,16 +68,9 @@ pub struct ConvertArgs {
 }
 
 pub fn convert(args: &ConvertArgs) -> anyhow::Result<ExitCode> {
-    let is_qcow2 = match args.src_format {
-        SrcFormat::Raw => false,
-        SrcFormat::Qcow2 => true,
-        SrcFormat::Auto => bootcache_convert::qcow2::Qcow2::open(&args.src).is_ok(),
-    };
-    let src: Box<dyn ImageSource> = if is_qcow2 {
-        Box::new(Qcow2Source::open(&args.src).with_context(|| format!("opening {} as qcow2", args.src.display()))?)
-    } else {
-        Box::new(RawSource::open(&args.src).with_context(|| format!("opening source {}", args.src.display()))?)
-    };
+    let opened = open_image(&args.src, args.src_format.wanted()).context("opening the source image")?;
+    let is_qcow2 = opened.format == Format::Qcow2;
+    let src = opened.source;
     let mut traces = Vec::with_capacity(args.traces.len());
     for p in &args.traces {
         let t = Trace::open(p).with_context(|| format!("reading trace {}", p.display()))?;
@@ -80,18 +85,15 @@ pub fn convert(args: &ConvertArgs) -> anyhow::Result<ExitCode> {
     };
     // Written beside the destination and renamed over it only when complete:
     // a failed conversion leaves no half file and keeps an older one intact.
-    let dir = args.dst.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new()
-        .prefix(".bootcache-convert")
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666)) // less the umask, like a created file
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a file in {}", dir.display()))?;
+    let mut inputs: Vec<&Path> = opened.files.iter().map(PathBuf::as_path).collect();
+    inputs.extend(args.traces.iter().map(PathBuf::as_path));
+    let (file, staged) = output::stage(&args.dst, &inputs)?;
     let bar = progress::bytes(planned_bytes(src.as_ref())?, "convert", args.quiet);
-    let (out, report) = run_convert(src.as_ref(), &traces, BufWriter::with_capacity(64 << 10, tmp), &opts, &|n| bar.inc(n))
+    let (out, report) = run_convert(src.as_ref(), &traces, BufWriter::with_capacity(64 << 10, file), &opts, &|n| bar.inc(n))
         .with_context(|| format!("converting {}", args.src.display()))?;
     bar.finish_and_clear();
-    let tmp = out.into_inner().map_err(std::io::IntoInnerError::into_error).context("writing the container")?;
-    tmp.persist(&args.dst).with_context(|| format!("moving the container to {}", args.dst.display()))?;
+    let file = out.into_inner().map_err(std::io::IntoInnerError::into_error).context("writing the container")?;
+    staged.commit(&file)?;
     if args.output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -106,8 +108,13 @@ pub fn convert(args: &ConvertArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Opens a bootcache container (a regular file; another format is named).
 fn open(path: &Path) -> anyhow::Result<Image<File>> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let format = bootcache_convert::detect(path)?;
+    if format != Format::Bootcache {
+        bail!("{} is not a bootcache image: its magic says {format}", path.display());
+    }
+    let file = bootcache_convert::open_file(path)?;
     Image::open(file).with_context(|| format!("{} is not a valid bootcache image", path.display()))
 }
 
@@ -123,13 +130,18 @@ pub enum DstFormat {
 pub fn export(src: &Path, dst: &Path, format: DstFormat, quiet: bool) -> anyhow::Result<ExitCode> {
     let image = open(src)?;
     let size = image.virtual_size();
+    // Written aside and renamed only once every extent verified: a bad
+    // container never destroys a good older output.
+    let (file, staged) = output::stage(dst, &[src])?;
+    let keep = file.try_clone().context("duplicating the output's descriptor")?;
     let sink: Box<dyn ImageSink> = match format {
-        DstFormat::Raw => Box::new(RawSink::create(dst, size).with_context(|| format!("creating {}", dst.display()))?),
-        DstFormat::Qcow2 => Box::new(Qcow2Sink::create(dst, size).with_context(|| format!("creating {}", dst.display()))?),
+        DstFormat::Raw => Box::new(RawSink::new(file, size).with_context(|| format!("creating {}", dst.display()))?),
+        DstFormat::Qcow2 => Box::new(Qcow2Sink::new(file, size).with_context(|| format!("creating {}", dst.display()))?),
     };
     let bar = progress::bytes(image.index().entries().iter().map(|e| e.guest_len()).sum(), "export", quiet);
     run_export(&image, sink, &|n| bar.inc(n)).with_context(|| format!("exporting {}", src.display()))?;
     bar.finish_and_clear();
+    staged.commit(&keep)?;
     eprintln!("wrote {} ({} bytes)", dst.display(), image.virtual_size());
     Ok(ExitCode::SUCCESS)
 }

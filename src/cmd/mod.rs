@@ -91,6 +91,14 @@ enum Command {
     },
 }
 
+impl Cli {
+    /// Whether the command only reads files and writes reports or files (no
+    /// sockets, no child processes): a broken pipe on stdout may end it.
+    pub fn writes_reports_only(&self) -> bool {
+        !matches!(self.command, Command::Record(_) | Command::Store(_) | Command::Node(_) | Command::Boot(_))
+    }
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {

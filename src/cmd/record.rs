@@ -1,8 +1,6 @@
 //! `bootcache record`: trace a VM boot (or any process) with the eBPF recorder.
 
 use std::ffi::OsString;
-use std::fs::File;
-use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bootcache_convert::Format;
 use bootcache_trace::recorder::Recorder;
 use bootcache_trace::recorder::qemu::{Outcome, QemuOptions, record_qemu};
 use bootcache_trace::{OffsetSpace, Trace, TraceInfo};
@@ -60,10 +59,21 @@ pub struct RecordArgs {
     qemu: Vec<OsString>,
 }
 
-fn write(trace: &Trace, out: &Path) -> anyhow::Result<()> {
-    let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
-    trace.write_to(BufWriter::new(file)).with_context(|| format!("writing {}", out.display()))?;
-    Ok(())
+fn write(trace: &Trace, out: &Path, image: &Path) -> anyhow::Result<()> {
+    super::trace::save(trace, out, &[image])
+}
+
+/// What the recorded file offsets of `image` are, by its format: guest
+/// offsets of a raw disk, or qcow2 file offsets to map; other formats are
+/// refused (their reads could not be mapped to the guest).
+fn offset_space(image: &Path) -> anyhow::Result<OffsetSpace> {
+    match bootcache_convert::detect(image)? {
+        Format::Raw => Ok(OffsetSpace::Guest),
+        Format::Qcow2 => Ok(OffsetSpace::ImageFile),
+        other => {
+            bail!("{} is a {other} image: only raw and qcow2 images can be recorded (their reads map to guest offsets)", image.display())
+        }
+    }
 }
 
 fn finish(trace: &Trace, args: &RecordArgs) -> anyhow::Result<ExitCode> {
@@ -75,7 +85,7 @@ fn finish(trace: &Trace, args: &RecordArgs) -> anyhow::Result<ExitCode> {
     } else {
         trace
     };
-    write(trace, out)?;
+    write(trace, out, &args.image)?;
     eprintln!("wrote {} records to {}", trace.records.len(), out.display());
     if trace.lost_records > 0 {
         eprintln!("WARNING: the recorder lost {} records: this trace is incomplete", trace.lost_records);
@@ -98,6 +108,7 @@ pub fn record(args: &RecordArgs) -> anyhow::Result<ExitCode> {
     let work = tempfile::tempdir().context("creating a working directory")?;
     let opts = QemuOptions {
         image: args.image.clone(),
+        space: offset_space(&args.image)?,
         command: args.qemu.clone(),
         marker,
         timeout,
@@ -110,7 +121,7 @@ pub fn record(args: &RecordArgs) -> anyhow::Result<ExitCode> {
     match &rec.outcome {
         Outcome::Marker(after) => eprintln!("boot marker after {:.3} s", after.as_secs_f64()),
         Outcome::QemuExited(status) => {
-            write(&rec.trace, &args.out)?;
+            write(&rec.trace, &args.out, &args.image)?;
             eprintln!(
                 "QEMU exited before the marker ({status}); partial trace of {} records in {}",
                 rec.trace.records.len(),
@@ -121,7 +132,7 @@ pub fn record(args: &RecordArgs) -> anyhow::Result<ExitCode> {
             bail!("QEMU exited early ({status}): {}", log.lines().last().unwrap_or(""));
         }
         Outcome::Timeout => {
-            write(&rec.trace, &args.out)?;
+            write(&rec.trace, &args.out, &args.image)?;
             eprintln!("last console lines:\n  {}", rec.console_tail.join("\n  "));
             bail!("no boot marker matching {:?} within {} s; partial trace in {}", args.marker, args.timeout, args.out.display());
         }
@@ -134,7 +145,7 @@ fn record_pid(pid: u32, args: &RecordArgs, timeout: Duration) -> anyhow::Result<
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing a signal handler")?;
     }
-    let mut rec = Recorder::attach(pid, &args.image).context("attaching the recorder")?;
+    let mut rec = Recorder::attach(pid, &args.image, offset_space(&args.image)?).context("attaching the recorder")?;
     eprintln!("recording process {pid} on {} (descriptors {:?}); Ctrl-C stops", args.image.display(), rec.fds());
     let started = Instant::now();
     while !stop.load(Ordering::Relaxed) && started.elapsed() < timeout && Path::new(&format!("/proc/{pid}")).exists() {

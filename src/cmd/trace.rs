@@ -1,11 +1,12 @@
 //! `bootcache trace ...` and `bootcache analyze`.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Read};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
+use bootcache_convert::output;
 use bootcache_trace::{ImageIdentity, OffsetSpace, Trace, TraceInfo, analyze as analyze_trace, csv};
 use clap::Subcommand;
 
@@ -90,19 +91,23 @@ pub fn run(cmd: TraceCmd) -> anyhow::Result<ExitCode> {
         TraceCmd::Map { image, trace, out } => {
             let t = Trace::open(&trace).with_context(|| format!("reading trace {}", trace.display()))?;
             let mapped = map_qcow2(&t, &image)?;
-            let file = File::create(&out).with_context(|| format!("creating {}", out.display()))?;
-            mapped.write_to(BufWriter::new(file)).with_context(|| format!("writing {}", out.display()))?;
+            save(&mapped, &out, &[&trace, &image])?;
             Ok(ExitCode::SUCCESS)
         }
         TraceCmd::Synth { image, out, reads, seed } => synth(&image, &out, reads, seed),
         TraceCmd::Cover { traces, min_boots, against, json } => cover(&traces, min_boots, &against, json),
         TraceCmd::Export { csv: _, trace, out } => {
             let t = Trace::open(&trace).with_context(|| format!("reading trace {}", trace.display()))?;
-            let sink: Box<dyn Write> = match &out {
-                Some(p) => Box::new(File::create(p).with_context(|| format!("creating {}", p.display()))?),
-                None => Box::new(std::io::stdout().lock()),
-            };
-            csv::export(&t.records, BufWriter::new(sink)).context("writing CSV")?;
+            match &out {
+                Some(p) => {
+                    let (file, staged) = output::stage(p, &[&trace])?;
+                    let mut w = BufWriter::new(file);
+                    csv::export(&t.records, &mut w).context("writing CSV")?;
+                    let file = w.into_inner().map_err(std::io::IntoInnerError::into_error).context("writing CSV")?;
+                    staged.commit(&file)?;
+                }
+                None => csv::export(&t.records, BufWriter::new(std::io::stdout().lock())).context("writing CSV")?,
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -144,10 +149,24 @@ fn cover(traces: &[PathBuf], min_boots: usize, against: &Path, json: bool) -> an
     Ok(ExitCode::SUCCESS)
 }
 
+/// Writes `trace` to `out`, which appears only once complete and is never
+/// one of `inputs`.
+pub fn save(trace: &Trace, out: &Path, inputs: &[&Path]) -> anyhow::Result<()> {
+    let (file, staged) = output::stage(out, inputs)?;
+    let w = trace.write_to(BufWriter::new(file)).with_context(|| format!("writing {}", out.display()))?;
+    let file = w.into_inner().map_err(std::io::IntoInnerError::into_error).with_context(|| format!("writing {}", out.display()))?;
+    staged.commit(&file)?;
+    Ok(())
+}
+
 /// Maps an image-file-space trace of a qcow2 image to guest space.
 pub fn map_qcow2(trace: &Trace, image: &Path) -> anyhow::Result<Trace> {
     if trace.space != OffsetSpace::ImageFile {
         bail!("the trace already holds guest offsets");
+    }
+    let format = bootcache_convert::detect(image)?;
+    if format != bootcache_convert::Format::Qcow2 {
+        bail!("{} is a {format} image, not qcow2: only a qcow2 image's file offsets can be mapped to guest offsets", image.display());
     }
     let q = bootcache_convert::qcow2::Qcow2::open(image).with_context(|| format!("opening {} as qcow2", image.display()))?;
     let (mapped, stats) = bootcache_convert::qcow2::map_trace(trace, &q).context("mapping the trace to guest offsets")?;
@@ -186,8 +205,9 @@ fn import(input: &Path, out: &Path, image: Option<&Path>, digest: bool) -> anyho
         extra: serde_json::json!({ "source": input.display().to_string() }),
     };
     let trace = Trace { image: identity(image, digest)?, space: OffsetSpace::Guest, lost_records: 0, info, records };
-    let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
-    trace.write_to(BufWriter::new(file)).with_context(|| format!("writing {}", out.display()))?;
+    let mut inputs = vec![input];
+    inputs.extend(image);
+    save(&trace, out, &inputs)?;
     eprintln!("wrote {} records to {}", trace.records.len(), out.display());
     Ok(ExitCode::SUCCESS)
 }
@@ -203,8 +223,7 @@ fn synth(image: &Path, out: &Path, reads: usize, seed: u64) -> anyhow::Result<Ex
     };
     let trace =
         Trace { image: ImageIdentity { size: src.size(), digest: None }, space: OffsetSpace::Guest, lost_records: 0, info, records };
-    let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
-    trace.write_to(BufWriter::new(file)).with_context(|| format!("writing {}", out.display()))?;
+    save(&trace, out, &[image])?;
     eprintln!("wrote {} synthetic records to {}", trace.records.len(), out.display());
     Ok(ExitCode::SUCCESS)
 }

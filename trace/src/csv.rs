@@ -25,6 +25,12 @@ pub enum CsvError {
     /// The CSV itself is malformed.
     #[error("malformed CSV")]
     Csv(#[source] csv::Error),
+    /// A line longer than any row of numbers (binary data, not CSV).
+    #[error("line {line} is longer than {MAX_LINE} bytes: not a CSV trace")]
+    LineTooLong {
+        /// 1-based line number.
+        line: u64,
+    },
     /// A required column is missing from the header line.
     #[error("CSV header lacks the column `{0}` (need t_ns,offset,length)")]
     MissingColumn(&'static str),
@@ -60,16 +66,65 @@ where
     raw.parse().map_err(|e: T::Err| CsvError::BadValue { line, column, why: format!("{raw:?}: {e}") })
 }
 
+/// The longest line accepted: a row of a few numbers is far shorter.
+pub const MAX_LINE: usize = 4096;
+
+/// Fails a read once a line grows past [`MAX_LINE`], so that a stream
+/// without newlines (`/dev/zero`) is refused instead of buffered forever.
+struct LineLimit<R> {
+    inner: R,
+    line: u64,
+    len: usize,
+}
+
+impl<R: Read> Read for LineLimit<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        for &b in &buf[..n] {
+            if b == b'\n' {
+                self.line += 1;
+                self.len = 0;
+            } else {
+                self.len += 1;
+                if self.len > MAX_LINE {
+                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, LongLine(self.line)));
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// The error [`LineLimit`] reads fail with.
+#[derive(Debug)]
+struct LongLine(u64);
+impl std::fmt::Display for LongLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {} too long", self.0)
+    }
+}
+impl std::error::Error for LongLine {}
+
+fn csv_error(e: csv::Error) -> CsvError {
+    if let csv::ErrorKind::Io(io) = e.kind()
+        && let Some(LongLine(line)) = io.get_ref().and_then(|i| i.downcast_ref::<LongLine>())
+    {
+        return CsvError::LineTooLong { line: *line };
+    }
+    CsvError::Csv(e)
+}
+
 /// Reads records from CSV.
 ///
 /// # Errors
 /// A missing column or a value that does not parse, with its line number.
 pub fn import(input: impl Read) -> Result<Vec<Record>, CsvError> {
-    let mut rdr = csv::ReaderBuilder::new().trim(csv::Trim::All).comment(Some(b'#')).flexible(true).from_reader(input);
-    let cols = columns(rdr.headers().map_err(CsvError::Csv)?)?;
+    let limited = LineLimit { inner: input, line: 1, len: 0 };
+    let mut rdr = csv::ReaderBuilder::new().trim(csv::Trim::All).comment(Some(b'#')).flexible(true).from_reader(limited);
+    let cols = columns(rdr.headers().map_err(csv_error)?)?;
     let mut out = Vec::new();
     for row in rdr.records() {
-        let row = row.map_err(CsvError::Csv)?;
+        let row = row.map_err(csv_error)?;
         let line = row.position().map_or(0, |p| p.line());
         let t_ns = field(&row, cols.t, line, "t_ns")?;
         let offset: u64 = field(&row, cols.offset, line, "offset")?;

@@ -23,6 +23,30 @@ pub const RECORD_SIZE: u32 = 48;
 pub const MAX_INFO_LEN: u32 = 1 << 20;
 const UNFINISHED: u64 = u64::MAX;
 
+/// The bytes of the regular file at `path`: a FIFO or device is refused
+/// without blocking on it, and no more is read than the file's length.
+fn read_regular(path: &std::path::Path) -> Result<Vec<u8>, TraceError> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let flags = rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOCTTY;
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(flags.bits() as i32).open(path).map_err(TraceError::Io)?;
+    let meta = file.metadata().map_err(TraceError::Io)?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        return Err(TraceError::NotAFile(match () {
+            () if kind.is_dir() => "a directory",
+            () if kind.is_fifo() => "a FIFO",
+            () if kind.is_char_device() || kind.is_block_device() => "a device",
+            () => "not a regular file",
+        }));
+    }
+    let len = usize::try_from(meta.len()).map_err(|_| TraceError::Io(io::ErrorKind::OutOfMemory.into()))?;
+    let mut bytes = Vec::with_capacity(len);
+    // One byte more than the length tells a file that grows while read.
+    file.take(meta.len() + 1).read_to_end(&mut bytes).map_err(TraceError::Io)?;
+    Ok(bytes)
+}
+
 /// On-disk trace header.
 #[derive(Clone, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
@@ -174,6 +198,9 @@ pub enum TraceError {
     /// I/O failed.
     #[error("cannot read or write the trace")]
     Io(#[source] io::Error),
+    /// The path is not a regular file (a FIFO, a device, a directory).
+    #[error("{0}, not a trace file")]
+    NotAFile(&'static str),
     /// Bytes after the last record.
     #[error("{0} unexpected bytes after the last record")]
     TrailingBytes(u64),
@@ -338,7 +365,7 @@ impl Trace {
     /// # Errors
     /// I/O errors and everything [`Trace::parse`] reports.
     pub fn open(path: &std::path::Path) -> Result<Trace, TraceError> {
-        Trace::parse(&std::fs::read(path).map_err(TraceError::Io)?)
+        Trace::parse(&read_regular(path)?)
     }
 
     /// Writes the whole trace to `out`.

@@ -106,7 +106,8 @@ fn every_request_on_the_image_exactly_once() {
     std::fs::write(&image, &data).unwrap();
     std::fs::write(&other, &data).unwrap();
 
-    let mut rec = Recorder::attach(std::process::id(), &image).expect("attach the recorder (root, tracefs)");
+    let mut rec =
+        Recorder::attach(std::process::id(), &image, bootcache_trace::OffsetSpace::Guest).expect("attach the recorder (root, tracefs)");
     let mut want: Vec<Key> = Vec::new();
     // Opened after attaching: traced from its first read.
     let f = File::open(&image).unwrap();

@@ -72,6 +72,9 @@ pub struct Header {
     pub snapshots_offset: u64,
     /// Backing file name, if any.
     pub backing_file: Option<String>,
+    /// The backing file's format as the image declares it (header
+    /// extension `0xe2792aca`), if it does.
+    pub backing_format: Option<String>,
     /// Incompatible feature bits.
     pub incompatible: u64,
     /// How compressed clusters are compressed.
@@ -129,10 +132,24 @@ impl Header {
                 _ => Err(Qcow2Error::BadHeader(format!("{name} {off:#x}+{len:#x} lies past the end of the file ({file_len:#x})"))),
             }
         };
-        let l1_size = u64::from(raw.l1_size.get());
-        within("L1 table", raw.l1_table_offset.get(), l1_size * 8)?;
         let cluster = 1u64 << cluster_bits;
+        let aligned = |name: &str, off: u64| -> Result<(), Qcow2Error> {
+            if off.is_multiple_of(cluster) { Ok(()) } else { Err(bad(format!("{name} offset {off:#x} is not cluster-aligned"))) }
+        };
+        // Version 3 declares its header's length and refcount width; version 2 has fixed ones.
+        let (header_length, refcount_order) =
+            if version == 3 { (u64::from(raw.header_length.get()), raw.refcount_order.get()) } else { (72, 4) };
+        if version == 3 && (header_length < 104 || !header_length.is_multiple_of(8) || header_length > cluster) {
+            return Err(bad(format!("header_length {header_length} (must be a multiple of 8 from 104 to the cluster size)")));
+        }
+        if refcount_order > 6 {
+            return Err(bad(format!("refcount_order {refcount_order} (refcounts are at most 64 bits: 0..=6)")));
+        }
+        let l1_size = u64::from(raw.l1_size.get());
+        aligned("L1 table", raw.l1_table_offset.get())?;
+        within("L1 table", raw.l1_table_offset.get(), l1_size * 8)?;
         let refcount_table_clusters = u64::from(raw.refcount_table_clusters.get());
+        aligned("refcount table", raw.refcount_table_offset.get())?;
         within("refcount table", raw.refcount_table_offset.get(), refcount_table_clusters * cluster)?;
         // Each L2 table covers cluster/8 clusters: the L1 must cover the disk, and no more than 8x.
         let per_l1 = cluster * (cluster / 8);
@@ -141,20 +158,32 @@ impl Header {
             return Err(bad(format!("L1 size {l1_size} does not fit a {size}-byte disk")));
         }
         let nb_snapshots = raw.nb_snapshots.get();
+        if nb_snapshots > MAX_SNAPSHOTS {
+            return Err(bad(format!("{nb_snapshots} snapshots (at most {MAX_SNAPSHOTS})")));
+        }
         if nb_snapshots > 0 {
-            within("snapshot table", raw.snapshots_offset.get(), 1)?;
+            aligned("snapshot table", raw.snapshots_offset.get())?;
+            // Each snapshot header is at least 40 bytes.
+            within("snapshot table", raw.snapshots_offset.get(), u64::from(nb_snapshots) * 40)?;
         }
         let backing_file = match raw.backing_file_offset.get() {
             0 => None,
             off => {
                 let len = u64::from(raw.backing_file_size.get());
-                if len > 1023 || off.checked_add(len).is_none_or(|e| e > bytes.len() as u64) {
+                if len == 0 || len > 1023 || off < header_length || off.checked_add(len).is_none_or(|e| e > bytes.len() as u64) {
                     return Err(bad("backing file name out of range".into()));
                 }
-                Some(String::from_utf8_lossy(&bytes[off as usize..(off + len) as usize]).into_owned())
+                let name = std::str::from_utf8(&bytes[off as usize..(off + len) as usize])
+                    .map_err(|_| bad("backing file name is not UTF-8".into()))?;
+                Some(name.to_owned())
             }
         };
-        let compression = match (incompatible & incompat::COMPRESSION_TYPE != 0, raw.header_length.get() > 104, bytes.get(104)) {
+        let extensions_end = match raw.backing_file_offset.get() {
+            0 => cluster,
+            off => off,
+        };
+        let backing_format = extensions(bytes, header_length, extensions_end.min(bytes.len() as u64))?;
+        let compression = match (incompatible & incompat::COMPRESSION_TYPE != 0, header_length > 104, bytes.get(104)) {
             (false, _, _) => Compression::Zlib,
             (true, true, Some(0)) => Compression::Zlib,
             (true, true, Some(1)) => Compression::Zstd,
@@ -172,7 +201,40 @@ impl Header {
             nb_snapshots,
             snapshots_offset: raw.snapshots_offset.get(),
             backing_file,
+            backing_format,
             incompatible,
         })
     }
+}
+
+/// Most snapshots an image may list (QEMU's limit).
+const MAX_SNAPSHOTS: u32 = 65536;
+/// Header extension: the backing file's format name.
+const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+
+/// Walks the header extensions in `bytes[start..end]`; returns the backing
+/// format they declare. Extensions this reader does not know are skipped
+/// (the specification allows that); one that runs past `end` is an error.
+fn extensions(bytes: &[u8], start: u64, end: u64) -> Result<Option<String>, Qcow2Error> {
+    let bad = |why: String| Qcow2Error::BadHeader(why);
+    let mut at = start;
+    let mut backing_format = None;
+    while at + 8 <= end {
+        let word = |o: u64| u32::from_be_bytes(bytes[o as usize..o as usize + 4].try_into().unwrap_or([0; 4]));
+        let (kind, len) = (word(at), u64::from(word(at + 4)));
+        if kind == 0 {
+            return Ok(backing_format);
+        }
+        let data = at + 8;
+        if data + len > end {
+            return Err(bad(format!("header extension {kind:#x} at {at:#x} runs past the header ({len} bytes)")));
+        }
+        if kind == EXT_BACKING_FORMAT {
+            let name = std::str::from_utf8(&bytes[data as usize..(data + len) as usize])
+                .map_err(|_| bad("backing format name is not UTF-8".into()))?;
+            backing_format = Some(name.to_owned());
+        }
+        at = data + len.next_multiple_of(8);
+    }
+    Ok(backing_format)
 }

@@ -17,7 +17,7 @@ use std::path::Path;
 pub use header::{Compression, Header, incompat};
 pub use map::{MapStats, map_trace};
 pub use sink::Qcow2Sink;
-pub use source::{Qcow2Source, open_image};
+pub use source::Qcow2Source;
 
 use bootcache_trace::IntervalSet;
 
@@ -104,10 +104,17 @@ impl Qcow2 {
     /// Opens and checks `path`.
     ///
     /// # Errors
-    /// An unreadable file, or any header problem.
+    /// An unreadable file (or a FIFO, device or directory), or any header
+    /// problem.
     pub fn open(path: &Path) -> Result<Qcow2, Qcow2Error> {
-        let file = File::open(path).map_err(|source| Qcow2Error::Io { offset: 0, source })?;
-        let file_len = file.metadata().map_err(|source| Qcow2Error::Io { offset: 0, source })?.len();
+        let file = crate::open::open_input(path)
+            .map_err(|e| Qcow2Error::Io { offset: 0, source: io::Error::new(io::ErrorKind::InvalidInput, e.to_string()) })?;
+        Qcow2::from_file(file)
+    }
+
+    /// Checks the qcow2 image open as `file`.
+    pub(crate) fn from_file(file: File) -> Result<Qcow2, Qcow2Error> {
+        let file_len = crate::open::input_len(&file).map_err(|source| Qcow2Error::Io { offset: 0, source })?;
         let head = read(&file, 0, file_len.min(64 << 10))?;
         let header = Header::parse(&head, file_len)?;
         Ok(Qcow2 { file, file_len, header })

@@ -34,7 +34,16 @@ impl Qcow2Sink {
     /// # Errors
     /// When the file cannot be created.
     pub fn create(path: &Path, size: u64) -> io::Result<Qcow2Sink> {
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        Qcow2Sink::new(OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?, size)
+    }
+
+    /// Writes the image into `file` (emptied first), e.g. one made by
+    /// [`crate::output::stage`].
+    ///
+    /// # Errors
+    /// When the file cannot be emptied.
+    pub fn new(file: File, size: u64) -> io::Result<Qcow2Sink> {
+        file.set_len(0)?;
         Ok(Qcow2Sink { file, size, clusters: BTreeMap::new(), next: CLUSTER })
     }
 

@@ -1,10 +1,11 @@
 //! Reading a qcow2 image's guest bytes: the `ImageSource` for qcow2,
 //! including compressed clusters (zlib or zstd), zero clusters and backing
-//! chains (qcow2 or raw backing files, loops refused).
+//! chains (qcow2 or raw backing files, opened by `crate::open`; loops
+//! refused).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
+use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -14,10 +15,8 @@ use super::header::Compression;
 use super::{Cluster, Qcow2, Qcow2Error};
 use crate::image::ImageSource;
 use crate::mapped::MappedFile;
-use crate::raw::RawSource;
+use crate::open::{ChainError, Format, OpenError};
 
-/// Deepest backing chain followed.
-const MAX_CHAIN: usize = 16;
 /// L2 tables kept in memory at once.
 const L2_CACHE: usize = 64;
 
@@ -31,57 +30,45 @@ pub struct Qcow2Source {
     backing: Option<Box<dyn ImageSource>>,
 }
 
-/// Opens `path` as raw or qcow2, by its magic.
-///
-/// # Errors
-/// An unreadable image, a bad qcow2 header, or a bad backing chain.
-pub fn open_image(path: &Path) -> Result<Box<dyn ImageSource>, Qcow2Error> {
-    open_chain(path, &mut BTreeSet::new())
-}
-
-fn open_chain(path: &Path, seen: &mut BTreeSet<PathBuf>) -> Result<Box<dyn ImageSource>, Qcow2Error> {
-    let canonical = path.canonicalize().map_err(|source| Qcow2Error::Io { offset: 0, source })?;
-    // A device or FIFO named by an untrusted image could block or never end.
-    if !canonical.metadata().is_ok_and(|m| m.is_file()) {
-        return Err(Qcow2Error::BadHeader(format!("{} is not a regular file", canonical.display())));
-    }
-    if !seen.insert(canonical.clone()) {
-        return Err(Qcow2Error::BadHeader(format!("backing chain loops back to {}", canonical.display())));
-    }
-    if seen.len() > MAX_CHAIN {
-        return Err(Qcow2Error::BadHeader(format!("backing chain deeper than {MAX_CHAIN}")));
-    }
-    let mut magic = [0u8; 4];
-    let file = std::fs::File::open(path).map_err(|source| Qcow2Error::Io { offset: 0, source })?;
-    let n = file.read_at(&mut magic, 0).map_err(|source| Qcow2Error::Io { offset: 0, source })?;
-    if n == 4 && u32::from_be_bytes(magic) == super::header::MAGIC {
-        Ok(Box::new(Qcow2Source::open_in_chain(path, seen)?))
-    } else {
-        Ok(Box::new(RawSource::open(path).map_err(|source| Qcow2Error::Io { offset: 0, source })?))
-    }
-}
-
 impl Qcow2Source {
     /// Opens a qcow2 image and its backing chain.
     ///
     /// # Errors
-    /// A bad header or L1 table, or a bad backing chain.
-    pub fn open(path: &Path) -> Result<Qcow2Source, Qcow2Error> {
-        Qcow2Source::open_in_chain(path, &mut BTreeSet::new())
+    /// A file that is not a qcow2 image, one this reader cannot read
+    /// exactly, or a bad backing chain.
+    pub fn open(path: &Path) -> Result<Qcow2Source, OpenError> {
+        let file = crate::open::open_input(path)?;
+        Qcow2Source::from_file(file, path, &mut vec![path.canonicalize().map_err(|source| OpenError::Io { path: path.into(), source })?])
+            .map_err(|e| match e {
+                ChainError::Own(source) => OpenError::Qcow2 { path: path.to_owned(), source },
+                ChainError::Backing(e) => e,
+            })
     }
 
-    fn open_in_chain(path: &Path, seen: &mut BTreeSet<PathBuf>) -> Result<Qcow2Source, Qcow2Error> {
-        if seen.is_empty() {
-            seen.insert(path.canonicalize().map_err(|source| Qcow2Error::Io { offset: 0, source })?);
-        }
-        let image = Qcow2::open(path)?;
+    /// The qcow2 image open as `file` (found at `path`), its backing chain
+    /// opened after `files` (the chain so far, this image last).
+    pub(crate) fn from_file(file: File, path: &Path, files: &mut Vec<PathBuf>) -> Result<Qcow2Source, ChainError> {
+        let image = Qcow2::from_file(file)?;
         let l2_offsets = image.l2_tables()?;
         let backing = match &image.header().backing_file {
             None => None,
             Some(name) => {
                 let p = Path::new(name);
                 let p = if p.is_absolute() { p.to_path_buf() } else { path.parent().unwrap_or(Path::new(".")).join(p) };
-                Some(open_chain(&p, seen)?)
+                let format = match image.header().backing_format.as_deref() {
+                    None => None,
+                    Some("raw") => Some(Format::Raw),
+                    Some("qcow2") => Some(Format::Qcow2),
+                    Some(other) => {
+                        return Err(ChainError::Own(Qcow2Error::BadHeader(format!(
+                            "backing file {name} is declared {other:?}; only raw and qcow2 backing files are read"
+                        ))));
+                    }
+                };
+                let (source, _) = crate::open::open_in_chain(&p, format, files).map_err(|e| {
+                    ChainError::Backing(OpenError::Backing { image: path.to_owned(), backing: p.clone(), source: Box::new(e) })
+                })?;
+                Some(source)
             }
         };
         let io = |source| Qcow2Error::Io { offset: 0, source };

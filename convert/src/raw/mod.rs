@@ -22,12 +22,23 @@ pub struct RawSource {
 }
 
 impl RawSource {
-    /// Opens `path`.
+    /// Opens `path`, a regular file or a block device, as a raw disk
+    /// (whatever its bytes are: [`crate::open`] tells formats apart).
     ///
     /// # Errors
-    /// When the file cannot be opened or measured.
+    /// When the file cannot be opened or measured, or is a FIFO, character
+    /// device or directory.
     pub fn open(path: &Path) -> io::Result<RawSource> {
-        let file = MappedFile::new(File::open(path)?)?;
+        let file = crate::open::open_input(path).map_err(|e| match e {
+            crate::OpenError::Io { source, .. } => source,
+            other => io::Error::new(io::ErrorKind::InvalidInput, other.to_string()),
+        })?;
+        RawSource::from_file(file)
+    }
+
+    /// The raw disk open as `file`.
+    pub(crate) fn from_file(file: File) -> io::Result<RawSource> {
+        let file = MappedFile::new(file)?;
         let size = file.len();
         Ok(RawSource { file, size })
     }
@@ -86,7 +97,16 @@ impl RawSink {
     /// # Errors
     /// When the file cannot be created or sized.
     pub fn create(path: &Path, size: u64) -> io::Result<RawSink> {
-        let file = OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
+        RawSink::new(OpenOptions::new().write(true).create(true).truncate(true).open(path)?, size)
+    }
+
+    /// Writes the disk into `file` (emptied first), e.g. one made by
+    /// [`crate::output::stage`].
+    ///
+    /// # Errors
+    /// When the file cannot be sized.
+    pub fn new(file: File, size: u64) -> io::Result<RawSink> {
+        file.set_len(0)?;
         file.set_len(size)?;
         Ok(RawSink { file, size })
     }

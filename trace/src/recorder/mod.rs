@@ -2,7 +2,7 @@
 //! a process makes on one image file, from syscall tracepoints.
 //!
 //! ```text
-//!  Recorder::attach(pid, image) ─ load probes, TGID = pid, FDS = fds of image
+//!  Recorder::attach(pid, image, space) ─ load probes, TGID = pid, FDS = fds of image
 //!       │                          (device + inode), attach tracepoints
 //!  poll() ── ring buffer ──► Records; rescans /proc/PID/fd (reopen, dup)
 //!  finish() ──► Trace (lost records counted, never hidden)
@@ -115,13 +115,6 @@ fn missing_capabilities() -> Vec<&'static str> {
     NEEDED.iter().filter(|(bit, _)| eff & (1 << bit) == 0).map(|(_, name)| *name).collect()
 }
 
-/// True when the file starts with the qcow2 magic.
-fn is_qcow2(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && magic == *b"QFI\xfb"
-}
-
 /// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.
 fn monotonic_ns() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
@@ -129,12 +122,13 @@ fn monotonic_ns() -> u64 {
 }
 
 impl Recorder {
-    /// Starts recording process `pid`'s reads and writes of `image`.
+    /// Starts recording process `pid`'s reads and writes of `image`, whose
+    /// file offsets are in `space` (the caller knows the image's format).
     ///
     /// # Errors
     /// Missing privileges or tracefs, an image that cannot be stat'ed, a
     /// process that cannot be inspected.
-    pub fn attach(pid: u32, image: &Path) -> Result<Recorder, RecordError> {
+    pub fn attach(pid: u32, image: &Path, space: OffsetSpace) -> Result<Recorder, RecordError> {
         let missing = missing_capabilities();
         if !missing.is_empty() {
             return Err(RecordError::MissingCapabilities(missing.join(", ")));
@@ -144,7 +138,6 @@ impl Recorder {
         }
         let meta = std::fs::metadata(image).map_err(|source| RecordError::Image { path: image.to_path_buf(), source })?;
         let id = FileId::of(image).map_err(|source| RecordError::Image { path: image.to_path_buf(), source })?;
-        let space = if is_qcow2(image) { OffsetSpace::ImageFile } else { OffsetSpace::Guest };
         let start_ns = monotonic_ns();
         let mut probes = Probes::load(pid)?;
         probes.attach_all()?;

@@ -14,13 +14,16 @@ use regex::Regex;
 use serde_json::{Value, json};
 
 use super::{RecordError, Recorder};
-use crate::file::{Trace, TraceInfo};
+use crate::file::{OffsetSpace, Trace, TraceInfo};
 
 /// What to record.
 #[derive(Debug, Clone)]
 pub struct QemuOptions {
     /// The image whose reads are recorded.
     pub image: PathBuf,
+    /// What its file offsets are: guest offsets (a raw image), or offsets
+    /// in an image file that maps them (qcow2), to be mapped later.
+    pub space: OffsetSpace,
     /// QEMU's program and arguments (without `-S`, `-qmp` or `-serial`: those are added).
     pub command: Vec<OsString>,
     /// The boot is complete when a console line matches.
@@ -182,7 +185,7 @@ fn run(
     let mut greeting = String::new();
     reader.read_line(&mut greeting).map_err(|source| RecordError::Qemu { what: "QMP greeting".into(), source })?;
     qmp(&mut stream, &mut reader, "qmp_capabilities")?;
-    let mut rec = if opts.probes { Some(Recorder::attach(child.id(), &opts.image)?) } else { None };
+    let mut rec = if opts.probes { Some(Recorder::attach(child.id(), &opts.image, opts.space)?) } else { None };
     if let Some(wait) = opts.hold.checked_sub(spawned.elapsed()) {
         std::thread::sleep(wait);
     }
