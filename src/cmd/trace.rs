@@ -213,8 +213,7 @@ fn import(input: &Path, out: &Path, image: Option<&Path>, digest: bool) -> anyho
 }
 
 fn synth(image: &Path, out: &Path, reads: usize, seed: u64) -> anyhow::Result<ExitCode> {
-    use bootcache_convert::{ImageSource, RawSource};
-    let src = RawSource::open(image).with_context(|| format!("opening {}", image.display()))?;
+    let src = bootcache_convert::open(image, None)?.source;
     let allocated = src.allocated().with_context(|| format!("listing allocated ranges of {}", image.display()))?;
     let records = bootcache_trace::synth::boot_like(&allocated, src.size(), reads, seed);
     let info = TraceInfo {
