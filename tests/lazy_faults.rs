@@ -80,7 +80,16 @@ fn a_node_killed_while_streaming_resumes_and_its_export_equals_the_source() {
     let cache = dir.path().join("cache");
 
     // Streaming at 16 MiB/s: killed (SIGKILL) after 3 s, part way through.
-    let node = NodeProc::start_in(bootcache_bin(), None, None, &cache, &dir.path().join("node-a"), &["--background", "16M"]).unwrap();
+    let node = NodeProc::start_in(
+        bootcache_bin(),
+        None,
+        None,
+        &cache,
+        &dir.path().join("node-a"),
+        &dir.path().join("node.token"),
+        &["--background", "16M"],
+    )
+    .unwrap();
     node.open("guest", &url, &[]).unwrap();
     std::thread::sleep(Duration::from_secs(3));
     let before = json(&node.get("/images").unwrap())[0]["metrics"].clone();
@@ -89,7 +98,16 @@ fn a_node_killed_while_streaming_resumes_and_its_export_equals_the_source() {
     assert!(fetched_before > 0 && fetched_before < stored, "not killed part way: {before}");
 
     // Restarted: resumes from the journal, finishes, and serves the source exactly.
-    let node = NodeProc::start_in(bootcache_bin(), None, None, &cache, &dir.path().join("node-b"), &["--background", "full"]).unwrap();
+    let node = NodeProc::start_in(
+        bootcache_bin(),
+        None,
+        None,
+        &cache,
+        &dir.path().join("node-b"),
+        &dir.path().join("node.token"),
+        &["--background", "full"],
+    )
+    .unwrap();
     let opened = node.open("guest", &url, &[]).unwrap();
     let start = Instant::now();
     let after = loop {

@@ -125,6 +125,7 @@ fn boots_at_every_link_setting_from_nginx_and_four_vms_share_one_cache() {
         None,
         &dir.path().join("cache2"),
         &dir.path().join("node-check"),
+        &dir.path().join("node.token"),
         &["--background", "off"],
     )
     .unwrap();
@@ -161,6 +162,7 @@ fn four_vms(tb: &Testbed, dir: &Path, url: &str, mem_mb: u32, one: u64) -> f64 {
         None,
         &dir.join("cache"),
         &dir.join("node"),
+        &dir.join("node.token"),
         &["--background", "off"],
     )
     .unwrap();

@@ -25,7 +25,9 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
 pub mod cache;
+pub mod http;
 pub mod metrics;
 pub mod nbd;
 pub mod node;

@@ -2,8 +2,14 @@
 //!
 //! Errors are sorted into transient (connection refused or reset, timeouts,
 //! 5xx: retried with exponential backoff until the retry budget is spent) and
-//! permanent (404, a store that ignores `Range`, a length that changed: given
-//! up at once).
+//! permanent (404, a store that ignores `Range`, a length that changed, a URL
+//! that is not `http://`, a redirect: given up at once).
+//!
+//! Nothing the remote sends is trusted or repeated: lengths only bound what
+//! is read (no buffer is sized by a claim before the bytes arrive), a body
+//! that trickles below [`RetryPolicy::min_rate`] fails, redirects are not
+//! followed, and errors name the URL without its credentials or query
+//! ([`redact`]) and the answer's status, never its bytes.
 
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -51,6 +57,10 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
     /// Time limit of one request's connect and first byte.
     pub request_timeout: Duration,
+    /// Slowest average rate (bytes per second) a fetched range may arrive
+    /// at, after `request_timeout`: a remote that trickles fails instead of
+    /// holding the fetch for as long as it likes.
+    pub min_rate: u64,
 }
 
 impl Default for RetryPolicy {
@@ -60,6 +70,7 @@ impl Default for RetryPolicy {
             first_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(1),
             request_timeout: Duration::from_secs(10),
+            min_rate: 64 << 10,
         }
     }
 }
@@ -69,6 +80,8 @@ impl Default for RetryPolicy {
 pub struct Remote {
     client: reqwest::Client,
     url: String,
+    /// The URL as shown in errors and logs.
+    shown: String,
     len: u64,
     etag: Option<String>,
     retry: RetryPolicy,
@@ -79,25 +92,76 @@ enum Failure {
     Permanent(String),
 }
 
+/// `url` without what may be a secret: the password of its user part and
+/// its query (a signed URL's signature), each replaced by `***`. Anything
+/// that does not parse as a URL is shown as `<invalid URL>`.
+pub fn redact(url: &str) -> String {
+    let Ok(mut u) = reqwest::Url::parse(url) else { return "<invalid URL>".into() };
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
+    }
+    if u.query().is_some() {
+        u.set_query(Some("***"));
+    }
+    u.to_string()
+}
+
+/// Checks that `url` is one this client fetches: `http://` with a host.
+///
+/// # Errors
+/// [`RemoteError::Protocol`] naming what is wrong.
+pub fn check_url(url: &str) -> Result<reqwest::Url, RemoteError> {
+    let bad = |why: &str| RemoteError::Protocol { url: redact(url), why: why.into() };
+    let u = reqwest::Url::parse(url).map_err(|_| bad("not a URL"))?;
+    match u.scheme() {
+        "http" => {}
+        "https" => return Err(bad("https is not supported: stores and peers are reached over plain HTTP on the deployment network")),
+        _ => return Err(bad("only http:// URLs are fetched")),
+    }
+    if u.host_str().is_none_or(str::is_empty) {
+        return Err(bad("the URL has no host"));
+    }
+    Ok(u)
+}
+
 impl Remote {
     /// Asks the store for the file's length (HEAD), retrying per `retry`.
     ///
     /// # Errors
     /// The store is unreachable, the file is missing, or no length is given.
     pub async fn open(url: &str, retry: RetryPolicy) -> Result<Remote, RemoteError> {
+        Remote::open_with(url, retry, None).await
+    }
+
+    /// Like [`Remote::open`], sending `authorization` (an `Authorization`
+    /// header value: another node's credential) with every request.
+    ///
+    /// # Errors
+    /// As [`Remote::open`].
+    pub async fn open_with(url: &str, retry: RetryPolicy, authorization: Option<&str>) -> Result<Remote, RemoteError> {
+        check_url(url)?;
+        let shown = redact(url);
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(auth) = authorization {
+            let mut v = reqwest::header::HeaderValue::from_str(auth)
+                .map_err(|_| RemoteError::Protocol { url: shown.clone(), why: "the credential is not a valid header value".into() })?;
+            v.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
         let client = reqwest::Client::builder()
             .connect_timeout(retry.request_timeout)
             .read_timeout(retry.request_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .default_headers(headers)
             .build()
-            .map_err(|e| RemoteError::Protocol { url: url.into(), why: format!("HTTP client: {e}") })?;
-        let mut remote = Remote { client, url: url.into(), len: 0, etag: None, retry };
+            .map_err(|e| RemoteError::Protocol { url: shown.clone(), why: format!("HTTP client: {e}") })?;
+        let mut remote = Remote { client, url: url.into(), shown, len: 0, etag: None, retry };
         let (len, etag) = remote
             .with_retry(|| async {
                 let resp = remote.client.head(&remote.url).send().await.map_err(Failure::Transient)?;
                 match resp.status() {
                     StatusCode::OK => {}
-                    s if s.is_server_error() => return Err(Failure::Transient(resp.error_for_status().unwrap_err())),
-                    s => return Err(Failure::Permanent(format!("HEAD answered {s}"))),
+                    s => return Err(refused(resp, s, "HEAD")),
                 }
                 let len = header_u64(resp.headers().get(CONTENT_LENGTH))
                     .ok_or_else(|| Failure::Permanent("HEAD gave no Content-Length".into()))?;
@@ -113,6 +177,11 @@ impl Remote {
     /// The URL.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The URL without credentials or query, for messages ([`redact`]).
+    pub fn shown(&self) -> &str {
+        &self.shown
     }
 
     /// The file's length.
@@ -137,16 +206,32 @@ impl Remote {
     /// See [`RemoteError`].
     pub async fn get(&self, range: Range<u64>) -> Result<Bytes, RemoteError> {
         let want = range.end - range.start;
+        // The whole range must arrive at no less than the minimum rate.
+        let allowed = self.retry.request_timeout + Duration::from_secs_f64(want as f64 / self.retry.min_rate.max(1) as f64);
         self.with_retry(|| async {
-            let mut body = self.request(range.clone(), None).await?;
-            let mut out = bytes::BytesMut::with_capacity(usize::try_from(want).unwrap_or(0));
-            while let Some(chunk) = body.next().await {
-                out.extend_from_slice(&chunk.map_err(Failure::Transient)?);
+            let fetch = async {
+                let mut body = self.request(range.clone(), None).await?;
+                // Grown as bytes arrive, never sized by the claim up front.
+                let mut out = bytes::BytesMut::with_capacity(usize::try_from(want.min(1 << 20)).unwrap_or(0));
+                while let Some(chunk) = body.next().await {
+                    let chunk = chunk.map_err(Failure::Transient)?;
+                    if (out.len() + chunk.len()) as u64 > want {
+                        return Err(Failure::Permanent(format!("sent more than the {want} bytes asked for")));
+                    }
+                    out.extend_from_slice(&chunk);
+                }
+                if out.len() as u64 != want {
+                    return Err(Failure::Permanent(format!("asked for {want} bytes, got {}", out.len())));
+                }
+                Ok(out.freeze())
+            };
+            match tokio::time::timeout(allowed, fetch).await {
+                Ok(r) => r,
+                Err(_) => Err(Failure::Permanent(format!(
+                    "{want} bytes did not arrive within {allowed:.0?} (slower than {} KiB/s)",
+                    self.retry.min_rate >> 10
+                ))),
             }
-            if out.len() as u64 != want {
-                return Err(Failure::Permanent(format!("asked for {want} bytes, got {}", out.len())));
-            }
-            Ok(out.freeze())
         })
         .await
     }
@@ -183,13 +268,12 @@ impl Remote {
         match resp.status() {
             StatusCode::PARTIAL_CONTENT => {}
             StatusCode::OK => return Err(Failure::Permanent("the store ignores Range requests".into())),
-            s if s.is_server_error() => return Err(Failure::Transient(resp.error_for_status().unwrap_err())),
-            s => return Err(Failure::Permanent(format!("GET answered {s}"))),
+            s => return Err(refused(resp, s, "GET")),
         }
         let expect = format!("bytes {}-{}/{}", range.start, range.end - 1, self.len);
-        match resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()) {
-            Some(got) if got == expect => {}
-            got => return Err(Failure::Permanent(format!("Content-Range {got:?}, expected {expect:?} (did the file change?)"))),
+        if resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()) != Some(expect.as_str()) {
+            // What it sent instead is not repeated: it is the remote's.
+            return Err(Failure::Permanent(format!("the answer's Content-Range is not {expect:?} (did the file change?)")));
         }
         Ok(resp.bytes_stream())
     }
@@ -206,18 +290,34 @@ impl Remote {
             attempts += 1;
             match attempt().await {
                 Ok(v) => return Ok(v),
-                Err(Failure::Permanent(why)) => return Err(RemoteError::Protocol { url: self.url.clone(), why }),
+                Err(Failure::Permanent(why)) => return Err(RemoteError::Protocol { url: self.shown.clone(), why }),
                 Err(Failure::Transient(e)) => {
+                    let e = e.without_url();
                     if started.elapsed() + backoff > self.retry.budget {
-                        return Err(RemoteError::Unreachable { url: self.url.clone(), attempts, waited: started.elapsed(), source: e });
+                        return Err(RemoteError::Unreachable { url: self.shown.clone(), attempts, waited: started.elapsed(), source: e });
                     }
-                    tracing::warn!(url = %self.url, attempts, error = %e, "store request failed; retrying");
+                    tracing::warn!(url = %self.shown, attempts, error = %e, "store request failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(self.retry.max_backoff);
                 }
             }
         }
     }
+}
+
+/// What a status other than the expected one means: a server error is
+/// worth retrying, anything else (404, 401, a redirect) is final.
+fn refused(resp: reqwest::Response, status: StatusCode, method: &str) -> Failure {
+    if status.is_server_error() {
+        return match resp.error_for_status() {
+            Err(e) => Failure::Transient(e),
+            Ok(_) => Failure::Permanent(format!("{method} answered {status}")),
+        };
+    }
+    if status.is_redirection() {
+        return Failure::Permanent(format!("{method} answered {status}: redirects are not followed"));
+    }
+    Failure::Permanent(format!("{method} answered {status}"))
 }
 
 fn header_u64(v: Option<&reqwest::header::HeaderValue>) -> Option<u64> {

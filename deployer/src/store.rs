@@ -4,12 +4,16 @@
 //! Any HTTP server that honours single `Range` requests can be a store (the
 //! tests use nginx); this one is the default that needs nothing installed.
 //! Only plain file names directly inside the directory are served: no
-//! subdirectories, no dot files, no symbolic links, so nothing outside the
-//! directory is reachable.
+//! subdirectories, no dot files, no symbolic links (a name is opened inside
+//! the directory opened at start, without following a link, and what was
+//! opened is checked to be a regular file), so nothing outside the
+//! directory is reachable, even by swapping a file for a link meanwhile.
+//! `Range` and `If-Range` follow RFC 9110 ([`crate::http::range`]); the
+//! server's limits are [`crate::http::Limits`]'s defaults.
 
 use std::collections::HashMap;
 use std::io::SeekFrom;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -20,7 +24,10 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+
+use crate::http::range::{self, Ranged};
 use bootcache_format::{HEADER_SIZE, Header, hex};
+use rustix::fs::{Mode, OFlags};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
@@ -33,13 +40,15 @@ pub struct StoreStats {
     pub requests: AtomicU64,
 }
 
-/// A file's ETag as computed for one (length, modification time).
-type Tagged = (u64, SystemTime, Option<String>);
+/// A file's ETag as computed for one (device, inode, length, modification time).
+type Tagged = ((u64, u64, u64, SystemTime), Option<String>);
 
 struct Shared {
-    dir: PathBuf,
-    /// ETag per file.
-    etags: Mutex<HashMap<PathBuf, Tagged>>,
+    /// The directory, opened once: names are looked up inside it, never
+    /// through a path that could be swapped.
+    dir: rustix::fd::OwnedFd,
+    /// ETag per file name.
+    etags: Mutex<HashMap<String, Tagged>>,
     stats: Arc<StoreStats>,
 }
 
@@ -47,7 +56,7 @@ struct Shared {
 /// is sent.
 ///
 /// # Errors
-/// When the listener fails.
+/// When the directory cannot be opened or the listener fails.
 pub async fn serve(listener: tokio::net::TcpListener, dir: PathBuf, stats: Arc<StoreStats>) -> std::io::Result<()> {
     serve_until(listener, dir, stats, std::future::pending()).await
 }
@@ -56,16 +65,18 @@ pub async fn serve(listener: tokio::net::TcpListener, dir: PathBuf, stats: Arc<S
 /// idle connections and returns when the responses under way are sent.
 ///
 /// # Errors
-/// When the listener fails.
+/// When the directory cannot be opened or the listener fails.
 pub async fn serve_until(
     listener: tokio::net::TcpListener,
     dir: PathBuf,
     stats: Arc<StoreStats>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let dir = rustix::fs::open(&dir, flags, Mode::empty()).map_err(std::io::Error::from)?;
     let shared = Arc::new(Shared { dir, etags: Mutex::new(HashMap::new()), stats });
     let app = Router::new().route("/{name}", get(file).head(file)).with_state(shared);
-    axum::serve(listener, app).with_graceful_shutdown(stop).await
+    crate::http::serve(listener, app, crate::http::Limits::default(), stop).await
 }
 
 fn plain(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -80,44 +91,52 @@ fn valid_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// A regular file directly inside the directory, opened without following
+/// a link, with its metadata (taken from what was opened).
+fn open_in(shared: &Shared, name: &str) -> Option<(std::fs::File, std::fs::Metadata)> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(&shared.dir, name, flags, Mode::empty()).ok()?;
+    let file = std::fs::File::from(fd);
+    let meta = file.metadata().ok()?;
+    meta.is_file().then_some((file, meta))
+}
+
 async fn file(State(shared): State<Arc<Shared>>, method: Method, UrlPath(name): UrlPath<String>, headers: HeaderMap) -> Response {
     shared.stats.requests.fetch_add(1, Ordering::Relaxed);
     if !valid_name(&name) {
         return plain(StatusCode::NOT_FOUND, "no such image");
     }
-    let path = shared.dir.join(&name);
-    // symlink_metadata: a link is refused, whatever it points at.
-    let meta = match tokio::fs::symlink_metadata(&path).await {
-        Ok(m) if m.is_file() => m,
-        _ => return plain(StatusCode::NOT_FOUND, "no such image"),
+    let looked_up = {
+        let shared = Arc::clone(&shared);
+        tokio::task::spawn_blocking(move || {
+            let (file, meta) = open_in(&shared, &name)?;
+            let etag = etag(&shared, &name, &file, &meta);
+            Some((file, meta, etag))
+        })
+        .await
     };
+    let Ok(Some((file, meta, etag))) = looked_up else { return plain(StatusCode::NOT_FOUND, "no such image") };
     let len = meta.len();
-    let etag = etag(&shared, &path, len, meta.modified().unwrap_or(SystemTime::UNIX_EPOCH)).await;
-    let range = match headers.get(header::RANGE).map(|v| v.to_str().map(http_range_header::parse_range_header)) {
-        None => None,
-        Some(Ok(Ok(parsed))) => match parsed.validate(len) {
-            Ok(ranges) if ranges.len() == 1 => Some(ranges[0].clone()),
-            Ok(_) => None, // several ranges: allowed to answer with the whole file
-            Err(_) => {
-                let mut r = plain(StatusCode::RANGE_NOT_SATISFIABLE, format!("range outside the file's {len} bytes"));
-                r.headers_mut().insert(header::CONTENT_RANGE, hv(&format!("bytes */{len}")));
-                return r;
-            }
-        },
-        Some(_) => return plain(StatusCode::BAD_REQUEST, "malformed Range header"),
+    let etag = etag.map(|t| format!("\"{t}\""));
+    let last_modified = meta.modified().ok().map(httpdate::fmt_http_date);
+    let applies =
+        range::if_range_holds(headers.get(header::IF_RANGE).map(HeaderValue::as_bytes), etag.as_deref(), last_modified.as_deref());
+    let ranged = if applies { range::evaluate(headers.get(header::RANGE).map(HeaderValue::as_bytes), len) } else { Ranged::Full };
+    let (status, bytes) = match ranged {
+        Ranged::Full => (StatusCode::OK, 0..len),
+        Ranged::Partial(r) => (StatusCode::PARTIAL_CONTENT, r),
+        Ranged::Unsatisfiable => {
+            let mut r = plain(StatusCode::RANGE_NOT_SATISFIABLE, format!("no range of the file's {len} bytes"));
+            r.headers_mut().insert(header::CONTENT_RANGE, hv(&format!("bytes */{len}")));
+            return r;
+        }
     };
-    let (status, start, count) = match &range {
-        Some(r) => (StatusCode::PARTIAL_CONTENT, *r.start(), r.end() - r.start() + 1),
-        None => (StatusCode::OK, 0, len),
-    };
+    let count = bytes.end - bytes.start;
     let mut resp = if method == Method::HEAD {
         Response::new(Body::empty())
     } else {
-        let mut f = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(e) => return plain(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot open: {e}")),
-        };
-        if let Err(e) = f.seek(SeekFrom::Start(start)).await {
+        let mut f = tokio::fs::File::from_std(file);
+        if let Err(e) = f.seek(SeekFrom::Start(bytes.start)).await {
             return plain(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot seek: {e}"));
         }
         let stats = Arc::clone(&shared.stats);
@@ -134,11 +153,14 @@ async fn file(State(shared): State<Arc<Shared>>, method: Method, UrlPath(name): 
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::CONTENT_LENGTH, hv(&count.to_string()));
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-    if let Some(r) = range {
-        h.insert(header::CONTENT_RANGE, hv(&format!("bytes {}-{}/{len}", r.start(), r.end())));
+    if status == StatusCode::PARTIAL_CONTENT {
+        h.insert(header::CONTENT_RANGE, hv(&format!("bytes {}-{}/{len}", bytes.start, bytes.end - 1)));
     }
     if let Some(tag) = etag {
-        h.insert(header::ETAG, hv(&format!("\"{tag}\"")));
+        h.insert(header::ETAG, hv(&tag));
+    }
+    if let Some(date) = last_modified {
+        h.insert(header::LAST_MODIFIED, hv(&date));
     }
     resp
 }
@@ -148,23 +170,25 @@ fn hv(s: &str) -> HeaderValue {
 }
 
 /// The root digest of a bootcache container (checked header), or `None` for
-/// any other file.
-async fn etag(shared: &Shared, path: &Path, len: u64, mtime: SystemTime) -> Option<String> {
-    if let Some((l, m, tag)) = shared.etags.lock().unwrap_or_else(|p| p.into_inner()).get(path)
-        && (*l, *m) == (len, mtime)
+/// any other file; read from the open `file`.
+fn etag(shared: &Shared, name: &str, file: &std::fs::File, meta: &std::fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let stamp = (meta.dev(), meta.ino(), meta.len(), meta.modified().unwrap_or(SystemTime::UNIX_EPOCH));
+    if let Some((s, tag)) = shared.etags.lock().unwrap_or_else(|p| p.into_inner()).get(name)
+        && *s == stamp
     {
         return tag.clone();
     }
     let mut head = vec![0u8; HEADER_SIZE as usize];
-    let read = async {
-        let mut f = tokio::fs::File::open(path).await?;
-        f.read_exact(&mut head).await
-    };
-    let tag = match read.await {
-        Ok(_) => Header::parse(&head, len).ok().map(|h| hex(&h.root_digest)),
+    let tag = match file.read_exact_at(&mut head, 0) {
+        Ok(()) => Header::parse(&head, meta.len()).ok().map(|h| hex(&h.root_digest)),
         Err(_) => None,
     };
-    shared.etags.lock().unwrap_or_else(|p| p.into_inner()).insert(path.to_owned(), (len, mtime, tag.clone()));
+    let mut etags = shared.etags.lock().unwrap_or_else(|p| p.into_inner());
+    if etags.len() >= 4096 {
+        etags.clear(); // a store with more names than this recomputes
+    }
+    etags.insert(name.to_owned(), (stamp, tag.clone()));
     tag
 }
 

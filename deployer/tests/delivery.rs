@@ -15,7 +15,7 @@ use bootcache_format::{Encoding, Segment};
 
 mod common;
 
-use common::{Fixture, MIB, fixture, image, options, run, wait_for};
+use common::{Fixture, MIB, authorized_client, fixture, image, options, run, serve_api, wait_for};
 
 /// The fixture's image in a node cache, exported as "disk" on a unix socket.
 async fn export_over_unix(fx: &Fixture) -> (Arc<NbdServer>, PathBuf) {
@@ -331,10 +331,8 @@ async fn the_node_api_opens_shares_lists_measures_and_closes_images() {
     let sock = fx.dir.path().join("node.sock");
     let node = bootcache_deployer::node::Node::new(sock.clone(), options(fx.dir.path(), Background::Off));
     tokio::spawn(node.nbd().serve_unix(tokio::net::UnixListener::bind(&sock).unwrap()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, node.api()).await });
-    let client = reqwest::Client::new();
+    let api = serve_api(&node).await;
+    let client = authorized_client();
     let open = |name: &str| client.post(format!("{api}/images")).json(&serde_json::json!({"name": name, "url": fx.url})).send();
     let a: serde_json::Value = open("a").await.unwrap().json().await.unwrap();
     let b: serde_json::Value = open("b").await.unwrap().json().await.unwrap();
@@ -354,12 +352,15 @@ async fn the_node_api_opens_shares_lists_measures_and_closes_images() {
     // Read through one name; both names see the same cache's counters.
     let out = run("qemu-img", &["compare", "-f", "raw", "-F", "raw", fx.source.to_str().unwrap(), a["nbd_url"].as_str().unwrap()]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let listed: serde_json::Value = client.get(format!("{api}/images")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(listed.as_array().unwrap().len(), 2);
+    let all: serde_json::Value = client.get(format!("{api}/images")).send().await.unwrap().json().await.unwrap();
+    let failed: Vec<_> = all.as_array().unwrap().iter().filter(|v| v["state"] == "failed").collect();
+    assert!(failed.len() == 1 && failed[0]["name"] == "m" && failed[0]["error"].as_str().unwrap().contains("404"), "{all}");
+    let listed: Vec<_> = all.as_array().unwrap().iter().filter(|v| v["state"] == "ready").collect();
+    assert_eq!(listed.len(), 2);
     assert_eq!(listed[0]["metrics"], listed[1]["metrics"]);
     // Zero ranges go out as holes without touching the cache; the data was read.
     let read = listed[0]["metrics"]["guest_read_bytes"].as_u64().unwrap();
-    assert!(read > 0 && read <= fx.model.len() as u64, "{listed}");
+    assert!(read > 0 && read <= fx.model.len() as u64, "{all}");
     let text = client.get(format!("{api}/metrics")).send().await.unwrap().text().await.unwrap();
     let root = a["root_digest"].as_str().unwrap();
     assert!(text.contains("# TYPE bootcache_fetched_bytes_total counter"), "{text}");

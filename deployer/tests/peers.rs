@@ -10,18 +10,15 @@ use std::sync::atomic::Ordering;
 use bootcache_deployer::cache::{Background, NodeCache, Prefetch};
 use bootcache_deployer::node::Node;
 use bootcache_format::{Encoding, Image, Segment};
-use common::{Fixture, fixture, image, options, wait_for};
+use common::{Fixture, authorized_client, fixture, image, options, serve_api, wait_for};
 
 /// A node serving its API (with the peer routes) on loopback; opens the
 /// fixture's image in a cache under `sub`.
 async fn peer_node(fx: &Fixture, sub: &str, background: Background) -> (Arc<Node>, Arc<NodeCache>, String) {
     let node = Node::new(fx.dir.path().join(format!("{sub}.sock")), options(&fx.dir.path().join(sub), background));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = format!("http://{}", listener.local_addr().unwrap());
-    let router = node.api();
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    let opened = node.open("disk", &fx.url, &[]).await.unwrap();
-    let cache = node.cache(&opened.root_digest).await.unwrap();
+    let api = serve_api(&node).await;
+    let opened = node.open("disk", &fx.url, &[], None).await.unwrap();
+    let cache = node.cache(&opened.root_digest).unwrap();
     (node, cache, api)
 }
 
@@ -84,7 +81,7 @@ async fn what_a_peer_lacks_comes_from_the_store() {
     wait_for("peer A's boot segment", || a_cache.metrics().boot_prefetch_bytes == boot).await;
 
     // Its peer routes refuse what they cannot serve.
-    let client = reqwest::Client::new();
+    let client = authorized_client();
     let root = bootcache_format::hex(&img.header().root_digest);
     let peer_url = format!("{a_api}/peer/{root}");
     let get = |range: Option<String>, url: String| {
@@ -198,13 +195,10 @@ async fn relay_case(prefetch: Prefetch) {
     let mut a_opts = options(&fx.dir.path().join("a"), Background::Off);
     a_opts.prefetch = prefetch.clone();
     let a = Node::new(fx.dir.path().join("a.sock"), a_opts);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a_api = format!("http://{}", listener.local_addr().unwrap());
-    let router = a.api();
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    let a_api = serve_api(&a).await;
     let before = fx.stats.body_bytes.load(Ordering::Relaxed);
-    let root = a.open("disk", &slow_url, &[]).await.unwrap().root_digest;
-    let a_cache = a.cache(&root).await.unwrap();
+    let root = a.open("disk", &slow_url, &[], None).await.unwrap().root_digest;
+    let a_cache = a.cache(&root).unwrap();
 
     let mut opts = options(&fx.dir.path().join("b"), Background::Off);
     opts.peers = vec![a_api.clone()];
@@ -222,7 +216,7 @@ async fn relay_case(prefetch: Prefetch) {
     // rest that its prefetch leaves out (A streams no background) is still
     // refused at once.
     let outside = entries.iter().find(|e| e.segment == Segment::Rest && e.stored_len() > 0).unwrap();
-    let status = reqwest::Client::new()
+    let status = authorized_client()
         .get(format!("{a_api}/peer/{root}"))
         .header("range", format!("bytes={}-{}", outside.stored.start, outside.stored.end - 1))
         .header("prefer", "wait=5")
@@ -251,10 +245,7 @@ async fn a_peer_that_opens_the_image_later_is_asked_then() {
     let img = image(&fx.container);
     // Node A's API is up, but A has not opened the image yet.
     let a = Node::new(fx.dir.path().join("a.sock"), options(&fx.dir.path().join("a"), Background::Unlimited));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a_api = format!("http://{}", listener.local_addr().unwrap());
-    let router = a.api();
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    let a_api = serve_api(&a).await;
     let mut opts = options(&fx.dir.path().join("b"), Background::Off);
     opts.peers = vec![a_api];
     let b = NodeCache::open(&fx.url, opts).await.unwrap();
@@ -262,8 +253,8 @@ async fn a_peer_that_opens_the_image_later_is_asked_then() {
     wait_for("node B's boot segment", || b.metrics().boot_prefetch_bytes == boot).await;
     assert_eq!(b.metrics().peer_bytes, 0, "A had nothing to give");
 
-    let root = a.open("disk", &fx.url, &[]).await.unwrap().root_digest;
-    let a_cache = a.cache(&root).await.unwrap();
+    let root = a.open("disk", &fx.url, &[], None).await.unwrap().root_digest;
+    let a_cache = a.cache(&root).unwrap();
     wait_for("peer A to cache the image", || a_cache.complete()).await;
     // B asked A when it did not have the image; once that pause is over,
     // B's misses go to A.

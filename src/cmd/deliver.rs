@@ -9,8 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bootcache_deployer::auth::Credential;
 use bootcache_deployer::cache::{Background, CacheOptions, Prefetch};
+use bootcache_deployer::http::Limits;
 use bootcache_deployer::node::Node;
+use bootcache_deployer::remote::redact;
 use bootcache_deployer::store::{self, StoreStats};
 use bootcache_trace::{OffsetSpace, Trace};
 use clap::{Args, Subcommand};
@@ -35,21 +38,50 @@ pub enum NodeCmd {
     /// Run a node's caches and NBD exports, with an HTTP API to open and close images.
     ///
     /// POST /images {"name": N, "url": URL} opens an image (shared cache per root
-    /// digest) and exports it as N; GET /images lists them with metrics;
-    /// DELETE /images/N closes; GET /metrics gives Prometheus text.
+    /// digest) and exports it as N; GET /images lists them with their state and
+    /// metrics; DELETE /images/N closes; GET /metrics gives Prometheus text.
+    /// Every call but /metrics needs `Authorization: Bearer TOKEN`, the token in
+    /// --token-file (made on first start; `bootcache node token` prints it).
     Serve {
         #[command(flatten)]
         cache: CacheArgs,
-        /// Unix socket for NBD clients (QEMU: nbd+unix:///NAME?socket=PATH).
+        /// Unix socket for NBD clients (QEMU: nbd+unix:///NAME?socket=PATH). A
+        /// file that is not a socket, or a socket another node serves, is refused.
         #[arg(long, value_name = "PATH")]
         nbd_socket: PathBuf,
-        /// Also serve NBD on this TCP address.
+        /// Also serve NBD on this TCP address. NBD has no authentication: an
+        /// address other than loopback also needs --nbd-insecure.
         #[arg(long, value_name = "ADDR")]
         nbd_listen: Option<SocketAddr>,
+        /// Allow --nbd-listen on a non-loopback address (anyone who reaches
+        /// it can read the exported images).
+        #[arg(long)]
+        nbd_insecure: bool,
         /// Address of the HTTP API.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
         api: SocketAddr,
+        #[command(flatten)]
+        token: TokenArgs,
     },
+    /// Print the node API's token (made if there is none), or rotate it.
+    ///
+    /// Nodes that fetch from each other share one token file. After
+    /// --rotate the previous token is still accepted until the next
+    /// rotation; copy the new file to every node in between.
+    Token {
+        #[command(flatten)]
+        token: TokenArgs,
+        /// Make a new token; the current one stays accepted until the next rotation.
+        #[arg(long)]
+        rotate: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The file holding the API's token (mode 0600; made on first use).
+    #[arg(long, value_name = "PATH", default_value = "/var/lib/bootcache/node.token")]
+    token_file: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -187,20 +219,45 @@ pub fn store(cmd: StoreCmd) -> anyhow::Result<ExitCode> {
 }
 
 pub fn node(cmd: NodeCmd) -> anyhow::Result<ExitCode> {
-    let NodeCmd::Serve { cache, nbd_socket, nbd_listen, api } = cmd;
+    let (cache, nbd_socket, nbd_listen, nbd_insecure, api, token) = match cmd {
+        NodeCmd::Token { token, rotate } => {
+            let t = if rotate { Credential::rotate(&token.token_file)? } else { Credential::load_or_create(&token.token_file)?.token() };
+            println!("{t}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        NodeCmd::Serve { cache, nbd_socket, nbd_listen, nbd_insecure, api, token } => {
+            (cache, nbd_socket, nbd_listen, nbd_insecure, api, token)
+        }
+    };
+    if let Some(addr) = nbd_listen
+        && !addr.ip().is_loopback()
+        && !nbd_insecure
+    {
+        bail!(
+            "--nbd-listen {addr}: NBD has no authentication, so anyone reaching {addr} could read the images; add --nbd-insecure to serve it anyway"
+        );
+    }
+    let credential = Credential::load_or_create(&token.token_file)?;
     runtime()?.block_on(async {
-        let node = Node::new(nbd_socket.clone(), cache.options()?);
-        let _ = std::fs::remove_file(&nbd_socket);
-        let unix = tokio::net::UnixListener::bind(&nbd_socket).with_context(|| format!("binding {}", nbd_socket.display()))?;
+        let mut opts = cache.options()?;
+        opts.peer_authorization = Some(credential.authorization());
+        let node = Node::new(nbd_socket.clone(), opts);
+        let unix = bootcache_deployer::nbd::bind_unix(&nbd_socket).with_context(|| format!("binding {}", nbd_socket.display()))?;
         tokio::spawn(node.nbd().serve_unix(unix));
         if let Some(addr) = nbd_listen {
             let tcp = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
             tokio::spawn(node.nbd().serve_tcp(tcp));
         }
         let listener = tokio::net::TcpListener::bind(api).await.with_context(|| format!("listening on {api}"))?;
-        eprintln!("node API on http://{}/, NBD on {}", listener.local_addr()?, nbd_socket.display());
-        axum::serve(listener, node.api()).with_graceful_shutdown(until_signal()).await?;
+        eprintln!(
+            "node API on http://{}/ (token in {}), NBD on {}",
+            listener.local_addr()?,
+            token.token_file.display(),
+            nbd_socket.display()
+        );
+        let served = bootcache_deployer::http::serve(listener, node.api(credential), Limits::default(), until_signal()).await;
         let _ = std::fs::remove_file(&nbd_socket);
+        served?;
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -217,7 +274,7 @@ pub fn boot(args: &BootArgs) -> anyhow::Result<ExitCode> {
         let node = Node::new(sock.clone(), args.cache.options()?);
         tokio::spawn(node.nbd().serve_unix(tokio::net::UnixListener::bind(&sock)?));
         let opened = Instant::now();
-        let image = node.open("disk", &url, &[]).await.with_context(|| format!("opening {url}"))?;
+        let image = node.open("disk", &url, &[], None).await.with_context(|| format!("opening {}", redact(&url)))?;
         tracing::info!(root = image.root_digest, seconds = opened.elapsed().as_secs_f64(), "image open");
         let overlay = work.path().join("overlay.qcow2");
         let size = image.virtual_size.to_string();
@@ -245,7 +302,7 @@ pub fn boot(args: &BootArgs) -> anyhow::Result<ExitCode> {
         let started = Instant::now();
         let mut child = cmd.spawn().with_context(|| format!("starting {}", args.qemu[0].to_string_lossy()))?;
         let (outcome, marker_at) = watch(&mut child, &console, &marker, args, started).await?;
-        let metrics = node.cache(&image.root_digest).await.map(|c| c.metrics()).unwrap_or_default();
+        let metrics = node.cache(&image.root_digest).map(|c| c.metrics()).unwrap_or_default();
         if args.json {
             println!(
                 "{}",

@@ -312,7 +312,7 @@ async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
                 }
                 return false;
             }
-            tracing::warn!(url = inner.remote.url(), error = why, "fetch interrupted; resuming");
+            tracing::warn!(url = inner.remote.shown(), error = why, "fetch interrupted; resuming");
             tokio::time::sleep(inner.opts.retry.first_backoff).await;
         }
     }
@@ -431,7 +431,7 @@ async fn deliver(inner: &Arc<Inner>, pos: usize, stored: Bytes, source: Source, 
             Metrics::add(&inner.metrics.bad_extents, 1);
             tracing::error!(
                 guest_offset = format_args!("{guest:#x}"),
-                url = inner.remote.url(),
+                url = inner.remote.shown(),
                 error = why,
                 "extent from the store failed verification; not served"
             );

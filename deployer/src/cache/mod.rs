@@ -59,9 +59,27 @@ pub enum CacheError {
         #[source]
         source: io::Error,
     },
+    /// The URL does not point at a bootcache container.
+    #[error("{url} is not a bootcache container (it does not start with the bootcache magic)")]
+    NotAContainer {
+        /// Where.
+        url: String,
+    },
     /// The store failed.
     #[error(transparent)]
     Remote(#[from] RemoteError),
+    /// A part of the image is larger than this node accepts.
+    #[error("{url}: its {what} of {bytes} bytes is larger than this node accepts ({limit})")]
+    TooLarge {
+        /// Where.
+        url: String,
+        /// Which part.
+        what: &'static str,
+        /// Its size as claimed.
+        bytes: u64,
+        /// The limit.
+        limit: u64,
+    },
 }
 
 /// What to do once the boot segment is cached.
@@ -115,6 +133,14 @@ pub struct CacheOptions {
     /// their node APIs, e.g. `http://10.0.0.2:7000`); every byte from a peer
     /// is verified against the store's index like the store's own.
     pub peers: Vec<String>,
+    /// What this node sends peers as its credential (an `Authorization`
+    /// header value), if they require one.
+    pub peer_authorization: Option<String>,
+    /// The largest index (64 bytes per extent) an image may have: it is
+    /// held in memory, so a claim above this is refused before anything is
+    /// fetched. The default, 64 MiB, is a million extents (a 256 GiB disk
+    /// in 256 KiB extents).
+    pub max_index_bytes: u64,
 }
 
 impl CacheOptions {
@@ -129,6 +155,8 @@ impl CacheOptions {
             retry: RetryPolicy::default(),
             demand_parallel: 8,
             peers: Vec::new(),
+            peer_authorization: None,
+            max_index_bytes: 64 << 20,
         }
     }
 }
@@ -184,6 +212,8 @@ struct Inner {
     /// Where the boot stream goes on; guest misses ahead of it move it.
     aim: fetch::Aim,
     last_error: Mutex<Option<String>>,
+    /// Set by [`NodeCache::stop`]: nothing more is fetched.
+    stopped: std::sync::atomic::AtomicBool,
     opts: CacheOptions,
 }
 
@@ -196,7 +226,7 @@ pub struct NodeCache {
 
 impl std::fmt::Debug for NodeCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeCache").field("url", &self.inner.remote.url()).finish_non_exhaustive()
+        f.debug_struct("NodeCache").field("url", &self.inner.remote.shown()).finish_non_exhaustive()
     }
 }
 
@@ -291,6 +321,19 @@ impl NodeCache {
     }
 }
 
+impl NodeCache {
+    /// Stops fetching (the image was closed on this node while a client may
+    /// still hold it): cached bytes stay readable, a read that needs more
+    /// fails at once, and nothing streams any more.
+    pub fn stop(&self) {
+        self.inner.stopped.store(true, Ordering::SeqCst);
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.inner.changed.notify_waiters();
+    }
+}
+
 impl Drop for NodeCache {
     fn drop(&mut self) {
         for t in &self.tasks {
@@ -339,6 +382,11 @@ impl Inner {
                 if wanted.iter().all(|&i| state[i] == State::Present) {
                     break;
                 }
+            }
+            if self.stopped.load(Ordering::SeqCst) {
+                return Err(io::Error::other(format!(
+                    "guest offset {offset:#x}: the image was closed on this node; only bytes cached before are served"
+                )));
             }
             asked.extend_from_slice(&claim);
             if !claim.is_empty() {

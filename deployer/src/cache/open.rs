@@ -50,7 +50,11 @@ async fn fetch(remote: &Remote, regions: &mut Regions, range: Range<u64>) -> Res
 /// The store's copy of the image's header, parsed and checked against its
 /// length (what names the cache: the root digest).
 pub(crate) async fn head(remote: &Remote) -> Result<(Bytes, Header), CacheError> {
-    let bad = |e| CacheError::Image { url: remote.url().into(), source: bootcache_format::Error::Header(e) };
+    let bad = |e| match e {
+        // Whatever the URL points at, its bytes are not repeated.
+        bootcache_format::HeaderError::BadMagic(_) => CacheError::NotAContainer { url: remote.shown().into() },
+        e => CacheError::Image { url: remote.shown().into(), source: bootcache_format::Error::Header(e) },
+    };
     if remote.len() < u64::from(HEADER_SIZE) {
         return Err(bad(bootcache_format::HeaderError::TooShort(remote.len())));
     }
@@ -68,9 +72,13 @@ pub(super) async fn open(url: &str, opts: CacheOptions) -> Result<NodeCache, Cac
 /// Opens the cache of the image behind `remote`, whose header (`head`,
 /// parsed as `header`) has been fetched already.
 pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts: CacheOptions) -> Result<NodeCache, CacheError> {
-    let url = remote.url().to_owned();
+    let url = remote.shown().to_owned();
     let url = url.as_str();
     let bad = |source| CacheError::Image { url: url.into(), source };
+    let index_bytes = header.index_range().end - header.index_range().start;
+    if index_bytes > opts.max_index_bytes {
+        return Err(CacheError::TooLarge { url: url.into(), what: "index", bytes: index_bytes, limit: opts.max_index_bytes });
+    }
     let mut regions = Regions { len: remote.len(), parts: vec![(0, head)] };
     fetch(&remote, &mut regions, header.index_range()).await?;
     fetch(&remote, &mut regions, header.meta.clone()).await?;
@@ -124,7 +132,8 @@ pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts
             marked
         }
     };
-    let peers = opts.peers.iter().map(|base| peer::Peer::new(base, &root, remote.len(), opts.retry)).collect();
+    let peers =
+        opts.peers.iter().map(|base| peer::Peer::new(base, &root, remote.len(), opts.retry, opts.peer_authorization.clone())).collect();
 
     let mut state: Vec<State> =
         index.entries().iter().map(|e| if e.encoding == Encoding::Zero { State::Present } else { State::Absent }).collect();
@@ -156,6 +165,7 @@ pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts
         demand_in_flight: std::sync::atomic::AtomicUsize::new(0),
         aim: fetch::Aim::default(),
         last_error: Mutex::new(None),
+        stopped: std::sync::atomic::AtomicBool::new(false),
         opts,
     });
     let tasks = vec![

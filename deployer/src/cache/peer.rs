@@ -52,6 +52,7 @@ pub(super) struct Peer {
     root: String,
     len: u64,
     retry: RetryPolicy,
+    authorization: Option<String>,
     /// Its view of the image, once it has answered for it.
     remote: OnceLock<Remote>,
     standing: Mutex<Standing>,
@@ -73,12 +74,13 @@ impl Peer {
     /// and container length `len`. Nothing is asked yet: a peer is opened on
     /// first use, so one that comes up later (a node opening the same image
     /// a moment after this one) is still used.
-    pub(super) fn new(base: &str, root: &str, len: u64, retry: RetryPolicy) -> Peer {
+    pub(super) fn new(base: &str, root: &str, len: u64, retry: RetryPolicy, authorization: Option<String>) -> Peer {
         Peer {
             url: format!("{}/peer/{root}", base.trim_end_matches('/')),
             root: root.to_owned(),
             len,
             retry,
+            authorization,
             remote: OnceLock::new(),
             standing: Mutex::new(Standing::Asked),
         }
@@ -101,7 +103,7 @@ impl Peer {
         }
         // One quick attempt: the store is always there to fall back on.
         let quick = RetryPolicy { budget: Duration::ZERO, request_timeout: self.retry.request_timeout.min(RELAY_WAIT), ..self.retry };
-        match Remote::open(&self.url, quick).await {
+        match Remote::open_with(&self.url, quick, self.authorization.as_deref()).await {
             Ok(remote) if remote.len() == self.len && remote.etag() == Some(self.root.as_str()) => {
                 tracing::info!(peer = self.url, "fetching from peer before the store");
                 Some(self.remote.get_or_init(|| remote))

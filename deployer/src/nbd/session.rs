@@ -4,7 +4,7 @@ use std::io;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::proto::*;
@@ -12,23 +12,36 @@ use super::{Export, NbdServer};
 
 /// Longest option payload accepted (names are at most 4096 bytes).
 const MAX_OPTION: u32 = 8 << 10;
-/// Replies of one connection queued for sending.
+/// Replies of one connection queued for sending (their data is bounded by
+/// the budgets; this bounds the small ones).
 const IN_FLIGHT: usize = 64;
-/// Bytes of reads one connection may have in flight (in 4 KiB units), so a
-/// client cannot make the server hold more than this for it.
-const IN_FLIGHT_PAGES: u32 = (64 << 20) / 4096;
+/// The budgets' unit.
+const PAGE: u64 = 4096;
+
+/// Pages of `bytes`, as a semaphore count.
+pub(super) fn pages_of(bytes: u64) -> usize {
+    usize::try_from(bytes.div_ceil(PAGE)).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS)
+}
 
 pub(super) async fn run<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(server: Arc<NbdServer>, stream: S) {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    match handshake(&server, &mut rd, &mut wr).await {
-        Ok(Some((export, structured))) => {
-            if let Err(e) = transmission(export, structured, rd, wr).await {
+    let limit = server.limits.handshake_timeout;
+    match tokio::time::timeout(limit, handshake(&server, &mut rd, &mut wr)).await {
+        Ok(Ok(Some((export, structured)))) => {
+            if let Err(e) = transmission(&server, export, structured, rd, wr).await {
                 tracing::debug!(error = %e, "NBD connection ended");
             }
         }
-        Ok(None) => {}
-        Err(e) => tracing::debug!(error = %e, "NBD handshake failed"),
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "NBD handshake failed"),
+        Err(_) => tracing::debug!(?limit, "NBD handshake did not end in time"),
     }
+}
+
+/// The largest read this server answers: the protocol's limit, or less if
+/// a connection's budget is smaller.
+fn max_read(server: &NbdServer) -> u32 {
+    u32::try_from(server.limits.connection_bytes / PAGE * PAGE).unwrap_or(u32::MAX).clamp(4096, MAX_REQUEST)
 }
 
 async fn reply(wr: &mut (impl AsyncWrite + Unpin), option: u32, kind: u32, data: &[u8]) -> io::Result<()> {
@@ -118,7 +131,7 @@ async fn handshake(
                         reply(wr, option, REP_INFO, &d).await?;
                         if infos.contains(&INFO_BLOCK_SIZE) {
                             let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-                            for v in [1u32, 4096, MAX_REQUEST] {
+                            for v in [1u32, 4096, max_read(server)] {
                                 d.extend_from_slice(&v.to_be_bytes());
                             }
                             reply(wr, option, REP_INFO, &d).await?;
@@ -152,8 +165,25 @@ fn parse_info(data: &[u8]) -> Option<(String, Vec<u16>)> {
     Some((String::from_utf8(name.to_vec()).ok()?, infos))
 }
 
-/// A reply as sent: the 16-byte simple reply header, then any data.
-type Frame = Vec<u8>;
+/// A reply as sent: the 16-byte simple reply header (or a chunk's), then
+/// any data; with the budget it holds until it is written.
+pub(super) struct Frame {
+    bytes: Vec<u8>,
+    budget: Option<Budget>,
+}
+
+/// Read budget held for a reply: this connection's pages and the server's.
+struct Budget {
+    _connection: OwnedSemaphorePermit,
+    _server: OwnedSemaphorePermit,
+}
+
+impl From<Vec<u8>> for Frame {
+    fn from(bytes: Vec<u8>) -> Self {
+        Frame { bytes, budget: None }
+    }
+}
+
 const HEAD: usize = size_of::<SimpleReply>();
 
 fn put_head(frame: &mut [u8], cookie: u64, error: u32) {
@@ -164,12 +194,12 @@ fn put_head(frame: &mut [u8], cookie: u64, error: u32) {
 fn frame(cookie: u64, error: u32) -> Frame {
     let mut f = vec![0u8; HEAD];
     put_head(&mut f, cookie, error);
-    f
+    f.into()
 }
 
 /// A structured reply chunk: header for a payload of `payload` bytes, the
 /// buffer sized to hold it (the caller fills the payload).
-fn chunk(pool: &Pool, cookie: u64, flags: u16, kind: u16, payload: usize) -> Frame {
+fn chunk(pool: &Pool, cookie: u64, flags: u16, kind: u16, payload: usize) -> Vec<u8> {
     let mut f = pool.take(CHUNK + payload);
     let head = ChunkHeader {
         magic: STRUCTURED_REPLY_MAGIC.into(),
@@ -183,7 +213,7 @@ fn chunk(pool: &Pool, cookie: u64, flags: u16, kind: u16, payload: usize) -> Fra
 }
 const CHUNK: usize = size_of::<ChunkHeader>();
 
-fn error_chunk(pool: &Pool, cookie: u64, error: u32, msg: &str) -> Frame {
+fn error_chunk(pool: &Pool, cookie: u64, error: u32, msg: &str) -> Vec<u8> {
     let msg = &msg.as_bytes()[..msg.len().min(4096)];
     let mut f = chunk(pool, cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6 + msg.len());
     f[CHUNK..CHUNK + 4].copy_from_slice(&error.to_be_bytes());
@@ -194,7 +224,7 @@ fn error_chunk(pool: &Pool, cookie: u64, error: u32, msg: &str) -> Frame {
 
 /// A read answered in structured chunks: data where there is data, holes
 /// where the export knows the bytes are zero (sent as a length, not bytes).
-async fn structured_read(export: &dyn Export, pool: &Pool, cookie: u64, offset: u64, length: u32, one_chunk: bool) -> Vec<Frame> {
+async fn structured_read(export: &dyn Export, pool: &Pool, cookie: u64, offset: u64, length: u32, one_chunk: bool) -> Vec<Vec<u8>> {
     let end = offset + u64::from(length);
     let holes = if one_chunk { Vec::new() } else { export.zeros(offset..end) };
     let mut pieces = Vec::new();
@@ -236,42 +266,85 @@ async fn structured_read(export: &dyn Export, pool: &Pool, cookie: u64, offset: 
 }
 
 /// Reply buffers, reused so that reads neither allocate nor fault in fresh
-/// pages (a 1 MiB `Vec` is a new mapping every time otherwise).
+/// pages (a 1 MiB `Vec` is a new mapping every time otherwise); shared by
+/// the server's connections and capped in bytes.
 #[derive(Default)]
-struct Pool(std::sync::Mutex<Vec<Vec<u8>>>);
+pub(super) struct Pool(std::sync::Mutex<(Vec<Vec<u8>>, usize)>);
 
 impl Pool {
-    const KEEP: usize = 32;
+    /// Bytes of buffers kept at most.
+    const KEEP_BYTES: usize = 32 << 20;
+    /// Largest buffer kept.
     const LARGEST: usize = 4 << 20;
 
     fn take(&self, len: usize) -> Vec<u8> {
-        let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
+        let mut v = {
+            let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let v = pool.0.pop().unwrap_or_default();
+            pool.1 -= v.capacity();
+            v
+        };
         v.resize(len, 0);
         v
     }
 
     fn give(&self, v: Vec<u8>) {
         let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if pool.len() < Self::KEEP && v.capacity() <= Self::LARGEST {
-            pool.push(v);
+        if v.capacity() <= Self::LARGEST && pool.1 + v.capacity() <= Self::KEEP_BYTES {
+            pool.1 += v.capacity();
+            pool.0.push(v);
         }
     }
 }
 
+/// The connection's side of the budgets.
+struct Budgets {
+    connection: Arc<Semaphore>,
+    server: Arc<Semaphore>,
+}
+
+impl Budgets {
+    /// Waits for room for a read of `length` bytes in both budgets; `None`
+    /// if the server is shutting the budget down.
+    async fn take(&self, length: u32) -> Option<Budget> {
+        let pages = u32::try_from(pages_of(u64::from(length).max(1))).unwrap_or(u32::MAX);
+        let connection = Arc::clone(&self.connection).acquire_many_owned(pages).await.ok()?;
+        let server = Arc::clone(&self.server).acquire_many_owned(pages).await.ok()?;
+        Some(Budget { _connection: connection, _server: server })
+    }
+}
+
+/// Reads the next request header: waits as long as the client likes for
+/// its first byte, then gives the rest `limit`. `None` at a clean end.
+async fn next_request(rd: &mut (impl AsyncRead + Unpin), limit: std::time::Duration) -> io::Result<Option<Request>> {
+    let mut head = [0u8; size_of::<Request>()];
+    if rd.read(&mut head[..1]).await? == 0 {
+        return Ok(None);
+    }
+    match tokio::time::timeout(limit, rd.read_exact(&mut head[1..])).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "a request did not arrive whole in time")),
+    }
+    Request::read_from_bytes(&head).map(Some).map_err(|_| io::Error::other("short request"))
+}
+
 async fn transmission(
+    server: &Arc<NbdServer>,
     export: Arc<dyn Export>,
     structured: bool,
     mut rd: impl AsyncRead + Unpin,
     wr: impl AsyncWrite + Unpin + Send + 'static,
 ) -> io::Result<()> {
     let (tx, mut rx) = mpsc::channel::<Frame>(IN_FLIGHT);
-    let pool = Arc::new(Pool::default());
-    let returns = Arc::clone(&pool);
+    let returns = Arc::clone(server);
     let writer = tokio::spawn(async move {
         let mut wr = BufWriter::with_capacity(64 << 10, wr);
         while let Some(frame) = rx.recv().await {
-            wr.write_all(&frame).await?;
-            returns.give(frame);
+            wr.write_all(&frame.bytes).await?;
+            // Written: its bytes and its budget go back.
+            returns.pool.give(frame.bytes);
+            drop(frame.budget);
             if rx.is_empty() {
                 wr.flush().await?;
             }
@@ -279,54 +352,58 @@ async fn transmission(
         wr.flush().await?;
         wr.shutdown().await
     });
-    let permits = Arc::new(Semaphore::new(IN_FLIGHT_PAGES as usize));
-    let pages = |len: u32| len.div_ceil(4096).max(1);
-    let size = export.size();
+    let budgets =
+        Budgets { connection: Arc::new(Semaphore::new(pages_of(server.limits.connection_bytes))), server: Arc::clone(&server.budget) };
+    let (size, max, limit) = (export.size(), max_read(server), server.limits.request_timeout);
     let result = loop {
-        let mut head = [0u8; size_of::<Request>()];
-        if let Err(e) = rd.read_exact(&mut head).await {
-            break if e.kind() == io::ErrorKind::UnexpectedEof { Ok(()) } else { Err(e) };
-        }
-        let Ok(req) = Request::read_from_bytes(&head) else { break Err(io::Error::other("short request")) };
+        let req = tokio::select! {
+            r = next_request(&mut rd, limit) => r,
+            // The writer failed (a client that does not read its replies).
+            () = tx.closed() => break Ok(()),
+        };
+        let req = match req {
+            Ok(Some(r)) => r,
+            Ok(None) => break Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
+            Err(e) => break Err(e),
+        };
         if req.magic.get() != REQUEST_MAGIC {
             break Err(io::Error::other("bad request magic"));
         }
         let (cookie, offset, length) = (req.cookie.get(), req.offset.get(), req.length.get());
         let in_range = offset.checked_add(u64::from(length)).is_some_and(|end| end <= size);
         match req.kind.get() {
-            CMD_READ if structured && (!in_range || length > MAX_REQUEST) => {
-                let _ = tx.send(error_chunk(&pool, cookie, EINVAL, "read outside the export or too long")).await;
-            }
-            CMD_READ if structured => {
-                let Ok(permit) = Arc::clone(&permits).acquire_many_owned(pages(length)).await else { break Ok(()) };
-                let (export, tx, pool) = (Arc::clone(&export), tx.clone(), Arc::clone(&pool));
-                let one_chunk = req.flags.get() & CMD_FLAG_DF != 0;
-                tokio::spawn(async move {
-                    for f in structured_read(export.as_ref(), &pool, cookie, offset, length, one_chunk).await {
-                        let _ = tx.send(f).await;
-                    }
-                    drop(permit);
-                });
-            }
-            CMD_READ if !in_range || length > MAX_REQUEST => {
-                let _ = tx.send(frame(cookie, EINVAL)).await;
+            CMD_READ if !in_range || length > max => {
+                let f = if structured {
+                    error_chunk(&server.pool, cookie, EINVAL, "read outside the export or too long").into()
+                } else {
+                    frame(cookie, EINVAL)
+                };
+                let _ = tx.send(f).await;
             }
             CMD_READ => {
-                let Ok(permit) = Arc::clone(&permits).acquire_many_owned(pages(length)).await else { break Ok(()) };
-                let (export, tx, pool) = (Arc::clone(&export), tx.clone(), Arc::clone(&pool));
+                let Some(budget) = budgets.take(length).await else { break Ok(()) };
+                let (export, tx, server) = (Arc::clone(&export), tx.clone(), Arc::clone(server));
+                let one_chunk = req.flags.get() & CMD_FLAG_DF != 0;
                 tokio::spawn(async move {
-                    let mut f = pool.take(HEAD + length as usize);
-                    let error = match export.read(offset, &mut f[HEAD..]).await {
-                        Ok(()) => 0,
-                        Err(e) => {
-                            tracing::warn!(offset, length, error = %e, "NBD read failed; the client gets EIO");
-                            f.truncate(HEAD);
-                            EIO
-                        }
+                    let mut frames: Vec<Frame> = if structured {
+                        structured_read(export.as_ref(), &server.pool, cookie, offset, length, one_chunk)
+                            .await
+                            .into_iter()
+                            .map(Frame::from)
+                            .collect()
+                    } else {
+                        vec![simple_read(export.as_ref(), &server.pool, cookie, offset, length).await.into()]
                     };
-                    put_head(&mut f, cookie, error);
-                    let _ = tx.send(f).await;
-                    drop(permit);
+                    // The budget is released once the last frame is written.
+                    if let Some(last) = frames.last_mut() {
+                        last.budget = Some(budget);
+                    }
+                    for f in frames {
+                        if tx.send(f).await.is_err() {
+                            break;
+                        }
+                    }
                 });
             }
             CMD_WRITE => {
@@ -335,7 +412,11 @@ async fn transmission(
                     break Err(io::Error::other("write larger than the maximum request"));
                 }
                 let mut sink = (&mut rd).take(u64::from(length));
-                tokio::io::copy(&mut sink, &mut tokio::io::sink()).await?;
+                match tokio::time::timeout(limit, tokio::io::copy(&mut sink, &mut tokio::io::sink())).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => break Err(e),
+                    Err(_) => break Err(io::Error::new(io::ErrorKind::TimedOut, "a write's payload did not arrive in time")),
+                }
                 let _ = tx.send(frame(cookie, EPERM)).await;
             }
             CMD_TRIM | CMD_WRITE_ZEROES => {
@@ -346,15 +427,15 @@ async fn transmission(
             }
             CMD_CACHE if in_range => {
                 // A hint: fetch into the cache without sending data back.
-                let length = length.min(MAX_REQUEST);
-                let Ok(permit) = Arc::clone(&permits).acquire_many_owned(pages(length)).await else { break Ok(()) };
-                let (export, tx, pool) = (Arc::clone(&export), tx.clone(), Arc::clone(&pool));
+                let length = length.min(max);
+                let Some(budget) = budgets.take(length).await else { break Ok(()) };
+                let (export, tx, server) = (Arc::clone(&export), tx.clone(), Arc::clone(server));
                 tokio::spawn(async move {
-                    let mut scratch = pool.take(length as usize);
+                    let mut scratch = server.pool.take(length as usize);
                     let error = if export.read(offset, &mut scratch).await.is_ok() { 0 } else { EIO };
-                    pool.give(scratch);
+                    server.pool.give(scratch);
+                    drop(budget);
                     let _ = tx.send(frame(cookie, error)).await;
-                    drop(permit);
                 });
             }
             CMD_DISC => break Ok(()),
@@ -367,6 +448,21 @@ async fn transmission(
     // Replies still being produced are sent before the connection closes.
     writer.await.map_err(io::Error::other)??;
     result
+}
+
+/// A read answered in a simple reply.
+async fn simple_read(export: &dyn Export, pool: &Pool, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
+    let mut f = pool.take(HEAD + length as usize);
+    let error = match export.read(offset, &mut f[HEAD..]).await {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::warn!(offset, length, error = %e, "NBD read failed; the client gets EIO");
+            f.truncate(HEAD);
+            EIO
+        }
+    };
+    put_head(&mut f, cookie, error);
+    f
 }
 
 #[cfg(test)]

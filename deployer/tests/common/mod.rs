@@ -74,8 +74,28 @@ pub async fn fixture() -> Fixture {
     Fixture { dir, source, model, container, reads, url, stats }
 }
 
+/// The API token the test nodes share.
+pub const TOKEN: &str = "0123456789abcdef0123456789abcdef-test";
+
+/// Serves `node`'s API (requiring [`TOKEN`]) on loopback; its base URL.
+pub async fn serve_api(node: &Arc<bootcache_deployer::node::Node>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = format!("http://{}", listener.local_addr().unwrap());
+    let router = node.api(bootcache_deployer::auth::Credential::from_token(TOKEN));
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    api
+}
+
+/// A client that sends [`TOKEN`].
+pub fn authorized_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {TOKEN}").parse().unwrap());
+    reqwest::Client::builder().default_headers(headers).build().unwrap()
+}
+
 pub fn options(dir: &Path, background: Background) -> CacheOptions {
     let mut o = CacheOptions::new(dir.join("cache"));
+    o.peer_authorization = Some(format!("Bearer {TOKEN}"));
     o.background = background;
     o.read_timeout = Duration::from_secs(10);
     o.retry.budget = Duration::from_secs(5);

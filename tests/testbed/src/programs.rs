@@ -2,6 +2,8 @@
 //! `qemu-nbd`, `bootcache node serve`, and QEMU guests booting through
 //! overlays of their own. Each is stopped when its handle is dropped.
 
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -151,6 +153,8 @@ pub struct NodeProc {
     /// NBD socket.
     pub socket: PathBuf,
     netns: Option<String>,
+    /// A curl header file with the API's credential.
+    auth_header: PathBuf,
 }
 
 impl NodeProc {
@@ -158,7 +162,9 @@ impl NodeProc {
     /// (its log in `work/node.log`),
     /// its API on `api_addr` (the namespace's loopback when `None`; a host
     /// address for peers), with `extra` arguments (`--background`,
-    /// `--prefetch`, `--peer`...).
+    /// `--prefetch`, `--peer`...). Its API token is in `token` (made by the
+    /// first node that uses the file; nodes that are each other's peers
+    /// share one).
     ///
     /// # Errors
     /// The node does not start or answer within 20 s.
@@ -168,6 +174,7 @@ impl NodeProc {
         api_addr: Option<&str>,
         cache_dir: &Path,
         work: &Path,
+        token: &Path,
         extra: &[&str],
     ) -> anyhow::Result<NodeProc> {
         std::fs::create_dir_all(work)?;
@@ -181,19 +188,28 @@ impl NodeProc {
             .arg(cache_dir)
             .arg("--nbd-socket")
             .arg(&socket)
+            .arg("--token-file")
+            .arg(token)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .with_context(|| format!("running {} node serve", bin.display()))?;
-        let mut node = NodeProc { child: Killed(child), api, socket, netns: netns.map(str::to_owned) };
-        let url = format!("http://{}/images", node.api);
+        let auth_header = work.join("auth.header");
+        let mut node = NodeProc { child: Killed(child), api, socket, netns: netns.map(str::to_owned), auth_header };
+        let url = format!("http://{}/metrics", node.api);
         let ns = node.netns.clone();
         wait_until(&mut node.child.0, "bootcache node serve", Duration::from_secs(20), || curl_ok(ns.as_deref(), &url))?;
+        let secret = std::fs::read_to_string(token).with_context(|| format!("reading {}", token.display()))?;
+        let first = secret.lines().next().unwrap_or_default();
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&node.auth_header)?;
+        writeln!(f, "Authorization: Bearer {first}")?;
         Ok(node)
     }
 
     fn curl(&self) -> Command {
-        wrap(self.netns.as_deref(), "curl")
+        let mut c = wrap(self.netns.as_deref(), "curl");
+        c.arg("-H").arg(format!("@{}", self.auth_header.display()));
+        c
     }
 
     /// Opens `url` as export `name`, fetching from `peers` (node API URLs)

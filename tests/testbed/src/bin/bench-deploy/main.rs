@@ -289,6 +289,7 @@ fn warm_peer(
         Some(&peer_addr),
         &work.join("peer-cache"),
         &work.join("peer"),
+        &work.join("node.token"),
         &["--background", "full", "--background-after", "0"],
     )?;
     peer.open("guest", &format!("{store_url}/guest.bcimg"), &[])?;

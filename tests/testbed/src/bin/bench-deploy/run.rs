@@ -173,7 +173,15 @@ pub fn deploy(tb: &Testbed, s: &Setup, arm: Arm<'_>, link: Link, vms: usize, run
             let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
             let host = tb.host(n);
             let addr = host.addr.to_string();
-            let node = NodeProc::start_in(&s.bootcache, Some(&host.netns), Some(&addr), &dir.join(n).join("cache"), &dir.join(n), &extra)?;
+            let node = NodeProc::start_in(
+                &s.bootcache,
+                Some(&host.netns),
+                Some(&addr),
+                &dir.join(n).join("cache"),
+                &dir.join(n),
+                &s.work.join("node.token"),
+                &extra,
+            )?;
             nodes.push(node);
         }
     }

@@ -1,0 +1,90 @@
+//! Serving HTTP with limits, for the store and the node API: a cap on
+//! connections, a time limit on each request's headers (which also closes a
+//! connection left idle between requests), and on a response write that
+//! makes no progress (a client that stopped reading). And `Range` handling
+//! shared by everything that serves bytes ([`range`]).
+
+pub mod range;
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// Limits of a server.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections served at once; one more is closed at once.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers, counted from the
+    /// connection's start or the end of the previous response.
+    pub header_timeout: Duration,
+    /// Time a response write may wait for the client to read.
+    pub write_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_connections: 512, header_timeout: Duration::from_secs(10), write_timeout: Duration::from_secs(60) }
+    }
+}
+
+/// Serves `router` on `listener` within `limits` until `stop` completes;
+/// then stops accepting and returns once the connections under way end.
+///
+/// # Errors
+/// When the listener fails for good (running out of descriptors is waited
+/// out, not fatal).
+pub async fn serve(listener: TcpListener, router: axum::Router, limits: Limits, stop: impl Future<Output = ()>) -> io::Result<()> {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(stop);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) if is_transient(&e) => {
+                    tracing::warn!(error = %e, "accept failed; waiting");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            },
+            () = &mut stop => break,
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::warn!(%peer, limit = limits.max_connections, "too many connections; closing a new one");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let mut timed = tokio_io_timeout::TimeoutStream::new(stream);
+        timed.set_write_timeout(Some(limits.write_timeout));
+        let io = TokioIo::new(Box::pin(timed));
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .serve_connection(io, TowerToHyperService::new(router.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended");
+            }
+            drop(slot);
+        });
+    }
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// Accept errors that pass: out of descriptors or memory, a connection
+/// aborted before it was accepted.
+pub(crate) fn is_transient(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    let passing = [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM].map(Errno::raw_os_error);
+    e.raw_os_error().is_some_and(|n| passing.contains(&n)) || e.kind() == io::ErrorKind::ConnectionAborted
+}

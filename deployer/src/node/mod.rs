@@ -1,0 +1,383 @@
+//! A compute node's image service: one cache per image root digest, each
+//! exported over NBD under any number of names, and an HTTP API to open
+//! and close images and read the metrics ([`api`]).
+//!
+//! A name is bound to one image for as long as it is open: opening it again
+//! with the same URL is answered with what is open, with another URL it is
+//! refused (409) until the name is closed, so the disk under a running VM
+//! never changes. Opening an image fetches its header and index from the
+//! store without holding any lock: a slow store delays that image only, and
+//! the API lists it as `opening` meanwhile.
+
+pub mod api;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bootcache_format::hex;
+use serde::Serialize;
+use tokio::sync::{Notify, OnceCell};
+
+use crate::cache::{CacheError, CacheOptions, NodeCache};
+use crate::metrics::Snapshot;
+use crate::nbd::NbdServer;
+use crate::remote::{Remote, RemoteError, check_url, redact};
+
+/// Most peers one image is fetched from.
+pub const MAX_PEERS: usize = 8;
+
+/// An image opened under a name.
+#[derive(Clone, Debug, Serialize)]
+pub struct OpenImage {
+    /// The export name.
+    pub name: String,
+    /// Where the container is (without credentials or query).
+    pub url: String,
+    /// Its root digest (names the cache).
+    pub root_digest: String,
+    /// Guest disk size.
+    pub virtual_size: u64,
+    /// What QEMU opens (as the backing file of its own overlay).
+    pub nbd_url: String,
+}
+
+/// Where a name stands.
+#[derive(Clone, Debug)]
+pub enum NameState {
+    /// Its image is being opened (since then).
+    Opening(Instant),
+    /// Open and exported.
+    Ready(OpenImage),
+    /// Opening failed, for this reason; opening it again retries.
+    Failed(String),
+}
+
+/// A name and what it is bound to, as listed.
+#[derive(Clone, Debug)]
+pub struct Named {
+    /// The export name.
+    pub name: String,
+    /// The image's URL (without credentials or query).
+    pub url: String,
+    /// Where it stands.
+    pub state: NameState,
+    /// Its cache's counters, when open.
+    pub metrics: Option<Snapshot>,
+}
+
+/// Why an image could not be opened under a name.
+#[remain::sorted]
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The request itself is wrong (name, URL, peers, digest).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The image could not be opened.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    /// The name was closed while its image was being opened.
+    #[error("{0} was closed while its image was being opened")]
+    Closed(String),
+    /// The name is bound to another image.
+    #[error("{name} is bound to {bound}; close it before binding another image to it")]
+    Conflict {
+        /// The name.
+        name: String,
+        /// The URL it is bound to.
+        bound: String,
+    },
+    /// Another request opening the same name failed.
+    #[error("opening failed: {0}")]
+    Failed(String),
+    /// The URL holds another image than the one asked for.
+    #[error("{url} holds the image with root digest {found}, not {expected}")]
+    WrongImage {
+        /// Where.
+        url: String,
+        /// The root digest asked for.
+        expected: String,
+        /// The one found.
+        found: String,
+    },
+}
+
+struct Binding {
+    id: u64,
+    url: String,
+    shown: String,
+    /// Known once the header is fetched; from then on the binding holds
+    /// its root's cache open.
+    root: Option<String>,
+    state: NameState,
+}
+
+/// The caches and exports of one node.
+pub struct Node {
+    nbd: Arc<NbdServer>,
+    socket: PathBuf,
+    opts: CacheOptions,
+    /// Caches by root digest; an empty cell is one being opened.
+    caches: Mutex<HashMap<String, Arc<OnceCell<Arc<NodeCache>>>>>,
+    names: Mutex<BTreeMap<String, Binding>>,
+    /// Wakes requests waiting for a name being opened by another.
+    changed: Notify,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("socket", &self.socket).finish_non_exhaustive()
+    }
+}
+
+/// Whether `name` may name an export: 1 to 255 letters, digits, `.`, `_`
+/// and `-`, not starting with a dot (so never `.` or `..`).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The node's own peers and `asked`, checked, without duplicates, at most
+/// [`MAX_PEERS`].
+fn checked_peers(own: &[String], asked: &[String]) -> Result<Vec<String>, NodeError> {
+    let mut out: Vec<String> = Vec::new();
+    for p in own.iter().chain(asked) {
+        check_url(p).map_err(|e| NodeError::BadRequest(format!("peer: {e}")))?;
+        let p = p.trim_end_matches('/').to_owned();
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    if out.len() > MAX_PEERS {
+        return Err(NodeError::BadRequest(format!("{} peers: at most {MAX_PEERS}", out.len())));
+    }
+    Ok(out)
+}
+
+impl Node {
+    /// A node whose exports QEMU reaches at the unix socket `socket` (the
+    /// caller serves `nbd()` there).
+    pub fn new(socket: PathBuf, opts: CacheOptions) -> Arc<Node> {
+        Arc::new(Node {
+            nbd: NbdServer::new(),
+            socket,
+            opts,
+            caches: Mutex::new(HashMap::new()),
+            names: Mutex::new(BTreeMap::new()),
+            changed: Notify::new(),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// The NBD server of the node's exports.
+    pub fn nbd(&self) -> Arc<NbdServer> {
+        Arc::clone(&self.nbd)
+    }
+
+    /// Opens the image at `url` and exports it as `name`. Images with the
+    /// same root digest share one cache, whatever their URL or name. A new
+    /// cache fetches from `peers` (and the node's own) before the store.
+    /// With `root_digest`, the image must be that one.
+    ///
+    /// # Errors
+    /// See [`NodeError`].
+    pub async fn open(&self, name: &str, url: &str, peers: &[String], root_digest: Option<&str>) -> Result<OpenImage, NodeError> {
+        if !valid_name(name) {
+            return Err(NodeError::BadRequest("name: 1 to 255 letters, digits, '.', '_' and '-', not starting with '.'".into()));
+        }
+        check_url(url).map_err(|e| NodeError::BadRequest(e.to_string()))?;
+        if root_digest.is_some_and(|r| r.len() != 64 || !r.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())) {
+            return Err(NodeError::BadRequest("root_digest: 64 lowercase hex digits".into()));
+        }
+        let peers = checked_peers(&self.opts.peers, peers)?;
+        let id = loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+                match names.get(name) {
+                    Some(b) if b.url != url && !matches!(b.state, NameState::Failed(_)) => {
+                        return Err(NodeError::Conflict { name: name.into(), bound: b.shown.clone() });
+                    }
+                    Some(Binding { state: NameState::Ready(image), .. }) => return Ok(image.clone()),
+                    // The same request is under way: wait for its outcome.
+                    Some(Binding { state: NameState::Opening(_), .. }) => {}
+                    Some(_) | None => {
+                        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                        let binding =
+                            Binding { id, url: url.into(), shown: redact(url), root: None, state: NameState::Opening(Instant::now()) };
+                        names.insert(name.into(), binding);
+                        break id;
+                    }
+                }
+            }
+            notified.await;
+            let names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+            match names.get(name) {
+                Some(Binding { state: NameState::Failed(why), .. }) => return Err(NodeError::Failed(why.clone())),
+                None => return Err(NodeError::Closed(name.into())),
+                Some(_) => {}
+            }
+        };
+        let result = self.open_cache(name, id, url, peers, root_digest).await;
+        self.settle(name, id, result)
+    }
+
+    /// Records how opening `name` (binding `id`) ended.
+    fn settle(&self, name: &str, id: u64, result: Result<(Arc<NodeCache>, OpenImage), NodeError>) -> Result<OpenImage, NodeError> {
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        let outcome = match (result, names.get_mut(name).filter(|b| b.id == id)) {
+            (Ok((cache, image)), Some(b)) => {
+                b.state = NameState::Ready(image.clone());
+                self.nbd.add(name, cache);
+                Ok(image)
+            }
+            (Ok(_), None) => Err(NodeError::Closed(name.into())),
+            (Err(e), Some(b)) => {
+                b.state = NameState::Failed(chain(&e));
+                Err(e)
+            }
+            (Err(e), None) => Err(e),
+        };
+        let roots: Vec<String> = names.values().filter_map(|b| b.root.clone()).collect();
+        self.release_unused(&roots);
+        drop(names);
+        self.changed.notify_waiters();
+        outcome
+    }
+
+    async fn open_cache(
+        &self,
+        name: &str,
+        id: u64,
+        url: &str,
+        peers: Vec<String>,
+        expected: Option<&str>,
+    ) -> Result<(Arc<NodeCache>, OpenImage), NodeError> {
+        let remote = Remote::open(url, self.opts.retry).await.map_err(|e: RemoteError| NodeError::Cache(e.into()))?;
+        // The header names the cache; a new cache goes on from the same
+        // connection state and header rather than fetching them again.
+        let (head, header) = crate::cache::open::head(&remote).await?;
+        let root = hex(&header.root_digest);
+        if let Some(expected) = expected
+            && expected != root
+        {
+            return Err(NodeError::WrongImage { url: remote.shown().into(), expected: expected.into(), found: root });
+        }
+        // The binding holds the root from here on, so closing another name
+        // of the same image does not close the cache this one opens.
+        match self.names.lock().unwrap_or_else(|p| p.into_inner()).get_mut(name) {
+            Some(b) if b.id == id => b.root = Some(root.clone()),
+            _ => return Err(NodeError::Closed(name.into())),
+        }
+        let cell = Arc::clone(self.caches.lock().unwrap_or_else(|p| p.into_inner()).entry(root.clone()).or_default());
+        let shown = remote.shown().to_owned();
+        let mut opts = self.opts.clone();
+        opts.peers = peers;
+        let cache =
+            cell.get_or_try_init(|| async move { crate::cache::open::open_from(remote, head, &header, opts).await.map(Arc::new) }).await?;
+        let image = OpenImage {
+            name: name.into(),
+            url: shown,
+            root_digest: root,
+            virtual_size: cache.virtual_size(),
+            nbd_url: format!("nbd+unix:///{name}?socket={}", self.socket.display()),
+        };
+        Ok((Arc::clone(cache), image))
+    }
+
+    /// Drops the caches of roots no binding in `in_use` holds; each stops
+    /// fetching at once, even while an NBD client still reads it.
+    fn release_unused(&self, in_use: &[String]) {
+        let mut caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
+        caches.retain(|root, cell| {
+            let keep = in_use.contains(root);
+            if !keep && let Some(cache) = cell.get() {
+                cache.stop();
+                tracing::info!(root, "cache closed");
+            }
+            keep
+        });
+    }
+
+    /// Closes `name` (open, being opened or failed); the cache stops when no
+    /// name uses it. Returns whether the name was bound.
+    pub fn close(&self, name: &str) -> bool {
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(binding) = names.remove(name) else { return false };
+        if matches!(binding.state, NameState::Ready(_)) {
+            self.nbd.remove(name);
+        }
+        let roots: Vec<String> = names.values().filter_map(|b| b.root.clone()).collect();
+        self.release_unused(&roots);
+        drop(names);
+        self.changed.notify_waiters();
+        true
+    }
+
+    /// Every bound name, with its cache's counters when open.
+    pub fn status(&self) -> Vec<Named> {
+        let names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        let caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
+        names
+            .iter()
+            .map(|(name, b)| {
+                let metrics = match &b.state {
+                    NameState::Ready(i) => caches.get(&i.root_digest).and_then(|c| c.get()).map(|c| c.metrics()),
+                    _ => None,
+                };
+                Named { name: name.clone(), url: b.shown.clone(), state: b.state.clone(), metrics }
+            })
+            .collect()
+    }
+
+    /// The counters of each open cache, by root digest.
+    pub fn cache_metrics(&self) -> Vec<(String, Snapshot)> {
+        let caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
+        caches.iter().filter_map(|(root, c)| Some((root.clone(), c.get()?.metrics()))).collect()
+    }
+
+    /// The cache of a root digest, if open.
+    pub fn cache(&self, root_digest: &str) -> Option<Arc<NodeCache>> {
+        self.caches.lock().unwrap_or_else(|p| p.into_inner()).get(root_digest).and_then(|c| c.get().cloned())
+    }
+}
+
+/// An error with its chain of causes, on one line.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_peers_are_checked() {
+        for bad in ["", ".", "..", ".x", "a/b", "a b", "é", &"x".repeat(256)] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+        assert!(valid_name("vm-1.disk_0"));
+        let many: Vec<String> = (0..20).map(|i| format!("http://10.0.0.{i}:7070")).collect();
+        assert!(checked_peers(&[], &many).unwrap_err().to_string().contains("at most"));
+        let dup = ["http://a:1/".to_string(), "http://a:1".to_string(), "http://a:1".to_string()];
+        assert_eq!(checked_peers(&dup[..1], &dup[1..]).unwrap(), vec!["http://a:1".to_string()]);
+        for bad in ["file:///etc/passwd", "ftp://x/", "not a url", "https://x/"] {
+            assert!(checked_peers(&[], &[bad.to_string()]).is_err(), "{bad}");
+        }
+    }
+}
