@@ -72,11 +72,32 @@ pub async fn serve_until(
     stats: Arc<StoreStats>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, dir, stats, crate::http::Limits::default(), stop).await
+}
+
+/// Like [`serve_until`], within `limits`.
+///
+/// # Errors
+/// When the directory cannot be opened or the listener fails.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    dir: PathBuf,
+    stats: Arc<StoreStats>,
+    limits: crate::http::Limits,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    crate::http::serve(listener, router(&dir, stats)?, limits, stop).await
+}
+
+/// The store's routes over `dir`, to serve with any HTTP server.
+///
+/// # Errors
+/// When the directory cannot be opened.
+pub fn router(dir: &std::path::Path, stats: Arc<StoreStats>) -> std::io::Result<Router> {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    let dir = rustix::fs::open(&dir, flags, Mode::empty()).map_err(std::io::Error::from)?;
+    let dir = rustix::fs::open(dir, flags, Mode::empty()).map_err(std::io::Error::from)?;
     let shared = Arc::new(Shared { dir, etags: Mutex::new(HashMap::new()), stats });
-    let app = Router::new().route("/{name}", get(file).head(file)).with_state(shared);
-    crate::http::serve(listener, app, crate::http::Limits::default(), stop).await
+    Ok(Router::new().route("/{name}", get(file).head(file)).with_state(shared))
 }
 
 fn plain(status: StatusCode, msg: impl Into<String>) -> Response {

@@ -126,6 +126,18 @@ impl NbdServer {
         self.limits
     }
 
+    /// Bytes of read data in flight or waiting to be sent, over all
+    /// connections (in 4 KiB units, as the budget counts them).
+    pub fn bytes_in_flight(&self) -> u64 {
+        let total = session::pages_of(self.limits.total_bytes);
+        (total.saturating_sub(self.budget.available_permits()) as u64) * 4096
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.limits.max_connections.max(1) - self.connections.available_permits()
+    }
+
     /// Adds (or replaces) an export. Connections already open keep the
     /// export they chose.
     pub fn add(&self, name: &str, export: Arc<dyn Export>) {
@@ -186,19 +198,23 @@ impl NbdServer {
         }
     }
 
-    /// Serves one connection, if there is room for it.
-    fn start<S: AsyncRead + AsyncWrite + Send + 'static>(self: &Arc<Self>, stream: S) {
+    /// Serves one connection on any byte stream (a socket, a pipe, a test's
+    /// in-memory stream) until it ends, within this server's limits.
+    pub async fn serve_connection<S: AsyncRead + AsyncWrite + Send + 'static>(self: &Arc<Self>, stream: S) {
         let Ok(slot) = Arc::clone(&self.connections).try_acquire_owned() else {
             tracing::warn!(limit = self.limits.max_connections, "too many NBD connections; closing a new one");
             return;
         };
         let mut timed = tokio_io_timeout::TimeoutStream::new(stream);
         timed.set_write_timeout(Some(self.limits.write_timeout));
+        session::run(Arc::clone(self), Box::pin(timed)).await;
+        drop(slot);
+    }
+
+    /// Serves one connection, if there is room for it.
+    fn start<S: AsyncRead + AsyncWrite + Send + 'static>(self: &Arc<Self>, stream: S) {
         let server = Arc::clone(self);
-        tokio::spawn(async move {
-            session::run(server, Box::pin(timed)).await;
-            drop(slot);
-        });
+        tokio::spawn(async move { server.serve_connection(stream).await });
     }
 }
 

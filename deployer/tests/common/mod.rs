@@ -3,6 +3,8 @@
 
 #![allow(dead_code, reason = "each test file uses its own part")]
 
+pub mod raw_client;
+
 use std::fs::OpenOptions;
 use std::io::Cursor;
 use std::os::unix::fs::FileExt;

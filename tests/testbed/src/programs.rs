@@ -248,8 +248,26 @@ impl NodeProc {
     /// # Errors
     /// When the process is gone.
     pub fn rss(&self) -> anyhow::Result<u64> {
+        self.status_kb("VmRSS:")
+    }
+
+    /// The most resident memory the node process has had, bytes.
+    ///
+    /// # Errors
+    /// When the process is gone.
+    pub fn peak_rss(&self) -> anyhow::Result<u64> {
+        self.status_kb("VmHWM:")
+    }
+
+    fn status_kb(&self, field: &str) -> anyhow::Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.0.id()))?;
-        let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).context("no VmRSS")?.trim().trim_end_matches(" kB").trim();
+        let kb = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .with_context(|| format!("no {field}"))?
+            .trim()
+            .trim_end_matches(" kB")
+            .trim();
         Ok(kb.parse::<u64>()? * 1024)
     }
 }
