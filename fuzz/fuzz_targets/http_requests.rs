@@ -56,9 +56,8 @@ fuzz_target!(|data: &[u8]| {
     let out = s.rt.block_on(async {
         let (client, served) = tokio::io::duplex(64 << 10);
         let conn = tokio::spawn(async move {
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(served), TowerToHyperService::new(router))
-                .await;
+            let _ =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(served), TowerToHyperService::new(router)).await;
         });
         let (mut rd, mut wr) = tokio::io::split(client);
         let send = async {
@@ -74,7 +73,11 @@ fuzz_target!(|data: &[u8]| {
         conn.abort();
         out
     });
-    assert!(out.is_empty() || out.starts_with(b"HTTP/1.1 ") || out.starts_with(b"HTTP/1.0 "), "not an HTTP answer: {:?}", String::from_utf8_lossy(&out[..out.len().min(64)]));
+    assert!(
+        out.is_empty() || out.starts_with(b"HTTP/1.1 ") || out.starts_with(b"HTTP/1.0 "),
+        "not an HTTP answer: {:?}",
+        String::from_utf8_lossy(&out[..out.len().min(64)])
+    );
     let has = |needle: &[u8]| out.windows(needle.len()).any(|w| w == needle);
     assert!(!has(OUTSIDE), "a file outside the store was served");
     // The node may repeat what a caller sent (a JSON error names the input);

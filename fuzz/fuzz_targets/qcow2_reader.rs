@@ -30,11 +30,8 @@ fuzz_target!(|data: &[u8]| {
         let _ = image.allocated();
     }
     if let Ok(q) = Qcow2::open(path()) {
-        let trace = Trace {
-            space: OffsetSpace::ImageFile,
-            records: (0..8).map(|i| Record::read(i, i * 4096, 4096)).collect(),
-            ..Trace::default()
-        };
+        let trace =
+            Trace { space: OffsetSpace::ImageFile, records: (0..8).map(|i| Record::read(i, i * 4096, 4096)).collect(), ..Trace::default() };
         let _ = map_trace(&trace, &q);
     }
 });
