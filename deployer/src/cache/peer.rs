@@ -49,6 +49,8 @@ pub const MAX_RELAY_WAIT: Duration = Duration::from_secs(30);
 /// A peer as seen by the fetching node.
 pub(super) struct Peer {
     url: String,
+    /// The URL as logged ([`crate::remote::redact`]).
+    shown: String,
     root: String,
     len: u64,
     retry: RetryPolicy,
@@ -75,8 +77,10 @@ impl Peer {
     /// first use, so one that comes up later (a node opening the same image
     /// a moment after this one) is still used.
     pub(super) fn new(base: &str, root: &str, len: u64, retry: RetryPolicy, authorization: Option<String>) -> Peer {
+        let url = format!("{}/peer/{root}", base.trim_end_matches('/'));
         Peer {
-            url: format!("{}/peer/{root}", base.trim_end_matches('/')),
+            shown: crate::remote::redact(&url),
+            url,
             root: root.to_owned(),
             len,
             retry,
@@ -86,9 +90,9 @@ impl Peer {
         }
     }
 
-    /// The peer's URL for this image.
+    /// The peer's URL for this image, as logged.
     pub(super) fn url(&self) -> &str {
-        &self.url
+        &self.shown
     }
 
     /// The peer's view of the image, opened on first use; `None` (logged)
@@ -105,16 +109,16 @@ impl Peer {
         let quick = RetryPolicy { budget: Duration::ZERO, request_timeout: self.retry.request_timeout.min(RELAY_WAIT), ..self.retry };
         match Remote::open_with(&self.url, quick, self.authorization.as_deref()).await {
             Ok(remote) if remote.len() == self.len && remote.etag() == Some(self.root.as_str()) => {
-                tracing::info!(peer = self.url, "fetching from peer before the store");
+                tracing::info!(peer = self.shown, "fetching from peer before the store");
                 Some(self.remote.get_or_init(|| remote))
             }
             Ok(remote) => {
-                tracing::warn!(peer = self.url, len = remote.len(), etag = remote.etag(), "peer offers another image; not used");
+                tracing::warn!(peer = self.shown, len = remote.len(), etag = remote.etag(), "peer offers another image; not used");
                 self.ban();
                 None
             }
             Err(e) => {
-                tracing::warn!(peer = self.url, error = %e, "peer not available; asking the store (and the peer again later)");
+                tracing::warn!(peer = self.shown, error = %e, "peer not available; asking the store (and the peer again later)");
                 self.pause();
                 None
             }
