@@ -7,18 +7,8 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::deliver::{Killed, NodeProc, assert_export_equals, bootcache_bin, free_port, wait_port};
+use support::deliver::{NodeProc, assert_export_equals, bootcache_bin, free_port, store};
 use support::{accel, bootcache, reference_guest};
-
-fn store(dir: &std::path::Path, port: u16) -> Killed {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bootcache"))
-        .args(["store", "serve", "--listen", &format!("127.0.0.1:{port}")])
-        .arg(dir)
-        .spawn()
-        .expect("bootcache store serve");
-    wait_port(port, &mut child, "bootcache store serve").unwrap();
-    Killed(child)
-}
 
 fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))

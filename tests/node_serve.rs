@@ -10,17 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use support::deliver::{Killed, NodeProc, bootcache_bin, free_port, wait_port};
-
-fn store(dir: &Path, port: u16) -> Killed {
-    let mut child = Command::new(bootcache_bin())
-        .args(["store", "serve", "--listen", &format!("127.0.0.1:{port}")])
-        .arg(dir)
-        .spawn()
-        .expect("bootcache store serve");
-    wait_port(port, &mut child, "bootcache store serve").unwrap();
-    Killed(child)
-}
+use support::deliver::{Killed, NodeProc, bootcache_bin, free_port, store};
 
 /// A 64 MiB container (zeros) on a store; its URL.
 fn image(dir: &Path) -> (Killed, String) {

@@ -12,6 +12,17 @@ pub fn bootcache_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_bootcache"))
 }
 
+/// `bootcache store serve DIR` on loopback at `port`, once it answers.
+pub fn store(dir: &Path, port: u16) -> Killed {
+    let mut child = Command::new(bootcache_bin())
+        .args(["store", "serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg(dir)
+        .spawn()
+        .expect("bootcache store serve");
+    wait_port(port, &mut child, "bootcache store serve").unwrap();
+    Killed(child)
+}
+
 /// The source image and an NBD export of it compare equal, byte for byte
 /// (`qemu-img compare` through QEMU's NBD client).
 pub fn assert_export_equals(image: &Path, nbd_url: &str) {

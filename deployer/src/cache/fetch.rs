@@ -301,7 +301,7 @@ async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
         if let Some(why) = broken {
             if let Some(p) = from {
                 // A peer that breaks off is left alone; the store goes on.
-                tracing::warn!(peer = inner.peers[p].url(), error = why, "peer fetch interrupted; asking the store");
+                tracing::warn!(peer = inner.peers[p].shown(), error = why, "peer fetch interrupted; asking the store");
                 inner.peers[p].pause();
                 continue;
             }
@@ -334,7 +334,7 @@ async fn open_stream(
             // It lacks part of the range (404): the store has it.
             Err(RemoteError::Protocol { .. }) => {}
             Err(e) => {
-                tracing::warn!(peer = p.url(), error = %e, "peer unreachable; asking the store");
+                tracing::warn!(peer = p.shown(), error = %e, "peer unreachable; asking the store");
                 p.pause();
             }
         }
@@ -417,7 +417,7 @@ async fn deliver(inner: &Arc<Inner>, pos: usize, stored: Bytes, source: Source, 
         }
         Err(why) if let Some(p) = from => {
             Metrics::add(&inner.metrics.bad_extents, 1);
-            let peer = inner.peers[p].url();
+            let peer = inner.peers[p].shown();
             tracing::error!(
                 guest_offset = format_args!("{guest:#x}"),
                 peer,

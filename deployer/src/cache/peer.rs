@@ -91,7 +91,7 @@ impl Peer {
     }
 
     /// The peer's URL for this image, as logged.
-    pub(super) fn url(&self) -> &str {
+    pub(super) fn shown(&self) -> &str {
         &self.shown
     }
 
