@@ -162,6 +162,23 @@ fn the_nbd_socket_is_never_a_file_nor_a_live_socket_and_tcp_needs_consent() {
     b.get("/metrics").unwrap();
 }
 
+/// A URL's password and query (a signed URL's signature) reach neither the
+/// node's log nor its listing.
+#[test]
+fn credentials_in_urls_are_not_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, url) = image(dir.path());
+    let work = dir.path().join("node");
+    let node =
+        NodeProc::start_in(bootcache_bin(), None, None, &dir.path().join("cache"), &work, &dir.path().join("token"), &["-vv"]).unwrap();
+    let secret = url.replace("http://", "http://user:s3cr3t@") + "?sig=s3cr3t";
+    node.open("disk", &secret, &[]).unwrap();
+    let listed = node.get("/images").unwrap();
+    let log = std::fs::read_to_string(work.join("node.log")).unwrap();
+    assert!(log.contains("user:***") && log.contains("cache open"), "{log}");
+    assert!(!log.contains("s3cr3t") && !listed.contains("s3cr3t"), "{listed}\n{log}");
+}
+
 #[test]
 fn the_token_is_private_printed_and_rotated() {
     let dir = tempfile::tempdir().unwrap();

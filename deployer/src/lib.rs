@@ -9,6 +9,9 @@
 //!   background, every extent verified before it is served.
 //! - [`nbd`]: the read-only NBD export QEMU boots from, through a qcow2
 //!   overlay of its own.
+//! - [`node`]: a compute node's caches and exports behind an HTTP API.
+//! - [`auth`]: the credential that API requires (a bearer token file).
+//! - [`http`]: serving HTTP within limits, and RFC 9110 `Range`.
 //! - [`metrics`]: what a cache fetched and how guests fared.
 //!
 //! ```no_run
