@@ -79,7 +79,10 @@ fuzz_target!(|data: &[u8]| {
         String::from_utf8_lossy(&out[..out.len().min(64)])
     );
     let has = |needle: &[u8]| out.windows(needle.len()).any(|w| w == needle);
-    assert!(!has(OUTSIDE), "a file outside the store was served");
+    // A JSON error may quote what the caller sent; the file's bytes must not
+    // appear otherwise.
+    let sent = |needle: &[u8]| request.windows(needle.len()).any(|w| w == needle);
+    assert!(sent(OUTSIDE) || !has(OUTSIDE), "a file outside the store was served");
     // The node may repeat what a caller sent (a JSON error names the input);
     // the token must not appear unless the caller sent it outside its header.
     let sent_elsewhere = request
