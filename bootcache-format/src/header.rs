@@ -225,6 +225,11 @@ fn segment(name: &'static str, off: u64, len: u64, file_len: u64) -> Result<Rang
 }
 
 impl Header {
+    /// The root digest.
+    pub fn root(&self) -> crate::RootDigest {
+        crate::RootDigest(self.root_digest)
+    }
+
     /// Checks `bytes` (the first [`HEADER_SIZE`] bytes of a file of `file_len` bytes).
     ///
     /// # Errors

@@ -42,6 +42,7 @@
 
 #![deny(missing_docs)]
 
+mod digest;
 mod extent;
 mod header;
 mod index;
@@ -50,6 +51,7 @@ mod meta;
 mod reader;
 mod writer;
 
+pub use digest::{BadRootDigest, RootDigest};
 pub use extent::{EncodedExtent, ExtentError, decode_extent, encode_extent, encode_extent_borrowed, encode_extent_owned, is_zero};
 pub use header::{HEADER_SIZE, Header, HeaderError, MAGIC, MAX_EXTENT_LIMIT, RawHeader, feature_names, incompat};
 pub use index::{ENTRY_SIZE, Encoding, Entry, Index, IndexError, RawEntry, Segment};

@@ -100,7 +100,16 @@ impl<R: ReadAt> Image<R> {
         if blake3::hash(&meta_bytes).as_bytes() != &header.meta_digest && !cfg!(fuzzing) {
             return Err(Error::BadMetadata("digest mismatch".into()));
         }
-        let meta = serde_json::from_slice(&meta_bytes).map_err(|e| Error::BadMetadata(e.to_string()))?;
+        let mut meta: Metadata = serde_json::from_slice(&meta_bytes).map_err(|e| Error::BadMetadata(e.to_string()))?;
+        // Containers written before `boot_seconds` had a field of its own kept it in `extra`.
+        if meta.boot_seconds.is_none() {
+            meta.boot_seconds = meta.extra.get("boot_seconds").and_then(serde_json::Value::as_f64);
+        }
+        if let Some(s) = meta.boot_seconds
+            && !(0.0..=crate::meta::MAX_BOOT_SECONDS).contains(&s)
+        {
+            return Err(Error::BadMetadata(format!("boot_seconds {s} is not a time from 0 to a day")));
+        }
         Ok(Image { src, header, index, meta, last: Mutex::new(None) })
     }
 
@@ -127,6 +136,11 @@ impl<R: ReadAt> Image<R> {
     /// The root digest, as lowercase hex.
     pub fn root_digest_hex(&self) -> String {
         hex(&self.header.root_digest)
+    }
+
+    /// The root digest.
+    pub fn root_digest(&self) -> crate::RootDigest {
+        self.header.root()
     }
 
     /// Reads, verifies and decodes one extent.

@@ -252,3 +252,25 @@ fn header_is_what_format_md_says() {
     check("segment", offset_of!(RawEntry, segment));
     check("digest", offset_of!(RawEntry, digest));
 }
+
+#[test]
+fn the_recorded_boot_time_is_typed_checked_and_read_from_older_images() {
+    let with = |metadata: Metadata| {
+        let data = vec![1u8; 4096];
+        let plan = vec![PlannedExtent { guest: 0..4096, segment: Segment::Rest }];
+        let opts = WriterOptions { virtual_size: 4096, block_size: 512, max_extent_len: 4096, metadata };
+        let mut w = Writer::new(Cursor::new(Vec::new()), opts, plan).unwrap();
+        w.push(&encode_extent(&data, None)).unwrap();
+        Image::open(w.finish().unwrap().0.into_inner())
+    };
+    let typed = with(Metadata { creator: "t".into(), boot_seconds: Some(2.5), ..Default::default() }).unwrap();
+    assert_eq!(typed.metadata().boot_seconds, Some(2.5));
+    // Written before the field existed: in `extra`.
+    let older = with(Metadata { creator: "t".into(), extra: serde_json::json!({"boot_seconds": 1.25}), ..Default::default() }).unwrap();
+    assert_eq!(older.metadata().boot_seconds, Some(1.25));
+    for bad in [-1.0, 1e9] {
+        let err = with(Metadata { creator: "t".into(), boot_seconds: Some(bad), ..Default::default() }).unwrap_err().to_string();
+        assert!(err.contains("metadata"), "{bad}: {err}");
+    }
+    assert_eq!(with(Metadata { creator: "t".into(), ..Default::default() }).unwrap().metadata().boot_seconds, None);
+}

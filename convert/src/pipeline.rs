@@ -160,13 +160,13 @@ pub fn convert<W: Write + Seek + Send>(
         "min_boots": opts.min_boots,
         "boot_set_bytes": plan.boot_set_bytes,
         "boot_alignment": plan.block_size,
-        "boot_seconds": boot_ns.map(|n| n as f64 / 1e9),
     });
+    let boot_seconds = boot_ns.map(|n| (n as f64 / 1e9).min(86_400.0));
     let wopts = WriterOptions {
         virtual_size: size,
         block_size: u32::try_from(plan.block_size).unwrap_or(1),
         max_extent_len: opts.boot_extent_max.max(opts.rest_extent_len),
-        metadata: Metadata { creator: opts.creator.clone(), parent_locator: None, extra },
+        metadata: Metadata { creator: opts.creator.clone(), boot_seconds, parent_locator: None, extra },
     };
     let mut writer = Writer::new(out, wopts, plan.extents.clone()).map_err(ConvertError::Writer)?;
     let zero_extents = write_extents(src, &mut writer, &plan.extents, opts.zstd_level, progress)?;

@@ -126,7 +126,7 @@ fn sparse_source_costs_no_data_bytes() {
     let (out, report) = convert(&src, &[trace, late], Cursor::new(Vec::new()), &ConvertOptions::default(), &|_| {}).unwrap();
     // The latest boot's last read is recorded for the node's background stream.
     let img = Image::open(out.get_ref().as_slice()).unwrap();
-    assert_eq!(img.metadata().extra["boot_seconds"], 2.5);
+    assert_eq!(img.metadata().boot_seconds, Some(2.5));
     // 8 KiB of data, an allocated zero block that costs nothing, a 1 GiB disk.
     assert_eq!(report.boot_segment_bytes + report.rest_segment_bytes, 8192);
     assert_eq!(report.zero_extents, 1);

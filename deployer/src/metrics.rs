@@ -104,7 +104,7 @@ impl Snapshot {
 
 /// Prometheus text exposition of several caches' counters, one family per
 /// counter, each sample labelled with its image.
-pub fn prometheus(caches: &[(String, Snapshot)]) -> String {
+pub fn prometheus(caches: &[(bootcache_format::RootDigest, Snapshot)]) -> String {
     type Get = fn(&Snapshot) -> f64;
     let families: [(&str, &str, &str, Get); 17] = [
         ("fetched_bytes_total", "counter", "Stored bytes fetched from the network.", |s| s.fetched_bytes() as f64),
@@ -129,7 +129,6 @@ pub fn prometheus(caches: &[(String, Snapshot)]) -> String {
     for (name, kind, help, get) in families {
         let _ = writeln!(out, "# HELP bootcache_{name} {help}\n# TYPE bootcache_{name} {kind}");
         for (image, snap) in caches {
-            let image = image.replace(['\\', '"', '\n'], "_");
             let _ = writeln!(out, "bootcache_{name}{{image=\"{image}\"}} {}", get(snap));
         }
     }

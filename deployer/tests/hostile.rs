@@ -302,7 +302,7 @@ async fn names_urls_and_peers_cannot_take_the_node_over() {
     assert!(pinned.text().await.unwrap().contains(first["root_digest"].as_str().unwrap()));
 
     // Closing the name closes its cache, which stops streaming.
-    let root = first["root_digest"].as_str().unwrap().to_owned();
+    let root: bootcache_format::RootDigest = first["root_digest"].as_str().unwrap().parse().unwrap();
     let cache = node.cache(&root).unwrap();
     assert_eq!(client.delete(format!("{api}/images/vm1")).send().await.unwrap().status(), 204);
     assert!(node.cache(&root).is_none() && node.cache_metrics().is_empty(), "no cache left open");

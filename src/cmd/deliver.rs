@@ -275,7 +275,7 @@ pub fn boot(args: &BootArgs) -> anyhow::Result<ExitCode> {
         tokio::spawn(node.nbd().serve_unix(tokio::net::UnixListener::bind(&sock)?));
         let opened = Instant::now();
         let image = node.open("disk", &url, &[], None).await.with_context(|| format!("opening {}", redact(&url)))?;
-        tracing::info!(root = image.root_digest, seconds = opened.elapsed().as_secs_f64(), "image open");
+        tracing::info!(root = %image.root_digest, seconds = opened.elapsed().as_secs_f64(), "image open");
         let overlay = work.path().join("overlay.qcow2");
         let size = image.virtual_size.to_string();
         let out = tokio::process::Command::new("qemu-img")

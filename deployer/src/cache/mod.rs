@@ -247,9 +247,9 @@ impl NodeCache {
         self.inner.header.virtual_size
     }
 
-    /// The image's root digest, hex.
-    pub fn root_digest(&self) -> String {
-        bootcache_format::hex(&self.inner.header.root_digest)
+    /// The image's root digest.
+    pub fn root_digest(&self) -> bootcache_format::RootDigest {
+        self.inner.header.root()
     }
 
     /// The counters now.

@@ -84,8 +84,7 @@ pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts
     fetch(&remote, &mut regions, header.meta.clone()).await?;
     // The format crate checks everything: header, index tiling, root digest, metadata.
     let image = Image::open(regions).map_err(bad)?;
-    let recorded_boot =
-        image.metadata().extra.get("boot_seconds").and_then(serde_json::Value::as_f64).filter(|s| s.is_finite() && *s >= 0.0);
+    let recorded_boot = image.metadata().boot_seconds;
     let background_delay =
         opts.background_after.unwrap_or_else(|| std::time::Duration::from_secs_f64(recorded_boot.unwrap_or(0.0).min(3600.0)));
     let header = image.header().clone();
@@ -120,7 +119,7 @@ pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts
     stored.set_len(remote.len()).map_err(local(&stored_path))?;
     let mut by_stored: Vec<usize> = (0..index.entries().len()).filter(|&i| index.entries()[i].stored_len() > 0).collect();
     by_stored.sort_by_key(|&i| index.entries()[i].stored.start);
-    let root = image.root_digest_hex();
+    let root = image.root_digest();
     let prefetched: Vec<bool> = match &opts.prefetch {
         Prefetch::BootSegment => index.entries().iter().map(|e| e.segment == Segment::Boot).collect(),
         Prefetch::Off => vec![false; index.entries().len()],
@@ -133,7 +132,7 @@ pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts
         }
     };
     let peers =
-        opts.peers.iter().map(|base| peer::Peer::new(base, &root, remote.len(), opts.retry, opts.peer_authorization.clone())).collect();
+        opts.peers.iter().map(|base| peer::Peer::new(base, root, remote.len(), opts.retry, opts.peer_authorization.clone())).collect();
 
     let mut state: Vec<State> =
         index.entries().iter().map(|e| if e.encoding == Encoding::Zero { State::Present } else { State::Absent }).collect();

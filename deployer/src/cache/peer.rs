@@ -24,7 +24,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use bootcache_format::Encoding;
+use bootcache_format::{Encoding, RootDigest};
 use bytes::Bytes;
 use futures_util::Stream;
 
@@ -51,7 +51,7 @@ pub(super) struct Peer {
     url: String,
     /// The URL as logged ([`crate::remote::redact`]).
     shown: String,
-    root: String,
+    root: RootDigest,
     len: u64,
     retry: RetryPolicy,
     authorization: Option<String>,
@@ -76,12 +76,12 @@ impl Peer {
     /// and container length `len`. Nothing is asked yet: a peer is opened on
     /// first use, so one that comes up later (a node opening the same image
     /// a moment after this one) is still used.
-    pub(super) fn new(base: &str, root: &str, len: u64, retry: RetryPolicy, authorization: Option<String>) -> Peer {
+    pub(super) fn new(base: &str, root: RootDigest, len: u64, retry: RetryPolicy, authorization: Option<String>) -> Peer {
         let url = format!("{}/peer/{root}", base.trim_end_matches('/'));
         Peer {
             shown: crate::remote::redact(&url),
             url,
-            root: root.to_owned(),
+            root,
             len,
             retry,
             authorization,
@@ -108,7 +108,7 @@ impl Peer {
         // One quick attempt: the store is always there to fall back on.
         let quick = RetryPolicy { budget: Duration::ZERO, request_timeout: self.retry.request_timeout.min(RELAY_WAIT), ..self.retry };
         match Remote::open_with(&self.url, quick, self.authorization.as_deref()).await {
-            Ok(remote) if remote.len() == self.len && remote.etag() == Some(self.root.as_str()) => {
+            Ok(remote) if remote.len() == self.len && remote.etag().and_then(|e| e.parse().ok()) == Some(self.root) => {
                 tracing::info!(peer = self.shown, "fetching from peer before the store");
                 Some(self.remote.get_or_init(|| remote))
             }

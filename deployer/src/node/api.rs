@@ -30,6 +30,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
+use bootcache_format::RootDigest;
 use serde::Deserialize;
 
 use super::{NameState, Node, NodeError, OpenImage, chain};
@@ -77,7 +78,7 @@ struct OpenRequest {
     #[serde(default)]
     peers: Vec<String>,
     #[serde(default)]
-    root_digest: Option<String>,
+    root_digest: Option<RootDigest>,
 }
 
 async fn open(State(node): State<Arc<Node>>, body: Body) -> Response {
@@ -90,7 +91,7 @@ async fn open(State(node): State<Arc<Node>>, body: Body) -> Response {
         Ok(r) => r,
         Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("request body: {e}")),
     };
-    match node.open(&req.name, &req.url, &req.peers, req.root_digest.as_deref()).await {
+    match node.open(&req.name, &req.url, &req.peers, req.root_digest).await {
         Ok(image) => Json::<OpenImage>(image).into_response(),
         Err(e) => {
             let status = match &e {
@@ -135,7 +136,7 @@ async fn metrics(State(node): State<Arc<Node>>) -> String {
 /// What another node fetches: the container's bytes at their own offsets
 /// (HEAD for the length and root digest), only for cached extents.
 async fn peer(State(node): State<Arc<Node>>, method: Method, UrlPath(root): UrlPath<String>, headers: HeaderMap) -> Response {
-    let Some(cache) = node.cache(&root) else { return plain(StatusCode::NOT_FOUND, "image not cached here") };
+    let Some(cache) = root.parse().ok().and_then(|r| node.cache(&r)) else { return plain(StatusCode::NOT_FOUND, "image not cached here") };
     let len = cache.container_len();
     let mut resp = if method == Method::HEAD {
         let mut r = Response::new(Body::empty());

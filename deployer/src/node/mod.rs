@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bootcache_format::hex;
+use bootcache_format::RootDigest;
 use serde::Serialize;
 use tokio::sync::{Notify, OnceCell};
 
@@ -37,7 +37,7 @@ pub struct OpenImage {
     /// Where the container is (without credentials or query).
     pub url: String,
     /// Its root digest (names the cache).
-    pub root_digest: String,
+    pub root_digest: RootDigest,
     /// Guest disk size.
     pub virtual_size: u64,
     /// What QEMU opens (as the backing file of its own overlay).
@@ -99,9 +99,9 @@ pub enum NodeError {
         /// Where.
         url: String,
         /// The root digest asked for.
-        expected: String,
+        expected: RootDigest,
         /// The one found.
-        found: String,
+        found: RootDigest,
     },
 }
 
@@ -111,7 +111,7 @@ struct Binding {
     shown: String,
     /// Known once the header is fetched; from then on the binding holds
     /// its root's cache open.
-    root: Option<String>,
+    root: Option<RootDigest>,
     state: NameState,
 }
 
@@ -121,7 +121,7 @@ pub struct Node {
     socket: PathBuf,
     opts: CacheOptions,
     /// Caches by root digest; an empty cell is one being opened.
-    caches: Mutex<HashMap<String, Arc<OnceCell<Arc<NodeCache>>>>>,
+    caches: Mutex<HashMap<RootDigest, Arc<OnceCell<Arc<NodeCache>>>>>,
     names: Mutex<BTreeMap<String, Binding>>,
     /// Wakes requests waiting for a name being opened by another.
     changed: Notify,
@@ -187,14 +187,11 @@ impl Node {
     ///
     /// # Errors
     /// See [`NodeError`].
-    pub async fn open(&self, name: &str, url: &str, peers: &[String], root_digest: Option<&str>) -> Result<OpenImage, NodeError> {
+    pub async fn open(&self, name: &str, url: &str, peers: &[String], root_digest: Option<RootDigest>) -> Result<OpenImage, NodeError> {
         if !valid_name(name) {
             return Err(NodeError::BadRequest("name: 1 to 255 letters, digits, '.', '_' and '-', not starting with '.'".into()));
         }
         check_url(url).map_err(|e| NodeError::BadRequest(e.to_string()))?;
-        if root_digest.is_some_and(|r| r.len() != 64 || !r.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())) {
-            return Err(NodeError::BadRequest("root_digest: 64 lowercase hex digits".into()));
-        }
         let peers = checked_peers(&self.opts.peers, peers)?;
         let id = loop {
             let notified = self.changed.notified();
@@ -246,7 +243,7 @@ impl Node {
             }
             (Err(e), None) => Err(e),
         };
-        let roots: Vec<String> = names.values().filter_map(|b| b.root.clone()).collect();
+        let roots: Vec<RootDigest> = names.values().filter_map(|b| b.root).collect();
         self.release_unused(&roots);
         drop(names);
         self.changed.notify_waiters();
@@ -259,25 +256,25 @@ impl Node {
         id: u64,
         url: &str,
         peers: Vec<String>,
-        expected: Option<&str>,
+        expected: Option<RootDigest>,
     ) -> Result<(Arc<NodeCache>, OpenImage), NodeError> {
         let remote = Remote::open(url, self.opts.retry).await.map_err(|e: RemoteError| NodeError::Cache(e.into()))?;
         // The header names the cache; a new cache goes on from the same
         // connection state and header rather than fetching them again.
         let (head, header) = crate::cache::open::head(&remote).await?;
-        let root = hex(&header.root_digest);
+        let root = header.root();
         if let Some(expected) = expected
             && expected != root
         {
-            return Err(NodeError::WrongImage { url: remote.shown().into(), expected: expected.into(), found: root });
+            return Err(NodeError::WrongImage { url: remote.shown().into(), expected, found: root });
         }
         // The binding holds the root from here on, so closing another name
         // of the same image does not close the cache this one opens.
         match self.names.lock().unwrap_or_else(|p| p.into_inner()).get_mut(name) {
-            Some(b) if b.id == id => b.root = Some(root.clone()),
+            Some(b) if b.id == id => b.root = Some(root),
             _ => return Err(NodeError::Closed(name.into())),
         }
-        let cell = Arc::clone(self.caches.lock().unwrap_or_else(|p| p.into_inner()).entry(root.clone()).or_default());
+        let cell = Arc::clone(self.caches.lock().unwrap_or_else(|p| p.into_inner()).entry(root).or_default());
         let shown = remote.shown().to_owned();
         let mut opts = self.opts.clone();
         opts.peers = peers;
@@ -295,13 +292,13 @@ impl Node {
 
     /// Drops the caches of roots no binding in `in_use` holds; each stops
     /// fetching at once, even while an NBD client still reads it.
-    fn release_unused(&self, in_use: &[String]) {
+    fn release_unused(&self, in_use: &[RootDigest]) {
         let mut caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
         caches.retain(|root, cell| {
             let keep = in_use.contains(root);
             if !keep && let Some(cache) = cell.get() {
                 cache.stop();
-                tracing::info!(root, "cache closed");
+                tracing::info!(%root, "cache closed");
             }
             keep
         });
@@ -315,7 +312,7 @@ impl Node {
         if matches!(binding.state, NameState::Ready(_)) {
             self.nbd.remove(name);
         }
-        let roots: Vec<String> = names.values().filter_map(|b| b.root.clone()).collect();
+        let roots: Vec<RootDigest> = names.values().filter_map(|b| b.root).collect();
         self.release_unused(&roots);
         drop(names);
         self.changed.notify_waiters();
@@ -339,13 +336,13 @@ impl Node {
     }
 
     /// The counters of each open cache, by root digest.
-    pub fn cache_metrics(&self) -> Vec<(String, Snapshot)> {
+    pub fn cache_metrics(&self) -> Vec<(RootDigest, Snapshot)> {
         let caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
-        caches.iter().filter_map(|(root, c)| Some((root.clone(), c.get()?.metrics()))).collect()
+        caches.iter().filter_map(|(root, c)| Some((*root, c.get()?.metrics()))).collect()
     }
 
     /// The cache of a root digest, if open.
-    pub fn cache(&self, root_digest: &str) -> Option<Arc<NodeCache>> {
+    pub fn cache(&self, root_digest: &RootDigest) -> Option<Arc<NodeCache>> {
         self.caches.lock().unwrap_or_else(|p| p.into_inner()).get(root_digest).and_then(|c| c.get().cloned())
     }
 }
