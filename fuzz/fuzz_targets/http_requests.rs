@@ -7,10 +7,10 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bootcache_deployer::auth::Credential;
-use bootcache_deployer::cache::CacheOptions;
-use bootcache_deployer::node::Node;
-use bootcache_deployer::store::{self, StoreStats};
+use bootcache_delivery::auth::Credential;
+use bootcache_delivery::cache::CacheOptions;
+use bootcache_delivery::node::Node;
+use bootcache_delivery::store::{self, StoreStats};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use libfuzzer_sys::fuzz_target;

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bootcache_deployer::nbd::{Export, Limits, NbdServer};
+use bootcache_delivery::nbd::{Export, Limits, NbdServer};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

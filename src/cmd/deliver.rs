@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use bootcache_deployer::auth::Credential;
-use bootcache_deployer::cache::{Background, CacheOptions, Prefetch};
-use bootcache_deployer::http::Limits;
-use bootcache_deployer::node::Node;
-use bootcache_deployer::remote::redact;
-use bootcache_deployer::store::{self, StoreStats};
+use bootcache_delivery::auth::Credential;
+use bootcache_delivery::cache::{Background, CacheOptions, Prefetch};
+use bootcache_delivery::http::Limits;
+use bootcache_delivery::node::Node;
+use bootcache_delivery::remote::redact;
+use bootcache_delivery::store::{self, StoreStats};
 use bootcache_trace::{OffsetSpace, Trace};
 use clap::{Args, Subcommand};
 use serde_json::json;
@@ -242,7 +242,7 @@ pub fn node(cmd: NodeCmd) -> anyhow::Result<ExitCode> {
         let mut opts = cache.options()?;
         opts.peer_authorization = Some(credential.authorization());
         let node = Node::new(nbd_socket.clone(), opts);
-        let unix = bootcache_deployer::nbd::bind_unix(&nbd_socket).with_context(|| format!("binding {}", nbd_socket.display()))?;
+        let unix = bootcache_delivery::nbd::bind_unix(&nbd_socket).with_context(|| format!("binding {}", nbd_socket.display()))?;
         tokio::spawn(node.nbd().serve_unix(unix));
         if let Some(addr) = nbd_listen {
             let tcp = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
@@ -255,7 +255,7 @@ pub fn node(cmd: NodeCmd) -> anyhow::Result<ExitCode> {
             token.token_file.display(),
             nbd_socket.display()
         );
-        let served = bootcache_deployer::http::serve(listener, node.api(credential), Limits::default(), until_signal()).await;
+        let served = bootcache_delivery::http::serve(listener, node.api(credential), Limits::default(), until_signal()).await;
         let _ = std::fs::remove_file(&nbd_socket);
         served?;
         Ok(ExitCode::SUCCESS)

@@ -6,7 +6,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bootcache_deployer::cache::{Background, NodeCache, Prefetch};
+use bootcache_delivery::cache::{Background, NodeCache, Prefetch};
 use common::{fixture, image, options, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

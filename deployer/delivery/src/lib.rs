@@ -17,7 +17,7 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
-//! use bootcache_deployer::{cache::{CacheOptions, NodeCache}, nbd::NbdServer};
+//! use bootcache_delivery::{cache::{CacheOptions, NodeCache}, nbd::NbdServer};
 //!
 //! let cache = NodeCache::open("http://store:8080/debian.bcimg", CacheOptions::new("/var/cache/bootcache")).await?;
 //! let nbd = NbdServer::new();

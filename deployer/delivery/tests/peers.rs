@@ -7,8 +7,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bootcache_deployer::cache::{Background, NodeCache, Prefetch};
-use bootcache_deployer::node::Node;
+use bootcache_delivery::cache::{Background, NodeCache, Prefetch};
+use bootcache_delivery::node::Node;
 use bootcache_format::{Encoding, Image, Segment};
 use common::{Fixture, authorized_client, fixture, image, options, serve_api, wait_for};
 

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bootcache_convert::{ConvertOptions, RawSource, convert};
-use bootcache_deployer::cache::{Background, CacheOptions};
-use bootcache_deployer::store::{self, StoreStats};
+use bootcache_delivery::cache::{Background, CacheOptions};
+use bootcache_delivery::store::{self, StoreStats};
 use bootcache_format::Image;
 use bootcache_trace::{ImageIdentity, Record, Trace};
 
@@ -80,10 +80,10 @@ pub async fn fixture() -> Fixture {
 pub const TOKEN: &str = "0123456789abcdef0123456789abcdef-test";
 
 /// Serves `node`'s API (requiring [`TOKEN`]) on loopback; its base URL.
-pub async fn serve_api(node: &Arc<bootcache_deployer::node::Node>) -> String {
+pub async fn serve_api(node: &Arc<bootcache_delivery::node::Node>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api = format!("http://{}", listener.local_addr().unwrap());
-    let router = node.api(bootcache_deployer::auth::Credential::from_token(TOKEN));
+    let router = node.api(bootcache_delivery::auth::Credential::from_token(TOKEN));
     tokio::spawn(async move { axum::serve(listener, router).await });
     api
 }

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bootcache_deployer::cache::{Background, NodeCache};
-use bootcache_deployer::nbd::NbdServer;
-use bootcache_deployer::store;
+use bootcache_delivery::cache::{Background, NodeCache};
+use bootcache_delivery::nbd::NbdServer;
+use bootcache_delivery::store;
 use bootcache_format::{Encoding, Segment};
 
 mod common;
@@ -243,7 +243,7 @@ async fn a_read_waits_while_the_store_is_briefly_away_and_fails_with_a_reason_af
 async fn the_store_gives_ranges_and_the_root_digest_as_etag_and_nothing_outside_its_directory() {
     let fx = fixture().await;
     let img = image(&fx.container);
-    let remote = bootcache_deployer::remote::Remote::open(&fx.url, Default::default()).await.unwrap();
+    let remote = bootcache_delivery::remote::Remote::open(&fx.url, Default::default()).await.unwrap();
     assert_eq!(remote.len(), std::fs::metadata(&fx.container).unwrap().len());
     assert_eq!(remote.etag(), Some(img.root_digest_hex().as_str()), "ETag is the root digest");
     let bytes = remote.get(100..4196).await.unwrap();
@@ -269,7 +269,7 @@ async fn the_store_gives_ranges_and_the_root_digest_as_etag_and_nothing_outside_
 async fn the_node_api_opens_shares_lists_measures_and_closes_images() {
     let fx = fixture().await;
     let sock = fx.dir.path().join("node.sock");
-    let node = bootcache_deployer::node::Node::new(sock.clone(), options(fx.dir.path(), Background::Off));
+    let node = bootcache_delivery::node::Node::new(sock.clone(), options(fx.dir.path(), Background::Off));
     tokio::spawn(node.nbd().serve_unix(tokio::net::UnixListener::bind(&sock).unwrap()));
     let api = serve_api(&node).await;
     let client = authorized_client();

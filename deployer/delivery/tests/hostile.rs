@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bootcache_deployer::cache::Background;
-use bootcache_deployer::node::Node;
+use bootcache_delivery::cache::Background;
+use bootcache_delivery::node::Node;
 use bootcache_format::RawHeader;
 use common::{Fixture, authorized_client, fixture, options, serve_api};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -407,13 +407,13 @@ async fn the_store_answers_ranges_as_rfc_9110_says_and_drops_half_sent_requests(
     std::fs::write(dir.path().join("ten"), b"0123456789").unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let limits = bootcache_deployer::http::Limits {
+    let limits = bootcache_delivery::http::Limits {
         max_connections: 150,
         header_timeout: Duration::from_secs(1),
         write_timeout: Duration::from_secs(5),
     };
-    let stats = Arc::new(bootcache_deployer::store::StoreStats::default());
-    tokio::spawn(bootcache_deployer::store::serve_with(listener, dir.path().to_owned(), stats, limits, std::future::pending()));
+    let stats = Arc::new(bootcache_delivery::store::StoreStats::default());
+    tokio::spawn(bootcache_delivery::store::serve_with(listener, dir.path().to_owned(), stats, limits, std::future::pending()));
     let client = reqwest::Client::new();
     let get = |file: &str, headers: &[(&str, &str)]| {
         let mut r = client.get(format!("http://{addr}/{file}"));

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bootcache_deployer::cache::{Background, NodeCache};
-use bootcache_deployer::nbd::{Limits, NbdServer};
+use bootcache_delivery::cache::{Background, NodeCache};
+use bootcache_delivery::nbd::{Limits, NbdServer};
 use common::{Fixture, MIB, fixture, options, raw_client, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -19,7 +19,7 @@ async fn serve(fx: &Fixture, limits: Limits) -> (Arc<NbdServer>, PathBuf) {
     let nbd = NbdServer::with_limits(limits);
     nbd.add("disk", Arc::new(cache));
     let sock = fx.dir.path().join("limits.sock");
-    tokio::spawn(Arc::clone(&nbd).serve_unix(bootcache_deployer::nbd::bind_unix(&sock).unwrap()));
+    tokio::spawn(Arc::clone(&nbd).serve_unix(bootcache_delivery::nbd::bind_unix(&sock).unwrap()));
     (nbd, sock)
 }
 
