@@ -4,13 +4,12 @@
 #![no_main]
 
 use std::future::Future;
-use std::io;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bootcache_delivery::nbd::{Export, Limits, NbdServer};
+use bootcache_delivery::nbd::{Export, Limits, NbdServer, ReadError};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -22,7 +21,7 @@ impl Export for Disk {
         1 << 20
     }
 
-    fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>> {
+    fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> Pin<Box<dyn Future<Output = Result<(), ReadError>> + Send + 'a>> {
         Box::pin(async move {
             let data = (1u64 << 19).saturating_sub(offset).min(buf.len() as u64) as usize;
             let (head, tail) = buf.split_at_mut(data);

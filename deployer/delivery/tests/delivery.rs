@@ -220,7 +220,13 @@ async fn a_read_waits_while_the_store_is_briefly_away_and_fails_with_a_reason_af
     let started = Instant::now();
     let err = cache.read(rest[0].guest.start, 4096).await.unwrap_err();
     assert!(started.elapsed() >= Duration::from_secs(2), "failed before the timeout: {err}");
-    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    assert!(
+        matches!(
+            &err,
+            bootcache_delivery::cache::ReadError::TimedOut { last: Some(bootcache_delivery::cache::FetchFailure::Store(_)), .. }
+        ),
+        "{err:?}"
+    );
     let msg = err.to_string();
     assert!(msg.contains(&format!("{:#x}", rest[0].guest.start)) && msg.contains("unreachable"), "{msg}");
 

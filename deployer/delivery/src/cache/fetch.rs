@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use tokio::sync::{Semaphore, mpsc};
 
 use super::presence::Journal;
-use super::{Background, Inner, Prefetch, Source, State};
+use super::{Background, FetchFailure, Inner, Prefetch, Source, State};
 use crate::metrics::Metrics;
 use crate::remote::RemoteError;
 
@@ -248,7 +248,7 @@ async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
         let (mut stream, from) = match open_stream(inner, range, source == Source::Boot).await {
             Ok(s) => s,
             Err(e) => {
-                inner.set_error(e.to_string());
+                inner.set_error(FetchFailure::Store(e.to_string()));
                 if source == Source::Demand {
                     release(inner, &run[next..]);
                 }
@@ -290,7 +290,7 @@ async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
                 if mine && source != Source::Demand {
                     release(inner, &[pos]);
                 }
-                inner.set_error(why.clone());
+                inner.set_error(FetchFailure::Interrupted(why.clone()));
                 break;
             }
             let stored = buf.split_to(need).freeze();
@@ -412,7 +412,7 @@ async fn deliver(inner: &Arc<Inner>, pos: usize, stored: Bytes, source: Source, 
         }
         Ok(Err(why)) => {
             tracing::error!(guest_offset = guest, error = why, "cannot write to the cache file");
-            inner.set_error(format!("cache file: {why}"));
+            inner.set_error(FetchFailure::CacheFile(why));
             State::Absent
         }
         Err(why) if let Some(p) = from => {
@@ -435,7 +435,7 @@ async fn deliver(inner: &Arc<Inner>, pos: usize, stored: Bytes, source: Source, 
                 error = why,
                 "extent from the store failed verification; not served"
             );
-            inner.set_error(format!("extent at guest offset {guest:#x} failed verification: {why}"));
+            inner.set_error(FetchFailure::Verification { guest });
             State::Bad
         }
     };

@@ -16,6 +16,7 @@
 //! never written by them. A byte is served only from an extent whose stored
 //! bytes matched their BLAKE3 digest.
 
+mod error;
 mod fetch;
 pub(crate) mod open;
 mod peer;
@@ -33,6 +34,8 @@ use std::time::{Duration, Instant};
 use bootcache_format::{Encoding, Header, Index};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
+
+pub use error::{FetchFailure, ReadError};
 
 use crate::metrics::{Metrics, Snapshot};
 use crate::remote::{Remote, RemoteError, RetryPolicy};
@@ -211,7 +214,7 @@ struct Inner {
     demand_in_flight: std::sync::atomic::AtomicUsize,
     /// Where the boot stream goes on; guest misses ahead of it move it.
     aim: fetch::Aim,
-    last_error: Mutex<Option<String>>,
+    last_error: Mutex<Option<FetchFailure>>,
     /// Set by [`NodeCache::stop`]: nothing more is fetched.
     stopped: std::sync::atomic::AtomicBool,
     opts: CacheOptions,
@@ -289,10 +292,10 @@ impl NodeCache {
     /// Reads `len` guest bytes at `offset`, fetching what is missing first.
     ///
     /// # Errors
-    /// Past the end of the disk (`InvalidInput`); an extent that failed its
-    /// digest, or the store away longer than the read timeout (`Other`, the
-    /// message names the guest offset and the reason).
-    pub async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+    /// See [`ReadError`]: past the end of the disk, an extent that failed
+    /// its digest, the store away longer than the read timeout (naming the
+    /// guest offset and the last fetch failure), a closed image.
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, ReadError> {
         let mut buf = vec![0u8; len as usize];
         self.read_into(offset, &mut buf).await?;
         Ok(buf)
@@ -303,9 +306,13 @@ impl NodeCache {
     ///
     /// # Errors
     /// As [`NodeCache::read`].
-    pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<(), ReadError> {
         let inner = &self.inner;
-        let len = u32::try_from(buf.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "read larger than 4 GiB"))?;
+        let len = u32::try_from(buf.len()).map_err(|_| ReadError::OutOfRange {
+            offset,
+            len: buf.len() as u64,
+            size: inner.header.virtual_size,
+        })?;
         let result = inner.read(offset, buf).await;
         Metrics::add(&inner.metrics.guest_reads, 1);
         let now = u64::try_from(inner.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -343,14 +350,10 @@ impl Drop for NodeCache {
 }
 
 impl Inner {
-    async fn read(self: &Arc<Self>, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let len = buf.len();
-        let end = offset.checked_add(len as u64).filter(|&e| e <= self.header.virtual_size).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("read of {len} bytes at {offset:#x} past the disk's {} bytes", self.header.virtual_size),
-            )
-        })?;
+    async fn read(self: &Arc<Self>, offset: u64, buf: &mut [u8]) -> Result<(), ReadError> {
+        let len = buf.len() as u64;
+        let size = self.header.virtual_size;
+        let end = offset.checked_add(len).filter(|&e| e <= size).ok_or(ReadError::OutOfRange { offset, len, size })?;
         let first = self.index.position(offset);
         let wanted: Vec<usize> = (first..first + self.index.overlapping(offset..end).len())
             .filter(|&i| self.index.entries()[i].encoding != Encoding::Zero)
@@ -368,10 +371,7 @@ impl Inner {
                     match state[i] {
                         State::Present | State::Fetching => {}
                         State::Bad if asked.contains(&i) => {
-                            let guest = self.index.entries()[i].guest.start;
-                            return Err(io::Error::other(format!(
-                                "extent at guest offset {guest:#x} failed its digest check on the store; not served"
-                            )));
+                            return Err(ReadError::BadExtent { guest: self.index.entries()[i].guest.start });
                         }
                         State::Absent | State::Bad => {
                             state[i] = State::Fetching;
@@ -384,9 +384,7 @@ impl Inner {
                 }
             }
             if self.stopped.load(Ordering::SeqCst) {
-                return Err(io::Error::other(format!(
-                    "guest offset {offset:#x}: the image was closed on this node; only bytes cached before are served"
-                )));
+                return Err(ReadError::Closed { offset });
             }
             asked.extend_from_slice(&claim);
             if !claim.is_empty() {
@@ -399,18 +397,15 @@ impl Inner {
             let left = self.opts.read_timeout.saturating_sub(started.elapsed());
             if tokio::time::timeout(left, notified).await.is_err() {
                 self.note_wait(started);
-                let why = self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| "no answer".into());
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("guest offset {offset:#x}: waited {:?} for the store ({why})", self.opts.read_timeout),
-                ));
+                let last = self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                return Err(ReadError::TimedOut { offset, waited: self.opts.read_timeout, last });
             }
         }
         match waited {
             Some(started) => self.note_wait(started),
             None => Metrics::add(&self.metrics.hits, 1),
         }
-        self.read_local(offset, buf).await
+        self.read_local(offset, buf).await.map_err(ReadError::Local)
     }
 
     /// Reads present bytes from the local file: straight from the page cache
@@ -446,7 +441,7 @@ impl Inner {
         self.metrics.miss_wait_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
-    fn set_error(&self, why: String) {
+    fn set_error(&self, why: FetchFailure) {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
     }
 }

@@ -28,6 +28,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
+
+pub use crate::cache::ReadError;
 use tokio::sync::Semaphore;
 
 /// What an export must do: say its size and read.
@@ -35,8 +37,9 @@ pub trait Export: Send + Sync + 'static {
     /// Size in bytes.
     fn size(&self) -> u64;
 
-    /// Fills `buf` with the bytes at `offset` (within the size).
-    fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>>;
+    /// Fills `buf` with the bytes at `offset` (within the size). The error
+    /// stays typed until the reply, where one function maps it to an errno.
+    fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> Pin<Box<dyn Future<Output = Result<(), ReadError>> + Send + 'a>>;
 
     /// Ranges within `range` known to read as zeros, sorted; clients that
     /// negotiated structured replies get them as holes, without data.
@@ -253,7 +256,7 @@ impl Export for crate::cache::NodeCache {
         self.virtual_size()
     }
 
-    fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>> {
+    fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> Pin<Box<dyn Future<Output = Result<(), ReadError>> + Send + 'a>> {
         Box::pin(self.read_into(offset, buf))
     }
 

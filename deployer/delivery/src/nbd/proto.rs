@@ -90,6 +90,8 @@ pub const EIO: u32 = 5;
 pub const EINVAL: u32 = 22;
 /// Not supported.
 pub const ENOTSUP: u32 = 95;
+/// The server is shutting the export down.
+pub const ESHUTDOWN: u32 = 108;
 
 /// Structured reply chunk magic.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;

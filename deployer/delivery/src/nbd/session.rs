@@ -8,7 +8,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::proto::*;
-use super::{Export, NbdServer};
+use super::{Export, NbdServer, ReadError};
 
 /// Longest option payload accepted (names are at most 4096 bytes).
 const MAX_OPTION: u32 = 8 << 10;
@@ -251,9 +251,9 @@ async fn structured_read(export: &dyn Export, pool: &Pool, cookie: u64, offset: 
             let mut f = chunk(pool, cookie, 0, REPLY_TYPE_OFFSET_DATA, 8 + len);
             f[CHUNK..CHUNK + 8].copy_from_slice(&r.start.to_be_bytes());
             if let Err(e) = export.read(r.start, &mut f[CHUNK + 8..]).await {
-                tracing::warn!(offset = r.start, len, error = %e, "NBD read failed; the client gets EIO");
+                let code = errno(&e, r.start, len as u64);
                 frames.into_iter().chain([f]).for_each(|f| pool.give(f));
-                return vec![error_chunk(pool, cookie, EIO, &e.to_string())];
+                return vec![error_chunk(pool, cookie, code, &e.to_string())];
             }
             frames.push(f);
         }
@@ -456,13 +456,23 @@ async fn simple_read(export: &dyn Export, pool: &Pool, cookie: u64, offset: u64,
     let error = match export.read(offset, &mut f[HEAD..]).await {
         Ok(()) => 0,
         Err(e) => {
-            tracing::warn!(offset, length, error = %e, "NBD read failed; the client gets EIO");
             f.truncate(HEAD);
-            EIO
+            errno(&e, offset, u64::from(length))
         }
     };
     put_head(&mut f, cookie, error);
     f
+}
+
+/// The errno a client gets for a read that failed (logged here, once).
+fn errno(e: &ReadError, offset: u64, len: u64) -> u32 {
+    let code = match e {
+        ReadError::OutOfRange { .. } => EINVAL,
+        ReadError::Closed { .. } => ESHUTDOWN,
+        _ => EIO,
+    };
+    tracing::warn!(offset, len, error = %e, code, "NBD read failed");
+    code
 }
 
 #[cfg(test)]
