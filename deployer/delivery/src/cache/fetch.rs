@@ -13,7 +13,6 @@ use tokio::sync::{Semaphore, mpsc};
 use super::presence::Journal;
 use super::{Background, FetchFailure, Inner, Prefetch, Source, State};
 use crate::metrics::Metrics;
-use crate::remote::RemoteError;
 
 /// Largest request of a demand fetch or a stream step. Streams re-plan
 /// between steps, so extents that arrived on demand are not fetched twice.
@@ -245,7 +244,7 @@ async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
     let mut failing_since: Option<Instant> = None;
     while next < run.len() {
         let range = entries[run[next]].stored.start..entries[run[run.len() - 1]].stored.end;
-        let (mut stream, from) = match open_stream(inner, range, source == Source::Boot).await {
+        let (mut stream, from) = match inner.sources.open(range, source == Source::Boot).await {
             Ok(s) => s,
             Err(e) => {
                 inner.set_error(FetchFailure::Store(e.to_string()));
@@ -299,10 +298,11 @@ async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
             next += 1;
         }
         if let Some(why) = broken {
-            if let Some(p) = from {
-                // A peer that breaks off is left alone; the store goes on.
-                tracing::warn!(peer = inner.peers[p].shown(), error = why, "peer fetch interrupted; asking the store");
-                inner.peers[p].pause();
+            let from = inner.sources.get(from);
+            if from.is_peer() {
+                // A peer that breaks off is left alone; the next source goes on.
+                tracing::warn!(peer = from.shown(), error = why, "peer fetch interrupted; asking the next source");
+                from.failed();
                 continue;
             }
             let since = *failing_since.get_or_insert_with(Instant::now);
@@ -317,29 +317,6 @@ async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
         }
     }
     true
-}
-
-/// A stream of `range` from the first usable peer that has all of it (or,
-/// for the boot stream, has it on its way: a relay), or else from the
-/// store; with the peer's position, if any.
-async fn open_stream(
-    inner: &Inner,
-    range: std::ops::Range<u64>,
-    relayed: bool,
-) -> Result<(impl futures_util::Stream<Item = Result<Bytes, reqwest::Error>> + use<>, Option<usize>), RemoteError> {
-    for (i, p) in inner.peers.iter().enumerate() {
-        let Some(remote) = p.remote().await else { continue };
-        match remote.stream(range.clone(), relayed.then_some(super::peer::RELAY_WAIT)).await {
-            Ok(s) => return Ok((s, Some(i))),
-            // It lacks part of the range (404): the store has it.
-            Err(RemoteError::Protocol { .. }) => {}
-            Err(e) => {
-                tracing::warn!(peer = p.shown(), error = %e, "peer unreachable; asking the store");
-                p.pause();
-            }
-        }
-    }
-    Ok((inner.remote.stream(range, None).await?, None))
 }
 
 /// Streams give the link to guest misses: they stop reading (and TCP slows
@@ -376,7 +353,7 @@ fn release(inner: &Inner, positions: &[usize]) {
 /// Verifies, decodes and writes one extent's stored bytes (from peer `from`
 /// or the store), then marks it present. Bytes that fail their digest are
 /// never written; a peer that sent them is not asked again.
-async fn deliver(inner: &Arc<Inner>, pos: usize, stored: Bytes, source: Source, mine: bool, from: Option<usize>) {
+async fn deliver(inner: &Arc<Inner>, pos: usize, stored: Bytes, source: Source, mine: bool, from: usize) {
     let len = stored.len() as u64;
     if !mine {
         Metrics::add(&inner.metrics.discarded_bytes, len);
@@ -404,7 +381,7 @@ async fn deliver(inner: &Arc<Inner>, pos: usize, stored: Bytes, source: Source, 
                 Source::Background => &inner.metrics.background_bytes,
             };
             Metrics::add(counter, len);
-            if from.is_some() {
+            if inner.sources.get(from).is_peer() {
                 Metrics::add(&inner.metrics.peer_bytes, len);
             }
             let _ = inner.durable.send(u32::try_from(pos).unwrap_or(u32::MAX));
@@ -415,16 +392,16 @@ async fn deliver(inner: &Arc<Inner>, pos: usize, stored: Bytes, source: Source, 
             inner.set_error(FetchFailure::CacheFile(why));
             State::Absent
         }
-        Err(why) if let Some(p) = from => {
+        Err(why) if inner.sources.get(from).is_peer() => {
             Metrics::add(&inner.metrics.bad_extents, 1);
-            let peer = inner.peers[p].shown();
+            let peer = inner.sources.get(from).shown();
             tracing::error!(
                 guest_offset = format_args!("{guest:#x}"),
                 peer,
                 error = why,
                 "extent from a peer failed verification; asking the store"
             );
-            inner.peers[p].ban();
+            inner.sources.get(from).lied();
             State::Absent
         }
         Err(why) => {

@@ -21,6 +21,7 @@ mod fetch;
 pub(crate) mod open;
 mod peer;
 pub mod presence;
+mod sources;
 
 use std::fs::File;
 use std::io;
@@ -204,7 +205,8 @@ struct Inner {
     by_stored: Vec<usize>,
     /// Extents the prefetch fetches: what a relay waits for while absent.
     prefetched: Vec<bool>,
-    peers: Vec<peer::Peer>,
+    /// Where bytes come from: the peers, then the store.
+    sources: sources::Sources,
     state: Mutex<Vec<State>>,
     changed: Notify,
     demand: mpsc::UnboundedSender<Vec<usize>>,

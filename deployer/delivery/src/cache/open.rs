@@ -11,7 +11,7 @@ use bytes::Bytes;
 use tokio::sync::{Notify, mpsc};
 
 use super::presence::Journal;
-use super::{CacheError, CacheOptions, Inner, NodeCache, Prefetch, State, fetch, peer};
+use super::{CacheError, CacheOptions, Inner, NodeCache, Prefetch, State, fetch, peer, sources};
 use crate::metrics::Metrics;
 use crate::remote::Remote;
 
@@ -133,6 +133,7 @@ pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts
     };
     let peers =
         opts.peers.iter().map(|base| peer::Peer::new(base, root, remote.len(), opts.retry, opts.peer_authorization.clone())).collect();
+    let sources = sources::Sources::new(peers, remote.clone());
 
     let mut state: Vec<State> =
         index.entries().iter().map(|e| if e.encoding == Encoding::Zero { State::Present } else { State::Absent }).collect();
@@ -155,7 +156,7 @@ pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts
         stored,
         by_stored,
         prefetched,
-        peers,
+        sources,
         state: Mutex::new(state),
         changed: Notify::new(),
         demand: demand_tx,
