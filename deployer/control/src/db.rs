@@ -1,0 +1,308 @@
+//! The control node's state in SQLite (WAL, foreign keys, numbered schema
+//! migrations applied in one transaction each; a database from a newer
+//! version is refused rather than misread).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bootcache_api::{Name, RootDigest};
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Errors of the control node's database.
+#[remain::sorted]
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DbError {
+    /// A value read back is not what was written (a damaged database).
+    #[error("database {path}: {what} is not valid")]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// What is not valid.
+        what: String,
+    },
+    /// The database was made by a newer version of the control node.
+    #[error("database {path} has schema version {found}; this control node knows up to {known}")]
+    Newer {
+        /// The database file.
+        path: PathBuf,
+        /// Its version.
+        found: i64,
+        /// The newest this code knows.
+        known: i64,
+    },
+    /// A node that never registered sent a heartbeat.
+    #[error("node {0} is not registered")]
+    NoSuchNode(Name),
+    /// SQLite failed.
+    #[error("database {path}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+/// The schema, one migration a version; applied in order, never edited
+/// once released (add a new one instead).
+const MIGRATIONS: &[&str] = &[
+    // 1: nodes, what they cache, images.
+    "CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        address TEXT NOT NULL,
+        cores INTEGER NOT NULL DEFAULT 0,
+        memory_bytes INTEGER NOT NULL DEFAULT 0,
+        running INTEGER NOT NULL DEFAULT 0,
+        registered_ms INTEGER NOT NULL,
+        heartbeat_ms INTEGER
+    );
+    CREATE TABLE images (
+        root TEXT PRIMARY KEY,
+        url TEXT NOT NULL,
+        virtual_size INTEGER NOT NULL,
+        boot_bytes INTEGER NOT NULL,
+        registered_ms INTEGER NOT NULL
+    );
+    CREATE TABLE node_caches (
+        node TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        root TEXT NOT NULL,
+        boot_cached_bytes INTEGER NOT NULL,
+        PRIMARY KEY (node, root)
+    );",
+];
+
+/// What a node reports in a heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Heartbeat {
+    /// CPU cores.
+    pub cores: u32,
+    /// Memory, bytes.
+    pub memory_bytes: u64,
+    /// Instances running.
+    pub running: u32,
+    /// The images it caches, each with the bytes of its boot segment it holds.
+    pub caches: Vec<(RootDigest, u64)>,
+}
+
+/// A node as the control node sees it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NodeRow {
+    /// Its name.
+    pub name: Name,
+    /// Its agent's address.
+    pub address: String,
+    /// What its last heartbeat said, if any came.
+    pub last: Option<Heartbeat>,
+    /// When it last sent one (ms since the epoch).
+    pub heartbeat_ms: Option<i64>,
+    /// Whether it is up: a heartbeat within three intervals.
+    pub up: bool,
+}
+
+/// Heartbeats a node may miss before it is down.
+pub const MISSED_HEARTBEATS: u32 = 3;
+
+/// The control node's database.
+#[derive(Debug)]
+pub struct Db {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Db {
+    /// Opens (or makes) the database at `path` and brings its schema up to
+    /// date.
+    ///
+    /// # Errors
+    /// SQLite errors, or a database from a newer version.
+    pub fn open(path: &Path) -> Result<Db, DbError> {
+        let sql = |source| DbError::Sqlite { path: path.to_owned(), source };
+        let conn = Connection::open(path).map_err(sql)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql)?;
+        let mut db = Db { conn, path: path.to_owned() };
+        db.migrate()?;
+        Ok(db)
+    }
+
+    fn sql(&self) -> impl Fn(rusqlite::Error) -> DbError + '_ {
+        |source| DbError::Sqlite { path: self.path.clone(), source }
+    }
+
+    /// The schema version of the open database.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn version(&self) -> Result<i64, DbError> {
+        self.conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(self.sql())
+    }
+
+    fn migrate(&mut self) -> Result<(), DbError> {
+        let known = MIGRATIONS.len() as i64;
+        let found = self.version()?;
+        if found > known {
+            return Err(DbError::Newer { path: self.path.clone(), found, known });
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(usize::try_from(found).unwrap_or(0)) {
+            let path = self.path.clone();
+            let sql = |source| DbError::Sqlite { path: path.clone(), source };
+            let tx = self.conn.transaction().map_err(sql)?;
+            tx.execute_batch(m).map_err(sql)?;
+            tx.pragma_update(None, "user_version", i as i64 + 1).map_err(sql)?;
+            tx.commit().map_err(sql)?;
+            tracing::info!(version = i + 1, "database schema migrated");
+        }
+        Ok(())
+    }
+
+    /// Registers `node` (its agent at `address`), or updates its address.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn register_node(&self, node: &Name, address: &str, now_ms: i64) -> Result<(), DbError> {
+        self.conn
+            .execute(
+                "INSERT INTO nodes (name, address, registered_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET address = excluded.address",
+                params![node.as_str(), address, now_ms],
+            )
+            .map_err(self.sql())?;
+        Ok(())
+    }
+
+    /// Records a heartbeat of `node`: its resources and what it caches.
+    ///
+    /// # Errors
+    /// A node that never registered; SQLite errors.
+    pub fn heartbeat(&self, node: &Name, beat: &Heartbeat, now_ms: i64) -> Result<(), DbError> {
+        let tx = self.conn.unchecked_transaction().map_err(self.sql())?;
+        let updated = tx
+            .execute(
+                "UPDATE nodes SET cores = ?2, memory_bytes = ?3, running = ?4, heartbeat_ms = ?5 WHERE name = ?1",
+                params![node.as_str(), beat.cores, i64::try_from(beat.memory_bytes).unwrap_or(i64::MAX), beat.running, now_ms],
+            )
+            .map_err(self.sql())?;
+        if updated == 0 {
+            return Err(DbError::NoSuchNode(node.clone()));
+        }
+        tx.execute("DELETE FROM node_caches WHERE node = ?1", params![node.as_str()]).map_err(self.sql())?;
+        for (root, bytes) in &beat.caches {
+            tx.execute(
+                "INSERT INTO node_caches (node, root, boot_cached_bytes) VALUES (?1, ?2, ?3)",
+                params![node.as_str(), root.to_string(), i64::try_from(*bytes).unwrap_or(i64::MAX)],
+            )
+            .map_err(self.sql())?;
+        }
+        tx.commit().map_err(self.sql())
+    }
+
+    /// Every node, up or down as of `now_ms` given the agents' heartbeat
+    /// `interval` (down after [`MISSED_HEARTBEATS`] missed ones), by name.
+    ///
+    /// # Errors
+    /// SQLite errors, or a damaged row.
+    pub fn nodes(&self, now_ms: i64, interval: Duration) -> Result<Vec<NodeRow>, DbError> {
+        let limit = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX).saturating_mul(i64::from(MISSED_HEARTBEATS));
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, address, cores, memory_bytes, running, heartbeat_ms FROM nodes ORDER BY name")
+            .map_err(self.sql())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, u32>(4)?,
+                    r.get::<_, Option<i64>>(5)?,
+                ))
+            })
+            .map_err(self.sql())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, address, cores, memory, running, heartbeat_ms) = row.map_err(self.sql())?;
+            let name: Name = name.parse().map_err(|_| self.corrupt(format!("node name {name:?}")))?;
+            let last = match heartbeat_ms {
+                None => None,
+                Some(_) => {
+                    Some(Heartbeat { cores, memory_bytes: u64::try_from(memory).unwrap_or(0), running, caches: self.caches_of(&name)? })
+                }
+            };
+            let up = heartbeat_ms.is_some_and(|t| now_ms.saturating_sub(t) <= limit);
+            out.push(NodeRow { name, address, last, heartbeat_ms, up });
+        }
+        Ok(out)
+    }
+
+    fn caches_of(&self, node: &Name) -> Result<Vec<(RootDigest, u64)>, DbError> {
+        let mut stmt =
+            self.conn.prepare("SELECT root, boot_cached_bytes FROM node_caches WHERE node = ?1 ORDER BY root").map_err(self.sql())?;
+        let rows = stmt.query_map(params![node.as_str()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).map_err(self.sql())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (root, bytes) = row.map_err(self.sql())?;
+            let root = root.parse().map_err(|_| self.corrupt(format!("root digest {root:?}")))?;
+            out.push((root, u64::try_from(bytes).unwrap_or(0)));
+        }
+        Ok(out)
+    }
+
+    /// The nodes that cache `root`, with the boot-segment bytes each holds,
+    /// most first (what cache-aware placement and source planning ask).
+    ///
+    /// # Errors
+    /// SQLite errors, or a damaged row.
+    pub fn holders(&self, root: &RootDigest) -> Result<Vec<(Name, u64)>, DbError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT node, boot_cached_bytes FROM node_caches WHERE root = ?1 ORDER BY boot_cached_bytes DESC, node")
+            .map_err(self.sql())?;
+        let rows = stmt.query_map(params![root.to_string()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).map_err(self.sql())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (node, bytes) = row.map_err(self.sql())?;
+            let node = node.parse().map_err(|_| self.corrupt(format!("node name {node:?}")))?;
+            out.push((node, u64::try_from(bytes).unwrap_or(0)));
+        }
+        Ok(out)
+    }
+
+    /// Registers an image (its container at `url`), or updates its URL.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn register_image(&self, root: &RootDigest, url: &str, virtual_size: u64, boot_bytes: u64, now_ms: i64) -> Result<(), DbError> {
+        let big = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.conn
+            .execute(
+                "INSERT INTO images (root, url, virtual_size, boot_bytes, registered_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(root) DO UPDATE SET url = excluded.url",
+                params![root.to_string(), url, big(virtual_size), big(boot_bytes), now_ms],
+            )
+            .map_err(self.sql())?;
+        Ok(())
+    }
+
+    /// The URL an image was registered with.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn image_url(&self, root: &RootDigest) -> Result<Option<String>, DbError> {
+        self.conn
+            .query_row("SELECT url FROM images WHERE root = ?1", params![root.to_string()], |r| r.get(0))
+            .optional()
+            .map_err(self.sql())
+    }
+
+    fn corrupt(&self, what: String) -> DbError {
+        DbError::Corrupt { path: self.path.clone(), what }
+    }
+}
+
+#[cfg(test)]
+mod tests;
