@@ -25,3 +25,4 @@
 #![deny(missing_docs)]
 
 pub mod db;
+pub mod plan;
