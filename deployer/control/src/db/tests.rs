@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use super::*;
+use bootcache_api::{InstanceState, Kind};
 
 fn name(s: &str) -> Name {
     s.parse().unwrap()
@@ -62,4 +63,48 @@ fn unknown_nodes_newer_schemas_and_damaged_rows_are_refused_by_name() {
     drop(conn);
     let err = Db::open(&path).unwrap_err().to_string();
     assert!(err.contains("schema version 99"), "{err}");
+}
+
+#[test]
+fn instances_follow_their_state_machine_survive_restarts_and_are_lost_with_their_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("control.db");
+    let (lab, vm, web) = (name("lab1"), name("vm1"), name("web1"));
+    {
+        let db = Db::open(&path).unwrap();
+        db.register_node(&name("a"), "10.0.0.2:7070", 0).unwrap();
+        db.heartbeat(&name("a"), &Heartbeat { cores: 2, memory_bytes: 1, running: 0, caches: vec![] }, 1_000).unwrap();
+        let spec = |name: &Name, kind, image, memory_bytes| InstanceSpec {
+            lab: lab.clone(),
+            name: name.clone(),
+            kind,
+            image,
+            cores: 1,
+            memory_bytes,
+        };
+        assert!(db.want_instance(&spec(&vm, Kind::Vm, root(1), 512 << 20), 1_000).unwrap());
+        assert!(db.want_instance(&spec(&web, Kind::Container, root(2), 64 << 20), 1_000).unwrap());
+        assert!(!db.want_instance(&spec(&vm, Kind::Vm, root(1), 512 << 20), 1_500).unwrap(), "a second deploy converges");
+        db.set_state(&lab, &vm, InstanceState::Placed, Some(&name("a")), None, 2_000).unwrap();
+        db.set_state(&lab, &vm, InstanceState::Fetching, None, None, 3_000).unwrap();
+        let err = db.set_state(&lab, &vm, InstanceState::Pending, None, None, 3_500).unwrap_err().to_string();
+        assert!(err.contains("cannot go from fetching to pending"), "{err}");
+        db.set_state(&lab, &web, InstanceState::Failed, None, Some("image not found"), 4_000).unwrap();
+        assert!(matches!(db.set_state(&lab, &name("nope"), InstanceState::Placed, None, None, 0), Err(DbError::NoSuchInstance { .. })));
+    }
+    let db = Db::open(&path).unwrap();
+    let all = db.instances(&lab).unwrap();
+    assert_eq!(all.len(), 2);
+    let (v, w) = (&all[0], &all[1]);
+    assert_eq!((v.state, v.node.as_ref()), (InstanceState::Fetching, Some(&name("a"))));
+    assert_eq!(v.history, vec![(InstanceState::Pending, 1_000), (InstanceState::Placed, 2_000), (InstanceState::Fetching, 3_000)]);
+    assert_eq!((w.state, w.reason.as_deref()), (InstanceState::Failed, Some("image not found")));
+    // Node a misses three heartbeats: its instance is lost, the failed one is left alone.
+    assert!(db.mark_lost(5_000, Duration::from_secs(2)).unwrap().is_empty(), "still up");
+    let lost = db.mark_lost(8_000, Duration::from_secs(2)).unwrap();
+    assert_eq!(lost, vec![(lab.clone(), vm.clone())]);
+    let v = &db.instances(&lab).unwrap()[0];
+    assert_eq!(v.state, InstanceState::Lost);
+    assert!(v.reason.as_deref().unwrap().contains("node a stopped answering"));
+    assert!(db.mark_lost(9_000, Duration::from_secs(2)).unwrap().is_empty(), "lost once");
 }
