@@ -1,0 +1,214 @@
+//! Instances: what labs want, where each runs and the states it went
+//! through, moved only as [`InstanceState`] allows.
+
+use std::time::Duration;
+
+use bootcache_api::{InstanceState, Kind, Name, RootDigest};
+use rusqlite::{OptionalExtension, params};
+
+use super::{Db, DbError};
+
+/// An instance wanted by a lab.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceSpec {
+    /// Its lab.
+    pub lab: Name,
+    /// Its name.
+    pub name: Name,
+    /// VM or container.
+    pub kind: Kind,
+    /// Its image.
+    pub image: RootDigest,
+    /// Cores it needs.
+    pub cores: u32,
+    /// Memory it needs, bytes.
+    pub memory_bytes: u64,
+}
+
+/// An instance as the control node records it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct InstanceRow {
+    /// Its lab.
+    pub lab: Name,
+    /// Its name.
+    pub name: Name,
+    /// VM or container.
+    pub kind: Kind,
+    /// Its image.
+    pub image: RootDigest,
+    /// Cores it needs.
+    pub cores: u32,
+    /// Memory it needs, bytes.
+    pub memory_bytes: u64,
+    /// Where it is placed, once it is.
+    pub node: Option<Name>,
+    /// Where it stands.
+    pub state: InstanceState,
+    /// Why it failed (or was lost), if it did.
+    pub reason: Option<String>,
+    /// When it entered each state it went through, in order (ms).
+    pub history: Vec<(InstanceState, i64)>,
+}
+
+impl Db {
+    /// Records a wanted instance (pending), or leaves one already recorded
+    /// as it is (a second deploy converges rather than starting again).
+    /// Returns whether it was new.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn want_instance(&self, spec: &InstanceSpec, now_ms: i64) -> Result<bool, DbError> {
+        let InstanceSpec { lab, name, kind, image, cores, memory_bytes } = spec;
+        let tx = self.conn.unchecked_transaction().map_err(self.sql())?;
+        let kind = match *kind {
+            Kind::Vm => "vm",
+            Kind::Container => "container",
+        };
+        let added = tx
+            .execute(
+                "INSERT INTO instances (lab, name, kind, image, cores, memory_bytes, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending')
+                 ON CONFLICT(lab, name) DO NOTHING",
+                params![lab.as_str(), name.as_str(), kind, image.to_string(), cores, i64::try_from(*memory_bytes).unwrap_or(i64::MAX)],
+            )
+            .map_err(self.sql())?;
+        if added == 1 {
+            tx.execute(
+                "INSERT INTO instance_states (lab, name, state, at_ms) VALUES (?1, ?2, 'pending', ?3)",
+                params![lab.as_str(), name.as_str(), now_ms],
+            )
+            .map_err(self.sql())?;
+        }
+        tx.commit().map_err(self.sql())?;
+        Ok(added == 1)
+    }
+
+    /// Moves an instance to `to` (on `node` when placing it), as its state
+    /// machine allows, recording when and why.
+    ///
+    /// # Errors
+    /// No such instance, a transition the state machine refuses, SQLite.
+    pub fn set_state(
+        &self,
+        lab: &Name,
+        name: &Name,
+        to: InstanceState,
+        node: Option<&Name>,
+        reason: Option<&str>,
+        now_ms: i64,
+    ) -> Result<(), DbError> {
+        let tx = self.conn.unchecked_transaction().map_err(self.sql())?;
+        let from: Option<String> = tx
+            .query_row("SELECT state FROM instances WHERE lab = ?1 AND name = ?2", params![lab.as_str(), name.as_str()], |r| r.get(0))
+            .optional()
+            .map_err(self.sql())?;
+        let Some(from) = from else { return Err(DbError::NoSuchInstance { lab: lab.clone(), name: name.clone() }) };
+        let from = parse_state(&from).ok_or_else(|| self.corrupt(format!("instance state {from:?}")))?;
+        if !from.can_become(to) {
+            return Err(DbError::BadTransition { lab: lab.clone(), name: name.clone(), from, to });
+        }
+        tx.execute(
+            "UPDATE instances SET state = ?3, reason = ?4, node = COALESCE(?5, node) WHERE lab = ?1 AND name = ?2",
+            params![lab.as_str(), name.as_str(), to.as_str(), reason, node.map(Name::as_str)],
+        )
+        .map_err(self.sql())?;
+        tx.execute(
+            "INSERT INTO instance_states (lab, name, state, at_ms, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![lab.as_str(), name.as_str(), to.as_str(), now_ms, reason],
+        )
+        .map_err(self.sql())?;
+        tx.commit().map_err(self.sql())
+    }
+
+    /// The instances of `lab`, by name, with their histories.
+    ///
+    /// # Errors
+    /// SQLite errors, or a damaged row.
+    pub fn instances(&self, lab: &Name) -> Result<Vec<InstanceRow>, DbError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, kind, image, cores, memory_bytes, node, state, reason FROM instances WHERE lab = ?1 ORDER BY name")
+            .map_err(self.sql())?;
+        type Raw = (String, String, String, u32, i64, Option<String>, String, Option<String>);
+        let rows: Vec<Raw> = stmt
+            .query_map(params![lab.as_str()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+            })
+            .map_err(self.sql())?
+            .collect::<Result<_, _>>()
+            .map_err(self.sql())?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (name, kind, image, cores, memory, node, state, reason) in rows {
+            let bad = |what: &str, v: &str| self.corrupt(format!("instance {what} {v:?}"));
+            let name: Name = name.parse().map_err(|_| bad("name", &name))?;
+            let kind = match kind.as_str() {
+                "vm" => Kind::Vm,
+                "container" => Kind::Container,
+                k => return Err(bad("kind", k)),
+            };
+            let image = image.parse().map_err(|_| bad("image", &image))?;
+            let node = node.map(|n| n.parse().map_err(|_| bad("node", &n))).transpose()?;
+            let state = parse_state(&state).ok_or_else(|| bad("state", &state))?;
+            let history = self.history(lab, &name)?;
+            out.push(InstanceRow {
+                lab: lab.clone(),
+                name,
+                kind,
+                image,
+                cores,
+                memory_bytes: u64::try_from(memory).unwrap_or(0),
+                node,
+                state,
+                reason,
+                history,
+            });
+        }
+        Ok(out)
+    }
+
+    fn history(&self, lab: &Name, name: &Name) -> Result<Vec<(InstanceState, i64)>, DbError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT state, at_ms FROM instance_states WHERE lab = ?1 AND name = ?2 ORDER BY at_ms, rowid")
+            .map_err(self.sql())?;
+        let rows = stmt
+            .query_map(params![lab.as_str(), name.as_str()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(self.sql())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (state, at) = row.map_err(self.sql())?;
+            out.push((parse_state(&state).ok_or_else(|| self.corrupt(format!("instance state {state:?}")))?, at));
+        }
+        Ok(out)
+    }
+
+    /// Marks every instance on a node that is down as lost; returns them.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn mark_lost(&self, now_ms: i64, interval: Duration) -> Result<Vec<(Name, Name)>, DbError> {
+        let down: Vec<Name> = self.nodes(now_ms, interval)?.into_iter().filter(|n| !n.up).map(|n| n.name).collect();
+        let mut lost = Vec::new();
+        for node in down {
+            let mut stmt = self.conn.prepare("SELECT lab, name, state FROM instances WHERE node = ?1").map_err(self.sql())?;
+            let rows: Vec<(String, String, String)> = stmt
+                .query_map(params![node.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .map_err(self.sql())?
+                .collect::<Result<_, _>>()
+                .map_err(self.sql())?;
+            for (lab, name, state) in rows {
+                let (Ok(lab), Ok(name), Some(state)) = (lab.parse::<Name>(), name.parse::<Name>(), parse_state(&state)) else {
+                    return Err(self.corrupt(format!("instance {lab}/{name}")));
+                };
+                if state.can_become(InstanceState::Lost) {
+                    self.set_state(&lab, &name, InstanceState::Lost, None, Some(&format!("node {node} stopped answering")), now_ms)?;
+                    lost.push((lab, name));
+                }
+            }
+        }
+        Ok(lost)
+    }
+}
+
+fn parse_state(s: &str) -> Option<InstanceState> {
+    InstanceState::ALL.into_iter().find(|st| st.as_str() == s)
+}
