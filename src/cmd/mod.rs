@@ -1,5 +1,6 @@
 //! Command-line definitions and dispatch.
 
+mod control;
 mod deliver;
 mod image;
 mod progress;
@@ -81,6 +82,9 @@ enum Command {
     Node(deliver::NodeCmd),
     /// Boot a VM from an image on a store: boot segment first, the rest on demand and in the background.
     Boot(deliver::BootArgs),
+    /// Run the control node of a deployment (nodes, images, instances).
+    #[command(subcommand)]
+    Control(control::ControlCmd),
     /// Verify every digest in a bootcache image; fails naming the first bad extent.
     Check {
         /// The bootcache image.
@@ -95,7 +99,7 @@ impl Cli {
     /// Whether the command only reads files and writes reports or files (no
     /// sockets, no child processes): a broken pipe on stdout may end it.
     pub fn writes_reports_only(&self) -> bool {
-        !matches!(self.command, Command::Record(_) | Command::Store(_) | Command::Node(_) | Command::Boot(_))
+        !matches!(self.command, Command::Record(_) | Command::Store(_) | Command::Node(_) | Command::Boot(_) | Command::Control(_))
     }
 }
 
@@ -112,5 +116,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Store(cmd) => deliver::store(cmd),
         Command::Node(cmd) => deliver::node(cmd),
         Command::Boot(args) => deliver::boot(&args),
+        Command::Control(cmd) => control::control(cmd),
     }
 }

@@ -24,5 +24,6 @@
 
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod db;
 pub mod plan;

@@ -38,6 +38,16 @@ use tokio::task::JoinHandle;
 
 pub use error::{FetchFailure, ReadError};
 
+/// The checked header of the container at `url` (one small range request;
+/// what a control node registers an image by).
+///
+/// # Errors
+/// The store is unreachable, or the file is not a bootcache container.
+pub async fn read_header(url: &str, retry: RetryPolicy) -> Result<Header, CacheError> {
+    let remote = Remote::open(url, retry).await?;
+    Ok(open::head(&remote).await?.1)
+}
+
 use crate::metrics::{Metrics, Snapshot};
 use crate::remote::{Remote, RemoteError, RetryPolicy};
 

@@ -1,0 +1,204 @@
+//! The control node's JSON HTTP API, behind the same bearer-token scheme as
+//! a node's ([`bootcache_delivery::auth`]): every route needs the token.
+//!
+//! ```text
+//! POST /nodes                  {"name": "node-1", "address": "10.0.0.2:7070"}   -> 204
+//! POST /nodes/{name}/heartbeat {"cores": 2, "memory_bytes": N, "running": 0,
+//!                               "caches": [["<root digest>", boot bytes held]]} -> 204 (404 if unregistered)
+//! GET  /nodes                  -> every node: address, last heartbeat, up
+//! POST /images                 {"url": "http://store/x.bcimg"} -> the image, read from its header
+//! GET  /images/{root}          -> the image and the nodes that cache it
+//! GET  /labs/{lab}/instances   -> the lab's instances: node, state, reason, history
+//! ```
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use axum::Json;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bootcache_api::{Name, RootDigest};
+use bootcache_delivery::auth::Credential;
+use bootcache_delivery::remote::RetryPolicy;
+use serde::Deserialize;
+
+use crate::db::{Db, DbError, Heartbeat};
+
+/// What the API works on.
+pub struct Control {
+    db: Mutex<Db>,
+    /// How often agents send heartbeats (a node is down after three missed).
+    pub heartbeat: Duration,
+    /// How the control node reaches stores to read image headers.
+    pub retry: RetryPolicy,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control").field("heartbeat", &self.heartbeat).finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl Control {
+    /// A control node on `db`.
+    pub fn new(db: Db, heartbeat: Duration) -> Arc<Control> {
+        Arc::new(Control { db: Mutex::new(db), heartbeat, retry: RetryPolicy::default() })
+    }
+
+    /// The database (held briefly: every call is a few SQLite statements).
+    pub fn db(&self) -> std::sync::MutexGuard<'_, Db> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks the instances of nodes that stopped answering as lost, every
+    /// heartbeat interval, until the task is dropped.
+    pub async fn watch_nodes(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(self.heartbeat).await;
+            match self.db().mark_lost(now_ms(), self.heartbeat) {
+                Ok(lost) if !lost.is_empty() => tracing::warn!(count = lost.len(), "instances lost with their nodes"),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "cannot check the nodes"),
+            }
+        }
+    }
+
+    /// The API, requiring `credential` on every route.
+    pub fn api(self: &Arc<Self>, credential: Arc<Credential>) -> axum::Router {
+        axum::Router::new()
+            .route("/nodes", get(nodes).post(register))
+            .route("/nodes/{name}/heartbeat", post(heartbeat))
+            .route("/images", post(register_image))
+            .route("/images/{root}", get(image))
+            .route("/labs/{lab}/instances", get(instances))
+            .layer(axum::middleware::from_fn_with_state(credential, require))
+            .with_state(Arc::clone(self))
+    }
+}
+
+fn plain(status: StatusCode, msg: &str) -> Response {
+    (status, format!("{msg}\n")).into_response()
+}
+
+fn failed(e: &DbError) -> Response {
+    let status = match e {
+        DbError::NoSuchNode(_) | DbError::NoSuchInstance { .. } => StatusCode::NOT_FOUND,
+        DbError::BadTransition { .. } => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    plain(status, &e.to_string())
+}
+
+async fn require(State(credential): State<Arc<Credential>>, request: Request, next: Next) -> Response {
+    if credential.accepts(request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)) {
+        return next.run(request).await;
+    }
+    let mut r = plain(StatusCode::UNAUTHORIZED, "the control node requires its credential: Authorization: Bearer <token>");
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"bootcache control\""));
+    r
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Register {
+    name: Name,
+    address: String,
+}
+
+async fn register(State(c): State<Arc<Control>>, Json(r): Json<Register>) -> Response {
+    if r.address.len() > 255 || r.address.parse::<std::net::SocketAddr>().is_err() {
+        return plain(StatusCode::BAD_REQUEST, "address: an IP address and port, e.g. 10.0.0.2:7070");
+    }
+    match c.db().register_node(&r.name, &r.address, now_ms()) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => failed(&e),
+    }
+}
+
+async fn heartbeat(State(c): State<Arc<Control>>, Path(name): Path<String>, Json(beat): Json<Heartbeat>) -> Response {
+    let Ok(name) = name.parse::<Name>() else { return plain(StatusCode::NOT_FOUND, "no such node") };
+    if beat.caches.len() > 10_000 {
+        return plain(StatusCode::BAD_REQUEST, "caches: at most 10000 images");
+    }
+    match c.db().heartbeat(&name, &beat, now_ms()) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => failed(&e),
+    }
+}
+
+async fn nodes(State(c): State<Arc<Control>>) -> Response {
+    match c.db().nodes(now_ms(), c.heartbeat) {
+        Ok(n) => Json(n).into_response(),
+        Err(e) => failed(&e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewImage {
+    url: String,
+}
+
+async fn register_image(State(c): State<Arc<Control>>, Json(req): Json<NewImage>) -> Response {
+    // Read without holding the database: a slow store delays this call only.
+    let header = match bootcache_delivery::cache::read_header(&req.url, c.retry).await {
+        Ok(h) => h,
+        Err(e) => return plain(StatusCode::BAD_GATEWAY, &chain(&e)),
+    };
+    let (root, boot) = (header.root(), header.boot.end - header.boot.start);
+    match c.db().register_image(&root, &req.url, header.virtual_size, boot, now_ms()) {
+        Ok(()) => Json(serde_json::json!({
+            "root_digest": root,
+            "url": bootcache_delivery::remote::redact(&req.url),
+            "virtual_size": header.virtual_size,
+            "boot_bytes": boot,
+        }))
+        .into_response(),
+        Err(e) => failed(&e),
+    }
+}
+
+async fn image(State(c): State<Arc<Control>>, Path(root): Path<String>) -> Response {
+    let Ok(root) = root.parse::<RootDigest>() else { return plain(StatusCode::NOT_FOUND, "no such image") };
+    let db = c.db();
+    let url = match db.image_url(&root) {
+        Ok(Some(url)) => url,
+        Ok(None) => return plain(StatusCode::NOT_FOUND, "no such image"),
+        Err(e) => return failed(&e),
+    };
+    match db.holders(&root) {
+        Ok(holders) => Json(serde_json::json!({
+            "root_digest": root,
+            "url": bootcache_delivery::remote::redact(&url),
+            "cached_by": holders.into_iter().map(|(node, bytes)| serde_json::json!({"node": node, "boot_bytes": bytes})).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Err(e) => failed(&e),
+    }
+}
+
+async fn instances(State(c): State<Arc<Control>>, Path(lab): Path<String>) -> Response {
+    let Ok(lab) = lab.parse::<Name>() else { return plain(StatusCode::NOT_FOUND, "no such lab") };
+    match c.db().instances(&lab) {
+        Ok(rows) => Json(rows).into_response(),
+        Err(e) => failed(&e),
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s = format!("{s}: {c}");
+        cause = c.source();
+    }
+    s
+}

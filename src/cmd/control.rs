@@ -1,0 +1,78 @@
+//! `bootcache control`: the control node of a deployment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use bootcache_control::api::Control;
+use bootcache_control::db::Db;
+use bootcache_delivery::auth::Credential;
+use clap::Subcommand;
+
+#[derive(Debug, Subcommand)]
+pub enum ControlCmd {
+    /// Run the control node: nodes, images and instances in an SQLite database.
+    ///
+    /// A JSON HTTP API (POST/GET /nodes, POST /nodes/NAME/heartbeat, POST
+    /// /images, GET /images/ROOT, GET /labs/LAB/instances), every call with
+    /// `Authorization: Bearer TOKEN` (the token in --token-file, made on first
+    /// start; `bootcache control token` prints it and agents are given it).
+    Serve {
+        /// The database file (made if missing; kept across restarts).
+        #[arg(long, value_name = "PATH", default_value = "/var/lib/bootcache/control.db")]
+        db: PathBuf,
+        /// Address of the API.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7080")]
+        listen: SocketAddr,
+        /// How often agents send heartbeats; a node that misses three is down
+        /// and its instances lost.
+        #[arg(long, value_name = "SECS", default_value_t = 2.0)]
+        heartbeat: f64,
+        /// The file holding the API's token (mode 0600; made on first use).
+        #[arg(long, value_name = "PATH", default_value = "/var/lib/bootcache/control.token")]
+        token_file: PathBuf,
+    },
+    /// Print the control node's token (made if there is none), or rotate it.
+    Token {
+        /// The file holding the token.
+        #[arg(long, value_name = "PATH", default_value = "/var/lib/bootcache/control.token")]
+        token_file: PathBuf,
+        /// Make a new token; the current one stays accepted until the next rotation.
+        #[arg(long)]
+        rotate: bool,
+    },
+}
+
+pub fn control(cmd: ControlCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ControlCmd::Token { token_file, rotate } => {
+            let t = if rotate { Credential::rotate(&token_file)? } else { Credential::load_or_create(&token_file)?.token() };
+            println!("{t}");
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlCmd::Serve { db, listen, heartbeat, token_file } => {
+            let credential = Credential::load_or_create(&token_file)?;
+            if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let database = Db::open(&db)?;
+            let interval = Duration::from_secs_f64(heartbeat.clamp(0.1, 3600.0));
+            super::deliver::runtime()?.block_on(async {
+                let control = Control::new(database, interval);
+                tokio::spawn(std::sync::Arc::clone(&control).watch_nodes());
+                let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
+                eprintln!(
+                    "control node API on http://{}/ (database {}, token in {})",
+                    listener.local_addr()?,
+                    db.display(),
+                    token_file.display()
+                );
+                bootcache_delivery::http::serve(listener, control.api(credential), Default::default(), super::deliver::until_signal())
+                    .await?;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+    }
+}
