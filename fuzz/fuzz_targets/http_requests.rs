@@ -1,7 +1,7 @@
-//! Any bytes sent to the store's or the node API's HTTP server (request
-//! lines, headers such as Range and If-Range, JSON bodies): an answer or a
-//! closed connection, never a panic, never a byte from outside the store's
-//! directory, never the node's token.
+//! Any bytes sent to the store's, the node API's or the control node's HTTP
+//! server (request lines, headers such as Range and If-Range, JSON bodies):
+//! an answer or a closed connection, never a panic, never a byte from
+//! outside the store's directory, never the token.
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -25,6 +25,7 @@ struct Setup {
     rt: tokio::runtime::Runtime,
     store: axum::Router,
     node: axum::Router,
+    control: axum::Router,
     _dir: tempfile::TempDir,
 }
 
@@ -45,14 +46,25 @@ fn setup() -> &'static Setup {
         opts.retry.budget = Duration::ZERO;
         opts.retry.request_timeout = Duration::from_millis(20);
         let node = rt.block_on(async { Node::new(dir.path().join("nbd.sock"), opts).api(Credential::from_token(TOKEN)) });
-        Setup { rt, store, node, _dir: dir }
+        let db = bootcache_control::db::Db::open(&dir.path().join("control.db")).expect("control database");
+        let mut control = bootcache_control::api::Control::new(db, Duration::from_secs(2));
+        if let Some(c) = std::sync::Arc::get_mut(&mut control) {
+            c.retry.budget = Duration::ZERO;
+            c.retry.request_timeout = Duration::from_millis(20);
+        }
+        let control = control.api(Credential::from_token(TOKEN));
+        Setup { rt, store, node, control, _dir: dir }
     })
 }
 
 fuzz_target!(|data: &[u8]| {
     let Some((&which, request)) = data.split_first() else { return };
     let s = setup();
-    let router = if which % 2 == 0 { s.store.clone() } else { s.node.clone() };
+    let router = match which % 3 {
+        0 => s.store.clone(),
+        1 => s.node.clone(),
+        _ => s.control.clone(),
+    };
     let out = s.rt.block_on(async {
         let (client, served) = tokio::io::duplex(64 << 10);
         let conn = tokio::spawn(async move {
