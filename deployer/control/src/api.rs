@@ -15,9 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use axum::Json;
-use axum::extract::{Path, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::Next;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bootcache_api::{Name, RootDigest};
@@ -79,7 +78,7 @@ impl Control {
             .route("/images", post(register_image))
             .route("/images/{root}", get(image))
             .route("/labs/{lab}/instances", get(instances))
-            .layer(axum::middleware::from_fn_with_state(credential, require))
+            .layer(axum::middleware::from_fn_with_state(credential, bootcache_delivery::auth::require))
             .with_state(Arc::clone(self))
     }
 }
@@ -95,15 +94,6 @@ fn failed(e: &DbError) -> Response {
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     plain(status, &e.to_string())
-}
-
-async fn require(State(credential): State<Arc<Credential>>, request: Request, next: Next) -> Response {
-    if credential.accepts(request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)) {
-        return next.run(request).await;
-    }
-    let mut r = plain(StatusCode::UNAUTHORIZED, "the control node requires its credential: Authorization: Bearer <token>");
-    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"bootcache control\""));
-    r
 }
 
 #[derive(Deserialize)]
@@ -151,7 +141,7 @@ async fn register_image(State(c): State<Arc<Control>>, Json(req): Json<NewImage>
     // Read without holding the database: a slow store delays this call only.
     let header = match bootcache_delivery::cache::read_header(&req.url, c.retry).await {
         Ok(h) => h,
-        Err(e) => return plain(StatusCode::BAD_GATEWAY, &chain(&e)),
+        Err(e) => return plain(StatusCode::BAD_GATEWAY, &bootcache_delivery::node::chain(&e)),
     };
     let (root, boot) = (header.root(), header.boot.end - header.boot.start);
     match c.db().register_image(&root, &req.url, header.virtual_size, boot, now_ms()) {
@@ -191,14 +181,4 @@ async fn instances(State(c): State<Arc<Control>>, Path(lab): Path<String>) -> Re
         Ok(rows) => Json(rows).into_response(),
         Err(e) => failed(&e),
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s = format!("{s}: {c}");
-        cause = c.source();
-    }
-    s
 }

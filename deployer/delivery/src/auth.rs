@@ -161,6 +161,24 @@ impl Credential {
     }
 }
 
+/// Middleware (for `axum::middleware::from_fn_with_state`) that lets a
+/// request through only with a token `credential` accepts; anything else
+/// gets 401 and reaches nothing.
+pub async fn require(
+    axum::extract::State(credential): axum::extract::State<Arc<Credential>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::{HeaderValue, StatusCode, header};
+    use axum::response::IntoResponse;
+    if credential.accepts(request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)) {
+        return next.run(request).await;
+    }
+    let mut r = (StatusCode::UNAUTHORIZED, "this service requires its credential: Authorization: Bearer <token>\n").into_response();
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"bootcache\""));
+    r
+}
+
 fn read_tokens(path: &Path) -> Result<Tokens, AuthError> {
     let io = |source| AuthError::Io { path: path.to_owned(), source };
     let meta = std::fs::metadata(path).map_err(io)?;

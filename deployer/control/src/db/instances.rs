@@ -9,7 +9,7 @@ use rusqlite::{OptionalExtension, params};
 use super::{Db, DbError};
 
 /// An instance wanted by a lab.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct InstanceSpec {
     /// Its lab.
     pub lab: Name,
@@ -28,18 +28,9 @@ pub struct InstanceSpec {
 /// An instance as the control node records it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct InstanceRow {
-    /// Its lab.
-    pub lab: Name,
-    /// Its name.
-    pub name: Name,
-    /// VM or container.
-    pub kind: Kind,
-    /// Its image.
-    pub image: RootDigest,
-    /// Cores it needs.
-    pub cores: u32,
-    /// Memory it needs, bytes.
-    pub memory_bytes: u64,
+    /// What the lab wants.
+    #[serde(flatten)]
+    pub spec: InstanceSpec,
     /// Where it is placed, once it is.
     pub node: Option<Name>,
     /// Where it stands.
@@ -149,18 +140,8 @@ impl Db {
             let node = node.map(|n| n.parse().map_err(|_| bad("node", &n))).transpose()?;
             let state = parse_state(&state).ok_or_else(|| bad("state", &state))?;
             let history = self.history(lab, &name)?;
-            out.push(InstanceRow {
-                lab: lab.clone(),
-                name,
-                kind,
-                image,
-                cores,
-                memory_bytes: u64::try_from(memory).unwrap_or(0),
-                node,
-                state,
-                reason,
-                history,
-            });
+            let spec = InstanceSpec { lab: lab.clone(), name, kind, image, cores, memory_bytes: u64::try_from(memory).unwrap_or(0) };
+            out.push(InstanceRow { spec, node, state, reason, history });
         }
         Ok(out)
     }

@@ -25,9 +25,8 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path as UrlPath, Request, State};
+use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use bootcache_format::RootDigest;
@@ -50,7 +49,7 @@ impl Node {
             .route("/images", get(list).post(open))
             .route("/images/{name}", delete(close))
             .route("/peer/{root}", get(peer))
-            .layer(axum::middleware::from_fn_with_state(credential, require))
+            .layer(axum::middleware::from_fn_with_state(credential, crate::auth::require))
             .with_state(Arc::clone(self));
         axum::Router::new().route("/metrics", get(metrics)).with_state(Arc::clone(self)).merge(guarded)
     }
@@ -58,16 +57,6 @@ impl Node {
 
 fn plain(status: StatusCode, msg: &str) -> Response {
     (status, format!("{msg}\n")).into_response()
-}
-
-/// Lets a request through only with an accepted credential.
-async fn require(State(credential): State<Arc<Credential>>, request: Request, next: Next) -> Response {
-    if credential.accepts(request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)) {
-        return next.run(request).await;
-    }
-    let mut r = plain(StatusCode::UNAUTHORIZED, "this node requires its credential: Authorization: Bearer <token>");
-    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"bootcache node\""));
-    r
 }
 
 #[derive(Deserialize)]

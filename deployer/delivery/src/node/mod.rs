@@ -347,8 +347,8 @@ impl Node {
     }
 }
 
-/// An error with its chain of causes, on one line.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+/// An error with its chain of causes, on one line (what an API answers).
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
