@@ -257,7 +257,9 @@ async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
         let mut buf = BytesMut::new();
         let mut broken = None;
         while next < run.len() {
-            if re_aimed() {
+            // Closed on this node: not one more extent (demand runs are
+            // tasks of their own, which stopping the cache does not abort).
+            if re_aimed() || inner.stopped.load(Ordering::SeqCst) {
                 return true;
             }
             let pos = run[next];
