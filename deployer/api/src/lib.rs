@@ -23,9 +23,11 @@
 
 #![deny(missing_docs)]
 
+pub mod lab;
 mod name;
 mod state;
 
 pub use bootcache_format::RootDigest;
+pub use lab::{Lab, LabError};
 pub use name::{BadName, InterfaceName, Name};
 pub use state::{InstanceState, Kind};

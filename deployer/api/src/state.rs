@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// How an instance runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     /// A full VM (libvirt), its disk delivered boot set first.

@@ -1,0 +1,139 @@
+use super::*;
+
+const GOOD: &str = "\
+name: demo
+segments:
+  lan:
+    subnet: 10.20.0.0/24
+  back:
+    subnet: 10.30.0.0/24
+    bridge: bc-back
+instances:
+  web:
+    kind: vm
+    image: http://10.0.0.1:8080/reference.bcimg
+    count: 2
+    memory: 256MiB
+    segments:
+      lan: 10.20.0.10
+    ready: BOOTCACHE-BOOTED
+    node: node-1
+  user:
+    kind: container
+    image: http://10.0.0.1:8080/busybox.tar
+    count: 3
+    segments: [lan, back]
+    command: [/bin/sh, -c, echo up]
+";
+
+#[test]
+fn a_lab_file_expands_into_instances_with_addresses() {
+    let lab = Lab::parse(GOOD).unwrap();
+    assert_eq!(lab.name.as_str(), "demo");
+    assert_eq!(lab.segments.len(), 2);
+    assert_eq!(lab.segments[1].bridge.as_ref().unwrap().as_str(), "bc-back");
+    let web = &lab.instances[0];
+    assert_eq!((web.kind, web.count, web.memory_bytes, web.cpus), (Kind::Vm, 2, 256 << 20, 1));
+    assert_eq!(web.node.as_ref().unwrap().as_str(), "node-1");
+    let all = lab.instances();
+    let names: Vec<&str> = all.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, ["web-1", "web-2", "user-1", "user-2", "user-3"]);
+    assert_eq!(all[1].addresses, vec![("lan".parse().unwrap(), Ipv4Addr::new(10, 20, 0, 11))]);
+    // Unaddressed replicas get the lowest free block: .1 .. .3 on lan
+    // (.10 and .11 are web's), .1 .. .3 on back.
+    assert_eq!(all[2].addresses[0].1, Ipv4Addr::new(10, 20, 0, 1));
+    assert_eq!(all[4].addresses[0].1, Ipv4Addr::new(10, 20, 0, 3));
+    assert_eq!(all[4].addresses[1].1, Ipv4Addr::new(10, 30, 0, 3));
+    assert_eq!(lab.instances[1].memory_bytes, 64 << 20, "container default");
+}
+
+#[test]
+fn replicas_skip_taken_addresses_when_given_none() {
+    let text = GOOD.replace("lan: 10.20.0.10", "lan: 10.20.0.2");
+    let all = Lab::parse(&text).unwrap().instances();
+    // web takes .2 and .3, so user's three need a block from .4.
+    assert_eq!(all[2].addresses[0].1, Ipv4Addr::new(10, 20, 0, 4));
+}
+
+fn error_of(text: &str) -> LabError {
+    Lab::parse(text).expect_err("must be refused")
+}
+
+#[test]
+fn bad_lab_files_name_the_line() {
+    let cases: &[(&str, &str, u32, &str)] = &[
+        ("kind: vm\n    image: http://10.0.0.1:8080/reference", "kind: vmm\n    image: http://10.0.0.1:8080/reference", 10, "unknown kind"),
+        ("    image: http://10.0.0.1:8080/busybox.tar\n", "", 18, "has no image"),
+        ("  user:\n", "  web:\n", 18, "given twice: web"),
+        ("count: 3", "count: 1000000000", 21, "count must be 1 to 10000"),
+        ("  user:\n", "  us/er:\n", 18, "instance name: \"us/er\" is not a valid name"),
+        ("bridge: bc-back", "bridge: bc-this-is-too-long", 7, "interface name"),
+        ("  lan:\n    subnet: 10.20.0.0/24\n", "  lan:\n    bridge: bc-lan\n", 3, "has no subnet"),
+        ("subnet: 10.30.0.0/24", "subnet: 10.30.0.1/24", 6, "host bits"),
+        ("lan: 10.20.0.10", "lan: 10.21.0.10", 15, "do not fit in 10.20.0.0/24"),
+        ("lan: 10.20.0.10", "lan: 10.20.0.250", 15, "the nodes'"),
+        ("segments: [lan, back]", "segments: [lan, wan]", 22, "no segment wan"),
+        ("image: http://10.0.0.1:8080/busybox.tar", "image: file:///etc/passwd", 20, "not an http:// URL"),
+        ("memory: 256MiB", "memory: lots", 13, "not a size"),
+        ("    ready: BOOTCACHE-BOOTED\n", "    ready: BOOTCACHE-BOOTED\n    command: [x]\n", 9, "command is for containers"),
+        ("    node: node-1\n", "    node: node-1\n    colour: blue\n", 18, "colour"),
+        ("name: demo", "name: Demo", 1, "lab name"),
+    ];
+    for (from, to, line, what) in cases {
+        assert!(GOOD.contains(from), "{from}");
+        let text = GOOD.replacen(from, to, 1);
+        let e = error_of(&text);
+        assert!(e.message.contains(what), "{to:?}: {e}");
+        assert_eq!(e.line, Some(*line), "{to:?}: {e}");
+        assert!(e.to_string().starts_with(&format!("line {line}: ")), "{e}");
+    }
+}
+
+#[test]
+fn duplicate_names_across_replicas_are_refused() {
+    let text = GOOD.replace("  user:\n", "  web-2:\n").replace("count: 3", "count: 1");
+    let e = error_of(&text);
+    assert!(e.message.contains("web-2 is used twice"), "{e}");
+    let two = GOOD.replace("lan: 10.20.0.10", "lan: 10.20.0.1").replace("segments: [lan, back]", "segments: {lan: 10.20.0.2}");
+    let e = error_of(&two);
+    assert!(e.message.contains("10.20.0.2 on segment lan is also given on line 15"), "{e}");
+}
+
+#[test]
+fn totals_and_sizes_are_bounded() {
+    let many = GOOD.replace("count: 3", "count: 9999");
+    assert!(error_of(&many).message.contains("more than 10000 instances"));
+    let huge = "x".repeat(MAX_FILE_BYTES + 1);
+    assert!(error_of(&huge).message.contains("larger than"));
+    // Alias expansion does not blow up (a billion laughs).
+    let mut laughs = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..12 {
+        laughs += &format!("a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n", p = i - 1);
+    }
+    laughs += "name: x\ninstances: *a11\n";
+    assert!(Lab::parse(&laughs).is_err());
+    for junk in ["", "- a\n- b\n", "name: [", "\u{0}", "name: x\ninstances: {}\n"] {
+        assert!(Lab::parse(junk).is_err(), "{junk:?}");
+    }
+}
+
+#[test]
+fn subnets_and_node_addresses() {
+    let s: Subnet = "10.1.0.0/24".parse().unwrap();
+    assert!(s.holds(Ipv4Addr::new(10, 1, 0, 1)) && !s.holds(Ipv4Addr::new(10, 1, 0, 255)) && !s.holds(Ipv4Addr::new(10, 1, 0, 0)));
+    assert_eq!(s.node_address(0), Some(Ipv4Addr::new(10, 1, 0, 254)));
+    assert_eq!(s.node_address(15), Some(Ipv4Addr::new(10, 1, 0, 239)));
+    assert_eq!(s.node_address(16), None);
+    assert_eq!(s.instance_hosts(), 254 - 16);
+    for bad in ["10.1.0.0", "10.1.0.0/31", "10.1.0.0/7", "x/24", "10.1.0.0/24/1"] {
+        assert!(bad.parse::<Subnet>().is_err(), "{bad}");
+    }
+    assert_eq!(serde_json::to_string(&s).unwrap(), "\"10.1.0.0/24\"");
+}
+
+#[test]
+fn a_checked_lab_goes_through_json_unchanged() {
+    let lab = Lab::parse(GOOD).unwrap();
+    let back: Lab = serde_json::from_str(&serde_json::to_string(&lab).unwrap()).unwrap();
+    assert_eq!(back, lab);
+}
