@@ -23,6 +23,7 @@
 
 #![deny(missing_docs)]
 
+pub mod agent;
 pub mod lab;
 mod name;
 mod state;

@@ -8,8 +8,15 @@
 //! GET  /nodes                  -> every node: address, last heartbeat, up
 //! POST /images                 {"url": "http://store/x.bcimg"} -> the image, read from its header
 //! GET  /images/{root}          -> the image and the nodes that cache it
+//! POST /labs                   the lab file (YAML) -> the lab's instances (400 naming the line)
+//! GET  /labs                   -> the labs deployed: name, instances by state
 //! GET  /labs/{lab}/instances   -> the lab's instances: node, state, reason, history
+//! DELETE /labs/{lab}           -> 204; agents remove what they run of it
+//! GET  /labs/{lab}/remaining   -> what nodes still run of a destroyed lab
 //! ```
+//!
+//! A heartbeat is answered with the node's orders
+//! ([`bootcache_api::agent::Orders`]): everything it should run now.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -33,6 +40,13 @@ pub struct Control {
     pub heartbeat: Duration,
     /// How the control node reaches stores to read image headers.
     pub retry: RetryPolicy,
+    /// Virtual CPUs placed per core of a node (VMs and containers rarely
+    /// keep a core busy; OpenStack's default is 16).
+    pub cpu_overcommit: u32,
+    /// How placement chooses among nodes.
+    pub policy: crate::plan::Policy,
+    /// How many nodes one node serves an image to (1: a chain).
+    pub fan_out: usize,
 }
 
 impl std::fmt::Debug for Control {
@@ -49,7 +63,14 @@ pub fn now_ms() -> i64 {
 impl Control {
     /// A control node on `db`.
     pub fn new(db: Db, heartbeat: Duration) -> Arc<Control> {
-        Arc::new(Control { db: Mutex::new(db), heartbeat, retry: RetryPolicy::default() })
+        Arc::new(Control {
+            db: Mutex::new(db),
+            heartbeat,
+            retry: RetryPolicy::default(),
+            cpu_overcommit: 8,
+            policy: crate::plan::Policy::CacheAware,
+            fan_out: 2,
+        })
     }
 
     /// The database (held briefly: every call is a few SQLite statements).
@@ -77,7 +98,10 @@ impl Control {
             .route("/nodes/{name}/heartbeat", post(heartbeat))
             .route("/images", post(register_image))
             .route("/images/{root}", get(image))
+            .route("/labs", get(labs).post(deploy))
+            .route("/labs/{lab}", axum::routing::delete(destroy))
             .route("/labs/{lab}/instances", get(instances))
+            .route("/labs/{lab}/remaining", get(remaining))
             .layer(axum::middleware::from_fn_with_state(credential, bootcache_delivery::auth::require))
             .with_state(Arc::clone(self))
     }
@@ -118,8 +142,11 @@ async fn heartbeat(State(c): State<Arc<Control>>, Path(name): Path<String>, Json
     if beat.caches.len() > 10_000 {
         return plain(StatusCode::BAD_REQUEST, "caches: at most 10000 images");
     }
-    match c.db().heartbeat(&name, &beat, now_ms()) {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+    if beat.instances.len() > 100_000 {
+        return plain(StatusCode::BAD_REQUEST, "instances: at most 100000");
+    }
+    match c.heartbeat(&name, &beat) {
+        Ok(orders) => Json(orders).into_response(),
         Err(e) => failed(&e),
     }
 }
@@ -179,6 +206,69 @@ async fn instances(State(c): State<Arc<Control>>, Path(lab): Path<String>) -> Re
     let Ok(lab) = lab.parse::<Name>() else { return plain(StatusCode::NOT_FOUND, "no such lab") };
     match c.db().instances(&lab) {
         Ok(rows) => Json(rows).into_response(),
+        Err(e) => failed(&e),
+    }
+}
+
+async fn deploy(State(c): State<Arc<Control>>, body: String) -> Response {
+    let lab = match bootcache_api::Lab::parse(&body) {
+        Ok(lab) => lab,
+        Err(e) => return plain(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    for def in &lab.instances {
+        if let Err(e) = bootcache_delivery::remote::check_url(&def.image) {
+            return plain(StatusCode::BAD_REQUEST, &format!("instance {}: {e}", def.name));
+        }
+    }
+    match c.deploy(&lab).await {
+        Ok(rows) => Json(rows).into_response(),
+        Err(crate::deploy::DeployError::Db(e)) => failed(&e),
+        Err(e) => plain(StatusCode::BAD_GATEWAY, &e.to_string()),
+    }
+}
+
+async fn labs(State(c): State<Arc<Control>>) -> Response {
+    let db = c.db();
+    let labs = match db.labs() {
+        Ok(l) => l,
+        Err(e) => return failed(&e),
+    };
+    let mut out = Vec::new();
+    for lab in labs {
+        let rows = match db.instances(&lab.name) {
+            Ok(r) => r,
+            Err(e) => return failed(&e),
+        };
+        let mut states = std::collections::BTreeMap::new();
+        for r in &rows {
+            *states.entry(r.state.as_str()).or_insert(0u64) += 1;
+        }
+        out.push(serde_json::json!({"name": lab.name, "instances": rows.len(), "states": states}));
+    }
+    Json(out).into_response()
+}
+
+async fn destroy(State(c): State<Arc<Control>>, Path(lab): Path<String>) -> Response {
+    let Ok(lab) = lab.parse::<Name>() else { return plain(StatusCode::NOT_FOUND, "no such lab") };
+    match c.destroy(&lab) {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => failed(&e),
+    }
+}
+
+async fn remaining(State(c): State<Arc<Control>>, Path(lab): Path<String>) -> Response {
+    let Ok(lab) = lab.parse::<Name>() else { return plain(StatusCode::NOT_FOUND, "no such lab") };
+    let db = c.db();
+    let up: Vec<Name> = match db.nodes(now_ms(), c.heartbeat) {
+        Ok(n) => n.into_iter().filter(|n| n.up).map(|n| n.name).collect(),
+        Err(e) => return failed(&e),
+    };
+    match db.remaining(&lab) {
+        // What down nodes said is kept but shown apart: they cannot remove it now.
+        Ok(rows) => {
+            let (on_up, on_down): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| up.contains(&r.node));
+            Json(serde_json::json!({"remaining": on_up, "on_down_nodes": on_down})).into_response()
+        }
         Err(e) => failed(&e),
     }
 }

@@ -70,7 +70,9 @@ async fn nodes_images_and_the_credential_over_http_and_across_a_restart() {
     let root = image["root_digest"].as_str().unwrap().to_owned();
     assert_eq!(image["virtual_size"], 1 << 20);
     let beat = serde_json::json!({"cores": 2, "memory_bytes": 1u64 << 34, "running": 1, "caches": [[root, 4096]]});
-    assert_eq!(c.post(format!("{base}/nodes/node-1/heartbeat")).json(&beat).send().await.unwrap().status(), 204);
+    let orders = c.post(format!("{base}/nodes/node-1/heartbeat")).json(&beat).send().await.unwrap();
+    assert_eq!(orders.status(), 200);
+    assert_eq!(orders.json::<serde_json::Value>().await.unwrap(), serde_json::json!({"instances": [], "segments": []}));
     assert_eq!(c.post(format!("{base}/nodes/ghost/heartbeat")).json(&beat).send().await.unwrap().status(), 404);
     let nodes: serde_json::Value = c.get(format!("{base}/nodes")).send().await.unwrap().json().await.unwrap();
     assert_eq!(nodes[0]["up"], true, "{nodes}");
@@ -87,4 +89,119 @@ async fn nodes_images_and_the_credential_over_http_and_across_a_restart() {
     assert_eq!((nodes[0]["name"].as_str(), nodes[0]["up"].as_bool()), (Some("node-1"), Some(false)), "{nodes}");
     let img: serde_json::Value = c.get(format!("{base}/images/{root}")).send().await.unwrap().json().await.unwrap();
     assert_eq!(img["url"], url.as_str());
+}
+
+async fn beat(c: &reqwest::Client, base: &str, node: &str, caches: serde_json::Value, seen: serde_json::Value) -> serde_json::Value {
+    let beat = serde_json::json!({"cores": 2, "memory_bytes": 8u64 << 30, "running": 0, "caches": caches, "instances": seen});
+    let r = c.post(format!("{base}/nodes/{node}/heartbeat")).json(&beat).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+fn lab_file(url: &str) -> String {
+    format!(
+        "name: lab1
+segments:
+  lan:
+    subnet: 10.20.0.0/24
+instances:
+  vm:
+    kind: vm
+    image: {url}
+    segments: {{lan: 10.20.0.10}}
+    node: node-a
+  vm2:
+    kind: vm
+    image: {url}
+    segments: {{lan: 10.20.0.11}}
+    node: node-b
+  user:
+    kind: container
+    image: http://10.0.0.1:8080/busybox.tar
+    count: 2
+    segments: [lan]
+"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lab_is_placed_ordered_reported_and_destroyed() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = store(dir.path()).await;
+    let db = dir.path().join("control.db");
+    let (base, task) = serve(&db).await;
+    let c = client();
+    for (n, a) in [("node-a", "10.0.0.2:7070"), ("node-b", "10.0.0.3:7070")] {
+        let r = c.post(format!("{base}/nodes")).json(&serde_json::json!({"name": n, "address": a})).send().await.unwrap();
+        assert_eq!(r.status(), 204);
+        beat(&c, &base, n, serde_json::json!([]), serde_json::json!([])).await;
+    }
+
+    // A bad lab file: refused with its line, nothing recorded.
+    let bad = c.post(format!("{base}/labs")).body(lab_file(&url).replace("count: 2", "count: 1000000000")).send().await.unwrap();
+    assert_eq!(bad.status(), 400);
+    assert!(bad.text().await.unwrap().starts_with("line 19: "));
+    let anon = reqwest::Client::new().post(format!("{base}/labs")).body(lab_file(&url)).send().await.unwrap();
+    assert_eq!(anon.status(), 401);
+    let labs: serde_json::Value = c.get(format!("{base}/labs")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(labs, serde_json::json!([]));
+
+    let rows: serde_json::Value = c.post(format!("{base}/labs")).body(lab_file(&url)).send().await.unwrap().json().await.unwrap();
+    let placed: Vec<(String, String)> =
+        rows.as_array().unwrap().iter().map(|r| (r["name"].as_str().unwrap().into(), r["node"].as_str().unwrap_or("").into())).collect();
+    assert_eq!(placed.len(), 4, "{rows}");
+    assert!(placed.contains(&("vm".into(), "node-a".into())) && placed.contains(&("vm2".into(), "node-b".into())), "pins: {placed:?}");
+    let root = rows.as_array().unwrap().iter().find(|r| r["name"] == "vm").unwrap()["image"].as_str().unwrap().to_owned();
+
+    // node-a fetches the VM image from the store; node-b waits for node-a
+    // to open it, then is told to fetch it from node-a.
+    let a = beat(&c, &base, "node-a", serde_json::json!([]), serde_json::json!([])).await;
+    let vm = a["instances"].as_array().unwrap().iter().find(|o| o["name"] == "vm").expect("vm ordered on node-a");
+    assert_eq!(vm["image"]["peers"], serde_json::json!([]), "{vm}");
+    assert_eq!(vm["nics"][0]["address"], "10.20.0.10");
+    let b = beat(&c, &base, "node-b", serde_json::json!([]), serde_json::json!([])).await;
+    assert!(b["instances"].as_array().unwrap().iter().all(|o| o["name"] != "vm2"), "vm2 waits for its source: {b}");
+    beat(&c, &base, "node-a", serde_json::json!([[root, 0]]), serde_json::json!([{"lab": "lab1", "name": "vm", "state": "fetching"}])).await;
+    let b = beat(&c, &base, "node-b", serde_json::json!([]), serde_json::json!([])).await;
+    let vm2 = b["instances"].as_array().unwrap().iter().find(|o| o["name"] == "vm2").expect("vm2 ordered once its source has the image");
+    assert_eq!(vm2["image"]["peers"], serde_json::json!(["10.0.0.2:7070"]), "{vm2}");
+    // One segment on both nodes: joined by VXLAN; each node answers DHCP
+    // for its own VM from an address of its own.
+    let seg_a = &a["segments"][0];
+    let seg_b = &b["segments"][0];
+    assert_eq!(seg_a["remotes"], serde_json::json!(["10.0.0.3"]), "{a}");
+    assert_eq!(seg_b["remotes"], serde_json::json!(["10.0.0.2"]), "{b}");
+    assert_eq!((&seg_a["bridge"], &seg_a["vni"]), (&seg_b["bridge"], &seg_b["vni"]));
+    assert_ne!(seg_a["dhcp"]["server"], seg_b["dhcp"]["server"]);
+    assert_eq!(seg_a["dhcp"]["hosts"][0][1], "10.20.0.10");
+
+    // Reported ready (straight from placed: the states between are recorded too).
+    let seen = serde_json::json!([{"lab": "lab1", "name": "vm", "state": "ready"}]);
+    beat(&c, &base, "node-a", serde_json::json!([[root, 4096]]), seen.clone()).await;
+    let rows: serde_json::Value = c.get(format!("{base}/labs/lab1/instances")).send().await.unwrap().json().await.unwrap();
+    let vm = rows.as_array().unwrap().iter().find(|r| r["name"] == "vm").unwrap();
+    assert_eq!(vm["state"], "ready");
+    let history: Vec<&str> = vm["history"].as_array().unwrap().iter().map(|h| h[0].as_str().unwrap()).collect();
+    assert_eq!(history, ["pending", "placed", "fetching", "starting", "ready"]);
+
+    // The control node restarts: the same orders, nothing placed again.
+    task.abort();
+    let (base, task) = serve(&db).await;
+    let again = beat(&c, &base, "node-a", serde_json::json!([[root, 4096]]), seen.clone()).await;
+    assert_eq!(again["instances"], a["instances"]);
+    // A second deploy converges: nothing new, states kept.
+    let rows2: serde_json::Value = c.post(format!("{base}/labs")).body(lab_file(&url)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(rows2.as_array().unwrap().iter().find(|r| r["name"] == "vm").unwrap()["state"], "ready");
+
+    // Destroyed: no orders; what node-a still runs is listed until it says it is gone.
+    assert_eq!(c.delete(format!("{base}/labs/lab1")).send().await.unwrap().status(), 204);
+    let a = beat(&c, &base, "node-a", serde_json::json!([]), seen).await;
+    assert_eq!(a, serde_json::json!({"instances": [], "segments": []}));
+    let rem: serde_json::Value = c.get(format!("{base}/labs/lab1/remaining")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(rem["remaining"][0]["name"], "vm", "{rem}");
+    beat(&c, &base, "node-a", serde_json::json!([]), serde_json::json!([])).await;
+    let rem: serde_json::Value = c.get(format!("{base}/labs/lab1/remaining")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(rem["remaining"], serde_json::json!([]));
+    assert_eq!(c.delete(format!("{base}/labs/lab1")).send().await.unwrap().status(), 204, "a second destroy succeeds");
+    drop(task);
 }

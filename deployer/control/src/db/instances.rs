@@ -190,6 +190,6 @@ impl Db {
     }
 }
 
-fn parse_state(s: &str) -> Option<InstanceState> {
+pub(super) fn parse_state(s: &str) -> Option<InstanceState> {
     InstanceState::ALL.into_iter().find(|st| st.as_str() == s)
 }

@@ -113,20 +113,24 @@ const MIGRATIONS: &[&str] = &[
         FOREIGN KEY (lab, name) REFERENCES instances(lab, name) ON DELETE CASCADE
     );
     CREATE INDEX instance_states_by_instance ON instance_states (lab, name, at_ms);",
+    // 3: labs as deployed (their checked lab file), and what each node
+    // last said it runs (what a destroyed lab leaves until agents remove it).
+    "CREATE TABLE labs (
+        name TEXT PRIMARY KEY,
+        spec TEXT NOT NULL,
+        deployed_ms INTEGER NOT NULL
+    );
+    CREATE TABLE observed (
+        node TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        lab TEXT NOT NULL,
+        name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        reason TEXT,
+        PRIMARY KEY (node, lab, name)
+    );",
 ];
 
-/// What a node reports in a heartbeat.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Heartbeat {
-    /// CPU cores.
-    pub cores: u32,
-    /// Memory, bytes.
-    pub memory_bytes: u64,
-    /// Instances running.
-    pub running: u32,
-    /// The images it caches, each with the bytes of its boot segment it holds.
-    pub caches: Vec<(RootDigest, u64)>,
-}
+pub use bootcache_api::agent::Heartbeat;
 
 /// A node as the control node sees it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -272,7 +276,7 @@ impl Db {
             let last = match heartbeat_ms {
                 None => None,
                 Some(_) => {
-                    Some(Heartbeat { cores, memory_bytes: u64::try_from(memory).unwrap_or(0), running, caches: self.caches_of(&name)? })
+                    Some(Heartbeat { cores, memory_bytes: u64::try_from(memory).unwrap_or(0), running, caches: self.caches_of(&name)?, instances: Vec::new() })
                 }
             };
             let up = heartbeat_ms.is_some_and(|t| now_ms.saturating_sub(t) <= limit);
@@ -347,7 +351,9 @@ impl Db {
 }
 
 mod instances;
+mod labs;
 #[cfg(test)]
 mod tests;
 
 pub use instances::{InstanceRow, InstanceSpec};
+pub use labs::Remaining;
