@@ -602,11 +602,10 @@ impl Lab {
 fn plain_message(msg: &str) -> String {
     let mut m = msg.lines().next().unwrap_or("not a lab file").trim();
     m = m.strip_prefix("error: ").unwrap_or(m);
-    if let Some(rest) = m.strip_prefix("line ") {
-        if let Some((_, after)) = rest.split_once(": ") {
+    if let Some(rest) = m.strip_prefix("line ")
+        && let Some((_, after)) = rest.split_once(": ") {
             m = after;
         }
-    }
     let m = m.split(", set DuplicateKeyPolicy").next().unwrap_or(m);
     m.replace("duplicate mapping key: ", "given twice: ")
 }

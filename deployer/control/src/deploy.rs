@@ -300,11 +300,10 @@ impl Control {
         let mut fetchers = BTreeSet::new();
         for lab in db.labs()? {
             for r in db.instances(&lab.name)? {
-                if r.spec.kind == Kind::Vm && r.spec.image == *root && holds_capacity(r.state) {
-                    if let Some(n) = r.node.filter(|n| !holders.contains(n) && up.contains(n)) {
+                if r.spec.kind == Kind::Vm && r.spec.image == *root && holds_capacity(r.state)
+                    && let Some(n) = r.node.filter(|n| !holders.contains(n) && up.contains(n)) {
                         fetchers.insert(n);
                     }
-                }
             }
         }
         fetchers.insert(node.clone());
