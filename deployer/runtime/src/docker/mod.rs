@@ -1,0 +1,200 @@
+//! Containers through Docker (`bollard` against a real dockerd, the API
+//! version negotiated: Debian's docker.io 20.10 speaks 1.41). Images come
+//! from root file system tarballs imported into the node's Docker (no
+//! registry needed); containers run with no Docker network (the agent
+//! gives them veths on the lab's bridges), labelled with their lab and
+//! instance; readiness is a line of their log.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::Docker as Client;
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptions, CreateImageOptions, InspectContainerOptions, KillContainerOptions, ListContainersOptions, LogsOptions,
+    RemoveContainerOptions, StartContainerOptions,
+};
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt, TryStreamExt};
+
+use crate::{Exec, Image, PREFIX, Runtime, RuntimeError, Spec, Status, tail};
+
+/// The label every container made carries (its lab).
+pub const LAB_LABEL: &str = "dev.bootcache.lab";
+
+/// Containers on one dockerd.
+#[derive(Clone, Debug)]
+pub struct Docker {
+    client: Client,
+}
+
+fn docker_err(what: String) -> impl FnOnce(bollard::errors::Error) -> RuntimeError {
+    move |e| RuntimeError::new(what, e)
+}
+
+fn is_missing(e: &bollard::errors::Error) -> bool {
+    matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })
+}
+
+impl Docker {
+    /// Containers on the dockerd listening on unix socket `socket`.
+    ///
+    /// # Errors
+    /// dockerd does not answer.
+    pub async fn connect(socket: &str) -> Result<Docker, RuntimeError> {
+        let what = format!("dockerd at {socket}");
+        let client = Client::connect_with_unix(socket, 120, bollard::API_DEFAULT_VERSION).map_err(docker_err(what.clone()))?;
+        let client = client.negotiate_version().await.map_err(docker_err(what.clone()))?;
+        let v = client.version().await.map_err(docker_err(what))?;
+        tracing::info!(socket, version = v.version.as_deref().unwrap_or("?"), api = v.api_version.as_deref().unwrap_or("?"), "docker connected");
+        Ok(Docker { client })
+    }
+
+    /// Whether image `reference` is in this Docker.
+    ///
+    /// # Errors
+    /// dockerd fails.
+    pub async fn has_image(&self, reference: &str) -> Result<bool, RuntimeError> {
+        match self.client.inspect_image(reference).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_missing(&e) => Ok(false),
+            Err(e) => Err(docker_err(format!("image {reference}"))(e)),
+        }
+    }
+
+    /// Imports a root file system tarball (`docker import`) as `reference`
+    /// (`repo:tag`).
+    ///
+    /// # Errors
+    /// The tarball stream fails, or dockerd refuses it.
+    pub async fn import(
+        &self,
+        reference: &str,
+        tarball: impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+    ) -> Result<(), RuntimeError> {
+        let (repo, tag) = reference.rsplit_once(':').unwrap_or((reference, "latest"));
+        let opts = CreateImageOptions { from_src: Some("-".into()), repo: Some(repo.into()), tag: Some(tag.into()), ..Default::default() };
+        let mut progress = self.client.create_image(Some(opts), Some(bollard::body_try_stream(tarball)), None);
+        while let Some(p) = progress.next().await {
+            let p = p.map_err(docker_err(format!("importing {reference}")))?;
+            if let Some(e) = p.error_detail.and_then(|d| d.message) {
+                return Err(RuntimeError::new(format!("importing {reference}"), e));
+            }
+        }
+        Ok(())
+    }
+
+    /// The process id of a running container's init (whose network
+    /// namespace its veths go into).
+    ///
+    /// # Errors
+    /// No such container, or it is not running.
+    pub async fn pid(&self, id: &str) -> Result<u32, RuntimeError> {
+        let c = self.client.inspect_container(id, None::<InspectContainerOptions>).await.map_err(docker_err(format!("{id}: inspecting")))?;
+        let pid = c.state.and_then(|s| s.pid).unwrap_or(0);
+        u32::try_from(pid).ok().filter(|p| *p > 0).ok_or_else(|| RuntimeError::new(format!("{id}: its process"), "not running"))
+    }
+}
+
+impl Runtime for Docker {
+    async fn create(&self, spec: &Spec) -> Result<(), RuntimeError> {
+        let Image::Container { reference, command } = &spec.image else { return Err(RuntimeError::new(&spec.id, "a container needs an image")) };
+        let lab = spec.id.strip_prefix(PREFIX).and_then(|r| r.split('.').next()).unwrap_or("").to_owned();
+        let body = ContainerCreateBody {
+            image: Some(reference.clone()),
+            hostname: Some(spec.hostname.clone()),
+            cmd: command.clone(),
+            labels: Some(HashMap::from([(LAB_LABEL.to_owned(), lab)])),
+            network_disabled: Some(false),
+            host_config: Some(HostConfig {
+                network_mode: Some("none".into()),
+                memory: i64::try_from(spec.memory_bytes).ok(),
+                nano_cpus: Some(i64::from(spec.cpus) * 1_000_000_000),
+                // ping needs raw sockets.
+                cap_add: Some(vec!["NET_RAW".into()]),
+                init: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let opts = CreateContainerOptions { name: Some(spec.id.clone()), ..Default::default() };
+        match self.client.create_container(Some(opts), body).await {
+            Ok(_) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
+            Err(e) => Err(docker_err(format!("{}: creating", spec.id))(e)),
+        }
+    }
+
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        match self.client.start_container(id, None::<StartContainerOptions>).await {
+            Ok(()) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
+            Err(e) => Err(docker_err(format!("{id}: starting"))(e)),
+        }
+    }
+
+    async fn stop(&self, id: &str) -> Result<(), RuntimeError> {
+        match self.client.kill_container(id, Some(KillContainerOptions { signal: "KILL".into() })).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_missing(&e) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
+            Err(e) => Err(docker_err(format!("{id}: stopping"))(e)),
+        }
+    }
+
+    async fn destroy(&self, id: &str) -> Result<(), RuntimeError> {
+        let opts = RemoveContainerOptions { force: true, v: true, ..Default::default() };
+        match self.client.remove_container(id, Some(opts)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_missing(&e) => Ok(()),
+            Err(e) => Err(docker_err(format!("{id}: removing"))(e)),
+        }
+    }
+
+    async fn status(&self, id: &str) -> Result<Status, RuntimeError> {
+        match self.client.inspect_container(id, None::<InspectContainerOptions>).await {
+            Ok(c) => Ok(if c.state.and_then(|s| s.running).unwrap_or(false) { Status::Running } else { Status::Stopped }),
+            Err(e) if is_missing(&e) => Ok(Status::Missing),
+            Err(e) => Err(docker_err(format!("{id}: inspecting"))(e)),
+        }
+    }
+
+    async fn console(&self, id: &str) -> Result<String, RuntimeError> {
+        let opts = LogsOptions { stdout: true, stderr: true, tail: "2000".into(), ..Default::default() };
+        let chunks: Vec<_> = self.client.logs(id, Some(opts)).try_collect().await.map_err(docker_err(format!("{id}: reading its log")))?;
+        let mut out = String::new();
+        for c in chunks {
+            out += &String::from_utf8_lossy(&c.into_bytes());
+        }
+        Ok(tail(out))
+    }
+
+    async fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<Exec, RuntimeError> {
+        use bollard::exec::{CreateExecOptions, StartExecResults};
+        let what = format!("{id}: {}", argv.first().map_or("", String::as_str));
+        let opts = CreateExecOptions { cmd: Some(argv.to_vec()), attach_stdout: Some(true), attach_stderr: Some(true), ..Default::default() };
+        let exec = self.client.create_exec(id, opts).await.map_err(docker_err(what.clone()))?;
+        let run = async {
+            let mut output = String::new();
+            if let StartExecResults::Attached { output: mut stream, .. } = self.client.start_exec(&exec.id, None).await.map_err(docker_err(what.clone()))? {
+                while let Some(chunk) = stream.next().await {
+                    output += &String::from_utf8_lossy(&chunk.map_err(docker_err(what.clone()))?.into_bytes());
+                }
+            }
+            let code = self.client.inspect_exec(&exec.id).await.map_err(docker_err(what.clone()))?.exit_code.unwrap_or(-1);
+            Ok(Exec { code, output })
+        };
+        tokio::time::timeout(timeout, run).await.map_err(|_| RuntimeError::new(what.clone(), format!("still running after {} s", timeout.as_secs())))?
+    }
+
+    async fn list(&self) -> Result<Vec<String>, RuntimeError> {
+        let opts = ListContainersOptions { all: true, filters: Some(HashMap::from([("label".to_owned(), vec![LAB_LABEL.to_owned()])])), ..Default::default() };
+        let all = self.client.list_containers(Some(opts)).await.map_err(docker_err("listing containers".into()))?;
+        Ok(all
+            .into_iter()
+            .flat_map(|c| c.names.unwrap_or_default())
+            .map(|n| n.trim_start_matches('/').to_owned())
+            .filter(|n| n.starts_with(PREFIX))
+            .collect())
+    }
+}

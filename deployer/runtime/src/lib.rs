@@ -1,0 +1,187 @@
+//! One interface to run a lab's instances on a compute node, whatever runs
+//! them: [`libvirt`] for VMs (a domain per VM, its disk a qcow2 overlay on
+//! the node's NBD export of the image, its serial console in a file) and
+//! [`docker`] for containers (a container per instance, its image imported
+//! from a root file system tarball, no network of Docker's own: the agent
+//! gives it veths on the lab's bridges).
+//!
+//! ```text
+//!   agent ──Spec──► Runtime::{create, start, stop, destroy, status, console, exec, list}
+//!                      ├── libvirt/  (virt crate → libvirtd → QEMU)
+//!                      └── docker/   (bollard → dockerd)
+//! ```
+//!
+//! Everything a runtime makes is named `bootcache.<lab>.<instance>`
+//! ([`names::instance`](bootcache_api::agent::names::instance)) and found
+//! again by that prefix, so an agent that restarts removes what no order
+//! asks for any more.
+
+#![deny(missing_docs)]
+
+pub mod docker;
+pub mod libvirt;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bootcache_api::agent::Nic;
+
+/// The prefix of everything a runtime makes.
+pub const PREFIX: &str = "bootcache.";
+
+/// Most bytes of a console or log [`Runtime::console`] returns (its end).
+pub const CONSOLE_TAIL: usize = 1 << 20;
+
+/// An instance to make.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    /// What the runtime calls it (`bootcache.<lab>.<instance>`).
+    pub id: String,
+    /// The host name inside (the instance's name).
+    pub hostname: String,
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// Memory, bytes.
+    pub memory_bytes: u64,
+    /// Its interfaces (VMs get them from the runtime; containers from the
+    /// agent, once started).
+    pub nics: Vec<Nic>,
+    /// What it runs.
+    pub image: Image,
+}
+
+/// What an instance runs.
+#[derive(Clone, Debug)]
+pub enum Image {
+    /// A VM's disk: a qcow2 overlay (its backing file the node's export).
+    Disk(PathBuf),
+    /// A container's image reference, and its command (else the image's).
+    Container {
+        /// The image (as imported).
+        reference: String,
+        /// The command.
+        command: Option<Vec<String>>,
+    },
+}
+
+/// Where an instance stands as its runtime sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Running.
+    Running,
+    /// Made but not running (stopped, exited, crashed).
+    Stopped,
+    /// Not there.
+    Missing,
+}
+
+/// What a command run inside an instance printed and returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exec {
+    /// Its exit code.
+    pub code: i64,
+    /// Its standard output and error.
+    pub output: String,
+}
+
+/// Why a runtime could not do something.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {why}")]
+pub struct RuntimeError {
+    /// What was being done (the instance and the step).
+    pub what: String,
+    /// Why, as the backend said.
+    pub why: String,
+}
+
+impl RuntimeError {
+    /// An error of `what`, because of `why`.
+    pub fn new(what: impl Into<String>, why: impl std::fmt::Display) -> RuntimeError {
+        RuntimeError { what: what.into(), why: why.to_string() }
+    }
+}
+
+/// Runs instances of one kind. Every call is idempotent where it can be:
+/// destroying what is not there succeeds.
+pub trait Runtime: Send + Sync {
+    /// Makes the instance (not started).
+    fn create(&self, spec: &Spec) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Starts it.
+    fn start(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Stops it (at once: lab instances hold nothing to save).
+    fn stop(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Stops and removes it, and what the runtime made for it.
+    fn destroy(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Where it stands.
+    fn status(&self, id: &str) -> impl Future<Output = Result<Status, RuntimeError>> + Send;
+    /// Its serial console (VM) or log (container) so far, at most
+    /// [`CONSOLE_TAIL`] bytes from its end.
+    fn console(&self, id: &str) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+    /// Runs `argv` inside it (no shell), waiting at most `timeout`.
+    fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> impl Future<Output = Result<Exec, RuntimeError>> + Send;
+    /// The ids of everything it made (the [`PREFIX`]).
+    fn list(&self) -> impl Future<Output = Result<Vec<String>, RuntimeError>> + Send;
+
+    /// Waits until it is running and, with a `marker`, until a line of its
+    /// console contains it; fails if it stops or `timeout` passes.
+    fn wait_ready(&self, id: &str, marker: Option<&str>, timeout: Duration) -> impl Future<Output = Result<Duration, RuntimeError>> + Send
+    where
+        Self: Sized,
+    {
+        async move {
+            let start = Instant::now();
+            loop {
+                match self.status(id).await? {
+                    Status::Running => {}
+                    s if start.elapsed() > Duration::from_secs(2) => {
+                        return Err(RuntimeError::new(format!("{id}: waiting until ready"), format!("it is {s:?}, not running")));
+                    }
+                    _ => {}
+                }
+                let ready = match marker {
+                    None => self.status(id).await? == Status::Running,
+                    Some(m) => self.console(id).await?.lines().any(|l| l.contains(m)),
+                };
+                if ready {
+                    return Ok(start.elapsed());
+                }
+                if start.elapsed() > timeout {
+                    let what = marker.map_or_else(|| "running".to_owned(), |m| format!("{m:?} on its console"));
+                    return Err(RuntimeError::new(format!("{id}: waiting until ready"), format!("no {what} within {} s", timeout.as_secs())));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+}
+
+/// Escapes text for an XML attribute or element (libvirt XML). Everything
+/// put there is checked before (names, MACs, paths the agent made); this is
+/// the second line.
+pub(crate) fn xml_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' => out.push_str("&apos;"),
+            '"' => out.push_str("&quot;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The end of `s`, at most [`CONSOLE_TAIL`] bytes, cut at a character.
+pub(crate) fn tail(s: String) -> String {
+    if s.len() <= CONSOLE_TAIL {
+        return s;
+    }
+    let mut from = s.len() - CONSOLE_TAIL;
+    while !s.is_char_boundary(from) {
+        from += 1;
+    }
+    s[from..].to_owned()
+}

@@ -1,0 +1,295 @@
+//! VMs through libvirt (the `virt` crate against a real libvirtd): one
+//! domain per VM, type `qemu` (TCG) or `kvm`, its disk a qcow2 overlay
+//! whose backing file is the node's NBD export of the image, its NICs on
+//! the lab's bridges, its serial console in a file the agent reads for the
+//! readiness marker, and a guest-agent channel for [`Runtime::exec`].
+//!
+//! libvirt's calls block: each runs on Tokio's blocking pool with a
+//! connection of its own.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use virt::connect::Connect;
+use virt::domain::DomainState;
+
+use crate::{Exec, Image, PREFIX, Runtime, RuntimeError, Spec, Status, tail, xml_escape};
+
+/// How QEMU runs guests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    /// Software emulation (domain type `qemu`).
+    Tcg,
+    /// Hardware virtualisation (domain type `kvm`).
+    Kvm,
+}
+
+/// VMs on one libvirtd.
+#[derive(Clone, Debug)]
+pub struct Libvirt {
+    uri: String,
+    consoles: PathBuf,
+    accel: Accel,
+    emulator: PathBuf,
+}
+
+fn virt_err(what: String) -> impl FnOnce(virt::error::Error) -> RuntimeError {
+    move |e| RuntimeError::new(what, e.message())
+}
+
+/// libvirt's "no domain with matching name".
+fn is_missing(e: &virt::error::Error) -> bool {
+    matches!(e.code().known(), Some(virt::error::ErrorNumber::NoDomain))
+}
+
+impl Libvirt {
+    /// VMs on the libvirtd at `uri` (e.g. `qemu:///system`), their consoles
+    /// in `consoles` (made if missing).
+    ///
+    /// # Errors
+    /// libvirtd does not answer, or the directory cannot be made.
+    pub async fn connect(uri: &str, consoles: &Path, accel: Accel) -> Result<Libvirt, RuntimeError> {
+        std::fs::create_dir_all(consoles).map_err(|e| RuntimeError::new(format!("making {}", consoles.display()), e))?;
+        let emulator = ["/usr/bin/qemu-system-x86_64", "/usr/libexec/qemu-kvm"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .ok_or_else(|| RuntimeError::new("finding QEMU", "no qemu-system-x86_64 (package qemu-system-x86)"))?;
+        let me = Libvirt { uri: uri.to_owned(), consoles: consoles.to_owned(), accel, emulator };
+        let v = me.blocking("connecting", |c| c.lib_version().map_err(virt_err(String::new()))).await?;
+        tracing::info!(uri, libvirt = v, ?accel, "libvirt connected");
+        Ok(me)
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&Connect) -> Result<T, RuntimeError> + Send + 'static,
+    ) -> Result<T, RuntimeError> {
+        let uri = self.uri.clone();
+        let what = format!("libvirt {uri}: {what}");
+        let w = what.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = Connect::open(Some(&uri)).map_err(virt_err(w.clone()))?;
+            let out = f(&conn).map_err(|e| RuntimeError::new(format!("{w}: {}", e.what), e.why));
+            out
+        })
+        .await
+        .map_err(|e| RuntimeError::new(what, e))?
+    }
+
+    /// Where a VM's serial console is written.
+    pub fn console_path(&self, id: &str) -> PathBuf {
+        self.consoles.join(format!("{id}.console"))
+    }
+
+    /// The domain XML for `spec`.
+    pub fn domain_xml(&self, spec: &Spec) -> Result<String, RuntimeError> {
+        let Image::Disk(disk) = &spec.image else { return Err(RuntimeError::new(&spec.id, "a VM needs a disk")) };
+        let kind = match self.accel {
+            Accel::Tcg => "qemu",
+            Accel::Kvm => "kvm",
+        };
+        let mut nics = String::new();
+        for n in &spec.nics {
+            nics += &format!(
+                "    <interface type='bridge'><source bridge='{}'/><mac address='{}'/><model type='virtio'/></interface>\n",
+                xml_escape(n.bridge.as_str()),
+                n.mac
+            );
+        }
+        let cpu = if self.accel == Accel::Kvm { "  <cpu mode='host-passthrough'/>\n" } else { "" };
+        Ok(format!(
+            "<domain type='{kind}'>
+  <name>{name}</name>
+  <description>bootcache lab instance {host}</description>
+  <memory unit='b'>{mem}</memory>
+  <vcpu>{cpus}</vcpu>
+{cpu}  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>{emu}</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' cache='none' discard='unmap'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+{nics}    <serial type='file'><source path='{console}'/><target port='0'/></serial>
+    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+",
+            name = xml_escape(&spec.id),
+            host = xml_escape(&spec.hostname),
+            mem = spec.memory_bytes,
+            cpus = spec.cpus,
+            emu = xml_escape(&self.emulator.to_string_lossy()),
+            disk = xml_escape(&disk.to_string_lossy()),
+            console = xml_escape(&self.console_path(&spec.id).to_string_lossy()),
+        ))
+    }
+
+    /// Runs a guest-agent command (JSON) in VM `id`.
+    async fn agent(&self, id: &str, cmd: String, timeout_s: i32) -> Result<serde_json::Value, RuntimeError> {
+        let name = id.to_owned();
+        let text = self
+            .blocking(&format!("{id}: guest agent"), move |c| {
+                let d = c.lookup_domain_by_name(&name).map_err(virt_err(String::new()))?;
+                d.qemu_agent_command(&cmd, timeout_s, 0).map_err(virt_err("the guest agent".into()))
+            })
+            .await?;
+        serde_json::from_str(&text).map_err(|e| RuntimeError::new(format!("{id}: guest agent"), e))
+    }
+}
+
+impl Runtime for Libvirt {
+    async fn create(&self, spec: &Spec) -> Result<(), RuntimeError> {
+        let xml = self.domain_xml(spec)?;
+        let _ = std::fs::remove_file(self.console_path(&spec.id));
+        self.blocking(&format!("{}: defining", spec.id), move |c| {
+            c.define_domain_xml(&xml).map(drop).map_err(virt_err(String::new()))
+        })
+        .await
+    }
+
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        let name = id.to_owned();
+        self.blocking(&format!("{id}: starting"), move |c| {
+            let d = c.lookup_domain_by_name(&name).map_err(virt_err(String::new()))?;
+            if d.is_active().unwrap_or(false) {
+                return Ok(());
+            }
+            d.create().map(drop).map_err(virt_err(String::new()))
+        })
+        .await
+    }
+
+    async fn stop(&self, id: &str) -> Result<(), RuntimeError> {
+        let name = id.to_owned();
+        self.blocking(&format!("{id}: stopping"), move |c| match c.lookup_domain_by_name(&name) {
+            Err(e) if is_missing(&e) => Ok(()),
+            Err(e) => Err(virt_err(String::new())(e)),
+            Ok(d) if d.is_active().unwrap_or(false) => d.destroy().map_err(virt_err(String::new())),
+            Ok(_) => Ok(()),
+        })
+        .await
+    }
+
+    async fn destroy(&self, id: &str) -> Result<(), RuntimeError> {
+        let name = id.to_owned();
+        self.blocking(&format!("{id}: destroying"), move |c| match c.lookup_domain_by_name(&name) {
+            Err(e) if is_missing(&e) => Ok(()),
+            Err(e) => Err(virt_err(String::new())(e)),
+            Ok(d) => {
+                if d.is_active().unwrap_or(false) {
+                    d.destroy().map_err(virt_err("stopping".into()))?;
+                }
+                d.undefine().map_err(virt_err("undefining".into()))
+            }
+        })
+        .await?;
+        let _ = std::fs::remove_file(self.console_path(id));
+        Ok(())
+    }
+
+    async fn status(&self, id: &str) -> Result<Status, RuntimeError> {
+        let name = id.to_owned();
+        self.blocking(&format!("{id}: status"), move |c| match c.lookup_domain_by_name(&name) {
+            Err(e) if is_missing(&e) => Ok(Status::Missing),
+            Err(e) => Err(virt_err(String::new())(e)),
+            Ok(d) => {
+                let (state, _) = d.state().map_err(virt_err(String::new()))?;
+                Ok(match state.known() {
+                    Some(DomainState::Running | DomainState::Blocked) => Status::Running,
+                    _ => Status::Stopped,
+                })
+            }
+        })
+        .await
+    }
+
+    async fn console(&self, id: &str) -> Result<String, RuntimeError> {
+        match tokio::fs::read(self.console_path(id)).await {
+            Ok(bytes) => Ok(tail(String::from_utf8_lossy(&bytes).into_owned())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(e) => Err(RuntimeError::new(format!("{id}: reading the console"), e)),
+        }
+    }
+
+    async fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<Exec, RuntimeError> {
+        let Some((path, args)) = argv.split_first() else { return Err(RuntimeError::new(id, "nothing to run")) };
+        let cmd = serde_json::json!({"execute": "guest-exec", "arguments": {"path": path, "arg": args, "capture-output": true}});
+        let started = self.agent(id, cmd.to_string(), 10).await?;
+        let pid = started["return"]["pid"].as_i64().ok_or_else(|| RuntimeError::new(format!("{id}: guest-exec"), started.to_string()))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = self.agent(id, serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}).to_string(), 10).await?;
+            let r = &st["return"];
+            if r["exited"].as_bool() == Some(true) {
+                let b64 = base64::engine::general_purpose::STANDARD;
+                let mut output = String::new();
+                for key in ["out-data", "err-data"] {
+                    if let Some(d) = r[key].as_str() {
+                        output += &String::from_utf8_lossy(&b64.decode(d).unwrap_or_default());
+                    }
+                }
+                return Ok(Exec { code: r["exitcode"].as_i64().unwrap_or(-1), output });
+            }
+            if Instant::now() > deadline {
+                return Err(RuntimeError::new(format!("{id}: {path}"), format!("still running after {} s", timeout.as_secs())));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<String>, RuntimeError> {
+        self.blocking("listing domains", |c| {
+            let all = c.list_all_domains(0).map_err(virt_err(String::new()))?;
+            Ok(all.iter().filter_map(|d| d.name().ok()).filter(|n| n.starts_with(PREFIX)).collect())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_domain_xml_carries_the_spec() {
+        let lv = Libvirt { uri: "test:///default".into(), consoles: "/run/c".into(), accel: Accel::Tcg, emulator: "/usr/bin/qemu-system-x86_64".into() };
+        let spec = Spec {
+            id: "bootcache.lab.vm-1".into(),
+            hostname: "vm-1".into(),
+            cpus: 2,
+            memory_bytes: 512 << 20,
+            nics: vec![bootcache_api::agent::Nic {
+                bridge: "bc0123456789".parse().unwrap(),
+                mac: bootcache_api::agent::Mac([0x52, 0x54, 0, 1, 2, 3]),
+                address: "10.0.0.5".parse().unwrap(),
+                prefix: 24,
+            }],
+            image: Image::Disk("/var/lib/x/vm-1.qcow2".into()),
+        };
+        let xml = lv.domain_xml(&spec).unwrap();
+        for part in [
+            "<domain type='qemu'>",
+            "<name>bootcache.lab.vm-1</name>",
+            "<memory unit='b'>536870912</memory>",
+            "<vcpu>2</vcpu>",
+            "<source bridge='bc0123456789'/><mac address='52:54:00:01:02:03'/>",
+            "<source file='/var/lib/x/vm-1.qcow2'/>",
+            "<source path='/run/c/bootcache.lab.vm-1.console'/>",
+            "org.qemu.guest_agent.0",
+        ] {
+            assert!(xml.contains(part), "{part} in\n{xml}");
+        }
+        assert!(!xml.contains("graphics"), "no graphics element (libvirt 9 refuses type none)");
+        assert_eq!(xml_escape("a'<b>&\""), "a&apos;&lt;b&gt;&amp;&quot;");
+    }
+}
