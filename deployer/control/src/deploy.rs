@@ -310,7 +310,7 @@ impl Control {
         let fetchers: Vec<Name> = fetchers.into_iter().collect();
         let plan = plan::sources(&fetchers, &holders, self.fan_out);
         match plan.into_iter().find(|(f, _)| f == node).map(|(_, s)| s) {
-            Some(Source::Node(peer)) if holders.contains(&peer) => Ok(Some(address(&peer).into_iter().collect())),
+            Some(Source::Node(peer)) if holders.contains(&peer) => Ok(Some(address(&peer).map(|a| format!("http://{a}")).into_iter().collect())),
             Some(Source::Node(_)) => Ok(None),
             _ => Ok(Some(Vec::new())),
         }

@@ -164,7 +164,7 @@ async fn a_lab_is_placed_ordered_reported_and_destroyed() {
     beat(&c, &base, "node-a", serde_json::json!([[root, 0]]), serde_json::json!([{"lab": "lab1", "name": "vm", "state": "fetching"}])).await;
     let b = beat(&c, &base, "node-b", serde_json::json!([]), serde_json::json!([])).await;
     let vm2 = b["instances"].as_array().unwrap().iter().find(|o| o["name"] == "vm2").expect("vm2 ordered once its source has the image");
-    assert_eq!(vm2["image"]["peers"], serde_json::json!(["10.0.0.2:7070"]), "{vm2}");
+    assert_eq!(vm2["image"]["peers"], serde_json::json!(["http://10.0.0.2:7070"]), "{vm2}");
     // One segment on both nodes: joined by VXLAN; each node answers DHCP
     // for its own VM from an address of its own.
     let seg_a = &a["segments"][0];

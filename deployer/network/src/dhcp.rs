@@ -56,8 +56,8 @@ impl DhcpServers {
         let config = format!("{network}/{mask}\n{hosts}");
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let hosts_file = self.dir.join(format!("{bridge}.hosts"));
-        if let Some((child, was)) = running.get_mut(bridge.as_str()) {
-            if child.try_wait()?.is_none() {
+        if let Some((child, was)) = running.get_mut(bridge.as_str())
+            && child.try_wait()?.is_none() {
                 if *was != config {
                     std::fs::write(&hosts_file, &hosts)?;
                     // SIGHUP: reread the hosts file.
@@ -69,7 +69,6 @@ impl DhcpServers {
                 }
                 return Ok(());
             }
-        }
         std::fs::write(&hosts_file, &hosts)?;
         let file = |ext: &str| self.dir.join(format!("{bridge}.{ext}"));
         let mut cmd = Command::new("dnsmasq");
@@ -131,10 +130,9 @@ fn stop_by_pid_file(path: &Path) {
     let Ok(text) = std::fs::read_to_string(path) else { return };
     let Ok(pid) = text.trim().parse::<i32>() else { return };
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    if comm.trim() == "dnsmasq" {
-        if let Some(p) = rustix::process::Pid::from_raw(pid) {
+    if comm.trim() == "dnsmasq"
+        && let Some(p) = rustix::process::Pid::from_raw(pid) {
             let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
         }
-    }
     let _ = std::fs::remove_file(path);
 }

@@ -72,8 +72,8 @@ impl Libvirt {
         let w = what.clone();
         tokio::task::spawn_blocking(move || {
             let conn = Connect::open(Some(&uri)).map_err(virt_err(w.clone()))?;
-            let out = f(&conn).map_err(|e| RuntimeError::new(format!("{w}: {}", e.what), e.why));
-            out
+            
+            f(&conn).map_err(|e| RuntimeError::new(format!("{w}: {}", e.what), e.why))
         })
         .await
         .map_err(|e| RuntimeError::new(what, e))?

@@ -1,0 +1,162 @@
+//! Bringing one ordered instance up: its image fetched (a VM's opened on
+//! the node's cache and exported, a container's tarball imported), then
+//! made, started, joined to its segments and waited for until ready.
+
+use std::sync::Arc;
+
+use bootcache_api::agent::{ImageOrder, Order, names};
+use bootcache_api::{InstanceState, Kind};
+use bootcache_network::Veth;
+use bootcache_runtime::{Image, Runtime, Spec};
+use futures_util::TryStreamExt;
+
+use crate::Shared;
+
+/// An instance this agent was ordered to run.
+pub(crate) struct Local {
+    /// What was ordered.
+    pub order: Order,
+    /// Where it stands.
+    pub state: InstanceState,
+    /// Why it failed.
+    pub reason: Option<String>,
+    /// Bringing it up.
+    pub task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The export name of a VM image on this node.
+pub(crate) fn export_name(root: &bootcache_api::RootDigest) -> String {
+    root.to_string()
+}
+
+/// The Docker reference a container image is imported as.
+pub(crate) fn container_reference(url: &str) -> String {
+    let key = bootcache_api::agent::container_image_key(url).to_string();
+    format!("bootcache/image:{}", &key[..16])
+}
+
+fn set(shared: &Shared, order: &Order, state: InstanceState, reason: Option<String>) {
+    let mut all = shared.instances.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(l) = all.get_mut(&(order.lab.clone(), order.name.clone())) {
+        l.state = state;
+        l.reason = reason;
+    }
+}
+
+/// Brings `order` up, recording each state; a failure is recorded with
+/// its reason (the rest of the lab goes on).
+pub(crate) async fn bring_up(shared: Arc<Shared>, order: Order) {
+    let id = names::instance(&order.lab, &order.name);
+    let result = match order.kind {
+        Kind::Vm => vm(&shared, &order, &id).await,
+        Kind::Container => container(&shared, &order, &id).await,
+    };
+    match result {
+        Ok(took) => {
+            tracing::info!(instance = %id, seconds = took.as_secs_f64(), "ready");
+            set(&shared, &order, InstanceState::Ready, None);
+        }
+        Err(why) => {
+            tracing::warn!(instance = %id, %why, "failed");
+            set(&shared, &order, InstanceState::Failed, Some(why));
+        }
+    }
+}
+
+async fn vm(shared: &Shared, order: &Order, id: &str) -> Result<std::time::Duration, String> {
+    let Some(libvirt) = &shared.libvirt else { return Err("this node runs no VMs (the agent has no --libvirt)".into()) };
+    let ImageOrder::Vm { url, root, peers } = &order.image else { return Err("a VM's order carries a VM image".into()) };
+    set(shared, order, InstanceState::Fetching, None);
+    // Whatever an earlier run left under this name goes first.
+    libvirt.destroy(id).await.map_err(|e| e.to_string())?;
+    let image = shared.node.open(&export_name(root), url, peers, Some(*root)).await.map_err(|e| format!("image: {}", bootcache_delivery::node::chain(&e)))?;
+    let overlay = shared.config.state_dir.join("overlays").join(format!("{id}.qcow2"));
+    let _ = std::fs::remove_file(&overlay);
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", &image.nbd_url])
+        .arg(&overlay)
+        .arg(image.virtual_size.to_string())
+        .output()
+        .await
+        .map_err(|e| format!("qemu-img (package qemu-utils): {e}"))?;
+    if !out.status.success() {
+        return Err(format!("making the overlay: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    set(shared, order, InstanceState::Starting, None);
+    let spec = Spec {
+        id: id.to_owned(),
+        hostname: order.name.to_string(),
+        cpus: order.cpus,
+        memory_bytes: order.memory_bytes,
+        nics: order.nics.clone(),
+        image: Image::Disk(overlay),
+    };
+    libvirt.create(&spec).await.map_err(|e| e.to_string())?;
+    libvirt.start(id).await.map_err(|e| e.to_string())?;
+    libvirt.wait_ready(id, order.ready.as_deref(), shared.config.ready_timeout).await.map_err(|e| e.to_string())
+}
+
+async fn container(shared: &Shared, order: &Order, id: &str) -> Result<std::time::Duration, String> {
+    let Some(docker) = &shared.docker else { return Err("this node runs no containers (the agent has no --docker)".into()) };
+    let ImageOrder::Container { url } = &order.image else { return Err("a container's order carries a tarball".into()) };
+    set(shared, order, InstanceState::Fetching, None);
+    docker.destroy(id).await.map_err(|e| e.to_string())?;
+    let reference = container_reference(url);
+    // One import per image, however many containers wait for it.
+    let lock = {
+        let mut images = shared.images.lock().await;
+        Arc::clone(images.entry(reference.clone()).or_default())
+    };
+    {
+        let _held = lock.lock().await;
+        if !docker.has_image(&reference).await.map_err(|e| e.to_string())? {
+            let shown = bootcache_delivery::remote::redact(url);
+            // The store needs no credential (it serves images to anyone
+            // on the deployment network); ours is not sent there.
+            let resp = reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .map_err(|e| e.to_string())?
+                .get(url.as_str())
+                .send()
+                .await
+                .map_err(|e| format!("image {shown}: {}", bootcache_delivery::node::chain(&e)))?;
+            if !resp.status().is_success() {
+                return Err(format!("image {shown}: the store answered {}", resp.status()));
+            }
+            let body = resp.bytes_stream().map_err(std::io::Error::other);
+            docker.import(&reference, body).await.map_err(|e| e.to_string())?;
+            tracing::info!(image = %shown, %reference, "container image imported");
+        }
+    }
+    set(shared, order, InstanceState::Starting, None);
+    let spec = Spec {
+        id: id.to_owned(),
+        hostname: order.name.to_string(),
+        cpus: order.cpus,
+        memory_bytes: order.memory_bytes,
+        nics: order.nics.clone(),
+        image: Image::Container { reference, command: order.command.clone() },
+    };
+    docker.create(&spec).await.map_err(|e| e.to_string())?;
+    docker.start(id).await.map_err(|e| e.to_string())?;
+    let pid = docker.pid(id).await.map_err(|e| e.to_string())?;
+    let veths: Vec<Veth> = order
+        .nics
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Veth {
+            host: names::veth(&order.lab, &order.name, i),
+            bridge: n.bridge.clone(),
+            inside: format!("eth{i}"),
+            mac: n.mac,
+            address: (n.address, n.prefix),
+        })
+        .collect();
+    shared
+        .network
+        .attach_container(pid, &format!("{}/{}", order.lab, order.name), &veths)
+        .await
+        .map_err(|e| bootcache_delivery::node::chain(&e))?;
+    docker.wait_ready(id, order.ready.as_deref(), shared.config.ready_timeout).await.map_err(|e| e.to_string())
+}
