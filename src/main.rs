@@ -17,9 +17,10 @@ fn main() -> ExitCode {
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        // netlink-packet-route warns of every attribute newer than itself.
         tracing_subscriber::EnvFilter::new(match cli.verbose {
-            0 => "warn",
-            1 => "info",
+            0 => "warn,netlink_packet_route=error",
+            1 => "info,netlink_packet_route=error",
             _ => "debug",
         })
     });

@@ -33,6 +33,12 @@ pub enum ControlCmd {
         /// The file holding the API's token (mode 0600; made on first use).
         #[arg(long, value_name = "PATH", default_value = "/var/lib/bootcache/control.token")]
         token_file: PathBuf,
+        /// Also run a compute agent of this name in the same process (this
+        /// machine as the deployment's one node).
+        #[arg(long, value_name = "NODE")]
+        agent: Option<String>,
+        #[command(flatten)]
+        agent_options: super::agent::AgentOptions,
     },
     /// Print the control node's token (made if there is none), or rotate it.
     Token {
@@ -52,7 +58,7 @@ pub fn control(cmd: ControlCmd) -> anyhow::Result<ExitCode> {
             println!("{t}");
             Ok(ExitCode::SUCCESS)
         }
-        ControlCmd::Serve { db, listen, heartbeat, token_file } => {
+        ControlCmd::Serve { db, listen, heartbeat, token_file, agent, agent_options } => {
             let credential = Credential::load_or_create(&token_file)?;
             if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -63,14 +69,43 @@ pub fn control(cmd: ControlCmd) -> anyhow::Result<ExitCode> {
                 let control = Control::new(database, interval);
                 tokio::spawn(std::sync::Arc::clone(&control).watch_nodes());
                 let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
+                let agent_task = match &agent {
+                    None => None,
+                    Some(name) => {
+                        let url = format!("http://{}", listener.local_addr()?);
+                        let config = super::agent::config(name, url, std::sync::Arc::clone(&credential), interval, &agent_options)?;
+                        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                        let task = tokio::spawn(bootcache_agent::run(config, async move {
+                            let _ = rx.await;
+                        }));
+                        Some((tx, task))
+                    }
+                };
                 eprintln!(
                     "control node API on http://{}/ (database {}, token in {})",
                     listener.local_addr()?,
                     db.display(),
                     token_file.display()
                 );
-                bootcache_delivery::http::serve(listener, control.api(credential), Default::default(), super::deliver::until_signal())
-                    .await?;
+                let api = control.api(credential);
+                match agent_task {
+                    None => bootcache_delivery::http::serve(listener, api, Default::default(), super::deliver::until_signal()).await?,
+                    Some((stop_agent, mut task)) => {
+                        let served = tokio::spawn(bootcache_delivery::http::serve(listener, api, Default::default(), std::future::pending()));
+                        tokio::select! {
+                            () = super::deliver::until_signal() => {}
+                            // The agent could not start (no libvirtd, no dockerd...).
+                            r = &mut task => {
+                                served.abort();
+                                r.context("the agent")??;
+                                anyhow::bail!("the agent stopped");
+                            }
+                        }
+                        let _ = stop_agent.send(());
+                        let _ = task.await;
+                        served.abort();
+                    }
+                }
                 Ok(ExitCode::SUCCESS)
             })
         }

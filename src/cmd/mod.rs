@@ -1,8 +1,10 @@
 //! Command-line definitions and dispatch.
 
+mod agent;
 mod control;
 mod deliver;
 mod image;
+mod lab;
 mod progress;
 mod record;
 mod trace;
@@ -85,6 +87,14 @@ enum Command {
     /// Run the control node of a deployment (nodes, images, instances).
     #[command(subcommand)]
     Control(control::ControlCmd),
+    /// Run a compute node's agent: its delivery node, and the VMs and containers its control node orders.
+    Agent(agent::AgentArgs),
+    /// Deploy a lab file: its segments and instances, VMs and containers, across the nodes.
+    Deploy(lab::DeployArgs),
+    /// Show labs, or one lab's instances: node, kind, state, address, time to ready.
+    Inspect(lab::InspectArgs),
+    /// Destroy a lab: every instance, overlay, bridge and VXLAN link it made, on every node.
+    Destroy(lab::DestroyArgs),
     /// Verify every digest in a bootcache image; fails naming the first bad extent.
     Check {
         /// The bootcache image.
@@ -99,7 +109,7 @@ impl Cli {
     /// Whether the command only reads files and writes reports or files (no
     /// sockets, no child processes): a broken pipe on stdout may end it.
     pub fn writes_reports_only(&self) -> bool {
-        !matches!(self.command, Command::Record(_) | Command::Store(_) | Command::Node(_) | Command::Boot(_) | Command::Control(_))
+        !matches!(self.command, Command::Record(_) | Command::Store(_) | Command::Node(_) | Command::Boot(_) | Command::Control(_) | Command::Agent(_) | Command::Deploy(_) | Command::Inspect(_) | Command::Destroy(_))
     }
 }
 
@@ -117,5 +127,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Node(cmd) => deliver::node(cmd),
         Command::Boot(args) => deliver::boot(&args),
         Command::Control(cmd) => control::control(cmd),
+        Command::Agent(args) => agent::agent(args),
+        Command::Deploy(args) => lab::deploy(args),
+        Command::Inspect(args) => lab::inspect(args),
+        Command::Destroy(args) => lab::destroy(args),
     }
 }

@@ -63,6 +63,9 @@ pub(crate) async fn apply(shared: &Arc<Shared>, orders: Orders) {
             tracing::error!(segment = %owner, error = %bootcache_delivery::node::chain(&e), "segment not made");
             continue;
         }
+        if let Err(e) = bootcache_network::firewall::allow_bridge(&seg.bridge, &owner) {
+            tracing::warn!(segment = %owner, error = %e, "no FORWARD rule for the segment (bridged frames may be dropped)");
+        }
         match &seg.dhcp {
             Some(d) => {
                 if let Err(e) = shared.dhcp.ensure(&seg.bridge, d) {
@@ -153,6 +156,11 @@ pub(crate) async fn apply(shared: &Arc<Shared>, orders: Orders) {
             }
         }
         Err(e) => tracing::warn!(error = %bootcache_delivery::node::chain(&e), "cannot list links"),
+    }
+    for (b, _) in bootcache_network::firewall::rules() {
+        if !orders.segments.iter().any(|s| s.bridge.as_str() == b) {
+            bootcache_network::firewall::remove_bridge(&b);
+        }
     }
     for b in shared.dhcp.bridges() {
         if !orders.segments.iter().any(|s| s.bridge.as_str() == b && s.dhcp.is_some()) {

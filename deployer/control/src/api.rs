@@ -202,10 +202,62 @@ async fn image(State(c): State<Arc<Control>>, Path(root): Path<String>) -> Respo
     }
 }
 
+/// An instance as `GET /labs/{lab}/instances` shows it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct InstanceView {
+    /// Its name.
+    pub name: Name,
+    /// VM or container.
+    pub kind: bootcache_api::Kind,
+    /// Its node, once placed.
+    pub node: Option<Name>,
+    /// Where it stands.
+    pub state: bootcache_api::InstanceState,
+    /// Why it failed or was lost.
+    pub reason: Option<String>,
+    /// Its addresses, by segment.
+    pub addresses: Vec<(Name, std::net::Ipv4Addr)>,
+    /// From its last `pending` to `ready`, ms.
+    pub ready_after_ms: Option<i64>,
+    /// Every state it went through and when (ms since the epoch).
+    pub history: Vec<(bootcache_api::InstanceState, i64)>,
+}
+
+/// The instances of `lab` with their addresses and times to ready.
+pub fn views(db: &Db, lab: &Name) -> Result<Option<Vec<InstanceView>>, DbError> {
+    let Some(spec) = db.lab(lab)? else { return Ok(None) };
+    let expanded: std::collections::HashMap<Name, bootcache_api::lab::Instance> = spec.instances().into_iter().map(|i| (i.name.clone(), i)).collect();
+    let rows = db.instances(lab)?;
+    Ok(Some(
+        rows.into_iter()
+            .map(|r| {
+                use bootcache_api::InstanceState::{Pending, Ready};
+                let pending = r.history.iter().rev().find(|(s, _)| *s == Pending).map(|(_, t)| *t);
+                let ready = r.history.iter().rev().find(|(s, _)| *s == Ready).map(|(_, t)| *t);
+                let ready_after_ms = match (pending, ready) {
+                    (Some(p), Some(rd)) if r.state == Ready && rd >= p => Some(rd - p),
+                    _ => None,
+                };
+                InstanceView {
+                    addresses: expanded.get(&r.spec.name).map(|i| i.addresses.clone()).unwrap_or_default(),
+                    name: r.spec.name,
+                    kind: r.spec.kind,
+                    node: r.node,
+                    state: r.state,
+                    reason: r.reason,
+                    ready_after_ms,
+                    history: r.history,
+                }
+            })
+            .collect(),
+    ))
+}
+
 async fn instances(State(c): State<Arc<Control>>, Path(lab): Path<String>) -> Response {
     let Ok(lab) = lab.parse::<Name>() else { return plain(StatusCode::NOT_FOUND, "no such lab") };
-    match c.db().instances(&lab) {
-        Ok(rows) => Json(rows).into_response(),
+    match views(&c.db(), &lab) {
+        Ok(Some(v)) => Json(v).into_response(),
+        Ok(None) => plain(StatusCode::NOT_FOUND, &format!("no lab {lab}")),
         Err(e) => failed(&e),
     }
 }

@@ -25,6 +25,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod client;
 pub mod db;
 pub mod deploy;
 pub mod plan;

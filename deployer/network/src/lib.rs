@@ -8,13 +8,15 @@
 //! Everything made carries an interface alias starting with
 //! [`names::ALIAS_PREFIX`](bootcache_api::agent::names::ALIAS_PREFIX), so
 //! [`Network::made`] finds what this node made, and only that, after a crash.
-//! Bridges do not pass frames to iptables (`nf_call_iptables` off): a
-//! Docker daemon's FORWARD policy cannot drop lab traffic, and no firewall
-//! rule is needed or left behind.
+//! Bridges are made with `nf_call_iptables` off, and where the namespace
+//! still sends bridged frames to iptables, [`firewall`] lets them through a
+//! Docker daemon's FORWARD policy with one rule per bridge, found and
+//! removed the same way.
 
 #![deny(missing_docs)]
 
 pub mod dhcp;
+pub mod firewall;
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};

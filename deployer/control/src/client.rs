@@ -1,0 +1,151 @@
+//! A client of the control node's API (what `bootcache deploy`, `inspect`
+//! and `destroy` use, and orchestrators embedding the crate).
+
+use std::time::Duration;
+
+use bootcache_api::Name;
+use bootcache_delivery::auth::Credential;
+
+use crate::api::InstanceView;
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The control node refused it (its status and message).
+    #[error("the control node answered {status}: {message}")]
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// What it said.
+        message: String,
+    },
+    /// It could not be reached.
+    #[error("the control node at {base} does not answer")]
+    Unreachable {
+        /// Its address.
+        base: String,
+        /// Why.
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+impl ClientError {
+    /// Whether trying again later may work (the control node restarting).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ClientError::Unreachable { .. }) || matches!(self, ClientError::Refused { status, .. } if *status >= 500)
+    }
+}
+
+/// The control node at a base URL, with its credential.
+#[derive(Clone, Debug)]
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+/// A lab as `GET /labs` lists it.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+pub struct LabSummary {
+    /// Its name.
+    pub name: Name,
+    /// How many instances.
+    pub instances: u64,
+    /// How many in each state.
+    pub states: std::collections::BTreeMap<String, u64>,
+}
+
+/// What nodes still run of a destroyed lab.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct Remaining {
+    /// On nodes that are up (they will remove it).
+    pub remaining: Vec<serde_json::Value>,
+    /// On nodes that are down (removed when they come back).
+    pub on_down_nodes: Vec<serde_json::Value>,
+}
+
+impl Client {
+    /// A client of the control node at `base` (`http://host:port`).
+    ///
+    /// # Errors
+    /// The credential is not a header value.
+    pub fn new(base: &str, credential: &Credential) -> Result<Client, ClientError> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        let value = credential
+            .authorization()
+            .parse()
+            .map_err(|_| ClientError::Refused { status: 0, message: "the token is not a valid header value".into() })?;
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .timeout(Duration::from_secs(120))
+            .connect_timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| ClientError::Unreachable { base: base.into(), source: e })?;
+        Ok(Client { base: base.trim_end_matches('/').to_owned(), http })
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ClientError> {
+        let r = req.send().await.map_err(|e| ClientError::Unreachable { base: self.base.clone(), source: e })?;
+        let status = r.status();
+        if !status.is_success() {
+            let message = r.text().await.unwrap_or_default().trim().chars().take(2000).collect();
+            return Err(ClientError::Refused { status: status.as_u16(), message });
+        }
+        if status == reqwest::StatusCode::NO_CONTENT {
+            return serde_json::from_value(serde_json::Value::Null)
+                .map_err(|e| ClientError::Refused { status: 204, message: e.to_string() });
+        }
+        r.json().await.map_err(|e| ClientError::Unreachable { base: self.base.clone(), source: e })
+    }
+
+    /// Deploys the lab file `text`; the lab's instances.
+    ///
+    /// # Errors
+    /// A bad lab file (400, naming the line), an image that cannot be read (502), unreachable.
+    pub async fn deploy(&self, text: &str) -> Result<serde_json::Value, ClientError> {
+        self.call(self.http.post(format!("{}/labs", self.base)).header("content-type", "application/yaml").body(text.to_owned())).await
+    }
+
+    /// The labs deployed.
+    ///
+    /// # Errors
+    /// Unreachable, refused.
+    pub async fn labs(&self) -> Result<Vec<LabSummary>, ClientError> {
+        self.call(self.http.get(format!("{}/labs", self.base))).await
+    }
+
+    /// A lab's instances.
+    ///
+    /// # Errors
+    /// No such lab (404), unreachable.
+    pub async fn instances(&self, lab: &Name) -> Result<Vec<InstanceView>, ClientError> {
+        self.call(self.http.get(format!("{}/labs/{lab}/instances", self.base))).await
+    }
+
+    /// Destroys a lab (nothing if it is not there).
+    ///
+    /// # Errors
+    /// Unreachable, refused.
+    pub async fn destroy(&self, lab: &Name) -> Result<(), ClientError> {
+        self.call::<Option<()>>(self.http.delete(format!("{}/labs/{lab}", self.base))).await.map(drop)
+    }
+
+    /// What nodes still run of `lab`.
+    ///
+    /// # Errors
+    /// Unreachable, refused.
+    pub async fn remaining(&self, lab: &Name) -> Result<Remaining, ClientError> {
+        self.call(self.http.get(format!("{}/labs/{lab}/remaining", self.base))).await
+    }
+
+    /// The nodes.
+    ///
+    /// # Errors
+    /// Unreachable, refused.
+    pub async fn nodes(&self) -> Result<serde_json::Value, ClientError> {
+        self.call(self.http.get(format!("{}/nodes", self.base))).await
+    }
+}

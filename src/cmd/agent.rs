@@ -1,0 +1,105 @@
+//! `bootcache agent`: one per compute node.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use bootcache_delivery::auth::Credential;
+use clap::{Args, ValueEnum};
+
+/// How QEMU runs guests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Accel {
+    /// Software emulation (always works).
+    Tcg,
+    /// KVM (where a stock kernel boots under it; scripts/qemu-accel tells).
+    Kvm,
+}
+
+/// What an agent needs besides its control node.
+#[derive(Clone, Debug, Args)]
+pub struct AgentOptions {
+    /// Where the node's API (peers, metrics) listens; the control node and
+    /// other nodes reach it there (or at --advertise).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:7070")]
+    pub agent_listen: SocketAddr,
+    /// The address others use for this node, when not --agent-listen's
+    /// (also its VXLAN tunnel end).
+    #[arg(long, value_name = "ADDR")]
+    pub advertise: Option<SocketAddr>,
+    /// The agent's state: image caches, overlays, consoles, DHCP files.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/bootcache/agent")]
+    pub agent_state: PathBuf,
+    /// libvirtd, for VMs.
+    #[arg(long, value_name = "URI", default_value = "qemu:///system")]
+    pub libvirt: String,
+    /// dockerd's socket, for containers.
+    #[arg(long, value_name = "PATH", default_value = "/var/run/docker.sock")]
+    pub docker: String,
+    /// Run no VMs (no libvirtd needed).
+    #[arg(long)]
+    pub no_vms: bool,
+    /// Run no containers (no dockerd needed).
+    #[arg(long)]
+    pub no_containers: bool,
+    /// How QEMU runs guests.
+    #[arg(long, value_enum, default_value_t = Accel::Tcg)]
+    pub accel: Accel,
+    /// How long an instance may take to be ready before it is failed.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub ready_timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The control node (http://HOST:PORT).
+    #[arg(long, value_name = "URL")]
+    control: String,
+    /// This node's name.
+    #[arg(long, value_name = "NODE")]
+    name: String,
+    /// The control node's token (given by `bootcache control token`); peers
+    /// must send it too.
+    #[arg(long, value_name = "PATH", default_value = "/var/lib/bootcache/control.token")]
+    token_file: PathBuf,
+    /// Seconds between heartbeats (the control node's --heartbeat).
+    #[arg(long, value_name = "SECS", default_value_t = 2.0)]
+    heartbeat: f64,
+    #[command(flatten)]
+    options: AgentOptions,
+}
+
+/// The agent's configuration from the command line.
+pub fn config(name: &str, control: String, credential: std::sync::Arc<Credential>, heartbeat: Duration, o: &AgentOptions) -> anyhow::Result<bootcache_agent::Config> {
+    Ok(bootcache_agent::Config {
+        name: name.parse().map_err(|e| anyhow::anyhow!("--name: {e}"))?,
+        control,
+        credential,
+        listen: o.agent_listen,
+        advertise: o.advertise,
+        state_dir: o.agent_state.clone(),
+        libvirt: (!o.no_vms).then(|| o.libvirt.clone()),
+        docker: (!o.no_containers).then(|| o.docker.clone()),
+        accel: match o.accel {
+            Accel::Tcg => bootcache_runtime::libvirt::Accel::Tcg,
+            Accel::Kvm => bootcache_runtime::libvirt::Accel::Kvm,
+        },
+        heartbeat,
+        ready_timeout: Duration::from_secs(o.ready_timeout),
+    })
+}
+
+pub fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("reading the control node's token from {} (`bootcache control token` prints it)", args.token_file.display()))?;
+    let credential = Credential::from_token(token.trim());
+    let heartbeat = Duration::from_secs_f64(args.heartbeat.clamp(0.1, 3600.0));
+    let config = config(&args.name, args.control, credential, heartbeat, &args.options)?;
+    super::deliver::runtime()?.block_on(async {
+        eprintln!("agent {} for {} (node API on {})", config.name, config.control, config.listen);
+        bootcache_agent::run(config, super::deliver::until_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
