@@ -50,6 +50,10 @@ pub struct AgentOptions {
     /// How long an instance may take to be ready before it is failed.
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     pub ready_timeout: u64,
+    /// After a VM image's boot segment: `off`, `full`, or a rate in bytes
+    /// per second (K, M, G suffixes), streamed once the recorded boot is over.
+    #[arg(long, value_name = "WHAT", default_value = "full", value_parser = super::deliver::parse_background)]
+    pub background: bootcache_delivery::cache::Background,
 }
 
 #[derive(Debug, Args)]
@@ -88,6 +92,7 @@ pub fn config(name: &str, control: String, credential: std::sync::Arc<Credential
         },
         heartbeat,
         ready_timeout: Duration::from_secs(o.ready_timeout),
+        background: o.background,
     })
 }
 

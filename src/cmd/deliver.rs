@@ -145,7 +145,7 @@ fn trace_order(path: &Path) -> anyhow::Result<Vec<std::ops::Range<u64>>> {
     Ok(t.first_access_order().pieces().iter().map(|p| p.range.clone()).collect())
 }
 
-fn parse_background(s: &str) -> Result<Background, String> {
+pub(super) fn parse_background(s: &str) -> Result<Background, String> {
     match s {
         "off" => Ok(Background::Off),
         "full" => Ok(Background::Unlimited),

@@ -62,6 +62,8 @@ pub struct Config {
     pub heartbeat: Duration,
     /// How long an instance may take to be ready.
     pub ready_timeout: Duration,
+    /// What VM image caches fetch after the boot segment.
+    pub background: bootcache_delivery::cache::Background,
 }
 
 /// Why the agent could not start.
@@ -100,6 +102,7 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()> + S
     let IpAddr::V4(local_ip) = advertise.ip() else { return Err(AgentError(format!("--advertise {advertise}: an IPv4 address"))) };
     let mut opts = CacheOptions::new(dir.join("cache"));
     opts.peer_authorization = Some(config.credential.authorization());
+    opts.background = config.background;
     let socket = dir.join("nbd.sock");
     let node = Node::new(socket.clone(), opts);
     let unix = bootcache_delivery::nbd::bind_unix(&socket).map_err(|e| AgentError(format!("binding {}: {e}", socket.display())))?;
