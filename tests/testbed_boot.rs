@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bootcache_testbed::{Link, Testbed};
 use support::deliver::{Killed, Nginx, NodeProc, assert_export_equals, bootcache_bin, overlay, start_vm, wait_markers};
-use support::{accel, bootcache, qemu_args, reference_guest};
+use support::{accel, recorded_container};
 
 const MARKER: &str = "BOOTCACHE-BOOTED";
 
@@ -34,24 +34,12 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let image = reference_guest();
         let dir = tempfile::tempdir().unwrap();
         let store_dir = dir.path().join("store");
         std::fs::create_dir(&store_dir).unwrap();
-        let trace = dir.path().join("boot.bctrace");
-        let mut record = vec!["record".to_string(), "--image".into(), s(&image), "--out".into(), s(&trace), "--".into()];
-        record.extend(qemu_args(&image, "raw", "threads"));
-        bootcache(&record.iter().map(String::as_str).collect::<Vec<_>>());
-        let container = store_dir.join("guest.bcimg");
-        bootcache(&["convert", &s(&image), &s(&container), "--trace", &s(&trace), "--zstd", "-q"]);
-        let info: serde_json::Value = serde_json::from_str(&bootcache(&["info", &s(&container), "--output", "json"])).unwrap();
-        let boot_bytes = info["boot_segment_bytes"].as_u64().unwrap() + 256 + info["index_bytes"].as_u64().unwrap();
+        let (image, boot_bytes) = recorded_container(&store_dir, dir.path());
         Fixture { _dir: dir, image, store_dir, boot_bytes }
     })
-}
-
-fn s(p: &Path) -> String {
-    p.to_str().unwrap().to_string()
 }
 
 /// `bootcache store serve DIR` on the store host, port 8080, reachable from the node.

@@ -43,3 +43,21 @@ pub fn bootcache(args: &[&str]) -> String {
     assert!(out.status.success(), "bootcache {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// Records the reference guest's boot (in `work`) and converts the guest,
+/// boot set first, into `store_dir/guest.bcimg`; returns the guest image
+/// and the bytes a node fetches for the boot (boot segment, header and
+/// index).
+pub fn recorded_container(store_dir: &Path, work: &Path) -> (PathBuf, u64) {
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let image = reference_guest();
+    let trace = work.join("boot.bctrace");
+    let mut record = vec!["record".to_string(), "--image".into(), s(&image), "--out".into(), s(&trace), "--".into()];
+    record.extend(qemu_args(&image, "raw", "threads"));
+    bootcache(&record.iter().map(String::as_str).collect::<Vec<_>>());
+    let container = store_dir.join("guest.bcimg");
+    bootcache(&["convert", &s(&image), &s(&container), "--trace", &s(&trace), "--zstd", "-q"]);
+    let info: serde_json::Value = serde_json::from_str(&bootcache(&["info", &s(&container), "--output", "json"])).unwrap();
+    let boot_bytes = info["boot_segment_bytes"].as_u64().unwrap() + 256 + info["index_bytes"].as_u64().unwrap();
+    (image, boot_bytes)
+}

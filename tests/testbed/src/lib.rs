@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, bail};
 
+pub mod daemons;
 pub mod programs;
 
 /// How every host's link behaves.

@@ -1,0 +1,382 @@
+//! The deployment framework end to end on the namespace testbed, with real
+//! daemons: a store, a control node and two compute nodes as network
+//! namespaces on shaped links (100 Mbit/s, 2 ms), each compute node with
+//! its own libvirtd and dockerd and a `bootcache agent`. A hybrid lab (two
+//! VMs of the reference guest, lazily delivered, and six containers on one
+//! segment spanning both nodes) is deployed with one command while the
+//! control node restarts; packets cross between VMs and containers on
+//! different nodes; the store sends the VM image's boot bytes about once;
+//! a killed agent's instances are lost within three heartbeats; destroy
+//! leaves nothing on either node. Bad lab files and calls without the
+//! credential change nothing. Needs root.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use bootcache_testbed::daemons::{Dockerd, Libvirtd};
+use bootcache_testbed::programs::Killed;
+use bootcache_testbed::{Link, Testbed};
+use support::recorded_container;
+
+const BIN: &str = env!("CARGO_BIN_EXE_bootcache");
+
+fn container_image() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/container-image");
+    let out = Command::new(&script).output().expect("run scripts/container-image");
+    assert!(out.status.success(), "scripts/container-image failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// A compute node: its daemons and its agent.
+struct Node {
+    name: &'static str,
+    netns: String,
+    addr: String,
+    dir: PathBuf,
+    libvirt: Libvirtd,
+    docker: Dockerd,
+    agent: Option<Killed>,
+}
+
+impl Node {
+    fn start_agent(&mut self, control: &str, token: &Path) {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.netns, BIN, "-v", "agent", "--control", control, "--name", self.name, "--token-file"])
+            .arg(token)
+            .args(["--heartbeat", "1", "--agent-listen", &format!("{}:7070", self.addr), "--agent-state"])
+            .arg(self.dir.join("agent"))
+            .args(["--libvirt", &self.libvirt.uri, "--docker"])
+            .arg(&self.docker.socket)
+            // What the boot needs only: the rest of the image would follow
+            // once the recorded boot is over and blur the store's count.
+            .args(["--background", "off", "--ready-timeout", "300"])
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join(format!("agent-{}.log", Instant::now().elapsed().as_nanos()))).unwrap())
+            .spawn()
+            .unwrap();
+        self.agent = Some(Killed(child));
+    }
+
+    fn links(&self) -> String {
+        let out = Command::new("ip").args(["-n", &self.netns, "-br", "link"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn forward_rules(&self) -> String {
+        let out = Command::new("ip").args(["netns", "exec", &self.netns, "iptables", "-S", "FORWARD"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `argv` in a VM through its guest agent; its exit code and output.
+    fn vm_exec(&self, domain: &str, argv: &[&str]) -> (i64, String) {
+        let cmd = serde_json::json!({"execute": "guest-exec", "arguments": {"path": argv[0], "arg": &argv[1..], "capture-output": true}});
+        let started: serde_json::Value = serde_json::from_str(&self.libvirt.virsh(&["qemu-agent-command", domain, &cmd.to_string()]).unwrap()).unwrap();
+        let pid = started["return"]["pid"].as_i64().unwrap();
+        let start = Instant::now();
+        loop {
+            let q = serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}});
+            let st: serde_json::Value = serde_json::from_str(&self.libvirt.virsh(&["qemu-agent-command", domain, &q.to_string()]).unwrap()).unwrap();
+            if st["return"]["exited"] == true {
+                let out = st["return"]["out-data"].as_str().unwrap_or("");
+                let text = Command::new("base64").arg("-d").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().and_then(|mut c| {
+                    use std::io::Write;
+                    c.stdin.take().unwrap().write_all(out.as_bytes())?;
+                    c.wait_with_output()
+                });
+                return (st["return"]["exitcode"].as_i64().unwrap_or(-1), String::from_utf8_lossy(&text.unwrap().stdout).into_owned());
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "{argv:?} in {domain} did not end");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn lab(store: &str, name: &str) -> String {
+    format!(
+        "name: {name}
+segments:
+  lan:
+    subnet: 10.99.0.0/24
+instances:
+  vm-a:
+    kind: vm
+    image: http://{store}:8080/guest.bcimg
+    memory: 512MiB
+    segments: {{lan: 10.99.0.10}}
+    node: node-a
+    ready: BOOTCACHE-BOOTED
+  vm-b:
+    kind: vm
+    image: http://{store}:8080/guest.bcimg
+    memory: 512MiB
+    segments: {{lan: 10.99.0.11}}
+    node: node-b
+    ready: BOOTCACHE-BOOTED
+  user:
+    kind: container
+    image: http://{store}:8080/busybox.tar
+    count: 6
+    segments: [lan]
+    command: [/bin/sh, -c, \"echo user-up; exec sleep 1000000\"]
+    ready: user-up
+"
+    )
+}
+
+struct Cluster {
+    tb: Testbed,
+    control_url: String,
+    token: PathBuf,
+    db: PathBuf,
+    dir: PathBuf,
+    control: Option<Killed>,
+    nodes: Vec<Node>,
+}
+
+impl Cluster {
+    fn start_control(&mut self) {
+        let addr = format!("{}:7080", self.tb.host("control").addr);
+        let child = self
+            .tb
+            .command("control", BIN)
+            .args(["-v", "control", "serve", "--listen", &addr, "--heartbeat", "1", "--db"])
+            .arg(&self.db)
+            .arg("--token-file")
+            .arg(&self.token)
+            .stdin(Stdio::null())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("control.log")).unwrap())
+            .spawn()
+            .unwrap();
+        self.control = Some(Killed(child));
+        let start = Instant::now();
+        while !self.curl(&["-o", "/dev/null", &format!("{}/nodes", self.control_url)]).status.success() {
+            assert!(start.elapsed() < Duration::from_secs(20), "the control node did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// curl in the control host's namespace, with the credential.
+    fn curl(&self, args: &[&str]) -> Output {
+        let header = self.dir.join("auth.header");
+        self.tb.command("control", "curl").args(["-sS", "--fail", "-H"]).arg(format!("@{}", header.display())).args(args).output().unwrap()
+    }
+
+    /// `bootcache ARGS --control URL --token-file T` in the control host's namespace.
+    fn cli(&self, args: &[&str]) -> Output {
+        self.tb.command("control", BIN).args(args).args(["--control", &self.control_url, "--token-file"]).arg(&self.token).output().unwrap()
+    }
+
+    fn nodes_up(&self) -> Vec<(String, bool)> {
+        let out = self.curl(&[&format!("{}/nodes", self.control_url)]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v.as_array().map(|a| a.iter().map(|n| (n["name"].as_str().unwrap_or("").to_owned(), n["up"] == true)).collect()).unwrap_or_default()
+    }
+
+    fn node(&self, name: &str) -> &Node {
+        self.nodes.iter().find(|n| n.name == name).unwrap()
+    }
+
+    fn instances(&self, lab: &str) -> Vec<serde_json::Value> {
+        let out = self.cli(&["inspect", lab, "--output", "json"]);
+        assert!(out.status.success(), "inspect: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["instances"].as_array().unwrap().clone()
+    }
+
+    /// Nothing of any lab on either node: domains, containers, links, rules.
+    fn assert_clean(&self, when: &str) {
+        for n in &self.nodes {
+            assert_eq!(n.libvirt.domains().unwrap(), Vec::<String>::new(), "{when}: domains on {}", n.name);
+            assert_eq!(n.docker.containers().unwrap(), Vec::<String>::new(), "{when}: containers on {}", n.name);
+            let links = n.links();
+            assert!(!links.lines().any(|l| l.starts_with("bc") || l.starts_with("bx") || l.starts_with("bv")), "{when}: links on {}:\n{links}", n.name);
+            let rules = n.forward_rules();
+            assert!(!rules.contains("bootcache"), "{when}: iptables rules on {}:\n{rules}", n.name);
+            let overlays = std::fs::read_dir(n.dir.join("agent/overlays")).map(|d| d.count()).unwrap_or(0);
+            assert_eq!(overlays, 0, "{when}: overlays left on {}", n.name);
+        }
+    }
+}
+
+#[test]
+fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("store");
+    std::fs::create_dir(&store_dir).unwrap();
+    let (_image, boot_bytes) = recorded_container(&store_dir, dir.path());
+    let tarball = container_image();
+    std::fs::copy(&tarball, store_dir.join("busybox.tar")).unwrap();
+    let tarball_bytes = std::fs::metadata(&tarball).unwrap().len();
+
+    let mut tb = Testbed::new(&["store", "control", "node-a", "node-b"]).unwrap();
+    tb.shape(Link::new(100, 2.0)).unwrap();
+    let store_addr = tb.host("store").addr.to_string();
+    let _store = Killed(
+        tb.command("store", BIN).args(["store", "serve", "--listen", &format!("{store_addr}:8080")]).arg(&store_dir).spawn().unwrap(),
+    );
+    let token = dir.path().join("control.token");
+    let t = "lab-test-token-0123456789abcdef0123456789";
+    std::fs::write(&token, t).unwrap();
+    std::fs::write(dir.path().join("auth.header"), format!("Authorization: Bearer {t}\n")).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let mut nodes = Vec::new();
+    for name in ["node-a", "node-b"] {
+        let host = tb.host(name).clone();
+        let ndir = dir.path().join(name);
+        let libvirt = Libvirtd::start(&host.netns, &ndir.join("libvirt")).unwrap();
+        let docker = Dockerd::start(&host.netns, &ndir.join("docker")).unwrap();
+        nodes.push(Node { name, netns: host.netns, addr: host.addr.to_string(), dir: ndir, libvirt, docker, agent: None });
+    }
+    let control_url = format!("http://{}:7080", tb.host("control").addr);
+    let mut c = Cluster { tb, control_url: control_url.clone(), token: token.clone(), db: dir.path().join("control.db"), dir: dir.path().to_owned(), control: None, nodes };
+    c.start_control();
+    for n in &mut c.nodes {
+        n.start_agent(&control_url, &token);
+    }
+    let start = Instant::now();
+    while c.nodes_up().iter().filter(|(_, up)| *up).count() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(30), "the agents did not come up: {:?}", c.nodes_up());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Without the credential: 401, and nothing is done.
+    let text = lab(&store_addr, "hybrid");
+    std::fs::write(dir.path().join("lab.yaml"), &text).unwrap();
+    let anon = c
+        .tb
+        .command("control", "curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--data-binary"])
+        .arg(format!("@{}", dir.path().join("lab.yaml").display()))
+        .arg(format!("{control_url}/labs"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&anon.stdout), "401");
+    for path in ["/nodes", "/labs", "/labs/hybrid/instances"] {
+        let out = c.tb.command("control", "curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}"]).arg(format!("{control_url}{path}")).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "401", "{path}");
+    }
+    // A node's API wants it too (peers send it).
+    let out = c.tb.command("control", "curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}"]).arg(format!("http://{}:7070/images", c.node("node-a").addr)).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
+
+    // Bad lab files: an error naming the line, nothing created.
+    let bad: &[(&str, &str, &str)] = &[
+        ("kind: container", "kind: lxc", "line 21"),
+        ("    image: http://{s}:8080/busybox.tar\n", "", "line 20"),
+        ("  vm-b:\n", "  vm-a:\n", "line 13"),
+        ("count: 6", "count: 1000000000", "line 23"),
+        ("  user:\n", "  us/er:\n", "line 20"),
+        ("    subnet: 10.99.0.0/24\n", "    bridge: bc-this-name-is-too-long\n    subnet: 10.99.0.0/24\n", "line 4"),
+        ("    subnet: 10.99.0.0/24\n", "", "line 3"),
+    ];
+    for (from, to, line) in bad {
+        let from = from.replace("{s}", &store_addr);
+        assert!(text.contains(&from), "{from}");
+        let file = dir.path().join("bad.yaml");
+        std::fs::write(&file, text.replacen(&from, to, 1)).unwrap();
+        let out = c.cli(&["deploy", "-f", file.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(line), "{to:?}: {err}");
+    }
+    let labs = c.cli(&["inspect", "--output", "json"]);
+    assert_eq!(String::from_utf8_lossy(&labs.stdout).trim(), "[]", "bad lab files created nothing");
+    c.assert_clean("after the bad lab files");
+
+    // Deploy, with the control node restarted in the middle.
+    let sent_before = c.tb.tx_bytes("store").unwrap();
+    let deploy = c
+        .tb
+        .command("control", BIN)
+        .args(["deploy", "-f", dir.path().join("lab.yaml").to_str().unwrap(), "--timeout", "600", "--output", "json", "--control", &control_url, "--token-file"])
+        .arg(&token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let v = c.curl(&[&format!("{control_url}/labs/hybrid/instances")]);
+        let s = String::from_utf8_lossy(&v.stdout);
+        if s.contains("\"fetching\"") || s.contains("\"starting\"") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "nothing started: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.control = None;
+    std::thread::sleep(Duration::from_secs(2));
+    c.start_control();
+    let out = deploy.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "deploy failed:\n{err}");
+    let sent = c.tb.tx_bytes("store").unwrap() - sent_before;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {err}"));
+    let instances = report["instances"].as_array().unwrap();
+    assert_eq!(instances.len(), 8, "{report}");
+    for i in instances {
+        assert_eq!(i["state"], "ready", "{i}");
+        assert!(i["node"].is_string() && i["ready_after_ms"].as_i64().is_some_and(|ms| ms > 0), "{i}");
+    }
+    eprintln!("{err}");
+
+    // The store sent the VM image's boot bytes about once (node-b got them
+    // from node-a, as the control node chose), and each node the tarball.
+    let vm_bytes = sent.saturating_sub(2 * tarball_bytes);
+    eprintln!("store sent {sent} bytes: {vm_bytes} for the VM image against {boot_bytes} of boot segment, header and index");
+    assert!(vm_bytes as f64 <= 1.10 * boot_bytes as f64, "the store sent {vm_bytes} bytes of the VM image, over 1.10 x {boot_bytes}");
+    let metrics = c.tb.command("control", "curl").args(["-s"]).arg(format!("http://{}:7070/metrics", c.node("node-b").addr)).output().unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let peer: f64 = metrics.lines().find(|l| l.starts_with("bootcache_peer_bytes")).and_then(|l| l.split_whitespace().last()?.parse().ok()).unwrap_or(0.0);
+    assert!(peer > 0.5 * boot_bytes as f64, "node-b took {peer} bytes from its peer:\n{metrics}");
+
+    // Packets cross: the VM on node-b pings a container on node-a, and a
+    // container on node-a pings the VM on node-b (and the one on its own node).
+    let on = |node: &str| -> Vec<String> {
+        instances.iter().filter(|i| i["node"] == node && i["kind"] == "container").map(|i| i["addresses"][0][1].as_str().unwrap().to_owned()).collect()
+    };
+    let (far, near_node) = match on("node-a").first() {
+        Some(a) => (a.clone(), "node-a"),
+        None => (on("node-b")[0].clone(), "node-b"),
+    };
+    let (vm_node, vm, vm_addr) = if near_node == "node-a" { ("node-b", "vm-b", "10.99.0.11") } else { ("node-a", "vm-a", "10.99.0.10") };
+    let (code, text) = c.node(vm_node).vm_exec(&format!("bootcache.hybrid.{vm}"), &["/bin/ping", "-c", "2", "-W", "5", &far]);
+    assert_eq!(code, 0, "{vm} on {vm_node} -> container {far} on {near_node}:\n{text}");
+    let container = instances.iter().find(|i| i["node"] == near_node && i["kind"] == "container").unwrap()["name"].as_str().unwrap().to_owned();
+    let ping = c.node(near_node).docker.docker().args(["exec", &format!("bootcache.hybrid.{container}"), "ping", "-c", "2", "-W", "5", vm_addr]).output().unwrap();
+    assert!(ping.status.success(), "container {container} on {near_node} -> {vm} on {vm_node}: {}", String::from_utf8_lossy(&ping.stdout));
+
+    // A killed agent: its node is down and its instances lost within three
+    // heartbeats (1 s each; the control node checks once a heartbeat).
+    c.nodes[1].agent = None;
+    let killed = Instant::now();
+    loop {
+        let lost = c.instances("hybrid").iter().filter(|i| i["node"] == "node-b").all(|i| i["state"] == "lost");
+        if lost {
+            break;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(6), "node-b's instances not lost: {:?}", c.instances("hybrid"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(c.nodes_up().contains(&("node-b".into(), false)));
+    // It comes back and removes what no order lists (its lost instances).
+    c.nodes[1].start_agent(&control_url, &token);
+
+    // Destroy: nothing of the lab on either node; a second destroy succeeds.
+    let out = c.cli(&["destroy", "hybrid"]);
+    assert!(out.status.success(), "destroy: {}", String::from_utf8_lossy(&out.stderr));
+    let start = Instant::now();
+    while c.node("node-b").libvirt.domains().map(|d| !d.is_empty()).unwrap_or(true) || c.node("node-b").docker.containers().map(|d| !d.is_empty()).unwrap_or(true) {
+        assert!(start.elapsed() < Duration::from_secs(30), "node-b's leftovers stay");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    c.assert_clean("after destroy");
+    let again = c.cli(&["destroy", "hybrid"]);
+    assert!(again.status.success(), "a second destroy: {}", String::from_utf8_lossy(&again.stderr));
+}
