@@ -73,12 +73,14 @@ impl Node {
     /// Runs `argv` in a VM through its guest agent; its exit code and output.
     fn vm_exec(&self, domain: &str, argv: &[&str]) -> (i64, String) {
         let cmd = serde_json::json!({"execute": "guest-exec", "arguments": {"path": argv[0], "arg": &argv[1..], "capture-output": true}});
-        let started: serde_json::Value = serde_json::from_str(&self.libvirt.virsh(&["qemu-agent-command", domain, &cmd.to_string()]).unwrap()).unwrap();
+        let started: serde_json::Value =
+            serde_json::from_str(&self.libvirt.virsh(&["qemu-agent-command", domain, &cmd.to_string()]).unwrap()).unwrap();
         let pid = started["return"]["pid"].as_i64().unwrap();
         let start = Instant::now();
         loop {
             let q = serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}});
-            let st: serde_json::Value = serde_json::from_str(&self.libvirt.virsh(&["qemu-agent-command", domain, &q.to_string()]).unwrap()).unwrap();
+            let st: serde_json::Value =
+                serde_json::from_str(&self.libvirt.virsh(&["qemu-agent-command", domain, &q.to_string()]).unwrap()).unwrap();
             if st["return"]["exited"] == true {
                 let out = st["return"]["out-data"].as_str().unwrap_or("");
                 let text = Command::new("base64").arg("-d").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().and_then(|mut c| {
@@ -192,7 +194,11 @@ impl Cluster {
             assert_eq!(n.libvirt.domains().unwrap(), Vec::<String>::new(), "{when}: domains on {}", n.name);
             assert_eq!(n.docker.containers().unwrap(), Vec::<String>::new(), "{when}: containers on {}", n.name);
             let links = n.links();
-            assert!(!links.lines().any(|l| l.starts_with("bc") || l.starts_with("bx") || l.starts_with("bv")), "{when}: links on {}:\n{links}", n.name);
+            assert!(
+                !links.lines().any(|l| l.starts_with("bc") || l.starts_with("bx") || l.starts_with("bv")),
+                "{when}: links on {}:\n{links}",
+                n.name
+            );
             let rules = n.forward_rules();
             assert!(!rules.contains("bootcache"), "{when}: iptables rules on {}:\n{rules}", n.name);
             let overlays = std::fs::read_dir(n.dir.join("agent/overlays")).map(|d| d.count()).unwrap_or(0);
@@ -234,7 +240,15 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
         nodes.push(Node { name, netns: host.netns, addr: host.addr.to_string(), dir: ndir, libvirt, docker, agent: None });
     }
     let control_url = format!("http://{}:7080", tb.host("control").addr);
-    let mut c = Cluster { tb, control_url: control_url.clone(), token: token.clone(), db: dir.path().join("control.db"), dir: dir.path().to_owned(), control: None, nodes };
+    let mut c = Cluster {
+        tb,
+        control_url: control_url.clone(),
+        token: token.clone(),
+        db: dir.path().join("control.db"),
+        dir: dir.path().to_owned(),
+        control: None,
+        nodes,
+    };
     c.start_control();
     for n in &mut c.nodes {
         n.start_agent(&control_url, &token);
@@ -248,21 +262,30 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
     // Without the credential: 401, and nothing is done.
     let text = lab(&store_addr, "hybrid");
     std::fs::write(dir.path().join("lab.yaml"), &text).unwrap();
-    let anon = c
-        .tb
-        .command("control", "curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--data-binary"])
-        .arg(format!("@{}", dir.path().join("lab.yaml").display()))
-        .arg(format!("{control_url}/labs"))
-        .output()
-        .unwrap();
+    let anon =
+        c.tb.command("control", "curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--data-binary"])
+            .arg(format!("@{}", dir.path().join("lab.yaml").display()))
+            .arg(format!("{control_url}/labs"))
+            .output()
+            .unwrap();
     assert_eq!(String::from_utf8_lossy(&anon.stdout), "401");
     for path in ["/nodes", "/labs", "/labs/hybrid/instances"] {
-        let out = c.tb.command("control", "curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}"]).arg(format!("{control_url}{path}")).output().unwrap();
+        let out =
+            c.tb.command("control", "curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+                .arg(format!("{control_url}{path}"))
+                .output()
+                .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "401", "{path}");
     }
     // A node's API wants it too (peers send it).
-    let out = c.tb.command("control", "curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}"]).arg(format!("http://{}:7070/images", c.node("node-a").addr)).output().unwrap();
+    let out =
+        c.tb.command("control", "curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("http://{}:7070/images", c.node("node-a").addr))
+            .output()
+            .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
 
     // Bad lab files: an error naming the line, nothing created.
@@ -290,15 +313,25 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
 
     // Deploy, with the control node restarted in the middle.
     let sent_before = c.tb.tx_bytes("store").unwrap();
-    let deploy = c
-        .tb
-        .command("control", BIN)
-        .args(["deploy", "-f", dir.path().join("lab.yaml").to_str().unwrap(), "--timeout", "600", "--output", "json", "--control", &control_url, "--token-file"])
-        .arg(&token)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let deploy =
+        c.tb.command("control", BIN)
+            .args([
+                "deploy",
+                "-f",
+                dir.path().join("lab.yaml").to_str().unwrap(),
+                "--timeout",
+                "600",
+                "--output",
+                "json",
+                "--control",
+                &control_url,
+                "--token-file",
+            ])
+            .arg(&token)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
     let start = Instant::now();
     loop {
         let v = c.curl(&[&format!("{control_url}/labs/hybrid/instances")]);
@@ -330,15 +363,24 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
     let vm_bytes = sent.saturating_sub(2 * tarball_bytes);
     eprintln!("store sent {sent} bytes: {vm_bytes} for the VM image against {boot_bytes} of boot segment, header and index");
     assert!(vm_bytes as f64 <= 1.10 * boot_bytes as f64, "the store sent {vm_bytes} bytes of the VM image, over 1.10 x {boot_bytes}");
-    let metrics = c.tb.command("control", "curl").args(["-s"]).arg(format!("http://{}:7070/metrics", c.node("node-b").addr)).output().unwrap();
+    let metrics =
+        c.tb.command("control", "curl").args(["-s"]).arg(format!("http://{}:7070/metrics", c.node("node-b").addr)).output().unwrap();
     let metrics = String::from_utf8_lossy(&metrics.stdout);
-    let peer: f64 = metrics.lines().find(|l| l.starts_with("bootcache_peer_bytes")).and_then(|l| l.split_whitespace().last()?.parse().ok()).unwrap_or(0.0);
+    let peer: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("bootcache_peer_bytes"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or(0.0);
     assert!(peer > 0.5 * boot_bytes as f64, "node-b took {peer} bytes from its peer:\n{metrics}");
 
     // Packets cross: the VM on node-b pings a container on node-a, and a
     // container on node-a pings the VM on node-b (and the one on its own node).
     let on = |node: &str| -> Vec<String> {
-        instances.iter().filter(|i| i["node"] == node && i["kind"] == "container").map(|i| i["addresses"][0][1].as_str().unwrap().to_owned()).collect()
+        instances
+            .iter()
+            .filter(|i| i["node"] == node && i["kind"] == "container")
+            .map(|i| i["addresses"][0][1].as_str().unwrap().to_owned())
+            .collect()
     };
     let (far, near_node) = match on("node-a").first() {
         Some(a) => (a.clone(), "node-a"),
@@ -347,8 +389,15 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
     let (vm_node, vm, vm_addr) = if near_node == "node-a" { ("node-b", "vm-b", "10.99.0.11") } else { ("node-a", "vm-a", "10.99.0.10") };
     let (code, text) = c.node(vm_node).vm_exec(&format!("bootcache.hybrid.{vm}"), &["/bin/ping", "-c", "2", "-W", "5", &far]);
     assert_eq!(code, 0, "{vm} on {vm_node} -> container {far} on {near_node}:\n{text}");
-    let container = instances.iter().find(|i| i["node"] == near_node && i["kind"] == "container").unwrap()["name"].as_str().unwrap().to_owned();
-    let ping = c.node(near_node).docker.docker().args(["exec", &format!("bootcache.hybrid.{container}"), "ping", "-c", "2", "-W", "5", vm_addr]).output().unwrap();
+    let container =
+        instances.iter().find(|i| i["node"] == near_node && i["kind"] == "container").unwrap()["name"].as_str().unwrap().to_owned();
+    let ping = c
+        .node(near_node)
+        .docker
+        .docker()
+        .args(["exec", &format!("bootcache.hybrid.{container}"), "ping", "-c", "2", "-W", "5", vm_addr])
+        .output()
+        .unwrap();
     assert!(ping.status.success(), "container {container} on {near_node} -> {vm} on {vm_node}: {}", String::from_utf8_lossy(&ping.stdout));
 
     // A killed agent: its node is down and its instances lost within three
@@ -371,7 +420,9 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
     let out = c.cli(&["destroy", "hybrid"]);
     assert!(out.status.success(), "destroy: {}", String::from_utf8_lossy(&out.stderr));
     let start = Instant::now();
-    while c.node("node-b").libvirt.domains().map(|d| !d.is_empty()).unwrap_or(true) || c.node("node-b").docker.containers().map(|d| !d.is_empty()).unwrap_or(true) {
+    while c.node("node-b").libvirt.domains().map(|d| !d.is_empty()).unwrap_or(true)
+        || c.node("node-b").docker.containers().map(|d| !d.is_empty()).unwrap_or(true)
+    {
         assert!(start.elapsed() < Duration::from_secs(30), "node-b's leftovers stay");
         std::thread::sleep(Duration::from_millis(300));
     }

@@ -76,7 +76,13 @@ pub struct AgentArgs {
 }
 
 /// The agent's configuration from the command line.
-pub fn config(name: &str, control: String, credential: std::sync::Arc<Credential>, heartbeat: Duration, o: &AgentOptions) -> anyhow::Result<bootcache_agent::Config> {
+pub fn config(
+    name: &str,
+    control: String,
+    credential: std::sync::Arc<Credential>,
+    heartbeat: Duration,
+    o: &AgentOptions,
+) -> anyhow::Result<bootcache_agent::Config> {
     Ok(bootcache_agent::Config {
         name: name.parse().map_err(|e| anyhow::anyhow!("--name: {e}"))?,
         control,
@@ -97,8 +103,9 @@ pub fn config(name: &str, control: String, credential: std::sync::Arc<Credential
 }
 
 pub fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
-    let token = std::fs::read_to_string(&args.token_file)
-        .with_context(|| format!("reading the control node's token from {} (`bootcache control token` prints it)", args.token_file.display()))?;
+    let token = std::fs::read_to_string(&args.token_file).with_context(|| {
+        format!("reading the control node's token from {} (`bootcache control token` prints it)", args.token_file.display())
+    })?;
     let credential = Credential::from_token(token.trim());
     let heartbeat = Duration::from_secs_f64(args.heartbeat.clamp(0.1, 3600.0));
     let config = config(&args.name, args.control, credential, heartbeat, &args.options)?;

@@ -38,7 +38,7 @@ pub enum ControlCmd {
         #[arg(long, value_name = "NODE")]
         agent: Option<String>,
         #[command(flatten)]
-        agent_options: super::agent::AgentOptions,
+        agent_options: Box<super::agent::AgentOptions>,
     },
     /// Print the control node's token (made if there is none), or rotate it.
     Token {
@@ -91,7 +91,8 @@ pub fn control(cmd: ControlCmd) -> anyhow::Result<ExitCode> {
                 match agent_task {
                     None => bootcache_delivery::http::serve(listener, api, Default::default(), super::deliver::until_signal()).await?,
                     Some((stop_agent, mut task)) => {
-                        let served = tokio::spawn(bootcache_delivery::http::serve(listener, api, Default::default(), std::future::pending()));
+                        let served =
+                            tokio::spawn(bootcache_delivery::http::serve(listener, api, Default::default(), std::future::pending()));
                         tokio::select! {
                             () = super::deliver::until_signal() => {}
                             // The agent could not start (no libvirtd, no dockerd...).

@@ -87,7 +87,8 @@ async fn connect(args: &ControlArgs) -> anyhow::Result<Client> {
     match &args.control {
         Some(url) => {
             let file = args.token_file.clone().unwrap_or_else(|| PathBuf::from("/var/lib/bootcache/control.token"));
-            let token = std::fs::read_to_string(&file).with_context(|| format!("reading the control node's token from {}", file.display()))?;
+            let token =
+                std::fs::read_to_string(&file).with_context(|| format!("reading the control node's token from {}", file.display()))?;
             Ok(Client::new(url, &Credential::from_token(token.trim()))?)
         }
         None => local().await,
@@ -228,7 +229,10 @@ async fn follow(client: &Client, lab: &Name, timeout: Duration) -> anyhow::Resul
         }
         if start.elapsed() > timeout {
             bar.finish_and_clear();
-            bail!("lab {lab}: not every instance is ready or failed after {} s (`bootcache inspect {lab}` shows where each stands)", timeout.as_secs());
+            bail!(
+                "lab {lab}: not every instance is ready or failed after {} s (`bootcache inspect {lab}` shows where each stands)",
+                timeout.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

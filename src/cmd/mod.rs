@@ -109,7 +109,18 @@ impl Cli {
     /// Whether the command only reads files and writes reports or files (no
     /// sockets, no child processes): a broken pipe on stdout may end it.
     pub fn writes_reports_only(&self) -> bool {
-        !matches!(self.command, Command::Record(_) | Command::Store(_) | Command::Node(_) | Command::Boot(_) | Command::Control(_) | Command::Agent(_) | Command::Deploy(_) | Command::Inspect(_) | Command::Destroy(_))
+        !matches!(
+            self.command,
+            Command::Record(_)
+                | Command::Store(_)
+                | Command::Node(_)
+                | Command::Boot(_)
+                | Command::Control(_)
+                | Command::Agent(_)
+                | Command::Deploy(_)
+                | Command::Inspect(_)
+                | Command::Destroy(_)
+        )
     }
 }
 

@@ -69,7 +69,11 @@ async fn vm(shared: &Shared, order: &Order, id: &str) -> Result<std::time::Durat
     set(shared, order, InstanceState::Fetching, None);
     // Whatever an earlier run left under this name goes first.
     libvirt.destroy(id).await.map_err(|e| e.to_string())?;
-    let image = shared.node.open(&export_name(root), url, peers, Some(*root)).await.map_err(|e| format!("image: {}", bootcache_delivery::node::chain(&e)))?;
+    let image = shared
+        .node
+        .open(&export_name(root), url, peers, Some(*root))
+        .await
+        .map_err(|e| format!("image: {}", bootcache_delivery::node::chain(&e)))?;
     let overlay = shared.config.state_dir.join("overlays").join(format!("{id}.qcow2"));
     let _ = std::fs::remove_file(&overlay);
     let out = tokio::process::Command::new("qemu-img")

@@ -108,7 +108,8 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()> + S
     let unix = bootcache_delivery::nbd::bind_unix(&socket).map_err(|e| AgentError(format!("binding {}: {e}", socket.display())))?;
     socket_to_qemu(&socket);
     tokio::spawn(node.nbd().serve_unix(unix));
-    let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|e| AgentError(format!("listening on {}: {e}", config.listen)))?;
+    let listener =
+        tokio::net::TcpListener::bind(config.listen).await.map_err(|e| AgentError(format!("listening on {}: {e}", config.listen)))?;
     let router = node.api(Arc::clone(&config.credential));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut rx = stop_rx.clone();

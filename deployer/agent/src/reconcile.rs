@@ -30,7 +30,9 @@ pub(crate) fn container_images(shared: &Shared) -> Vec<(RootDigest, u64)> {
     let mut keys: Vec<RootDigest> = all
         .values()
         .filter_map(|l| match &l.order.image {
-            ImageOrder::Container { url } if l.state == bootcache_api::InstanceState::Ready => Some(bootcache_api::agent::container_image_key(url)),
+            ImageOrder::Container { url } if l.state == bootcache_api::InstanceState::Ready => {
+                Some(bootcache_api::agent::container_image_key(url))
+            }
             _ => None,
         })
         .collect();
@@ -77,7 +79,8 @@ pub(crate) async fn apply(shared: &Arc<Shared>, orders: Orders) {
     }
 
     // Instances: new ones brought up, gone ones removed.
-    let wanted: HashMap<(Name, Name), &bootcache_api::agent::Order> = orders.instances.iter().map(|o| ((o.lab.clone(), o.name.clone()), o)).collect();
+    let wanted: HashMap<(Name, Name), &bootcache_api::agent::Order> =
+        orders.instances.iter().map(|o| ((o.lab.clone(), o.name.clone()), o)).collect();
     let mut gone = Vec::new();
     {
         let mut all = shared.instances.lock().unwrap_or_else(|p| p.into_inner());

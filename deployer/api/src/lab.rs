@@ -449,7 +449,10 @@ impl Lab {
                 Some(m) => match parse_memory(&m.value.0) {
                     Some(b) if (1 << 20..=MAX_MEMORY).contains(&b) => b,
                     _ => {
-                        return Err(err(at(m), format!("instance {name}: memory {:?} is not a size from 1MiB to 1TiB (e.g. 512MiB)", m.value.0)));
+                        return Err(err(
+                            at(m),
+                            format!("instance {name}: memory {:?} is not a size from 1MiB to 1TiB (e.g. 512MiB)", m.value.0),
+                        ));
                     }
                 },
             };
@@ -502,7 +505,8 @@ impl Lab {
                         attached.push((seg_name, Ipv4Addr::UNSPECIFIED));
                     }
                     Some(a) => {
-                        let first: Ipv4Addr = a.value.parse().map_err(|_| err(at(a), format!("instance {name}: {:?} is not an IPv4 address", a.value)))?;
+                        let first: Ipv4Addr =
+                            a.value.parse().map_err(|_| err(at(a), format!("instance {name}: {:?} is not an IPv4 address", a.value)))?;
                         for i in 0..count {
                             let addr = u32::from(first).checked_add(u32::try_from(i).unwrap_or(u32::MAX)).map(Ipv4Addr::from);
                             let ok = addr.filter(|x| seg.subnet.holds(*x) && instance_index(seg.subnet, *x) < seg.subnet.instance_hosts());
@@ -548,7 +552,8 @@ impl Lab {
             let used = taken.entry(seg.name.clone()).or_default();
             let count = def.count;
             let hosts = seg.subnet.instance_hosts();
-            let start = (0..hosts.saturating_sub(count - 1)).find(|s| (0..count).all(|k| seg.subnet.host(s + k).is_some_and(|a| !used.contains_key(&a))));
+            let start = (0..hosts.saturating_sub(count - 1))
+                .find(|s| (0..count).all(|k| seg.subnet.host(s + k).is_some_and(|a| !used.contains_key(&a))));
             let Some(start) = start else {
                 return Err(err(line, format!("instance {}: segment {} has no room for {count} more addresses", def.name, seg.name)));
             };
@@ -569,7 +574,8 @@ impl Lab {
         let mut out = Vec::new();
         for def in &self.instances {
             for i in 1..=def.count {
-                let name = if def.count == 1 { def.name.clone() } else { replica(&def.name, u64::from(i)).unwrap_or_else(|_| def.name.clone()) };
+                let name =
+                    if def.count == 1 { def.name.clone() } else { replica(&def.name, u64::from(i)).unwrap_or_else(|_| def.name.clone()) };
                 let addresses = def.segments.iter().map(|(s, a)| (s.clone(), Ipv4Addr::from(u32::from(*a) + (i - 1)))).collect();
                 out.push(Instance { name, def: def.name.clone(), addresses });
             }
@@ -603,9 +609,10 @@ fn plain_message(msg: &str) -> String {
     let mut m = msg.lines().next().unwrap_or("not a lab file").trim();
     m = m.strip_prefix("error: ").unwrap_or(m);
     if let Some(rest) = m.strip_prefix("line ")
-        && let Some((_, after)) = rest.split_once(": ") {
-            m = after;
-        }
+        && let Some((_, after)) = rest.split_once(": ")
+    {
+        m = after;
+    }
     let m = m.split(", set DuplicateKeyPolicy").next().unwrap_or(m);
     m.replace("duplicate mapping key: ", "given twice: ")
 }
@@ -615,7 +622,9 @@ fn instance_index(subnet: Subnet, a: Ipv4Addr) -> u32 {
 }
 
 fn replica(name: &Name, i: u64) -> Result<Name, String> {
-    format!("{name}-{i}").parse().map_err(|_| format!("instance {name}: replica names such as {name}-{i} are longer than {} characters", Name::MAX))
+    format!("{name}-{i}")
+        .parse()
+        .map_err(|_| format!("instance {name}: replica names such as {name}-{i} are longer than {} characters", Name::MAX))
 }
 
 /// Checks an image URL: `http://host[:port]/path`, at most 2048 bytes,

@@ -226,7 +226,8 @@ pub struct InstanceView {
 /// The instances of `lab` with their addresses and times to ready.
 pub fn views(db: &Db, lab: &Name) -> Result<Option<Vec<InstanceView>>, DbError> {
     let Some(spec) = db.lab(lab)? else { return Ok(None) };
-    let expanded: std::collections::HashMap<Name, bootcache_api::lab::Instance> = spec.instances().into_iter().map(|i| (i.name.clone(), i)).collect();
+    let expanded: std::collections::HashMap<Name, bootcache_api::lab::Instance> =
+        spec.instances().into_iter().map(|i| (i.name.clone(), i)).collect();
     let rows = db.instances(lab)?;
     Ok(Some(
         rows.into_iter()

@@ -153,7 +153,9 @@ impl Control {
                 match placed {
                     Ok((instance, node)) => {
                         db.set_state(&lab.name, &instance, InstanceState::Placed, Some(&node), None, now)?;
-                        if let (Some(c), Some(w)) = (capacities.iter_mut().find(|c| c.node == node), wants.iter().find(|w| w.instance == instance)) {
+                        if let (Some(c), Some(w)) =
+                            (capacities.iter_mut().find(|c| c.node == node), wants.iter().find(|w| w.instance == instance))
+                        {
                             c.cores = c.cores.saturating_sub(w.cores);
                             c.memory_bytes = c.memory_bytes.saturating_sub(w.memory_bytes);
                             c.caches.insert(w.image);
@@ -196,10 +198,12 @@ impl Control {
         let db = self.db();
         let nodes: Vec<NodeRow> = db.nodes(now, self.heartbeat)?;
         let address = |n: &Name| nodes.iter().find(|r| r.name == *n).map(|r| r.address.clone());
-        let ip = |n: &Name| address(n).and_then(|a| a.parse::<std::net::SocketAddr>().ok()).and_then(|a| match a.ip() {
-            std::net::IpAddr::V4(v4) => Some(v4),
-            std::net::IpAddr::V6(_) => None,
-        });
+        let ip = |n: &Name| {
+            address(n).and_then(|a| a.parse::<std::net::SocketAddr>().ok()).and_then(|a| match a.ip() {
+                std::net::IpAddr::V4(v4) => Some(v4),
+                std::net::IpAddr::V6(_) => None,
+            })
+        };
         let up: HashSet<&Name> = nodes.iter().filter(|n| n.up).map(|n| &n.name).collect();
         let mut orders = Orders::default();
         for lab in db.labs()? {
@@ -300,17 +304,22 @@ impl Control {
         let mut fetchers = BTreeSet::new();
         for lab in db.labs()? {
             for r in db.instances(&lab.name)? {
-                if r.spec.kind == Kind::Vm && r.spec.image == *root && holds_capacity(r.state)
-                    && let Some(n) = r.node.filter(|n| !holders.contains(n) && up.contains(n)) {
-                        fetchers.insert(n);
-                    }
+                if r.spec.kind == Kind::Vm
+                    && r.spec.image == *root
+                    && holds_capacity(r.state)
+                    && let Some(n) = r.node.filter(|n| !holders.contains(n) && up.contains(n))
+                {
+                    fetchers.insert(n);
+                }
             }
         }
         fetchers.insert(node.clone());
         let fetchers: Vec<Name> = fetchers.into_iter().collect();
         let plan = plan::sources(&fetchers, &holders, self.fan_out);
         match plan.into_iter().find(|(f, _)| f == node).map(|(_, s)| s) {
-            Some(Source::Node(peer)) if holders.contains(&peer) => Ok(Some(address(&peer).map(|a| format!("http://{a}")).into_iter().collect())),
+            Some(Source::Node(peer)) if holders.contains(&peer) => {
+                Ok(Some(address(&peer).map(|a| format!("http://{a}")).into_iter().collect()))
+            }
             Some(Source::Node(_)) => Ok(None),
             _ => Ok(Some(Vec::new())),
         }
@@ -342,7 +351,11 @@ fn advance(db: &Db, node: &Name, seen: &Observed, now: i64) -> Result<(), DbErro
         }
         let next = if cur.can_become(seen.state) {
             seen.state
-        } else if let Some(n) = path.iter().copied().find(|s| cur.can_become(*s) && path.iter().position(|p| p == s) <= path.iter().position(|p| *p == seen.state)) {
+        } else if let Some(n) = path
+            .iter()
+            .copied()
+            .find(|s| cur.can_become(*s) && path.iter().position(|p| p == s) <= path.iter().position(|p| *p == seen.state))
+        {
             n
         } else {
             return Ok(());

@@ -161,7 +161,8 @@ async fn a_lab_is_placed_ordered_reported_and_destroyed() {
     assert_eq!(vm["nics"][0]["address"], "10.20.0.10");
     let b = beat(&c, &base, "node-b", serde_json::json!([]), serde_json::json!([])).await;
     assert!(b["instances"].as_array().unwrap().iter().all(|o| o["name"] != "vm2"), "vm2 waits for its source: {b}");
-    beat(&c, &base, "node-a", serde_json::json!([[root, 0]]), serde_json::json!([{"lab": "lab1", "name": "vm", "state": "fetching"}])).await;
+    beat(&c, &base, "node-a", serde_json::json!([[root, 0]]), serde_json::json!([{"lab": "lab1", "name": "vm", "state": "fetching"}]))
+        .await;
     let b = beat(&c, &base, "node-b", serde_json::json!([]), serde_json::json!([])).await;
     let vm2 = b["instances"].as_array().unwrap().iter().find(|o| o["name"] == "vm2").expect("vm2 ordered once its source has the image");
     assert_eq!(vm2["image"]["peers"], serde_json::json!(["http://10.0.0.2:7070"]), "{vm2}");

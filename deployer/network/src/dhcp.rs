@@ -57,18 +57,19 @@ impl DhcpServers {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let hosts_file = self.dir.join(format!("{bridge}.hosts"));
         if let Some((child, was)) = running.get_mut(bridge.as_str())
-            && child.try_wait()?.is_none() {
-                if *was != config {
-                    std::fs::write(&hosts_file, &hosts)?;
-                    // SIGHUP: reread the hosts file.
-                    let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
-                    if let Some(pid) = pid {
-                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::HUP);
-                    }
-                    *was = config;
+            && child.try_wait()?.is_none()
+        {
+            if *was != config {
+                std::fs::write(&hosts_file, &hosts)?;
+                // SIGHUP: reread the hosts file.
+                let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
+                if let Some(pid) = pid {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::HUP);
                 }
-                return Ok(());
+                *was = config;
             }
+            return Ok(());
+        }
         std::fs::write(&hosts_file, &hosts)?;
         let file = |ext: &str| self.dir.join(format!("{bridge}.{ext}"));
         let mut cmd = Command::new("dnsmasq");
@@ -92,7 +93,8 @@ impl DhcpServers {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let child = cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("starting dnsmasq (package dnsmasq-base) for {bridge}: {e}")))?;
+        let child =
+            cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("starting dnsmasq (package dnsmasq-base) for {bridge}: {e}")))?;
         tracing::info!(%bridge, hosts = dhcp.hosts.len(), "DHCP server started");
         running.insert(bridge.as_str().to_owned(), (child, config));
         Ok(())
@@ -131,8 +133,9 @@ fn stop_by_pid_file(path: &Path) {
     let Ok(pid) = text.trim().parse::<i32>() else { return };
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     if comm.trim() == "dnsmasq"
-        && let Some(p) = rustix::process::Pid::from_raw(pid) {
-            let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
-        }
+        && let Some(p) = rustix::process::Pid::from_raw(pid)
+    {
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
+    }
     let _ = std::fs::remove_file(path);
 }

@@ -141,15 +141,15 @@ impl Network {
         if let Some(i) = self.index(name.as_str()).await? {
             return Ok(i);
         }
-        let msg = LinkBridge::new(name.as_str())
-            .nf_call_iptables(false)
-            .nf_call_ip6tables(false)
-            .nf_call_arptables(false)
-            .build();
+        let msg = LinkBridge::new(name.as_str()).nf_call_iptables(false).nf_call_ip6tables(false).nf_call_arptables(false).build();
         self.add(&format!("making bridge {name}"), msg).await?;
-        let index = self.index(name.as_str()).await?.ok_or_else(|| NetError { what: format!("bridge {name}"), source: "vanished once made".into() })?;
+        let index = self
+            .index(name.as_str())
+            .await?
+            .ok_or_else(|| NetError { what: format!("bridge {name}"), source: "vanished once made".into() })?;
         // The kernel takes an alias when a link is changed, not made.
-        let msg = LinkUnspec::new_with_index(index).append_extra_attribute(LinkAttribute::IfAlias(format!("{ALIAS_PREFIX}{owner}"))).up().build();
+        let msg =
+            LinkUnspec::new_with_index(index).append_extra_attribute(LinkAttribute::IfAlias(format!("{ALIAS_PREFIX}{owner}"))).up().build();
         self.set(&format!("naming bridge {name}'s owner"), msg).await?;
         Ok(index)
     }
@@ -176,13 +176,12 @@ impl Network {
             }
             self.delete(name.as_str()).await?;
         }
-        let msg = LinkVxlan::new(name.as_str(), vni)
-            .local(local)
-            .port(VXLAN_PORT)
-            .learning(true)
-            .build();
+        let msg = LinkVxlan::new(name.as_str(), vni).local(local).port(VXLAN_PORT).learning(true).build();
         self.add(&format!("making VXLAN link {name} (VNI {vni}, local {local})"), msg).await?;
-        let index = self.index(name.as_str()).await?.ok_or_else(|| NetError { what: format!("VXLAN link {name}"), source: "vanished once made".into() })?;
+        let index = self
+            .index(name.as_str())
+            .await?
+            .ok_or_else(|| NetError { what: format!("VXLAN link {name}"), source: "vanished once made".into() })?;
         let alias = LinkUnspec::new_with_index(index)
             .append_extra_attribute(LinkAttribute::IfAlias(format!("{ALIAS_PREFIX}{owner}")))
             .controller(bridge)
@@ -242,7 +241,8 @@ impl Network {
     /// # Errors
     /// No such link; netlink.
     pub async fn ensure_address(&self, name: &str, address: Ipv4Addr, prefix: u8) -> Result<(), NetError> {
-        let index = self.index(name).await?.ok_or_else(|| NetError { what: format!("addressing {name}"), source: "no such link".into() })?;
+        let index =
+            self.index(name).await?.ok_or_else(|| NetError { what: format!("addressing {name}"), source: "no such link".into() })?;
         match self.handle.address().add(index, IpAddr::V4(address), prefix).execute().await {
             Ok(()) => Ok(()),
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -17 => Ok(()),
@@ -277,8 +277,12 @@ impl Network {
                 .build();
             self.set(&format!("joining {} to {}", v.host, v.bridge), msg).await?;
             let peer_index = self.index(&peer).await?.unwrap_or(0);
-            self.set(&format!("moving {peer} into the container"), LinkUnspec::new_with_index(peer_index).setns_by_pid(pid).build()).await?;
-            let far = inside.index(&peer).await?.ok_or_else(|| NetError { what: format!("{peer} in the container"), source: "not there after the move".into() })?;
+            self.set(&format!("moving {peer} into the container"), LinkUnspec::new_with_index(peer_index).setns_by_pid(pid).build())
+                .await?;
+            let far = inside
+                .index(&peer)
+                .await?
+                .ok_or_else(|| NetError { what: format!("{peer} in the container"), source: "not there after the move".into() })?;
             let msg = LinkUnspec::new_with_index(far).name(v.inside.clone()).address(v.mac.0.to_vec()).build();
             inside.set(&format!("naming {} in the container", v.inside), msg).await?;
             inside.set(&format!("bringing {} up", v.inside), LinkUnspec::new_with_index(far).up().build()).await?;

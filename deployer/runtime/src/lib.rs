@@ -148,7 +148,10 @@ pub trait Runtime: Send + Sync {
                 }
                 if start.elapsed() > timeout {
                     let what = marker.map_or_else(|| "running".to_owned(), |m| format!("{m:?} on its console"));
-                    return Err(RuntimeError::new(format!("{id}: waiting until ready"), format!("no {what} within {} s", timeout.as_secs())));
+                    return Err(RuntimeError::new(
+                        format!("{id}: waiting until ready"),
+                        format!("no {what} within {} s", timeout.as_secs()),
+                    ));
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }

@@ -126,7 +126,12 @@ impl Dockerd {
             .context("starting dockerd (package docker.io)")?;
         let probe = socket.clone();
         wait("dockerd", &mut child, Duration::from_secs(60), || {
-            Command::new("curl").args(["-sf", "--unix-socket"]).arg(&probe).arg("http://docker/_ping").output().is_ok_and(|o| o.status.success())
+            Command::new("curl")
+                .args(["-sf", "--unix-socket"])
+                .arg(&probe)
+                .arg("http://docker/_ping")
+                .output()
+                .is_ok_and(|o| o.status.success())
         })
         .with_context(|| format!("see {}", dir.join("dockerd.log").display()))?;
         Ok(Dockerd { child, socket })

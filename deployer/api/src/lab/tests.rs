@@ -137,3 +137,9 @@ fn a_checked_lab_goes_through_json_unchanged() {
     let back: Lab = serde_json::from_str(&serde_json::to_string(&lab).unwrap()).unwrap();
     assert_eq!(back, lab);
 }
+
+#[test]
+fn the_example_lab_is_valid() {
+    let lab = Lab::parse(include_str!("../../../../examples/lab.yaml")).unwrap();
+    assert_eq!(lab.instances().len(), 8);
+}

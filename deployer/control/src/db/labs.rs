@@ -111,7 +111,8 @@ impl Db {
     /// # Errors
     /// SQLite errors, or a damaged row.
     pub fn remaining(&self, lab: &Name) -> Result<Vec<Remaining>, DbError> {
-        let mut stmt = self.conn.prepare("SELECT node, name, state FROM observed WHERE lab = ?1 ORDER BY node, name").map_err(self.sql())?;
+        let mut stmt =
+            self.conn.prepare("SELECT node, name, state FROM observed WHERE lab = ?1 ORDER BY node, name").map_err(self.sql())?;
         let rows: Vec<(String, String, String)> = stmt
             .query_map(params![lab.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .map_err(self.sql())?

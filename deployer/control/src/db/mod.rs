@@ -275,9 +275,13 @@ impl Db {
             let name: Name = name.parse().map_err(|_| self.corrupt(format!("node name {name:?}")))?;
             let last = match heartbeat_ms {
                 None => None,
-                Some(_) => {
-                    Some(Heartbeat { cores, memory_bytes: u64::try_from(memory).unwrap_or(0), running, caches: self.caches_of(&name)?, instances: Vec::new() })
-                }
+                Some(_) => Some(Heartbeat {
+                    cores,
+                    memory_bytes: u64::try_from(memory).unwrap_or(0),
+                    running,
+                    caches: self.caches_of(&name)?,
+                    instances: Vec::new(),
+                }),
             };
             let up = heartbeat_ms.is_some_and(|t| now_ms.saturating_sub(t) <= limit);
             out.push(NodeRow { name, address, last, heartbeat_ms, up });

@@ -21,7 +21,8 @@ fn state_survives_a_restart_and_nodes_go_down_after_three_missed_heartbeats() {
         assert_eq!(db.version().unwrap(), MIGRATIONS.len() as i64);
         db.register_node(&name("a"), "10.0.0.2:7070", 0).unwrap();
         db.register_node(&name("b"), "10.0.0.3:7070", 0).unwrap();
-        let beat = Heartbeat { cores: 2, memory_bytes: 24 << 30, running: 3, caches: vec![(root(1), 1000), (root(2), 50)], instances: vec![] };
+        let beat =
+            Heartbeat { cores: 2, memory_bytes: 24 << 30, running: 3, caches: vec![(root(1), 1000), (root(2), 50)], instances: vec![] };
         db.heartbeat(&name("a"), &beat, 10_000).unwrap();
         db.register_image(&root(1), "http://store/a.bcimg", 4 << 30, 1000, 0).unwrap();
     }
@@ -37,7 +38,12 @@ fn state_survives_a_restart_and_nodes_go_down_after_three_missed_heartbeats() {
     assert_eq!(db.image_url(&root(9)).unwrap(), None);
 
     // What a node caches is replaced by each heartbeat; holders most first.
-    db.heartbeat(&name("b"), &Heartbeat { cores: 2, memory_bytes: 1, running: 0, caches: vec![(root(1), 4000)], instances: vec![] }, 20_000).unwrap();
+    db.heartbeat(
+        &name("b"),
+        &Heartbeat { cores: 2, memory_bytes: 1, running: 0, caches: vec![(root(1), 4000)], instances: vec![] },
+        20_000,
+    )
+    .unwrap();
     assert_eq!(db.holders(&root(1)).unwrap(), vec![(name("b"), 4000), (name("a"), 1000)]);
     db.heartbeat(&name("a"), &Heartbeat { cores: 2, memory_bytes: 1, running: 0, caches: vec![], instances: vec![] }, 21_000).unwrap();
     assert_eq!(db.holders(&root(1)).unwrap(), vec![(name("b"), 4000)]);

@@ -46,7 +46,12 @@ impl Docker {
         let client = Client::connect_with_unix(socket, 120, bollard::API_DEFAULT_VERSION).map_err(docker_err(what.clone()))?;
         let client = client.negotiate_version().await.map_err(docker_err(what.clone()))?;
         let v = client.version().await.map_err(docker_err(what))?;
-        tracing::info!(socket, version = v.version.as_deref().unwrap_or("?"), api = v.api_version.as_deref().unwrap_or("?"), "docker connected");
+        tracing::info!(
+            socket,
+            version = v.version.as_deref().unwrap_or("?"),
+            api = v.api_version.as_deref().unwrap_or("?"),
+            "docker connected"
+        );
         Ok(Docker { client })
     }
 
@@ -90,7 +95,8 @@ impl Docker {
     /// # Errors
     /// No such container, or it is not running.
     pub async fn pid(&self, id: &str) -> Result<u32, RuntimeError> {
-        let c = self.client.inspect_container(id, None::<InspectContainerOptions>).await.map_err(docker_err(format!("{id}: inspecting")))?;
+        let c =
+            self.client.inspect_container(id, None::<InspectContainerOptions>).await.map_err(docker_err(format!("{id}: inspecting")))?;
         let pid = c.state.and_then(|s| s.pid).unwrap_or(0);
         u32::try_from(pid).ok().filter(|p| *p > 0).ok_or_else(|| RuntimeError::new(format!("{id}: its process"), "not running"))
     }
@@ -98,7 +104,9 @@ impl Docker {
 
 impl Runtime for Docker {
     async fn create(&self, spec: &Spec) -> Result<(), RuntimeError> {
-        let Image::Container { reference, command } = &spec.image else { return Err(RuntimeError::new(&spec.id, "a container needs an image")) };
+        let Image::Container { reference, command } = &spec.image else {
+            return Err(RuntimeError::new(&spec.id, "a container needs an image"));
+        };
         let lab = spec.id.strip_prefix(PREFIX).and_then(|r| r.split('.').next()).unwrap_or("").to_owned();
         let body = ContainerCreateBody {
             image: Some(reference.clone()),
@@ -172,11 +180,14 @@ impl Runtime for Docker {
     async fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<Exec, RuntimeError> {
         use bollard::exec::{CreateExecOptions, StartExecResults};
         let what = format!("{id}: {}", argv.first().map_or("", String::as_str));
-        let opts = CreateExecOptions { cmd: Some(argv.to_vec()), attach_stdout: Some(true), attach_stderr: Some(true), ..Default::default() };
+        let opts =
+            CreateExecOptions { cmd: Some(argv.to_vec()), attach_stdout: Some(true), attach_stderr: Some(true), ..Default::default() };
         let exec = self.client.create_exec(id, opts).await.map_err(docker_err(what.clone()))?;
         let run = async {
             let mut output = String::new();
-            if let StartExecResults::Attached { output: mut stream, .. } = self.client.start_exec(&exec.id, None).await.map_err(docker_err(what.clone()))? {
+            if let StartExecResults::Attached { output: mut stream, .. } =
+                self.client.start_exec(&exec.id, None).await.map_err(docker_err(what.clone()))?
+            {
                 while let Some(chunk) = stream.next().await {
                     output += &String::from_utf8_lossy(&chunk.map_err(docker_err(what.clone()))?.into_bytes());
                 }
@@ -184,11 +195,17 @@ impl Runtime for Docker {
             let code = self.client.inspect_exec(&exec.id).await.map_err(docker_err(what.clone()))?.exit_code.unwrap_or(-1);
             Ok(Exec { code, output })
         };
-        tokio::time::timeout(timeout, run).await.map_err(|_| RuntimeError::new(what.clone(), format!("still running after {} s", timeout.as_secs())))?
+        tokio::time::timeout(timeout, run)
+            .await
+            .map_err(|_| RuntimeError::new(what.clone(), format!("still running after {} s", timeout.as_secs())))?
     }
 
     async fn list(&self) -> Result<Vec<String>, RuntimeError> {
-        let opts = ListContainersOptions { all: true, filters: Some(HashMap::from([("label".to_owned(), vec![LAB_LABEL.to_owned()])])), ..Default::default() };
+        let opts = ListContainersOptions {
+            all: true,
+            filters: Some(HashMap::from([("label".to_owned(), vec![LAB_LABEL.to_owned()])])),
+            ..Default::default()
+        };
         let all = self.client.list_containers(Some(opts)).await.map_err(docker_err("listing containers".into()))?;
         Ok(all
             .into_iter()

@@ -72,7 +72,7 @@ impl Libvirt {
         let w = what.clone();
         tokio::task::spawn_blocking(move || {
             let conn = Connect::open(Some(&uri)).map_err(virt_err(w.clone()))?;
-            
+
             f(&conn).map_err(|e| RuntimeError::new(format!("{w}: {}", e.what), e.why))
         })
         .await
@@ -151,10 +151,8 @@ impl Runtime for Libvirt {
     async fn create(&self, spec: &Spec) -> Result<(), RuntimeError> {
         let xml = self.domain_xml(spec)?;
         let _ = std::fs::remove_file(self.console_path(&spec.id));
-        self.blocking(&format!("{}: defining", spec.id), move |c| {
-            c.define_domain_xml(&xml).map(drop).map_err(virt_err(String::new()))
-        })
-        .await
+        self.blocking(&format!("{}: defining", spec.id), move |c| c.define_domain_xml(&xml).map(drop).map_err(virt_err(String::new())))
+            .await
     }
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
@@ -262,7 +260,12 @@ mod tests {
 
     #[test]
     fn the_domain_xml_carries_the_spec() {
-        let lv = Libvirt { uri: "test:///default".into(), consoles: "/run/c".into(), accel: Accel::Tcg, emulator: "/usr/bin/qemu-system-x86_64".into() };
+        let lv = Libvirt {
+            uri: "test:///default".into(),
+            consoles: "/run/c".into(),
+            accel: Accel::Tcg,
+            emulator: "/usr/bin/qemu-system-x86_64".into(),
+        };
         let spec = Spec {
             id: "bootcache.lab.vm-1".into(),
             hostname: "vm-1".into(),
