@@ -421,6 +421,28 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
         .unwrap();
     assert!(ping.status.success(), "container {container} on {near_node} -> {vm} on {vm_node}: {}", String::from_utf8_lossy(&ping.stdout));
 
+    // A failed instance is reported with its reason; the rest of its lab
+    // goes on. An image the control node cannot read refuses the deploy.
+    let broken = format!(
+        "name: broken\nsegments:\n  lan:\n    subnet: 10.98.0.0/24\ninstances:\n  good:\n    kind: container\n    image: http://{store_addr}:8080/busybox.tar\n    segments: [lan]\n    command: [sleep, '1000000']\n  bad:\n    kind: container\n    image: http://{store_addr}:8080/missing.tar\n    segments: [lan]\n"
+    );
+    let file = dir.path().join("broken.yaml");
+    std::fs::write(&file, &broken).unwrap();
+    let out = c.cli(&["deploy", "-f", file.to_str().unwrap(), "--output", "json", "--timeout", "120"]);
+    assert!(!out.status.success(), "a lab with a failed instance is not a success");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let state = |n: &str| report["instances"].as_array().unwrap().iter().find(|i| i["name"] == n).unwrap().clone();
+    assert_eq!(state("good")["state"], "ready", "{report}");
+    assert_eq!(state("bad")["state"], "failed", "{report}");
+    assert!(state("bad")["reason"].as_str().unwrap().contains("404"), "{report}");
+    assert!(c.cli(&["destroy", "broken"]).status.success());
+    std::fs::write(&file, format!("{broken}  vm:\n    kind: vm\n    image: http://{store_addr}:8080/nothing.bcimg\n")).unwrap();
+    let out = c.cli(&["deploy", "-f", file.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("nothing.bcimg"), "{err}");
+    let labs = c.cli(&["inspect", "--output", "json"]);
+    assert!(!String::from_utf8_lossy(&labs.stdout).contains("broken"), "a refused deploy records nothing");
+
     // A killed agent: its node is down and its instances lost within three
     // heartbeats (1 s each; the control node checks once a heartbeat).
     c.nodes[1].agent = None;

@@ -40,7 +40,9 @@ pub enum ControlCmd {
         #[command(flatten)]
         agent_options: Box<super::agent::AgentOptions>,
     },
-    /// Print the control node's token (made if there is none), or rotate it.
+    /// Print the control node's token (made if there is none), or rotate it;
+    /// agents are given it (`bootcache agent --token-file`).
+    #[command(alias = "init")]
     Token {
         /// The file holding the token.
         #[arg(long, value_name = "PATH", default_value = "/var/lib/bootcache/control.token")]

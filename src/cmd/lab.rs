@@ -120,6 +120,8 @@ async fn local() -> anyhow::Result<Client> {
         .stderr(log);
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().context("starting this machine's control node")?;
+    // `kill $(cat /var/lib/bootcache/local/service.pid)` stops it.
+    std::fs::write(dir.join("service.pid"), format!("{}\n", child.id()))?;
     eprintln!("started this machine's control node and agent (log {})", log_path.display());
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(60) {

@@ -82,6 +82,9 @@ pub(crate) struct Shared {
     pub http: reqwest::Client,
     pub local_ip: std::net::Ipv4Addr,
     pub instances: std::sync::Mutex<std::collections::HashMap<(Name, Name), instance::Local>>,
+    /// Instances no order lists any more, until they are removed (still
+    /// reported, so `destroy` waits for them).
+    pub removing: std::sync::Mutex<std::collections::HashMap<(Name, Name), bootcache_api::InstanceState>>,
     pub images: tokio::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -152,6 +155,7 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()> + S
         http,
         local_ip,
         instances: Default::default(),
+        removing: Default::default(),
         images: Default::default(),
     });
     let beating = tokio::spawn(heartbeats(Arc::clone(&shared), advertise));
@@ -195,6 +199,10 @@ async fn heartbeats(shared: Arc<Shared>, advertise: SocketAddr) {
     let base = shared.config.control.trim_end_matches('/').to_owned();
     let name = shared.config.name.clone();
     let mut registered = false;
+    // Carrying out orders may take a while (removing many instances): it
+    // runs beside the heartbeats, which must not stop meanwhile, and the
+    // orders of a heartbeat that comes while it runs are left to the next.
+    let mut applying: Option<tokio::task::JoinHandle<()>> = None;
     let mut tick = tokio::time::interval(shared.config.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -219,7 +227,12 @@ async fn heartbeats(shared: Arc<Shared>, advertise: SocketAddr) {
         let beat = heartbeat(&shared);
         match shared.http.post(format!("{base}/nodes/{name}/heartbeat")).json(&beat).send().await {
             Ok(r) if r.status().is_success() => match r.json::<Orders>().await {
-                Ok(orders) => reconcile::apply(&shared, orders).await,
+                Ok(orders) => {
+                    if applying.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
+                        let s = Arc::clone(&shared);
+                        applying = Some(tokio::spawn(async move { reconcile::apply(&s, orders).await }));
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "orders not understood"),
             },
             // Forgotten (a new database): register again.

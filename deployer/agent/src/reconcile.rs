@@ -20,6 +20,9 @@ pub(crate) fn observed(shared: &Shared) -> Vec<Observed> {
         .values()
         .map(|l| Observed { lab: l.order.lab.clone(), name: l.order.name.clone(), state: l.state, reason: l.reason.clone() })
         .collect();
+    drop(all);
+    let removing = shared.removing.lock().unwrap_or_else(|p| p.into_inner());
+    out.extend(removing.iter().map(|((lab, name), state)| Observed { lab: lab.clone(), name: name.clone(), state: *state, reason: None }));
     out.sort_by(|a, b| (&a.lab, &a.name).cmp(&(&b.lab, &b.name)));
     out
 }
@@ -91,6 +94,7 @@ pub(crate) async fn apply(shared: &Arc<Shared>, orders: Orders) {
             if let Some(t) = local.task.take() {
                 t.abort();
             }
+            shared.removing.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), local.state);
             gone.push(local.order.clone());
             false
         });
@@ -107,6 +111,7 @@ pub(crate) async fn apply(shared: &Arc<Shared>, orders: Orders) {
     let ordered_ids: HashSet<String> = wanted.keys().map(|(lab, name)| names::instance(lab, name)).collect();
     for order in gone {
         remove(shared, order.kind, &names::instance(&order.lab, &order.name)).await;
+        shared.removing.lock().unwrap_or_else(|p| p.into_inner()).remove(&(order.lab.clone(), order.name.clone()));
     }
     // Leftovers of an earlier run: made by us, ordered by no one.
     if let Some(lv) = &shared.libvirt {
