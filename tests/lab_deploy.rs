@@ -54,7 +54,14 @@ impl Node {
             // once the recorded boot is over and blur the store's count.
             .args(["--background", "off", "--ready-timeout", "300"])
             .stdin(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.join(format!("agent-{}.log", Instant::now().elapsed().as_nanos()))).unwrap())
+            // Kept after the test, for a failure's story.
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("lab_deploy-{}.log", self.name)))
+                    .unwrap(),
+            )
             .spawn()
             .unwrap();
         self.agent = Some(Killed(child));

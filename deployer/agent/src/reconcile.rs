@@ -68,7 +68,7 @@ pub(crate) async fn apply(shared: &Arc<Shared>, orders: Orders) {
             tracing::error!(segment = %owner, error = %bootcache_delivery::node::chain(&e), "segment not made");
             continue;
         }
-        if let Err(e) = bootcache_network::firewall::allow_bridge(&seg.bridge, &owner) {
+        if let Err(e) = bootcache_network::firewall::allow_bridge(&seg.bridge, &owner).await {
             tracing::warn!(segment = %owner, error = %e, "no FORWARD rule for the segment (bridged frames may be dropped)");
         }
         match &seg.dhcp {
@@ -165,9 +165,9 @@ pub(crate) async fn apply(shared: &Arc<Shared>, orders: Orders) {
         }
         Err(e) => tracing::warn!(error = %bootcache_delivery::node::chain(&e), "cannot list links"),
     }
-    for (b, _) in bootcache_network::firewall::rules() {
+    for (b, _) in bootcache_network::firewall::rules().await {
         if !orders.segments.iter().any(|s| s.bridge.as_str() == b) {
-            bootcache_network::firewall::remove_bridge(&b);
+            bootcache_network::firewall::remove_bridge(&b).await;
         }
     }
     for b in shared.dhcp.bridges() {

@@ -62,7 +62,8 @@ pub fn now_ms() -> i64 {
 
 impl Control {
     /// A control node on `db`.
-    pub fn new(db: Db, heartbeat: Duration) -> Arc<Control> {
+    pub fn new(mut db: Db, heartbeat: Duration) -> Arc<Control> {
+        db.watch_from(now_ms());
         Arc::new(Control {
             db: Mutex::new(db),
             heartbeat,

@@ -6,13 +6,15 @@
 //! naming its owner, so the rules a node made are found and removed after
 //! a crash. Run through `iptables` (no shell; the bridge name is checked).
 
-use std::process::Command;
+use tokio::process::Command;
 
 use bootcache_api::InterfaceName;
 use bootcache_api::agent::names::ALIAS_PREFIX;
 
-fn iptables(args: &[&str]) -> std::io::Result<std::process::Output> {
-    Command::new("iptables").arg("-w").args(args).output()
+/// Runs iptables without holding a runtime thread (`-w` may wait for the
+/// machine-wide xtables lock while another daemon holds it).
+async fn iptables(args: &[&str]) -> std::io::Result<std::process::Output> {
+    Command::new("iptables").arg("-w").args(args).output().await
 }
 
 fn rule<'a>(bridge: &'a str, comment: &'a str) -> [&'a str; 10] {
@@ -23,13 +25,13 @@ fn rule<'a>(bridge: &'a str, comment: &'a str) -> [&'a str; 10] {
 ///
 /// # Errors
 /// iptables is missing or refuses the rule.
-pub fn allow_bridge(bridge: &InterfaceName, owner: &str) -> std::io::Result<()> {
+pub async fn allow_bridge(bridge: &InterfaceName, owner: &str) -> std::io::Result<()> {
     let comment = format!("{ALIAS_PREFIX}{owner}");
     let r = rule(bridge.as_str(), &comment);
-    if iptables(&[&["-C", "FORWARD"][..], &r[..]].concat())?.status.success() {
+    if iptables(&[&["-C", "FORWARD"][..], &r[..]].concat()).await?.status.success() {
         return Ok(());
     }
-    let out = iptables(&[&["-I", "FORWARD", "1"][..], &r[..]].concat())?;
+    let out = iptables(&[&["-I", "FORWARD", "1"][..], &r[..]].concat()).await?;
     if !out.status.success() {
         return Err(std::io::Error::other(format!("iptables: {}", String::from_utf8_lossy(&out.stderr).trim())));
     }
@@ -37,8 +39,8 @@ pub fn allow_bridge(bridge: &InterfaceName, owner: &str) -> std::io::Result<()> 
 }
 
 /// The bridges that have a rule of ours, with the rule's owner.
-pub fn rules() -> Vec<(String, String)> {
-    let Ok(out) = iptables(&["-S", "FORWARD"]) else { return Vec::new() };
+pub async fn rules() -> Vec<(String, String)> {
+    let Ok(out) = iptables(&["-S", "FORWARD"]).await else { return Vec::new() };
     let text = String::from_utf8_lossy(&out.stdout);
     let mut found = Vec::new();
     for line in text.lines() {
@@ -53,11 +55,11 @@ pub fn rules() -> Vec<(String, String)> {
 }
 
 /// Removes our rule for `bridge` (every copy); nothing if there is none.
-pub fn remove_bridge(bridge: &str) {
-    for (b, owner) in rules() {
+pub async fn remove_bridge(bridge: &str) {
+    for (b, owner) in rules().await {
         if b == bridge {
             let comment = format!("{ALIAS_PREFIX}{owner}");
-            let _ = iptables(&[&["-D", "FORWARD"][..], &rule(&b, &comment)[..]].concat());
+            let _ = iptables(&[&["-D", "FORWARD"][..], &rule(&b, &comment)[..]].concat()).await;
         }
     }
 }

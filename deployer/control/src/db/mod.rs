@@ -155,6 +155,9 @@ pub const MISSED_HEARTBEATS: u32 = 3;
 pub struct Db {
     conn: Connection,
     path: PathBuf,
+    /// Silence counts from here (ms): a control node that was down does not
+    /// hold its own downtime against the nodes ([`Db::watch_from`]).
+    watch_from_ms: i64,
 }
 
 impl Db {
@@ -170,13 +173,20 @@ impl Db {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(sql)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql)?;
-        let mut db = Db { conn, path: path.to_owned() };
+        let mut db = Db { conn, path: path.to_owned(), watch_from_ms: 0 };
         db.migrate()?;
         Ok(db)
     }
 
     pub(super) fn sql(&self) -> impl Fn(rusqlite::Error) -> DbError + '_ {
         |source| DbError::Sqlite { path: self.path.clone(), source }
+    }
+
+    /// Counts nodes' silence from `ms` on: a control node that restarts calls
+    /// this with its start time, so nodes get their three heartbeats to
+    /// reach it again before they are down (and their instances lost).
+    pub fn watch_from(&mut self, ms: i64) {
+        self.watch_from_ms = ms;
     }
 
     /// The schema version of the open database.
@@ -283,7 +293,7 @@ impl Db {
                     instances: Vec::new(),
                 }),
             };
-            let up = heartbeat_ms.is_some_and(|t| now_ms.saturating_sub(t) <= limit);
+            let up = heartbeat_ms.is_some_and(|t| now_ms.saturating_sub(t.max(self.watch_from_ms)) <= limit);
             out.push(NodeRow { name, address, last, heartbeat_ms, up });
         }
         Ok(out)

@@ -34,6 +34,13 @@ fn state_survives_a_restart_and_nodes_go_down_after_three_missed_heartbeats() {
     assert!(!nodes[1].up && nodes[1].last.is_none(), "a node that never sent a heartbeat is not up");
     assert!(db.nodes(16_000, interval).unwrap()[0].up, "three intervals: still up");
     assert!(!db.nodes(16_001, interval).unwrap()[0].up, "past three intervals: down");
+    // A control node that was itself down until 15 s does not count its own
+    // downtime: the node has three intervals from then to come back.
+    let mut restarted = Db::open(&path).unwrap();
+    restarted.watch_from(15_000);
+    assert!(restarted.nodes(21_000, interval).unwrap()[0].up, "silent 11 s, but only 6 s of it to this control node");
+    assert!(!restarted.nodes(21_001, interval).unwrap()[0].up);
+    assert!(!restarted.nodes(21_000, interval).unwrap()[1].up, "a node that never sent a heartbeat is still not up");
     assert_eq!(db.image_url(&root(1)).unwrap().as_deref(), Some("http://store/a.bcimg"));
     assert_eq!(db.image_url(&root(9)).unwrap(), None);
 
