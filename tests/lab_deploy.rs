@@ -428,6 +428,41 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
         .unwrap();
     assert!(ping.status.success(), "container {container} on {near_node} -> {vm} on {vm_node}: {}", String::from_utf8_lossy(&ping.stdout));
 
+    // Stopped on request and started again: kept on its node, stopped
+    // there, and back on the network once started.
+    // The container and the VM of near_node; the VM on the other node runs on.
+    let near_vm = if near_node == "node-a" { "vm-a" } else { "vm-b" };
+    let out = c.cli(&["stop", "hybrid", &container, near_vm]);
+    assert!(out.status.success(), "stop: {}", String::from_utf8_lossy(&out.stderr));
+    let states: Vec<(String, String)> =
+        c.instances("hybrid").iter().map(|i| (i["name"].as_str().unwrap().to_owned(), i["state"].as_str().unwrap().to_owned())).collect();
+    assert!(
+        states.contains(&(container.clone(), "stopped".into())) && states.contains(&(near_vm.to_owned(), "stopped".into())),
+        "{states:?}"
+    );
+    assert!(states.iter().filter(|(_, s)| s == "ready").count() == 6, "the others run on: {states:?}");
+    assert_eq!(c.node(near_node).libvirt.virsh(&["domstate", &format!("bootcache.hybrid.{near_vm}")]).unwrap().trim(), "shut off");
+    let running = c
+        .node(near_node)
+        .docker
+        .docker()
+        .args(["inspect", "-f", "{{.State.Running}}", &format!("bootcache.hybrid.{container}")])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&running.stdout).trim(), "false");
+    let out = c.cli(&["start", "hybrid", &container, near_vm]);
+    assert!(out.status.success(), "start: {}", String::from_utf8_lossy(&out.stderr));
+    let ping = c
+        .node(near_node)
+        .docker
+        .docker()
+        .args(["exec", &format!("bootcache.hybrid.{container}"), "ping", "-c", "2", "-W", "5", vm_addr])
+        .output()
+        .unwrap();
+    assert!(ping.status.success(), "a started container reaches the VM on the other node again: {}", String::from_utf8_lossy(&ping.stdout));
+    let out = c.cli(&["stop", "hybrid", "nobody"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no instance hybrid/nobody"));
+
     // A failed instance is reported with its reason; the rest of its lab
     // goes on. An image the control node cannot read refuses the deploy.
     let broken = format!(

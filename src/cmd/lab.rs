@@ -77,6 +77,57 @@ pub struct DestroyArgs {
     timeout: u64,
 }
 
+#[derive(Debug, Args)]
+pub struct InstanceArgs {
+    /// The lab.
+    lab: String,
+    /// The instances (as `inspect` names them).
+    #[arg(required = true)]
+    instances: Vec<String>,
+    #[command(flatten)]
+    control: ControlArgs,
+    /// How long to wait until each is stopped (or ready again).
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    timeout: u64,
+}
+
+/// `bootcache stop` (`running` false) and `bootcache start`: each instance
+/// stopped on its node and kept, or started again; waits until done.
+pub fn set_running(args: InstanceArgs, running: bool) -> anyhow::Result<ExitCode> {
+    let lab = lab_name(&args.lab)?;
+    let names: Vec<Name> = args.instances.iter().map(|n| lab_name(n)).collect::<anyhow::Result<_>>()?;
+    let want = if running { InstanceState::Ready } else { InstanceState::Stopped };
+    super::deliver::runtime()?.block_on(async {
+        let client = connect(&args.control).await?;
+        for n in &names {
+            match client.set_running(&lab, n, running).await {
+                Err(ClientError::Refused { status: 404, message }) => bail!("{message}"),
+                r => r?,
+            }
+        }
+        let start = Instant::now();
+        loop {
+            let views = client.instances(&lab).await?;
+            let pending: Vec<&InstanceView> = views.iter().filter(|v| names.contains(&v.name) && v.state != want).collect();
+            if let Some(f) = pending.iter().find(|v| v.state == InstanceState::Failed) {
+                bail!("{}: {}", f.name, f.reason.as_deref().unwrap_or("failed"));
+            }
+            if pending.is_empty() {
+                eprintln!("{} {}", if running { "started" } else { "stopped" }, args.instances.join(", "));
+                return Ok(ExitCode::SUCCESS);
+            }
+            if start.elapsed() > Duration::from_secs(args.timeout) {
+                bail!(
+                    "not {want} after {} s: {}",
+                    args.timeout,
+                    pending.iter().map(|v| format!("{} ({})", v.name, v.state)).collect::<Vec<_>>().join(", ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+}
+
 fn lab_name(s: &str) -> anyhow::Result<Name> {
     s.parse().map_err(|e| anyhow::anyhow!("{e}"))
 }
@@ -215,7 +266,9 @@ async fn follow(client: &Client, lab: &Name, timeout: Duration) -> anyhow::Resul
                     *counts.entry(v.state.as_str()).or_default() += 1;
                 }
                 bar.set_message(counts.iter().map(|(s, n)| format!("{n} {s}")).collect::<Vec<_>>().join(", "));
-                let done = views.iter().all(|v| matches!(v.state, InstanceState::Ready | InstanceState::Failed | InstanceState::Lost));
+                let done = views.iter().all(|v| {
+                    matches!(v.state, InstanceState::Ready | InstanceState::Failed | InstanceState::Lost | InstanceState::Stopped)
+                });
                 if done && !views.is_empty() {
                     bar.finish_and_clear();
                     return Ok(views);

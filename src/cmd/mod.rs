@@ -93,6 +93,10 @@ enum Command {
     Deploy(lab::DeployArgs),
     /// Show labs, or one lab's instances: node, kind, state, address, time to ready.
     Inspect(lab::InspectArgs),
+    /// Stop instances of a lab (kept on their nodes, with their disks).
+    Stop(lab::InstanceArgs),
+    /// Start stopped instances of a lab again.
+    Start(lab::InstanceArgs),
     /// Destroy a lab: every instance, overlay, bridge and VXLAN link it made, on every node.
     Destroy(lab::DestroyArgs),
     /// Verify every digest in a bootcache image; fails naming the first bad extent.
@@ -142,5 +146,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Deploy(args) => lab::deploy(args),
         Command::Inspect(args) => lab::inspect(args),
         Command::Destroy(args) => lab::destroy(args),
+        Command::Stop(args) => lab::set_running(args, false),
+        Command::Start(args) => lab::set_running(args, true),
     }
 }

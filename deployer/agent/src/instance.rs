@@ -144,6 +144,13 @@ async fn container(shared: &Shared, order: &Order, id: &str) -> Result<std::time
     };
     docker.create(&spec).await.map_err(|e| e.to_string())?;
     docker.start(id).await.map_err(|e| e.to_string())?;
+    attach(shared, docker, order, id).await?;
+    docker.wait_ready(id, order.ready.as_deref(), shared.config.ready_timeout).await.map_err(|e| e.to_string())
+}
+
+/// Gives a running container its veths (a started container has a new
+/// network namespace each time).
+async fn attach(shared: &Shared, docker: &bootcache_runtime::docker::Docker, order: &Order, id: &str) -> Result<(), String> {
     let pid = docker.pid(id).await.map_err(|e| e.to_string())?;
     let veths: Vec<Veth> = order
         .nics
@@ -161,6 +168,49 @@ async fn container(shared: &Shared, order: &Order, id: &str) -> Result<std::time
         .network
         .attach_container(pid, &format!("{}/{}", order.lab, order.name), &veths)
         .await
-        .map_err(|e| bootcache_delivery::node::chain(&e))?;
-    docker.wait_ready(id, order.ready.as_deref(), shared.config.ready_timeout).await.map_err(|e| e.to_string())
+        .map_err(|e| bootcache_delivery::node::chain(&e))
+}
+
+/// Stops a ready instance on request (it stays, with its disk or image).
+pub(crate) async fn stop(shared: Arc<Shared>, order: Order) {
+    let id = names::instance(&order.lab, &order.name);
+    let r = match order.kind {
+        Kind::Vm => match &shared.libvirt {
+            Some(l) => l.stop(&id).await,
+            None => Ok(()),
+        },
+        Kind::Container => match &shared.docker {
+            Some(d) => d.stop(&id).await,
+            None => Ok(()),
+        },
+    };
+    match r {
+        Ok(()) => set(&shared, &order, InstanceState::Stopped, None),
+        Err(e) => set(&shared, &order, InstanceState::Failed, Some(format!("stopping: {e}"))),
+    }
+}
+
+/// Starts a stopped instance again, until ready.
+pub(crate) async fn start(shared: Arc<Shared>, order: Order) {
+    let id = names::instance(&order.lab, &order.name);
+    set(&shared, &order, InstanceState::Starting, None);
+    let r = async {
+        match order.kind {
+            Kind::Vm => {
+                let l = shared.libvirt.as_ref().ok_or("this node runs no VMs")?;
+                l.start(&id).await.map_err(|e| e.to_string())?;
+                l.wait_ready(&id, None, shared.config.ready_timeout).await.map_err(|e| e.to_string())
+            }
+            Kind::Container => {
+                let d = shared.docker.as_ref().ok_or("this node runs no containers")?;
+                d.start(&id).await.map_err(|e| e.to_string())?;
+                attach(&shared, d, &order, &id).await?;
+                d.wait_ready(&id, None, shared.config.ready_timeout).await.map_err(|e| e.to_string())
+            }
+        }
+    };
+    match r.await {
+        Ok(_) => set(&shared, &order, InstanceState::Ready, None),
+        Err(e) => set(&shared, &order, InstanceState::Failed, Some(format!("starting: {e}"))),
+    }
 }

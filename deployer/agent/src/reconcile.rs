@@ -99,12 +99,25 @@ pub(crate) async fn apply(shared: &Arc<Shared>, orders: Orders) {
             false
         });
         for (key, order) in &wanted {
-            if !all.contains_key(key) {
-                let task = tokio::spawn(instance::bring_up(Arc::clone(shared), (*order).clone()));
-                all.insert(
-                    key.clone(),
-                    Local { order: (*order).clone(), state: bootcache_api::InstanceState::Placed, reason: None, task: Some(task) },
-                );
+            use bootcache_api::InstanceState::{Ready, Stopped};
+            match all.get_mut(key) {
+                None => {
+                    let task = tokio::spawn(instance::bring_up(Arc::clone(shared), (*order).clone()));
+                    all.insert(
+                        key.clone(),
+                        Local { order: (*order).clone(), state: bootcache_api::InstanceState::Placed, reason: None, task: Some(task) },
+                    );
+                }
+                // Stopped or started on request, once nothing else runs for it.
+                Some(local) if local.task.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) => {
+                    local.order = (*order).clone();
+                    if !order.running && local.state == Ready {
+                        local.task = Some(tokio::spawn(instance::stop(Arc::clone(shared), (*order).clone())));
+                    } else if order.running && local.state == Stopped {
+                        local.task = Some(tokio::spawn(instance::start(Arc::clone(shared), (*order).clone())));
+                    }
+                }
+                Some(_) => {}
             }
         }
     }

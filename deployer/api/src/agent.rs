@@ -77,6 +77,13 @@ pub struct Order {
     pub ready: Option<String>,
     /// A container's command.
     pub command: Option<Vec<String>>,
+    /// Whether it should run (false: stopped on request, kept).
+    #[serde(default = "running")]
+    pub running: bool,
+}
+
+fn running() -> bool {
+    true
 }
 
 /// Where an instance's image comes from.

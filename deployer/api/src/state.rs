@@ -19,6 +19,8 @@ pub enum Kind {
 ///    │          │          │           │          │
 ///    └──────────┴──────────┴───────────┴──────────┴─► failed (with a reason)
 ///               └──────────┴───────────┴──────────┴─► lost (its node went down)
+///                                       ▲          │
+///                                       └─ stopped ◄┘ (stopped and started on request)
 /// ```
 /// A failed or lost instance may be placed again (reconciliation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -38,11 +40,13 @@ pub enum InstanceState {
     Failed,
     /// Its node stopped answering.
     Lost,
+    /// Stopped on request (kept on its node, started again on request).
+    Stopped,
 }
 
 impl InstanceState {
     /// Every state, in the order an instance goes through them.
-    pub const ALL: [InstanceState; 7] = [
+    pub const ALL: [InstanceState; 8] = [
         InstanceState::Pending,
         InstanceState::Placed,
         InstanceState::Fetching,
@@ -50,6 +54,7 @@ impl InstanceState {
         InstanceState::Ready,
         InstanceState::Failed,
         InstanceState::Lost,
+        InstanceState::Stopped,
     ];
 
     /// Whether an instance in this state may go to `next`.
@@ -60,7 +65,8 @@ impl InstanceState {
             // Skipping ahead: an image already cached needs no fetching.
             (Placed, Starting) => true,
             (s, Failed) => s != Failed,
-            (Placed | Fetching | Starting | Ready, Lost) => true,
+            (Placed | Fetching | Starting | Ready | Stopped, Lost) => true,
+            (Ready, Stopped) | (Stopped, Starting) => true,
             (Failed | Lost, Pending | Placed) => true,
             _ => false,
         }
@@ -76,6 +82,7 @@ impl InstanceState {
             InstanceState::Ready => "ready",
             InstanceState::Failed => "failed",
             InstanceState::Lost => "lost",
+            InstanceState::Stopped => "stopped",
         }
     }
 }
@@ -105,6 +112,7 @@ mod tests {
         assert!(Ready.can_become(Lost) && !Pending.can_become(Lost), "only an instance on a node can be lost");
         assert!(Lost.can_become(Placed) && Failed.can_become(Pending));
         assert!(!Ready.can_become(Placed), "a running instance is not placed again");
+        assert!(Ready.can_become(Stopped) && Stopped.can_become(Starting) && !Stopped.can_become(Ready) && !Pending.can_become(Stopped));
         for s in InstanceState::ALL {
             assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{s}\""));
         }

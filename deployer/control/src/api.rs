@@ -13,6 +13,8 @@
 //! GET  /labs/{lab}/instances   -> the lab's instances: node, state, reason, history
 //! DELETE /labs/{lab}           -> 204; agents remove what they run of it
 //! GET  /labs/{lab}/remaining   -> what nodes still run of a destroyed lab
+//! POST /labs/{lab}/instances/{name}/stop   -> 204; its agent stops it (kept)
+//! POST /labs/{lab}/instances/{name}/start  -> 204; its agent starts it again
 //! ```
 //!
 //! A heartbeat is answered with the node's orders
@@ -103,6 +105,7 @@ impl Control {
             .route("/labs/{lab}", axum::routing::delete(destroy))
             .route("/labs/{lab}/instances", get(instances))
             .route("/labs/{lab}/remaining", get(remaining))
+            .route("/labs/{lab}/instances/{name}/{action}", post(instance_action))
             .layer(axum::middleware::from_fn_with_state(credential, bootcache_delivery::auth::require))
             .with_state(Arc::clone(self))
     }
@@ -323,6 +326,20 @@ async fn remaining(State(c): State<Arc<Control>>, Path(lab): Path<String>) -> Re
             let (on_up, on_down): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| up.contains(&r.node));
             Json(serde_json::json!({"remaining": on_up, "on_down_nodes": on_down})).into_response()
         }
+        Err(e) => failed(&e),
+    }
+}
+
+async fn instance_action(State(c): State<Arc<Control>>, Path((lab, name, action)): Path<(String, String, String)>) -> Response {
+    let (Ok(lab), Ok(name)) = (lab.parse::<Name>(), name.parse::<Name>()) else { return plain(StatusCode::NOT_FOUND, "no such instance") };
+    let running = match action.as_str() {
+        "start" => true,
+        "stop" => false,
+        _ => return plain(StatusCode::NOT_FOUND, "actions: start, stop"),
+    };
+    match c.db().set_running(&lab, &name, running) {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => plain(StatusCode::NOT_FOUND, &format!("no instance {lab}/{name}")),
         Err(e) => failed(&e),
     }
 }

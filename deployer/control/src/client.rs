@@ -141,6 +141,16 @@ impl Client {
         self.call(self.http.get(format!("{}/labs/{lab}/remaining", self.base))).await
     }
 
+    /// Stops (`running` false) or starts an instance; its agent does it at
+    /// its next heartbeat.
+    ///
+    /// # Errors
+    /// No such instance (404), unreachable.
+    pub async fn set_running(&self, lab: &Name, name: &Name, running: bool) -> Result<(), ClientError> {
+        let action = if running { "start" } else { "stop" };
+        self.call::<Option<()>>(self.http.post(format!("{}/labs/{lab}/instances/{name}/{action}", self.base))).await.map(drop)
+    }
+
     /// The nodes.
     ///
     /// # Errors

@@ -38,7 +38,7 @@ pub enum DeployError {
 
 /// States an instance in these is counted against its node's capacity.
 fn holds_capacity(s: InstanceState) -> bool {
-    matches!(s, InstanceState::Placed | InstanceState::Fetching | InstanceState::Starting | InstanceState::Ready)
+    matches!(s, InstanceState::Placed | InstanceState::Fetching | InstanceState::Starting | InstanceState::Ready | InstanceState::Stopped)
 }
 
 impl Control {
@@ -255,6 +255,7 @@ impl Control {
                     nics,
                     ready: def.ready.clone(),
                     command: def.command.clone(),
+                    running: r.running,
                 });
             }
             for (seg, on) in &seg_nodes {

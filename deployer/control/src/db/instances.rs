@@ -39,6 +39,8 @@ pub struct InstanceRow {
     pub reason: Option<String>,
     /// When it entered each state it went through, in order (ms).
     pub history: Vec<(InstanceState, i64)>,
+    /// Whether it should run (false: stopped on request).
+    pub running: bool,
 }
 
 impl Db {
@@ -117,18 +119,20 @@ impl Db {
     pub fn instances(&self, lab: &Name) -> Result<Vec<InstanceRow>, DbError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT name, kind, image, cores, memory_bytes, node, state, reason FROM instances WHERE lab = ?1 ORDER BY name")
+            .prepare(
+                "SELECT name, kind, image, cores, memory_bytes, node, state, reason, desired FROM instances WHERE lab = ?1 ORDER BY name",
+            )
             .map_err(self.sql())?;
-        type Raw = (String, String, String, u32, i64, Option<String>, String, Option<String>);
+        type Raw = (String, String, String, u32, i64, Option<String>, String, Option<String>, String);
         let rows: Vec<Raw> = stmt
             .query_map(params![lab.as_str()], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?))
             })
             .map_err(self.sql())?
             .collect::<Result<_, _>>()
             .map_err(self.sql())?;
         let mut out = Vec::with_capacity(rows.len());
-        for (name, kind, image, cores, memory, node, state, reason) in rows {
+        for (name, kind, image, cores, memory, node, state, reason, desired) in rows {
             let bad = |what: &str, v: &str| self.corrupt(format!("instance {what} {v:?}"));
             let name: Name = name.parse().map_err(|_| bad("name", &name))?;
             let kind = match kind.as_str() {
@@ -141,7 +145,7 @@ impl Db {
             let state = parse_state(&state).ok_or_else(|| bad("state", &state))?;
             let history = self.history(lab, &name)?;
             let spec = InstanceSpec { lab: lab.clone(), name, kind, image, cores, memory_bytes: u64::try_from(memory).unwrap_or(0) };
-            out.push(InstanceRow { spec, node, state, reason, history });
+            out.push(InstanceRow { spec, node, state, reason, history, running: desired != "stopped" });
         }
         Ok(out)
     }
@@ -160,6 +164,22 @@ impl Db {
             out.push((parse_state(&state).ok_or_else(|| self.corrupt(format!("instance state {state:?}")))?, at));
         }
         Ok(out)
+    }
+
+    /// Says whether an instance should run (stop and start on request);
+    /// whether there is such an instance.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn set_running(&self, lab: &Name, name: &Name, running: bool) -> Result<bool, DbError> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE instances SET desired = ?3 WHERE lab = ?1 AND name = ?2",
+                params![lab.as_str(), name.as_str(), if running { "running" } else { "stopped" }],
+            )
+            .map_err(self.sql())?;
+        Ok(n == 1)
     }
 
     /// Marks every instance on a node that is down as lost; returns them.

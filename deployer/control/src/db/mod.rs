@@ -128,6 +128,8 @@ const MIGRATIONS: &[&str] = &[
         reason TEXT,
         PRIMARY KEY (node, lab, name)
     );",
+    // 4: whether an instance should run (stopped and started on request).
+    "ALTER TABLE instances ADD COLUMN desired TEXT NOT NULL DEFAULT 'running';",
 ];
 
 pub use bootcache_api::agent::Heartbeat;
