@@ -67,6 +67,11 @@ impl Node {
         self.agent = Some(Killed(child));
     }
 
+    /// `docker exec` in one of its containers.
+    fn docker_exec(&self, container: &str, argv: &[&str]) -> Output {
+        self.docker.docker().args(["exec", &format!("bootcache.hybrid.{container}")]).args(argv).output().unwrap()
+    }
+
     fn links(&self) -> String {
         let out = Command::new("ip").args(["-n", &self.netns, "-br", "link"]).output().unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -419,13 +424,7 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
     assert_eq!(code, 0, "{vm} on {vm_node} -> container {far} on {near_node}:\n{text}");
     let container =
         instances.iter().find(|i| i["node"] == near_node && i["kind"] == "container").unwrap()["name"].as_str().unwrap().to_owned();
-    let ping = c
-        .node(near_node)
-        .docker
-        .docker()
-        .args(["exec", &format!("bootcache.hybrid.{container}"), "ping", "-c", "2", "-W", "5", vm_addr])
-        .output()
-        .unwrap();
+    let ping = c.node(near_node).docker_exec(&container, &["ping", "-c", "2", "-W", "5", vm_addr]);
     assert!(ping.status.success(), "container {container} on {near_node} -> {vm} on {vm_node}: {}", String::from_utf8_lossy(&ping.stdout));
 
     // Stopped on request and started again: kept on its node, stopped
@@ -452,13 +451,7 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
     assert_eq!(String::from_utf8_lossy(&running.stdout).trim(), "false");
     let out = c.cli(&["start", "hybrid", &container, near_vm]);
     assert!(out.status.success(), "start: {}", String::from_utf8_lossy(&out.stderr));
-    let ping = c
-        .node(near_node)
-        .docker
-        .docker()
-        .args(["exec", &format!("bootcache.hybrid.{container}"), "ping", "-c", "2", "-W", "5", vm_addr])
-        .output()
-        .unwrap();
+    let ping = c.node(near_node).docker_exec(&container, &["ping", "-c", "2", "-W", "5", vm_addr]);
     assert!(ping.status.success(), "a started container reaches the VM on the other node again: {}", String::from_utf8_lossy(&ping.stdout));
     let out = c.cli(&["stop", "hybrid", "nobody"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no instance hybrid/nobody"));

@@ -35,6 +35,11 @@ pub(crate) fn container_reference(url: &str) -> String {
     format!("bootcache/image:{}", &key[..16])
 }
 
+/// What the runtime makes for `order`.
+fn spec(order: &Order, id: &str, image: Image) -> Spec {
+    Spec { id: id.to_owned(), hostname: order.name.to_string(), cpus: order.cpus, memory_bytes: order.memory_bytes, nics: order.nics.clone(), image }
+}
+
 fn set(shared: &Shared, order: &Order, state: InstanceState, reason: Option<String>) {
     let mut all = shared.instances.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(l) = all.get_mut(&(order.lab.clone(), order.name.clone())) {
@@ -87,14 +92,7 @@ async fn vm(shared: &Shared, order: &Order, id: &str) -> Result<std::time::Durat
         return Err(format!("making the overlay: {}", String::from_utf8_lossy(&out.stderr).trim()));
     }
     set(shared, order, InstanceState::Starting, None);
-    let spec = Spec {
-        id: id.to_owned(),
-        hostname: order.name.to_string(),
-        cpus: order.cpus,
-        memory_bytes: order.memory_bytes,
-        nics: order.nics.clone(),
-        image: Image::Disk(overlay),
-    };
+    let spec = spec(order, id, Image::Disk(overlay));
     libvirt.create(&spec).await.map_err(|e| e.to_string())?;
     libvirt.start(id).await.map_err(|e| e.to_string())?;
     libvirt.wait_ready(id, order.ready.as_deref(), shared.config.ready_timeout).await.map_err(|e| e.to_string())
@@ -134,14 +132,7 @@ async fn container(shared: &Shared, order: &Order, id: &str) -> Result<std::time
         }
     }
     set(shared, order, InstanceState::Starting, None);
-    let spec = Spec {
-        id: id.to_owned(),
-        hostname: order.name.to_string(),
-        cpus: order.cpus,
-        memory_bytes: order.memory_bytes,
-        nics: order.nics.clone(),
-        image: Image::Container { reference, command: order.command.clone() },
-    };
+    let spec = spec(order, id, Image::Container { reference, command: order.command.clone() });
     docker.create(&spec).await.map_err(|e| e.to_string())?;
     docker.start(id).await.map_err(|e| e.to_string())?;
     attach(shared, docker, order, id).await?;

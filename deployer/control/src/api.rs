@@ -49,6 +49,12 @@ pub struct Control {
     pub policy: crate::plan::Policy,
     /// How many nodes one node serves an image to (1: a chain).
     pub fan_out: usize,
+    /// Labs as deployed, expanded (see `deploy`).
+    pub(crate) views: Mutex<std::collections::HashMap<Name, Arc<crate::deploy::LabView>>>,
+    /// Where each lab's instances are, as of a placement generation.
+    pub(crate) members: Mutex<std::collections::HashMap<Name, (u64, Arc<crate::deploy::Members>)>>,
+    /// Bumped whenever placement changes.
+    pub(crate) generation: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Control {
@@ -73,6 +79,9 @@ impl Control {
             cpu_overcommit: 8,
             policy: crate::plan::Policy::CacheAware,
             fan_out: 2,
+            views: Mutex::default(),
+            members: Mutex::default(),
+            generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -87,7 +96,10 @@ impl Control {
         loop {
             tokio::time::sleep(self.heartbeat).await;
             match self.db().mark_lost(now_ms(), self.heartbeat) {
-                Ok(lost) if !lost.is_empty() => tracing::warn!(count = lost.len(), "instances lost with their nodes"),
+                Ok(lost) if !lost.is_empty() => {
+                    self.changed();
+                    tracing::warn!(count = lost.len(), "instances lost with their nodes");
+                }
                 Ok(_) => {}
                 Err(e) => tracing::error!(error = %e, "cannot check the nodes"),
             }
@@ -286,13 +298,13 @@ async fn deploy(State(c): State<Arc<Control>>, body: String) -> Response {
 
 async fn labs(State(c): State<Arc<Control>>) -> Response {
     let db = c.db();
-    let labs = match db.labs() {
+    let names = match db.lab_names() {
         Ok(l) => l,
         Err(e) => return failed(&e),
     };
     let mut out = Vec::new();
-    for lab in labs {
-        let rows = match db.instances(&lab.name) {
+    for name in names {
+        let rows = match db.instances_brief(&name) {
             Ok(r) => r,
             Err(e) => return failed(&e),
         };
@@ -300,7 +312,7 @@ async fn labs(State(c): State<Arc<Control>>) -> Response {
         for r in &rows {
             *states.entry(r.state.as_str()).or_insert(0u64) += 1;
         }
-        out.push(serde_json::json!({"name": lab.name, "instances": rows.len(), "states": states}));
+        out.push(serde_json::json!({"name": name, "instances": rows.len(), "states": states}));
     }
     Json(out).into_response()
 }

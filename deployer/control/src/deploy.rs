@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use bootcache_api::agent::{self, Dhcp, Heartbeat, ImageOrder, Nic, Observed, Order, Orders, SegmentOrder, names};
 use bootcache_api::{InstanceState, Kind, Lab, Name, RootDigest};
@@ -34,6 +35,39 @@ pub enum DeployError {
         /// Why.
         why: String,
     },
+}
+
+/// A lab as deployed, its replicas expanded once.
+pub(crate) struct LabView {
+    /// The lab.
+    pub lab: Lab,
+    /// Its instances by name.
+    pub expanded: HashMap<Name, bootcache_api::lab::Instance>,
+}
+
+impl LabView {
+    fn new(lab: Lab) -> LabView {
+        let expanded = lab.instances().into_iter().map(|i| (i.name.clone(), i)).collect();
+        LabView { lab, expanded }
+    }
+
+    /// The node `instance` is pinned to.
+    fn pin(&self, instance: &Name) -> Option<Name> {
+        self.expanded.get(instance).and_then(|i| self.lab.def(&i.def)).and_then(|d| d.node.clone())
+    }
+}
+
+/// Where a lab's instances are, by segment and by VM image.
+#[derive(Default)]
+pub(crate) struct Members {
+    seg_nodes: BTreeMap<Name, BTreeSet<Name>>,
+    seg_vm_nodes: BTreeMap<Name, BTreeSet<Name>>,
+    image_nodes: HashMap<RootDigest, BTreeSet<Name>>,
+}
+
+/// Whether an instance is on its node (placed and neither pending nor lost).
+fn on_node(r: &InstanceRow) -> bool {
+    r.node.is_some() && r.state != InstanceState::Pending && r.state != InstanceState::Lost
 }
 
 /// States an instance in these is counted against its node's capacity.
@@ -70,25 +104,28 @@ impl Control {
             let db = self.db();
             db.put_lab(lab, now)?;
             let instances = lab.instances();
+            let mut specs = Vec::with_capacity(instances.len());
             for inst in &instances {
                 let Some(def) = lab.def(&inst.def) else { continue };
                 let image = match def.kind {
                     Kind::Vm => roots[&def.image],
                     Kind::Container => agent::container_image_key(&def.image),
                 };
-                let spec = InstanceSpec {
+                specs.push(InstanceSpec {
                     lab: lab.name.clone(),
                     name: inst.name.clone(),
                     kind: def.kind,
                     image,
                     cores: def.cpus,
                     memory_bytes: def.memory_bytes,
-                };
-                db.want_instance(&spec, now)?;
+                });
             }
+            db.want_instances(&specs, now)?;
             let keep: Vec<Name> = instances.into_iter().map(|i| i.name).collect();
             db.forget_instances_except(&lab.name, &keep)?;
         }
+        self.views.lock().unwrap_or_else(|p| p.into_inner()).insert(lab.name.clone(), Arc::new(LabView::new(lab.clone())));
+        self.changed();
         self.schedule()?;
         Ok(self.db().instances(&lab.name)?)
     }
@@ -101,22 +138,28 @@ impl Control {
     pub fn schedule(&self) -> Result<(), DbError> {
         let now = now_ms();
         let db = self.db();
-        let nodes: Vec<NodeRow> = db.nodes(now, self.heartbeat)?.into_iter().filter(|n| n.up && n.last.is_some()).collect();
-        let labs = db.labs()?;
-        let mut rows = Vec::new();
-        for lab in &labs {
-            rows.extend(db.instances(&lab.name)?);
-        }
-        let pending: Vec<&InstanceRow> = rows.iter().filter(|r| r.state == InstanceState::Pending).collect();
-        if pending.is_empty() || nodes.is_empty() {
+        // Every heartbeat asks: cheap when nothing waits.
+        if !db.any_pending()? {
             return Ok(());
         }
-        let capacities: Vec<Capacity> = nodes
+        let nodes: Vec<NodeRow> = db.nodes(now, self.heartbeat)?.into_iter().filter(|n| n.up && n.last.is_some()).collect();
+        if nodes.is_empty() {
+            return Ok(());
+        }
+        let rows = db.all_instances()?;
+        let mut used: HashMap<&Name, (u64, u64)> = HashMap::new();
+        for r in rows.iter().filter(|r| holds_capacity(r.state)) {
+            if let Some(n) = &r.node {
+                let u = used.entry(n).or_default();
+                u.0 += u64::from(r.spec.cores);
+                u.1 += r.spec.memory_bytes;
+            }
+        }
+        let mut capacities: Vec<Capacity> = nodes
             .iter()
             .map(|n| {
                 let last = n.last.as_ref();
-                let used = rows.iter().filter(|r| r.node.as_ref() == Some(&n.name) && holds_capacity(r.state));
-                let (cores, memory) = used.fold((0u64, 0u64), |(c, m), r| (c + u64::from(r.spec.cores), m + r.spec.memory_bytes));
+                let (cores, memory) = used.get(&n.name).copied().unwrap_or_default();
                 let total_cores = u64::from(last.map_or(0, |l| l.cores)) * u64::from(self.cpu_overcommit);
                 Capacity {
                     node: n.name.clone(),
@@ -126,44 +169,47 @@ impl Control {
                 }
             })
             .collect();
-        // The node each instance is pinned to, by lab and name.
-        let mut pins: HashMap<(Name, Name), Name> = HashMap::new();
-        for lab in &labs {
-            for i in lab.instances() {
-                if let Some(node) = lab.def(&i.def).and_then(|d| d.node.clone()) {
-                    pins.insert((lab.name.clone(), i.name), node);
-                }
-            }
-        }
         // Per lab, so that instance names (unique within a lab) identify.
-        let mut capacities = capacities;
-        for lab in &labs {
+        let mut by_lab: BTreeMap<&Name, Vec<&InstanceRow>> = BTreeMap::new();
+        for r in rows.iter().filter(|r| r.state == InstanceState::Pending) {
+            by_lab.entry(&r.spec.lab).or_default().push(r);
+        }
+        let mut placed_any = false;
+        for (lab, pending) in by_lab {
+            let Some(view) = self.view(&db, lab)? else { continue };
             let wants: Vec<Want> = pending
                 .iter()
-                .filter(|r| r.spec.lab == lab.name)
                 .map(|r| Want {
                     instance: r.spec.name.clone(),
                     image: r.spec.image,
                     cores: r.spec.cores,
                     memory_bytes: r.spec.memory_bytes,
-                    pin: pins.get(&(lab.name.clone(), r.spec.name.clone())).cloned(),
+                    pin: view.pin(&r.spec.name),
                 })
                 .collect();
-            for placed in plan::place(&wants, &capacities, self.policy) {
+            let results = plan::place(&wants, &capacities, self.policy);
+            let mut moves = Vec::new();
+            for (w, placed) in wants.iter().zip(&results) {
                 match placed {
-                    Ok((instance, node)) => {
-                        db.set_state(&lab.name, &instance, InstanceState::Placed, Some(&node), None, now)?;
-                        if let (Some(c), Some(w)) =
-                            (capacities.iter_mut().find(|c| c.node == node), wants.iter().find(|w| w.instance == instance))
-                        {
+                    Ok((_, node)) => {
+                        if let Some(c) = capacities.iter_mut().find(|c| c.node == *node) {
                             c.cores = c.cores.saturating_sub(w.cores);
                             c.memory_bytes = c.memory_bytes.saturating_sub(w.memory_bytes);
                             c.caches.insert(w.image);
                         }
+                        moves.push((lab, &w.instance, InstanceState::Placed, Some(node)));
                     }
-                    Err(unplaced) => tracing::info!(lab = %lab.name, instance = %unplaced.instance, why = %unplaced.why, "not placed yet"),
+                    Err(unplaced) => tracing::debug!(%lab, instance = %unplaced.instance, why = %unplaced.why, "not placed yet"),
                 }
             }
+            if !moves.is_empty() {
+                db.set_states(&moves, now)?;
+                placed_any = true;
+                tracing::info!(%lab, placed = moves.len(), waiting = results.len() - moves.len(), "instances placed");
+            }
+        }
+        if placed_any {
+            self.changed();
         }
         Ok(())
     }
@@ -196,42 +242,47 @@ impl Control {
     pub fn orders(&self, node: &Name) -> Result<Orders, DbError> {
         let now = now_ms();
         let db = self.db();
-        let nodes: Vec<NodeRow> = db.nodes(now, self.heartbeat)?;
-        let address = |n: &Name| nodes.iter().find(|r| r.name == *n).map(|r| r.address.clone());
+        let mine: Vec<InstanceRow> = db.instances_on(node)?.into_iter().filter(on_node).collect();
+        let mut orders = Orders::default();
+        if mine.is_empty() {
+            return Ok(orders);
+        }
+        let nodes = db.liveness(now, self.heartbeat)?;
+        let address = |n: &Name| nodes.iter().find(|r| r.0 == *n).map(|r| r.1.clone());
         let ip = |n: &Name| {
             address(n).and_then(|a| a.parse::<std::net::SocketAddr>().ok()).and_then(|a| match a.ip() {
                 std::net::IpAddr::V4(v4) => Some(v4),
                 std::net::IpAddr::V6(_) => None,
             })
         };
-        let up: HashSet<&Name> = nodes.iter().filter(|n| n.up).map(|n| &n.name).collect();
-        let mut orders = Orders::default();
-        for lab in db.labs()? {
-            let rows = db.instances(&lab.name)?;
-            let on_node = |r: &InstanceRow| r.node.is_some() && r.state != InstanceState::Pending && r.state != InstanceState::Lost;
-            let expanded: HashMap<Name, bootcache_api::lab::Instance> = lab.instances().into_iter().map(|i| (i.name.clone(), i)).collect();
-            // Segment -> nodes with instances on it, and nodes with VMs on it.
-            let mut seg_nodes: BTreeMap<Name, BTreeSet<Name>> = BTreeMap::new();
-            let mut seg_vm_nodes: BTreeMap<Name, BTreeSet<Name>> = BTreeMap::new();
-            for r in rows.iter().filter(|r| on_node(r)) {
-                let (Some(n), Some(inst)) = (&r.node, expanded.get(&r.spec.name)) else { continue };
-                for (seg, _) in &inst.addresses {
-                    seg_nodes.entry(seg.clone()).or_default().insert(n.clone());
-                    if r.spec.kind == Kind::Vm {
-                        seg_vm_nodes.entry(seg.clone()).or_default().insert(n.clone());
-                    }
-                }
-            }
+        let up: HashSet<&Name> = nodes.iter().filter(|n| n.2).map(|n| &n.0).collect();
+        let mut by_lab: BTreeMap<&Name, Vec<&InstanceRow>> = BTreeMap::new();
+        for r in &mine {
+            by_lab.entry(&r.spec.lab).or_default().push(r);
+        }
+        let mut sources: HashMap<RootDigest, Option<Vec<String>>> = HashMap::new();
+        for (lab_name, rows) in by_lab {
+            let Some(view) = self.view(&db, lab_name)? else { continue };
+            let members = self.members(&db, &view)?;
+            let lab = &view.lab;
             let mut dhcp_hosts: BTreeMap<Name, Vec<(agent::Mac, Ipv4Addr)>> = BTreeMap::new();
-            for r in rows.iter().filter(|r| on_node(r) && r.node.as_ref() == Some(node)) {
-                let (Some(inst), Some(def)) = (expanded.get(&r.spec.name), lab.def(&expanded[&r.spec.name].def)) else { continue };
+            for r in rows {
+                let Some(inst) = view.expanded.get(&r.spec.name) else { continue };
+                let Some(def) = lab.def(&inst.def) else { continue };
                 let image = match def.kind {
                     Kind::Container => ImageOrder::Container { url: def.image.clone() },
                     Kind::Vm => {
-                        let Some(peers) = self.vm_sources(&db, &r.spec.image, node, &up, &address)? else {
-                            // Its source has not opened the image yet: next heartbeat.
-                            continue;
+                        let peers = match sources.get(&r.spec.image) {
+                            Some(p) => p.clone(),
+                            None => {
+                                let fetchers = members.image_nodes.get(&r.spec.image).cloned().unwrap_or_default();
+                                let p = self.vm_sources(&db, &r.spec.image, node, fetchers, &up, &address)?;
+                                sources.insert(r.spec.image, p.clone());
+                                p
+                            }
                         };
+                        // Its source has not opened the image yet: next heartbeat.
+                        let Some(peers) = peers else { continue };
                         ImageOrder::Vm { url: def.image.clone(), root: r.spec.image, peers }
                     }
                 };
@@ -258,14 +309,14 @@ impl Control {
                     running: r.running,
                 });
             }
-            for (seg, on) in &seg_nodes {
+            for (seg, on) in &members.seg_nodes {
                 if !on.contains(node) {
                     continue;
                 }
                 let Some(segment) = lab.segment(seg) else { continue };
                 let remotes = on.iter().filter(|n| *n != node && up.contains(n)).filter_map(ip).collect();
                 let dhcp = dhcp_hosts.remove(seg).map(|hosts| {
-                    let k = seg_vm_nodes.get(seg).and_then(|s| s.iter().position(|n| n == node)).unwrap_or(0);
+                    let k = members.seg_vm_nodes.get(seg).and_then(|s| s.iter().position(|n| n == node)).unwrap_or(0);
                     Dhcp {
                         server: segment.subnet.node_address(u32::try_from(k).unwrap_or(0)).unwrap_or(Ipv4Addr::UNSPECIFIED),
                         prefix: segment.subnet.prefix,
@@ -287,12 +338,14 @@ impl Control {
     }
 
     /// The peers `node` fetches VM image `root` from (empty: the store), or
-    /// `None` while the peer chosen has not opened it yet.
+    /// `None` while the peer chosen has not opened it yet. `fetchers`: the
+    /// nodes with a VM of the image.
     fn vm_sources(
         &self,
         db: &Db,
         root: &RootDigest,
         node: &Name,
+        mut fetchers: BTreeSet<Name>,
         up: &HashSet<&Name>,
         address: &dyn Fn(&Name) -> Option<String>,
     ) -> Result<Option<Vec<String>>, DbError> {
@@ -300,20 +353,8 @@ impl Control {
         if holders.contains(node) {
             return Ok(Some(Vec::new()));
         }
-        // Every node with a VM of this image (any lab) that does not hold
-        // it yet fetches it, in name order.
-        let mut fetchers = BTreeSet::new();
-        for lab in db.labs()? {
-            for r in db.instances(&lab.name)? {
-                if r.spec.kind == Kind::Vm
-                    && r.spec.image == *root
-                    && holds_capacity(r.state)
-                    && let Some(n) = r.node.filter(|n| !holders.contains(n) && up.contains(n))
-                {
-                    fetchers.insert(n);
-                }
-            }
-        }
+        // Those that do not hold it yet fetch it, in name order.
+        fetchers.retain(|n| !holders.contains(n) && up.contains(n));
         fetchers.insert(node.clone());
         let fetchers: Vec<Name> = fetchers.into_iter().collect();
         let plan = plan::sources(&fetchers, &holders, self.fan_out);
@@ -326,13 +367,61 @@ impl Control {
         }
     }
 
+    /// The lab as deployed, with its replicas expanded (kept in memory until
+    /// it is deployed again or destroyed).
+    pub(crate) fn view(&self, db: &Db, lab: &Name) -> Result<Option<Arc<LabView>>, DbError> {
+        if let Some(v) = self.views.lock().unwrap_or_else(|p| p.into_inner()).get(lab) {
+            return Ok(Some(Arc::clone(v)));
+        }
+        let Some(spec) = db.lab(lab)? else { return Ok(None) };
+        let view = Arc::new(LabView::new(spec));
+        self.views.lock().unwrap_or_else(|p| p.into_inner()).insert(lab.clone(), Arc::clone(&view));
+        Ok(Some(view))
+    }
+
+    /// Which nodes a lab's segments and VM images are on, recomputed only
+    /// when placement changed ([`Control::changed`]).
+    fn members(&self, db: &Db, view: &LabView) -> Result<Arc<Members>, DbError> {
+        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        if let Some((g, m)) = self.members.lock().unwrap_or_else(|p| p.into_inner()).get(&view.lab.name) {
+            if *g == generation {
+                return Ok(Arc::clone(m));
+            }
+        }
+        let mut m = Members::default();
+        for r in db.instances_brief(&view.lab.name)?.iter().filter(|r| on_node(r)) {
+            let (Some(n), Some(inst)) = (&r.node, view.expanded.get(&r.spec.name)) else { continue };
+            for (seg, _) in &inst.addresses {
+                m.seg_nodes.entry(seg.clone()).or_default().insert(n.clone());
+                if r.spec.kind == Kind::Vm {
+                    m.seg_vm_nodes.entry(seg.clone()).or_default().insert(n.clone());
+                }
+            }
+            if r.spec.kind == Kind::Vm && holds_capacity(r.state) {
+                m.image_nodes.entry(r.spec.image).or_default().insert(n.clone());
+            }
+        }
+        let m = Arc::new(m);
+        self.members.lock().unwrap_or_else(|p| p.into_inner()).insert(view.lab.name.clone(), (generation, Arc::clone(&m)));
+        Ok(m)
+    }
+
+    /// Placement changed (instances placed, lost, forgotten): what
+    /// [`Control::members`] keeps is recomputed on next use.
+    pub(crate) fn changed(&self) {
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
     /// Forgets `lab`: agents remove what they run of it on their next
     /// heartbeat. Whether it was there.
     ///
     /// # Errors
     /// The database.
     pub fn destroy(&self, lab: &Name) -> Result<bool, DbError> {
-        self.db().delete_lab(lab)
+        let gone = self.db().delete_lab(lab)?;
+        self.views.lock().unwrap_or_else(|p| p.into_inner()).remove(lab);
+        self.changed();
+        Ok(gone)
     }
 }
 
@@ -340,7 +429,7 @@ impl Control {
 /// states between (a node may report `ready` for one still `placed`).
 fn advance(db: &Db, node: &Name, seen: &Observed, now: i64) -> Result<(), DbError> {
     use InstanceState::*;
-    let Some(row) = db.instances(&seen.lab)?.into_iter().find(|r| r.spec.name == seen.name) else { return Ok(()) };
+    let Some(row) = db.instance(&seen.lab, &seen.name)? else { return Ok(()) };
     if row.node.as_ref() != Some(node) || row.state == seen.state {
         return Ok(());
     }

@@ -1,12 +1,22 @@
 //! Instances: what labs want, where each runs and the states it went
 //! through, moved only as [`InstanceState`] allows.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use bootcache_api::{InstanceState, Kind, Name, RootDigest};
 use rusqlite::{OptionalExtension, params};
 
 use super::{Db, DbError};
+
+/// Which instances a query reads.
+#[derive(Clone, Copy)]
+enum Which<'a> {
+    All,
+    Lab(&'a Name),
+    Node(&'a Name),
+    One(&'a Name, &'a Name),
+}
 
 /// An instance wanted by a lab.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -75,6 +85,39 @@ impl Db {
         Ok(added == 1)
     }
 
+    /// [`Db::want_instance`] for many, in one transaction (a lab of
+    /// thousands); returns how many were new.
+    ///
+    /// # Errors
+    /// SQLite errors; nothing is recorded then.
+    pub fn want_instances(&self, specs: &[InstanceSpec], now_ms: i64) -> Result<usize, DbError> {
+        let tx = self.conn.unchecked_transaction().map_err(self.sql())?;
+        let mut added = 0;
+        for InstanceSpec { lab, name, kind, image, cores, memory_bytes } in specs {
+            let kind = match *kind {
+                Kind::Vm => "vm",
+                Kind::Container => "container",
+            };
+            let n = tx
+                .prepare_cached(
+                    "INSERT INTO instances (lab, name, kind, image, cores, memory_bytes, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending')
+                     ON CONFLICT(lab, name) DO NOTHING",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![lab.as_str(), name.as_str(), kind, image.to_string(), cores, i64::try_from(*memory_bytes).unwrap_or(i64::MAX)])
+                })
+                .map_err(self.sql())?;
+            if n == 1 {
+                tx.prepare_cached("INSERT INTO instance_states (lab, name, state, at_ms) VALUES (?1, ?2, 'pending', ?3)")
+                    .and_then(|mut s| s.execute(params![lab.as_str(), name.as_str(), now_ms]))
+                    .map_err(self.sql())?;
+                added += 1;
+            }
+        }
+        tx.commit().map_err(self.sql())?;
+        Ok(added)
+    }
+
     /// Moves an instance to `to` (on `node` when placing it), as its state
     /// machine allows, recording when and why.
     ///
@@ -112,28 +155,110 @@ impl Db {
         tx.commit().map_err(self.sql())
     }
 
+    /// Moves many instances at once, in one transaction (placing a lab);
+    /// each as [`Db::set_state`] would.
+    ///
+    /// # Errors
+    /// As [`Db::set_state`]; nothing is moved then.
+    pub fn set_states(&self, moves: &[(&Name, &Name, InstanceState, Option<&Name>)], now_ms: i64) -> Result<(), DbError> {
+        let tx = self.conn.unchecked_transaction().map_err(self.sql())?;
+        for (lab, name, to, node) in moves {
+            let from: Option<String> = tx
+                .prepare_cached("SELECT state FROM instances WHERE lab = ?1 AND name = ?2")
+                .and_then(|mut s| s.query_row(params![lab.as_str(), name.as_str()], |r| r.get(0)).optional())
+                .map_err(self.sql())?;
+            let Some(from) = from else { return Err(DbError::NoSuchInstance { lab: (*lab).clone(), name: (*name).clone() }) };
+            let from = parse_state(&from).ok_or_else(|| self.corrupt(format!("instance state {from:?}")))?;
+            if !from.can_become(*to) {
+                return Err(DbError::BadTransition { lab: (*lab).clone(), name: (*name).clone(), from, to: *to });
+            }
+            tx.prepare_cached("UPDATE instances SET state = ?3, reason = NULL, node = COALESCE(?4, node) WHERE lab = ?1 AND name = ?2")
+                .and_then(|mut s| s.execute(params![lab.as_str(), name.as_str(), to.as_str(), node.map(Name::as_str)]))
+                .map_err(self.sql())?;
+            tx.prepare_cached("INSERT INTO instance_states (lab, name, state, at_ms) VALUES (?1, ?2, ?3, ?4)")
+                .and_then(|mut s| s.execute(params![lab.as_str(), name.as_str(), to.as_str(), now_ms]))
+                .map_err(self.sql())?;
+        }
+        tx.commit().map_err(self.sql())
+    }
+
+    /// Whether any instance waits to be placed (one indexed lookup).
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn any_pending(&self) -> Result<bool, DbError> {
+        self.conn
+            .prepare_cached("SELECT 1 FROM instances WHERE state = 'pending' LIMIT 1")
+            .and_then(|mut s| s.exists([]))
+            .map_err(self.sql())
+    }
+
     /// The instances of `lab`, by name, with their histories.
     ///
     /// # Errors
     /// SQLite errors, or a damaged row.
     pub fn instances(&self, lab: &Name) -> Result<Vec<InstanceRow>, DbError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT name, kind, image, cores, memory_bytes, node, state, reason, desired FROM instances WHERE lab = ?1 ORDER BY name",
-            )
-            .map_err(self.sql())?;
-        type Raw = (String, String, String, u32, i64, Option<String>, String, Option<String>, String);
+        self.select(Which::Lab(lab), true)
+    }
+
+    /// The instances of `lab`, by name, without their histories (what
+    /// placement and orders need; one query).
+    ///
+    /// # Errors
+    /// SQLite errors, or a damaged row.
+    pub fn instances_brief(&self, lab: &Name) -> Result<Vec<InstanceRow>, DbError> {
+        self.select(Which::Lab(lab), false)
+    }
+
+    /// Every instance of every lab, without histories.
+    ///
+    /// # Errors
+    /// SQLite errors, or a damaged row.
+    pub fn all_instances(&self) -> Result<Vec<InstanceRow>, DbError> {
+        self.select(Which::All, false)
+    }
+
+    /// The instances placed on `node`, without histories.
+    ///
+    /// # Errors
+    /// SQLite errors, or a damaged row.
+    pub fn instances_on(&self, node: &Name) -> Result<Vec<InstanceRow>, DbError> {
+        self.select(Which::Node(node), false)
+    }
+
+    /// One instance, without its history.
+    ///
+    /// # Errors
+    /// SQLite errors, or a damaged row.
+    pub fn instance(&self, lab: &Name, name: &Name) -> Result<Option<InstanceRow>, DbError> {
+        Ok(self.select(Which::One(lab, name), false)?.into_iter().next())
+    }
+
+    fn select(&self, which: Which<'_>, with_history: bool) -> Result<Vec<InstanceRow>, DbError> {
+        const COLUMNS: &str = "SELECT lab, name, kind, image, cores, memory_bytes, node, state, reason, desired FROM instances";
+        let (sql, args): (String, Vec<&str>) = match which {
+            Which::All => (format!("{COLUMNS} ORDER BY lab, name"), vec![]),
+            Which::Lab(l) => (format!("{COLUMNS} WHERE lab = ?1 ORDER BY name"), vec![l.as_str()]),
+            Which::Node(n) => (format!("{COLUMNS} WHERE node = ?1 ORDER BY lab, name"), vec![n.as_str()]),
+            Which::One(l, n) => (format!("{COLUMNS} WHERE lab = ?1 AND name = ?2"), vec![l.as_str(), n.as_str()]),
+        };
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(self.sql())?;
+        type Raw = (String, String, String, String, u32, i64, Option<String>, String, Option<String>, String);
         let rows: Vec<Raw> = stmt
-            .query_map(params![lab.as_str()], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?))
+            .query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?))
             })
             .map_err(self.sql())?
             .collect::<Result<_, _>>()
             .map_err(self.sql())?;
+        let mut histories = match (with_history, which) {
+            (true, Which::Lab(l)) => self.histories(l)?,
+            _ => HashMap::new(),
+        };
         let mut out = Vec::with_capacity(rows.len());
-        for (name, kind, image, cores, memory, node, state, reason, desired) in rows {
+        for (lab, name, kind, image, cores, memory, node, state, reason, desired) in rows {
             let bad = |what: &str, v: &str| self.corrupt(format!("instance {what} {v:?}"));
+            let lab: Name = lab.parse().map_err(|_| bad("lab", &lab))?;
             let name: Name = name.parse().map_err(|_| bad("name", &name))?;
             let kind = match kind.as_str() {
                 "vm" => Kind::Vm,
@@ -143,25 +268,26 @@ impl Db {
             let image = image.parse().map_err(|_| bad("image", &image))?;
             let node = node.map(|n| n.parse().map_err(|_| bad("node", &n))).transpose()?;
             let state = parse_state(&state).ok_or_else(|| bad("state", &state))?;
-            let history = self.history(lab, &name)?;
-            let spec = InstanceSpec { lab: lab.clone(), name, kind, image, cores, memory_bytes: u64::try_from(memory).unwrap_or(0) };
+            let history = histories.remove(&name).unwrap_or_default();
+            let spec = InstanceSpec { lab, name, kind, image, cores, memory_bytes: u64::try_from(memory).unwrap_or(0) };
             out.push(InstanceRow { spec, node, state, reason, history, running: desired != "stopped" });
         }
         Ok(out)
     }
 
-    fn history(&self, lab: &Name, name: &Name) -> Result<Vec<(InstanceState, i64)>, DbError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT state, at_ms FROM instance_states WHERE lab = ?1 AND name = ?2 ORDER BY at_ms, rowid")
-            .map_err(self.sql())?;
+    /// Every state each instance of `lab` went through, in one query.
+    fn histories(&self, lab: &Name) -> Result<HashMap<Name, Vec<(InstanceState, i64)>>, DbError> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT name, state, at_ms FROM instance_states WHERE lab = ?1 ORDER BY name, at_ms, rowid").map_err(self.sql())?;
         let rows = stmt
-            .query_map(params![lab.as_str(), name.as_str()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .query_map(params![lab.as_str()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))
             .map_err(self.sql())?;
-        let mut out = Vec::new();
+        let mut out: HashMap<Name, Vec<(InstanceState, i64)>> = HashMap::new();
         for row in rows {
-            let (state, at) = row.map_err(self.sql())?;
-            out.push((parse_state(&state).ok_or_else(|| self.corrupt(format!("instance state {state:?}")))?, at));
+            let (name, state, at) = row.map_err(self.sql())?;
+            let name: Name = name.parse().map_err(|_| self.corrupt(format!("instance name {name:?}")))?;
+            let state = parse_state(&state).ok_or_else(|| self.corrupt(format!("instance state {state:?}")))?;
+            out.entry(name).or_default().push((state, at));
         }
         Ok(out)
     }

@@ -58,6 +58,16 @@ impl Db {
         rows.into_iter().map(|(n, s)| serde_json::from_str(&s).map_err(|e| self.corrupt(format!("lab {n}: {e}")))).collect()
     }
 
+    /// The names of the labs deployed, sorted.
+    ///
+    /// # Errors
+    /// SQLite errors, or a damaged row.
+    pub fn lab_names(&self) -> Result<Vec<Name>, DbError> {
+        let mut stmt = self.conn.prepare_cached("SELECT name FROM labs ORDER BY name").map_err(self.sql())?;
+        let rows: Vec<String> = stmt.query_map([], |r| r.get(0)).map_err(self.sql())?.collect::<Result<_, _>>().map_err(self.sql())?;
+        rows.into_iter().map(|n| n.parse().map_err(|_| self.corrupt(format!("lab name {n:?}")))).collect()
+    }
+
     /// Forgets a lab and its instances; whether it was there. What nodes
     /// still run of it is [`Db::remaining`] until their agents remove it.
     ///
@@ -77,8 +87,9 @@ impl Db {
     /// # Errors
     /// SQLite errors.
     pub fn forget_instances_except(&self, lab: &Name, keep: &[Name]) -> Result<usize, DbError> {
+        let keep: std::collections::HashSet<&Name> = keep.iter().collect();
         let mut gone = 0;
-        for row in self.instances(lab)? {
+        for row in self.instances_brief(lab)? {
             if !keep.contains(&row.spec.name) {
                 gone += self
                     .conn
