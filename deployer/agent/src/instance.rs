@@ -37,7 +37,14 @@ pub(crate) fn container_reference(url: &str) -> String {
 
 /// What the runtime makes for `order`.
 fn spec(order: &Order, id: &str, image: Image) -> Spec {
-    Spec { id: id.to_owned(), hostname: order.name.to_string(), cpus: order.cpus, memory_bytes: order.memory_bytes, nics: order.nics.clone(), image }
+    Spec {
+        id: id.to_owned(),
+        hostname: order.name.to_string(),
+        cpus: order.cpus,
+        memory_bytes: order.memory_bytes,
+        nics: order.nics.clone(),
+        image,
+    }
 }
 
 fn set(shared: &Shared, order: &Order, state: InstanceState, reason: Option<String>) {

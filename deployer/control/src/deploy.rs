@@ -197,7 +197,7 @@ impl Control {
                             c.memory_bytes = c.memory_bytes.saturating_sub(w.memory_bytes);
                             c.caches.insert(w.image);
                         }
-                        moves.push((lab, &w.instance, InstanceState::Placed, Some(node)));
+                        moves.push((lab, &w.instance, InstanceState::Placed, Some(node), None));
                     }
                     Err(unplaced) => tracing::debug!(%lab, instance = %unplaced.instance, why = %unplaced.why, "not placed yet"),
                 }
@@ -225,9 +225,18 @@ impl Control {
             let db = self.db();
             db.heartbeat(node, beat, now)?;
             db.observe(node, &beat.instances)?;
+            // Every state change the heartbeat brings, in one transaction.
+            let mut steps = Vec::new();
             for seen in &beat.instances {
-                advance(&db, node, seen, now)?;
+                advance(&db, node, seen, &mut steps)?;
             }
+            let moves: Vec<_> = steps
+                .iter()
+                .map(|(seen, to)| {
+                    (&seen.lab, &seen.name, *to, Some(node), if *to == InstanceState::Failed { seen.reason.as_deref() } else { None })
+                })
+                .collect();
+            db.set_states(&moves, now)?;
         }
         self.schedule()?;
         self.orders(node)
@@ -383,10 +392,10 @@ impl Control {
     /// when placement changed ([`Control::changed`]).
     fn members(&self, db: &Db, view: &LabView) -> Result<Arc<Members>, DbError> {
         let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
-        if let Some((g, m)) = self.members.lock().unwrap_or_else(|p| p.into_inner()).get(&view.lab.name) {
-            if *g == generation {
-                return Ok(Arc::clone(m));
-            }
+        if let Some((g, m)) = self.members.lock().unwrap_or_else(|p| p.into_inner()).get(&view.lab.name)
+            && *g == generation
+        {
+            return Ok(Arc::clone(m));
         }
         let mut m = Members::default();
         for r in db.instances_brief(&view.lab.name)?.iter().filter(|r| on_node(r)) {
@@ -425,9 +434,10 @@ impl Control {
     }
 }
 
-/// Moves an instance toward the state its node reports, through the
-/// states between (a node may report `ready` for one still `placed`).
-fn advance(db: &Db, node: &Name, seen: &Observed, now: i64) -> Result<(), DbError> {
+/// The steps that move an instance toward the state its node reports,
+/// through the states between (a node may report `ready` for one still
+/// `placed`), added to `steps`.
+fn advance<'a>(db: &Db, node: &Name, seen: &'a Observed, steps: &mut Vec<(&'a Observed, InstanceState)>) -> Result<(), DbError> {
     use InstanceState::*;
     let Some(row) = db.instance(&seen.lab, &seen.name)? else { return Ok(()) };
     if row.node.as_ref() != Some(node) || row.state == seen.state {
@@ -450,8 +460,7 @@ fn advance(db: &Db, node: &Name, seen: &Observed, now: i64) -> Result<(), DbErro
         } else {
             return Ok(());
         };
-        let reason = if next == Failed { seen.reason.as_deref() } else { None };
-        db.set_state(&seen.lab, &seen.name, next, Some(node), reason, now)?;
+        steps.push((seen, next));
         cur = next;
     }
     Ok(())

@@ -18,6 +18,10 @@ enum Which<'a> {
     One(&'a Name, &'a Name),
 }
 
+/// One state change of [`Db::set_states`]: lab, instance, the new state,
+/// its node (when placing), the reason (when failing).
+pub type Move<'a> = (&'a Name, &'a Name, InstanceState, Option<&'a Name>, Option<&'a str>);
+
 /// An instance wanted by a lab.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct InstanceSpec {
@@ -104,7 +108,14 @@ impl Db {
                      ON CONFLICT(lab, name) DO NOTHING",
                 )
                 .and_then(|mut s| {
-                    s.execute(params![lab.as_str(), name.as_str(), kind, image.to_string(), cores, i64::try_from(*memory_bytes).unwrap_or(i64::MAX)])
+                    s.execute(params![
+                        lab.as_str(),
+                        name.as_str(),
+                        kind,
+                        image.to_string(),
+                        cores,
+                        i64::try_from(*memory_bytes).unwrap_or(i64::MAX)
+                    ])
                 })
                 .map_err(self.sql())?;
             if n == 1 {
@@ -160,9 +171,9 @@ impl Db {
     ///
     /// # Errors
     /// As [`Db::set_state`]; nothing is moved then.
-    pub fn set_states(&self, moves: &[(&Name, &Name, InstanceState, Option<&Name>)], now_ms: i64) -> Result<(), DbError> {
+    pub fn set_states(&self, moves: &[Move<'_>], now_ms: i64) -> Result<(), DbError> {
         let tx = self.conn.unchecked_transaction().map_err(self.sql())?;
-        for (lab, name, to, node) in moves {
+        for (lab, name, to, node, reason) in moves {
             let from: Option<String> = tx
                 .prepare_cached("SELECT state FROM instances WHERE lab = ?1 AND name = ?2")
                 .and_then(|mut s| s.query_row(params![lab.as_str(), name.as_str()], |r| r.get(0)).optional())
@@ -172,11 +183,11 @@ impl Db {
             if !from.can_become(*to) {
                 return Err(DbError::BadTransition { lab: (*lab).clone(), name: (*name).clone(), from, to: *to });
             }
-            tx.prepare_cached("UPDATE instances SET state = ?3, reason = NULL, node = COALESCE(?4, node) WHERE lab = ?1 AND name = ?2")
-                .and_then(|mut s| s.execute(params![lab.as_str(), name.as_str(), to.as_str(), node.map(Name::as_str)]))
+            tx.prepare_cached("UPDATE instances SET state = ?3, reason = ?5, node = COALESCE(?4, node) WHERE lab = ?1 AND name = ?2")
+                .and_then(|mut s| s.execute(params![lab.as_str(), name.as_str(), to.as_str(), node.map(Name::as_str), reason]))
                 .map_err(self.sql())?;
-            tx.prepare_cached("INSERT INTO instance_states (lab, name, state, at_ms) VALUES (?1, ?2, ?3, ?4)")
-                .and_then(|mut s| s.execute(params![lab.as_str(), name.as_str(), to.as_str(), now_ms]))
+            tx.prepare_cached("INSERT INTO instance_states (lab, name, state, at_ms, reason) VALUES (?1, ?2, ?3, ?4, ?5)")
+                .and_then(|mut s| s.execute(params![lab.as_str(), name.as_str(), to.as_str(), now_ms, reason]))
                 .map_err(self.sql())?;
         }
         tx.commit().map_err(self.sql())
@@ -277,8 +288,10 @@ impl Db {
 
     /// Every state each instance of `lab` went through, in one query.
     fn histories(&self, lab: &Name) -> Result<HashMap<Name, Vec<(InstanceState, i64)>>, DbError> {
-        let mut stmt =
-            self.conn.prepare_cached("SELECT name, state, at_ms FROM instance_states WHERE lab = ?1 ORDER BY name, at_ms, rowid").map_err(self.sql())?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name, state, at_ms FROM instance_states WHERE lab = ?1 ORDER BY name, at_ms, rowid")
+            .map_err(self.sql())?;
         let rows = stmt
             .query_map(params![lab.as_str()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))
             .map_err(self.sql())?;

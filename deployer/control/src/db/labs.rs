@@ -107,12 +107,13 @@ impl Db {
     pub fn observe(&self, node: &Name, seen: &[Observed]) -> Result<(), DbError> {
         let tx = self.conn.unchecked_transaction().map_err(self.sql())?;
         tx.execute("DELETE FROM observed WHERE node = ?1", params![node.as_str()]).map_err(self.sql())?;
-        for o in seen {
-            tx.execute(
-                "INSERT OR REPLACE INTO observed (node, lab, name, state, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![node.as_str(), o.lab.as_str(), o.name.as_str(), o.state.as_str(), o.reason],
-            )
-            .map_err(self.sql())?;
+        {
+            let mut insert = tx
+                .prepare_cached("INSERT OR REPLACE INTO observed (node, lab, name, state, reason) VALUES (?1, ?2, ?3, ?4, ?5)")
+                .map_err(self.sql())?;
+            for o in seen {
+                insert.execute(params![node.as_str(), o.lab.as_str(), o.name.as_str(), o.state.as_str(), o.reason]).map_err(self.sql())?;
+            }
         }
         tx.commit().map_err(self.sql())
     }

@@ -395,5 +395,5 @@ mod labs;
 #[cfg(test)]
 mod tests;
 
-pub use instances::{InstanceRow, InstanceSpec};
+pub use instances::{InstanceRow, InstanceSpec, Move};
 pub use labs::Remaining;

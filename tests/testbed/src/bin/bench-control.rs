@@ -2,7 +2,7 @@
 //! serve` (SQLite on disk) and a real store, many simulated agents
 //! heartbeating (each carries out its orders at once: fetching at the first
 //! heartbeat that lists an instance, ready at the next), and one lab of
-//! many instances deployed. Mid-way the control node is killed (SIGKILL)
+//! many instances deployed. While they come up the control node is killed (SIGKILL)
 //! and started again on the same database; the agents ride it out.
 //!
 //! Reports the time to place the lab, heartbeats per second and their
@@ -44,9 +44,10 @@ struct Args {
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 1.0)]
     heartbeat: f64,
-    /// Kill the control node once this share of the instances is ready (0: never).
-    #[arg(long, default_value_t = 0.5)]
-    kill_at: f64,
+    /// Kill the control node this many seconds after the deploy, while the
+    /// instances come up (0: never); the run fails if all were ready by then.
+    #[arg(long, default_value_t = 2.5)]
+    kill_after: f64,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
@@ -142,10 +143,10 @@ async fn agent(i: usize, base: String, http: reqwest::Client, interval: Duration
                 None => InstanceState::Fetching,
                 Some(_) => InstanceState::Ready,
             };
-            if let ImageOrder::Vm { root, .. } = o.image {
-                if !held.iter().any(|(r, _)| *r == root) {
-                    held.push((root, 1));
-                }
+            if let ImageOrder::Vm { root, .. } = o.image
+                && !held.iter().any(|(r, _)| *r == root)
+            {
+                held.push((root, 1));
             }
             now_seen.insert(key, next);
         }
@@ -243,12 +244,15 @@ fn main() -> anyhow::Result<()> {
                 _ => 0,
             };
             if ready == total {
+                if args.kill_after > 0.0 && killed_at.is_none() {
+                    bail!("every instance was ready before the kill at {} s: nothing was tested (use a smaller --kill-after)", args.kill_after);
+                }
                 break t0.elapsed().as_secs_f64();
             }
-            if killed_at.is_none() && args.kill_at > 0.0 && ready as f64 >= args.kill_at * total as f64 {
+            if killed_at.is_none() && args.kill_after > 0.0 && t0.elapsed().as_secs_f64() >= args.kill_after {
                 // SIGKILL mid-way, a second down, then the same database.
                 killed_at = Some((t0.elapsed().as_secs_f64(), ready));
-                control = None;
+                drop(control.take());
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let t = Instant::now();
                 control = Some(start_control(&args, port, &token)?);
