@@ -33,6 +33,13 @@ pub enum ControlCmd {
         /// The file holding the API's token (mode 0600; made on first use).
         #[arg(long, value_name = "PATH", default_value = "/var/lib/bootcache/control.token")]
         token_file: PathBuf,
+        /// Virtual CPUs placed per core of a node.
+        #[arg(long, value_name = "N", default_value_t = 16)]
+        cpu_overcommit: u32,
+        /// How many nodes one node passes a VM image on to (1: a chain, more:
+        /// a tree); the store serves only the first node of each image.
+        #[arg(long, value_name = "N", default_value_t = 2)]
+        fan_out: usize,
         /// Also run a compute agent of this name in the same process (this
         /// machine as the deployment's one node).
         #[arg(long, value_name = "NODE")]
@@ -60,7 +67,7 @@ pub fn control(cmd: ControlCmd) -> anyhow::Result<ExitCode> {
             println!("{t}");
             Ok(ExitCode::SUCCESS)
         }
-        ControlCmd::Serve { db, listen, heartbeat, token_file, agent, agent_options } => {
+        ControlCmd::Serve { db, listen, heartbeat, token_file, cpu_overcommit, fan_out, agent, agent_options } => {
             let credential = Credential::load_or_create(&token_file)?;
             if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -68,7 +75,11 @@ pub fn control(cmd: ControlCmd) -> anyhow::Result<ExitCode> {
             let database = Db::open(&db)?;
             let interval = Duration::from_secs_f64(heartbeat.clamp(0.1, 3600.0));
             super::deliver::runtime()?.block_on(async {
-                let control = Control::new(database, interval);
+                let mut control = Control::new(database, interval);
+                if let Some(c) = std::sync::Arc::get_mut(&mut control) {
+                    c.cpu_overcommit = cpu_overcommit.clamp(1, 1024);
+                    c.fan_out = fan_out.clamp(1, 64);
+                }
                 tokio::spawn(std::sync::Arc::clone(&control).watch_nodes());
                 let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
                 let agent_task = match &agent {

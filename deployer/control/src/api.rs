@@ -42,8 +42,8 @@ pub struct Control {
     pub heartbeat: Duration,
     /// How the control node reaches stores to read image headers.
     pub retry: RetryPolicy,
-    /// Virtual CPUs placed per core of a node (VMs and containers rarely
-    /// keep a core busy; OpenStack's default is 16).
+    /// Virtual CPUs placed per core of a node (lab instances rarely keep a
+    /// core busy; OpenStack's default, 16, is this one's).
     pub cpu_overcommit: u32,
     /// How placement chooses among nodes.
     pub policy: crate::plan::Policy,
@@ -76,7 +76,7 @@ impl Control {
             db: Mutex::new(db),
             heartbeat,
             retry: RetryPolicy::default(),
-            cpu_overcommit: 8,
+            cpu_overcommit: 16,
             policy: crate::plan::Policy::CacheAware,
             fan_out: 2,
             views: Mutex::default(),

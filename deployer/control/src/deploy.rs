@@ -189,6 +189,7 @@ impl Control {
                 .collect();
             let results = plan::place(&wants, &capacities, self.policy);
             let mut moves = Vec::new();
+            let mut waiting = Vec::new();
             for (w, placed) in wants.iter().zip(&results) {
                 match placed {
                     Ok((_, node)) => {
@@ -199,9 +200,11 @@ impl Control {
                         }
                         moves.push((lab, &w.instance, InstanceState::Placed, Some(node), None));
                     }
-                    Err(unplaced) => tracing::debug!(%lab, instance = %unplaced.instance, why = %unplaced.why, "not placed yet"),
+                    Err(unplaced) => waiting.push((lab, &w.instance, format!("waiting for room: {}", unplaced.why))),
                 }
             }
+            // Why the others wait, for inspect (pending stays pending).
+            db.note_pending(&waiting)?;
             if !moves.is_empty() {
                 db.set_states(&moves, now)?;
                 placed_any = true;

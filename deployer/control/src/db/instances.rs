@@ -193,6 +193,24 @@ impl Db {
         tx.commit().map_err(self.sql())
     }
 
+    /// Records why pending instances wait (placement found no room); in one
+    /// transaction, writing only what changed.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn note_pending(&self, waiting: &[(&Name, &Name, String)]) -> Result<(), DbError> {
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let tx = self.conn.unchecked_transaction().map_err(self.sql())?;
+        for (lab, name, why) in waiting {
+            tx.prepare_cached("UPDATE instances SET reason = ?3 WHERE lab = ?1 AND name = ?2 AND state = 'pending' AND reason IS NOT ?3")
+                .and_then(|mut s| s.execute(params![lab.as_str(), name.as_str(), why]))
+                .map_err(self.sql())?;
+        }
+        tx.commit().map_err(self.sql())
+    }
+
     /// Whether any instance waits to be placed (one indexed lookup).
     ///
     /// # Errors
