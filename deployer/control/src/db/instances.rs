@@ -65,28 +65,7 @@ impl Db {
     /// # Errors
     /// SQLite errors.
     pub fn want_instance(&self, spec: &InstanceSpec, now_ms: i64) -> Result<bool, DbError> {
-        let InstanceSpec { lab, name, kind, image, cores, memory_bytes } = spec;
-        let tx = self.conn.unchecked_transaction().map_err(self.sql())?;
-        let kind = match *kind {
-            Kind::Vm => "vm",
-            Kind::Container => "container",
-        };
-        let added = tx
-            .execute(
-                "INSERT INTO instances (lab, name, kind, image, cores, memory_bytes, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending')
-                 ON CONFLICT(lab, name) DO NOTHING",
-                params![lab.as_str(), name.as_str(), kind, image.to_string(), cores, i64::try_from(*memory_bytes).unwrap_or(i64::MAX)],
-            )
-            .map_err(self.sql())?;
-        if added == 1 {
-            tx.execute(
-                "INSERT INTO instance_states (lab, name, state, at_ms) VALUES (?1, ?2, 'pending', ?3)",
-                params![lab.as_str(), name.as_str(), now_ms],
-            )
-            .map_err(self.sql())?;
-        }
-        tx.commit().map_err(self.sql())?;
-        Ok(added == 1)
+        Ok(self.want_instances(std::slice::from_ref(spec), now_ms)? == 1)
     }
 
     /// [`Db::want_instance`] for many, in one transaction (a lab of
@@ -143,27 +122,7 @@ impl Db {
         reason: Option<&str>,
         now_ms: i64,
     ) -> Result<(), DbError> {
-        let tx = self.conn.unchecked_transaction().map_err(self.sql())?;
-        let from: Option<String> = tx
-            .query_row("SELECT state FROM instances WHERE lab = ?1 AND name = ?2", params![lab.as_str(), name.as_str()], |r| r.get(0))
-            .optional()
-            .map_err(self.sql())?;
-        let Some(from) = from else { return Err(DbError::NoSuchInstance { lab: lab.clone(), name: name.clone() }) };
-        let from = parse_state(&from).ok_or_else(|| self.corrupt(format!("instance state {from:?}")))?;
-        if !from.can_become(to) {
-            return Err(DbError::BadTransition { lab: lab.clone(), name: name.clone(), from, to });
-        }
-        tx.execute(
-            "UPDATE instances SET state = ?3, reason = ?4, node = COALESCE(?5, node) WHERE lab = ?1 AND name = ?2",
-            params![lab.as_str(), name.as_str(), to.as_str(), reason, node.map(Name::as_str)],
-        )
-        .map_err(self.sql())?;
-        tx.execute(
-            "INSERT INTO instance_states (lab, name, state, at_ms, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![lab.as_str(), name.as_str(), to.as_str(), now_ms, reason],
-        )
-        .map_err(self.sql())?;
-        tx.commit().map_err(self.sql())
+        self.set_states(&[(lab, name, to, node, reason)], now_ms)
     }
 
     /// Moves many instances at once, in one transaction (placing a lab);
