@@ -267,7 +267,6 @@ impl Db {
     /// # Errors
     /// SQLite errors, or a damaged row.
     pub fn nodes(&self, now_ms: i64, interval: Duration) -> Result<Vec<NodeRow>, DbError> {
-        let limit = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX).saturating_mul(i64::from(MISSED_HEARTBEATS));
         let mut stmt = self
             .conn
             .prepare("SELECT name, address, cores, memory_bytes, running, heartbeat_ms FROM nodes ORDER BY name")
@@ -298,7 +297,7 @@ impl Db {
                     instances: Vec::new(),
                 }),
             };
-            let up = heartbeat_ms.is_some_and(|t| now_ms.saturating_sub(t.max(self.watch_from_ms)) <= limit);
+            let up = self.is_up(heartbeat_ms, now_ms, interval);
             out.push(NodeRow { name, address, last, heartbeat_ms, up });
         }
         Ok(out)
@@ -310,7 +309,6 @@ impl Db {
     /// # Errors
     /// SQLite errors, or a damaged row.
     pub fn liveness(&self, now_ms: i64, interval: Duration) -> Result<Vec<(Name, String, bool)>, DbError> {
-        let limit = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX).saturating_mul(i64::from(MISSED_HEARTBEATS));
         let mut stmt = self.conn.prepare_cached("SELECT name, address, heartbeat_ms FROM nodes ORDER BY name").map_err(self.sql())?;
         let rows = stmt
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<i64>>(2)?)))
@@ -319,10 +317,18 @@ impl Db {
         for row in rows {
             let (name, address, hb) = row.map_err(self.sql())?;
             let name: Name = name.parse().map_err(|_| self.corrupt(format!("node name {name:?}")))?;
-            let up = hb.is_some_and(|t| now_ms.saturating_sub(t.max(self.watch_from_ms)) <= limit);
+            let up = self.is_up(hb, now_ms, interval);
             out.push((name, address, up));
         }
         Ok(out)
+    }
+
+    /// Whether a node whose last heartbeat came at `heartbeat_ms` is up:
+    /// heard from within [`MISSED_HEARTBEATS`] intervals, silence counted
+    /// from [`Db::watch_from`] at the earliest.
+    fn is_up(&self, heartbeat_ms: Option<i64>, now_ms: i64, interval: Duration) -> bool {
+        let limit = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX).saturating_mul(i64::from(MISSED_HEARTBEATS));
+        heartbeat_ms.is_some_and(|t| now_ms.saturating_sub(t.max(self.watch_from_ms)) <= limit)
     }
 
     fn caches_of(&self, node: &Name) -> Result<Vec<(RootDigest, u64)>, DbError> {
