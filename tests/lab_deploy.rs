@@ -13,100 +13,14 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use bootcache_testbed::daemons::{Dockerd, Libvirtd};
-use bootcache_testbed::programs::Killed;
-use bootcache_testbed::{Link, Testbed};
+use bootcache_testbed::Link;
+use support::cluster::{Cluster, Spec, container_image};
 use support::recorded_container;
 
 const BIN: &str = env!("CARGO_BIN_EXE_bootcache");
-
-fn container_image() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/container-image");
-    let out = Command::new(&script).output().expect("run scripts/container-image");
-    assert!(out.status.success(), "scripts/container-image failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
-/// A compute node: its daemons and its agent.
-struct Node {
-    name: &'static str,
-    netns: String,
-    addr: String,
-    dir: PathBuf,
-    libvirt: Libvirtd,
-    docker: Dockerd,
-    agent: Option<Killed>,
-}
-
-impl Node {
-    fn start_agent(&mut self, control: &str, token: &Path) {
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.netns, BIN, "-v", "agent", "--control", control, "--name", self.name, "--token-file"])
-            .arg(token)
-            .args(["--heartbeat", "1", "--agent-listen", &format!("{}:7070", self.addr), "--agent-state"])
-            .arg(self.dir.join("agent"))
-            .args(["--libvirt", &self.libvirt.uri, "--docker"])
-            .arg(&self.docker.socket)
-            // What the boot needs only: the rest of the image would follow
-            // once the recorded boot is over and blur the store's count.
-            .args(["--background", "off", "--ready-timeout", "300"])
-            .stdin(Stdio::null())
-            // Kept after the test, for a failure's story.
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("lab_deploy-{}.log", self.name)))
-                    .unwrap(),
-            )
-            .spawn()
-            .unwrap();
-        self.agent = Some(Killed(child));
-    }
-
-    /// `docker exec` in one of its containers.
-    fn docker_exec(&self, container: &str, argv: &[&str]) -> Output {
-        self.docker.docker().args(["exec", &format!("bootcache.hybrid.{container}")]).args(argv).output().unwrap()
-    }
-
-    fn links(&self) -> String {
-        let out = Command::new("ip").args(["-n", &self.netns, "-br", "link"]).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn forward_rules(&self) -> String {
-        let out = Command::new("ip").args(["netns", "exec", &self.netns, "iptables", "-S", "FORWARD"]).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Runs `argv` in a VM through its guest agent; its exit code and output.
-    fn vm_exec(&self, domain: &str, argv: &[&str]) -> (i64, String) {
-        let cmd = serde_json::json!({"execute": "guest-exec", "arguments": {"path": argv[0], "arg": &argv[1..], "capture-output": true}});
-        let started: serde_json::Value =
-            serde_json::from_str(&self.libvirt.virsh(&["qemu-agent-command", domain, &cmd.to_string()]).unwrap()).unwrap();
-        let pid = started["return"]["pid"].as_i64().unwrap();
-        let start = Instant::now();
-        loop {
-            let q = serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}});
-            let st: serde_json::Value =
-                serde_json::from_str(&self.libvirt.virsh(&["qemu-agent-command", domain, &q.to_string()]).unwrap()).unwrap();
-            if st["return"]["exited"] == true {
-                let out = st["return"]["out-data"].as_str().unwrap_or("");
-                let text = Command::new("base64").arg("-d").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().and_then(|mut c| {
-                    use std::io::Write;
-                    c.stdin.take().unwrap().write_all(out.as_bytes())?;
-                    c.wait_with_output()
-                });
-                return (st["return"]["exitcode"].as_i64().unwrap_or(-1), String::from_utf8_lossy(&text.unwrap().stdout).into_owned());
-            }
-            assert!(start.elapsed() < Duration::from_secs(30), "{argv:?} in {domain} did not end");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
 
 fn lab(store: &str, name: &str) -> String {
     format!(
@@ -147,87 +61,6 @@ fn tarball_importers(report: &serde_json::Value) -> u64 {
     nodes.len() as u64
 }
 
-struct Cluster {
-    tb: Testbed,
-    control_url: String,
-    token: PathBuf,
-    db: PathBuf,
-    dir: PathBuf,
-    store_addr: String,
-    control: Option<Killed>,
-    nodes: Vec<Node>,
-    _store: Killed,
-}
-
-impl Cluster {
-    fn start_control(&mut self) {
-        let addr = format!("{}:7080", self.tb.host("control").addr);
-        let child = self
-            .tb
-            .command("control", BIN)
-            .args(["-v", "control", "serve", "--listen", &addr, "--heartbeat", "1", "--db"])
-            .arg(&self.db)
-            .arg("--token-file")
-            .arg(&self.token)
-            .stdin(Stdio::null())
-            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("control.log")).unwrap())
-            .spawn()
-            .unwrap();
-        self.control = Some(Killed(child));
-        let start = Instant::now();
-        while !self.curl(&["-o", "/dev/null", &format!("{}/nodes", self.control_url)]).status.success() {
-            assert!(start.elapsed() < Duration::from_secs(20), "the control node did not come up");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// curl in the control host's namespace, with the credential.
-    fn curl(&self, args: &[&str]) -> Output {
-        let header = self.dir.join("auth.header");
-        self.tb.command("control", "curl").args(["-sS", "--fail", "-H"]).arg(format!("@{}", header.display())).args(args).output().unwrap()
-    }
-
-    /// `bootcache ARGS --control URL --token-file T` in the control host's namespace.
-    fn cli(&self, args: &[&str]) -> Output {
-        self.tb.command("control", BIN).args(args).args(["--control", &self.control_url, "--token-file"]).arg(&self.token).output().unwrap()
-    }
-
-    fn nodes_up(&self) -> Vec<(String, bool)> {
-        let out = self.curl(&[&format!("{}/nodes", self.control_url)]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        v.as_array().map(|a| a.iter().map(|n| (n["name"].as_str().unwrap_or("").to_owned(), n["up"] == true)).collect()).unwrap_or_default()
-    }
-
-    fn node(&self, name: &str) -> &Node {
-        self.nodes.iter().find(|n| n.name == name).unwrap()
-    }
-
-    fn instances(&self, lab: &str) -> Vec<serde_json::Value> {
-        let out = self.cli(&["inspect", lab, "--output", "json"]);
-        assert!(out.status.success(), "inspect: {}", String::from_utf8_lossy(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["instances"].as_array().unwrap().clone()
-    }
-
-    /// Nothing of any lab on either node: domains, containers, links, rules.
-    fn assert_clean(&self, when: &str) {
-        for n in &self.nodes {
-            assert_eq!(n.libvirt.domains().unwrap(), Vec::<String>::new(), "{when}: domains on {}", n.name);
-            assert_eq!(n.docker.containers().unwrap(), Vec::<String>::new(), "{when}: containers on {}", n.name);
-            let links = n.links();
-            assert!(
-                !links.lines().any(|l| l.starts_with("bc") || l.starts_with("bx") || l.starts_with("bv")),
-                "{when}: links on {}:\n{links}",
-                n.name
-            );
-            let rules = n.forward_rules();
-            assert!(!rules.contains("bootcache"), "{when}: iptables rules on {}:\n{rules}", n.name);
-            let overlays = std::fs::read_dir(n.dir.join("agent/overlays")).map(|d| d.count()).unwrap_or(0);
-            assert_eq!(overlays, 0, "{when}: overlays left on {}", n.name);
-        }
-    }
-}
-
 /// Everything the lab runs on, up: the store (the reference guest recorded
 /// and converted, the container tarball), the control node, two compute
 /// nodes with their daemons and agents, on `link`.
@@ -238,51 +71,16 @@ fn cluster(dir: &Path, link: Link) -> (Cluster, u64, u64) {
     let tarball = container_image();
     std::fs::copy(&tarball, store_dir.join("busybox.tar")).unwrap();
     let tarball_bytes = std::fs::metadata(&tarball).unwrap().len();
-
-    let mut tb = Testbed::new(&["store", "control", "node-a", "node-b"]).unwrap();
-    tb.shape(link).unwrap();
-    let store_addr = tb.host("store").addr.to_string();
-    let store = Killed(
-        tb.command("store", BIN).args(["store", "serve", "--listen", &format!("{store_addr}:8080")]).arg(&store_dir).spawn().unwrap(),
-    );
-    let token = dir.join("control.token");
-    let t = "lab-test-token-0123456789abcdef0123456789";
-    std::fs::write(&token, t).unwrap();
-    std::fs::write(dir.join("auth.header"), format!("Authorization: Bearer {t}\n")).unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    let mut nodes = Vec::new();
-    for name in ["node-a", "node-b"] {
-        let host = tb.host(name).clone();
-        let ndir = dir.join(name);
-        let libvirt = Libvirtd::start(&host.netns, &ndir.join("libvirt")).unwrap();
-        let docker = Dockerd::start(&host.netns, &ndir.join("docker")).unwrap();
-        nodes.push(Node { name, netns: host.netns, addr: host.addr.to_string(), dir: ndir, libvirt, docker, agent: None });
-    }
-    let control_url = format!("http://{}:7080", tb.host("control").addr);
-    let mut c = Cluster {
-        tb,
-        control_url: control_url.clone(),
-        token: token.clone(),
-        db: dir.join("control.db"),
-        dir: dir.to_owned(),
-        store_addr,
-        control: None,
-        nodes,
-        _store: store,
+    let spec = Spec {
+        nodes: vec!["node-a".into(), "node-b".into()],
+        daemons: true,
+        // What the boot needs only: the rest of the image would follow
+        // once the recorded boot is over and blur the store's count.
+        agent_args: ["--background", "off", "--ready-timeout", "300"].map(String::from).to_vec(),
+        control_args: Vec::new(),
+        log: "lab_deploy",
     };
-    c.start_control();
-    for n in &mut c.nodes {
-        n.start_agent(&control_url, &token);
-    }
-    let start = Instant::now();
-    while c.nodes_up().iter().filter(|(_, up)| *up).count() < 2 {
-        assert!(start.elapsed() < Duration::from_secs(30), "the agents did not come up: {:?}", c.nodes_up());
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    (c, boot_bytes, tarball_bytes)
+    (Cluster::start(dir, &store_dir, link, spec), boot_bytes, tarball_bytes)
 }
 
 #[test]
@@ -424,7 +222,7 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
     assert_eq!(code, 0, "{vm} on {vm_node} -> container {far} on {near_node}:\n{text}");
     let container =
         instances.iter().find(|i| i["node"] == near_node && i["kind"] == "container").unwrap()["name"].as_str().unwrap().to_owned();
-    let ping = c.node(near_node).docker_exec(&container, &["ping", "-c", "2", "-W", "5", vm_addr]);
+    let ping = c.node(near_node).docker_exec(&format!("bootcache.hybrid.{container}"), &["ping", "-c", "2", "-W", "5", vm_addr]);
     assert!(ping.status.success(), "container {container} on {near_node} -> {vm} on {vm_node}: {}", String::from_utf8_lossy(&ping.stdout));
 
     // Stopped on request and started again: kept on its node, stopped
@@ -440,10 +238,10 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
         "{states:?}"
     );
     assert!(states.iter().filter(|(_, s)| s == "ready").count() == 6, "the others run on: {states:?}");
-    assert_eq!(c.node(near_node).libvirt.virsh(&["domstate", &format!("bootcache.hybrid.{near_vm}")]).unwrap().trim(), "shut off");
+    assert_eq!(c.node(near_node).libvirt().virsh(&["domstate", &format!("bootcache.hybrid.{near_vm}")]).unwrap().trim(), "shut off");
     let running = c
         .node(near_node)
-        .docker
+        .docker()
         .docker()
         .args(["inspect", "-f", "{{.State.Running}}", &format!("bootcache.hybrid.{container}")])
         .output()
@@ -451,7 +249,7 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
     assert_eq!(String::from_utf8_lossy(&running.stdout).trim(), "false");
     let out = c.cli(&["start", "hybrid", &container, near_vm]);
     assert!(out.status.success(), "start: {}", String::from_utf8_lossy(&out.stderr));
-    let ping = c.node(near_node).docker_exec(&container, &["ping", "-c", "2", "-W", "5", vm_addr]);
+    let ping = c.node(near_node).docker_exec(&format!("bootcache.hybrid.{container}"), &["ping", "-c", "2", "-W", "5", vm_addr]);
     assert!(ping.status.success(), "a started container reaches the VM on the other node again: {}", String::from_utf8_lossy(&ping.stdout));
     let out = c.cli(&["stop", "hybrid", "nobody"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no instance hybrid/nobody"));
@@ -498,8 +296,8 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
     let out = c.cli(&["destroy", "hybrid"]);
     assert!(out.status.success(), "destroy: {}", String::from_utf8_lossy(&out.stderr));
     let start = Instant::now();
-    while c.node("node-b").libvirt.domains().map(|d| !d.is_empty()).unwrap_or(true)
-        || c.node("node-b").docker.containers().map(|d| !d.is_empty()).unwrap_or(true)
+    while c.node("node-b").libvirt().domains().map(|d| !d.is_empty()).unwrap_or(true)
+        || c.node("node-b").docker().containers().map(|d| !d.is_empty()).unwrap_or(true)
     {
         assert!(start.elapsed() < Duration::from_secs(30), "node-b's leftovers stay");
         std::thread::sleep(Duration::from_millis(300));
@@ -530,9 +328,9 @@ fn bench_hybrid_lab() {
             for n in &c.nodes {
                 let _ = std::fs::remove_dir_all(n.dir.join("agent/cache"));
                 for img in
-                    String::from_utf8_lossy(&n.docker.docker().args(["images", "-q", "bootcache/image"]).output().unwrap().stdout).lines()
+                    String::from_utf8_lossy(&n.docker().docker().args(["images", "-q", "bootcache/image"]).output().unwrap().stdout).lines()
                 {
-                    let _ = n.docker.docker().args(["rmi", "-f", img]).output();
+                    let _ = n.docker().docker().args(["rmi", "-f", img]).output();
                 }
             }
             let sent_before = c.tb.tx_bytes("store").unwrap();

@@ -54,6 +54,12 @@ pub struct AgentOptions {
     /// per second (K, M, G suffixes), streamed once the recorded boot is over.
     #[arg(long, value_name = "WHAT", default_value = "full", value_parser = super::deliver::parse_background)]
     pub background: bootcache_delivery::cache::Background,
+    /// Carry VM orders out only up to holding the image's boot segment, and
+    /// report the instance ready then; start no VM (no libvirtd needed).
+    /// For warming nodes' caches ahead of a deployment, and for measuring
+    /// delivery alone.
+    #[arg(long)]
+    pub prefetch_only: bool,
 }
 
 #[derive(Debug, Args)]
@@ -90,7 +96,7 @@ pub fn config(
         listen: o.agent_listen,
         advertise: o.advertise,
         state_dir: o.agent_state.clone(),
-        libvirt: (!o.no_vms).then(|| o.libvirt.clone()),
+        libvirt: (!o.no_vms && !o.prefetch_only).then(|| o.libvirt.clone()),
         docker: (!o.no_containers).then(|| o.docker.clone()),
         accel: match o.accel {
             Accel::Tcg => bootcache_runtime::libvirt::Accel::Tcg,
@@ -99,6 +105,7 @@ pub fn config(
         heartbeat,
         ready_timeout: Duration::from_secs(o.ready_timeout),
         background: o.background,
+        prefetch_only: o.prefetch_only,
     })
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bootcache_control::api::Control;
 use bootcache_control::db::Db;
+use bootcache_control::plan::Policy;
 use bootcache_delivery::auth::Credential;
 use clap::Subcommand;
 
@@ -40,6 +41,16 @@ pub enum ControlCmd {
         /// a tree); the store serves only the first node of each image.
         #[arg(long, value_name = "N", default_value_t = 2)]
         fan_out: usize,
+        /// How instances are placed among nodes with room: `cache-aware`
+        /// (nodes that hold or are fetching the image first) or `spread`
+        /// (the most free cores, whatever they cache).
+        #[arg(long, value_name = "POLICY", default_value = "cache-aware", value_parser = parse_placement)]
+        placement: Policy,
+        /// Where nodes fetch VM images from: `peers` (other nodes that hold
+        /// or are fetching it, as planned with --fan-out; the store serves
+        /// each image once) or `store` (every node from the store).
+        #[arg(long, value_name = "FROM", default_value = "peers", value_parser = ["peers", "store"])]
+        sources: String,
         /// Also run a compute agent of this name in the same process (this
         /// machine as the deployment's one node).
         #[arg(long, value_name = "NODE")]
@@ -60,6 +71,14 @@ pub enum ControlCmd {
     },
 }
 
+fn parse_placement(s: &str) -> Result<Policy, String> {
+    match s {
+        "cache-aware" => Ok(Policy::CacheAware),
+        "spread" => Ok(Policy::Spread),
+        _ => Err(format!("{s:?}: cache-aware or spread")),
+    }
+}
+
 pub fn control(cmd: ControlCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         ControlCmd::Token { token_file, rotate } => {
@@ -67,7 +86,7 @@ pub fn control(cmd: ControlCmd) -> anyhow::Result<ExitCode> {
             println!("{t}");
             Ok(ExitCode::SUCCESS)
         }
-        ControlCmd::Serve { db, listen, heartbeat, token_file, cpu_overcommit, fan_out, agent, agent_options } => {
+        ControlCmd::Serve { db, listen, heartbeat, token_file, cpu_overcommit, fan_out, placement, sources, agent, agent_options } => {
             let credential = Credential::load_or_create(&token_file)?;
             if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -79,6 +98,8 @@ pub fn control(cmd: ControlCmd) -> anyhow::Result<ExitCode> {
                 if let Some(c) = std::sync::Arc::get_mut(&mut control) {
                     c.cpu_overcommit = cpu_overcommit.clamp(1, 1024);
                     c.fan_out = fan_out.clamp(1, 64);
+                    c.policy = placement;
+                    c.peers = sources == "peers";
                 }
                 tokio::spawn(std::sync::Arc::clone(&control).watch_nodes());
                 let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;

@@ -3,6 +3,7 @@
 
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
+pub mod cluster;
 pub mod deliver;
 pub mod iomap;
 

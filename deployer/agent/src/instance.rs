@@ -8,7 +8,6 @@ use bootcache_api::agent::{ImageOrder, Order, names};
 use bootcache_api::{InstanceState, Kind};
 use bootcache_network::Veth;
 use bootcache_runtime::{Image, Runtime, Spec};
-use futures_util::TryStreamExt;
 
 use crate::Shared;
 
@@ -76,25 +75,38 @@ pub(crate) async fn bring_up(shared: Arc<Shared>, order: Order) {
 }
 
 async fn vm(shared: &Shared, order: &Order, id: &str) -> Result<std::time::Duration, String> {
+    if shared.config.prefetch_only {
+        return prefetch(shared, order).await;
+    }
     let Some(libvirt) = &shared.libvirt else { return Err("this node runs no VMs (the agent has no --libvirt)".into()) };
-    let ImageOrder::Vm { url, root, peers } = &order.image else { return Err("a VM's order carries a VM image".into()) };
     set(shared, order, InstanceState::Fetching, None);
     // Whatever an earlier run left under this name goes first.
     libvirt.destroy(id).await.map_err(|e| e.to_string())?;
-    let image = shared
-        .node
-        .open(&export_name(root), url, peers, Some(*root))
-        .await
-        .map_err(|e| format!("image: {}", bootcache_delivery::node::chain(&e)))?;
+    let (backing, format, size) = match &order.image {
+        ImageOrder::Vm { url, root, peers } => {
+            let image = shared
+                .node
+                .open(&export_name(root), url, peers, Some(*root))
+                .await
+                .map_err(|e| format!("image: {}", bootcache_delivery::node::chain(&e)))?;
+            (image.nbd_url, "raw", Some(image.virtual_size))
+        }
+        ImageOrder::Disk { url } => {
+            let (path, format) = whole_disk(shared, url).await?;
+            (path.to_string_lossy().into_owned(), format, None)
+        }
+        ImageOrder::Container { .. } => return Err("a VM's order carries a disk image".into()),
+    };
     let overlay = shared.config.state_dir.join("overlays").join(format!("{id}.qcow2"));
     let _ = std::fs::remove_file(&overlay);
-    let out = tokio::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", &image.nbd_url])
-        .arg(&overlay)
-        .arg(image.virtual_size.to_string())
-        .output()
-        .await
-        .map_err(|e| format!("qemu-img (package qemu-utils): {e}"))?;
+    let mut make = tokio::process::Command::new("qemu-img");
+    make.args(["create", "-q", "-f", "qcow2", "-F", format, "-b", &backing]).arg(&overlay);
+    // The export's size is known (and opening it here would count as a
+    // guest's reads); a local disk's is read from it.
+    if let Some(size) = size {
+        make.arg("-u").arg(size.to_string());
+    }
+    let out = make.output().await.map_err(|e| format!("qemu-img (package qemu-utils): {e}"))?;
     if !out.status.success() {
         return Err(format!("making the overlay: {}", String::from_utf8_lossy(&out.stderr).trim()));
     }
@@ -105,9 +117,44 @@ async fn vm(shared: &Shared, order: &Order, id: &str) -> Result<std::time::Durat
     libvirt.wait_ready(id, order.ready.as_deref(), shared.config.ready_timeout).await.map_err(|e| e.to_string())
 }
 
+/// A VM order carried out up to holding its image's boot segment (the
+/// agent's prefetch-only mode): how long that took.
+async fn prefetch(shared: &Shared, order: &Order) -> Result<std::time::Duration, String> {
+    let ImageOrder::Vm { url, root, peers } = &order.image else {
+        return Err("prefetch-only nodes take bootcache images only".into());
+    };
+    let started = std::time::Instant::now();
+    set(shared, order, InstanceState::Fetching, None);
+    shared
+        .node
+        .open(&export_name(root), url, peers, Some(*root))
+        .await
+        .map_err(|e| format!("image: {}", bootcache_delivery::node::chain(&e)))?;
+    let cache = shared.node.cache(root).ok_or("the image was closed while its boot segment came")?;
+    if !cache.wait_prefetched(shared.config.ready_timeout).await {
+        return Err(format!("the boot segment was not all here after {:?}", shared.config.ready_timeout));
+    }
+    Ok(started.elapsed())
+}
+
+/// A plain disk image copied whole from the store to this node, once
+/// however many VMs use it (`delivery: full`): its path and format.
+async fn whole_disk(shared: &Shared, url: &str) -> Result<(std::path::PathBuf, &'static str), String> {
+    let key = bootcache_api::agent::container_image_key(url);
+    let path = shared.config.state_dir.join("disks").join(format!("{key}.img"));
+    crate::fetch::whole(shared, &key, url, &[], &path).await?;
+    let mut magic = [0u8; 4];
+    {
+        use std::io::Read;
+        let mut f = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let _ = f.read(&mut magic);
+    }
+    Ok((path, if &magic == b"QFI\xfb" { "qcow2" } else { "raw" }))
+}
+
 async fn container(shared: &Shared, order: &Order, id: &str) -> Result<std::time::Duration, String> {
     let Some(docker) = &shared.docker else { return Err("this node runs no containers (the agent has no --docker)".into()) };
-    let ImageOrder::Container { url } = &order.image else { return Err("a container's order carries a tarball".into()) };
+    let ImageOrder::Container { url, peers } = &order.image else { return Err("a container's order carries a tarball".into()) };
     set(shared, order, InstanceState::Fetching, None);
     docker.destroy(id).await.map_err(|e| e.to_string())?;
     let reference = container_reference(url);
@@ -119,23 +166,12 @@ async fn container(shared: &Shared, order: &Order, id: &str) -> Result<std::time
     {
         let _held = lock.lock().await;
         if !docker.has_image(&reference).await.map_err(|e| e.to_string())? {
-            let shown = bootcache_delivery::remote::redact(url);
-            // The store needs no credential (it serves images to anyone
-            // on the deployment network); ours is not sent there.
-            let resp = reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .map_err(|e| e.to_string())?
-                .get(url.as_str())
-                .send()
-                .await
-                .map_err(|e| format!("image {shown}: {}", bootcache_delivery::node::chain(&e)))?;
-            if !resp.status().is_success() {
-                return Err(format!("image {shown}: the store answered {}", resp.status()));
-            }
-            let body = resp.bytes_stream().map_err(std::io::Error::other);
-            docker.import(&reference, body).await.map_err(|e| e.to_string())?;
-            tracing::info!(image = %shown, %reference, "container image imported");
+            let key = bootcache_api::agent::container_image_key(url);
+            let path = crate::fetch::tarball_path(&shared.config.state_dir, &key);
+            crate::fetch::whole(shared, &key, url, peers, &path).await?;
+            let file = tokio::fs::File::open(&path).await.map_err(|e| format!("{}: {e}", path.display()))?;
+            docker.import(&reference, tokio_util::io::ReaderStream::new(file)).await.map_err(|e| e.to_string())?;
+            tracing::info!(image = %bootcache_delivery::remote::redact(url), %reference, "container image imported");
         }
     }
     set(shared, order, InstanceState::Starting, None);

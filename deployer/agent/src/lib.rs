@@ -20,6 +20,7 @@
 
 #![deny(missing_docs)]
 
+mod fetch;
 mod instance;
 mod reconcile;
 
@@ -64,6 +65,9 @@ pub struct Config {
     pub ready_timeout: Duration,
     /// What VM image caches fetch after the boot segment.
     pub background: bootcache_delivery::cache::Background,
+    /// VM orders are carried out up to holding the boot segment, then
+    /// reported ready; no VM is started.
+    pub prefetch_only: bool,
 }
 
 /// Why the agent could not start.
@@ -80,6 +84,9 @@ pub(crate) struct Shared {
     pub network: bootcache_network::Network,
     pub dhcp: bootcache_network::dhcp::DhcpServers,
     pub http: reqwest::Client,
+    /// For whole files from the store and peers: no credential by default
+    /// (the store is not sent it), no limit on a transfer's total time.
+    pub files: reqwest::Client,
     pub local_ip: std::net::Ipv4Addr,
     pub instances: std::sync::Mutex<std::collections::HashMap<(Name, Name), instance::Local>>,
     /// Instances no order lists any more, until they are removed (still
@@ -94,13 +101,14 @@ pub(crate) struct Shared {
 /// Its state directory, sockets or port cannot be set up.
 pub async fn run(config: Config, stop: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), AgentError> {
     let dir = &config.state_dir;
-    for sub in ["cache", "overlays", "consoles", "dhcp"] {
+    for sub in ["cache", "overlays", "consoles", "dhcp", "disks", "tarballs"] {
         std::fs::create_dir_all(dir.join(sub)).map_err(|e| AgentError(format!("making {}: {e}", dir.join(sub).display())))?;
     }
     // QEMU runs as another user under libvirt: it must reach the socket and
     // the overlays (libvirt gives it the files themselves).
     open_to_qemu(dir);
     open_to_qemu(&dir.join("overlays"));
+    open_to_qemu(&dir.join("disks"));
     let advertise = config.advertise.unwrap_or(config.listen);
     let IpAddr::V4(local_ip) = advertise.ip() else { return Err(AgentError(format!("--advertise {advertise}: an IPv4 address"))) };
     let mut opts = CacheOptions::new(dir.join("cache"));
@@ -113,7 +121,7 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()> + S
     tokio::spawn(node.nbd().serve_unix(unix));
     let listener =
         tokio::net::TcpListener::bind(config.listen).await.map_err(|e| AgentError(format!("listening on {}: {e}", config.listen)))?;
-    let router = node.api(Arc::clone(&config.credential));
+    let router = node.api(Arc::clone(&config.credential)).merge(fetch::routes(dir.join("tarballs"), Arc::clone(&config.credential)));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut rx = stop_rx.clone();
     tokio::spawn(async move {
@@ -145,6 +153,12 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()> + S
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| AgentError(e.to_string()))?;
+    let files = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| AgentError(e.to_string()))?;
     let shared = Arc::new(Shared {
         config,
         node,
@@ -153,6 +167,7 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()> + S
         network,
         dhcp,
         http,
+        files,
         local_ip,
         instances: Default::default(),
         removing: Default::default(),

@@ -27,21 +27,10 @@ pub(crate) fn observed(shared: &Shared) -> Vec<Observed> {
     out
 }
 
-/// The container images this node has imported, by their keys.
+/// The tarballs and whole disk images this node holds, by their keys
+/// (what placement and the choice of sources go by, like VM caches).
 pub(crate) fn container_images(shared: &Shared) -> Vec<(RootDigest, u64)> {
-    let all = shared.instances.lock().unwrap_or_else(|p| p.into_inner());
-    let mut keys: Vec<RootDigest> = all
-        .values()
-        .filter_map(|l| match &l.order.image {
-            ImageOrder::Container { url } if l.state == bootcache_api::InstanceState::Ready => {
-                Some(bootcache_api::agent::container_image_key(url))
-            }
-            _ => None,
-        })
-        .collect();
-    keys.sort();
-    keys.dedup();
-    keys.into_iter().map(|k| (k, 1)).collect()
+    crate::fetch::held(&shared.config.state_dir).into_iter().map(|k| (k, 1)).collect()
 }
 
 /// Carries out `orders`.
@@ -152,7 +141,7 @@ pub(crate) async fn apply(shared: &Arc<Shared>, orders: Orders) {
         .iter()
         .filter_map(|o| match &o.image {
             ImageOrder::Vm { root, .. } => Some(instance::export_name(root)),
-            ImageOrder::Container { .. } => None,
+            ImageOrder::Disk { .. } | ImageOrder::Container { .. } => None,
         })
         .collect();
     for named in shared.node.status() {

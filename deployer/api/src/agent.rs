@@ -100,10 +100,20 @@ pub enum ImageOrder {
         /// as the control node chose.
         peers: Vec<String>,
     },
+    /// A plain disk image (raw or qcow2), copied whole to the node before
+    /// its VMs start (`delivery: full`).
+    Disk {
+        /// The disk image on the store.
+        url: String,
+    },
     /// A root file system tarball, imported into the node's Docker.
     Container {
         /// The tarball on the store.
         url: String,
+        /// Nodes holding it whole to copy it from before the store (their
+        /// API addresses), as the control node chose.
+        #[serde(default)]
+        peers: Vec<String>,
     },
 }
 
@@ -269,7 +279,7 @@ pub fn container_image_key(url: &str) -> RootDigest {
 /// The kind of an instance's image, as an order carries it.
 pub fn kind_of(image: &ImageOrder) -> Kind {
     match image {
-        ImageOrder::Vm { .. } => Kind::Vm,
+        ImageOrder::Vm { .. } | ImageOrder::Disk { .. } => Kind::Vm,
         ImageOrder::Container { .. } => Kind::Container,
     }
 }

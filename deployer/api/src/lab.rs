@@ -16,6 +16,10 @@
 //!     segments:
 //!       lan: 10.20.0.10        # web-1; web-2 takes 10.20.0.11
 //!     ready: BOOTCACHE-BOOTED  # the line on the serial console that means up
+//!   legacy:
+//!     kind: vm
+//!     image: http://10.0.0.1:8080/reference.qcow2
+//!     delivery: full           # the whole disk image copied first, then booted
 //!   user:
 //!     kind: container
 //!     image: http://10.0.0.1:8080/busybox.tar
@@ -175,6 +179,24 @@ pub struct InstanceDef {
     pub ready: Option<String>,
     /// The container's command (containers only).
     pub command: Option<Vec<String>>,
+    /// How a VM's disk reaches its node.
+    #[serde(default)]
+    pub delivery: Delivery,
+}
+
+/// How a VM's disk reaches its node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    /// The image is a bootcache container: the boot segment first, the VM
+    /// started at once, the rest on demand (the default).
+    #[default]
+    Lazy,
+    /// The image is a plain disk image (raw or qcow2): the node copies it
+    /// whole, once, from the store, and boots its VMs on overlays of that
+    /// copy (the way image services such as OpenStack's work; kept to
+    /// compare with).
+    Full,
 }
 
 /// A checked lab.
@@ -286,6 +308,7 @@ struct RawInstance {
     node: Option<Spanned<String>>,
     ready: Option<Spanned<String>>,
     command: Option<Spanned<Vec<String>>>,
+    delivery: Option<Spanned<String>>,
 }
 
 /// `512MiB`, `1G`, `64M` or a number of bytes.
@@ -474,6 +497,17 @@ impl Lab {
                 }
                 Some(c) => Some(c.value.clone()),
             };
+            let delivery = match &def.delivery {
+                None => Delivery::Lazy,
+                Some(d) if kind == Kind::Container => {
+                    return Err(err(at(d), format!("instance {name}: delivery is for VMs (a container's tarball is imported whole)")));
+                }
+                Some(d) => match d.value.as_str() {
+                    "lazy" => Delivery::Lazy,
+                    "full" => Delivery::Full,
+                    other => return Err(err(at(d), format!("instance {name}: unknown delivery {other:?} (lazy or full)"))),
+                },
+            };
             // Every replica's name, checked now.
             for i in 1..=count {
                 let n = if count == 1 { name.clone() } else { replica(&name, i).map_err(|e| err(line, e))? };
@@ -539,6 +573,7 @@ impl Lab {
                 node,
                 ready,
                 command,
+                delivery,
             });
         }
         if instances.is_empty() {

@@ -49,6 +49,9 @@ pub struct Control {
     pub policy: crate::plan::Policy,
     /// How many nodes one node serves an image to (1: a chain).
     pub fan_out: usize,
+    /// Whether nodes fetch VM images from each other (false: every node
+    /// from the store, kept to compare with).
+    pub peers: bool,
     /// Labs as deployed, expanded (see `deploy`).
     pub(crate) views: Mutex<std::collections::HashMap<Name, Arc<crate::deploy::LabView>>>,
     /// Where each lab's instances are, as of a placement generation.
@@ -79,6 +82,7 @@ impl Control {
             cpu_overcommit: 16,
             policy: crate::plan::Policy::CacheAware,
             fan_out: 2,
+            peers: true,
             views: Mutex::default(),
             members: Mutex::default(),
             generation: std::sync::atomic::AtomicU64::new(0),

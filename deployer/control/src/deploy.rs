@@ -11,6 +11,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use bootcache_api::agent::{self, Dhcp, Heartbeat, ImageOrder, Nic, Observed, Order, Orders, SegmentOrder, names};
+use bootcache_api::lab::Delivery;
 use bootcache_api::{InstanceState, Kind, Lab, Name, RootDigest};
 
 use crate::api::{Control, now_ms};
@@ -86,7 +87,7 @@ impl Control {
     pub async fn deploy(&self, lab: &Lab) -> Result<Vec<InstanceRow>, DeployError> {
         // Headers first, holding nothing (a slow store delays this call only).
         let mut roots: HashMap<String, RootDigest> = HashMap::new();
-        for def in lab.instances.iter().filter(|d| d.kind == Kind::Vm) {
+        for def in lab.instances.iter().filter(|d| d.kind == Kind::Vm && d.delivery == Delivery::Lazy) {
             if roots.contains_key(&def.image) {
                 continue;
             }
@@ -107,9 +108,9 @@ impl Control {
             let mut specs = Vec::with_capacity(instances.len());
             for inst in &instances {
                 let Some(def) = lab.def(&inst.def) else { continue };
-                let image = match def.kind {
-                    Kind::Vm => roots[&def.image],
-                    Kind::Container => agent::container_image_key(&def.image),
+                let image = match (def.kind, def.delivery) {
+                    (Kind::Vm, Delivery::Lazy) => roots[&def.image],
+                    _ => agent::container_image_key(&def.image),
                 };
                 specs.push(InstanceSpec {
                     lab: lab.name.clone(),
@@ -281,20 +282,25 @@ impl Control {
             for r in rows {
                 let Some(inst) = view.expanded.get(&r.spec.name) else { continue };
                 let Some(def) = lab.def(&inst.def) else { continue };
+                // Where the node copies the image from (another node or the
+                // store), or none yet: its source has not got it, next heartbeat.
+                let mut from = |key: &RootDigest| -> Result<Option<Vec<String>>, DbError> {
+                    if let Some(p) = sources.get(key) {
+                        return Ok(p.clone());
+                    }
+                    let fetchers = members.image_nodes.get(key).cloned().unwrap_or_default();
+                    let p = self.image_sources(&db, key, node, fetchers, &up, &address)?;
+                    sources.insert(*key, p.clone());
+                    Ok(p)
+                };
                 let image = match def.kind {
-                    Kind::Container => ImageOrder::Container { url: def.image.clone() },
+                    Kind::Vm if def.delivery == Delivery::Full => ImageOrder::Disk { url: def.image.clone() },
+                    Kind::Container => {
+                        let Some(peers) = from(&r.spec.image)? else { continue };
+                        ImageOrder::Container { url: def.image.clone(), peers }
+                    }
                     Kind::Vm => {
-                        let peers = match sources.get(&r.spec.image) {
-                            Some(p) => p.clone(),
-                            None => {
-                                let fetchers = members.image_nodes.get(&r.spec.image).cloned().unwrap_or_default();
-                                let p = self.vm_sources(&db, &r.spec.image, node, fetchers, &up, &address)?;
-                                sources.insert(r.spec.image, p.clone());
-                                p
-                            }
-                        };
-                        // Its source has not opened the image yet: next heartbeat.
-                        let Some(peers) = peers else { continue };
+                        let Some(peers) = from(&r.spec.image)? else { continue };
                         ImageOrder::Vm { url: def.image.clone(), root: r.spec.image, peers }
                     }
                 };
@@ -349,10 +355,12 @@ impl Control {
         Ok(orders)
     }
 
-    /// The peers `node` fetches VM image `root` from (empty: the store), or
-    /// `None` while the peer chosen has not opened it yet. `fetchers`: the
-    /// nodes with a VM of the image.
-    fn vm_sources(
+    /// The peers `node` fetches image `root` from (empty: the store), or
+    /// `None` while the peer chosen does not hold it yet (a VM image: has
+    /// not opened it, and then relays what it fetches; a tarball: has not
+    /// got it whole). `fetchers`: the nodes with an instance of the image.
+    /// A whole disk image (`delivery: full`) is not planned: the store.
+    fn image_sources(
         &self,
         db: &Db,
         root: &RootDigest,
@@ -362,7 +370,7 @@ impl Control {
         address: &dyn Fn(&Name) -> Option<String>,
     ) -> Result<Option<Vec<String>>, DbError> {
         let holders: Vec<Name> = db.holders(root)?.into_iter().map(|(n, _)| n).filter(|n| up.contains(n)).collect();
-        if holders.contains(node) {
+        if holders.contains(node) || !self.peers {
             return Ok(Some(Vec::new()));
         }
         // Those that do not hold it yet fetch it, in name order.
@@ -409,7 +417,7 @@ impl Control {
                     m.seg_vm_nodes.entry(seg.clone()).or_default().insert(n.clone());
                 }
             }
-            if r.spec.kind == Kind::Vm && holds_capacity(r.state) {
+            if holds_capacity(r.state) {
                 m.image_nodes.entry(r.spec.image).or_default().insert(n.clone());
             }
         }

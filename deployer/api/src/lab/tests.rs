@@ -78,6 +78,8 @@ fn bad_lab_files_name_the_line() {
         ("    ready: BOOTCACHE-BOOTED\n", "    ready: BOOTCACHE-BOOTED\n    command: [x]\n", 9, "command is for containers"),
         ("    node: node-1\n", "    node: node-1\n    colour: blue\n", 18, "colour"),
         ("name: demo", "name: Demo", 1, "lab name"),
+        ("    node: node-1\n", "    node: node-1\n    delivery: eager\n", 18, "unknown delivery \"eager\" (lazy or full)"),
+        ("    command: [/bin/sh, -c, echo up]\n", "    command: [/bin/sh, -c, echo up]\n    delivery: full\n", 24, "delivery is for VMs"),
     ];
     for (from, to, line, what) in cases {
         assert!(GOOD.contains(from), "{from}");
@@ -142,4 +144,26 @@ fn a_checked_lab_goes_through_json_unchanged() {
 fn the_example_lab_is_valid() {
     let lab = Lab::parse(include_str!("../../../../examples/lab.yaml")).unwrap();
     assert_eq!(lab.instances().len(), 8);
+}
+
+#[test]
+fn the_hybrid_benchmark_labs_are_valid_at_100_instances() {
+    for (text, vms, full) in [
+        (include_str!("../../../../examples/hybrid/traditional.yaml"), 100, true),
+        (include_str!("../../../../examples/hybrid/bootcache.yaml"), 100, false),
+        (include_str!("../../../../examples/hybrid/containers.yaml"), 0, false),
+        (include_str!("../../../../examples/hybrid/hybrid.yaml"), 20, false),
+    ] {
+        let lab = Lab::parse(text).unwrap();
+        assert_eq!(lab.instances().len(), 100, "{}", lab.name);
+        let vm_defs: Vec<&InstanceDef> = lab.instances.iter().filter(|d| d.kind == Kind::Vm).collect();
+        assert_eq!(vm_defs.iter().map(|d| d.count).sum::<u32>(), vms, "{}", lab.name);
+        assert!(vm_defs.iter().all(|d| (d.delivery == Delivery::Full) == full), "{}", lab.name);
+    }
+    // Lazy unless written otherwise, also in labs stored before the field.
+    let old = serde_json::to_value(&Lab::parse(GOOD).unwrap()).unwrap();
+    let mut without = old.clone();
+    without["instances"][0].as_object_mut().unwrap().remove("delivery");
+    let back: Lab = serde_json::from_value(without).unwrap();
+    assert_eq!(back.instances[0].delivery, Delivery::Lazy);
 }

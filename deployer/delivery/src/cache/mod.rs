@@ -341,6 +341,31 @@ impl NodeCache {
 }
 
 impl NodeCache {
+    /// Waits until every extent the prefetch fetches (the boot segment) is
+    /// present, at most `timeout`; whether it is. A stopped cache stops
+    /// the wait.
+    pub async fn wait_prefetched(&self, timeout: Duration) -> bool {
+        let inner = &self.inner;
+        let wait = async {
+            loop {
+                let notified = inner.changed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                {
+                    let state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
+                    if state.iter().zip(&inner.prefetched).all(|(s, p)| !*p || *s == State::Present) {
+                        return true;
+                    }
+                }
+                if inner.stopped.load(Ordering::SeqCst) {
+                    return false;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.unwrap_or(false)
+    }
+
     /// Stops fetching (the image was closed on this node while a client may
     /// still hold it): cached bytes stay readable, a read that needs more
     /// fails at once, and nothing streams any more.

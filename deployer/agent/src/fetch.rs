@@ -1,0 +1,141 @@
+//! Whole files a node copies before it can use them: plain disk images
+//! (`delivery: full`) and container tarballs. A node keeps each under its
+//! state directory, named by its key, and serves its tarballs to other
+//! nodes (`GET /tarballs/{key}`, behind the credential), so that the store
+//! sends each tarball once however many nodes import it: the control node
+//! names a node that holds it as the source, as it does for VM images.
+//! Peers are nodes of the same deployment, authenticated by the credential
+//! (which already lets them order anything); the length they send must be
+//! whole.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::extract::{Path as UrlPath, State};
+use axum::response::{IntoResponse, Response};
+use bootcache_api::RootDigest;
+use futures_util::TryStreamExt;
+use tokio::io::AsyncWriteExt;
+
+use crate::Shared;
+
+/// The most one copied file may be.
+const MAX_BYTES: u64 = 1 << 40;
+
+/// Where a node keeps the tarball of key `key`.
+pub(crate) fn tarball_path(state_dir: &Path, key: &RootDigest) -> PathBuf {
+    state_dir.join("tarballs").join(format!("{key}.tar"))
+}
+
+/// The tarballs and disk images this node holds whole (reported in
+/// heartbeats as caches).
+pub(crate) fn held(state_dir: &Path) -> Vec<RootDigest> {
+    let mut out: Vec<RootDigest> = [("tarballs", ".tar"), ("disks", ".img")]
+        .into_iter()
+        .flat_map(|(dir, ext)| {
+            std::fs::read_dir(state_dir.join(dir))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(move |e| e.file_name().to_str()?.strip_suffix(ext)?.parse().ok())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The routes other nodes fetch tarballs from (`dir`: the tarballs).
+pub(crate) fn routes(dir: PathBuf, credential: Arc<bootcache_delivery::auth::Credential>) -> axum::Router {
+    axum::Router::new()
+        .route("/tarballs/{key}", axum::routing::get(serve))
+        .with_state(Arc::new(dir))
+        .layer(axum::middleware::from_fn_with_state(credential, bootcache_delivery::auth::require))
+}
+
+async fn serve(State(dir): State<Arc<PathBuf>>, UrlPath(key): UrlPath<String>) -> Response {
+    let Ok(key) = key.parse::<RootDigest>() else {
+        return (axum::http::StatusCode::BAD_REQUEST, "a tarball's key is 64 hex digits").into_response();
+    };
+    let path = dir.join(format!("{key}.tar"));
+    let Ok(file) = tokio::fs::File::open(&path).await else {
+        return (axum::http::StatusCode::NOT_FOUND, "this node holds no such tarball").into_response();
+    };
+    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    ([(axum::http::header::CONTENT_LENGTH, len.to_string())], body).into_response()
+}
+
+/// Copies `url` whole to `dest` (staged beside it, renamed once complete:
+/// a half copy is never used), sending `authorization` if given; the bytes.
+async fn download(http: &reqwest::Client, url: &str, authorization: Option<&str>, dest: &Path) -> Result<u64, String> {
+    let shown = bootcache_delivery::remote::redact(url);
+    let mut req = http.get(url);
+    if let Some(a) = authorization {
+        req = req.header(reqwest::header::AUTHORIZATION, a);
+    }
+    let resp = req.send().await.map_err(|e| format!("{shown}: {}", bootcache_delivery::node::chain(&e)))?;
+    if !resp.status().is_success() {
+        return Err(format!("{shown}: answered {}", resp.status()));
+    }
+    let expected = resp.content_length();
+    if expected.is_some_and(|n| n > MAX_BYTES) {
+        return Err(format!("{shown}: {} bytes is more than {MAX_BYTES}", expected.unwrap_or(0)));
+    }
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let part = dest.with_extension("part");
+    let result = async {
+        let mut file = tokio::fs::File::create(&part).await.map_err(|e| format!("{}: {e}", part.display()))?;
+        let mut body = resp.bytes_stream();
+        let mut got: u64 = 0;
+        while let Some(chunk) = body.try_next().await.map_err(|e| format!("{shown}: {}", bootcache_delivery::node::chain(&e)))? {
+            got += chunk.len() as u64;
+            if got > MAX_BYTES || expected.is_some_and(|n| got > n) {
+                return Err(format!("{shown}: more bytes than announced"));
+            }
+            file.write_all(&chunk).await.map_err(|e| format!("{}: {e}", part.display()))?;
+        }
+        if expected.is_some_and(|n| n != got) {
+            return Err(format!("{shown}: {got} bytes received of {}", expected.unwrap_or(0)));
+        }
+        file.sync_all().await.map_err(|e| format!("{}: {e}", part.display()))?;
+        std::fs::rename(&part, dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+        Ok(got)
+    }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_file(&part);
+    }
+    result
+}
+
+/// A file keyed `key` held whole on this node at `dest`: copied (once,
+/// however many instances wait for it) from the first of `peers` that has
+/// it, else from the store at `url`.
+pub(crate) async fn whole(shared: &Shared, key: &RootDigest, url: &str, peers: &[String], dest: &Path) -> Result<(), String> {
+    let lock = {
+        let mut held = shared.images.lock().await;
+        Arc::clone(held.entry(dest.to_string_lossy().into_owned()).or_default())
+    };
+    let _held = lock.lock().await;
+    if dest.is_file() {
+        return Ok(());
+    }
+    let authorization = shared.config.credential.authorization();
+    for peer in peers {
+        let from = format!("{}/tarballs/{key}", peer.trim_end_matches('/'));
+        match download(&shared.files, &from, Some(&authorization), dest).await {
+            Ok(bytes) => {
+                tracing::info!(%peer, bytes, file = %dest.display(), "copied from a peer");
+                return Ok(());
+            }
+            Err(why) => tracing::warn!(%peer, %why, "peer could not give the file; trying the next source"),
+        }
+    }
+    // The store needs no credential (it serves images to anyone on the
+    // deployment network); ours is not sent there.
+    let bytes = download(&shared.files, url, None, dest).await.map_err(|e| format!("image {e}"))?;
+    tracing::info!(image = %bootcache_delivery::remote::redact(url), bytes, "copied from the store");
+    Ok(())
+}
