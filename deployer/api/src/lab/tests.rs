@@ -161,7 +161,7 @@ fn the_hybrid_benchmark_labs_are_valid_at_100_instances() {
         assert!(vm_defs.iter().all(|d| (d.delivery == Delivery::Full) == full), "{}", lab.name);
     }
     // Lazy unless written otherwise, also in labs stored before the field.
-    let old = serde_json::to_value(&Lab::parse(GOOD).unwrap()).unwrap();
+    let old = serde_json::to_value(Lab::parse(GOOD).unwrap()).unwrap();
     let mut without = old.clone();
     without["instances"][0].as_object_mut().unwrap().remove("delivery");
     let back: Lab = serde_json::from_value(without).unwrap();
