@@ -14,67 +14,13 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bootcache_testbed::Link;
-use support::bootcache;
-use support::cluster::{Cluster, Spec, small_guest};
+use support::cluster::{Cluster, Images, Spec, fill_store};
 
 /// The configurations, as the lab files name them.
 const CONFIGS: [&str; 4] = ["traditional", "bootcache", "containers", "hybrid"];
-
-/// What the store holds and what each image costs to send once.
-struct Images {
-    /// The bootcache image's boot segment, header and index.
-    boot_bytes: u64,
-    /// The traditional configuration's whole disk image (qcow2).
-    disk_bytes: u64,
-    /// The container tarball.
-    tar_bytes: u64,
-}
-
-/// The small guest recorded and converted into `store` (small.bcimg), as
-/// qcow2 (small.qcow2) and its tarball (small.tar).
-fn fill_store(store: &Path, work: &Path) -> Images {
-    let (raw, tar) = small_guest();
-    let s = |p: &Path| p.to_str().unwrap().to_owned();
-    let trace = work.join("small.bctrace");
-    let drive = format!("file={},format=raw,if=virtio,cache=none,aio=threads", raw.display());
-    let accel = support::accel();
-    bootcache(&[
-        "record",
-        "--image",
-        &s(&raw),
-        "--out",
-        &s(&trace),
-        "--timeout",
-        "120",
-        "--",
-        "qemu-system-x86_64",
-        "-accel",
-        &accel,
-        "-m",
-        "96",
-        "-display",
-        "none",
-        "-snapshot",
-        "-net",
-        "none",
-        "-drive",
-        &drive,
-    ]);
-    let image = store.join("small.bcimg");
-    bootcache(&["convert", &s(&raw), &s(&image), "--trace", &s(&trace), "--zstd", "-q"]);
-    let info: serde_json::Value = serde_json::from_str(&bootcache(&["info", &s(&image), "--output", "json"])).unwrap();
-    let boot_bytes = info["boot_segment_bytes"].as_u64().unwrap() + 256 + info["index_bytes"].as_u64().unwrap();
-    let qcow2 = store.join("small.qcow2");
-    let out = Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow2).output().unwrap();
-    assert!(out.status.success(), "qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
-    std::fs::copy(&tar, store.join("small.tar")).unwrap();
-    let len = |p: &Path| std::fs::metadata(p).unwrap().len();
-    Images { boot_bytes, disk_bytes: len(&qcow2), tar_bytes: len(&tar) }
-}
 
 /// Four nodes with their daemons on `link`, the store filled.
 fn cluster(dir: &Path, link: Link, nodes: usize, control_args: &[&str]) -> (Cluster, Images) {
@@ -89,6 +35,7 @@ fn cluster(dir: &Path, link: Link, nodes: usize, control_args: &[&str]) -> (Clus
         agent_args: ["--background", "off", "--ready-timeout", "1200"].map(String::from).to_vec(),
         control_args: control_args.iter().map(|a| (*a).to_owned()).collect(),
         log: "hybrid",
+        heartbeat: 1.0,
     };
     (Cluster::start(dir, &store, link, spec), images)
 }

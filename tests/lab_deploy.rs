@@ -79,6 +79,7 @@ fn cluster(dir: &Path, link: Link) -> (Cluster, u64, u64) {
         agent_args: ["--background", "off", "--ready-timeout", "300"].map(String::from).to_vec(),
         control_args: Vec::new(),
         log: "lab_deploy",
+        heartbeat: 1.0,
     };
     (Cluster::start(dir, &store_dir, link, spec), boot_bytes, tarball_bytes)
 }

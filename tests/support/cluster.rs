@@ -10,6 +10,8 @@ use bootcache_testbed::daemons::{Dockerd, Libvirtd};
 use bootcache_testbed::programs::Killed;
 use bootcache_testbed::{Link, Testbed};
 
+use super::bootcache;
+
 const BIN: &str = env!("CARGO_BIN_EXE_bootcache");
 
 /// The container tarball (scripts/container-image).
@@ -32,6 +34,58 @@ fn script_path(script: &str) -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
+/// What the store holds and what each image costs to send once.
+pub struct Images {
+    /// The bootcache image's boot segment, header and index.
+    pub boot_bytes: u64,
+    /// The traditional configuration's whole disk image (qcow2).
+    pub disk_bytes: u64,
+    /// The container tarball.
+    pub tar_bytes: u64,
+}
+
+/// The small guest recorded and converted into `store` (small.bcimg), as
+/// qcow2 (small.qcow2) and its tarball (small.tar).
+pub fn fill_store(store: &Path, work: &Path) -> Images {
+    let (raw, tar) = small_guest();
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let trace = work.join("small.bctrace");
+    let drive = format!("file={},format=raw,if=virtio,cache=none,aio=threads", raw.display());
+    let accel = super::accel();
+    bootcache(&[
+        "record",
+        "--image",
+        &s(&raw),
+        "--out",
+        &s(&trace),
+        "--timeout",
+        "120",
+        "--",
+        "qemu-system-x86_64",
+        "-accel",
+        &accel,
+        "-m",
+        "96",
+        "-display",
+        "none",
+        "-snapshot",
+        "-net",
+        "none",
+        "-drive",
+        &drive,
+    ]);
+    let image = store.join("small.bcimg");
+    bootcache(&["convert", &s(&raw), &s(&image), "--trace", &s(&trace), "--zstd", "-q"]);
+    let info: serde_json::Value = serde_json::from_str(&bootcache(&["info", &s(&image), "--output", "json"])).unwrap();
+    let boot_bytes = info["boot_segment_bytes"].as_u64().unwrap() + 256 + info["index_bytes"].as_u64().unwrap();
+    let qcow2 = store.join("small.qcow2");
+    let out = Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow2).output().unwrap();
+    assert!(out.status.success(), "qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::copy(&tar, store.join("small.tar")).unwrap();
+    let len = |p: &Path| std::fs::metadata(p).unwrap().len();
+    Images { boot_bytes, disk_bytes: len(&qcow2), tar_bytes: len(&tar) }
+}
+
 /// What the cluster is made of.
 pub struct Spec {
     /// The compute nodes' names.
@@ -44,6 +98,8 @@ pub struct Spec {
     pub control_args: Vec<String>,
     /// Names the logs kept in the target directory.
     pub log: &'static str,
+    /// Seconds between heartbeats (agents and control node).
+    pub heartbeat: f64,
 }
 
 /// A compute node: its daemons and its agent.
@@ -57,6 +113,7 @@ pub struct Node {
     pub agent: Option<Killed>,
     args: Vec<String>,
     log: PathBuf,
+    heartbeat: String,
 }
 
 impl Node {
@@ -72,7 +129,7 @@ impl Node {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.netns, BIN, "-v", "agent", "--control", control, "--name", &self.name, "--token-file"])
             .arg(token)
-            .args(["--heartbeat", "1", "--agent-listen", &format!("{}:7070", self.addr), "--agent-state"])
+            .args(["--heartbeat", &self.heartbeat, "--agent-listen", &format!("{}:7070", self.addr), "--agent-state"])
             .arg(self.dir.join("agent"));
         match (&self.libvirtd, &self.dockerd) {
             (Some(l), Some(d)) => {
@@ -182,6 +239,7 @@ pub struct Cluster {
     pub store_addr: String,
     pub control: Option<Killed>,
     pub control_args: Vec<String>,
+    pub heartbeat: String,
     pub nodes: Vec<Node>,
     pub _store: Killed,
 }
@@ -230,6 +288,7 @@ impl Cluster {
                 agent: None,
                 args: spec.agent_args.clone(),
                 log,
+                heartbeat: spec.heartbeat.to_string(),
             });
         }
         let control_url = format!("http://{}:7080", tb.host("control").addr);
@@ -242,6 +301,7 @@ impl Cluster {
             store_addr,
             control: None,
             control_args: spec.control_args,
+            heartbeat: spec.heartbeat.to_string(),
             nodes,
             _store: store,
         };
@@ -267,7 +327,7 @@ impl Cluster {
         let child = self
             .tb
             .command("control", BIN)
-            .args(["-v", "control", "serve", "--listen", &addr, "--heartbeat", "1", "--db"])
+            .args(["-v", "control", "serve", "--listen", &addr, "--heartbeat", &self.heartbeat, "--db"])
             .arg(&self.db)
             .arg("--token-file")
             .arg(&self.token)

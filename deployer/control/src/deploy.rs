@@ -289,7 +289,7 @@ impl Control {
                         return Ok(p.clone());
                     }
                     let fetchers = members.image_nodes.get(key).cloned().unwrap_or_default();
-                    let p = self.image_sources(&db, key, node, fetchers, &up, &address)?;
+                    let p = self.image_sources(&db, key, def.kind == Kind::Vm, node, fetchers, &up, &address)?;
                     sources.insert(*key, p.clone());
                     Ok(p)
                 };
@@ -356,14 +356,19 @@ impl Control {
     }
 
     /// The peers `node` fetches image `root` from (empty: the store), or
-    /// `None` while the peer chosen does not hold it yet (a VM image: has
-    /// not opened it, and then relays what it fetches; a tarball: has not
-    /// got it whole). `fetchers`: the nodes with an instance of the image.
-    /// A whole disk image (`delivery: full`) is not planned: the store.
+    /// `None` while the peer chosen does not hold it yet. A `relayed` image
+    /// (a VM image) is passed on as it arrives, so a node is given its
+    /// source at once, before the source has opened it (a source waits a
+    /// moment for its own order when asked first); a tarball only once its
+    /// source holds it whole. `fetchers`: the nodes with an instance of the
+    /// image. A whole disk image (`delivery: full`) is not planned: the
+    /// store.
+    #[allow(clippy::too_many_arguments, reason = "one private call site")]
     fn image_sources(
         &self,
         db: &Db,
         root: &RootDigest,
+        relayed: bool,
         node: &Name,
         mut fetchers: BTreeSet<Name>,
         up: &HashSet<&Name>,
@@ -379,7 +384,7 @@ impl Control {
         let fetchers: Vec<Name> = fetchers.into_iter().collect();
         let plan = plan::sources(&fetchers, &holders, self.fan_out);
         match plan.into_iter().find(|(f, _)| f == node).map(|(_, s)| s) {
-            Some(Source::Node(peer)) if holders.contains(&peer) => {
+            Some(Source::Node(peer)) if relayed || holders.contains(&peer) => {
                 Ok(Some(address(&peer).map(|a| format!("http://{a}")).into_iter().collect()))
             }
             Some(Source::Node(_)) => Ok(None),

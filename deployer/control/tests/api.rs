@@ -120,6 +120,12 @@ instances:
     image: http://10.0.0.1:8080/busybox.tar
     count: 2
     segments: [lan]
+    node: node-a
+  other:
+    kind: container
+    image: http://10.0.0.1:8080/busybox.tar
+    segments: [lan]
+    node: node-b
 "
     )
 }
@@ -149,23 +155,36 @@ async fn a_lab_is_placed_ordered_reported_and_destroyed() {
     let rows: serde_json::Value = c.post(format!("{base}/labs")).body(lab_file(&url)).send().await.unwrap().json().await.unwrap();
     let placed: Vec<(String, String)> =
         rows.as_array().unwrap().iter().map(|r| (r["name"].as_str().unwrap().into(), r["node"].as_str().unwrap_or("").into())).collect();
-    assert_eq!(placed.len(), 4, "{rows}");
+    assert_eq!(placed.len(), 5, "{rows}");
     assert!(placed.contains(&("vm".into(), "node-a".into())) && placed.contains(&("vm2".into(), "node-b".into())), "pins: {placed:?}");
     let root = rows.as_array().unwrap().iter().find(|r| r["name"] == "vm").unwrap()["image"].as_str().unwrap().to_owned();
 
-    // node-a fetches the VM image from the store; node-b waits for node-a
-    // to open it, then is told to fetch it from node-a.
+    let tarball = rows.as_array().unwrap().iter().find(|r| r["name"] == "other").unwrap()["image"].as_str().unwrap().to_owned();
+
+    // node-a fetches both images from the store. node-b is told at once to
+    // fetch the VM image from node-a (which relays what it receives), and
+    // the tarball only once node-a holds it whole, from node-a.
     let a = beat(&c, &base, "node-a", serde_json::json!([]), serde_json::json!([])).await;
     let vm = a["instances"].as_array().unwrap().iter().find(|o| o["name"] == "vm").expect("vm ordered on node-a");
     assert_eq!(vm["image"]["peers"], serde_json::json!([]), "{vm}");
     assert_eq!(vm["nics"][0]["address"], "10.20.0.10");
+    let user = a["instances"].as_array().unwrap().iter().find(|o| o["name"] == "user-1").expect("user-1 ordered on node-a");
+    assert_eq!(user["image"]["peers"], serde_json::json!([]), "{user}");
     let b = beat(&c, &base, "node-b", serde_json::json!([]), serde_json::json!([])).await;
-    assert!(b["instances"].as_array().unwrap().iter().all(|o| o["name"] != "vm2"), "vm2 waits for its source: {b}");
-    beat(&c, &base, "node-a", serde_json::json!([[root, 0]]), serde_json::json!([{"lab": "lab1", "name": "vm", "state": "fetching"}]))
-        .await;
-    let b = beat(&c, &base, "node-b", serde_json::json!([]), serde_json::json!([])).await;
-    let vm2 = b["instances"].as_array().unwrap().iter().find(|o| o["name"] == "vm2").expect("vm2 ordered once its source has the image");
+    let vm2 = b["instances"].as_array().unwrap().iter().find(|o| o["name"] == "vm2").expect("vm2 ordered at once");
     assert_eq!(vm2["image"]["peers"], serde_json::json!(["http://10.0.0.2:7070"]), "{vm2}");
+    assert!(b["instances"].as_array().unwrap().iter().all(|o| o["name"] != "other"), "other waits for its tarball's source: {b}");
+    beat(
+        &c,
+        &base,
+        "node-a",
+        serde_json::json!([[root, 0], [tarball, 1]]),
+        serde_json::json!([{"lab": "lab1", "name": "vm", "state": "fetching"}]),
+    )
+    .await;
+    let b = beat(&c, &base, "node-b", serde_json::json!([]), serde_json::json!([])).await;
+    let other = b["instances"].as_array().unwrap().iter().find(|o| o["name"] == "other").expect("other ordered once node-a holds it");
+    assert_eq!(other["image"]["peers"], serde_json::json!(["http://10.0.0.2:7070"]), "{other}");
     // One segment on both nodes: joined by VXLAN; each node answers DHCP
     // for its own VM from an address of its own.
     let seg_a = &a["segments"][0];

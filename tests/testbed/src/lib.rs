@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use anyhow::{Context, bail};
 
 pub mod daemons;
+pub mod fanout;
 pub mod plot;
 pub mod programs;
 

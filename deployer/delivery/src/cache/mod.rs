@@ -37,6 +37,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
 pub use error::{FetchFailure, ReadError};
+pub use peer::OPENING_WAIT;
 
 /// The checked header of the container at `url` (one small range request;
 /// what a control node registers an image by).

@@ -43,6 +43,12 @@ const PAUSE: Duration = Duration::from_secs(5);
 /// (its `Prefer: wait` and the peer connection's read timeout).
 pub(super) const RELAY_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a node asked for an image it has not opened waits for it to
+/// be opened (its own order to fetch it may come a heartbeat after the
+/// asking node's); a fetching node's first request to a peer waits a
+/// little longer.
+pub const OPENING_WAIT: Duration = Duration::from_secs(4);
+
 /// The longest `Prefer: wait` a relaying node honours.
 pub const MAX_RELAY_WAIT: Duration = Duration::from_secs(30);
 
@@ -105,8 +111,13 @@ impl Peer {
         if let Some(r) = self.remote.get() {
             return Some(r);
         }
-        // One quick attempt: the store is always there to fall back on.
-        let quick = RetryPolicy { budget: Duration::ZERO, request_timeout: self.retry.request_timeout.min(RELAY_WAIT), ..self.retry };
+        // One attempt (the store is always there to fall back on), given
+        // the time a peer takes to open an image it was told to fetch too.
+        let quick = RetryPolicy {
+            budget: Duration::ZERO,
+            request_timeout: self.retry.request_timeout.min(OPENING_WAIT + Duration::from_secs(1)),
+            ..self.retry
+        };
         match Remote::open_with(&self.url, quick, self.authorization.as_deref()).await {
             Ok(remote) if remote.len() == self.len && remote.etag().and_then(|e| e.parse().ok()) == Some(self.root) => {
                 tracing::info!(peer = self.shown, "fetching from peer before the store");

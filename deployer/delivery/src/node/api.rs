@@ -125,7 +125,12 @@ async fn metrics(State(node): State<Arc<Node>>) -> String {
 /// What another node fetches: the container's bytes at their own offsets
 /// (HEAD for the length and root digest), only for cached extents.
 async fn peer(State(node): State<Arc<Node>>, method: Method, UrlPath(root): UrlPath<String>, headers: HeaderMap) -> Response {
-    let Some(cache) = root.parse().ok().and_then(|r| node.cache(&r)) else { return plain(StatusCode::NOT_FOUND, "image not cached here") };
+    let Ok(root_digest) = root.parse() else { return plain(StatusCode::NOT_FOUND, "image not cached here") };
+    // A node the control node named as a source may be asked a moment
+    // before its own order to open the image arrives.
+    let Some(cache) = node.cache_within(&root_digest, crate::cache::OPENING_WAIT).await else {
+        return plain(StatusCode::NOT_FOUND, "image not cached here");
+    };
     let len = cache.container_len();
     let mut resp = if method == Method::HEAD {
         let mut r = Response::new(Body::empty());

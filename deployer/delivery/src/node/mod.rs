@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bootcache_format::RootDigest;
 use serde::Serialize;
@@ -344,6 +344,24 @@ impl Node {
     /// The cache of a root digest, if open.
     pub fn cache(&self, root_digest: &RootDigest) -> Option<Arc<NodeCache>> {
         self.caches.lock().unwrap_or_else(|p| p.into_inner()).get(root_digest).and_then(|c| c.get().cloned())
+    }
+
+    /// The cache of a root digest, waiting up to `wait` for one to be
+    /// opened here (a node asked as a relay before its own order to open
+    /// the image has arrived).
+    pub async fn cache_within(&self, root_digest: &RootDigest, wait: Duration) -> Option<Arc<NodeCache>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(c) = self.cache(root_digest) {
+                return Some(c);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
     }
 }
 
