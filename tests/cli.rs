@@ -95,6 +95,18 @@ fn csv_import_gives_exact_unique_bytes_and_intervals() -> Result<()> {
         assert!(std::fs::read(plots.join(format!("{name}.png")))?.starts_with(b"\x89PNG"));
         assert!(std::fs::read_to_string(plots.join(format!("{name}.svg")))?.contains("<svg"));
     }
+
+    // Compared with itself under two names: one row and one figure row each,
+    // the same figures as analysing each alone.
+    let text = ok(&["analyze", &format!("first={}", p(&trace)), &format!("second={}", p(&again)), "--plot", p(&plots)]);
+    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("| first |") || l.starts_with("| second |")).collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    assert_eq!(rows[0].trim_start_matches("| first"), rows[1].trim_start_matches("| second"), "{text}");
+    assert!(rows[0].contains(&format!("| 1794 | {:.1} |", unique as f64 / 1048576.0)), "{text}");
+    assert!(std::fs::read(plots.join("compare.png"))?.starts_with(b"\x89PNG"));
+    let cmp: serde_json::Value = serde_json::from_str(&ok(&["analyze", "--compare", "--json", p(&trace)]))?;
+    assert_eq!(cmp[0]["name"], "boot");
+    assert_eq!(cmp[0]["analysis"]["unique_bytes"], unique);
     Ok(())
 }
 

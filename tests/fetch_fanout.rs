@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bootcache_testbed::Link;
-use support::cluster::{Cluster, Spec, fill_store};
+use support::cluster::{Cluster, Images, Spec, fill_store_with};
 
 /// Nodes on the testbed for the benchmark.
 const MAX_NODES: usize = 16;
@@ -27,10 +27,10 @@ const MAX_NODES: usize = 16;
 /// The source plans compared, as control node arguments.
 const PLANS: [(&str, &[&str]); 3] = [("tree", &["--fan-out", "2"]), ("chain", &["--fan-out", "1"]), ("store", &["--sources", "store"])];
 
-fn cluster(dir: &Path, link: Link, nodes: usize) -> (Cluster, u64) {
+fn cluster(dir: &Path, link: Link, nodes: usize, boot_extent: &str) -> (Cluster, Images) {
     let store = dir.join("store");
     std::fs::create_dir(&store).unwrap();
-    let images = fill_store(&store, dir);
+    let images = fill_store_with(&store, dir, boot_extent);
     let spec = Spec {
         nodes: (1..=nodes).map(|i| format!("n{i}")).collect(),
         daemons: false,
@@ -40,7 +40,7 @@ fn cluster(dir: &Path, link: Link, nodes: usize) -> (Cluster, u64) {
         // Orders and reports within a fifth of a second.
         heartbeat: 0.2,
     };
-    (Cluster::start(dir, &store, link, spec), images.boot_bytes)
+    (Cluster::start(dir, &store, link, spec), images)
 }
 
 /// One instance of the image pinned to each of the first `n` nodes.
@@ -86,7 +86,8 @@ fn fetch(c: &Cluster, n: usize) -> (Vec<f64>, u64, f64) {
 #[test]
 fn the_store_sends_the_image_once_with_the_plan_and_per_node_without() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut c, boot_bytes) = cluster(dir.path(), Link::new(100, 0.0), 4);
+    let (mut c, images) = cluster(dir.path(), Link::new(100, 0.0), 4, "256K");
+    let boot_bytes = images.boot_bytes;
     let (ready, sent, peer) = fetch(&c, 4);
     eprintln!("tree of 4: ready {ready:?}, store sent {sent}, peers {peer} for {boot_bytes} of boot bytes");
     assert!(sent as f64 <= 1.10 * boot_bytes as f64, "with the plan the store sent {sent}, over 1.10 x {boot_bytes}");
@@ -111,7 +112,10 @@ fn bench_fanout() {
     let rate: u32 = env("BOOTCACHE_BENCH_RATE", "100").parse().unwrap();
     let counts = [1usize, 2, 4, 8, 16];
     let dir = tempfile::tempdir().unwrap();
-    let (mut c, boot_bytes) = cluster(dir.path(), Link::new(rate, 0.0), MAX_NODES);
+    let boot_extent = env("BOOTCACHE_BENCH_BOOT_EXTENT", "256K");
+    let link = Link::new(rate, 0.0);
+    let (mut c, images) = cluster(dir.path(), link, MAX_NODES, &boot_extent);
+    let boot_bytes = images.boot_bytes;
     let mut results = Vec::new();
     for run in 1..=runs {
         for (plan, args) in PLANS {
@@ -123,7 +127,7 @@ fn bench_fanout() {
                 }
                 let (ready, sent, peer) = fetch(&c, n);
                 let r = serde_json::json!({
-                    "run": run, "plan": plan, "nodes": n, "rate_mbit": rate,
+                    "run": run, "plan": plan, "nodes": n, "rate_mbit": rate, "boot_extent": boot_extent,
                     "first_s": ready[0], "last_s": ready[ready.len() - 1], "ready_s": ready,
                     "store_bytes": sent, "peer_bytes": peer, "boot_bytes": boot_bytes, "store_over_once": sent as f64 / boot_bytes as f64,
                 });
@@ -133,7 +137,7 @@ fn bench_fanout() {
             }
         }
     }
-    let report = bootcache_testbed::fanout::report(&results, boot_bytes, rate, &out_dir).unwrap();
+    let report = bootcache_testbed::fanout::report(&results, boot_bytes, images.boot_extent_bytes, &link.to_string(), &out_dir).unwrap();
     std::fs::write(out_dir.join("table.md"), &report).unwrap();
     println!("{report}");
 }

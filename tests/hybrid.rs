@@ -62,8 +62,11 @@ fn lab(config: &str, store: &str, scale: f64) -> (String, usize) {
 
 /// One deployment of `config` from cold caches, measured, then destroyed.
 fn deploy(c: &Cluster, images: &Images, config: &str, scale: f64) -> serde_json::Value {
-    let (text, count) = lab(config, &c.store_addr, scale);
-    let file = c.dir.join(format!("{config}.yaml"));
+    // An ablation is a lab deployed by a control node run otherwise
+    // (`hybrid+spread`: spread placement, `+store`: every node from the store).
+    let lab_name = config.split('+').next().unwrap_or(config);
+    let (text, count) = lab(lab_name, &c.store_addr, scale);
+    let file = c.dir.join(format!("{lab_name}.yaml"));
     std::fs::write(&file, text).unwrap();
     for n in &c.nodes {
         n.cold();
@@ -91,7 +94,7 @@ fn deploy(c: &Cluster, images: &Images, config: &str, scale: f64) -> serde_json:
     };
     let peer_bytes: f64 = c.nodes.iter().map(|n| c.node_metric(&n.name, "bootcache_peer_bytes_total")).sum();
     // What the store would send if it sent each image once.
-    let once = match config {
+    let once = match lab_name {
         "traditional" => images.disk_bytes,
         "bootcache" => images.boot_bytes,
         "containers" => images.tar_bytes,
@@ -120,7 +123,7 @@ fn deploy(c: &Cluster, images: &Images, config: &str, scale: f64) -> serde_json:
         "node_cpu_s": usage.iter().zip(&cpu_before).map(|((u, _), b)| u - b).collect::<Vec<f64>>(),
         "node_rss_bytes": usage.iter().map(|u| u.1).collect::<Vec<u64>>(),
     });
-    let out = c.cli(&["destroy", config]);
+    let out = c.cli(&["destroy", lab_name]);
     assert!(out.status.success(), "destroy {config}: {}", String::from_utf8_lossy(&out.stderr));
     std::thread::sleep(Duration::from_secs(2));
     c.assert_clean(&format!("after destroying {config}"));
@@ -179,9 +182,20 @@ fn bench_hybrid() {
         let link = Link::new(rate, 2.0);
         let dir = tempfile::tempdir().unwrap();
         // 26 vCPUs a node (2 cores here): about 25 instances each, as in the source.
-        let (c, images) = cluster(dir.path(), link, 4, &["--cpu-overcommit", &env("BOOTCACHE_BENCH_OVERCOMMIT", "13")]);
+        let overcommit = env("BOOTCACHE_BENCH_OVERCOMMIT", "13");
+        let (mut c, images) = cluster(dir.path(), link, 4, &["--cpu-overcommit", &overcommit]);
         for run in 1..=runs {
             for config in &configs {
+                let mut args = vec!["--cpu-overcommit", overcommit.as_str()];
+                if config.contains("+spread") {
+                    args.extend(["--placement", "spread"]);
+                }
+                if config.contains("+store") {
+                    args.extend(["--sources", "store"]);
+                }
+                if c.control_args != args {
+                    c.restart_control(&args);
+                }
                 let mut r = deploy(&c, &images, config, scale);
                 r["link"] = link.to_string().into();
                 r["rate_mbit"] = rate.into();

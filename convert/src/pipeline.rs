@@ -59,7 +59,8 @@ pub struct ConvertOptions {
     pub zstd_level: Option<i32>,
     /// Keep bytes read in at least this many of the traces (1 = union).
     pub min_boots: usize,
-    /// Largest boot extent.
+    /// Largest boot extent. Nodes relaying an image pass an extent on once
+    /// they have it whole: 256 KiB (the default) keeps each hop short.
     pub boot_extent_max: u32,
     /// Rest extents are cut at multiples of this.
     pub rest_extent_len: u32,
@@ -72,7 +73,7 @@ impl Default for ConvertOptions {
         ConvertOptions {
             zstd_level: None,
             min_boots: 1,
-            boot_extent_max: 1 << 20,
+            boot_extent_max: 256 << 10,
             rest_extent_len: 256 << 10,
             creator: format!("bootcache-convert {}", env!("CARGO_PKG_VERSION")),
         }

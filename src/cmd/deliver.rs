@@ -150,16 +150,22 @@ pub(super) fn parse_background(s: &str) -> Result<Background, String> {
         "off" => Ok(Background::Off),
         "full" => Ok(Background::Unlimited),
         _ => {
-            let (num, mult) = match s.as_bytes().last() {
-                Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
-                Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
-                Some(b'G' | b'g') => (&s[..s.len() - 1], 1 << 30),
-                _ => (s, 1),
-            };
-            let n: u64 = num.parse().map_err(|_| format!("expected off, full or a rate like 20M, not {s:?}"))?;
-            Ok(Background::Rate(n.saturating_mul(mult).max(1)))
+            let n = parse_size(s).map_err(|_| format!("expected off, full or a rate like 20M, not {s:?}"))?;
+            Ok(Background::Rate(n.max(1)))
         }
     }
+}
+
+/// `256K`, `1M`, `2G` or a number (binary multiples).
+pub(super) fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size such as 256K or 1M"))?;
+    Ok(n.saturating_mul(mult))
 }
 
 #[derive(Debug, Args)]

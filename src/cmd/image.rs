@@ -59,12 +59,27 @@ pub struct ConvertArgs {
     /// Compress extents with zstd at this level (kept raw where it does not pay).
     #[arg(long, value_name = "LEVEL", num_args = 0..=1, default_missing_value = "3")]
     zstd: Option<i32>,
+    /// The longest extent of the boot segment (a power of two, 64K to 16M).
+    /// Nodes relaying the image to each other pass an extent on once they
+    /// have it whole, so shorter extents shorten each hop of a chain of
+    /// nodes (16 nodes: 1.24 x one node's time at 256K, 1.91 x at 1M);
+    /// longer ones mean fewer index entries and requests.
+    #[arg(long, value_name = "SIZE", default_value = "256K", value_parser = parse_boot_extent)]
+    boot_extent: u32,
     /// No progress bar.
     #[arg(short, long)]
     quiet: bool,
     /// Output format of the report.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
+}
+
+fn parse_boot_extent(s: &str) -> Result<u32, String> {
+    let n = super::deliver::parse_size(s)?;
+    if !n.is_power_of_two() || !(64 << 10..=16 << 20).contains(&n) {
+        return Err(format!("{s}: a power of two from 64K to 16M"));
+    }
+    u32::try_from(n).map_err(|e| e.to_string())
 }
 
 pub fn convert(args: &ConvertArgs) -> anyhow::Result<ExitCode> {
@@ -80,6 +95,7 @@ pub fn convert(args: &ConvertArgs) -> anyhow::Result<ExitCode> {
     let opts = ConvertOptions {
         zstd_level: args.zstd,
         min_boots: args.min_boots,
+        boot_extent_max: args.boot_extent,
         creator: format!("bootcache {}", env!("CARGO_PKG_VERSION")),
         ..Default::default()
     };

@@ -9,7 +9,7 @@ mod progress;
 mod record;
 mod trace;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -43,13 +43,21 @@ enum Command {
     #[command(subcommand)]
     Trace(trace::TraceCmd),
     /// Study a trace's reads: sizes, unique bytes, intervals; optional plots.
+    /// Given several traces (or --compare), compares them: one table row
+    /// and one row of plots per trace.
     Analyze {
-        /// The trace file.
-        trace: PathBuf,
-        /// Print one JSON object instead of text.
+        /// The trace file(s); `NAME=PATH` names a trace in the comparison
+        /// (default: the file's stem).
+        #[arg(required = true, num_args = 1..)]
+        traces: Vec<String>,
+        /// Compare even one trace (the comparison's table and plot layout).
+        #[arg(long)]
+        compare: bool,
+        /// Print JSON instead of text (an array when comparing).
         #[arg(long)]
         json: bool,
-        /// Write request-size, offset-over-time and cumulative plots (PNG and SVG) here.
+        /// Write request-size, offset-over-time and cumulative plots (PNG and
+        /// SVG) here; comparing, compare.png and compare.svg.
         #[arg(long, value_name = "DIR")]
         plot: Option<PathBuf>,
     },
@@ -133,7 +141,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Record(args) => record::record(&args),
         Command::Trace(t) => trace::run(t),
-        Command::Analyze { trace, json, plot } => trace::analyze(&trace, json, plot.as_deref()),
+        Command::Analyze { traces, compare, json, plot } => {
+            if traces.len() == 1 && !compare {
+                trace::analyze(Path::new(&traces[0]), json, plot.as_deref())
+            } else {
+                trace::compare(&traces, json, plot.as_deref())
+            }
+        }
         Command::Convert(args) => image::convert(&args),
         Command::Export { src, dst, format, quiet } => image::export(&src, &dst, format, quiet),
         Command::Info { image, output } => image::info(&image, output),

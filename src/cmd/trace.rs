@@ -263,3 +263,68 @@ pub fn analyze(path: &Path, json: bool, plot: Option<&Path>) -> anyhow::Result<E
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `analyze` of several traces side by side: a table (or a JSON array) and,
+/// with `plot`, one figure of the three plots per trace.
+pub fn compare(specs: &[String], json: bool, plot: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let mut named = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let (name, path) = match spec.split_once('=') {
+            Some((n, p)) if !n.is_empty() && !n.contains('/') => (n.to_owned(), PathBuf::from(p)),
+            _ => {
+                let p = PathBuf::from(spec);
+                (p.file_stem().map_or_else(|| spec.clone(), |s| s.to_string_lossy().into_owned()), p)
+            }
+        };
+        let trace = Trace::open(&path).with_context(|| format!("reading trace {}", path.display()))?;
+        let a = analyze_trace(&trace);
+        if a.lost_records > 0 {
+            eprintln!("WARNING: the recorder lost {} records of {}: that trace is incomplete", a.lost_records, path.display());
+        }
+        named.push((name, trace, a));
+    }
+    let plots = match plot {
+        Some(dir) => {
+            let refs: Vec<(&str, &Trace, &bootcache_trace::analysis::Analysis)> =
+                named.iter().map(|(n, t, a)| (n.as_str(), t, a)).collect();
+            bootcache_trace::plot::plot_compare(&refs, dir)?
+        }
+        None => Vec::new(),
+    };
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    if json {
+        let rows: Vec<serde_json::Value> = named.iter().map(|(n, _, a)| serde_json::json!({"name": n, "analysis": a})).collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "| trace | image MiB | read requests | unique MiB | of image | intervals | re-read factor | median request | largest bucket | last read (s) |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|");
+        for (n, _, a) in &named {
+            let share = if a.image_size > 0 { format!("{:.1}%", 100.0 * a.unique_bytes as f64 / a.image_size as f64) } else { "-".into() };
+            // The bucket holding the median request, and the one holding most bytes.
+            let mut seen = 0;
+            let median = a.histogram.iter().find(|b| {
+                seen += b.count;
+                seen * 2 >= a.requests
+            });
+            let heaviest = a.histogram.iter().max_by_key(|b| b.bytes);
+            let bucket = |b: Option<&bootcache_trace::analysis::Bucket>| b.map_or("-".into(), |b| format!(">= {} B", b.min));
+            println!(
+                "| {n} | {:.0} | {} | {:.1} | {share} | {} | {:.2} | {} | {} | {:.1} |",
+                mib(a.image_size),
+                a.requests,
+                mib(a.unique_bytes),
+                a.intervals,
+                a.reread_factor,
+                bucket(median),
+                bucket(heaviest),
+                a.duration_ns as f64 / 1e9
+            );
+        }
+        for p in &plots {
+            println!("plot: {}", p.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -42,11 +42,18 @@ pub struct Images {
     pub disk_bytes: u64,
     /// The container tarball.
     pub tar_bytes: u64,
+    /// The mean stored size of a boot-segment extent.
+    pub boot_extent_bytes: f64,
 }
 
 /// The small guest recorded and converted into `store` (small.bcimg), as
 /// qcow2 (small.qcow2) and its tarball (small.tar).
 pub fn fill_store(store: &Path, work: &Path) -> Images {
+    fill_store_with(store, work, "256K")
+}
+
+/// [`fill_store`] with boot-segment extents of at most `boot_extent`.
+pub fn fill_store_with(store: &Path, work: &Path, boot_extent: &str) -> Images {
     let (raw, tar) = small_guest();
     let s = |p: &Path| p.to_str().unwrap().to_owned();
     let trace = work.join("small.bctrace");
@@ -75,15 +82,17 @@ pub fn fill_store(store: &Path, work: &Path) -> Images {
         &drive,
     ]);
     let image = store.join("small.bcimg");
-    bootcache(&["convert", &s(&raw), &s(&image), "--trace", &s(&trace), "--zstd", "-q"]);
+    bootcache(&["convert", &s(&raw), &s(&image), "--trace", &s(&trace), "--zstd", "-q", "--boot-extent", boot_extent]);
     let info: serde_json::Value = serde_json::from_str(&bootcache(&["info", &s(&image), "--output", "json"])).unwrap();
-    let boot_bytes = info["boot_segment_bytes"].as_u64().unwrap() + 256 + info["index_bytes"].as_u64().unwrap();
+    let boot_segment = info["boot_segment_bytes"].as_u64().unwrap();
+    let boot_bytes = boot_segment + 256 + info["index_bytes"].as_u64().unwrap();
+    let boot_extent_bytes = boot_segment as f64 / info["boot_extents"].as_f64().unwrap().max(1.0);
     let qcow2 = store.join("small.qcow2");
     let out = Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow2).output().unwrap();
     assert!(out.status.success(), "qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
     std::fs::copy(&tar, store.join("small.tar")).unwrap();
     let len = |p: &Path| std::fs::metadata(p).unwrap().len();
-    Images { boot_bytes, disk_bytes: len(&qcow2), tar_bytes: len(&tar) }
+    Images { boot_bytes, disk_bytes: len(&qcow2), tar_bytes: len(&tar), boot_extent_bytes }
 }
 
 /// What the cluster is made of.

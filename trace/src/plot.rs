@@ -22,13 +22,13 @@ const MIB: f64 = 1024.0 * 1024.0;
 
 type Area<'a, B> = DrawingArea<B, Shift>;
 
-fn histogram<B: DrawingBackend>(area: &Area<'_, B>, a: &Analysis) -> Result<(), String> {
+fn histogram<B: DrawingBackend>(area: &Area<'_, B>, a: &Analysis, label: &str) -> Result<(), String> {
     area.fill(&WHITE).map_err(|e| e.to_string())?;
     let labels: Vec<String> = a.histogram.iter().map(|b| human(b.min)).collect();
     let max = a.histogram.iter().map(|b| b.count).max().unwrap_or(1);
     let n = a.histogram.len().max(1);
     let mut chart = ChartBuilder::on(area)
-        .caption("Read request sizes", ("sans-serif", 22))
+        .caption(format!("{label}Read request sizes"), ("sans-serif", 22))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
@@ -79,15 +79,15 @@ fn time_plot<B: DrawingBackend>(area: &Area<'_, B>, title: &str, y_desc: &str, p
     area.present().map_err(|e| e.to_string())
 }
 
-fn offsets<B: DrawingBackend>(area: &Area<'_, B>, t: &Trace) -> Result<(), String> {
+fn offsets<B: DrawingBackend>(area: &Area<'_, B>, t: &Trace, label: &str) -> Result<(), String> {
     let pts = t.records.iter().filter_map(|r| Some((r.t_ns as f64 / 1e9, r.boot_bytes()?.start as f64 / MIB))).collect();
-    time_plot(area, "Read offset over time", "offset (MiB)", pts, Mark::Dots)
+    time_plot(area, &format!("{label}Read offset over time"), "offset (MiB)", pts, Mark::Dots)
 }
 
-fn cumulative<B: DrawingBackend>(area: &Area<'_, B>, t: &Trace) -> Result<(), String> {
+fn cumulative<B: DrawingBackend>(area: &Area<'_, B>, t: &Trace, label: &str) -> Result<(), String> {
     let mut pts: Vec<(f64, f64)> = vec![(0.0, 0.0)];
     pts.extend(cumulative_unique(t).into_iter().map(|(ns, b)| (ns as f64 / 1e9, b as f64 / MIB)));
-    time_plot(area, "Cumulative unique boot data", "unique bytes read (MiB)", pts, Mark::Line)
+    time_plot(area, &format!("{label}Cumulative unique boot data"), "unique bytes read (MiB)", pts, Mark::Line)
 }
 
 fn human(b: u64) -> String {
@@ -115,9 +115,9 @@ pub fn plot_all(trace: &Trace, analysis: &Analysis, dir: &Path) -> Result<Vec<Pa
                 ($backend:expr) => {{
                     let area = $backend.into_drawing_area();
                     match name {
-                        "sizes" => draw(histogram(&area, analysis))?,
-                        "offsets" => draw(offsets(&area, trace))?,
-                        _ => draw(cumulative(&area, trace))?,
+                        "sizes" => draw(histogram(&area, analysis, ""))?,
+                        "offsets" => draw(offsets(&area, trace, ""))?,
+                        _ => draw(cumulative(&area, trace, ""))?,
                     }
                 }};
             }
@@ -128,6 +128,43 @@ pub fn plot_all(trace: &Trace, analysis: &Analysis, dir: &Path) -> Result<Vec<Pa
             }
             written.push(file);
         }
+    }
+    Ok(written)
+}
+
+/// Draws the three plots of each trace side by side, one row per trace, as
+/// `compare.png` and `compare.svg` in `dir`. Returns the files written.
+///
+/// # Errors
+/// A plot that cannot be drawn or written.
+pub fn plot_compare(traces: &[(&str, &Trace, &Analysis)], dir: &Path) -> Result<Vec<PathBuf>, PlotError> {
+    std::fs::create_dir_all(dir).map_err(|e| PlotError { file: dir.to_path_buf(), why: e.to_string() })?;
+    let rows = traces.len().max(1);
+    let size = (1800, u32::try_from(rows * 420).unwrap_or(u32::MAX));
+    let mut written = Vec::new();
+    for ext in ["png", "svg"] {
+        let file = dir.join(format!("compare.{ext}"));
+        let draw = |result: Result<(), String>| result.map_err(|why| PlotError { file: file.clone(), why });
+        macro_rules! render {
+            ($backend:expr) => {{
+                let root = $backend.into_drawing_area();
+                draw(root.fill(&WHITE).map_err(|e| e.to_string()))?;
+                let cells = root.split_evenly((rows, 3));
+                for (i, (name, trace, analysis)) in traces.iter().enumerate() {
+                    let label = format!("{name}: ");
+                    draw(histogram(&cells[i * 3], analysis, &label))?;
+                    draw(offsets(&cells[i * 3 + 1], trace, &label))?;
+                    draw(cumulative(&cells[i * 3 + 2], trace, &label))?;
+                }
+                draw(root.present().map_err(|e| e.to_string()))?;
+            }};
+        }
+        if ext == "png" {
+            render!(BitMapBackend::new(&file, size));
+        } else {
+            render!(SVGBackend::new(&file, size));
+        }
+        written.push(file);
     }
     Ok(written)
 }

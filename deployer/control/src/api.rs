@@ -47,7 +47,8 @@ pub struct Control {
     pub cpu_overcommit: u32,
     /// How placement chooses among nodes.
     pub policy: crate::plan::Policy,
-    /// How many nodes one node serves an image to (1: a chain).
+    /// How many nodes one node serves an image to (1: a chain; 0: chosen
+    /// by how many fetch it, [`crate::plan::auto_fan_out`]).
     pub fan_out: usize,
     /// Whether nodes fetch VM images from each other (false: every node
     /// from the store, kept to compare with).
@@ -81,7 +82,7 @@ impl Control {
             retry: RetryPolicy::default(),
             cpu_overcommit: 16,
             policy: crate::plan::Policy::CacheAware,
-            fan_out: 2,
+            fan_out: 0,
             peers: true,
             views: Mutex::default(),
             members: Mutex::default(),

@@ -382,7 +382,14 @@ impl Control {
         fetchers.retain(|n| !holders.contains(n) && up.contains(n));
         fetchers.insert(node.clone());
         let fetchers: Vec<Name> = fetchers.into_iter().collect();
-        let plan = plan::sources(&fetchers, &holders, self.fan_out);
+        // A tarball is passed on only once whole: a level of the tree costs
+        // a heartbeat, so its tree is wide.
+        let fan_out = match (self.fan_out, relayed) {
+            (0, true) => plan::auto_fan_out(fetchers.len() + holders.len()),
+            (0, false) => 4,
+            (n, _) => n,
+        };
+        let plan = plan::sources(&fetchers, &holders, fan_out);
         match plan.into_iter().find(|(f, _)| f == node).map(|(_, s)| s) {
             Some(Source::Node(peer)) if relayed || holders.contains(&peer) => {
                 Ok(Some(address(&peer).map(|a| format!("http://{a}")).into_iter().collect()))

@@ -107,6 +107,20 @@ pub enum Source {
     Node(Name),
 }
 
+/// Up to this many nodes fetching one image at once, a chain is quickest;
+/// above, a tree of fan-out 2 (the store sends the image once in either).
+/// From `scripts/bench-fanout`: its measured per-stream rate and delay per
+/// hop drive a simulation of both, which puts the crossover at 52 nodes
+/// for images with 256 KiB boot extents at 100 Mbit/s (18 with 1 MiB
+/// extents; BENCHMARKS.md, "Many nodes fetching one image").
+pub const CHAIN_UP_TO: usize = 48;
+
+/// The fan-out for `nodes` nodes fetching one image at once (see
+/// [`CHAIN_UP_TO`]).
+pub fn auto_fan_out(nodes: usize) -> usize {
+    if nodes <= CHAIN_UP_TO { 1 } else { 2 }
+}
+
 /// A source for each of `fetchers` (the nodes that must fetch an image, in
 /// the order they start), given the nodes that already `hold` it: each
 /// holder, and each fetcher once it has a source, serves at most `fan_out`
@@ -185,6 +199,8 @@ mod tests {
             let load = load(&plan);
             assert_eq!(load.get(&None), Some(&1), "fan-out {fan_out}: the store serves one node");
             assert!(load.values().all(|&l| l <= fan_out), "fan-out {fan_out}: {load:?}");
+            assert_eq!(auto_fan_out(CHAIN_UP_TO), 1);
+            assert_eq!(auto_fan_out(CHAIN_UP_TO + 1), 2);
             // Every node's source got the image before it.
             for (i, (_, s)) in plan.iter().enumerate() {
                 if let Source::Node(src) = s {

@@ -126,7 +126,7 @@ fn fit(points: &[(f64, f64)]) -> (f64, f64) {
 ///
 /// # Errors
 /// A plot cannot be written.
-pub fn report(results: &[serde_json::Value], boot_bytes: u64, rate_mbit: u32, out: &Path) -> anyhow::Result<String> {
+pub fn report(results: &[serde_json::Value], boot_bytes: u64, extent_bytes: f64, link: &str, out: &Path) -> anyhow::Result<String> {
     let last = |plan: &str, n: usize| {
         median(results.iter().filter(|r| r["plan"] == plan && r["nodes"] == n).filter_map(|r| r["last_s"].as_f64()).collect())
     };
@@ -145,20 +145,21 @@ pub fn report(results: &[serde_json::Value], boot_bytes: u64, rate_mbit: u32, ou
     let store_pts: Vec<(f64, f64)> =
         counts.iter().filter(|&&n| n > 1).map(|&n| (n as f64, last("store", n))).filter(|p| p.1.is_finite()).collect();
     let (per_node, _) = fit(&store_pts);
-    let rate = if per_node > 0.0 { bytes / per_node } else { f64::from(rate_mbit) * 1e6 / 8.0 };
+    let rate = if per_node > 0.0 { bytes / per_node } else { f64::NAN };
     let fixed_s = (one - bytes / rate).max(0.0);
     // A chain adds one relay delay (and an extent's time) per hop.
     let chain_pts: Vec<(f64, f64)> =
         counts.iter().map(|&n| (n as f64, if n == 1 { one } else { last("chain", n) })).filter(|p| p.1.is_finite()).collect();
     let (per_hop, _) = fit(&chain_pts);
-    let extent = 256.0 * 1024.0;
+    let extent = extent_bytes.max(1.0);
     let relay_s = (per_hop - extent / rate).max(0.0);
     let f = Figures { bytes, rate, fixed_s, relay_s, extent };
 
     let mut t = format!(
-        "Measured at {rate_mbit} Mbit/s (no added delay), {} runs, medians. Boot bytes (boot segment, header, index): {:.1} MB.\n\n| nodes | plan | first ready (s) | last ready (s) | last / one node | store bytes / once | peer MB |\n|---|---|---|---|---|---|---|\n",
+        "Measured on {link} links, {} runs, medians. Boot bytes (boot segment, header, index): {:.1} MB; boot extents of {:.0} KB stored on average.\n\n| nodes | plan | first ready (s) | last ready (s) | last / one node | store bytes / once | peer MB |\n|---|---|---|---|---|---|---|\n",
         results.iter().filter_map(|r| r["run"].as_u64()).max().unwrap_or(0),
-        bytes / 1e6
+        bytes / 1e6,
+        extent / 1e3
     );
     for &n in &counts {
         for plan in ["tree", "chain", "store"] {
@@ -177,7 +178,7 @@ pub fn report(results: &[serde_json::Value], boot_bytes: u64, rate_mbit: u32, ou
         }
     }
     t += &format!(
-        "\nFitted: a stream's rate {:.1} MB/s (from the store-only runs), fixed cost {:.2} s (one node alone less its transfer), relay delay {:.3} s per hop (from the chain, less an extent's transfer).\n\n",
+        "\nFitted: a stream's rate {:.1} MB/s (from the store-only runs), fixed cost {:.2} s (one node alone less its transfer), relay delay {:.3} s per hop besides an extent's transfer (from the chain).\n\n",
         rate / 1e6,
         fixed_s,
         relay_s
