@@ -110,14 +110,21 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
                 .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "401", "{path}");
     }
-    // A node's API wants it too (peers send it).
-    let out =
-        c.tb.command("control", "curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
-            .arg(format!("http://{}:7070/images", c.node("node-a").addr))
-            .output()
-            .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
+    // A node's API wants it too (peers send it), tarballs included.
+    for path in ["/images".to_owned(), format!("/tarballs/{}", "0".repeat(64))] {
+        let out =
+            c.tb.command("control", "curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+                .arg(format!("http://{}:7070{path}", c.node("node-a").addr))
+                .output()
+                .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "401", "{path}");
+    }
+    // With it, a tarball key that is not one is refused, and one not held is 404.
+    for (path, code) in [("/tarballs/..%2f..%2fetc%2fpasswd".to_owned(), "400"), (format!("/tarballs/{}", "0".repeat(64)), "404")] {
+        let out = c.curl(&["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{}:7070{path}", c.node("node-a").addr)]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), code, "{path}");
+    }
 
     // Bad lab files: an error naming the line, nothing created.
     let bad: &[(&str, &str, &str)] = &[

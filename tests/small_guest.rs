@@ -6,19 +6,11 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use support::cluster::{record_small_guest, small_guest};
 use support::{accel, bootcache};
-
-fn small_guest() -> (PathBuf, PathBuf) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/small-guest");
-    let out = Command::new(&script).output().expect("run scripts/small-guest");
-    assert!(out.status.success(), "scripts/small-guest failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    let raw = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-    let tar = raw.with_extension("tar");
-    (raw, tar)
-}
 
 #[test]
 fn the_small_guest_is_recorded_converted_and_boots_lazily() {
@@ -27,30 +19,8 @@ fn the_small_guest_is_recorded_converted_and_boots_lazily() {
     let dir = tempfile::tempdir().unwrap();
     let s = |p: &Path| p.to_str().unwrap().to_owned();
     let trace = dir.path().join("small.bctrace");
-    let drive = format!("file={},format=raw,if=virtio,cache=none,aio=threads", raw.display());
+    record_small_guest(&raw, &trace);
     let accel = accel();
-    bootcache(&[
-        "record",
-        "--image",
-        &s(&raw),
-        "--out",
-        &s(&trace),
-        "--timeout",
-        "120",
-        "--",
-        "qemu-system-x86_64",
-        "-accel",
-        &accel,
-        "-m",
-        "96",
-        "-display",
-        "none",
-        "-snapshot",
-        "-net",
-        "none",
-        "-drive",
-        &drive,
-    ]);
     let a: serde_json::Value = serde_json::from_str(&bootcache(&["analyze", &s(&trace), "--json"])).unwrap();
     let unique = a["unique_bytes"].as_u64().unwrap();
     eprintln!("small guest boot: {unique} unique bytes in {} reads", a["requests"]);

@@ -52,19 +52,17 @@ pub fn fill_store(store: &Path, work: &Path) -> Images {
     fill_store_with(store, work, "256K")
 }
 
-/// [`fill_store`] with boot-segment extents of at most `boot_extent`.
-pub fn fill_store_with(store: &Path, work: &Path, boot_extent: &str) -> Images {
-    let (raw, tar) = small_guest();
+/// Records the small guest's boot (from `raw`, in 96 MiB) into `trace`.
+pub fn record_small_guest(raw: &Path, trace: &Path) {
     let s = |p: &Path| p.to_str().unwrap().to_owned();
-    let trace = work.join("small.bctrace");
     let drive = format!("file={},format=raw,if=virtio,cache=none,aio=threads", raw.display());
     let accel = super::accel();
     bootcache(&[
         "record",
         "--image",
-        &s(&raw),
+        &s(raw),
         "--out",
-        &s(&trace),
+        &s(trace),
         "--timeout",
         "120",
         "--",
@@ -81,6 +79,14 @@ pub fn fill_store_with(store: &Path, work: &Path, boot_extent: &str) -> Images {
         "-drive",
         &drive,
     ]);
+}
+
+/// [`fill_store`] with boot-segment extents of at most `boot_extent`.
+pub fn fill_store_with(store: &Path, work: &Path, boot_extent: &str) -> Images {
+    let (raw, tar) = small_guest();
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let trace = work.join("small.bctrace");
+    record_small_guest(&raw, &trace);
     let image = store.join("small.bcimg");
     bootcache(&["convert", &s(&raw), &s(&image), "--trace", &s(&trace), "--zstd", "-q", "--boot-extent", boot_extent]);
     let info: serde_json::Value = serde_json::from_str(&bootcache(&["info", &s(&image), "--output", "json"])).unwrap();
@@ -397,7 +403,8 @@ impl Cluster {
             .lines()
             .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
             .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-            .sum()
+            .sum::<f64>()
+            + 0.0 // an empty sum is -0.0
     }
 
     /// Nothing of any lab on any node: domains, containers, links, rules, overlays.

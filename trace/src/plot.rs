@@ -98,6 +98,21 @@ fn human(b: u64) -> String {
     }
 }
 
+/// Evaluates `$draw` (a `Result<(), String>` over `$area`, the drawing area
+/// of either backend) into `$file`: PNG or SVG by its extension.
+macro_rules! render_to {
+    ($file:expr, $size:expr, |$area:ident| $draw:expr) => {{
+        let file: &Path = $file;
+        if file.extension().is_some_and(|e| e == "png") {
+            let $area = BitMapBackend::new(file, $size).into_drawing_area();
+            $draw
+        } else {
+            let $area = SVGBackend::new(file, $size).into_drawing_area();
+            $draw
+        }
+    }};
+}
+
 /// Draws `sizes`, `offsets` and `cumulative`, each as PNG and SVG, into `dir`.
 /// Returns the files written.
 ///
@@ -109,23 +124,12 @@ pub fn plot_all(trace: &Trace, analysis: &Analysis, dir: &Path) -> Result<Vec<Pa
     for name in ["sizes", "offsets", "cumulative"] {
         for ext in ["png", "svg"] {
             let file = dir.join(format!("{name}.{ext}"));
-            let draw = |result: Result<(), String>| result.map_err(|why| PlotError { file: file.clone(), why });
-            let size = (900, 540);
-            macro_rules! render {
-                ($backend:expr) => {{
-                    let area = $backend.into_drawing_area();
-                    match name {
-                        "sizes" => draw(histogram(&area, analysis, ""))?,
-                        "offsets" => draw(offsets(&area, trace, ""))?,
-                        _ => draw(cumulative(&area, trace, ""))?,
-                    }
-                }};
-            }
-            if ext == "png" {
-                render!(BitMapBackend::new(&file, size));
-            } else {
-                render!(SVGBackend::new(&file, size));
-            }
+            render_to!(&file, (900, 540), |area| match name {
+                "sizes" => histogram(&area, analysis, ""),
+                "offsets" => offsets(&area, trace, ""),
+                _ => cumulative(&area, trace, ""),
+            })
+            .map_err(|why| PlotError { file: file.clone(), why })?;
             written.push(file);
         }
     }
@@ -144,26 +148,18 @@ pub fn plot_compare(traces: &[(&str, &Trace, &Analysis)], dir: &Path) -> Result<
     let mut written = Vec::new();
     for ext in ["png", "svg"] {
         let file = dir.join(format!("compare.{ext}"));
-        let draw = |result: Result<(), String>| result.map_err(|why| PlotError { file: file.clone(), why });
-        macro_rules! render {
-            ($backend:expr) => {{
-                let root = $backend.into_drawing_area();
-                draw(root.fill(&WHITE).map_err(|e| e.to_string()))?;
-                let cells = root.split_evenly((rows, 3));
-                for (i, (name, trace, analysis)) in traces.iter().enumerate() {
-                    let label = format!("{name}: ");
-                    draw(histogram(&cells[i * 3], analysis, &label))?;
-                    draw(offsets(&cells[i * 3 + 1], trace, &label))?;
-                    draw(cumulative(&cells[i * 3 + 2], trace, &label))?;
-                }
-                draw(root.present().map_err(|e| e.to_string()))?;
-            }};
-        }
-        if ext == "png" {
-            render!(BitMapBackend::new(&file, size));
-        } else {
-            render!(SVGBackend::new(&file, size));
-        }
+        render_to!(&file, size, |root| (|| {
+            root.fill(&WHITE).map_err(|e| e.to_string())?;
+            let cells = root.split_evenly((rows, 3));
+            for (i, (name, trace, analysis)) in traces.iter().enumerate() {
+                let label = format!("{name}: ");
+                histogram(&cells[i * 3], analysis, &label)?;
+                offsets(&cells[i * 3 + 1], trace, &label)?;
+                cumulative(&cells[i * 3 + 2], trace, &label)?;
+            }
+            root.present().map_err(|e| e.to_string())
+        })())
+        .map_err(|why| PlotError { file: file.clone(), why })?;
         written.push(file);
     }
     Ok(written)

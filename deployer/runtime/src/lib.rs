@@ -102,6 +102,9 @@ impl RuntimeError {
     }
 }
 
+/// What a Linux guest's console says when its kernel panics.
+pub const KERNEL_PANIC: &str = "Kernel panic - not syncing";
+
 /// Runs instances of one kind. Every call is idempotent where it can be:
 /// destroying what is not there succeeds.
 pub trait Runtime: Send + Sync {
@@ -124,7 +127,9 @@ pub trait Runtime: Send + Sync {
     fn list(&self) -> impl Future<Output = Result<Vec<String>, RuntimeError>> + Send;
 
     /// Waits until it is running and, with a `marker`, until a line of its
-    /// console contains it; fails if it stops or `timeout` passes.
+    /// console contains it; fails if it stops, if its kernel panics (the
+    /// panic's line is the reason: a guest that panicked never gets
+    /// ready), or if `timeout` passes.
     fn wait_ready(&self, id: &str, marker: Option<&str>, timeout: Duration) -> impl Future<Output = Result<Duration, RuntimeError>> + Send
     where
         Self: Sized,
@@ -141,7 +146,14 @@ pub trait Runtime: Send + Sync {
                 }
                 let ready = match marker {
                     None => self.status(id).await? == Status::Running,
-                    Some(m) => self.console(id).await?.lines().any(|l| l.contains(m)),
+                    Some(m) => {
+                        let console = self.console(id).await?;
+                        if let Some(panic) = console.lines().find(|l| l.contains(KERNEL_PANIC)) {
+                            let why = panic.find(KERNEL_PANIC).map_or(panic, |at| &panic[at..]).trim();
+                            return Err(RuntimeError::new(format!("{id}: booting"), why));
+                        }
+                        console.lines().any(|l| l.contains(m))
+                    }
                 };
                 if ready {
                     return Ok(start.elapsed());
@@ -187,4 +199,55 @@ pub(crate) fn tail(s: String) -> String {
         from += 1;
     }
     s[from..].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A running instance whose console says `console`.
+    struct Fake {
+        console: &'static str,
+    }
+
+    impl Runtime for Fake {
+        async fn create(&self, _: &Spec) -> Result<(), RuntimeError> {
+            Ok(())
+        }
+        async fn start(&self, _: &str) -> Result<(), RuntimeError> {
+            Ok(())
+        }
+        async fn stop(&self, _: &str) -> Result<(), RuntimeError> {
+            Ok(())
+        }
+        async fn destroy(&self, _: &str) -> Result<(), RuntimeError> {
+            Ok(())
+        }
+        async fn status(&self, _: &str) -> Result<Status, RuntimeError> {
+            Ok(Status::Running)
+        }
+        async fn console(&self, _: &str) -> Result<String, RuntimeError> {
+            Ok(self.console.to_owned())
+        }
+        async fn exec(&self, _: &str, _: &[String], _: Duration) -> Result<Exec, RuntimeError> {
+            Ok(Exec { code: 0, output: String::new() })
+        }
+        async fn list(&self) -> Result<Vec<String>, RuntimeError> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicked_guest_fails_at_once_with_its_panic() {
+        let panicked = Fake {
+            console: "[    0.068000]  start_kernel+0x665/0x720\n[    0.068000] ---[ end Kernel panic - not syncing: IO-APIC + timer doesn't work! ]---\n",
+        };
+        let started = Instant::now();
+        let e = panicked.wait_ready("vm", Some("BOOTCACHE-BOOTED"), Duration::from_secs(60)).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(e.to_string().contains("Kernel panic - not syncing: IO-APIC + timer doesn't work!"), "{e}");
+        assert!(!e.to_string().contains("0.068000"), "{e}");
+        let booted = Fake { console: "udhcpc: lease obtained\nBOOTCACHE-BOOTED\n" };
+        assert!(booted.wait_ready("vm", Some("BOOTCACHE-BOOTED"), Duration::from_secs(5)).await.is_ok());
+    }
 }
