@@ -23,22 +23,24 @@ const MARKER: &str = "BOOTCACHE-BOOTED";
 static SERIAL: Mutex<()> = Mutex::new(());
 
 struct Fixture {
-    _dir: tempfile::TempDir,
     image: PathBuf,
     store_dir: PathBuf,
     /// Boot segment plus header and index, bytes.
     boot_bytes: u64,
 }
 
-/// The reference guest, its recorded boot, and the container laid out from it.
+/// The reference guest, its recorded boot, and the container laid out from
+/// it, under the target directory (a static is never dropped: a temporary
+/// directory would be left behind by every run), made afresh each run.
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let store_dir = dir.path().join("store");
-        std::fs::create_dir(&store_dir).unwrap();
-        let (image, boot_bytes) = recorded_container(&store_dir, dir.path());
-        Fixture { _dir: dir, image, store_dir, boot_bytes }
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("testbed_boot-fixture");
+        let _ = std::fs::remove_dir_all(&dir);
+        let store_dir = dir.join("store");
+        std::fs::create_dir_all(&store_dir).unwrap();
+        let (image, boot_bytes) = recorded_container(&store_dir, &dir);
+        Fixture { image, store_dir, boot_bytes }
     })
 }
 

@@ -297,7 +297,7 @@ pub fn compare(specs: &[String], json: bool, plot: Option<&Path>) -> anyhow::Res
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         println!(
-            "| trace | image MiB | read requests | unique MiB | of image | intervals | re-read factor | median request | largest bucket | last read (s) |"
+            "| trace | image MiB | read requests | unique MiB | of image | intervals | re-read factor | median request | most bytes in | last read (s) |"
         );
         println!("|---|---|---|---|---|---|---|---|---|---|");
         for (n, _, a) in &named {
