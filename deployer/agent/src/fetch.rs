@@ -139,3 +139,59 @@ pub(crate) async fn whole(shared: &Shared, key: &RootDigest, url: &str, peers: &
     tracing::info!(image = %bootcache_delivery::remote::redact(url), bytes, "copied from the store");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A server that answers one request with `head` then `body`, then closes.
+    async fn answer_once(head: String, body: Vec<u8>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = s.write_all(&body).await;
+        });
+        format!("http://{addr}/small.tar")
+    }
+
+    #[tokio::test]
+    async fn a_short_an_absurd_or_a_refused_answer_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("t/x.tar");
+        let http = reqwest::Client::new();
+        // Fewer bytes than announced: refused, nothing kept.
+        let url = answer_once("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n".into(), b"12345".to_vec()).await;
+        let e = download(&http, &url, None, &dest).await.unwrap_err();
+        assert!(e.contains("small.tar"), "{e}");
+        assert!(!dest.exists() && !dest.with_extension("part").exists());
+        // An absurd length is refused before anything is written.
+        let url = answer_once(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", MAX_BYTES + 1), Vec::new()).await;
+        let e = download(&http, &url, None, &dest).await.unwrap_err();
+        assert!(e.contains("more than"), "{e}");
+        assert!(!dest.exists() && !dest.with_extension("part").exists());
+        // A refusal names the status.
+        let url = answer_once("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".into(), Vec::new()).await;
+        let e = download(&http, &url, None, &dest).await.unwrap_err();
+        assert!(e.contains("404"), "{e}");
+        // A whole answer is kept whole.
+        let url = answer_once("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n".into(), b"12345".to_vec()).await;
+        assert_eq!(download(&http, &url, None, &dest).await.unwrap(), 5);
+        assert_eq!(std::fs::read(&dest).unwrap(), b"12345");
+    }
+
+    #[test]
+    fn only_whole_files_named_by_a_key_count_as_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = bootcache_api::agent::container_image_key("http://s/x.tar");
+        std::fs::create_dir_all(dir.path().join("tarballs")).unwrap();
+        std::fs::write(tarball_path(dir.path(), &key), b"t").unwrap();
+        std::fs::write(dir.path().join("tarballs").join(format!("{key}.part")), b"half").unwrap();
+        std::fs::write(dir.path().join("tarballs/not-a-key.tar"), b"?").unwrap();
+        assert_eq!(held(dir.path()), vec![key]);
+    }
+}
