@@ -143,13 +143,14 @@ async fn whole_disk(shared: &Shared, url: &str) -> Result<(std::path::PathBuf, &
     let key = bootcache_api::agent::container_image_key(url);
     let path = shared.config.state_dir.join("disks").join(format!("{key}.img"));
     crate::fetch::whole(shared, &key, url, &[], &path).await?;
-    let mut magic = [0u8; 4];
-    {
-        use std::io::Read;
-        let mut f = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let _ = f.read(&mut magic);
+    // By its magic, as convert reads images; what QEMU is given must be
+    // what the file is, never a guess.
+    match bootcache_convert::detect(&path) {
+        Ok(bootcache_convert::Format::Raw) => Ok((path, "raw")),
+        Ok(bootcache_convert::Format::Qcow2) => Ok((path, "qcow2")),
+        Ok(other) => Err(format!("image {}: a {other} disk; delivery: full takes raw or qcow2", bootcache_delivery::remote::redact(url))),
+        Err(e) => Err(format!("{}: {e}", path.display())),
     }
-    Ok((path, if &magic == b"QFI\xfb" { "qcow2" } else { "raw" }))
 }
 
 async fn container(shared: &Shared, order: &Order, id: &str) -> Result<std::time::Duration, String> {

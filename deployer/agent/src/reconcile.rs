@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bootcache_api::agent::{ImageOrder, Observed, Orders, names};
-use bootcache_api::{Kind, Name, RootDigest};
+use bootcache_api::{Kind, Name};
 use bootcache_runtime::Runtime;
 
 use crate::Shared;
@@ -25,12 +25,6 @@ pub(crate) fn observed(shared: &Shared) -> Vec<Observed> {
     out.extend(removing.iter().map(|((lab, name), state)| Observed { lab: lab.clone(), name: name.clone(), state: *state, reason: None }));
     out.sort_by(|a, b| (&a.lab, &a.name).cmp(&(&b.lab, &b.name)));
     out
-}
-
-/// The tarballs and whole disk images this node holds, by their keys
-/// (what placement and the choice of sources go by, like VM caches).
-pub(crate) fn container_images(shared: &Shared) -> Vec<(RootDigest, u64)> {
-    crate::fetch::held(&shared.config.state_dir).into_iter().map(|k| (k, 1)).collect()
 }
 
 /// Carries out `orders`.
