@@ -1,4 +1,5 @@
-//! Any bytes sent to the store's, the node API's or the control node's HTTP
+//! Any bytes sent to the store's, the node API's (with the agent's tarball
+//! routes) or the control node's HTTP
 //! server (request lines, headers such as Range and If-Range, JSON bodies):
 //! an answer or a closed connection, never a panic, never a byte from
 //! outside the store's directory, never the token.
@@ -45,7 +46,16 @@ fn setup() -> &'static Setup {
         // One quick attempt: a URL in a body is never waited for.
         opts.retry.budget = Duration::ZERO;
         opts.retry.request_timeout = Duration::from_millis(20);
-        let node = rt.block_on(async { Node::new(dir.path().join("nbd.sock"), opts).api(Credential::from_token(TOKEN)) });
+        // The agent serves its tarballs beside the node API.
+        let tarballs = dir.path().join("tarballs");
+        std::fs::create_dir(&tarballs).expect("tarballs dir");
+        std::fs::write(tarballs.join(format!("{}.tar", "ab".repeat(32))), b"a tarball").expect("file");
+        let _ = std::os::unix::fs::symlink(dir.path().join("secret"), tarballs.join(format!("{}.tar", "cd".repeat(32))));
+        let node = rt.block_on(async {
+            Node::new(dir.path().join("nbd.sock"), opts)
+                .api(Credential::from_token(TOKEN))
+                .merge(bootcache_agent::tarball_routes(tarballs, Credential::from_token(TOKEN)))
+        });
         let db = bootcache_control::db::Db::open(&dir.path().join("control.db")).expect("control database");
         let mut control = bootcache_control::api::Control::new(db, Duration::from_secs(2));
         if let Some(c) = std::sync::Arc::get_mut(&mut control) {

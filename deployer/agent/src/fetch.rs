@@ -57,7 +57,10 @@ async fn serve(State(dir): State<Arc<PathBuf>>, UrlPath(key): UrlPath<String>) -
         return (axum::http::StatusCode::BAD_REQUEST, "a tarball's key is 64 hex digits").into_response();
     };
     let path = dir.join(format!("{key}.tar"));
-    let Ok(file) = tokio::fs::File::open(&path).await else {
+    // Only a file the node wrote there: a link is not followed.
+    let mut open = tokio::fs::OpenOptions::new();
+    open.read(true).custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
+    let Ok(file) = open.open(&path).await else {
         return (axum::http::StatusCode::NOT_FOUND, "this node holds no such tarball").into_response();
     };
     let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
@@ -182,6 +185,20 @@ mod tests {
         let url = answer_once("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n".into(), b"12345".to_vec()).await;
         assert_eq!(download(&http, &url, None, &dest).await.unwrap(), 5);
         assert_eq!(std::fs::read(&dest).unwrap(), b"12345");
+    }
+
+    #[tokio::test]
+    async fn a_tarball_is_served_by_its_key_and_a_link_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (good, link) = ("ab".repeat(32), "cd".repeat(32));
+        std::fs::write(dir.path().join(format!("{good}.tar")), b"tarball").unwrap();
+        std::fs::write(dir.path().join("outside"), b"secret").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("outside"), dir.path().join(format!("{link}.tar"))).unwrap();
+        let state = State(Arc::new(dir.path().to_path_buf()));
+        let status = |r: Response| r.status().as_u16();
+        assert_eq!(status(serve(state.clone(), UrlPath(good)).await), 200);
+        assert_eq!(status(serve(state.clone(), UrlPath(link)).await), 404);
+        assert_eq!(status(serve(state.clone(), UrlPath("../outside".into())).await), 400);
     }
 
     #[test]

@@ -70,6 +70,14 @@ pub struct Config {
     pub prefetch_only: bool,
 }
 
+/// The routes a node serves its whole tarballs from (`GET
+/// /tarballs/{key}`, behind `credential`), over the tarballs in `dir`; the
+/// agent serves them beside the delivery node's API (exposed for tests and
+/// fuzzing).
+pub fn tarball_routes(dir: PathBuf, credential: Arc<Credential>) -> axum::Router {
+    fetch::routes(dir, credential)
+}
+
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
