@@ -45,9 +45,10 @@ pub(super) const RELAY_WAIT: Duration = Duration::from_secs(2);
 
 /// How long a node asked for an image it has not opened waits for it to
 /// be opened (its own order to fetch it may come a heartbeat after the
-/// asking node's); a fetching node's first request to a peer waits a
-/// little longer.
-pub const OPENING_WAIT: Duration = Duration::from_secs(4);
+/// asking node's, or after a control node's restart); a fetching node's
+/// first request to a peer waits a little longer. 4 s let a test that
+/// restarts the control node mid-deploy send a node to the store.
+pub const OPENING_WAIT: Duration = Duration::from_secs(10);
 
 /// The longest `Prefer: wait` a relaying node honours.
 pub const MAX_RELAY_WAIT: Duration = Duration::from_secs(30);
