@@ -33,7 +33,8 @@ struct Setup {
 fn setup() -> &'static Setup {
     static S: OnceLock<Setup> = OnceLock::new();
     S.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("temp dir");
+        // A static is never dropped: fuzz/run removes bootcache-fuzz-* after each target.
+        let dir = tempfile::Builder::new().prefix("bootcache-fuzz-").tempdir().expect("temp dir");
         let served = dir.path().join("store");
         std::fs::create_dir(&served).expect("store dir");
         std::fs::write(served.join("ten"), b"0123456789").expect("file");
