@@ -11,6 +11,7 @@ pub struct Metrics {
     pub(crate) boot_bytes: AtomicU64,
     pub(crate) demand_bytes: AtomicU64,
     pub(crate) background_bytes: AtomicU64,
+    pub(crate) for_peers_bytes: AtomicU64,
     pub(crate) discarded_bytes: AtomicU64,
     pub(crate) peer_bytes: AtomicU64,
     pub(crate) served_bytes: AtomicU64,
@@ -33,6 +34,9 @@ pub struct Snapshot {
     pub demand_bytes: u64,
     /// Stored bytes fetched by background streaming.
     pub background_bytes: u64,
+    /// Stored bytes fetched because a peer asked for extents this cache
+    /// neither held nor was fetching (it fetches them once and relays them).
+    pub for_peers_bytes: u64,
     /// Bytes received but not used (the extent had arrived by another path).
     pub discarded_bytes: u64,
     /// Of the fetched bytes, those that came from peers rather than the
@@ -77,6 +81,7 @@ impl Metrics {
             boot_prefetch_bytes: g(&self.boot_bytes),
             demand_bytes: g(&self.demand_bytes),
             background_bytes: g(&self.background_bytes),
+            for_peers_bytes: g(&self.for_peers_bytes),
             discarded_bytes: g(&self.discarded_bytes),
             peer_bytes: g(&self.peer_bytes),
             served_to_peers_bytes: g(&self.served_bytes),
@@ -98,7 +103,7 @@ impl Metrics {
 impl Snapshot {
     /// Total stored bytes fetched from the network.
     pub fn fetched_bytes(&self) -> u64 {
-        self.boot_prefetch_bytes + self.demand_bytes + self.background_bytes + self.discarded_bytes
+        self.boot_prefetch_bytes + self.demand_bytes + self.background_bytes + self.for_peers_bytes + self.discarded_bytes
     }
 }
 
@@ -106,11 +111,12 @@ impl Snapshot {
 /// counter, each sample labelled with its image.
 pub fn prometheus(caches: &[(bootcache_format::RootDigest, Snapshot)]) -> String {
     type Get = fn(&Snapshot) -> f64;
-    let families: [(&str, &str, &str, Get); 17] = [
+    let families: [(&str, &str, &str, Get); 18] = [
         ("fetched_bytes_total", "counter", "Stored bytes fetched from the network.", |s| s.fetched_bytes() as f64),
         ("boot_prefetch_bytes_total", "counter", "Stored bytes fetched by the boot-segment prefetch.", |s| s.boot_prefetch_bytes as f64),
         ("demand_bytes_total", "counter", "Stored bytes fetched because a guest read missed.", |s| s.demand_bytes as f64),
         ("background_bytes_total", "counter", "Stored bytes fetched by background streaming.", |s| s.background_bytes as f64),
+        ("for_peers_bytes_total", "counter", "Stored bytes fetched because a peer asked for them.", |s| s.for_peers_bytes as f64),
         ("discarded_bytes_total", "counter", "Bytes received that another fetch had already delivered.", |s| s.discarded_bytes as f64),
         ("peer_bytes_total", "counter", "Fetched bytes that came from peers rather than the store.", |s| s.peer_bytes as f64),
         ("served_to_peers_bytes_total", "counter", "Stored bytes served to other nodes.", |s| s.served_to_peers_bytes as f64),

@@ -72,7 +72,7 @@ async fn a_node_takes_everything_from_a_caching_peer_and_the_store_sends_only_th
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn what_a_peer_lacks_comes_from_the_store() {
+async fn a_peer_fetches_what_it_lacks_for_the_asking_node_and_the_store_sends_it_once() {
     let fx = fixture().await;
     let img = image(&fx.container);
     let boot = stored_bytes(&img, Some(Segment::Boot));
@@ -89,7 +89,7 @@ async fn what_a_peer_lacks_comes_from_the_store() {
         async move { if let Some(r) = range { req.header("range", r) } else { req }.send().await.unwrap().status().as_u16() }
     };
     let rest = img.header().rest.clone();
-    assert_eq!(get(Some(format!("bytes={}-{}", rest.start, rest.start + 99)), peer_url.clone()).await, 404, "uncached range");
+    assert_eq!(get(Some(format!("bytes={}-{}", rest.start, rest.start + 99)), peer_url.clone()).await, 404, "uncached range, no Prefer");
     assert_eq!(get(None, peer_url.clone()).await, 400, "no Range");
     assert_eq!(get(Some(format!("bytes={}-", img.header().meta.end + 10)), peer_url.clone()).await, 416);
     assert_eq!(get(Some("bytes=0-99".into()), format!("{a_api}/peer/{}", "0".repeat(64))).await, 404, "unknown image");
@@ -102,9 +102,13 @@ async fn what_a_peer_lacks_comes_from_the_store() {
     let b = NodeCache::open(&fx.url, opts).await.unwrap();
     wait_for("node B to cache the image", || b.complete()).await;
     let from_store = fx.stats.body_bytes.load(Ordering::Relaxed) - before;
-    let m = b.metrics();
-    assert_eq!(m.peer_bytes, boot, "the boot segment came from the peer: {m:?}");
-    assert_eq!(from_store, structure(&img) + stored_bytes(&img, Some(Segment::Rest)), "the rest came from the store: {m:?}");
+    // B's background asked A for the rest, which A fetched once and relayed.
+    let (m, a_m) = (b.metrics(), a_cache.metrics());
+    let rest = stored_bytes(&img, Some(Segment::Rest));
+    assert_eq!(m.peer_bytes, stored_bytes(&img, None), "everything came from the peer: {m:?}");
+    assert_eq!((a_m.for_peers_bytes, a_m.discarded_bytes), (rest, 0), "A fetched the rest for B, once: {a_m:?}");
+    assert_eq!(from_store, structure(&img) + rest, "the store sent B's structure and the rest once: {m:?}");
+    assert!(a_cache.complete(), "A holds what it relayed");
     assert_reads_model(&b, &fx).await;
 }
 
@@ -212,19 +216,26 @@ async fn relay_case(prefetch: Prefetch) {
     assert_eq!(from_store, 2 * structure(&img) + wanted, "the store sent the prefetch once: {m:?}");
     assert_eq!(a_cache.metrics().served_to_peers_bytes, wanted);
 
-    // A relays only what it is fetching: with Prefer: wait, a range of the
-    // rest that its prefetch leaves out (A streams no background) is still
-    // refused at once.
+    // A range its prefetch leaves out (A streams no background): refused
+    // without Prefer, fetched for the asker with it, and the same bytes as
+    // the store's.
     let outside = entries.iter().find(|e| e.segment == Segment::Rest && e.stored_len() > 0).unwrap();
-    let status = authorized_client()
-        .get(format!("{a_api}/peer/{root}"))
-        .header("range", format!("bytes={}-{}", outside.stored.start, outside.stored.end - 1))
-        .header("prefer", "wait=5")
-        .send()
-        .await
-        .unwrap()
-        .status();
-    assert_eq!(status, 404, "nothing on its way: refused");
+    let ask = |prefer: bool| {
+        let req = authorized_client()
+            .get(format!("{a_api}/peer/{root}"))
+            .header("range", format!("bytes={}-{}", outside.stored.start, outside.stored.end - 1));
+        async move { if prefer { req.header("prefer", "wait=5") } else { req }.send().await.unwrap() }
+    };
+    assert_eq!(ask(false).await.status(), 404, "not held: refused without Prefer");
+    let before = fx.stats.body_bytes.load(Ordering::Relaxed);
+    let answer = ask(true).await;
+    assert_eq!(answer.status(), 206);
+    let body = answer.bytes().await.unwrap();
+    let mut want = vec![0u8; usize::try_from(outside.stored_len()).unwrap()];
+    std::fs::File::open(&fx.container).unwrap().read_exact_at(&mut want, outside.stored.start).unwrap();
+    assert!(body[..] == want[..], "the relayed bytes are the store's");
+    assert_eq!(a_cache.metrics().for_peers_bytes, outside.stored_len(), "{:?}", a_cache.metrics());
+    assert_eq!(fx.stats.body_bytes.load(Ordering::Relaxed) - before, outside.stored_len(), "fetched once, from the store");
     assert_reads_model(&b, &fx).await;
 }
 

@@ -17,6 +17,9 @@ use crate::metrics::Metrics;
 /// Largest request of a demand fetch or a stream step. Streams re-plan
 /// between steps, so extents that arrived on demand are not fetched twice.
 const MAX_RUN: u64 = 16 << 20;
+/// Bytes of extents another fetch has claimed that a stream would rather
+/// ask around (a new request) than receive and drop.
+const SKIP_AT_LEAST: u64 = 64 << 10;
 /// How long verified extents wait to be journaled together.
 const PERSIST_BATCH: Duration = Duration::from_millis(100);
 
@@ -60,7 +63,8 @@ fn runs_in_order(index: &Index, positions: Vec<usize>, max: u64) -> Vec<Vec<usiz
 pub(super) struct Aim {
     /// The stream continues at the first absent extent from here.
     from: AtomicU64,
-    /// The end of the run the stream is fetching.
+    /// The run the prefetch is fetching (container offsets).
+    run_start: AtomicU64,
     run_end: AtomicU64,
 }
 
@@ -76,30 +80,42 @@ impl Aim {
     fn passed(&self, end: u64) -> bool {
         self.from.load(Ordering::SeqCst) >= end
     }
+
+    /// Whether the extent stored at `stored` is in the run the prefetch
+    /// has asked for (its bytes are on their way).
+    pub(super) fn streaming(&self, stored: &std::ops::Range<u64>) -> bool {
+        (self.run_start.load(Ordering::SeqCst)..self.run_end.load(Ordering::SeqCst)).contains(&stored.start)
+    }
 }
 
-/// Guest misses: fetched at once, several runs in flight, misses that
-/// queued meanwhile coalesced into the same requests.
-pub(super) async fn demand_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Vec<usize>>) {
+/// Misses (a guest's, or a peer's that this cache relays): fetched at
+/// once, several runs in flight, misses that queued meanwhile coalesced
+/// into the same requests. A guest's miss ahead of the boot stream re-aims
+/// it; a peer's does not (the peer's boot is not this one's).
+pub(super) async fn demand_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<(Vec<usize>, Source)>) {
     let permits = Arc::new(Semaphore::new(inner.opts.demand_parallel.max(1)));
-    while let Some(mut wanted) = rx.recv().await {
-        while let Ok(more) = rx.try_recv() {
-            wanted.extend(more);
+    while let Some(first) = rx.recv().await {
+        let (mut guest, mut peer) = (Vec::new(), Vec::new());
+        for (wanted, source) in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+            if source == Source::ForPeer { &mut peer } else { &mut guest }.extend(wanted);
         }
         if inner.opts.prefetch == Prefetch::BootSegment {
             let entries = inner.index.entries();
-            let ahead =
-                wanted.iter().filter(|&&p| entries[p].segment == Segment::Boot).map(|&p| &entries[p].stored).max_by_key(|s| s.start);
+            let ahead = guest.iter().filter(|&&p| entries[p].segment == Segment::Boot).map(|&p| &entries[p].stored).max_by_key(|s| s.start);
             if ahead.is_some_and(|s| inner.aim.miss(s)) {
                 Metrics::add(&inner.metrics.boot_reaims, 1);
             }
         }
-        for run in runs(&inner.index, wanted, MAX_RUN) {
+        let all = runs(&inner.index, guest, MAX_RUN)
+            .into_iter()
+            .map(|r| (r, Source::Demand))
+            .chain(runs(&inner.index, peer, MAX_RUN).into_iter().map(|r| (r, Source::ForPeer)));
+        for (run, source) in all {
             let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
             let inner = Arc::clone(&inner);
             inner.demand_in_flight.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
-                fetch_run(&inner, &run, Source::Demand).await;
+                fetch_run(&inner, &run, source).await;
                 inner.demand_in_flight.fetch_sub(1, Ordering::SeqCst);
                 drop(permit);
             });
@@ -155,10 +171,6 @@ async fn stream_segment(inner: &Arc<Inner>, segment: Segment, rate: Option<u64>)
         };
         let pick = if ahead.is_empty() { absent } else { ahead };
         let Some(run) = runs(&inner.index, pick, step).into_iter().next() else { return };
-        if segment == Segment::Boot {
-            let end = inner.index.entries()[run[run.len() - 1]].stored.end;
-            inner.aim.run_end.store(end, Ordering::SeqCst);
-        }
         let bytes: u64 = run.iter().map(|&i| inner.index.entries()[i].stored_len()).sum();
         if !fetch_run(inner, &run, source).await {
             tokio::time::sleep(Duration::from_millis(500)).await; // the store is away; the next pass retries
@@ -232,23 +244,35 @@ async fn stream_ranges(inner: &Arc<Inner>, ranges: &[std::ops::Range<u64>]) {
 
 /// Fetches `run` (extents contiguous in the file) as one streamed request,
 /// resuming after a broken connection at the extent it was receiving. A
-/// demand run's extents are already claimed; a stream claims each extent as
-/// its bytes start to arrive, and drops bytes of extents another fetch has
-/// claimed; the boot stream leaves a run its aim has passed. Returns false
-/// if it gave up (the store stayed away).
+/// miss's run has its extents claimed already; a stream claims each extent
+/// as its bytes start to arrive. Extents another fetch has claimed are not
+/// received twice: a stream that reaches at least [`SKIP_AT_LEAST`] bytes
+/// of them ends its request and asks again after them (fewer are received
+/// and dropped). The boot stream leaves a run its aim has passed. Returns
+/// false if it gave up (the store stayed away).
 async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
     let entries = inner.index.entries();
     let run_end = entries[run[run.len() - 1]].stored.end;
     let re_aimed = || source == Source::Boot && inner.opts.prefetch == Prefetch::BootSegment && inner.aim.passed(run_end);
+    if source == Source::Boot {
+        inner.aim.run_start.store(entries[run[0]].stored.start, Ordering::SeqCst);
+        inner.aim.run_end.store(run_end, Ordering::SeqCst);
+    }
     let mut next = 0;
     let mut failing_since: Option<Instant> = None;
     while next < run.len() {
-        let range = entries[run[next]].stored.start..entries[run[run.len() - 1]].stored.end;
-        let (mut stream, from) = match inner.sources.open(range, source == Source::Boot).await {
+        if !source.is_miss() {
+            next += taken(inner, &run[next..]);
+            if next == run.len() {
+                return true;
+            }
+        }
+        let range = entries[run[next]].stored.start..run_end;
+        let (mut stream, from) = match inner.sources.open(range).await {
             Ok(s) => s,
             Err(e) => {
                 inner.set_error(FetchFailure::Store(e.to_string()));
-                if source == Source::Demand {
+                if source.is_miss() {
                     release(inner, &run[next..]);
                 }
                 return false;
@@ -263,10 +287,20 @@ async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
                 return true;
             }
             let pos = run[next];
-            let mine = source == Source::Demand || claim(inner, pos);
+            let mine = source.is_miss() || claim(inner, pos);
+            if !mine {
+                let skip = taken(inner, &run[next..]);
+                let ahead: u64 = run[next..next + skip].iter().map(|&i| entries[i].stored_len()).sum();
+                if ahead.saturating_sub(buf.len() as u64) >= SKIP_AT_LEAST {
+                    // Ask again after them (this request's connection closes).
+                    Metrics::add(&inner.metrics.discarded_bytes, buf.len() as u64);
+                    next += skip;
+                    break;
+                }
+            }
             let need = usize::try_from(entries[pos].stored_len()).unwrap_or(usize::MAX);
             while buf.len() < need {
-                if source != Source::Demand {
+                if !source.is_miss() {
                     yield_to_demand(inner).await;
                     if re_aimed() {
                         if mine {
@@ -288,7 +322,7 @@ async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
                 }
             }
             if let Some(why) = &broken {
-                if mine && source != Source::Demand {
+                if mine && !source.is_miss() {
                     release(inner, &[pos]);
                 }
                 inner.set_error(FetchFailure::Interrupted(why.clone()));
@@ -309,7 +343,7 @@ async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
             }
             let since = *failing_since.get_or_insert_with(Instant::now);
             if since.elapsed() > inner.opts.retry.budget {
-                if source == Source::Demand {
+                if source.is_miss() {
                     release(inner, &run[next..]);
                 }
                 return false;
@@ -319,6 +353,13 @@ async fn fetch_run(inner: &Arc<Inner>, run: &[usize], source: Source) -> bool {
         }
     }
     true
+}
+
+/// How many of `run`'s first extents are not absent (present, or claimed
+/// by another fetch).
+fn taken(inner: &Inner, run: &[usize]) -> usize {
+    let state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
+    run.iter().take_while(|&&i| state[i] != State::Absent).count()
 }
 
 /// Streams give the link to guest misses: they stop reading (and TCP slows
@@ -380,6 +421,7 @@ async fn deliver(inner: &Arc<Inner>, pos: usize, stored: Bytes, source: Source, 
             let counter = match source {
                 Source::Boot => &inner.metrics.boot_bytes,
                 Source::Demand => &inner.metrics.demand_bytes,
+                Source::ForPeer => &inner.metrics.for_peers_bytes,
                 Source::Background => &inner.metrics.background_bytes,
             };
             Metrics::add(counter, len);

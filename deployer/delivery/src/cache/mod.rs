@@ -186,12 +186,23 @@ enum State {
     Bad,
 }
 
-/// Who fetched an extent (for the metrics).
+/// Why an extent is fetched (for the metrics, and whether its extents
+/// were claimed before the request: a guest's or a peer's miss).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Source {
     Boot,
+    /// A guest read missed.
     Demand,
+    /// A peer asked for extents this cache neither held nor was fetching.
+    ForPeer,
     Background,
+}
+
+impl Source {
+    /// Fetched at once for a waiting reader, its extents claimed up front.
+    fn is_miss(self) -> bool {
+        matches!(self, Source::Demand | Source::ForPeer)
+    }
 }
 
 struct Inner {
@@ -214,13 +225,15 @@ struct Inner {
     stored: File,
     /// Positions of extents with stored bytes, in container order.
     by_stored: Vec<usize>,
-    /// Extents the prefetch fetches: what a relay waits for while absent.
+    /// Extents the prefetch fetches: a relay waits for those of the boot
+    /// stream's current run rather than fetch them again.
     prefetched: Vec<bool>,
     /// Where bytes come from: the peers, then the store.
     sources: sources::Sources,
     state: Mutex<Vec<State>>,
     changed: Notify,
-    demand: mpsc::UnboundedSender<Vec<usize>>,
+    /// Misses to fetch at once: extents (claimed) and whose miss it is.
+    demand: mpsc::UnboundedSender<(Vec<usize>, Source)>,
     durable: mpsc::UnboundedSender<u32>,
     metrics: Metrics,
     /// Demand fetches in flight; streams yield the link while non-zero.
@@ -426,7 +439,7 @@ impl Inner {
             }
             asked.extend_from_slice(&claim);
             if !claim.is_empty() {
-                let _ = self.demand.send(claim);
+                let _ = self.demand.send((claim, Source::Demand));
             }
             let started = *waited.get_or_insert_with(|| {
                 Metrics::add(&self.metrics.misses, 1);

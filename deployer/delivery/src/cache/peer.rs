@@ -1,22 +1,23 @@
 //! Caches helping each other: a node serves the stored bytes of its
-//! verified extents to other nodes, and fetches from such peers before the
-//! store.
+//! extents to other nodes, and fetches from such peers before the store.
 //!
 //! A peer answers `Range` requests on the container's own byte offsets, so
 //! the fetching node verifies what it gets against the same index digests as
-//! the store's bytes: a peer is trusted with nothing. A peer that lacks a
-//! range answers 404 and the store is asked instead; a peer that fails is
+//! the store's bytes: a peer is trusted with nothing. A peer that fails is
 //! left alone for a while, and one whose bytes fail their digest for good.
 //!
-//! A node also relays what it is still fetching: asked with `Prefer: wait=N`
-//! (by another node's boot stream), it answers for the extents its own
-//! prefetch has yet to fetch and sends each as soon as it is verified
-//! here, so nodes that boot the same image at once can take the store's
-//! bytes from each other instead of each sharing the store's link. A relay
+//! A node relays: asked with `Prefer: wait=N` (as fetching nodes always
+//! ask), it answers for extents it holds at once, for extents on their way
+//! here (being fetched, or in the run its boot stream has asked for) as
+//! each is verified, and fetches the others now, as its own guest's miss
+//! would, passing them on as they arrive. So nodes that boot the same
+//! image take the store's bytes from each other, and the store sends each
+//! extent once for all of them, misses and background included. A relay
 //! that stalls for `N` seconds ends its answer early and is paused like a
-//! failed peer. Relays should form a chain or a tree (a node asks nodes
-//! that do not ask it back), or two nodes may wait for each other until
-//! that timeout.
+//! failed peer. Without `Prefer`, a node answers only for what it holds
+//! (404 otherwise). Relays should form a chain or a tree (a node asks
+//! nodes that do not ask it back), or two nodes may wait for each other
+//! until that timeout.
 
 use std::io;
 use std::ops::Range;
@@ -28,7 +29,7 @@ use bootcache_format::{Encoding, RootDigest};
 use bytes::Bytes;
 use futures_util::Stream;
 
-use super::{Inner, NodeCache, State};
+use super::{Inner, NodeCache, Source, State};
 use crate::metrics::Metrics;
 use crate::remote::{Remote, RetryPolicy};
 
@@ -194,19 +195,38 @@ impl NodeCache {
 
     /// The container's bytes in `range` as a stream, one item per extent:
     /// the relaying form of [`NodeCache::read_stored`]. Extents present here
-    /// are sent at once; extents being fetched, and extents this cache's
-    /// prefetch (the boot stream, or a trace's ranges) has yet to fetch, are
-    /// sent as soon as they are verified here. An extent that does not
-    /// arrive within `wait`, or fails its digest, ends the stream with an
-    /// error. `None` (nothing to wait
-    /// for) when some extent in the range is neither here nor on its way.
+    /// are sent at once; extents on their way (being fetched, or in the
+    /// run the boot stream has asked for) as soon as they are verified
+    /// here; extents neither here nor on their way are fetched now, as a
+    /// guest's miss would be, so that the store sends them once for this
+    /// node and the asking one. An extent that does not arrive within
+    /// `wait`, or fails its digest, ends the stream with an error. `None`
+    /// when the range is not one this cache serves (outside the data
+    /// segments, over [`MAX_PEER_RANGE`]) or holds an extent that failed its
+    /// digest here.
     pub fn stream_stored(&self, range: Range<u64>, wait: Duration) -> Option<impl Stream<Item = io::Result<Bytes>> + Send + use<>> {
         let inner = std::sync::Arc::clone(&self.inner);
-        let pieces = pieces(&inner, &range, |s, pos| match s {
-            State::Present | State::Fetching => true,
-            State::Absent => inner.prefetched[pos],
-            State::Bad => false,
-        })?;
+        let pieces = pieces(&inner, &range, |s, _| s != State::Bad)?;
+        let stopped = inner.stopped.load(std::sync::atomic::Ordering::SeqCst);
+        let fetch_now: Vec<usize> = {
+            let entries = inner.index.entries();
+            let mut state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
+            pieces
+                .iter()
+                .map(|&(pos, _)| pos)
+                .filter(|&pos| {
+                    let on_its_way = inner.prefetched[pos] && inner.aim.streaming(&entries[pos].stored);
+                    let absent = !stopped && state[pos] == State::Absent && !on_its_way;
+                    if absent {
+                        state[pos] = State::Fetching;
+                    }
+                    absent
+                })
+                .collect()
+        };
+        if !fetch_now.is_empty() {
+            let _ = inner.demand.send((fetch_now, Source::ForPeer));
+        }
         let wait = wait.min(MAX_RELAY_WAIT);
         Some(futures_util::stream::unfold((inner, pieces.into_iter()), move |(inner, mut left)| async move {
             let (pos, within) = left.next()?;

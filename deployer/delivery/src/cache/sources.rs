@@ -28,9 +28,9 @@ pub(super) trait ExtentSource: Send + Sync {
     /// Whether it is a peer (whose bytes count as peer bytes).
     fn is_peer(&self) -> bool;
 
-    /// Starts a stream of `range`. `relayed`: the boot stream asks, and a
-    /// source still fetching the range may send it as it arrives.
-    fn open(&self, range: Range<u64>, relayed: bool) -> Opened<'_>;
+    /// Starts a stream of `range`. A peer may send extents it is still
+    /// fetching (or fetches for this node) as they arrive.
+    fn open(&self, range: Range<u64>) -> Opened<'_>;
 
     /// It failed or broke off: leave it alone for a while.
     fn failed(&self) {}
@@ -48,7 +48,7 @@ impl ExtentSource for Remote {
         false
     }
 
-    fn open(&self, range: Range<u64>, _relayed: bool) -> Opened<'_> {
+    fn open(&self, range: Range<u64>) -> Opened<'_> {
         Box::pin(async move { Ok(Some(Box::pin(self.stream(range, None).await?) as ByteStream)) })
     }
 }
@@ -62,10 +62,10 @@ impl ExtentSource for Peer {
         true
     }
 
-    fn open(&self, range: Range<u64>, relayed: bool) -> Opened<'_> {
+    fn open(&self, range: Range<u64>) -> Opened<'_> {
         Box::pin(async move {
             let Some(remote) = self.remote().await else { return Ok(None) };
-            match remote.stream(range, relayed.then_some(RELAY_WAIT)).await {
+            match remote.stream(range, Some(RELAY_WAIT)).await {
                 Ok(s) => Ok(Some(Box::pin(s) as ByteStream)),
                 // It lacks part of the range (404): the next source has it.
                 Err(RemoteError::Protocol { .. }) => Ok(None),
@@ -95,14 +95,14 @@ impl Sources {
         Sources { list }
     }
 
-    /// A stream of `range` from the first source that has it (or, for the
-    /// boot stream, has it on its way: a relay), and which source it is.
-    /// A peer that fails is left alone and the next asked; the store's
-    /// failure is the answer.
-    pub(super) async fn open(&self, range: Range<u64>, relayed: bool) -> Result<(ByteStream, usize), RemoteError> {
+    /// A stream of `range` from the first source that has it (or relays
+    /// it: a peer that is fetching it, or fetches it for this node), and
+    /// which source it is. A peer that fails is left alone and the next
+    /// asked; the store's failure is the answer.
+    pub(super) async fn open(&self, range: Range<u64>) -> Result<(ByteStream, usize), RemoteError> {
         let last = self.list.len() - 1;
         for (i, source) in self.list.iter().enumerate() {
-            match source.open(range.clone(), relayed).await {
+            match source.open(range.clone()).await {
                 Ok(Some(stream)) => return Ok((stream, i)),
                 Ok(None) => {}
                 Err(e) if i == last => return Err(e),
