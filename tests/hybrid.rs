@@ -60,10 +60,16 @@ fn lab(config: &str, store: &str, scale: f64) -> (String, usize) {
     (lines.join("\n") + "\n", total)
 }
 
+/// How many of the slowest VMs of a deployment keep their consoles.
+const SLOWEST_KEPT: usize = 3;
+
 /// One deployment of `config` from cold caches, measured, then destroyed.
 /// `strict`: every instance must be ready (else those that failed are
-/// counted, with their reasons, and the rest measured).
-fn deploy(c: &Cluster, images: &Images, config: &str, scale: f64, strict: bool) -> serde_json::Value {
+/// counted, with their reasons, and the rest measured). With `consoles`
+/// (a directory and a label), the serial consoles of the slowest VMs and of
+/// those that failed are copied there before the lab goes, and named in the
+/// result.
+fn deploy(c: &Cluster, images: &Images, config: &str, scale: f64, strict: bool, consoles: Option<(&Path, &str)>) -> serde_json::Value {
     // An ablation is a lab deployed by a control node run otherwise
     // (`hybrid+spread`: spread placement, `+store`: every node from the store).
     let lab_name = config.split('+').next().unwrap_or(config);
@@ -114,7 +120,7 @@ fn deploy(c: &Cluster, images: &Images, config: &str, scale: f64, strict: bool) 
         _ => images.boot_bytes + images.tar_bytes,
     };
     let pct = |q: f64| ready[((ready.len() as f64 - 1.0) * q).round() as usize];
-    let r = serde_json::json!({
+    let mut r = serde_json::json!({
         "config": config,
         "instances": count,
         "failed": failed,
@@ -137,11 +143,41 @@ fn deploy(c: &Cluster, images: &Images, config: &str, scale: f64, strict: bool) 
         "node_cpu_s": usage.iter().zip(&cpu_before).map(|((u, _), b)| u - b).collect::<Vec<f64>>(),
         "node_rss_bytes": usage.iter().map(|u| u.1).collect::<Vec<u64>>(),
     });
+    if let Some((dir, label)) = consoles {
+        r["kept_consoles"] = keep_consoles(c, instances, lab_name, dir, label).into();
+    }
     let out = c.cli(&["destroy", lab_name]);
     assert!(out.status.success(), "destroy {config}: {}", String::from_utf8_lossy(&out.stderr));
     std::thread::sleep(Duration::from_secs(2));
     c.assert_clean(&format!("after destroying {config}"));
     r
+}
+
+/// Copies the consoles of the [`SLOWEST_KEPT`] slowest VMs and of every VM
+/// that did not get ready into `dir` as `LABEL-NAME.console`; what was kept
+/// (name, node, ready time, file).
+fn keep_consoles(c: &Cluster, instances: &[serde_json::Value], lab: &str, dir: &Path, label: &str) -> Vec<serde_json::Value> {
+    let mut vms: Vec<&serde_json::Value> = instances.iter().filter(|i| i["kind"] == "vm").collect();
+    // Not ready first, then the slowest.
+    vms.sort_by(|a, b| {
+        let t = |i: &serde_json::Value| if i["state"] == "ready" { i["ready_after_ms"].as_f64().unwrap_or(f64::MAX) } else { f64::MAX };
+        t(b).total_cmp(&t(a))
+    });
+    let failed = vms.iter().filter(|i| i["state"] != "ready").count();
+    std::fs::create_dir_all(dir).unwrap();
+    let mut kept = Vec::new();
+    for i in vms.into_iter().take(failed + SLOWEST_KEPT) {
+        let (Some(name), Some(node)) = (i["name"].as_str(), i["node"].as_str()) else { continue };
+        let from = c.node(node).dir.join(format!("agent/consoles/bootcache.{lab}.{name}.console"));
+        let to = dir.join(format!("{label}-{name}.console"));
+        if std::fs::copy(&from, &to).is_ok() {
+            kept.push(serde_json::json!({
+                "name": name, "node": node, "state": i["state"],
+                "ready_s": i["ready_after_ms"].as_f64().map(|ms| ms / 1000.0), "console": to.display().to_string(),
+            }));
+        }
+    }
+    kept
 }
 
 use support::cluster::Node;
@@ -152,7 +188,7 @@ fn every_configuration_deploys_at_small_scale() {
     // Two vCPUs a node: the instances of each kind span two nodes or more.
     let (c, images) = cluster(dir.path(), Link::new(100, 2.0), 4, &["--cpu-overcommit", "1"]);
     for config in CONFIGS {
-        let r = deploy(&c, &images, config, 0.04, true);
+        let r = deploy(&c, &images, config, 0.04, true, None);
         eprintln!("{r}");
         let over = r["store_over_once"].as_f64().unwrap();
         match config {
@@ -237,7 +273,8 @@ fn bench_hybrid() {
                 if c.control_args != args {
                     c.restart_control(&args);
                 }
-                let mut r = deploy(&c, &images, config, scale, false);
+                let label = format!("{config}-{rate}mbit-r{run}");
+                let mut r = deploy(&c, &images, config, scale, false, Some((&out_dir.join("consoles"), &label)));
                 r["link"] = link.to_string().into();
                 r["rate_mbit"] = rate.into();
                 r["run"] = run.into();
