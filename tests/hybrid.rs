@@ -333,7 +333,7 @@ fn report(results: &[serde_json::Value], configs: &[String], rates: &[u32]) -> S
                 m("last_ready_s"),
                 m("store_bytes") / 1e6,
                 m("store_over_once"),
-                m("peer_bytes") / 1e6,
+                m("peer_bytes") / 1e6 + 0.0, // never "-0.0"
                 sum("node_cpu_s"),
                 sum("node_rss_bytes") / 1e9,
             );

@@ -338,15 +338,12 @@ fn bench_hybrid_lab() {
         let file = dir.path().join("lab.yaml");
         std::fs::write(&file, lab(&c.store_addr, "bench")).unwrap();
         for run in 1..=runs {
-            // A cold start each time: no node caches either image yet.
+            // A cold start each time: no node holds either image (nor the
+            // tarball it keeps for peers), and the control node has seen it.
             for n in &c.nodes {
-                let _ = std::fs::remove_dir_all(n.dir.join("agent/cache"));
-                for img in
-                    String::from_utf8_lossy(&n.docker().docker().args(["images", "-q", "bootcache/image"]).output().unwrap().stdout).lines()
-                {
-                    let _ = n.docker().docker().args(["rmi", "-f", img]).output();
-                }
+                n.cold();
             }
+            std::thread::sleep(Duration::from_millis(2500));
             let sent_before = c.tb.tx_bytes("store").unwrap();
             let started = Instant::now();
             let out = c.cli(&["deploy", "-f", file.to_str().unwrap(), "--output", "json", "--timeout", "600"]);
