@@ -137,7 +137,8 @@ pub trait Runtime: Send + Sync {
         async move {
             let start = Instant::now();
             loop {
-                match self.status(id).await? {
+                let status = self.status(id).await?;
+                match status {
                     Status::Running => {}
                     s if start.elapsed() > Duration::from_secs(2) => {
                         return Err(RuntimeError::new(format!("{id}: waiting until ready"), format!("it is {s:?}, not running")));
@@ -145,14 +146,17 @@ pub trait Runtime: Send + Sync {
                     _ => {}
                 }
                 let ready = match marker {
-                    None => self.status(id).await? == Status::Running,
+                    None => status == Status::Running,
                     Some(m) => {
-                        let console = self.console(id).await?;
-                        if let Some(panic) = console.lines().find(|l| l.contains(KERNEL_PANIC)) {
-                            let why = panic.find(KERNEL_PANIC).map_or(panic, |at| &panic[at..]).trim();
-                            return Err(RuntimeError::new(format!("{id}: booting"), why));
+                        // One pass over the console: a panic anywhere fails it.
+                        let mut seen = false;
+                        for line in self.console(id).await?.lines() {
+                            if let Some(at) = line.find(KERNEL_PANIC) {
+                                return Err(RuntimeError::new(format!("{id}: booting"), line[at..].trim()));
+                            }
+                            seen |= line.contains(m);
                         }
-                        console.lines().any(|l| l.contains(m))
+                        seen
                     }
                 };
                 if ready {
