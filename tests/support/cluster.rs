@@ -245,8 +245,9 @@ impl Node {
 }
 
 /// The store, the control node and the compute nodes, up.
+/// Fields drop in order: the nodes' daemons and agents stop before the
+/// testbed (last) kills what is left in its namespaces and removes them.
 pub struct Cluster {
-    pub tb: Testbed,
     pub control_url: String,
     pub token: PathBuf,
     pub db: PathBuf,
@@ -257,6 +258,7 @@ pub struct Cluster {
     pub heartbeat: String,
     pub nodes: Vec<Node>,
     pub _store: Killed,
+    pub tb: Testbed,
 }
 
 impl Cluster {

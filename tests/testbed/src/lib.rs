@@ -201,10 +201,22 @@ impl Testbed {
     }
 }
 
+/// Kills what still runs in namespace `netns` (a process left there by an
+/// interrupted test: a daemon's child, an agent's DHCP server), naming it.
+fn kill_leftovers(netns: &str) {
+    let Ok(out) = Command::new("ip").args(["netns", "pids", netns]).output() else { return };
+    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        let cmd = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        eprintln!("testbed: killing {} (pid {pid}), left running in {netns}", cmd.trim());
+        let _ = run(&["kill", "-9", pid]);
+    }
+}
+
 impl Drop for Testbed {
     fn drop(&mut self) {
         self.unshape();
         for h in &self.hosts {
+            kill_leftovers(&h.netns);
             let _ = run(&["ip", "netns", "del", &h.netns]);
         }
         let _ = run(&["ip", "netns", "del", &format!("{}sw", self.prefix)]);
