@@ -236,6 +236,32 @@ async fn relay_case(prefetch: Prefetch) {
     assert!(body[..] == want[..], "the relayed bytes are the store's");
     assert_eq!(a_cache.metrics().for_peers_bytes, outside.stored_len(), "{:?}", a_cache.metrics());
     assert_eq!(fx.stats.body_bytes.load(Ordering::Relaxed) - before, outside.stored_len(), "fetched once, from the store");
+
+    // Hostile asks make A fetch nothing: a range outside the data segments
+    // (the header), one past the container, a malformed Prefer (as none:
+    // only what A holds), and an absurd wait (capped: served at once).
+    let before = (fx.stats.body_bytes.load(Ordering::Relaxed), a_cache.metrics().for_peers_bytes);
+    let other = entries.iter().filter(|e| e.segment == Segment::Rest && e.stored_len() > 0).nth(1).unwrap();
+    let hostile = [
+        ("bytes=0-255".to_owned(), "wait=5", 404),
+        (format!("bytes={}-", img.header().meta.end + 10), "wait=5", 416),
+        (format!("bytes={}-{}", other.stored.start, other.stored.end - 1), "wait=-1, wait=x", 404),
+        (format!("bytes={}-{}", outside.stored.start, outside.stored.end - 1), "wait=18446744073709551615", 206),
+    ];
+    for (range, prefer, code) in hostile {
+        let status = authorized_client()
+            .get(format!("{a_api}/peer/{root}"))
+            .header("range", &range)
+            .header("prefer", prefer)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        assert_eq!(status, code, "{range} with Prefer: {prefer}");
+    }
+    let after = (fx.stats.body_bytes.load(Ordering::Relaxed), a_cache.metrics().for_peers_bytes);
+    assert_eq!(after, before, "nothing fetched for hostile asks");
     assert_reads_model(&b, &fx).await;
 }
 
