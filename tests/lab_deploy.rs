@@ -120,9 +120,12 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
                 .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "401", "{path}");
     }
+    // Nor does the administrator's token open it: nodes take the peer token.
+    let out = c.curl(&["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{}:7070/images", c.node("node-a").addr)]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
     // With it, a tarball key that is not one is refused, and one not held is 404.
     for (path, code) in [("/tarballs/..%2f..%2fetc%2fpasswd".to_owned(), "400"), (format!("/tarballs/{}", "0".repeat(64)), "404")] {
-        let out = c.curl(&["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{}:7070{path}", c.node("node-a").addr)]);
+        let out = c.curl_peer(&["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{}:7070{path}", c.node("node-a").addr)]);
         assert_eq!(String::from_utf8_lossy(&out.stdout), code, "{path}");
     }
 
@@ -232,11 +235,13 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
         None => (on("node-b")[0].clone(), "node-b"),
     };
     let (vm_node, vm, vm_addr) = if near_node == "node-a" { ("node-b", "vm-b", "10.99.0.11") } else { ("node-a", "vm-a", "10.99.0.10") };
-    let (code, text) = c.node(vm_node).vm_exec(&format!("bootcache.hybrid.{vm}"), &["/bin/ping", "-c", "2", "-W", "5", &far]);
+    // What each node calls an instance (its number, lab and name), from inspect.
+    let id = |name: &str| -> String { instances.iter().find(|i| i["name"] == name).unwrap()["id"].as_str().unwrap().to_owned() };
+    let (code, text) = c.node(vm_node).vm_exec(&id(vm), &["/bin/ping", "-c", "2", "-W", "5", &far]);
     assert_eq!(code, 0, "{vm} on {vm_node} -> container {far} on {near_node}:\n{text}");
     let container =
         instances.iter().find(|i| i["node"] == near_node && i["kind"] == "container").unwrap()["name"].as_str().unwrap().to_owned();
-    let ping = c.node(near_node).docker_exec(&format!("bootcache.hybrid.{container}"), &["ping", "-c", "2", "-W", "5", vm_addr]);
+    let ping = c.node(near_node).docker_exec(&id(&container), &["ping", "-c", "2", "-W", "5", vm_addr]);
     assert!(ping.status.success(), "container {container} on {near_node} -> {vm} on {vm_node}: {}", String::from_utf8_lossy(&ping.stdout));
 
     // Stopped on request and started again: kept on its node, stopped
@@ -252,18 +257,12 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
         "{states:?}"
     );
     assert!(states.iter().filter(|(_, s)| s == "ready").count() == 6, "the others run on: {states:?}");
-    assert_eq!(c.node(near_node).libvirt().virsh(&["domstate", &format!("bootcache.hybrid.{near_vm}")]).unwrap().trim(), "shut off");
-    let running = c
-        .node(near_node)
-        .docker()
-        .docker()
-        .args(["inspect", "-f", "{{.State.Running}}", &format!("bootcache.hybrid.{container}")])
-        .output()
-        .unwrap();
+    assert_eq!(c.node(near_node).libvirt().virsh(&["domstate", &id(near_vm)]).unwrap().trim(), "shut off");
+    let running = c.node(near_node).docker().docker().args(["inspect", "-f", "{{.State.Running}}", &id(&container)]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&running.stdout).trim(), "false");
     let out = c.cli(&["start", "hybrid", &container, near_vm]);
     assert!(out.status.success(), "start: {}", String::from_utf8_lossy(&out.stderr));
-    let ping = c.node(near_node).docker_exec(&format!("bootcache.hybrid.{container}"), &["ping", "-c", "2", "-W", "5", vm_addr]);
+    let ping = c.node(near_node).docker_exec(&id(&container), &["ping", "-c", "2", "-W", "5", vm_addr]);
     assert!(ping.status.success(), "a started container reaches the VM on the other node again: {}", String::from_utf8_lossy(&ping.stdout));
     let out = c.cli(&["stop", "hybrid", "nobody"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no instance hybrid/nobody"));
@@ -304,7 +303,8 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
     }
     assert!(c.nodes_up().contains(&("node-b".into(), false)));
     // It comes back and removes what no order lists (its lost instances).
-    c.nodes[1].start_agent(&control_url, &token);
+    let join = c.join_token();
+    c.nodes[1].start_agent(&control_url, &join);
 
     // Destroy: nothing of the lab on either node; a second destroy succeeds.
     let out = c.cli(&["destroy", "hybrid"]);

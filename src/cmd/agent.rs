@@ -70,9 +70,11 @@ pub struct AgentArgs {
     /// This node's name.
     #[arg(long, value_name = "NODE")]
     name: String,
-    /// The control node's token (given by `bootcache control token`); peers
-    /// must send it too.
-    #[arg(long, value_name = "PATH", default_value = "/var/lib/bootcache/control.token")]
+    /// The join token (`bootcache control token --join` prints it): the node
+    /// joins with it once and is given a credential of its own (kept in
+    /// its state directory), and the cluster's peer token. The
+    /// administrator's token works too, but need not be on a compute node.
+    #[arg(long, value_name = "PATH", default_value = "/var/lib/bootcache/join.token")]
     token_file: PathBuf,
     /// Seconds between heartbeats (the control node's --heartbeat).
     #[arg(long, value_name = "SECS", default_value_t = 2.0)]
@@ -95,7 +97,7 @@ pub fn config(
         credential,
         listen: o.agent_listen,
         advertise: o.advertise,
-        state_dir: o.agent_state.clone(),
+        state_dir: std::path::absolute(&o.agent_state).with_context(|| format!("--agent-state {}", o.agent_state.display()))?,
         libvirt: (!o.no_vms && !o.prefetch_only).then(|| o.libvirt.clone()),
         docker: (!o.no_containers).then(|| o.docker.clone()),
         accel: match o.accel {
@@ -110,10 +112,8 @@ pub fn config(
 }
 
 pub fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
-    let token = std::fs::read_to_string(&args.token_file).with_context(|| {
-        format!("reading the control node's token from {} (`bootcache control token` prints it)", args.token_file.display())
-    })?;
-    let credential = Credential::from_token(token.trim());
+    let credential = Credential::load(&args.token_file)
+        .with_context(|| format!("the join token ({}; `bootcache control token --join` prints it)", args.token_file.display()))?;
     let heartbeat = Duration::from_secs_f64(args.heartbeat.clamp(0.1, 3600.0));
     let config = config(&args.name, args.control, credential, heartbeat, &args.options)?;
     super::deliver::runtime()?.block_on(async {

@@ -60,16 +60,43 @@ pub enum ControlCmd {
         #[command(flatten)]
         agent_options: Box<super::agent::AgentOptions>,
     },
-    /// Print the control node's token (made if there is none), or rotate it;
-    /// agents are given it (`bootcache agent --token-file`).
+    /// Print the administrator's token (made if there is none), or rotate
+    /// it; with --join, the join token derived from it, which agents are
+    /// given (`bootcache agent --token-file`): it lets a node join and
+    /// nothing else.
     #[command(alias = "init")]
     Token {
-        /// The file holding the token.
+        /// The file holding the administrator's token.
         #[arg(long, value_name = "PATH", default_value = "/var/lib/bootcache/control.token")]
         token_file: PathBuf,
-        /// Make a new token; the current one stays accepted until the next rotation.
+        /// Make a new token; the current one stays accepted until the next
+        /// rotation (the join token changes with it: nodes that joined keep
+        /// their own credentials).
         #[arg(long)]
         rotate: bool,
+        /// Print the join token instead.
+        #[arg(long, conflicts_with = "rotate")]
+        join: bool,
+    },
+    /// The compute nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// Remove a node: its credential stops working, its instances are
+    /// placed again (pinned ones wait for a node of their name), and it may
+    /// join again (a node that is up cannot join again until removed).
+    Remove {
+        /// The node.
+        name: String,
+        /// The control node (http://HOST:PORT).
+        #[arg(long, value_name = "URL", env = "BOOTCACHE_CONTROL", default_value = "http://127.0.0.1:7080")]
+        control: String,
+        /// The administrator's token file.
+        #[arg(long, value_name = "PATH", env = "BOOTCACHE_TOKEN_FILE", default_value = "/var/lib/bootcache/control.token")]
+        token_file: PathBuf,
     },
 }
 
@@ -93,9 +120,24 @@ fn parse_placement(s: &str) -> Result<Policy, String> {
 
 pub fn control(cmd: ControlCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        ControlCmd::Token { token_file, rotate } => {
-            let t = if rotate { Credential::rotate(&token_file)? } else { Credential::load_or_create(&token_file)?.token() };
+        ControlCmd::Token { token_file, rotate, join } => {
+            let t = if rotate {
+                Credential::rotate(&token_file)?
+            } else if join {
+                bootcache_control::api::join_token(&*Credential::load_or_create(&token_file)?)
+            } else {
+                Credential::load_or_create(&token_file)?.token()
+            };
             println!("{t}");
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlCmd::Node(NodeCmd::Remove { name, control, token_file }) => {
+            let node: bootcache_api::Name = name.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let credential =
+                Credential::load(&token_file).with_context(|| format!("the administrator's token ({})", token_file.display()))?;
+            let client = bootcache_control::client::Client::new(&control, &credential)?;
+            super::deliver::runtime()?.block_on(client.remove_node(&node))?;
+            eprintln!("node {node} removed: its instances are placed again");
             Ok(ExitCode::SUCCESS)
         }
         ControlCmd::Serve { db, listen, heartbeat, token_file, cpu_overcommit, fan_out, placement, sources, agent, agent_options } => {

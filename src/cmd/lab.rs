@@ -138,9 +138,9 @@ async fn connect(args: &ControlArgs) -> anyhow::Result<Client> {
     match &args.control {
         Some(url) => {
             let file = args.token_file.clone().unwrap_or_else(|| PathBuf::from("/var/lib/bootcache/control.token"));
-            let token =
-                std::fs::read_to_string(&file).with_context(|| format!("reading the control node's token from {}", file.display()))?;
-            Ok(Client::new(url, &Credential::from_token(token.trim()))?)
+            // A token file others may read is refused: it is the administrator's.
+            let credential = Credential::load(&file).with_context(|| format!("the control node's token ({})", file.display()))?;
+            Ok(Client::new(url, &credential)?)
         }
         None => local().await,
     }
@@ -196,8 +196,22 @@ async fn local_node_up(client: &Client) -> bool {
     }
 }
 
+/// Reads a lab file, no more than a lab file may hold (`/dev/zero` is
+/// refused at once).
+fn read_lab_file(path: &Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    let limit = bootcache_api::lab::MAX_FILE_BYTES;
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(limit as u64 + 1).read_to_end(&mut bytes).with_context(|| format!("reading {}", path.display()))?;
+    if bytes.len() > limit {
+        bail!("{}: a lab file is at most {limit} bytes", path.display());
+    }
+    String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{}: a lab file is UTF-8 text", path.display()))
+}
+
 pub fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
-    let text = std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let text = read_lab_file(&args.file)?;
     // Checked here first: a bad file starts nothing, not even a control node.
     let lab = Lab::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
     super::deliver::runtime()?.block_on(async {

@@ -278,9 +278,17 @@ impl Cluster {
         let t = "lab-test-token-0123456789abcdef0123456789";
         std::fs::write(&token, t).unwrap();
         std::fs::write(dir.join("auth.header"), format!("Authorization: Bearer {t}\n")).unwrap();
+        // Agents are given the join token, as on a real cluster; nodes
+        // speak to each other with the peer token.
+        let admin = bootcache_delivery::auth::Credential::from_token(t);
+        let join = dir.join("join.token");
+        std::fs::write(&join, bootcache_control::api::join_token(&admin)).unwrap();
+        std::fs::write(dir.join("peer.header"), format!("Authorization: Bearer {}\n", bootcache_control::api::peer_token(&admin))).unwrap();
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+            for f in [&token, &join] {
+                std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+            }
         }
         let mut nodes = Vec::new();
         for name in &spec.nodes {
@@ -324,7 +332,7 @@ impl Cluster {
         };
         c.start_control();
         for n in &mut c.nodes {
-            n.start_agent(&control_url, &token);
+            n.start_agent(&control_url, &join);
         }
         c.wait_nodes_up();
         c
@@ -375,6 +383,17 @@ impl Cluster {
         self.tb.command("control", "curl").args(["-sS", "--fail", "-H"]).arg(format!("@{}", header.display())).args(args).output().unwrap()
     }
 
+    /// curl in the control host's namespace, with the nodes' peer token.
+    pub fn curl_peer(&self, args: &[&str]) -> Output {
+        let header = self.dir.join("peer.header");
+        self.tb.command("control", "curl").args(["-sS", "-H"]).arg(format!("@{}", header.display())).args(args).output().unwrap()
+    }
+
+    /// The join token's file (what agents are given).
+    pub fn join_token(&self) -> PathBuf {
+        self.dir.join("join.token")
+    }
+
     /// `bootcache ARGS --control URL --token-file T` in the control host's namespace.
     pub fn cli(&self, args: &[&str]) -> Output {
         self.tb.command("control", BIN).args(args).args(["--control", &self.control_url, "--token-file"]).arg(&self.token).output().unwrap()
@@ -418,7 +437,7 @@ impl Cluster {
             }
             let links = n.links();
             assert!(
-                !links.lines().any(|l| l.starts_with("bc") || l.starts_with("bx") || l.starts_with("bv")),
+                !links.lines().any(|l| ["bc", "bx", "bv", "bd"].iter().any(|p| l.starts_with(p))),
                 "{when}: links on {}:\n{links}",
                 n.name
             );

@@ -125,7 +125,7 @@ pub(crate) async fn whole(shared: &Shared, key: &RootDigest, url: &str, peers: &
     if dest.is_file() {
         return Ok(());
     }
-    let authorization = shared.config.credential.authorization();
+    let authorization = shared.peer.authorization();
     for peer in peers {
         let from = format!("{}/tarballs/{key}", peer.trim_end_matches('/'));
         match download(&shared.files, &from, Some(&authorization), dest).await {

@@ -34,6 +34,28 @@ pub(crate) fn container_reference(url: &str) -> String {
     format!("bootcache/image:{}", &key[..16])
 }
 
+/// Claims runtime id `id` for `order` before anything is made under it:
+/// recorded as this agent's; whatever an earlier run of this agent left
+/// under it (recorded and marked) is removed; anything else there is
+/// someone else's, and the instance fails rather than touch it.
+async fn claim<R: Runtime>(shared: &Shared, runtime: &R, kind: Kind, id: &str) -> Result<(), String> {
+    let recorded = shared.record.get().instances.contains_key(id);
+    let status = runtime.status(id).await.map_err(|e| e.to_string())?;
+    if status != bootcache_runtime::Status::Missing {
+        let marked = runtime.list().await.map_err(|e| e.to_string())?.iter().any(|i| i == id);
+        if !(recorded && marked) {
+            return Err(format!("a {kind:?} named {id} exists on this node and was not made by this agent: left as it is"));
+        }
+        runtime.destroy(id).await.map_err(|e| e.to_string())?;
+    }
+    shared
+        .record
+        .update(|o| {
+            o.instances.insert(id.to_owned(), kind);
+        })
+        .map_err(|e| format!("recording {id}: {e}"))
+}
+
 /// What the runtime makes for `order`.
 fn spec(order: &Order, id: &str, image: Image) -> Spec {
     Spec {
@@ -48,7 +70,7 @@ fn spec(order: &Order, id: &str, image: Image) -> Spec {
 
 fn set(shared: &Shared, order: &Order, state: InstanceState, reason: Option<String>) {
     let mut all = shared.instances.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(l) = all.get_mut(&(order.lab.clone(), order.name.clone())) {
+    if let Some(l) = all.get_mut(&order.uid) {
         l.state = state;
         l.reason = reason;
     }
@@ -57,7 +79,7 @@ fn set(shared: &Shared, order: &Order, state: InstanceState, reason: Option<Stri
 /// Brings `order` up, recording each state; a failure is recorded with
 /// its reason (the rest of the lab goes on).
 pub(crate) async fn bring_up(shared: Arc<Shared>, order: Order) {
-    let id = names::instance(&order.lab, &order.name);
+    let id = names::instance(order.uid, &order.lab, &order.name);
     let result = match order.kind {
         Kind::Vm => vm(&shared, &order, &id).await,
         Kind::Container => container(&shared, &order, &id).await,
@@ -80,8 +102,7 @@ async fn vm(shared: &Shared, order: &Order, id: &str) -> Result<std::time::Durat
     }
     let Some(libvirt) = &shared.libvirt else { return Err("this node runs no VMs (the agent has no --libvirt)".into()) };
     set(shared, order, InstanceState::Fetching, None);
-    // Whatever an earlier run left under this name goes first.
-    libvirt.destroy(id).await.map_err(|e| e.to_string())?;
+    claim(shared, libvirt, Kind::Vm, id).await?;
     let (backing, format, size) = match &order.image {
         ImageOrder::Vm { url, root, peers } => {
             let image = shared
@@ -157,7 +178,7 @@ async fn container(shared: &Shared, order: &Order, id: &str) -> Result<std::time
     let Some(docker) = &shared.docker else { return Err("this node runs no containers (the agent has no --docker)".into()) };
     let ImageOrder::Container { url, peers } = &order.image else { return Err("a container's order carries a tarball".into()) };
     set(shared, order, InstanceState::Fetching, None);
-    docker.destroy(id).await.map_err(|e| e.to_string())?;
+    claim(shared, docker, Kind::Container, id).await?;
     let reference = container_reference(url);
     // One import per image, however many containers wait for it.
     let lock = {
@@ -187,28 +208,36 @@ async fn container(shared: &Shared, order: &Order, id: &str) -> Result<std::time
 /// network namespace each time).
 async fn attach(shared: &Shared, docker: &bootcache_runtime::docker::Docker, order: &Order, id: &str) -> Result<(), String> {
     let pid = docker.pid(id).await.map_err(|e| e.to_string())?;
-    let veths: Vec<Veth> = order
-        .nics
-        .iter()
-        .enumerate()
-        .map(|(i, n)| Veth {
-            host: names::veth(&order.lab, &order.name, i),
+    let marks = shared.bridge_marks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut veths = Vec::new();
+    for (i, n) in order.nics.iter().enumerate() {
+        let i = u8::try_from(i).map_err(|_| "more than 256 interfaces".to_owned())?;
+        let bridge_mark =
+            marks.get(n.bridge.as_str()).cloned().ok_or_else(|| format!("segment bridge {} is not made on this node", n.bridge))?;
+        let veth = Veth {
+            host: names::veth(order.uid, i),
             bridge: n.bridge.clone(),
             inside: format!("eth{i}"),
             mac: n.mac,
             address: (n.address, n.prefix),
-        })
-        .collect();
+        };
+        veths.push((veth, bridge_mark));
+    }
+    let mark = crate::reconcile::instance_mark(&shared.config.name, order);
     shared
-        .network
-        .attach_container(pid, &format!("{}/{}", order.lab, order.name), &veths)
-        .await
-        .map_err(|e| bootcache_delivery::node::chain(&e))
+        .record
+        .update(|o| {
+            for (v, _) in &veths {
+                o.links.insert(v.host.to_string(), mark.clone());
+            }
+        })
+        .map_err(|e| format!("recording its links: {e}"))?;
+    shared.network.attach_container(pid, &mark, &veths).await.map_err(|e| bootcache_delivery::node::chain(&e))
 }
 
 /// Stops a ready instance on request (it stays, with its disk or image).
 pub(crate) async fn stop(shared: Arc<Shared>, order: Order) {
-    let id = names::instance(&order.lab, &order.name);
+    let id = names::instance(order.uid, &order.lab, &order.name);
     let r = match order.kind {
         Kind::Vm => match &shared.libvirt {
             Some(l) => l.stop(&id).await,
@@ -227,7 +256,7 @@ pub(crate) async fn stop(shared: Arc<Shared>, order: Order) {
 
 /// Starts a stopped instance again, until ready.
 pub(crate) async fn start(shared: Arc<Shared>, order: Order) {
-    let id = names::instance(&order.lab, &order.name);
+    let id = names::instance(order.uid, &order.lab, &order.name);
     set(&shared, &order, InstanceState::Starting, None);
     let r = async {
         match order.kind {
@@ -248,4 +277,29 @@ pub(crate) async fn start(shared: Arc<Shared>, order: Order) {
         Ok(_) => set(&shared, &order, InstanceState::Ready, None),
         Err(e) => set(&shared, &order, InstanceState::Failed, Some(format!("starting: {e}"))),
     }
+}
+
+/// Removes runtime instance `id` (recorded as this agent's) and its files:
+/// only what its runtime lists as marked by this agent is destroyed.
+pub(crate) async fn remove(shared: &Shared, kind: Kind, id: &str) -> Result<(), String> {
+    async fn gone<R: Runtime>(r: &R, id: &str) -> Result<(), String> {
+        if r.list().await.map_err(|e| e.to_string())?.iter().any(|i| i == id) {
+            r.destroy(id).await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+    match kind {
+        Kind::Vm => {
+            if let Some(lv) = &shared.libvirt {
+                gone(lv, id).await?;
+            }
+        }
+        Kind::Container => {
+            if let Some(d) = &shared.docker {
+                gone(d, id).await?;
+            }
+        }
+    }
+    let _ = std::fs::remove_file(shared.config.state_dir.join("overlays").join(format!("{id}.qcow2")));
+    Ok(())
 }

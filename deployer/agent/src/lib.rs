@@ -11,26 +11,31 @@
 //!                                                                    └─ runtimes: libvirt (VMs), Docker (containers)
 //! ```
 //!
-//! The agent only calls out: it takes orders from the control node it was
-//! given and from nothing else, and its own port serves the delivery node's
-//! API behind the same credential. Each heartbeat's orders are the whole
-//! truth: what they list is made (once), what they do not is removed,
-//! including what an earlier run of the agent left (found by name and
-//! interface alias), so a restarted agent or control node converges.
+//! The agent only calls out: it joins the control node it was given (once,
+//! with the join token, for a credential of its own) and takes orders from
+//! nothing else; its own port serves the delivery node's API behind the
+//! cluster's peer token. Each heartbeat's orders are the whole truth: what
+//! they list is made (once), what they do not is removed, including what an
+//! earlier run of the agent left, so a restarted agent or control node
+//! converges. It changes only what it made: each thing carries its mark and
+//! is written in its record before it is made ([`own`], [`plan`]).
 
 #![deny(missing_docs)]
 
 mod fetch;
 mod instance;
+mod join;
+mod own;
+mod plan;
 mod reconcile;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bootcache_api::Name;
-use bootcache_api::agent::{Heartbeat, Orders};
+use bootcache_api::agent::{Heartbeat, Join, Orders};
 use bootcache_delivery::auth::Credential;
 use bootcache_delivery::cache::CacheOptions;
 use bootcache_delivery::node::Node;
@@ -44,14 +49,17 @@ pub struct Config {
     pub name: Name,
     /// The control node, `http://host:port`.
     pub control: String,
-    /// The credential: sent to the control node, required from peers.
+    /// What it joins with: the control node's join token (or the
+    /// administrator's). Once joined, the node uses a credential of its own
+    /// with the control node and the cluster's peer token with other nodes.
     pub credential: Arc<Credential>,
     /// Where the node's API (peers, metrics) listens.
     pub listen: SocketAddr,
     /// The address the control node and peers use for it (and its VXLAN
     /// tunnel end); default `listen`.
     pub advertise: Option<SocketAddr>,
-    /// Its state: caches, overlays, consoles, imported tarballs, DHCP.
+    /// Its state: caches, overlays, consoles, imported tarballs, DHCP, its
+    /// credential and the record of what it made. An absolute path.
     pub state_dir: PathBuf,
     /// libvirtd (e.g. `qemu:///system`); none: VMs fail with that reason.
     pub libvirt: Option<String>,
@@ -71,17 +79,51 @@ pub struct Config {
 }
 
 /// The routes a node serves its whole tarballs from (`GET
-/// /tarballs/{key}`, behind `credential`), over the tarballs in `dir`; the
-/// agent serves them beside the delivery node's API (exposed for tests and
-/// fuzzing).
+/// /tarballs/{key}`, behind `credential`: the peer token), over the
+/// tarballs in `dir`; the agent serves them beside the delivery node's API
+/// (exposed for tests and fuzzing).
 pub fn tarball_routes(dir: PathBuf, credential: Arc<Credential>) -> axum::Router {
     fetch::routes(dir, credential)
 }
 
-/// Why the agent could not start.
+/// Why the agent could not start, or stopped.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct AgentError(pub String);
+#[non_exhaustive]
+pub enum AgentError {
+    /// `--advertise` is not an IPv4 address (it is the VXLAN tunnel end).
+    #[error("--advertise {0}: an IPv4 address")]
+    Advertise(SocketAddr),
+    /// An HTTP client could not be made.
+    #[error("making an HTTP client: {0}")]
+    Http(String),
+    /// The node's API port cannot be listened on.
+    #[error("listening on {addr}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Netlink cannot be used.
+    #[error("networking: {0}")]
+    Network(String),
+    /// The state directory was given as a relative path (dnsmasq, libvirt
+    /// and QEMU would each read it from their own directory).
+    #[error("the agent's state directory {0:?} is relative: give an absolute path")]
+    RelativeState(PathBuf),
+    /// libvirtd or dockerd does not answer.
+    #[error(transparent)]
+    Runtime(#[from] bootcache_runtime::RuntimeError),
+    /// Something of the state directory cannot be made, read or written.
+    #[error("{}: {why}", path.display())]
+    State {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+}
 
 /// What the agent's parts share.
 pub(crate) struct Shared {
@@ -96,40 +138,88 @@ pub(crate) struct Shared {
     /// (the store is not sent it), no limit on a transfer's total time.
     pub files: reqwest::Client,
     pub local_ip: std::net::Ipv4Addr,
-    pub instances: std::sync::Mutex<std::collections::HashMap<(Name, Name), instance::Local>>,
+    /// The cluster's peer token: what this node presents to other nodes and
+    /// wants from them.
+    pub peer: Arc<Credential>,
+    /// The node's own credential with the control node.
+    pub secret: Mutex<String>,
+    /// What this agent made (see [`own`]).
+    pub record: own::Record,
+    /// The mark of each ordered segment's bridge (containers join by it).
+    pub bridge_marks: Mutex<std::collections::HashMap<String, String>>,
+    /// The instances it was ordered to run, by number.
+    pub instances: Mutex<std::collections::HashMap<u32, instance::Local>>,
     /// Instances no order lists any more, until they are removed (still
     /// reported, so `destroy` waits for them).
-    pub removing: std::sync::Mutex<std::collections::HashMap<(Name, Name), bootcache_api::InstanceState>>,
+    pub removing: Mutex<std::collections::HashMap<u32, (Name, Name, bootcache_api::InstanceState)>>,
     pub images: tokio::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-/// Runs the agent until `stop` completes.
+fn state_error(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> AgentError + '_ {
+    move |e| AgentError::State { path: path.to_owned(), why: e.to_string() }
+}
+
+/// Runs the agent until `stop` completes: joins the control node (once;
+/// the credential is kept), then serves the node API, sends heartbeats and
+/// carries out their orders.
 ///
 /// # Errors
 /// Its state directory, sockets or port cannot be set up.
 pub async fn run(config: Config, stop: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), AgentError> {
-    let dir = &config.state_dir;
-    for sub in ["cache", "overlays", "consoles", "dhcp", "disks", "tarballs"] {
-        std::fs::create_dir_all(dir.join(sub)).map_err(|e| AgentError(format!("making {}: {e}", dir.join(sub).display())))?;
+    let dir = config.state_dir.clone();
+    if !dir.is_absolute() {
+        return Err(AgentError::RelativeState(dir));
     }
+    for sub in ["cache", "overlays", "consoles", "dhcp", "disks", "tarballs"] {
+        std::fs::create_dir_all(dir.join(sub)).map_err(state_error(&dir.join(sub)))?;
+    }
+    let record_path = dir.join("owned.json");
+    let record = own::Record::open(&record_path).map_err(|why| AgentError::State { path: record_path.clone(), why })?;
     // QEMU runs as another user under libvirt: it must reach the socket and
     // the overlays (libvirt gives it the files themselves).
-    open_to_qemu(dir);
+    open_to_qemu(&dir);
     open_to_qemu(&dir.join("overlays"));
     open_to_qemu(&dir.join("disks"));
     let advertise = config.advertise.unwrap_or(config.listen);
-    let IpAddr::V4(local_ip) = advertise.ip() else { return Err(AgentError(format!("--advertise {advertise}: an IPv4 address"))) };
+    let IpAddr::V4(local_ip) = advertise.ip() else { return Err(AgentError::Advertise(advertise)) };
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| AgentError::Http(e.to_string()))?;
+    let base = config.control.trim_end_matches('/').to_owned();
+    let join = Join {
+        name: config.name.clone(),
+        address: advertise.to_string(),
+        cores: u32::try_from(std::thread::available_parallelism().map_or(1, |n| n.get())).unwrap_or(1),
+        memory_bytes: mem_total(),
+    };
+    let mut stop = std::pin::pin!(stop);
+    let joined = match join::stored(&dir, &base, &config.name) {
+        Some(j) => j,
+        None => loop {
+            match join::join(&http, &base, &config.credential.authorization(), &join, &dir).await? {
+                Ok(j) => break j,
+                Err(why) => tracing::warn!(%why, "not joined yet; trying again"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(config.heartbeat) => {}
+                () = &mut stop => return Ok(()),
+            }
+        },
+    };
+    let peer = Credential::from_token(&joined.peer_token);
     let mut opts = CacheOptions::new(dir.join("cache"));
-    opts.peer_authorization = Some(config.credential.authorization());
+    opts.peer_authorization = Some(peer.authorization());
     opts.background = config.background;
     let socket = dir.join("nbd.sock");
     let node = Node::new(socket.clone(), opts);
-    let unix = bootcache_delivery::nbd::bind_unix(&socket).map_err(|e| AgentError(format!("binding {}: {e}", socket.display())))?;
+    let unix = bootcache_delivery::nbd::bind_unix(&socket).map_err(state_error(&socket))?;
     socket_to_qemu(&socket);
     tokio::spawn(node.nbd().serve_unix(unix));
     let listener =
-        tokio::net::TcpListener::bind(config.listen).await.map_err(|e| AgentError(format!("listening on {}: {e}", config.listen)))?;
-    let router = node.api(Arc::clone(&config.credential)).merge(fetch::routes(dir.join("tarballs"), Arc::clone(&config.credential)));
+        tokio::net::TcpListener::bind(config.listen).await.map_err(|source| AgentError::Listen { addr: config.listen, source })?;
+    let router = node.api(Arc::clone(&peer)).merge(fetch::routes(dir.join("tarballs"), Arc::clone(&peer)));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut rx = stop_rx.clone();
     tokio::spawn(async move {
@@ -139,34 +229,23 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()> + S
         .await;
     });
 
+    let owner = config.name.to_string();
     let libvirt = match &config.libvirt {
         None => None,
-        Some(uri) => match Libvirt::connect(uri, &dir.join("consoles"), config.accel).await {
-            Ok(l) => Some(l),
-            Err(e) => return Err(AgentError(e.to_string())),
-        },
+        Some(uri) => Some(Libvirt::connect(uri, &dir.join("consoles"), config.accel, &owner).await?),
     };
     let docker = match &config.docker {
         None => None,
-        Some(sock) => Some(Docker::connect(sock).await.map_err(|e| AgentError(e.to_string()))?),
+        Some(sock) => Some(Docker::connect(sock, &owner).await?),
     };
-    let network = bootcache_network::Network::new().map_err(|e| AgentError(bootcache_delivery::node::chain(&e)))?;
-    let dhcp = bootcache_network::dhcp::DhcpServers::new(&dir.join("dhcp")).map_err(|e| AgentError(format!("DHCP state: {e}")))?;
-    let mut headers = reqwest::header::HeaderMap::new();
-    let auth = config.credential.authorization().parse().map_err(|_| AgentError("the credential is not a header value".into()))?;
-    headers.insert(reqwest::header::AUTHORIZATION, auth);
-    let http = reqwest::Client::builder()
-        .default_headers(headers)
-        .timeout(Duration::from_secs(30))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| AgentError(e.to_string()))?;
+    let network = bootcache_network::Network::new().map_err(|e| AgentError::Network(bootcache_delivery::node::chain(&e)))?;
+    let dhcp = bootcache_network::dhcp::DhcpServers::new(&dir.join("dhcp")).map_err(state_error(&dir.join("dhcp")))?;
     let files = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .read_timeout(Duration::from_secs(30))
         .redirect(reqwest::redirect::Policy::none())
         .build()
-        .map_err(|e| AgentError(e.to_string()))?;
+        .map_err(|e| AgentError::Http(e.to_string()))?;
     let shared = Arc::new(Shared {
         config,
         node,
@@ -177,11 +256,15 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()> + S
         http,
         files,
         local_ip,
-        instances: Default::default(),
-        removing: Default::default(),
+        peer,
+        secret: Mutex::new(joined.secret),
+        record,
+        bridge_marks: Mutex::default(),
+        instances: Mutex::default(),
+        removing: Mutex::default(),
         images: Default::default(),
     });
-    let beating = tokio::spawn(heartbeats(Arc::clone(&shared), advertise));
+    let beating = tokio::spawn(heartbeats(Arc::clone(&shared), base, join));
     stop.await;
     beating.abort();
     let _ = stop_tx.send(true);
@@ -215,13 +298,13 @@ fn socket_to_qemu(socket: &std::path::Path) {
     }
 }
 
-/// Registers, then sends a heartbeat every interval and carries out the
-/// orders each brings back; a control node that does not answer is tried
-/// again at the next interval (instances keep running meanwhile).
-async fn heartbeats(shared: Arc<Shared>, advertise: SocketAddr) {
-    let base = shared.config.control.trim_end_matches('/').to_owned();
+/// Sends a heartbeat every interval with the node's own credential and
+/// carries out the orders each brings back; a control node that does not
+/// answer is tried again at the next interval (instances keep running
+/// meanwhile); one that no longer knows the node or its credential is
+/// joined again.
+async fn heartbeats(shared: Arc<Shared>, base: String, join: Join) {
     let name = shared.config.name.clone();
-    let mut registered = false;
     // Carrying out orders may take a while (removing many instances): it
     // runs beside the heartbeats, which must not stop meanwhile, and the
     // orders of a heartbeat that comes while it runs are left to the next.
@@ -230,25 +313,16 @@ async fn heartbeats(shared: Arc<Shared>, advertise: SocketAddr) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if !registered {
-            let body = serde_json::json!({"name": name, "address": advertise.to_string()});
-            match shared.http.post(format!("{base}/nodes")).json(&body).send().await {
-                Ok(r) if r.status().is_success() => {
-                    tracing::info!(%name, control = %base, "registered");
-                    registered = true;
-                }
-                Ok(r) => {
-                    tracing::warn!(status = %r.status(), "the control node refused the registration");
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %bootcache_delivery::node::chain(&e), "the control node does not answer");
-                    continue;
-                }
-            }
-        }
         let beat = heartbeat(&shared);
-        match shared.http.post(format!("{base}/nodes/{name}/heartbeat")).json(&beat).send().await {
+        let auth = format!("Bearer {}", shared.secret.lock().unwrap_or_else(|p| p.into_inner()));
+        let sent = shared
+            .http
+            .post(format!("{base}/nodes/{name}/heartbeat"))
+            .header(reqwest::header::AUTHORIZATION, auth)
+            .json(&beat)
+            .send()
+            .await;
+        match sent {
             Ok(r) if r.status().is_success() => match r.json::<Orders>().await {
                 Ok(orders) => {
                     if applying.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
@@ -258,8 +332,22 @@ async fn heartbeats(shared: Arc<Shared>, advertise: SocketAddr) {
                 }
                 Err(e) => tracing::warn!(error = %e, "orders not understood"),
             },
-            // Forgotten (a new database): register again.
-            Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => registered = false,
+            // Forgotten (a new database) or removed: join again.
+            Ok(r) if matches!(r.status().as_u16(), 401 | 404) => {
+                tracing::warn!(status = %r.status(), "the control node does not know this node's credential; joining again");
+                match join::join(&shared.http, &base, &shared.config.credential.authorization(), &join, &shared.config.state_dir).await {
+                    Ok(Ok(j)) => {
+                        if j.peer_token != shared.peer.token() {
+                            tracing::error!(
+                                "the cluster's peer token changed (the administrator's token was rotated): restart this agent to use it"
+                            );
+                        }
+                        *shared.secret.lock().unwrap_or_else(|p| p.into_inner()) = j.secret;
+                    }
+                    Ok(Err(why)) => tracing::warn!(%why, "not joined again yet"),
+                    Err(e) => tracing::error!(error = %e, "cannot keep the node's credential"),
+                }
+            }
             Ok(r) => tracing::warn!(status = %r.status(), "heartbeat refused"),
             Err(e) => tracing::warn!(error = %bootcache_delivery::node::chain(&e), "heartbeat not delivered"),
         }

@@ -7,9 +7,15 @@
 //! converges on the next heartbeat, and an agent takes orders from nothing
 //! but the control node it calls.
 //!
-//! The names of what an agent makes on its node (bridges, VXLAN links,
-//! veths, MAC addresses) are derived here from the lab's names, so both
-//! sides and the clean-up after a crash agree on them.
+//! The names of what an agent makes on its node (runtime ids, bridges,
+//! VXLAN links, veths, MAC addresses) are derived here, injectively, from
+//! numbers the control node allocates and records (an instance's `uid`, a
+//! segment's `id`), never from a hash of the lab's names: two instances or
+//! segments of a cluster never share one, whatever their labs are called.
+//!
+//! A node joins once with the join token ([`Join`]) and is given a
+//! credential of its own ([`Joined`]): its heartbeats are taken only with
+//! it, so one node cannot speak for another.
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -34,9 +40,40 @@ pub struct Heartbeat {
     pub instances: Vec<Observed>,
 }
 
+/// A node joining its control node (`POST /nodes`, with the join token):
+/// where it is and what it has. What it claims later is bounded by this.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Join {
+    /// Its name.
+    pub name: Name,
+    /// Its agent's address (`ip:port`).
+    pub address: String,
+    /// Its CPU cores.
+    #[serde(default)]
+    pub cores: u32,
+    /// Its memory, bytes.
+    #[serde(default)]
+    pub memory_bytes: u64,
+}
+
+/// What a node is given when it joins.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Joined {
+    /// Its own credential: its heartbeats carry it (`Authorization: Bearer`),
+    /// and the control node takes them for this node only.
+    pub secret: String,
+    /// What nodes of the cluster present to each other (fetching images
+    /// and tarballs from peers); not the administrator's token.
+    pub peer_token: String,
+}
+
 /// An instance as its node sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Observed {
+    /// The instance's number, as ordered (a report for another number of
+    /// the same name is about an instance the lab no longer has).
+    pub uid: u32,
     /// Its lab.
     pub lab: Name,
     /// The instance.
@@ -59,6 +96,10 @@ pub struct Orders {
 /// One instance to run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Order {
+    /// Its number, allocated by the control node, unique in the cluster
+    /// and never reused: what the node calls it is derived from it
+    /// ([`names::instance`]); a changed definition is a new number.
+    pub uid: u32,
     /// Its lab.
     pub lab: Name,
     /// Its name.
@@ -134,11 +175,16 @@ pub struct Nic {
 /// have instances on it, and the DHCP service for this node's VMs on it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentOrder {
+    /// Its number, allocated by the control node, unique in the cluster
+    /// (its derived link names and VNI come from it).
+    pub id: u32,
     /// Its lab.
     pub lab: Name,
     /// Its name in the lab.
     pub segment: Name,
-    /// The bridge.
+    /// The bridge (the lab's name for it, or [`names::bridge`]): made by
+    /// the agent, never adopted (one that exists and is not the agent's
+    /// own is refused).
     pub bridge: InterfaceName,
     /// The VXLAN link (made only when `remotes` is not empty).
     pub vxlan: InterfaceName,
@@ -150,10 +196,12 @@ pub struct SegmentOrder {
     pub dhcp: Option<Dhcp>,
 }
 
-/// DHCP by MAC address for a node's VMs on a segment.
+/// DHCP by MAC address for a node's VMs on a segment, served from a
+/// network namespace of its own attached to the bridge: nothing of the
+/// lab's subnet is addressed or routed in the node's own namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Dhcp {
-    /// The node's own address on the segment (answers from it).
+    /// The server's address on the segment (in its own namespace).
     pub server: Ipv4Addr,
     /// The segment's prefix length.
     pub prefix: u8,
@@ -219,53 +267,79 @@ fn digest(parts: &[&str]) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
-fn interface(prefix: &str, d: &[u8; 32]) -> InterfaceName {
-    let hex: String = d[..5].iter().map(|b| format!("{b:02x}")).collect();
-    // "bc" + 10 hex digits: 12 bytes, inside the kernel's 15.
-    format!("{prefix}{hex}").parse().unwrap_or_else(|_| unreachable!("a prefix and hex digits make an interface name"))
-}
-
-/// Names of what agents make on nodes, derived from the lab's names.
+/// Names of what agents make on nodes, derived injectively from the numbers
+/// the control node allocates: every one holds its number in full, in
+/// fixed width, behind a prefix of its own kind.
 pub mod names {
     use super::*;
 
-    /// What every bridge, VXLAN link and veth an agent makes carries as its
-    /// interface alias (followed by the lab and segment or instance), so
-    /// the agent finds what it made, and nothing else, after a crash.
+    /// What every bridge, VXLAN link, veth and firewall rule an agent makes
+    /// carries as its interface alias or comment (followed by the node and
+    /// what it is for): the agent's mark, checked beside its own record.
     pub const ALIAS_PREFIX: &str = "bootcache ";
 
-    /// The bridge of a lab's segment (unless the lab names one).
-    pub fn bridge(lab: &Name, segment: &Name) -> InterfaceName {
-        interface("bc", &digest(&["bridge", lab.as_str(), segment.as_str()]))
+    /// The prefix of every runtime id.
+    pub const INSTANCE_PREFIX: &str = "bootcache.";
+
+    /// The largest segment number (VNIs are 24 bits, 0 is not one).
+    pub const MAX_SEGMENT: u32 = (1 << 24) - 1;
+
+    fn link(prefix: &str, hex: String) -> InterfaceName {
+        // 2 + at most 10 hex digits: inside the kernel's 15 bytes.
+        format!("{prefix}{hex}").parse().unwrap_or_else(|_| unreachable!("a prefix and hex digits make an interface name"))
     }
 
-    /// The VXLAN link of a lab's segment.
-    pub fn vxlan(lab: &Name, segment: &Name) -> InterfaceName {
-        interface("bx", &digest(&["bridge", lab.as_str(), segment.as_str()]))
+    /// What instance `uid` (of `lab`, called `instance` there) is called by
+    /// its runtime, and its overlay, console and seed files:
+    /// `bootcache.<uid>.<lab>.<instance>`; the number makes it unique, the
+    /// names make it readable.
+    pub fn instance(uid: u32, lab: &Name, instance: &Name) -> String {
+        format!("{INSTANCE_PREFIX}{uid}.{lab}.{instance}")
     }
 
-    /// The VXLAN network identifier of a lab's segment (24 bits, never 0).
-    pub fn vni(lab: &Name, segment: &Name) -> u32 {
-        let d = digest(&["bridge", lab.as_str(), segment.as_str()]);
-        (u32::from_le_bytes([d[5], d[6], d[7], 0]) % 0x00ff_fffe) + 1
+    /// The instance number in a runtime id, if it is one of ours.
+    pub fn uid_of(id: &str) -> Option<u32> {
+        let rest = id.strip_prefix(INSTANCE_PREFIX)?;
+        let (num, _) = rest.split_once('.')?;
+        if num.is_empty() || num.len() > 10 || !num.bytes().all(|b| b.is_ascii_digit()) || (num.len() > 1 && num.starts_with('0')) {
+            return None;
+        }
+        num.parse().ok()
     }
 
-    /// The host end of a container's veth on its `nic`-th interface.
-    pub fn veth(lab: &Name, instance: &Name, nic: usize) -> InterfaceName {
-        interface("bv", &digest(&["veth", lab.as_str(), instance.as_str(), &nic.to_string()]))
+    /// The bridge of segment `id` (unless the lab names one).
+    pub fn bridge(id: u32) -> InterfaceName {
+        link("bc", format!("{id:08x}"))
     }
 
-    /// The MAC address of an instance's `nic`-th interface: locally
-    /// administered, unicast (52:54:00, QEMU's prefix, for VMs and
-    /// containers alike), stable across deploys.
-    pub fn mac(lab: &Name, instance: &Name, nic: usize) -> Mac {
-        let d = digest(&["mac", lab.as_str(), instance.as_str(), &nic.to_string()]);
-        Mac([0x52, 0x54, 0x00, d[0], d[1], d[2]])
+    /// The VXLAN link of segment `id`.
+    pub fn vxlan(id: u32) -> InterfaceName {
+        link("bx", format!("{id:08x}"))
     }
 
-    /// What a VM's libvirt domain and a container are called on the node.
-    pub fn instance(lab: &Name, instance: &Name) -> String {
-        format!("bootcache.{lab}.{instance}")
+    /// The host end of the link between segment `id`'s bridge and its DHCP
+    /// server's namespace.
+    pub fn dhcp_link(id: u32) -> InterfaceName {
+        link("bd", format!("{id:08x}"))
+    }
+
+    /// The VXLAN network identifier of segment `id`: the number itself
+    /// (1 to [`MAX_SEGMENT`]).
+    pub fn vni(id: u32) -> Option<u32> {
+        (1..=MAX_SEGMENT).contains(&id).then_some(id)
+    }
+
+    /// The host end of instance `uid`'s veth on its `nic`-th interface.
+    pub fn veth(uid: u32, nic: u8) -> InterfaceName {
+        link("bv", format!("{uid:08x}{nic:02x}"))
+    }
+
+    /// The MAC address of instance `uid`'s `nic`-th interface: locally
+    /// administered and unicast (`0a`), then the number and the interface
+    /// (VMs and containers alike; stable while the instance is).
+    pub fn mac(uid: u32, nic: u8) -> Mac {
+        let u = uid.to_be_bytes();
+        Mac([0x0a, u[0], u[1], u[2], u[3], nic])
     }
 }
 
@@ -290,21 +364,61 @@ mod tests {
 
     #[test]
     fn derived_names_fit_and_differ() {
-        let (lab, a, b): (Name, Name, Name) = ("demo".parse().unwrap(), "lan".parse().unwrap(), "wan".parse().unwrap());
-        let br = names::bridge(&lab, &a);
-        assert_eq!(br.as_str().len(), 12);
-        assert_ne!(br, names::bridge(&lab, &b));
-        assert_ne!(names::bridge(&"demo2".parse().unwrap(), &a), br);
-        assert_eq!(names::bridge(&lab, &a), br, "stable");
-        assert!(names::vni(&lab, &a) > 0 && names::vni(&lab, &a) < 1 << 24);
-        let m = names::mac(&lab, &"web-1".parse().unwrap(), 0);
-        assert_eq!(m.0[..3], [0x52, 0x54, 0x00]);
+        let (lab, web): (Name, Name) = ("demo".parse().unwrap(), "web-1".parse().unwrap());
+        let br = names::bridge(7);
+        assert_eq!(br.as_str(), "bc00000007");
+        assert_ne!(br, names::bridge(8));
+        assert_eq!(names::vxlan(7).as_str(), "bx00000007");
+        assert_eq!(names::dhcp_link(u32::MAX).as_str(), "bdffffffff");
+        assert_eq!(names::veth(u32::MAX, 255).as_str(), "bvffffffffff");
+        for n in [names::bridge(7), names::vxlan(7), names::dhcp_link(7), names::veth(7, 0)] {
+            assert!(crate::lab::is_derived_shape(n.as_str()), "{n}");
+        }
+        assert_eq!(names::vni(1), Some(1));
+        assert_eq!(names::vni(0), None);
+        assert_eq!(names::vni(1 << 24), None);
+        let m = names::mac(0x0102_0304, 5);
+        assert_eq!(m.to_string(), "0a:01:02:03:04:05");
+        assert_eq!(m.0[0] & 0b11, 0b10, "locally administered, unicast");
         assert_eq!(m.to_string().parse::<Mac>().unwrap(), m);
         assert_eq!(serde_json::to_string(&m).unwrap(), format!("\"{m}\""));
         for bad in ["", "52:54:00:00:00", "52:54:00:00:00:0g", "525400000000", "52:54:00:00:00:000"] {
             assert!(bad.parse::<Mac>().is_err(), "{bad}");
         }
-        assert_eq!(names::instance(&lab, &"web-1".parse().unwrap()), "bootcache.demo.web-1");
+        assert_eq!(names::instance(12, &lab, &web), "bootcache.12.demo.web-1");
+        assert_eq!(names::uid_of("bootcache.12.demo.web-1"), Some(12));
+        for other in ["bootcache.demo.web-1", "bootcache..x", "bootcache.012.x.y", "docker.12.x", "bootcache.99999999999.x.y"] {
+            assert_eq!(names::uid_of(other), None, "{other}");
+        }
+    }
+
+    /// The two labs of the finding: lab `x.y` with instance `z` and lab `x`
+    /// with instance `y.z` were both `bootcache.x.y.z`.
+    #[test]
+    fn runtime_ids_of_dotted_names_differ() {
+        let n = |s: &str| s.parse::<Name>().unwrap();
+        assert_ne!(names::instance(1, &n("x.y"), &n("z")), names::instance(2, &n("x"), &n("y.z")));
+    }
+
+    proptest::proptest! {
+        /// Every derived name holds its numbers whole: different numbers,
+        /// different names, whatever the labs are called.
+        #[test]
+        fn derived_names_are_injective(
+            a in (0u32.., 0u8.., "[a-z0-9][a-z0-9._-]{0,8}", "[a-z0-9][a-z0-9._-]{0,8}"),
+            b in (0u32.., 0u8.., "[a-z0-9][a-z0-9._-]{0,8}", "[a-z0-9][a-z0-9._-]{0,8}"),
+        ) {
+            let (ua, na, la, ia) = a;
+            let (ub, nb, lb, ib) = b;
+            let (la, ia, lb, ib): (Name, Name, Name, Name) = (la.parse().unwrap(), ia.parse().unwrap(), lb.parse().unwrap(), ib.parse().unwrap());
+            proptest::prop_assert_eq!(names::instance(ua, &la, &ia) == names::instance(ub, &lb, &ib), (ua, &la, &ia) == (ub, &lb, &ib));
+            proptest::prop_assert_eq!(names::uid_of(&names::instance(ua, &la, &ia)), Some(ua));
+            proptest::prop_assert_eq!(names::mac(ua, na) == names::mac(ub, nb), (ua, na) == (ub, nb));
+            proptest::prop_assert_eq!(names::veth(ua, na) == names::veth(ub, nb), (ua, na) == (ub, nb));
+            proptest::prop_assert_eq!(names::bridge(ua) == names::bridge(ub), ua == ub);
+            proptest::prop_assert_ne!(names::bridge(ua), names::vxlan(ub));
+            proptest::prop_assert_ne!(names::dhcp_link(ua), names::bridge(ub));
+        }
     }
 
     #[test]

@@ -33,7 +33,7 @@
 //! (names, counts, subnets, addresses, URLs, markers) and says which line is
 //! wrong; [`Lab::instances`] expands replicas into the instances to deploy.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -84,9 +84,30 @@ pub struct Subnet {
     pub prefix: u8,
 }
 
+/// Ranges no lab may use: what they mean to every host is not a lab's to
+/// change (RFC 6890).
+const SPECIAL: [(Ipv4Addr, u8, &str); 5] = [
+    (Ipv4Addr::new(0, 0, 0, 0), 8, "\"this network\""),
+    (Ipv4Addr::new(127, 0, 0, 0), 8, "loopback"),
+    (Ipv4Addr::new(169, 254, 0, 0), 16, "link-local"),
+    (Ipv4Addr::new(224, 0, 0, 0), 4, "multicast"),
+    (Ipv4Addr::new(240, 0, 0, 0), 4, "reserved, and the broadcast address"),
+];
+
 impl Subnet {
     fn size(self) -> u32 {
         1u32 << (32 - u32::from(self.prefix))
+    }
+
+    /// Whether this subnet and `other` share an address.
+    pub fn overlaps(self, other: Subnet) -> bool {
+        let (a, b) = (u64::from(u32::from(self.network)), u64::from(u32::from(other.network)));
+        a < b + u64::from(other.size()) && b < a + u64::from(self.size())
+    }
+
+    /// The special-purpose range this subnet overlaps, if any, and what it is.
+    fn special(self) -> Option<(Subnet, &'static str)> {
+        SPECIAL.iter().map(|(n, p, what)| (Subnet { network: *n, prefix: *p }, *what)).find(|(r, _)| self.overlaps(*r))
     }
 
     /// Whether `a` is a host address of this subnet (not its network or
@@ -137,7 +158,11 @@ impl std::str::FromStr for Subnet {
         if u32::from(network) & !mask != 0 {
             return Err(format!("{s:?} has host bits set: the network is {}/{prefix}", Ipv4Addr::from(u32::from(network) & mask)));
         }
-        Ok(Subnet { network, prefix })
+        let subnet = Subnet { network, prefix };
+        if let Some((range, what)) = subnet.special() {
+            return Err(format!("{s:?} overlaps {range} ({what}): a lab's subnet must be an ordinary unicast range"));
+        }
+        Ok(subnet)
     }
 }
 
@@ -311,7 +336,7 @@ struct RawInstance {
     delivery: Option<Spanned<String>>,
 }
 
-/// `512MiB`, `1G`, `64M` or a number of bytes.
+/// `512MiB`, `1G`, `64M`, `1TiB` or a number of bytes.
 struct MemoryText(String);
 
 impl<'de> Deserialize<'de> for MemoryText {
@@ -346,6 +371,7 @@ fn parse_memory(s: &str) -> Option<u64> {
         "K" | "KiB" | "k" => 1 << 10,
         "M" | "MiB" => 1 << 20,
         "G" | "GiB" => 1 << 30,
+        "T" | "TiB" => 1 << 40,
         _ => return None,
     };
     num.checked_mul(mult)
@@ -415,6 +441,14 @@ impl Lab {
                     Some(b) => {
                         let n: InterfaceName =
                             b.value.parse().map_err(|e: crate::BadName| err(at(b), format!("segment {seg_name} bridge: {e}")))?;
+                        if is_derived_shape(n.as_str()) {
+                            return Err(err(
+                                at(b),
+                                format!(
+                                    "segment {seg_name} bridge: {n} has the shape of the names bootcache gives (b, a letter of c x d v p, hex digits)"
+                                ),
+                            ));
+                        }
                         if !bridges.insert(n.clone()) {
                             return Err(err(at(b), format!("bridge {n} is used by two segments")));
                         }
@@ -581,22 +615,18 @@ impl Lab {
         }
         // Attachments without an address get the lowest free block that
         // holds all of the definition's replicas.
+        let mut free: HashMap<Name, FirstFit> = HashMap::new();
         for (i, j, line) in unaddressed {
             let def = &instances[i];
             let seg = by_name[&def.segments[j].0];
-            let used = taken.entry(seg.name.clone()).or_default();
+            let fit = free.entry(seg.name.clone()).or_insert_with(|| {
+                let used = taken.get(&seg.name).map(|u| u.keys().map(|a| instance_index(seg.subnet, *a)).collect()).unwrap_or_default();
+                FirstFit::new(used, seg.subnet.instance_hosts())
+            });
             let count = def.count;
-            let hosts = seg.subnet.instance_hosts();
-            let start = (0..hosts.saturating_sub(count - 1))
-                .find(|s| (0..count).all(|k| seg.subnet.host(s + k).is_some_and(|a| !used.contains_key(&a))));
-            let Some(start) = start else {
+            let Some(start) = fit.take(count) else {
                 return Err(err(line, format!("instance {}: segment {} has no room for {count} more addresses", def.name, seg.name)));
             };
-            for k in 0..count {
-                if let Some(a) = seg.subnet.host(start + k) {
-                    used.insert(a, line);
-                }
-            }
             let first = seg.subnet.host(start).unwrap_or(Ipv4Addr::UNSPECIFIED);
             instances[i].segments[j].1 = first;
         }
@@ -652,6 +682,40 @@ fn plain_message(msg: &str) -> String {
     m.replace("duplicate mapping key: ", "given twice: ")
 }
 
+/// First-fit blocks of consecutive free host numbers on one segment, in
+/// time linear in what it passes over: blocks are only ever taken, so gaps
+/// only shrink and the first gap that holds `n` never moves left; each
+/// block size resumes its search where the last one of that size ended.
+struct FirstFit {
+    taken: BTreeSet<u32>,
+    hosts: u32,
+    resume: HashMap<u32, u32>,
+}
+
+impl FirstFit {
+    fn new(taken: BTreeSet<u32>, hosts: u32) -> FirstFit {
+        FirstFit { taken, hosts, resume: HashMap::new() }
+    }
+
+    /// The first host number of the lowest free block of `n`, now taken.
+    fn take(&mut self, n: u32) -> Option<u32> {
+        let mut start = self.resume.get(&n).copied().unwrap_or(0);
+        for &t in self.taken.range(start..) {
+            if u64::from(t) >= u64::from(start) + u64::from(n) {
+                break;
+            }
+            start = t + 1;
+        }
+        if u64::from(start) + u64::from(n) > u64::from(self.hosts) {
+            self.resume.insert(n, start);
+            return None;
+        }
+        self.taken.extend(start..start + n);
+        self.resume.insert(n, start + n);
+        Some(start)
+    }
+}
+
 fn instance_index(subnet: Subnet, a: Ipv4Addr) -> u32 {
     u32::from(a) - u32::from(subnet.network) - 1
 }
@@ -663,7 +727,9 @@ fn replica(name: &Name, i: u64) -> Result<Name, String> {
 }
 
 /// Checks an image URL: `http://host[:port]/path`, at most 2048 bytes,
-/// printable, no credentials.
+/// printable, carrying no credentials (no `user:password@`, no query
+/// string, no fragment): what a lab names is stored and shown as it is,
+/// so it must hold nothing secret.
 pub fn check_url(url: &str) -> Result<(), String> {
     let Some(rest) = url.strip_prefix("http://") else { return Err(format!("{url:?} is not an http:// URL")) };
     if url.len() > 2048 || url.chars().any(|c| c.is_control() || c.is_whitespace()) {
@@ -673,10 +739,21 @@ pub fn check_url(url: &str) -> Result<(), String> {
     if host.is_empty() || host.contains('@') {
         return Err(format!("{url:?} names no host (or carries credentials)"));
     }
+    if rest.contains('?') || rest.contains('#') {
+        return Err("an image URL has no query string or fragment (they may carry credentials, and labs are stored as written)".into());
+    }
     if rest.split_once('/').is_none_or(|(_, p)| p.is_empty()) {
         return Err(format!("{url:?} names no file"));
     }
     Ok(())
+}
+
+/// Whether `name` has the shape of a name the agents derive for what they
+/// make (`bc`, `bx`, `bd`, `bv` or `bp` and hex digits): a lab may not
+/// give its bridge such a name, so no lab's bridge is another's derived one.
+pub fn is_derived_shape(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.len() > 2 && b[0] == b'b' && matches!(b[1], b'c' | b'x' | b'd' | b'v' | b'p') && b[2..].iter().all(u8::is_ascii_hexdigit)
 }
 
 #[cfg(test)]

@@ -1,14 +1,20 @@
-//! The control node's JSON HTTP API, behind the same bearer-token scheme as
-//! a node's ([`bootcache_delivery::auth`]): every route needs the token.
+//! The control node's JSON HTTP API, behind bearer tokens
+//! ([`bootcache_delivery::auth`]): the administrator's token for every
+//! route but two; `POST /nodes` also takes the join token, and a node's
+//! heartbeat only that node's own credential (given when it joined).
 //!
 //! ```text
-//! POST /nodes                  {"name": "node-1", "address": "10.0.0.2:7070"}   -> 204
+//! POST /nodes                  {"name": "node-1", "address": "10.0.0.2:7070", "cores": 2, "memory_bytes": N}
+//!                              (join token) -> {"secret": "...", "peer_token": "..."}; 409 if it is up already
 //! POST /nodes/{name}/heartbeat {"cores": 2, "memory_bytes": N, "running": 0,
-//!                               "caches": [["<root digest>", boot bytes held]]} -> 204 (404 if unregistered)
+//!                               "caches": [["<root digest>", boot bytes held]], "instances": [...]}
+//!                              (the node's own credential) -> its orders (404 if unregistered)
 //! GET  /nodes                  -> every node: address, last heartbeat, up
+//! DELETE /nodes/{name}         -> 204; its credential revoked, its instances placed again
 //! POST /images                 {"url": "http://store/x.bcimg"} -> the image, read from its header
 //! GET  /images/{root}          -> the image and the nodes that cache it
-//! POST /labs                   the lab file (YAML) -> the lab's instances (400 naming the line)
+//! POST /labs                   the lab file (YAML) -> the lab's instances (400 naming the line,
+//!                              409 if destroyed or deployed again meanwhile)
 //! GET  /labs                   -> the labs deployed: name, instances by state
 //! GET  /labs/{lab}/instances   -> the lab's instances: node, state, reason, history
 //! DELETE /labs/{lab}           -> 204; agents remove what they run of it
@@ -20,112 +26,122 @@
 //! A heartbeat is answered with the node's orders
 //! ([`bootcache_api::agent::Orders`]): everything it should run now.
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
+use bootcache_api::agent::Join;
 use bootcache_api::{Name, RootDigest};
 use bootcache_delivery::auth::Credential;
-use bootcache_delivery::remote::RetryPolicy;
 use serde::Deserialize;
 
 use crate::db::{Db, DbError, Heartbeat};
+pub use crate::state::{Control, now_ms};
 
-/// What the API works on.
-pub struct Control {
-    db: Mutex<Db>,
-    /// How often agents send heartbeats (a node is down after three missed).
-    pub heartbeat: Duration,
-    /// How the control node reaches stores to read image headers.
-    pub retry: RetryPolicy,
-    /// Virtual CPUs placed per core of a node (lab instances rarely keep a
-    /// core busy; OpenStack's default, 16, is this one's).
-    pub cpu_overcommit: u32,
-    /// How placement chooses among nodes.
-    pub policy: crate::plan::Policy,
-    /// How many nodes one node serves an image to (1: a chain; 0: chosen
-    /// by how many fetch it, [`crate::plan::auto_fan_out`]).
-    pub fan_out: usize,
-    /// Whether nodes fetch VM images from each other (false: every node
-    /// from the store, kept to compare with).
-    pub peers: bool,
-    /// Labs as deployed, expanded (see `deploy`).
-    pub(crate) views: Mutex<std::collections::HashMap<Name, Arc<crate::deploy::LabView>>>,
-    /// Where each lab's instances are, as of a placement generation.
-    pub(crate) members: Mutex<std::collections::HashMap<Name, (u64, Arc<crate::deploy::Members>)>>,
-    /// Bumped whenever placement changes.
-    pub(crate) generation: std::sync::atomic::AtomicU64,
+/// The largest request body taken (a lab file is at most 1 MiB; a
+/// heartbeat of 10,000 instances is about 1 MiB).
+pub const MAX_BODY: usize = 4 << 20;
+/// Time a client has to send a request's body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The key derivation context of the join token (from the administrator's).
+pub const JOIN_PURPOSE: &str = "bootcache 2026-12 join token";
+/// The key derivation context of the peer token (from the administrator's).
+pub const PEER_PURPOSE: &str = "bootcache 2026-12 peer token";
+
+/// The join token of a control node whose administrator's token is in
+/// `admin`: what agents are given (`bootcache control token --join`). It
+/// lets a node join, nothing else; it changes when the administrator's
+/// token is rotated.
+pub fn join_token(admin: &Credential) -> String {
+    admin.derive(JOIN_PURPOSE)
 }
 
-impl std::fmt::Debug for Control {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Control").field("heartbeat", &self.heartbeat).finish_non_exhaustive()
-    }
-}
-
-/// Milliseconds since the epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+/// The peer token of a control node whose administrator's token is in
+/// `admin`: what its nodes present to each other (given when they join).
+pub fn peer_token(admin: &Credential) -> String {
+    admin.derive(PEER_PURPOSE)
 }
 
 impl Control {
-    /// A control node on `db`.
-    pub fn new(mut db: Db, heartbeat: Duration) -> Arc<Control> {
-        db.watch_from(now_ms());
-        Arc::new(Control {
-            db: Mutex::new(db),
-            heartbeat,
-            retry: RetryPolicy::default(),
-            cpu_overcommit: 16,
-            policy: crate::plan::Policy::CacheAware,
-            fan_out: 0,
-            peers: true,
-            views: Mutex::default(),
-            members: Mutex::default(),
-            generation: std::sync::atomic::AtomicU64::new(0),
-        })
-    }
-
-    /// The database (held briefly: every call is a few SQLite statements).
-    pub fn db(&self) -> std::sync::MutexGuard<'_, Db> {
-        self.db.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Marks the instances of nodes that stopped answering as lost, every
-    /// heartbeat interval, until the task is dropped.
-    pub async fn watch_nodes(self: Arc<Self>) {
-        loop {
-            tokio::time::sleep(self.heartbeat).await;
-            match self.db().mark_lost(now_ms(), self.heartbeat) {
-                Ok(lost) if !lost.is_empty() => {
-                    self.changed();
-                    tracing::warn!(count = lost.len(), "instances lost with their nodes");
-                }
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, "cannot check the nodes"),
-            }
-        }
-    }
-
-    /// The API, requiring `credential` on every route.
-    pub fn api(self: &Arc<Self>, credential: Arc<Credential>) -> axum::Router {
-        axum::Router::new()
-            .route("/nodes", get(nodes).post(register))
-            .route("/nodes/{name}/heartbeat", post(heartbeat))
+    /// The API. Heartbeats need the node's own credential (given when it
+    /// joined); joining needs the join token ([`join_token`]) or the
+    /// administrator's; every other route the administrator's (`admin`).
+    /// Bodies are bounded in size and in the time they take to arrive.
+    pub fn api(self: &Arc<Self>, admin: Arc<Credential>) -> axum::Router {
+        // Bodies are read only once the caller is known (each layer added
+        // last runs first).
+        let body = axum::middleware::from_fn_with_state(
+            bootcache_delivery::http::BodyLimits { max_bytes: MAX_BODY, timeout: self.body_timeout },
+            bootcache_delivery::http::bounded_body,
+        );
+        let administered = axum::Router::new()
+            .route("/nodes", get(nodes))
+            .route("/nodes/{name}", delete(remove_node))
             .route("/images", post(register_image))
             .route("/images/{root}", get(image))
             .route("/labs", get(labs).post(deploy))
-            .route("/labs/{lab}", axum::routing::delete(destroy))
+            .route("/labs/{lab}", delete(destroy))
             .route("/labs/{lab}/instances", get(instances))
             .route("/labs/{lab}/remaining", get(remaining))
             .route("/labs/{lab}/instances/{name}/{action}", post(instance_action))
-            .layer(axum::middleware::from_fn_with_state(credential, bootcache_delivery::auth::require))
-            .with_state(Arc::clone(self))
+            .layer(body.clone())
+            .layer(axum::middleware::from_fn_with_state(Arc::clone(&admin), bootcache_delivery::auth::require));
+        let join = axum::Router::new()
+            .route("/nodes", post(join))
+            .layer(body.clone())
+            .layer(axum::middleware::from_fn_with_state(Arc::clone(&admin), join_gate))
+            .layer(axum::Extension(admin));
+        // A heartbeat needs its node's own credential.
+        let nodes = axum::Router::new()
+            .route("/nodes/{name}/heartbeat", post(heartbeat))
+            .layer(body)
+            .layer(axum::middleware::from_fn_with_state(Arc::clone(self), node_gate));
+        administered.merge(join).merge(nodes).with_state(Arc::clone(self))
     }
+}
+
+/// Lets a heartbeat through only with the credential of the node it names.
+async fn node_gate(
+    State(c): State<Arc<Control>>,
+    Path(params): Path<std::collections::HashMap<String, String>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(name) = params.get("name").and_then(|n| n.parse::<Name>().ok()) else { return plain(StatusCode::NOT_FOUND, "no such node") };
+    let given = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes().to_vec());
+    match blocking(&c, move |c| c.authenticate(&name, given.as_deref())).await {
+        Ok(Ok(true)) => next.run(request).await,
+        Ok(Ok(false)) => unauthorized("a heartbeat needs its node's own credential (given when it joined)"),
+        Ok(Err(e)) => failed(&e),
+        Err(r) => r,
+    }
+}
+
+/// Lets a join through with the join token or the administrator's.
+async fn join_gate(State(admin): State<Arc<Credential>>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let given = request.headers().get(header::AUTHORIZATION).map(axum::http::HeaderValue::as_bytes);
+    if admin.accepts(given) || Credential::from_token(&join_token(&admin)).accepts(given) {
+        return next.run(request).await;
+    }
+    unauthorized("joining requires the join token (`bootcache control token --join`): Authorization: Bearer <token>")
+}
+
+fn unauthorized(msg: &str) -> Response {
+    let mut r = plain(StatusCode::UNAUTHORIZED, msg);
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer realm=\"bootcache\""));
+    r
+}
+
+/// Runs `f` on the control node off the async workers (SQLite and lab
+/// checks take CPU; a worker held by them would stall other requests).
+async fn blocking<T: Send + 'static>(c: &Arc<Control>, f: impl FnOnce(&Control) -> T + Send + 'static) -> Result<T, Response> {
+    let c = Arc::clone(c);
+    tokio::task::spawn_blocking(move || f(&c)).await.map_err(|e| plain(StatusCode::INTERNAL_SERVER_ERROR, &format!("internal error: {e}")))
 }
 
 fn plain(status: StatusCode, msg: &str) -> Response {
@@ -135,47 +151,66 @@ fn plain(status: StatusCode, msg: &str) -> Response {
 fn failed(e: &DbError) -> Response {
     let status = match e {
         DbError::NoSuchNode(_) | DbError::NoSuchInstance { .. } => StatusCode::NOT_FOUND,
-        DbError::BadTransition { .. } => StatusCode::CONFLICT,
+        DbError::BadTransition { .. } | DbError::Conflict(_) | DbError::NodeUp(_) => StatusCode::CONFLICT,
+        DbError::Claims(_) => StatusCode::BAD_REQUEST,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     plain(status, &e.to_string())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Register {
-    name: Name,
-    address: String,
-}
+/// The most caches a heartbeat may list.
+pub const MAX_CACHES: usize = 10_000;
+/// The most instances a heartbeat may report (and no more than the node
+/// was ordered, [`Db::observe`]).
+pub const MAX_REPORTS: usize = 20_000;
 
-async fn register(State(c): State<Arc<Control>>, Json(r): Json<Register>) -> Response {
-    if r.address.len() > 255 || r.address.parse::<std::net::SocketAddr>().is_err() {
+async fn join(State(c): State<Arc<Control>>, axum::Extension(admin): axum::Extension<Arc<Credential>>, Json(j): Json<Join>) -> Response {
+    if j.address.len() > 255 || j.address.parse::<std::net::SocketAddr>().is_err() {
         return plain(StatusCode::BAD_REQUEST, "address: an IP address and port, e.g. 10.0.0.2:7070");
     }
-    match c.db().register_node(&r.name, &r.address, now_ms()) {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => failed(&e),
+    let peer_token = peer_token(&admin);
+    match blocking(&c, move |c| c.join(&j, peer_token)).await {
+        Ok(Ok(joined)) => Json(joined).into_response(),
+        Ok(Err(e)) => failed(&e),
+        Err(r) => r,
     }
 }
 
-async fn heartbeat(State(c): State<Arc<Control>>, Path(name): Path<String>, Json(beat): Json<Heartbeat>) -> Response {
+async fn heartbeat(State(c): State<Arc<Control>>, Path(name): Path<String>, body: axum::body::Bytes) -> Response {
     let Ok(name) = name.parse::<Name>() else { return plain(StatusCode::NOT_FOUND, "no such node") };
-    if beat.caches.len() > 10_000 {
-        return plain(StatusCode::BAD_REQUEST, "caches: at most 10000 images");
+    let beat: Heartbeat = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("heartbeat: {e}")),
+    };
+    if beat.caches.len() > MAX_CACHES {
+        return plain(StatusCode::BAD_REQUEST, &format!("caches: at most {MAX_CACHES} images"));
     }
-    if beat.instances.len() > 100_000 {
-        return plain(StatusCode::BAD_REQUEST, "instances: at most 100000");
+    if beat.instances.len() > MAX_REPORTS {
+        return plain(StatusCode::BAD_REQUEST, &format!("instances: at most {MAX_REPORTS}"));
     }
-    match c.heartbeat(&name, &beat) {
-        Ok(orders) => Json(orders).into_response(),
-        Err(e) => failed(&e),
+    match blocking(&c, move |c| c.heartbeat(&name, &beat)).await {
+        Ok(Ok(orders)) => Json(orders).into_response(),
+        Ok(Err(e)) => failed(&e),
+        Err(r) => r,
     }
 }
 
 async fn nodes(State(c): State<Arc<Control>>) -> Response {
-    match c.db().nodes(now_ms(), c.heartbeat) {
-        Ok(n) => Json(n).into_response(),
-        Err(e) => failed(&e),
+    match blocking(&c, |c| c.db().nodes(now_ms(), c.heartbeat)).await {
+        Ok(Ok(n)) => Json(n).into_response(),
+        Ok(Err(e)) => failed(&e),
+        Err(r) => r,
+    }
+}
+
+async fn remove_node(State(c): State<Arc<Control>>, Path(name): Path<String>) -> Response {
+    let Ok(name) = name.parse::<Name>() else { return plain(StatusCode::NOT_FOUND, "no such node") };
+    let shown = name.clone();
+    match blocking(&c, move |c| c.remove_node(&name)).await {
+        Ok(Ok(true)) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Ok(false)) => plain(StatusCode::NOT_FOUND, &format!("no node {shown}")),
+        Ok(Err(e)) => failed(&e),
+        Err(r) => r,
     }
 }
 
@@ -186,6 +221,9 @@ struct NewImage {
 }
 
 async fn register_image(State(c): State<Arc<Control>>, Json(req): Json<NewImage>) -> Response {
+    if let Err(e) = bootcache_delivery::remote::check_url(&req.url) {
+        return plain(StatusCode::BAD_REQUEST, &e.to_string());
+    }
     // Read without holding the database: a slow store delays this call only.
     let header = match bootcache_delivery::cache::read_header(&req.url, c.retry).await {
         Ok(h) => h,
@@ -228,6 +266,10 @@ async fn image(State(c): State<Arc<Control>>, Path(root): Path<String>) -> Respo
 pub struct InstanceView {
     /// Its name.
     pub name: Name,
+    /// Its number in the cluster.
+    pub uid: u32,
+    /// What its node calls it (the libvirt domain, the Docker container).
+    pub id: String,
     /// VM or container.
     pub kind: bootcache_api::Kind,
     /// Its node, once placed.
@@ -262,6 +304,8 @@ pub fn views(db: &Db, lab: &Name) -> Result<Option<Vec<InstanceView>>, DbError> 
                 };
                 InstanceView {
                     addresses: expanded.get(&r.spec.name).map(|i| i.addresses.clone()).unwrap_or_default(),
+                    uid: r.uid,
+                    id: bootcache_api::agent::names::instance(r.uid, lab, &r.spec.name),
                     name: r.spec.name,
                     kind: r.spec.kind,
                     node: r.node,
@@ -277,73 +321,81 @@ pub fn views(db: &Db, lab: &Name) -> Result<Option<Vec<InstanceView>>, DbError> 
 
 async fn instances(State(c): State<Arc<Control>>, Path(lab): Path<String>) -> Response {
     let Ok(lab) = lab.parse::<Name>() else { return plain(StatusCode::NOT_FOUND, "no such lab") };
-    match views(&c.db(), &lab) {
-        Ok(Some(v)) => Json(v).into_response(),
-        Ok(None) => plain(StatusCode::NOT_FOUND, &format!("no lab {lab}")),
-        Err(e) => failed(&e),
+    let shown = lab.clone();
+    match blocking(&c, move |c| views(&c.db(), &lab)).await {
+        Ok(Ok(Some(v))) => Json(v).into_response(),
+        Ok(Ok(None)) => plain(StatusCode::NOT_FOUND, &format!("no lab {shown}")),
+        Ok(Err(e)) => failed(&e),
+        Err(r) => r,
     }
 }
 
 async fn deploy(State(c): State<Arc<Control>>, body: String) -> Response {
-    let lab = match bootcache_api::Lab::parse(&body) {
-        Ok(lab) => lab,
-        Err(e) => return plain(StatusCode::BAD_REQUEST, &e.to_string()),
+    // Checking a lab of 10,000 instances takes CPU: not on an async worker.
+    let parsed = tokio::task::spawn_blocking(move || bootcache_api::Lab::parse(&body).map(|lab| (body, lab))).await;
+    let (text, lab) = match parsed {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => return plain(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e) => return plain(StatusCode::INTERNAL_SERVER_ERROR, &format!("internal error: {e}")),
     };
     for def in &lab.instances {
         if let Err(e) = bootcache_delivery::remote::check_url(&def.image) {
             return plain(StatusCode::BAD_REQUEST, &format!("instance {}: {e}", def.name));
         }
     }
-    match c.deploy(&lab).await {
-        Ok(rows) => Json(rows).into_response(),
+    match c.deploy(text, lab).await {
+        Ok((rows, _)) => Json(rows).into_response(),
         Err(crate::deploy::DeployError::Db(e)) => failed(&e),
+        Err(e @ crate::deploy::DeployError::Superseded(_)) => plain(StatusCode::CONFLICT, &e.to_string()),
         Err(e) => plain(StatusCode::BAD_GATEWAY, &e.to_string()),
     }
 }
 
 async fn labs(State(c): State<Arc<Control>>) -> Response {
-    let db = c.db();
-    let names = match db.lab_names() {
-        Ok(l) => l,
-        Err(e) => return failed(&e),
-    };
-    let mut out = Vec::new();
-    for name in names {
-        let rows = match db.instances_brief(&name) {
-            Ok(r) => r,
-            Err(e) => return failed(&e),
-        };
-        let mut states = std::collections::BTreeMap::new();
-        for r in &rows {
-            *states.entry(r.state.as_str()).or_insert(0u64) += 1;
+    let listed = blocking(&c, |c| -> Result<Vec<serde_json::Value>, DbError> {
+        let db = c.db();
+        let mut out = Vec::new();
+        for name in db.lab_names()? {
+            let rows = db.instances_brief(&name)?;
+            let mut states = std::collections::BTreeMap::new();
+            for r in &rows {
+                *states.entry(r.state.as_str()).or_insert(0u64) += 1;
+            }
+            out.push(serde_json::json!({"name": name, "instances": rows.len(), "states": states}));
         }
-        out.push(serde_json::json!({"name": name, "instances": rows.len(), "states": states}));
+        Ok(out)
+    })
+    .await;
+    match listed {
+        Ok(Ok(out)) => Json(out).into_response(),
+        Ok(Err(e)) => failed(&e),
+        Err(r) => r,
     }
-    Json(out).into_response()
 }
 
 async fn destroy(State(c): State<Arc<Control>>, Path(lab): Path<String>) -> Response {
     let Ok(lab) = lab.parse::<Name>() else { return plain(StatusCode::NOT_FOUND, "no such lab") };
-    match c.destroy(&lab) {
-        Ok(_) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => failed(&e),
+    match blocking(&c, move |c| c.destroy(&lab)).await {
+        Ok(Ok(_)) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => failed(&e),
+        Err(r) => r,
     }
 }
 
 async fn remaining(State(c): State<Arc<Control>>, Path(lab): Path<String>) -> Response {
     let Ok(lab) = lab.parse::<Name>() else { return plain(StatusCode::NOT_FOUND, "no such lab") };
-    let db = c.db();
-    let up: Vec<Name> = match db.nodes(now_ms(), c.heartbeat) {
-        Ok(n) => n.into_iter().filter(|n| n.up).map(|n| n.name).collect(),
-        Err(e) => return failed(&e),
-    };
-    match db.remaining(&lab) {
+    let found = blocking(&c, move |c| -> Result<serde_json::Value, DbError> {
+        let db = c.db();
+        let up: Vec<Name> = db.nodes(now_ms(), c.heartbeat)?.into_iter().filter(|n| n.up).map(|n| n.name).collect();
         // What down nodes said is kept but shown apart: they cannot remove it now.
-        Ok(rows) => {
-            let (on_up, on_down): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| up.contains(&r.node));
-            Json(serde_json::json!({"remaining": on_up, "on_down_nodes": on_down})).into_response()
-        }
-        Err(e) => failed(&e),
+        let (on_up, on_down): (Vec<_>, Vec<_>) = db.remaining(&lab)?.into_iter().partition(|r| up.contains(&r.node));
+        Ok(serde_json::json!({"remaining": on_up, "on_down_nodes": on_down}))
+    })
+    .await;
+    match found {
+        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Err(e)) => failed(&e),
+        Err(r) => r,
     }
 }
 
@@ -354,9 +406,11 @@ async fn instance_action(State(c): State<Arc<Control>>, Path((lab, name, action)
         "stop" => false,
         _ => return plain(StatusCode::NOT_FOUND, "actions: start, stop"),
     };
-    match c.db().set_running(&lab, &name, running) {
-        Ok(true) => StatusCode::NO_CONTENT.into_response(),
-        Ok(false) => plain(StatusCode::NOT_FOUND, &format!("no instance {lab}/{name}")),
-        Err(e) => failed(&e),
+    let shown = format!("{lab}/{name}");
+    match blocking(&c, move |c| c.db().set_running(&lab, &name, running)).await {
+        Ok(Ok(true)) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Ok(false)) => plain(StatusCode::NOT_FOUND, &format!("no instance {shown}")),
+        Ok(Err(e)) => failed(&e),
+        Err(r) => r,
     }
 }

@@ -151,6 +151,14 @@ impl Client {
         self.call::<Option<()>>(self.http.post(format!("{}/labs/{lab}/instances/{name}/{action}", self.base))).await.map(drop)
     }
 
+    /// Removes a node (its credential revoked, its instances placed again).
+    ///
+    /// # Errors
+    /// No such node (404), unreachable, refused.
+    pub async fn remove_node(&self, node: &Name) -> Result<(), ClientError> {
+        self.call::<Option<()>>(self.http.delete(format!("{}/nodes/{node}", self.base))).await.map(drop)
+    }
+
     /// The nodes.
     ///
     /// # Errors

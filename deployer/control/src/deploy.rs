@@ -10,20 +10,20 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use bootcache_api::agent::{self, Dhcp, Heartbeat, ImageOrder, Nic, Observed, Order, Orders, SegmentOrder, names};
+use bootcache_api::agent::{self, Dhcp, Heartbeat, ImageOrder, Join, Joined, Nic, Observed, Order, Orders, SegmentOrder, names};
 use bootcache_api::lab::Delivery;
 use bootcache_api::{InstanceState, Kind, Lab, Name, RootDigest};
 
-use crate::api::{Control, now_ms};
-use crate::db::{Db, DbError, InstanceRow, InstanceSpec, NodeRow};
+use crate::db::{Db, DbError, Deployed, ImageRecord, InstanceRow, InstanceSpec, NodeRow, SegmentRow};
 use crate::plan::{self, Capacity, Source, Want};
+use crate::state::{Control, locked, now_ms};
 
 /// Why a lab could not be deployed.
 #[remain::sorted]
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DeployError {
-    /// The database failed.
+    /// The database failed, or refused the lab as it is.
     #[error(transparent)]
     Db(#[from] DbError),
     /// A VM image's header could not be read from its store.
@@ -36,20 +36,27 @@ pub enum DeployError {
         /// Why.
         why: String,
     },
+    /// The lab was destroyed, or deployed again, while this deploy read its
+    /// images: the later request stands, this one recorded nothing.
+    #[error("lab {0} was destroyed or deployed again while this deploy read its images; nothing of this deploy was recorded")]
+    Superseded(Name),
 }
 
-/// A lab as deployed, its replicas expanded once.
+/// A lab as deployed, its replicas expanded and its segments numbered once.
 pub(crate) struct LabView {
     /// The lab.
     pub lab: Lab,
     /// Its instances by name.
     pub expanded: HashMap<Name, bootcache_api::lab::Instance>,
+    /// Its segments by name, with their numbers and bridges.
+    pub segments: HashMap<Name, SegmentRow>,
 }
 
 impl LabView {
-    fn new(lab: Lab) -> LabView {
+    fn new(lab: Lab, segments: Vec<SegmentRow>) -> LabView {
         let expanded = lab.instances().into_iter().map(|i| (i.name.clone(), i)).collect();
-        LabView { lab, expanded }
+        let segments = segments.into_iter().map(|s| (s.name.clone(), s)).collect();
+        LabView { lab, expanded, segments }
     }
 
     /// The node `instance` is pinned to.
@@ -76,17 +83,76 @@ fn holds_capacity(s: InstanceState) -> bool {
     matches!(s, InstanceState::Placed | InstanceState::Fetching | InstanceState::Starting | InstanceState::Ready | InstanceState::Stopped)
 }
 
+/// Everything of an instance's definition its node makes it from: what
+/// a re-deploy compares to tell a changed instance (made anew) from an
+/// unchanged one (left running).
+#[derive(serde::Serialize)]
+struct Fingerprint<'a> {
+    kind: Kind,
+    image: &'a str,
+    root: Option<RootDigest>,
+    delivery: Delivery,
+    cpus: u32,
+    memory_bytes: u64,
+    node: Option<&'a Name>,
+    ready: Option<&'a str>,
+    command: Option<&'a [String]>,
+    nics: Vec<(&'a Name, String, Option<&'a bootcache_api::InterfaceName>, Ipv4Addr)>,
+}
+
+/// The instances of `lab` as the database records them.
+fn specs(lab: &Lab, roots: &HashMap<String, RootDigest>) -> Vec<InstanceSpec> {
+    let mut out = Vec::new();
+    for inst in lab.instances() {
+        let Some(def) = lab.def(&inst.def) else { continue };
+        let root = roots.get(&def.image).copied().filter(|_| def.kind == Kind::Vm && def.delivery == Delivery::Lazy);
+        let image = root.unwrap_or_else(|| agent::container_image_key(&def.image));
+        let print = Fingerprint {
+            kind: def.kind,
+            image: &def.image,
+            root,
+            delivery: def.delivery,
+            cpus: def.cpus,
+            memory_bytes: def.memory_bytes,
+            node: def.node.as_ref(),
+            ready: def.ready.as_deref(),
+            command: def.command.as_deref(),
+            nics: inst
+                .addresses
+                .iter()
+                .filter_map(|(seg, a)| lab.segment(seg).map(|s| (seg, s.subnet.to_string(), s.bridge.as_ref(), *a)))
+                .collect(),
+        };
+        let fingerprint = blake3::hash(&serde_json::to_vec(&print).unwrap_or_default()).to_hex().to_string();
+        out.push(InstanceSpec {
+            lab: lab.name.clone(),
+            name: inst.name,
+            kind: def.kind,
+            image,
+            cores: def.cpus,
+            memory_bytes: def.memory_bytes,
+            fingerprint,
+        });
+    }
+    out
+}
+
 impl Control {
-    /// Deploys `lab`: reads its VM images' headers, records it and its
-    /// instances (a second deploy of the same lab converges: instances it
-    /// still has keep their state, those it dropped are removed) and places
-    /// what is pending. Returns the lab's instances.
+    /// Deploys `lab` (checked from the lab file `text`): reads its VM
+    /// images' headers, holding nothing, then records the lab whole in one
+    /// transaction (see [`Db::put_lab`]: unchanged instances keep their
+    /// state, changed ones are made anew, dropped ones go) and places what
+    /// is pending. Returns the lab's instances and what changed.
     ///
     /// # Errors
-    /// An image that cannot be read, the database.
-    pub async fn deploy(&self, lab: &Lab) -> Result<Vec<InstanceRow>, DeployError> {
+    /// An image that cannot be read, a lab the database refuses (a bridge
+    /// of another lab...), a destroy or another deploy of the lab recorded
+    /// meanwhile ([`DeployError::Superseded`]), the database.
+    pub async fn deploy(self: &Arc<Self>, text: String, lab: Lab) -> Result<(Vec<InstanceRow>, Deployed), DeployError> {
+        let epoch = self.epoch(&lab.name);
         // Headers first, holding nothing (a slow store delays this call only).
         let mut roots: HashMap<String, RootDigest> = HashMap::new();
+        let mut images = Vec::new();
         for def in lab.instances.iter().filter(|d| d.kind == Kind::Vm && d.delivery == Delivery::Lazy) {
             if roots.contains_key(&def.image) {
                 continue;
@@ -97,38 +163,47 @@ impl Control {
                 why: bootcache_delivery::node::chain(&e),
             })?;
             let root = header.root();
-            self.db().register_image(&root, &def.image, header.virtual_size, header.boot.end - header.boot.start, now_ms())?;
+            images.push(ImageRecord {
+                root,
+                url: def.image.clone(),
+                virtual_size: header.virtual_size,
+                boot_bytes: header.boot.end - header.boot.start,
+            });
             roots.insert(def.image.clone(), root);
         }
-        let now = now_ms();
-        {
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || me.record(&text, lab, &images, &roots, epoch))
+            .await
+            .map_err(|e| DeployError::Db(DbError::Conflict(format!("deploying: {e}"))))?
+    }
+
+    /// The part of [`Control::deploy`] that holds the database: one
+    /// transaction, the in-memory view changed under the same lock.
+    fn record(
+        &self,
+        text: &str,
+        lab: Lab,
+        images: &[ImageRecord],
+        roots: &HashMap<String, RootDigest>,
+        epoch: u64,
+    ) -> Result<(Vec<InstanceRow>, Deployed), DeployError> {
+        let specs = specs(&lab, roots);
+        let name = lab.name.clone();
+        let done = {
             let db = self.db();
-            db.put_lab(lab, now)?;
-            let instances = lab.instances();
-            let mut specs = Vec::with_capacity(instances.len());
-            for inst in &instances {
-                let Some(def) = lab.def(&inst.def) else { continue };
-                let image = match (def.kind, def.delivery) {
-                    (Kind::Vm, Delivery::Lazy) => roots[&def.image],
-                    _ => agent::container_image_key(&def.image),
-                };
-                specs.push(InstanceSpec {
-                    lab: lab.name.clone(),
-                    name: inst.name.clone(),
-                    kind: def.kind,
-                    image,
-                    cores: def.cpus,
-                    memory_bytes: def.memory_bytes,
-                });
+            if self.epoch(&name) != epoch {
+                return Err(DeployError::Superseded(name));
             }
-            db.want_instances(&specs, now)?;
-            let keep: Vec<Name> = instances.into_iter().map(|i| i.name).collect();
-            db.forget_instances_except(&lab.name, &keep)?;
-        }
-        self.views.lock().unwrap_or_else(|p| p.into_inner()).insert(lab.name.clone(), Arc::new(LabView::new(lab.clone())));
-        self.changed();
+            let done = db.put_lab(&lab, text, images, &specs, now_ms())?;
+            self.bump_epoch(&name);
+            let segments = db.segments(&name)?;
+            locked(&self.views).insert(name.clone(), Arc::new(LabView::new(lab, segments)));
+            self.changed();
+            done
+        };
+        tracing::info!(lab = %name, added = done.added, recreated = done.recreated, removed = done.removed, kept = done.kept, "lab deployed");
         self.schedule()?;
-        Ok(self.db().instances(&lab.name)?)
+        Ok((self.db().instances(&name)?, done))
     }
 
     /// Places every pending instance of every lab on the up nodes with room
@@ -176,40 +251,54 @@ impl Control {
             by_lab.entry(&r.spec.lab).or_default().push(r);
         }
         let mut placed_any = false;
-        for (lab, pending) in by_lab {
-            let Some(view) = self.view(&db, lab)? else { continue };
-            let wants: Vec<Want> = pending
-                .iter()
-                .map(|r| Want {
-                    instance: r.spec.name.clone(),
-                    image: r.spec.image,
-                    cores: r.spec.cores,
-                    memory_bytes: r.spec.memory_bytes,
-                    pin: view.pin(&r.spec.name),
-                })
-                .collect();
-            let results = plan::place(&wants, &capacities, self.policy);
-            let mut moves = Vec::new();
-            let mut waiting = Vec::new();
-            for (w, placed) in wants.iter().zip(&results) {
-                match placed {
-                    Ok((_, node)) => {
-                        if let Some(c) = capacities.iter_mut().find(|c| c.node == *node) {
-                            c.cores = c.cores.saturating_sub(w.cores);
-                            c.memory_bytes = c.memory_bytes.saturating_sub(w.memory_bytes);
-                            c.caches.insert(w.image);
-                        }
-                        moves.push((lab, &w.instance, InstanceState::Placed, Some(node), None));
-                    }
-                    Err(unplaced) => waiting.push((lab, &w.instance, format!("waiting for room: {}", unplaced.why))),
-                }
+        let mut views = HashMap::new();
+        for lab in by_lab.keys() {
+            if let Some(v) = self.view(&db, lab)? {
+                views.insert(*lab, v);
             }
-            // Why the others wait, for inspect (pending stays pending).
-            db.note_pending(&waiting)?;
-            if !moves.is_empty() {
-                db.set_states(&moves, now)?;
-                placed_any = true;
-                tracing::info!(%lab, placed = moves.len(), waiting = results.len() - moves.len(), "instances placed");
+        }
+        // Pinned instances of every lab first: a node's room goes to what
+        // can run nowhere else before what can run anywhere.
+        for pinned in [true, false] {
+            for (lab, pending) in &by_lab {
+                let Some(view) = views.get(lab) else { continue };
+                let wants: Vec<Want> = pending
+                    .iter()
+                    .map(|r| Want {
+                        instance: r.spec.name.clone(),
+                        image: r.spec.image,
+                        cores: r.spec.cores,
+                        memory_bytes: r.spec.memory_bytes,
+                        pin: view.pin(&r.spec.name),
+                    })
+                    .filter(|w| w.pin.is_some() == pinned)
+                    .collect();
+                if wants.is_empty() {
+                    continue;
+                }
+                let results = plan::place(&wants, &capacities, self.policy);
+                let mut moves = Vec::new();
+                let mut waiting = Vec::new();
+                for (w, placed) in wants.iter().zip(&results) {
+                    match placed {
+                        Ok((_, node)) => {
+                            if let Some(c) = capacities.iter_mut().find(|c| c.node == *node) {
+                                c.cores = c.cores.saturating_sub(w.cores);
+                                c.memory_bytes = c.memory_bytes.saturating_sub(w.memory_bytes);
+                                c.caches.insert(w.image);
+                            }
+                            moves.push((*lab, &w.instance, InstanceState::Placed, Some(node), None));
+                        }
+                        Err(unplaced) => waiting.push((*lab, &w.instance, format!("waiting for room: {}", unplaced.why))),
+                    }
+                }
+                // Why the others wait, for inspect (pending stays pending).
+                db.note_pending(&waiting)?;
+                if !moves.is_empty() {
+                    db.set_states(&moves, now)?;
+                    placed_any = true;
+                    tracing::info!(%lab, placed = moves.len(), waiting = results.len() - moves.len(), "instances placed");
+                }
             }
         }
         if placed_any {
@@ -218,20 +307,24 @@ impl Control {
         Ok(())
     }
 
-    /// Takes a node's heartbeat: records it and what its instances do,
-    /// places what waits, and answers with the node's orders.
+    /// Takes a node's heartbeat: records it and what of its reports are
+    /// about instances ordered to it (the rest is ignored), moves those
+    /// instances through their states, places what waits, and answers with
+    /// the node's orders. Call it only for a node whose credential the
+    /// request carried ([`Control::authenticate`]).
     ///
     /// # Errors
-    /// A node that never registered, the database.
+    /// A node that never registered, a report of more than it could have,
+    /// the database.
     pub fn heartbeat(&self, node: &Name, beat: &Heartbeat) -> Result<Orders, DbError> {
         let now = now_ms();
         {
             let db = self.db();
             db.heartbeat(node, beat, now)?;
-            db.observe(node, &beat.instances)?;
+            let taken = db.observe(node, &beat.instances)?;
             // Every state change the heartbeat brings, in one transaction.
             let mut steps = Vec::new();
-            for seen in &beat.instances {
+            for seen in &taken {
                 advance(&db, node, seen, &mut steps)?;
             }
             let moves: Vec<_> = steps
@@ -244,6 +337,47 @@ impl Control {
         }
         self.schedule()?;
         self.orders(node)
+    }
+
+    /// Takes a node into the cluster: a new credential of its own (only
+    /// its digest is kept) and `peer_token`, what nodes present to each
+    /// other.
+    ///
+    /// # Errors
+    /// A node of that name that is up ([`DbError::NodeUp`]), the database.
+    pub fn join(&self, join: &Join, peer_token: String) -> Result<Joined, DbError> {
+        let secret = bootcache_delivery::auth::new_token().map_err(|e| DbError::Conflict(format!("making a credential: {e}")))?;
+        let digest = blake3::hash(secret.as_bytes()).to_hex().to_string();
+        self.db().join(join, &digest, now_ms(), self.heartbeat)?;
+        tracing::info!(node = %join.name, address = %join.address, "node joined");
+        Ok(Joined { secret, peer_token })
+    }
+
+    /// Whether an `Authorization` header value carries `node`'s own
+    /// credential (compared by digest, in constant time).
+    ///
+    /// # Errors
+    /// The database.
+    pub fn authenticate(&self, node: &Name, authorization: Option<&[u8]>) -> Result<bool, DbError> {
+        let Some(token) = authorization.and_then(|v| v.strip_prefix(b"Bearer ")) else { return Ok(false) };
+        let Some(stored) = self.db().node_secret(node)? else { return Ok(false) };
+        let Ok(stored) = blake3::Hash::from_hex(stored.as_bytes()) else { return Ok(false) };
+        Ok(blake3::hash(token.trim_ascii()) == stored)
+    }
+
+    /// Removes `node` from the cluster (its instances are placed again);
+    /// whether it was there.
+    ///
+    /// # Errors
+    /// The database.
+    pub fn remove_node(&self, node: &Name) -> Result<bool, DbError> {
+        let gone = self.db().remove_node(node, now_ms())?;
+        self.changed();
+        if gone {
+            tracing::warn!(%node, "node removed");
+            self.schedule()?;
+        }
+        Ok(gone)
     }
 
     /// What `node` should run now: its placed instances, each VM's image
@@ -306,15 +440,17 @@ impl Control {
                 };
                 let mut nics = Vec::new();
                 for (i, (seg, addr)) in inst.addresses.iter().enumerate() {
-                    let Some(segment) = lab.segment(seg) else { continue };
-                    let mac = names::mac(&lab.name, &r.spec.name, i);
-                    let bridge = segment.bridge.clone().unwrap_or_else(|| names::bridge(&lab.name, seg));
+                    let (Some(segment), Some(numbered), Ok(i)) = (lab.segment(seg), view.segments.get(seg), u8::try_from(i)) else {
+                        continue;
+                    };
+                    let mac = names::mac(r.uid, i);
                     if def.kind == Kind::Vm {
                         dhcp_hosts.entry(seg.clone()).or_default().push((mac, *addr));
                     }
-                    nics.push(Nic { bridge, mac, address: *addr, prefix: segment.subnet.prefix });
+                    nics.push(Nic { bridge: numbered.bridge.clone(), mac, address: *addr, prefix: segment.subnet.prefix });
                 }
                 orders.instances.push(Order {
+                    uid: r.uid,
                     lab: lab.name.clone(),
                     name: r.spec.name.clone(),
                     kind: def.kind,
@@ -331,7 +467,8 @@ impl Control {
                 if !on.contains(node) {
                     continue;
                 }
-                let Some(segment) = lab.segment(seg) else { continue };
+                let (Some(segment), Some(numbered)) = (lab.segment(seg), view.segments.get(seg)) else { continue };
+                let Some(vni) = names::vni(numbered.id) else { continue };
                 let remotes = on.iter().filter(|n| *n != node && up.contains(n)).filter_map(ip).collect();
                 let dhcp = dhcp_hosts.remove(seg).map(|hosts| {
                     let k = members.seg_vm_nodes.get(seg).and_then(|s| s.iter().position(|n| n == node)).unwrap_or(0);
@@ -342,11 +479,12 @@ impl Control {
                     }
                 });
                 orders.segments.push(SegmentOrder {
+                    id: numbered.id,
                     lab: lab.name.clone(),
                     segment: seg.clone(),
-                    bridge: segment.bridge.clone().unwrap_or_else(|| names::bridge(&lab.name, seg)),
-                    vxlan: names::vxlan(&lab.name, seg),
-                    vni: names::vni(&lab.name, seg),
+                    bridge: numbered.bridge.clone(),
+                    vxlan: names::vxlan(numbered.id),
+                    vni,
                     remotes,
                     dhcp,
                 });
@@ -401,13 +539,15 @@ impl Control {
 
     /// The lab as deployed, with its replicas expanded (kept in memory until
     /// it is deployed again or destroyed).
+    /// Call holding the database (`db`): the view is read from it and
+    /// kept under the same lock.
     pub(crate) fn view(&self, db: &Db, lab: &Name) -> Result<Option<Arc<LabView>>, DbError> {
-        if let Some(v) = self.views.lock().unwrap_or_else(|p| p.into_inner()).get(lab) {
+        if let Some(v) = locked(&self.views).get(lab) {
             return Ok(Some(Arc::clone(v)));
         }
         let Some(spec) = db.lab(lab)? else { return Ok(None) };
-        let view = Arc::new(LabView::new(spec));
-        self.views.lock().unwrap_or_else(|p| p.into_inner()).insert(lab.clone(), Arc::clone(&view));
+        let view = Arc::new(LabView::new(spec, db.segments(lab)?));
+        locked(&self.views).insert(lab.clone(), Arc::clone(&view));
         Ok(Some(view))
     }
 
@@ -415,7 +555,7 @@ impl Control {
     /// when placement changed ([`Control::changed`]).
     fn members(&self, db: &Db, view: &LabView) -> Result<Arc<Members>, DbError> {
         let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
-        if let Some((g, m)) = self.members.lock().unwrap_or_else(|p| p.into_inner()).get(&view.lab.name)
+        if let Some((g, m)) = locked(&self.members).get(&view.lab.name)
             && *g == generation
         {
             return Ok(Arc::clone(m));
@@ -434,24 +574,21 @@ impl Control {
             }
         }
         let m = Arc::new(m);
-        self.members.lock().unwrap_or_else(|p| p.into_inner()).insert(view.lab.name.clone(), (generation, Arc::clone(&m)));
+        locked(&self.members).insert(view.lab.name.clone(), (generation, Arc::clone(&m)));
         Ok(m)
     }
 
-    /// Placement changed (instances placed, lost, forgotten): what
-    /// [`Control::members`] keeps is recomputed on next use.
-    pub(crate) fn changed(&self) {
-        self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    }
-
     /// Forgets `lab`: agents remove what they run of it on their next
-    /// heartbeat. Whether it was there.
+    /// heartbeat; a deploy of it under way when this is recorded records
+    /// nothing. Whether it was there.
     ///
     /// # Errors
     /// The database.
     pub fn destroy(&self, lab: &Name) -> Result<bool, DbError> {
-        let gone = self.db().delete_lab(lab)?;
-        self.views.lock().unwrap_or_else(|p| p.into_inner()).remove(lab);
+        let db = self.db();
+        let gone = db.delete_lab(lab)?;
+        self.bump_epoch(lab);
+        locked(&self.views).remove(lab);
         self.changed();
         Ok(gone)
     }
@@ -463,7 +600,7 @@ impl Control {
 fn advance<'a>(db: &Db, node: &Name, seen: &'a Observed, steps: &mut Vec<(&'a Observed, InstanceState)>) -> Result<(), DbError> {
     use InstanceState::*;
     let Some(row) = db.instance(&seen.lab, &seen.name)? else { return Ok(()) };
-    if row.node.as_ref() != Some(node) || row.state == seen.state {
+    if row.node.as_ref() != Some(node) || row.uid != seen.uid || row.state == seen.state {
         return Ok(());
     }
     let path = [Placed, Fetching, Starting, Ready];

@@ -29,3 +29,4 @@ pub mod client;
 pub mod db;
 pub mod deploy;
 pub mod plan;
+pub mod state;

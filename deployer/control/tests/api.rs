@@ -1,7 +1,7 @@
 //! The control node's API over HTTP on loopback, with a real store and a
-//! real SQLite file: nodes register and send heartbeats, an image is
-//! registered from its header on the store, nothing without the token, and
-//! everything is still there after a restart.
+//! real SQLite file: nodes join and send heartbeats with their own
+//! credentials, an image is registered from its header on the store,
+//! nothing without the token, and everything is still there after a restart.
 
 use std::time::Duration;
 
@@ -37,9 +37,28 @@ async fn serve(db_path: &std::path::Path) -> (String, tokio::task::JoinHandle<()
 }
 
 fn client() -> reqwest::Client {
+    client_with(TOKEN)
+}
+
+fn client_with(token: &str) -> reqwest::Client {
     let mut h = reqwest::header::HeaderMap::new();
-    h.insert(reqwest::header::AUTHORIZATION, format!("Bearer {TOKEN}").parse().unwrap());
+    h.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
     reqwest::Client::builder().default_headers(h).build().unwrap()
+}
+
+/// Joins `node` at `address`; a client carrying its own credential.
+async fn join(c: &reqwest::Client, base: &str, node: &str, address: &str) -> reqwest::Client {
+    let r = c
+        .post(format!("{base}/nodes"))
+        .json(&serde_json::json!({"name": node, "address": address, "cores": 2, "memory_bytes": 8u64 << 30}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let joined: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(joined["peer_token"].as_str().unwrap().len(), 64);
+    assert_ne!(joined["peer_token"], TOKEN);
+    client_with(joined["secret"].as_str().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,9 +76,7 @@ async fn nodes_images_and_the_credential_over_http_and_across_a_restart() {
     ] {
         assert_eq!(r.send().await.unwrap().status(), 401);
     }
-    let reg =
-        c.post(format!("{base}/nodes")).json(&serde_json::json!({"name": "node-1", "address": "10.0.0.2:7070"})).send().await.unwrap();
-    assert_eq!(reg.status(), 204);
+    let n1 = join(&c, &base, "node-1", "10.0.0.2:7070").await;
     let bad = c.post(format!("{base}/nodes")).json(&serde_json::json!({"name": "../x", "address": "10.0.0.2:7070"})).send().await.unwrap();
     assert!(bad.status().is_client_error(), "a bad name is refused");
     let bad = c.post(format!("{base}/nodes")).json(&serde_json::json!({"name": "n2", "address": "; rm -rf /"})).send().await.unwrap();
@@ -70,10 +87,25 @@ async fn nodes_images_and_the_credential_over_http_and_across_a_restart() {
     let root = image["root_digest"].as_str().unwrap().to_owned();
     assert_eq!(image["virtual_size"], 1 << 20);
     let beat = serde_json::json!({"cores": 2, "memory_bytes": 1u64 << 34, "running": 1, "caches": [[root, 4096]]});
-    let orders = c.post(format!("{base}/nodes/node-1/heartbeat")).json(&beat).send().await.unwrap();
+    let orders = n1.post(format!("{base}/nodes/node-1/heartbeat")).json(&beat).send().await.unwrap();
     assert_eq!(orders.status(), 200);
     assert_eq!(orders.json::<serde_json::Value>().await.unwrap(), serde_json::json!({"instances": [], "segments": []}));
-    assert_eq!(c.post(format!("{base}/nodes/ghost/heartbeat")).json(&beat).send().await.unwrap().status(), 404);
+    assert_eq!(n1.post(format!("{base}/nodes/ghost/heartbeat")).json(&beat).send().await.unwrap().status(), 401);
+    // Not with the administrator's token, nor another node's credential: only its own.
+    assert_eq!(c.post(format!("{base}/nodes/node-1/heartbeat")).json(&beat).send().await.unwrap().status(), 401);
+    let n2 = join(&c, &base, "node-2", "10.0.0.3:7070").await;
+    assert_eq!(n2.post(format!("{base}/nodes/node-1/heartbeat")).json(&beat).send().await.unwrap().status(), 401);
+    // Up: nobody joins as it again, from anywhere, with any token.
+    let again =
+        c.post(format!("{base}/nodes")).json(&serde_json::json!({"name": "node-1", "address": "10.6.6.6:7070"})).send().await.unwrap();
+    assert_eq!(again.status(), 409);
+    assert!(again.text().await.unwrap().contains("node remove node-1"));
+    // A node's credential does nothing else.
+    assert_eq!(n1.get(format!("{base}/labs")).send().await.unwrap().status(), 401);
+    assert_eq!(
+        n1.post(format!("{base}/nodes")).json(&serde_json::json!({"name": "n3", "address": "10.0.0.9:1"})).send().await.unwrap().status(),
+        401
+    );
     let nodes: serde_json::Value = c.get(format!("{base}/nodes")).send().await.unwrap().json().await.unwrap();
     assert_eq!(nodes[0]["up"], true, "{nodes}");
     let img: serde_json::Value = c.get(format!("{base}/images/{root}")).send().await.unwrap().json().await.unwrap();
@@ -84,19 +116,33 @@ async fn nodes_images_and_the_credential_over_http_and_across_a_restart() {
     // Restarted: the database holds it all; without heartbeats the node goes down.
     task.abort();
     let (base, _task) = serve(&db).await;
+    assert_eq!(
+        n1.post(format!("{base}/nodes/node-1/heartbeat")).json(&beat).send().await.unwrap().status(),
+        200,
+        "its credential survives"
+    );
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let nodes: serde_json::Value = c.get(format!("{base}/nodes")).send().await.unwrap().json().await.unwrap();
     assert_eq!((nodes[0]["name"].as_str(), nodes[0]["up"].as_bool()), (Some("node-1"), Some(false)), "{nodes}");
+    // Removed by the administrator: its credential goes with it.
+    assert_eq!(c.delete(format!("{base}/nodes/node-1")).send().await.unwrap().status(), 204);
+    assert_eq!(n1.post(format!("{base}/nodes/node-1/heartbeat")).json(&beat).send().await.unwrap().status(), 401);
+    assert_eq!(c.delete(format!("{base}/nodes/node-1")).send().await.unwrap().status(), 404);
     let img: serde_json::Value = c.get(format!("{base}/images/{root}")).send().await.unwrap().json().await.unwrap();
     assert_eq!(img["url"], url.as_str());
 }
 
 async fn beat(c: &reqwest::Client, base: &str, node: &str, caches: serde_json::Value, seen: serde_json::Value) -> serde_json::Value {
+    let c = &NODES.lock().unwrap().get(&(base.to_owned(), node.to_owned())).cloned().unwrap_or_else(|| c.clone());
     let beat = serde_json::json!({"cores": 2, "memory_bytes": 8u64 << 30, "running": 0, "caches": caches, "instances": seen});
     let r = c.post(format!("{base}/nodes/{node}/heartbeat")).json(&beat).send().await.unwrap();
     assert_eq!(r.status(), 200);
     r.json().await.unwrap()
 }
+
+/// Each node's own client, by control node and name.
+static NODES: std::sync::Mutex<std::collections::BTreeMap<(String, String), reqwest::Client>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
 
 fn lab_file(url: &str) -> String {
     format!(
@@ -137,9 +183,11 @@ async fn a_lab_is_placed_ordered_reported_and_destroyed() {
     let db = dir.path().join("control.db");
     let (base, task) = serve(&db).await;
     let c = client();
+    let mut own = Vec::new();
     for (n, a) in [("node-a", "10.0.0.2:7070"), ("node-b", "10.0.0.3:7070")] {
-        let r = c.post(format!("{base}/nodes")).json(&serde_json::json!({"name": n, "address": a})).send().await.unwrap();
-        assert_eq!(r.status(), 204);
+        let mine = join(&c, &base, n, a).await;
+        own.push((n, mine.clone()));
+        NODES.lock().unwrap().insert((base.clone(), n.to_owned()), mine);
         beat(&c, &base, n, serde_json::json!([]), serde_json::json!([])).await;
     }
 
@@ -166,6 +214,7 @@ async fn a_lab_is_placed_ordered_reported_and_destroyed() {
     // the tarball only once node-a holds it whole, from node-a.
     let a = beat(&c, &base, "node-a", serde_json::json!([]), serde_json::json!([])).await;
     let vm = a["instances"].as_array().unwrap().iter().find(|o| o["name"] == "vm").expect("vm ordered on node-a");
+    let vm_uid = vm["uid"].as_u64().unwrap();
     assert_eq!(vm["image"]["peers"], serde_json::json!([]), "{vm}");
     assert_eq!(vm["nics"][0]["address"], "10.20.0.10");
     let user = a["instances"].as_array().unwrap().iter().find(|o| o["name"] == "user-1").expect("user-1 ordered on node-a");
@@ -179,7 +228,7 @@ async fn a_lab_is_placed_ordered_reported_and_destroyed() {
         &base,
         "node-a",
         serde_json::json!([[root, 0], [tarball, 1]]),
-        serde_json::json!([{"lab": "lab1", "name": "vm", "state": "fetching"}]),
+        serde_json::json!([{"uid": vm_uid, "lab": "lab1", "name": "vm", "state": "fetching"}]),
     )
     .await;
     let b = beat(&c, &base, "node-b", serde_json::json!([]), serde_json::json!([])).await;
@@ -196,7 +245,7 @@ async fn a_lab_is_placed_ordered_reported_and_destroyed() {
     assert_eq!(seg_a["dhcp"]["hosts"][0][1], "10.20.0.10");
 
     // Reported ready (straight from placed: the states between are recorded too).
-    let seen = serde_json::json!([{"lab": "lab1", "name": "vm", "state": "ready"}]);
+    let seen = serde_json::json!([{"uid": vm_uid, "lab": "lab1", "name": "vm", "state": "ready"}]);
     beat(&c, &base, "node-a", serde_json::json!([[root, 4096]]), seen.clone()).await;
     let rows: serde_json::Value = c.get(format!("{base}/labs/lab1/instances")).send().await.unwrap().json().await.unwrap();
     let vm = rows.as_array().unwrap().iter().find(|r| r["name"] == "vm").unwrap();
@@ -207,6 +256,9 @@ async fn a_lab_is_placed_ordered_reported_and_destroyed() {
     // The control node restarts: the same orders, nothing placed again.
     task.abort();
     let (base, task) = serve(&db).await;
+    for (n, mine) in own {
+        NODES.lock().unwrap().insert((base.clone(), n.to_owned()), mine);
+    }
     let again = beat(&c, &base, "node-a", serde_json::json!([[root, 4096]]), seen.clone()).await;
     assert_eq!(again["instances"], a["instances"]);
     // A second deploy converges: nothing new, states kept.

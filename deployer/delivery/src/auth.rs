@@ -109,6 +109,15 @@ impl Credential {
         Ok(Arc::new(Credential { path: Some(path.to_owned()), state: Mutex::new(tokens) }))
     }
 
+    /// The tokens in `path`, which must exist (a client's: nothing is made).
+    ///
+    /// # Errors
+    /// A missing file, one others may read, an empty one.
+    pub fn load(path: &Path) -> Result<Arc<Credential>, AuthError> {
+        let tokens = read_tokens(path)?;
+        Ok(Arc::new(Credential { path: Some(path.to_owned()), state: Mutex::new(tokens) }))
+    }
+
     /// Writes a new token first in `path`, keeping the current one accepted
     /// (older ones are dropped); returns the new token.
     ///
@@ -129,6 +138,14 @@ impl Credential {
     pub fn token(&self) -> String {
         self.refresh();
         self.state.lock().unwrap_or_else(|p| p.into_inner()).first.clone()
+    }
+
+    /// A token derived one way from this one (the file's first) for
+    /// `purpose` (a BLAKE3 key derivation context): the control node's join
+    /// and peer tokens come from its administrator's this way, so they
+    /// follow a rotation and reveal nothing of it.
+    pub fn derive(&self, purpose: &str) -> String {
+        bootcache_format::hex(&blake3::derive_key(purpose, self.token().as_bytes()))
     }
 
     /// The `Authorization` header value this node sends.

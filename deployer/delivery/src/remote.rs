@@ -92,10 +92,27 @@ enum Failure {
     Permanent(String),
 }
 
+/// A request that failed before it left (a URL the HTTP stack cannot use)
+/// fails the same way every time: permanent. Anything else that failed to
+/// send is worth another try.
+fn sent(e: reqwest::Error) -> Failure {
+    if e.is_builder() {
+        return Failure::Permanent(format!("the request cannot be made: {}", e.without_url()));
+    }
+    Failure::Transient(e)
+}
+
+/// The longest URL fetched (and shown).
+pub const MAX_URL: usize = 2048;
+
 /// `url` without what may be a secret: the password of its user part and
 /// its query (a signed URL's signature), each replaced by `***`. Anything
-/// that does not parse as a URL is shown as `<invalid URL>`.
+/// that does not parse as a URL is shown as `<invalid URL>`, and one longer
+/// than [`MAX_URL`] bytes as its length: a message never carries more.
 pub fn redact(url: &str) -> String {
+    if url.len() > MAX_URL {
+        return format!("<a URL of {} bytes>", url.len());
+    }
     let Ok(mut u) = reqwest::Url::parse(url) else { return "<invalid URL>".into() };
     if u.password().is_some() {
         let _ = u.set_password(Some("***"));
@@ -112,6 +129,9 @@ pub fn redact(url: &str) -> String {
 /// [`RemoteError::Protocol`] naming what is wrong.
 pub fn check_url(url: &str) -> Result<reqwest::Url, RemoteError> {
     let bad = |why: &str| RemoteError::Protocol { url: redact(url), why: why.into() };
+    if url.len() > MAX_URL {
+        return Err(bad(&format!("longer than {MAX_URL} bytes")));
+    }
     let u = reqwest::Url::parse(url).map_err(|_| bad("not a URL"))?;
     match u.scheme() {
         "http" => {}
@@ -158,7 +178,7 @@ impl Remote {
         let mut remote = Remote { client, url: url.into(), shown, len: 0, etag: None, retry };
         let (len, etag) = remote
             .with_retry(|| async {
-                let resp = remote.client.head(&remote.url).send().await.map_err(Failure::Transient)?;
+                let resp = remote.client.head(&remote.url).send().await.map_err(sent)?;
                 match resp.status() {
                     StatusCode::OK => {}
                     s => return Err(refused(resp, s, "HEAD")),
@@ -264,7 +284,7 @@ impl Remote {
         if let Some(wait) = prefer_wait {
             req = req.header(reqwest::header::HeaderName::from_static("prefer"), format!("wait={}", wait.as_secs().max(1)));
         }
-        let resp = req.send().await.map_err(Failure::Transient)?;
+        let resp = req.send().await.map_err(sent)?;
         match resp.status() {
             StatusCode::PARTIAL_CONTENT => {}
             StatusCode::OK => return Err(Failure::Permanent("the store ignores Range requests".into())),
@@ -322,4 +342,28 @@ fn refused(resp: reqwest::Response, status: StatusCode, method: &str) -> Failure
 
 fn header_u64(v: Option<&reqwest::header::HeaderValue>) -> Option<u64> {
     v?.to_str().ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_is_shown_without_secrets_and_never_long() {
+        assert_eq!(redact("http://u:pw@h/x?sig=1"), "http://u:***@h/x?***");
+        let long = format!("http://h/{}", "a".repeat(1_500_000));
+        assert_eq!(redact(&long), "<a URL of 1500009 bytes>");
+        let e = check_url(&long).unwrap_err().to_string();
+        assert!(e.len() < 100 && e.contains("longer than 2048 bytes"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_url_refused_once_is_not_tried_again() {
+        // Too long: refused before any request, with a short message.
+        let long = format!("http://127.0.0.1:9/{}", "a".repeat(1_500_000));
+        let started = Instant::now();
+        let e = Remote::open(&long, RetryPolicy::default()).await.unwrap_err();
+        assert!(matches!(e, RemoteError::Protocol { .. }) && e.to_string().len() < 100, "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5), "not retried");
+    }
 }

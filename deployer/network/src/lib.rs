@@ -5,10 +5,15 @@
 //! into a container's network namespace and addressed there, and DHCP by
 //! MAC address for the node's VMs (dnsmasq on the bridge, [`dhcp`]).
 //!
-//! Everything made carries an interface alias starting with
-//! [`names::ALIAS_PREFIX`](bootcache_api::agent::names::ALIAS_PREFIX), so
-//! [`Network::made`] finds what this node made, and only that, after a crash.
-//! Bridges are made with `nf_call_iptables` off, and where the namespace
+//! Everything made carries a mark as its interface alias (what the caller
+//! gives: the agent's node and what the link is for), and nothing is
+//! changed or deleted unless it carries the mark it is asked for: a link of
+//! the same name made by anyone else is refused, never adopted, addressed,
+//! enslaved or deleted. [`Network::links`] lists what there is, marks
+//! included, for the caller to hold against its own record.
+//! Nothing of a lab's subnets is addressed or routed in the node's own
+//! namespace: the DHCP server of a segment answers from a namespace of its
+//! own ([`dhcp`]). Bridges are made with `nf_call_iptables` off, and where the namespace
 //! still sends bridged frames to iptables, [`firewall`] lets them through a
 //! Docker daemon's FORWARD policy with one rule per bridge, found and
 //! removed the same way.
@@ -22,7 +27,7 @@ use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 
 use bootcache_api::InterfaceName;
-use bootcache_api::agent::{Mac, names::ALIAS_PREFIX};
+use bootcache_api::agent::Mac;
 use futures_util::TryStreamExt;
 use netlink_packet_core::{NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::RouteNetlinkMessage;
@@ -49,21 +54,63 @@ fn failed<E: std::error::Error + Send + Sync + 'static>(what: impl Into<String>)
     move |e| NetError { what, source: Box::new(e) }
 }
 
-/// A link this node made, as [`Network::made`] finds it.
+/// A link as [`Network::links`] finds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Made {
+pub struct Link {
     /// Its name.
     pub name: String,
     /// Its kernel index.
     pub index: u32,
-    /// What its alias says after the prefix (the lab and segment or instance).
-    pub owner: String,
+    /// Its interface alias (the mark of whoever made it), if any.
+    pub alias: Option<String>,
+}
+
+/// Why a link was not touched: one of its name exists and does not carry
+/// the mark asked for (someone else's).
+#[derive(Debug, thiserror::Error)]
+#[error("a link named {name} exists and was not made by this agent (its alias is {alias:?}): left as it is")]
+pub struct NotOurs {
+    /// The link.
+    pub name: String,
+    /// Its alias.
+    pub alias: Option<String>,
+}
+
+impl NetError {
+    /// Whether this failed because the link is someone else's ([`NotOurs`]).
+    pub fn is_not_ours(&self) -> bool {
+        self.source.downcast_ref::<NotOurs>().is_some()
+    }
 }
 
 /// The links of one network namespace (the one current when it was made).
 #[derive(Clone, Debug)]
 pub struct Network {
     handle: Handle,
+}
+
+/// Turns IPv6 off on link `name` of the calling thread's namespace: a
+/// link made for a lab carries its frames, and the node takes no
+/// link-local address or route of its own on it.
+fn no_ipv6(name: &str) {
+    let path = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+    if let Err(e) = std::fs::write(&path, "1")
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(link = name, error = %e, "IPv6 not turned off");
+    }
+}
+
+fn link_of(l: &LinkMessage) -> Link {
+    let (mut name, mut alias) = (String::new(), None);
+    for a in &l.attributes {
+        match a {
+            LinkAttribute::IfName(n) => name.clone_from(n),
+            LinkAttribute::IfAlias(s) => alias = Some(s.clone()),
+            _ => {}
+        }
+    }
+    Link { name, index: l.header.index, alias }
 }
 
 /// A container's interface: the host end, and what the far end becomes.
@@ -100,17 +147,71 @@ impl Network {
     /// # Errors
     /// The namespace cannot be entered, or the socket opened.
     pub async fn of_process(pid: u32) -> Result<Network, NetError> {
-        let rt = tokio::runtime::Handle::current();
         let path = format!("/proc/{pid}/ns/net");
+        let ns = std::fs::File::open(&path).map_err(failed(format!("opening {path}")))?;
+        Network::of_namespace(&ns).await
+    }
+
+    /// A connection in the network namespace `ns` refers to (an open
+    /// `/proc/.../ns/net` or a namespace of [`dhcp`]'s), opened from a
+    /// thread that enters it for just that.
+    ///
+    /// # Errors
+    /// The namespace cannot be entered, or the socket opened.
+    pub async fn of_namespace(ns: &std::fs::File) -> Result<Network, NetError> {
+        let rt = tokio::runtime::Handle::current();
+        let ns = ns.try_clone().map_err(failed("duplicating a namespace descriptor"))?;
         let made = std::thread::spawn(move || -> Result<Network, NetError> {
             let _enter = rt.enter();
-            let ns = std::fs::File::open(&path).map_err(failed(format!("opening {path}")))?;
             rustix::thread::move_into_link_name_space(std::os::fd::AsFd::as_fd(&ns), Some(rustix::thread::LinkNameSpaceType::Network))
-                .map_err(failed(format!("entering {path}")))?;
+                .map_err(failed("entering a network namespace"))?;
             Network::new()
         })
         .join();
-        made.map_err(|_| NetError { what: "entering a container's namespace".into(), source: "the thread panicked".into() })?
+        made.map_err(|_| NetError { what: "entering a network namespace".into(), source: "the thread panicked".into() })?
+    }
+
+    /// Moves link `name` into the network namespace `ns` refers to.
+    ///
+    /// # Errors
+    /// Netlink.
+    pub async fn move_to(&self, name: &str, ns: &std::fs::File) -> Result<(), NetError> {
+        use std::os::fd::AsRawFd;
+        let index = self.index(name).await?.ok_or_else(|| NetError { what: format!("moving {name}"), source: "no such link".into() })?;
+        self.set(&format!("moving {name} into a namespace"), LinkUnspec::new_with_index(index).setns_by_fd(ns.as_raw_fd()).build()).await
+    }
+
+    /// Makes a veth pair `host` (marked `mark`, on the bridge of index
+    /// `bridge`, up) and `peer` (left as it is made, for the caller to move).
+    ///
+    /// # Errors
+    /// Netlink.
+    pub async fn make_veth(&self, host: &InterfaceName, peer: &str, mark: &str, bridge: u32) -> Result<(), NetError> {
+        self.add(&format!("making veth {host}"), LinkVeth::new(host.as_str(), peer).build()).await?;
+        no_ipv6(host.as_str());
+        let index = self.index(host.as_str()).await?.unwrap_or(0);
+        let msg = LinkUnspec::new_with_index(index)
+            .append_extra_attribute(LinkAttribute::IfAlias(mark.to_owned()))
+            .controller(bridge)
+            .up()
+            .build();
+        self.set(&format!("joining {host} to its bridge"), msg).await
+    }
+
+    /// Names link `from` `to`, gives it `address/prefix` and brings it and
+    /// `lo` up (in a namespace of its own, what a DHCP server answers from).
+    ///
+    /// # Errors
+    /// Netlink.
+    pub async fn configure(&self, from: &str, to: &str, address: Ipv4Addr, prefix: u8) -> Result<(), NetError> {
+        let i = self.index(from).await?.ok_or_else(|| NetError { what: format!("configuring {from}"), source: "no such link".into() })?;
+        self.set(&format!("naming {from} {to}"), LinkUnspec::new_with_index(i).name(to.to_owned()).build()).await?;
+        self.set(&format!("bringing {to} up"), LinkUnspec::new_with_index(i).up().build()).await?;
+        self.ensure_address(to, address, prefix).await?;
+        if let Some(lo) = self.index("lo").await? {
+            self.set("bringing lo up", LinkUnspec::new_with_index(lo).up().build()).await?;
+        }
+        Ok(())
     }
 
     async fn index(&self, name: &str) -> Result<Option<u32>, NetError> {
@@ -132,49 +233,77 @@ impl Network {
         self.handle.link().set(msg).execute().await.map_err(failed(what.to_owned()))
     }
 
-    /// Makes bridge `name` (owned by `owner`, e.g. `lab/segment`) if it is
-    /// not there, up, without iptables; returns its index.
+    /// The link called `name`, if there is one.
     ///
     /// # Errors
     /// Netlink.
-    pub async fn ensure_bridge(&self, name: &InterfaceName, owner: &str) -> Result<u32, NetError> {
-        if let Some(i) = self.index(name.as_str()).await? {
+    pub async fn link(&self, name: &str) -> Result<Option<Link>, NetError> {
+        let mut links = self.handle.link().get().match_name(name.to_owned()).execute();
+        match links.try_next().await {
+            Ok(Some(l)) => Ok(Some(link_of(&l))),
+            Ok(None) => Ok(None),
+            // ENODEV: no such link.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -19 => Ok(None),
+            Err(e) => Err(failed(format!("looking up link {name}"))(e)),
+        }
+    }
+
+    /// The index of link `name` if it is there and carries `mark`; `None`
+    /// if it is not there; [`NotOurs`] if it is someone else's.
+    async fn ours(&self, name: &str, mark: &str, doing: &str) -> Result<Option<u32>, NetError> {
+        match self.link(name).await? {
+            None => Ok(None),
+            Some(l) if l.alias.as_deref() == Some(mark) => Ok(Some(l.index)),
+            Some(l) => Err(NetError { what: doing.to_owned(), source: Box::new(NotOurs { name: l.name, alias: l.alias }) }),
+        }
+    }
+
+    /// Makes bridge `name` marked `mark` if it is not there, up, without
+    /// iptables; returns its index. One of that name that does not carry
+    /// the mark is refused ([`NotOurs`]), never adopted.
+    ///
+    /// # Errors
+    /// [`NotOurs`], netlink.
+    pub async fn ensure_bridge(&self, name: &InterfaceName, mark: &str) -> Result<u32, NetError> {
+        let doing = format!("making bridge {name}");
+        if let Some(i) = self.ours(name.as_str(), mark, &doing).await? {
             return Ok(i);
         }
         let msg = LinkBridge::new(name.as_str()).nf_call_iptables(false).nf_call_ip6tables(false).nf_call_arptables(false).build();
-        self.add(&format!("making bridge {name}"), msg).await?;
+        self.add(&doing, msg).await?;
         let index = self
             .index(name.as_str())
             .await?
             .ok_or_else(|| NetError { what: format!("bridge {name}"), source: "vanished once made".into() })?;
+        no_ipv6(name.as_str());
         // The kernel takes an alias when a link is changed, not made.
-        let msg =
-            LinkUnspec::new_with_index(index).append_extra_attribute(LinkAttribute::IfAlias(format!("{ALIAS_PREFIX}{owner}"))).up().build();
-        self.set(&format!("naming bridge {name}'s owner"), msg).await?;
+        let msg = LinkUnspec::new_with_index(index).append_extra_attribute(LinkAttribute::IfAlias(mark.to_owned())).up().build();
+        self.set(&format!("marking bridge {name}"), msg).await?;
         Ok(index)
     }
 
-    /// Makes VXLAN link `name` (network `vni`, tunnel end `local`) on
-    /// `bridge` if it is not there, with one flooding entry per remote node
-    /// (entries for nodes no longer listed are dropped by making it anew).
+    /// Makes VXLAN link `name` marked `mark` (network `vni`, tunnel end
+    /// `local`) on `bridge` if it is not there, with one flooding entry per
+    /// remote node (entries for nodes no longer listed are dropped by making
+    /// it anew). One of that name without the mark is refused.
     ///
     /// # Errors
-    /// Netlink.
+    /// [`NotOurs`], netlink.
     pub async fn ensure_vxlan(
         &self,
         name: &InterfaceName,
-        owner: &str,
+        mark: &str,
         vni: u32,
         local: Ipv4Addr,
         bridge: u32,
         remotes: &[Ipv4Addr],
     ) -> Result<(), NetError> {
         let want: HashSet<Ipv4Addr> = remotes.iter().copied().collect();
-        if let Some(i) = self.index(name.as_str()).await? {
+        if let Some(i) = self.ours(name.as_str(), mark, &format!("making VXLAN link {name}")).await? {
             if self.flood_list(i).await? == want {
                 return Ok(());
             }
-            self.delete(name.as_str()).await?;
+            self.remove(name.as_str(), mark).await?;
         }
         let msg = LinkVxlan::new(name.as_str(), vni).local(local).port(VXLAN_PORT).learning(true).build();
         self.add(&format!("making VXLAN link {name} (VNI {vni}, local {local})"), msg).await?;
@@ -182,8 +311,9 @@ impl Network {
             .index(name.as_str())
             .await?
             .ok_or_else(|| NetError { what: format!("VXLAN link {name}"), source: "vanished once made".into() })?;
+        no_ipv6(name.as_str());
         let alias = LinkUnspec::new_with_index(index)
-            .append_extra_attribute(LinkAttribute::IfAlias(format!("{ALIAS_PREFIX}{owner}")))
+            .append_extra_attribute(LinkAttribute::IfAlias(mark.to_owned()))
             .controller(bridge)
             .up()
             .build();
@@ -251,27 +381,32 @@ impl Network {
     }
 
     /// Gives the container whose init is `pid` its interfaces: a veth pair
-    /// per entry, the host end on its bridge, the far end moved into the
-    /// container, renamed, given its MAC and address, and up (with `lo`).
+    /// per entry, the host end marked `mark` on its bridge (which must carry
+    /// `bridge_mark`), the far end moved into the container, renamed, given
+    /// its MAC and address, and up (with `lo`). A host end left by an
+    /// earlier start is made anew; a link of its name that is not ours is
+    /// refused.
     ///
     /// # Errors
-    /// Netlink, or the container's namespace cannot be entered.
-    pub async fn attach_container(&self, pid: u32, owner: &str, veths: &[Veth]) -> Result<(), NetError> {
+    /// [`NotOurs`], netlink, or the container's namespace cannot be entered.
+    pub async fn attach_container(&self, pid: u32, mark: &str, veths: &[(Veth, String)]) -> Result<(), NetError> {
         let inside = Network::of_process(pid).await?;
-        for v in veths {
+        for (v, bridge_mark) in veths {
+            let joining = format!("joining bridge {}", v.bridge);
             let bridge = self
-                .index(v.bridge.as_str())
+                .ours(v.bridge.as_str(), bridge_mark, &joining)
                 .await?
-                .ok_or_else(|| NetError { what: format!("joining bridge {}", v.bridge), source: "no such bridge".into() })?;
-            if self.index(v.host.as_str()).await?.is_some() {
-                self.delete(v.host.as_str()).await?;
+                .ok_or_else(|| NetError { what: joining, source: "no such bridge".into() })?;
+            if self.ours(v.host.as_str(), mark, &format!("making veth {}", v.host)).await?.is_some() {
+                self.remove(v.host.as_str(), mark).await?;
             }
             // The far end's name on the node, for the moment it is there.
             let peer = format!("bp{}", &v.host.as_str()[2..]);
             self.add(&format!("making veth {}", v.host), LinkVeth::new(v.host.as_str(), &peer).build()).await?;
+            no_ipv6(v.host.as_str());
             let host = self.index(v.host.as_str()).await?.unwrap_or(0);
             let msg = LinkUnspec::new_with_index(host)
-                .append_extra_attribute(LinkAttribute::IfAlias(format!("{ALIAS_PREFIX}{owner}")))
+                .append_extra_attribute(LinkAttribute::IfAlias(mark.to_owned()))
                 .controller(bridge)
                 .up()
                 .build();
@@ -294,38 +429,30 @@ impl Network {
         Ok(())
     }
 
-    /// The links this node made (their alias starts with the prefix).
+    /// Every link of the namespace, with its alias: what the caller holds
+    /// against its own record of what it made.
     ///
     /// # Errors
     /// Netlink.
-    pub async fn made(&self) -> Result<Vec<Made>, NetError> {
+    pub async fn links(&self) -> Result<Vec<Link>, NetError> {
         let mut links = self.handle.link().get().execute();
         let mut out = Vec::new();
         while let Some(l) = links.try_next().await.map_err(failed("listing links"))? {
-            let (mut name, mut alias) = (None, None);
-            for a in &l.attributes {
-                match a {
-                    LinkAttribute::IfName(n) => name = Some(n.clone()),
-                    LinkAttribute::IfAlias(s) => alias = s.strip_prefix(ALIAS_PREFIX).map(str::to_owned),
-                    _ => {}
-                }
-            }
-            if let (Some(name), Some(owner)) = (name, alias) {
-                out.push(Made { name, index: l.header.index, owner });
-            }
+            out.push(link_of(&l));
         }
         Ok(out)
     }
 
-    /// Deletes link `name`; nothing if it is not there.
+    /// Deletes link `name` if it carries `mark`; nothing if it is not
+    /// there. Whether it was deleted.
     ///
     /// # Errors
-    /// Netlink.
-    pub async fn delete(&self, name: &str) -> Result<(), NetError> {
-        let Some(i) = self.index(name).await? else { return Ok(()) };
+    /// [`NotOurs`] (a link of that name without the mark), netlink.
+    pub async fn remove(&self, name: &str, mark: &str) -> Result<bool, NetError> {
+        let Some(i) = self.ours(name, mark, &format!("deleting link {name}")).await? else { return Ok(false) };
         match self.handle.link().del(i).execute().await {
-            Ok(()) => Ok(()),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -19 => Ok(()),
+            Ok(()) => Ok(true),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -19 => Ok(false),
             Err(e) => Err(failed(format!("deleting link {name}"))(e)),
         }
     }

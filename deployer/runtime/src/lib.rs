@@ -11,10 +11,11 @@
 //!                      └── docker/   (bollard → dockerd)
 //! ```
 //!
-//! Everything a runtime makes is named `bootcache.<lab>.<instance>`
-//! ([`names::instance`](bootcache_api::agent::names::instance)) and found
-//! again by that prefix, so an agent that restarts removes what no order
-//! asks for any more.
+//! Everything a runtime makes is named `bootcache.<uid>.<lab>.<instance>`
+//! ([`names::instance`](bootcache_api::agent::names::instance)) and marked
+//! as made by its agent (a libvirt `<metadata>` element, a Docker label);
+//! [`Runtime::list`] lists only what carries the mark, which the agent holds
+//! against its own record before it removes anything.
 
 #![deny(missing_docs)]
 
@@ -36,7 +37,7 @@ pub const CONSOLE_TAIL: usize = 1 << 20;
 /// An instance to make.
 #[derive(Clone, Debug)]
 pub struct Spec {
-    /// What the runtime calls it (`bootcache.<lab>.<instance>`).
+    /// What the runtime calls it (`bootcache.<uid>.<lab>.<instance>`).
     pub id: String,
     /// The host name inside (the instance's name).
     pub hostname: String,
@@ -123,7 +124,8 @@ pub trait Runtime: Send + Sync {
     fn console(&self, id: &str) -> impl Future<Output = Result<String, RuntimeError>> + Send;
     /// Runs `argv` inside it (no shell), waiting at most `timeout`.
     fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> impl Future<Output = Result<Exec, RuntimeError>> + Send;
-    /// The ids of everything it made (the [`PREFIX`]).
+    /// The ids of everything it made and marked as its agent's (the
+    /// [`PREFIX`] and the mark).
     fn list(&self) -> impl Future<Output = Result<Vec<String>, RuntimeError>> + Send;
 
     /// Waits until it is running and, with a `marker`, until a line of its

@@ -167,3 +167,94 @@ fn the_hybrid_benchmark_labs_are_valid_at_100_instances() {
     let back: Lab = serde_json::from_value(without).unwrap();
     assert_eq!(back.instances[0].delivery, Delivery::Lazy);
 }
+
+#[test]
+fn special_purpose_subnets_are_refused() {
+    for bad in [
+        "127.0.0.0/8",
+        "127.1.0.0/16",
+        "169.254.0.0/16",
+        "169.254.3.0/24",
+        "0.0.0.0/8",
+        "0.1.0.0/16",
+        "224.0.0.0/8",
+        "239.1.1.0/24",
+        "240.0.0.0/8",
+        "255.255.255.0/24",
+    ] {
+        let e = bad.parse::<Subnet>().expect_err(bad);
+        assert!(e.contains("overlaps") && e.contains("ordinary unicast"), "{bad}: {e}");
+    }
+    for good in ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "126.0.0.0/8", "169.253.0.0/16", "223.255.255.0/24"] {
+        assert!(good.parse::<Subnet>().is_ok(), "{good}");
+    }
+    let e = error_of(&GOOD.replace("subnet: 10.30.0.0/24", "subnet: 127.0.0.0/24"));
+    assert_eq!(e.line, Some(6), "{e}");
+    assert!(e.message.contains("loopback"), "{e}");
+}
+
+#[test]
+fn memory_is_refused_only_beyond_the_limits_it_states() {
+    let at = |m: &str| Lab::parse(&GOOD.replace("memory: 256MiB", &format!("memory: {m}")));
+    assert_eq!(at("1TiB").unwrap().instances[0].memory_bytes, 1 << 40);
+    assert_eq!(at("1T").unwrap().instances[0].memory_bytes, 1 << 40);
+    assert_eq!(at("1MiB").unwrap().instances[0].memory_bytes, 1 << 20);
+    for over in ["2TiB", "1025GiB", "1023KiB", "0"] {
+        let e = at(over).expect_err(over);
+        assert!(e.message.contains("from 1MiB to 1TiB"), "{over}: {e}");
+    }
+}
+
+#[test]
+fn image_urls_carry_no_credentials() {
+    for (url, what) in [
+        ("http://u:p@10.0.0.1/x.tar", "credentials"),
+        ("http://10.0.0.1/x.tar?token=s3cret", "query string"),
+        ("http://10.0.0.1/x.tar#frag", "query string or fragment"),
+    ] {
+        let e = error_of(&GOOD.replace("http://10.0.0.1:8080/busybox.tar", url));
+        assert!(e.message.contains(what), "{url}: {e}");
+        assert!(!e.message.contains("s3cret"), "{e}");
+    }
+}
+
+#[test]
+fn a_lab_bridge_may_not_look_like_a_derived_name() {
+    for name in ["bc00000001", "bx0a", "bdffffffff", "bv0000000100"] {
+        let e = error_of(&GOOD.replace("bridge: bc-back", &format!("bridge: {name}")));
+        assert!(e.message.contains("shape of the names bootcache gives"), "{name}: {e}");
+        assert_eq!(e.line, Some(7));
+    }
+    for ok in ["bc-back", "br0", "bcx", "lab0"] {
+        assert!(Lab::parse(&GOOD.replace("bridge: bc-back", &format!("bridge: {ok}"))).is_ok(), "{ok}");
+    }
+}
+
+/// Giving addresses is linear in what the lab holds: a /8 segment with
+/// 2,000 explicit addresses spread over it and 2,000 definitions without
+/// any (each of a different size) was quadratic before (each block searched
+/// from the start of the subnet, address by address): minutes, against
+/// well under a second now. The bound is generous (the point is the
+/// growth, not a timing).
+#[test]
+fn addresses_are_given_in_linear_time() {
+    let mut text = String::from("name: big\nsegments:\n  lan:\n    subnet: 10.0.0.0/8\ninstances:\n");
+    for i in 0..2000u32 {
+        // Explicit ones every 4,096 addresses: the gaps between fit small blocks only.
+        let a = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 0, 0, 1)) + i * 4096);
+        text += &format!("  e{i}:\n    kind: container\n    image: http://s/x.tar\n    segments: {{lan: {a}}}\n");
+    }
+    for i in 0..2000u32 {
+        let count = 1 + i % 4;
+        text += &format!("  u{i}:\n    kind: container\n    image: http://s/x.tar\n    count: {count}\n    segments: [lan]\n");
+    }
+    let started = std::time::Instant::now();
+    let lab = Lab::parse(&text).unwrap();
+    let took = started.elapsed();
+    let all = lab.instances();
+    let mut seen = HashSet::new();
+    for i in &all {
+        assert!(seen.insert(i.addresses[0].1), "{} given twice", i.addresses[0].1);
+    }
+    assert!(took < std::time::Duration::from_secs(20), "took {took:?}");
+}

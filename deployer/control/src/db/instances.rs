@@ -37,11 +37,17 @@ pub struct InstanceSpec {
     pub cores: u32,
     /// Memory it needs, bytes.
     pub memory_bytes: u64,
+    /// A digest of everything of its definition that its node makes it
+    /// from (a re-deploy that changes it makes the instance anew).
+    #[serde(skip)]
+    pub fingerprint: String,
 }
 
 /// An instance as the control node records it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct InstanceRow {
+    /// Its number in the cluster (unique, never reused).
+    pub uid: u32,
     /// What the lab wants.
     #[serde(flatten)]
     pub spec: InstanceSpec,
@@ -58,56 +64,6 @@ pub struct InstanceRow {
 }
 
 impl Db {
-    /// Records a wanted instance (pending), or leaves one already recorded
-    /// as it is (a second deploy converges rather than starting again).
-    /// Returns whether it was new.
-    ///
-    /// # Errors
-    /// SQLite errors.
-    pub fn want_instance(&self, spec: &InstanceSpec, now_ms: i64) -> Result<bool, DbError> {
-        Ok(self.want_instances(std::slice::from_ref(spec), now_ms)? == 1)
-    }
-
-    /// [`Db::want_instance`] for many, in one transaction (a lab of
-    /// thousands); returns how many were new.
-    ///
-    /// # Errors
-    /// SQLite errors; nothing is recorded then.
-    pub fn want_instances(&self, specs: &[InstanceSpec], now_ms: i64) -> Result<usize, DbError> {
-        let tx = self.conn.unchecked_transaction().map_err(self.sql())?;
-        let mut added = 0;
-        for InstanceSpec { lab, name, kind, image, cores, memory_bytes } in specs {
-            let kind = match *kind {
-                Kind::Vm => "vm",
-                Kind::Container => "container",
-            };
-            let n = tx
-                .prepare_cached(
-                    "INSERT INTO instances (lab, name, kind, image, cores, memory_bytes, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending')
-                     ON CONFLICT(lab, name) DO NOTHING",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![
-                        lab.as_str(),
-                        name.as_str(),
-                        kind,
-                        image.to_string(),
-                        cores,
-                        i64::try_from(*memory_bytes).unwrap_or(i64::MAX)
-                    ])
-                })
-                .map_err(self.sql())?;
-            if n == 1 {
-                tx.prepare_cached("INSERT INTO instance_states (lab, name, state, at_ms) VALUES (?1, ?2, 'pending', ?3)")
-                    .and_then(|mut s| s.execute(params![lab.as_str(), name.as_str(), now_ms]))
-                    .map_err(self.sql())?;
-                added += 1;
-            }
-        }
-        tx.commit().map_err(self.sql())?;
-        Ok(added)
-    }
-
     /// Moves an instance to `to` (on `node` when placing it), as its state
     /// machine allows, recording when and why.
     ///
@@ -223,7 +179,8 @@ impl Db {
     }
 
     fn select(&self, which: Which<'_>, with_history: bool) -> Result<Vec<InstanceRow>, DbError> {
-        const COLUMNS: &str = "SELECT lab, name, kind, image, cores, memory_bytes, node, state, reason, desired FROM instances";
+        const COLUMNS: &str =
+            "SELECT lab, name, kind, image, cores, memory_bytes, node, state, reason, desired, uid, fingerprint FROM instances";
         let (sql, args): (String, Vec<&str>) = match which {
             Which::All => (format!("{COLUMNS} ORDER BY lab, name"), vec![]),
             Which::Lab(l) => (format!("{COLUMNS} WHERE lab = ?1 ORDER BY name"), vec![l.as_str()]),
@@ -231,10 +188,23 @@ impl Db {
             Which::One(l, n) => (format!("{COLUMNS} WHERE lab = ?1 AND name = ?2"), vec![l.as_str(), n.as_str()]),
         };
         let mut stmt = self.conn.prepare_cached(&sql).map_err(self.sql())?;
-        type Raw = (String, String, String, String, u32, i64, Option<String>, String, Option<String>, String);
+        type Raw = (String, String, String, String, u32, i64, Option<String>, String, Option<String>, String, Option<u32>, String);
         let rows: Vec<Raw> = stmt
             .query_map(rusqlite::params_from_iter(args.iter()), |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                    r.get(8)?,
+                    r.get(9)?,
+                    r.get(10)?,
+                    r.get(11)?,
+                ))
             })
             .map_err(self.sql())?
             .collect::<Result<_, _>>()
@@ -244,7 +214,7 @@ impl Db {
             _ => HashMap::new(),
         };
         let mut out = Vec::with_capacity(rows.len());
-        for (lab, name, kind, image, cores, memory, node, state, reason, desired) in rows {
+        for (lab, name, kind, image, cores, memory, node, state, reason, desired, uid, fingerprint) in rows {
             let bad = |what: &str, v: &str| self.corrupt(format!("instance {what} {v:?}"));
             let lab: Name = lab.parse().map_err(|_| bad("lab", &lab))?;
             let name: Name = name.parse().map_err(|_| bad("name", &name))?;
@@ -256,9 +226,10 @@ impl Db {
             let image = image.parse().map_err(|_| bad("image", &image))?;
             let node = node.map(|n| n.parse().map_err(|_| bad("node", &n))).transpose()?;
             let state = parse_state(&state).ok_or_else(|| bad("state", &state))?;
+            let uid = uid.ok_or_else(|| bad("number of", name.as_str()))?;
             let history = histories.remove(&name).unwrap_or_default();
-            let spec = InstanceSpec { lab, name, kind, image, cores, memory_bytes: u64::try_from(memory).unwrap_or(0) };
-            out.push(InstanceRow { spec, node, state, reason, history, running: desired != "stopped" });
+            let spec = InstanceSpec { lab, name, kind, image, cores, memory_bytes: u64::try_from(memory).unwrap_or(0), fingerprint };
+            out.push(InstanceRow { uid, spec, node, state, reason, history, running: desired != "stopped" });
         }
         Ok(out)
     }
@@ -323,6 +294,13 @@ impl Db {
             }
         }
         Ok(lost)
+    }
+}
+
+pub(super) fn kind_str(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Vm => "vm",
+        Kind::Container => "container",
     }
 }
 

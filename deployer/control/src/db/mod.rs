@@ -25,6 +25,13 @@ pub enum DbError {
         /// The state asked for.
         to: InstanceState,
     },
+    /// A node claimed more than it may (instances it was never ordered).
+    #[error("{0}")]
+    Claims(String),
+    /// A lab cannot be recorded as it is (a bridge another lab has, no
+    /// numbers left...): nothing of it was recorded.
+    #[error("{0}")]
+    Conflict(String),
     /// A value read back is not what was written (a damaged database).
     #[error("database {path}: {what} is not valid")]
     Corrupt {
@@ -43,6 +50,10 @@ pub enum DbError {
         /// The newest this code knows.
         known: i64,
     },
+    /// A node that is up was asked to join again (from elsewhere, or by
+    /// someone without its credential).
+    #[error("node {0} is up and has joined already: remove it first (`bootcache control node remove {0}`) to join it again")]
+    NodeUp(Name),
     /// No such instance.
     #[error("no instance {lab}/{name}")]
     NoSuchInstance {
@@ -133,7 +144,41 @@ const MIGRATIONS: &[&str] = &[
     // 5: what every heartbeat asks, indexed (labs of 10,000 instances).
     "CREATE INDEX instances_by_node ON instances (node);
      CREATE INDEX instances_by_state ON instances (state);",
+    // 6: identity and ownership. Every instance and segment gets a number
+    // of the cluster's own (never reused; what nodes call them is derived
+    // from it), an instance the fingerprint of its definition (a changed
+    // one is recreated), a lab its file's text (format 2; 1 is the JSON
+    // of earlier versions), each node a credential of its own and the
+    // resources it joined with; what nodes report carries the number.
+    "CREATE TABLE counters (name TEXT PRIMARY KEY, next INTEGER NOT NULL);
+     ALTER TABLE instances ADD COLUMN uid INTEGER;
+     ALTER TABLE instances ADD COLUMN fingerprint TEXT NOT NULL DEFAULT '';
+     UPDATE instances SET uid = rowid;
+     CREATE UNIQUE INDEX instances_by_uid ON instances (uid);
+     INSERT INTO counters (name, next) VALUES ('instance', (SELECT COALESCE(MAX(uid), 0) + 1 FROM instances)), ('segment', 1);
+     ALTER TABLE labs ADD COLUMN format INTEGER NOT NULL DEFAULT 1;
+     CREATE TABLE segments (
+        lab TEXT NOT NULL REFERENCES labs(name) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        id INTEGER NOT NULL UNIQUE,
+        bridge TEXT NOT NULL UNIQUE,
+        subnet TEXT NOT NULL,
+        PRIMARY KEY (lab, name)
+     );
+     ALTER TABLE observed ADD COLUMN uid INTEGER NOT NULL DEFAULT 0;
+     CREATE TABLE node_credentials (
+        node TEXT PRIMARY KEY REFERENCES nodes(name) ON DELETE CASCADE,
+        secret TEXT NOT NULL,
+        cores INTEGER NOT NULL,
+        memory_bytes INTEGER NOT NULL
+     );",
 ];
+
+/// The most cores a node may claim (whatever it says, placement counts no
+/// more).
+pub const MAX_NODE_CORES: u32 = 4096;
+/// The most memory a node may claim, bytes.
+pub const MAX_NODE_MEMORY: u64 = 64 << 40;
 
 pub use bootcache_api::agent::Heartbeat;
 
@@ -173,6 +218,7 @@ impl Db {
     /// SQLite errors, or a database from a newer version.
     pub fn open(path: &Path) -> Result<Db, DbError> {
         let sql = |source| DbError::Sqlite { path: path.to_owned(), source };
+        private(path).map_err(|e| sql(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
         let conn = Connection::open(path).map_err(sql)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(sql)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
@@ -203,6 +249,10 @@ impl Db {
     }
 
     fn migrate(&mut self) -> Result<(), DbError> {
+        // Databases made before the files were private.
+        for f in [self.path.clone(), wal(&self.path, "-wal"), wal(&self.path, "-shm")] {
+            let _ = std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o600));
+        }
         let known = MIGRATIONS.len() as i64;
         let found = self.version()?;
         if found > known {
@@ -213,6 +263,9 @@ impl Db {
             let sql = |source| DbError::Sqlite { path: path.clone(), source };
             let tx = self.conn.transaction().map_err(sql)?;
             tx.execute_batch(m).map_err(sql)?;
+            if i + 1 == 6 {
+                labs::number_segments_of_v5_labs(&tx, &self.path)?;
+            }
             tx.pragma_update(None, "user_version", i as i64 + 1).map_err(sql)?;
             tx.commit().map_err(sql)?;
             tracing::info!(version = i + 1, "database schema migrated");
@@ -241,10 +294,18 @@ impl Db {
     /// A node that never registered; SQLite errors.
     pub fn heartbeat(&self, node: &Name, beat: &Heartbeat, now_ms: i64) -> Result<(), DbError> {
         let tx = self.conn.unchecked_transaction().map_err(self.sql())?;
+        // What it claims is bounded by what it joined with.
+        let joined: Option<(u32, i64)> = tx
+            .prepare_cached("SELECT cores, memory_bytes FROM node_credentials WHERE node = ?1")
+            .and_then(|mut s| s.query_row(params![node.as_str()], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+            .map_err(self.sql())?;
+        let (max_cores, max_memory) = joined.map_or((MAX_NODE_CORES, MAX_NODE_MEMORY), |(c, m)| (c, u64::try_from(m).unwrap_or(0)));
+        let cores = beat.cores.min(max_cores).min(MAX_NODE_CORES);
+        let memory = beat.memory_bytes.min(max_memory).min(MAX_NODE_MEMORY);
         let updated = tx
             .execute(
                 "UPDATE nodes SET cores = ?2, memory_bytes = ?3, running = ?4, heartbeat_ms = ?5 WHERE name = ?1",
-                params![node.as_str(), beat.cores, i64::try_from(beat.memory_bytes).unwrap_or(i64::MAX), beat.running, now_ms],
+                params![node.as_str(), cores, i64::try_from(memory).unwrap_or(i64::MAX), beat.running, now_ms],
             )
             .map_err(self.sql())?;
         if updated == 0 {
@@ -391,9 +452,122 @@ impl Db {
             .map_err(self.sql())
     }
 
+    /// Registers `join` as a node with the credential whose BLAKE3 digest is
+    /// `secret` (hex), replacing one it had, unless it is up as of `now_ms`
+    /// (a node that is up joins again only after `remove_node`).
+    ///
+    /// # Errors
+    /// [`DbError::NodeUp`], SQLite errors.
+    pub fn join(&self, join: &bootcache_api::agent::Join, secret: &str, now_ms: i64, interval: Duration) -> Result<(), DbError> {
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate).map_err(self.sql())?;
+        let known: Option<(Option<i64>, bool)> = tx
+            .query_row(
+                "SELECT heartbeat_ms, EXISTS (SELECT 1 FROM node_credentials WHERE node = ?1) FROM nodes WHERE name = ?1",
+                params![join.name.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(self.sql())?;
+        if let Some((heartbeat_ms, true)) = known
+            && self.is_up(heartbeat_ms, now_ms, interval)
+        {
+            return Err(DbError::NodeUp(join.name.clone()));
+        }
+        tx.execute(
+            "INSERT INTO nodes (name, address, registered_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT(name) DO UPDATE SET address = excluded.address, registered_ms = excluded.registered_ms",
+            params![join.name.as_str(), join.address, now_ms],
+        )
+        .map_err(self.sql())?;
+        tx.execute(
+            "INSERT OR REPLACE INTO node_credentials (node, secret, cores, memory_bytes) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                join.name.as_str(),
+                secret,
+                join.cores.min(MAX_NODE_CORES),
+                i64::try_from(join.memory_bytes.min(MAX_NODE_MEMORY)).unwrap_or(i64::MAX)
+            ],
+        )
+        .map_err(self.sql())?;
+        tx.commit().map_err(self.sql())
+    }
+
+    /// The BLAKE3 digest (hex) of `node`'s credential, if it joined with one.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn node_secret(&self, node: &Name) -> Result<Option<String>, DbError> {
+        self.conn
+            .prepare_cached("SELECT secret FROM node_credentials WHERE node = ?1")
+            .and_then(|mut s| s.query_row(params![node.as_str()], |r| r.get(0)).optional())
+            .map_err(self.sql())
+    }
+
+    /// Removes `node`: its instances go back to pending (placed again
+    /// elsewhere, or on it once it joins again if pinned), what it cached
+    /// and reported is forgotten, and its credential no longer works.
+    /// Whether it was there.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn remove_node(&self, node: &Name, now_ms: i64) -> Result<bool, DbError> {
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate).map_err(self.sql())?;
+        let rows: Vec<(String, String, String)> = tx
+            .prepare("SELECT lab, name, state FROM instances WHERE node = ?1")
+            .and_then(|mut s| s.query_map(params![node.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect())
+            .map_err(self.sql())?;
+        let why = format!("node {node} was removed");
+        for (lab, name, state) in rows {
+            let state = instances::parse_state(&state).ok_or_else(|| self.corrupt(format!("instance state {state:?}")))?;
+            let mut steps = Vec::new();
+            if state.can_become(InstanceState::Lost) {
+                steps.push(InstanceState::Lost);
+            }
+            if state != InstanceState::Pending {
+                steps.push(InstanceState::Pending);
+            }
+            for to in steps {
+                tx.execute(
+                    "INSERT INTO instance_states (lab, name, state, at_ms, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![lab, name, to.as_str(), now_ms, why],
+                )
+                .map_err(self.sql())?;
+            }
+            tx.execute(
+                "UPDATE instances SET node = NULL, state = 'pending', reason = ?3 WHERE lab = ?1 AND name = ?2",
+                params![lab, name, why],
+            )
+            .map_err(self.sql())?;
+        }
+        let n = tx.execute("DELETE FROM nodes WHERE name = ?1", params![node.as_str()]).map_err(self.sql())?;
+        tx.commit().map_err(self.sql())?;
+        Ok(n == 1)
+    }
+
     pub(super) fn corrupt(&self, what: String) -> DbError {
         DbError::Corrupt { path: self.path.clone(), what }
     }
+}
+
+/// Makes `path` (and its WAL and shared-memory files, which SQLite makes
+/// with the database's mode) mode 0600 before SQLite opens it: it holds
+/// node credentials' digests and what labs are.
+fn private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn wal(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
 }
 
 mod instances;
@@ -402,4 +576,4 @@ mod labs;
 mod tests;
 
 pub use instances::{InstanceRow, InstanceSpec, Move};
-pub use labs::Remaining;
+pub use labs::{Deployed, ImageRecord, Remaining, SegmentRow};

@@ -34,6 +34,44 @@ impl Default for Limits {
     }
 }
 
+/// What [`bounded_body`] allows a request's body.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyLimits {
+    /// The most bytes.
+    pub max_bytes: usize,
+    /// The most time it may take to arrive, from the end of the headers.
+    pub timeout: Duration,
+}
+
+/// Middleware (for `axum::middleware::from_fn_with_state`) that reads a
+/// request's whole body before the handler runs, within `limits`: one
+/// that is larger gets 413, one that trickles in slower 408, and neither
+/// holds a connection past the timeout. Place it inside the credential
+/// check, so a stranger's body is never read.
+pub async fn bounded_body(
+    axum::extract::State(limits): axum::extract::State<BodyLimits>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    let (parts, body) = request.into_parts();
+    let bytes = match tokio::time::timeout(limits.timeout, axum::body::to_bytes(body, limits.max_bytes)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
+            return (StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is over {} bytes or broken\n", limits.max_bytes))
+                .into_response();
+        }
+        Err(_) => {
+            let msg = format!("the request body did not arrive within {} s\n", limits.timeout.as_secs());
+            let mut r = (StatusCode::REQUEST_TIMEOUT, msg).into_response();
+            r.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+            return r;
+        }
+    };
+    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
+}
+
 /// Serves `router` on `listener` within `limits` until `stop` completes;
 /// then stops accepting and returns once the connections under way end.
 ///

@@ -2,8 +2,8 @@
 //! version negotiated: Debian's docker.io 20.10 speaks 1.41). Images come
 //! from root file system tarballs imported into the node's Docker (no
 //! registry needed); containers run with no Docker network (the agent
-//! gives them veths on the lab's bridges), labelled with their lab and
-//! instance; readiness is a line of their log.
+//! gives them veths on the lab's bridges), labelled as made by the agent
+//! that made them (and only those listed); readiness is a line of their log.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -19,13 +19,14 @@ use futures_util::{Stream, StreamExt, TryStreamExt};
 
 use crate::{Exec, Image, PREFIX, Runtime, RuntimeError, Spec, Status, tail};
 
-/// The label every container made carries (its lab).
-pub const LAB_LABEL: &str = "dev.bootcache.lab";
+/// The label every container made carries: the agent (node) that made it.
+pub const OWNER_LABEL: &str = "dev.bootcache.owner";
 
 /// Containers on one dockerd.
 #[derive(Clone, Debug)]
 pub struct Docker {
     client: Client,
+    owner: String,
 }
 
 fn docker_err(what: String) -> impl FnOnce(bollard::errors::Error) -> RuntimeError {
@@ -37,11 +38,12 @@ fn is_missing(e: &bollard::errors::Error) -> bool {
 }
 
 impl Docker {
-    /// Containers on the dockerd listening on unix socket `socket`.
+    /// Containers on the dockerd listening on unix socket `socket`, each
+    /// labelled as made by `owner` (the agent's node), and only those listed.
     ///
     /// # Errors
     /// dockerd does not answer.
-    pub async fn connect(socket: &str) -> Result<Docker, RuntimeError> {
+    pub async fn connect(socket: &str, owner: &str) -> Result<Docker, RuntimeError> {
         let what = format!("dockerd at {socket}");
         let client = Client::connect_with_unix(socket, 120, bollard::API_DEFAULT_VERSION).map_err(docker_err(what.clone()))?;
         let client = client.negotiate_version().await.map_err(docker_err(what.clone()))?;
@@ -52,7 +54,7 @@ impl Docker {
             api = v.api_version.as_deref().unwrap_or("?"),
             "docker connected"
         );
-        Ok(Docker { client })
+        Ok(Docker { client, owner: owner.to_owned() })
     }
 
     /// Whether image `reference` is in this Docker.
@@ -107,12 +109,11 @@ impl Runtime for Docker {
         let Image::Container { reference, command } = &spec.image else {
             return Err(RuntimeError::new(&spec.id, "a container needs an image"));
         };
-        let lab = spec.id.strip_prefix(PREFIX).and_then(|r| r.split('.').next()).unwrap_or("").to_owned();
         let body = ContainerCreateBody {
             image: Some(reference.clone()),
             hostname: Some(spec.hostname.clone()),
             cmd: command.clone(),
-            labels: Some(HashMap::from([(LAB_LABEL.to_owned(), lab)])),
+            labels: Some(HashMap::from([(OWNER_LABEL.to_owned(), self.owner.clone())])),
             network_disabled: Some(false),
             host_config: Some(HostConfig {
                 network_mode: Some("none".into()),
@@ -203,7 +204,7 @@ impl Runtime for Docker {
     async fn list(&self) -> Result<Vec<String>, RuntimeError> {
         let opts = ListContainersOptions {
             all: true,
-            filters: Some(HashMap::from([("label".to_owned(), vec![LAB_LABEL.to_owned()])])),
+            filters: Some(HashMap::from([("label".to_owned(), vec![format!("{OWNER_LABEL}={}", self.owner)])])),
             ..Default::default()
         };
         let all = self.client.list_containers(Some(opts)).await.map_err(docker_err("listing containers".into()))?;

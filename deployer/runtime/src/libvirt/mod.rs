@@ -32,7 +32,15 @@ pub struct Libvirt {
     consoles: PathBuf,
     accel: Accel,
     emulator: PathBuf,
+    owner: String,
 }
+
+/// The XML namespace of the mark a domain made by bootcache carries in
+/// its `<metadata>`, naming the agent that made it.
+pub const METADATA_NS: &str = "https://bootcache.dev/xmlns/instance/1";
+
+/// libvirt's `VIR_DOMAIN_METADATA_ELEMENT`.
+const METADATA_ELEMENT: i32 = 2;
 
 fn virt_err(what: String) -> impl FnOnce(virt::error::Error) -> RuntimeError {
     move |e| RuntimeError::new(what, e.message())
@@ -45,18 +53,19 @@ fn is_missing(e: &virt::error::Error) -> bool {
 
 impl Libvirt {
     /// VMs on the libvirtd at `uri` (e.g. `qemu:///system`), their consoles
-    /// in `consoles` (made if missing).
+    /// in `consoles` (made if missing), each domain marked as made by
+    /// `owner` (the agent's node), and only those listed.
     ///
     /// # Errors
     /// libvirtd does not answer, or the directory cannot be made.
-    pub async fn connect(uri: &str, consoles: &Path, accel: Accel) -> Result<Libvirt, RuntimeError> {
+    pub async fn connect(uri: &str, consoles: &Path, accel: Accel, owner: &str) -> Result<Libvirt, RuntimeError> {
         std::fs::create_dir_all(consoles).map_err(|e| RuntimeError::new(format!("making {}", consoles.display()), e))?;
         let emulator = ["/usr/bin/qemu-system-x86_64", "/usr/libexec/qemu-kvm"]
             .iter()
             .map(PathBuf::from)
             .find(|p| p.exists())
             .ok_or_else(|| RuntimeError::new("finding QEMU", "no qemu-system-x86_64 (package qemu-system-x86)"))?;
-        let me = Libvirt { uri: uri.to_owned(), consoles: consoles.to_owned(), accel, emulator };
+        let me = Libvirt { uri: uri.to_owned(), consoles: consoles.to_owned(), accel, emulator, owner: owner.to_owned() };
         let v = me.blocking("connecting", |c| c.lib_version().map_err(virt_err(String::new()))).await?;
         tracing::info!(uri, libvirt = v, ?accel, "libvirt connected");
         Ok(me)
@@ -104,6 +113,7 @@ impl Libvirt {
             "<domain type='{kind}'>
   <name>{name}</name>
   <description>bootcache lab instance {host}</description>
+  <metadata><bootcache:instance xmlns:bootcache='{ns}' owner='{owner}'/></metadata>
   <memory unit='b'>{mem}</memory>
   <vcpu>{cpus}</vcpu>
 {cpu}  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
@@ -126,6 +136,8 @@ impl Libvirt {
 ",
             name = xml_escape(&spec.id),
             host = xml_escape(&spec.hostname),
+            ns = METADATA_NS,
+            owner = xml_escape(&self.owner),
             mem = spec.memory_bytes,
             cpus = spec.cpus,
             emu = xml_escape(&self.emulator.to_string_lossy()),
@@ -246,9 +258,19 @@ impl Runtime for Libvirt {
     }
 
     async fn list(&self) -> Result<Vec<String>, RuntimeError> {
-        self.blocking("listing domains", |c| {
+        let owner = self.owner.clone();
+        self.blocking("listing domains", move |c| {
             let all = c.list_all_domains(0).map_err(virt_err(String::new()))?;
-            Ok(all.iter().filter_map(|d| d.name().ok()).filter(|n| n.starts_with(PREFIX)).collect())
+            let marks = [format!("owner=\"{}\"", xml_escape(&owner)), format!("owner='{}'", xml_escape(&owner))];
+            Ok(all
+                .iter()
+                .filter_map(|d| d.name().ok().map(|n| (d, n)))
+                .filter(|(_, n)| n.starts_with(PREFIX))
+                .filter(|(d, _)| {
+                    d.metadata(METADATA_ELEMENT, Some(METADATA_NS), 0).is_ok_and(|m| marks.iter().any(|k| m.contains(k.as_str())))
+                })
+                .map(|(_, n)| n)
+                .collect())
         })
         .await
     }
@@ -265,6 +287,7 @@ mod tests {
             consoles: "/run/c".into(),
             accel: Accel::Tcg,
             emulator: "/usr/bin/qemu-system-x86_64".into(),
+            owner: "node-a".into(),
         };
         let spec = Spec {
             id: "bootcache.lab.vm-1".into(),
@@ -289,6 +312,7 @@ mod tests {
             "<source file='/var/lib/x/vm-1.qcow2'/>",
             "<source path='/run/c/bootcache.lab.vm-1.console'/>",
             "org.qemu.guest_agent.0",
+            "<bootcache:instance xmlns:bootcache='https://bootcache.dev/xmlns/instance/1' owner='node-a'/>",
         ] {
             assert!(xml.contains(part), "{part} in\n{xml}");
         }

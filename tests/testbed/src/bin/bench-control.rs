@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use bootcache_api::InstanceState;
 use bootcache_api::agent::{Heartbeat, ImageOrder, Observed, Orders};
+use bootcache_api::{InstanceState, Name};
 use clap::Parser;
 
 /// Control-plane load benchmark (loopback; no root needed).
@@ -102,30 +102,34 @@ struct Totals {
 async fn agent(i: usize, base: String, http: reqwest::Client, interval: Duration, totals: Arc<Totals>, stop: Arc<AtomicBool>) {
     let name = format!("sim-{i:04}");
     let address = format!("127.0.{}.{}:7070", 1 + i / 250, 1 + i % 250);
-    let mut registered = false;
-    let mut seen: std::collections::HashMap<(String, String), InstanceState> = Default::default();
+    let mut secret: Option<String> = None;
+    let mut seen: std::collections::HashMap<u32, (Name, Name, InstanceState)> = Default::default();
     let mut held: Vec<(bootcache_api::RootDigest, u64)> = Vec::new();
     // Spread the agents over the interval.
     tokio::time::sleep(interval.mul_f64(i as f64 / 97.0 % 1.0)).await;
     let mut tick = tokio::time::interval(interval);
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
-        if !registered {
-            let body = serde_json::json!({"name": name, "address": address});
-            registered = matches!(http.post(format!("{base}/nodes")).json(&body).send().await, Ok(r) if r.status().is_success());
+        let Some(own) = &secret else {
+            let body = serde_json::json!({"name": name, "address": address, "cores": 64, "memory_bytes": 256u64 << 30});
+            if let Ok(r) = http.post(format!("{base}/nodes")).json(&body).send().await
+                && r.status().is_success()
+            {
+                secret = r.json::<bootcache_api::agent::Joined>().await.ok().map(|j| j.secret);
+            }
             continue;
-        }
+        };
         let instances: Vec<Observed> = seen
             .iter()
-            .map(|((lab, n), s)| Observed { lab: lab.parse().unwrap(), name: n.parse().unwrap(), state: *s, reason: None })
+            .map(|(uid, (lab, n, s))| Observed { uid: *uid, lab: lab.clone(), name: n.clone(), state: *s, reason: None })
             .collect();
         let beat = Heartbeat { cores: 64, memory_bytes: 256 << 30, running: 0, caches: held.clone(), instances };
         let sent = Instant::now();
-        let r = http.post(format!("{base}/nodes/{name}/heartbeat")).json(&beat).send().await;
+        let r = http.post(format!("{base}/nodes/{name}/heartbeat")).bearer_auth(own).json(&beat).send().await;
         let orders: Option<Orders> = match r {
             Ok(r) if r.status().is_success() => r.json().await.ok(),
-            Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {
-                registered = false;
+            Ok(r) if matches!(r.status().as_u16(), 401 | 404) => {
+                secret = None;
                 None
             }
             _ => None,
@@ -138,8 +142,7 @@ async fn agent(i: usize, base: String, http: reqwest::Client, interval: Duration
         totals.latency_us.lock().unwrap().push(u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX));
         let mut now_seen = std::collections::HashMap::new();
         for o in orders.instances {
-            let key = (o.lab.to_string(), o.name.to_string());
-            let next = match seen.get(&key) {
+            let next = match seen.get(&o.uid) {
                 None => InstanceState::Fetching,
                 Some(_) => InstanceState::Ready,
             };
@@ -148,7 +151,7 @@ async fn agent(i: usize, base: String, http: reqwest::Client, interval: Duration
             {
                 held.push((root, 1));
             }
-            now_seen.insert(key, next);
+            now_seen.insert(o.uid, (o.lab, o.name, next));
         }
         seen = now_seen;
     }
