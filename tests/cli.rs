@@ -264,3 +264,31 @@ fn bad_inputs_get_clear_errors() -> Result<()> {
     assert!(ok(&["--help"]).contains("convert"));
     Ok(())
 }
+
+/// Files the deployment commands read are read with a bound, and a token
+/// file others may read is refused: `deploy -f /dev/zero` stops at once
+/// (it read until 19.5 GB before), and nothing is started or sent.
+#[test]
+fn deployment_commands_read_bounded_files_and_private_tokens() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let started = std::time::Instant::now();
+    let err = fails(&["deploy", "-f", "/dev/zero", "--control", "http://127.0.0.1:9"]);
+    assert!(err.contains("at most 1048576 bytes"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "refused at once");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "a-token-of-the-administrator-0123456789abcdef\n")?;
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    let lab = dir.path().join("lab.yaml");
+    std::fs::write(&lab, "name: l\ninstances:\n  c:\n    kind: container\n    image: http://127.0.0.1:9/x.tar\n")?;
+    for args in [
+        vec!["deploy", "-f", p(&lab), "--control", "http://127.0.0.1:9", "--token-file", p(&token)],
+        vec!["inspect", "--control", "http://127.0.0.1:9", "--token-file", p(&token)],
+        vec!["control", "node", "remove", "n1", "--control", "http://127.0.0.1:9", "--token-file", p(&token)],
+    ] {
+        let err = fails(&args);
+        assert!(err.contains("read by others"), "{args:?}: {err}");
+    }
+    let err = fails(&["agent", "--control", "http://127.0.0.1:9", "--name", "n1", "--token-file", p(&token)]);
+    assert!(err.contains("read by others"), "{err}");
+    Ok(())
+}

@@ -376,3 +376,32 @@ fn mem_total() -> u64 {
         .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
         .map_or(0, |kib| kib * 1024)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A relative state directory broke dnsmasq (which runs elsewhere)
+    /// while the agent said it had started it: refused before anything.
+    #[tokio::test]
+    async fn a_relative_state_directory_is_refused() {
+        let config = Config {
+            name: "n".parse().unwrap(),
+            control: "http://127.0.0.1:9".into(),
+            credential: Credential::from_token("t".repeat(40).as_str()),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            advertise: None,
+            state_dir: PathBuf::from("relative/state"),
+            libvirt: None,
+            docker: None,
+            accel: Accel::Tcg,
+            heartbeat: Duration::from_secs(1),
+            ready_timeout: Duration::from_secs(1),
+            background: bootcache_delivery::cache::Background::Off,
+            prefetch_only: false,
+        };
+        let e = run(config, std::future::pending()).await.unwrap_err();
+        assert!(matches!(e, AgentError::RelativeState(_)), "{e}");
+        assert!(!std::path::Path::new("relative").exists(), "nothing made");
+    }
+}
