@@ -159,7 +159,7 @@ fn labs_are_guests_on_their_hosts_and_on_each_other() {
     let running = c.node("node-a").docker().containers().unwrap();
     assert!(running.contains(&zid) && running.contains(&yzid), "{running:?}");
     // Another lab spanning both nodes: its own VNI.
-    let xy2 = xy.replace("    node: node-a\n", "    node: node-a\n") + &container("far", "    segments: [lan]\n    node: node-b\n", &store);
+    let xy2 = xy.clone() + &container("far", "    segments: [lan]\n    node: node-b\n", &store);
     let (ok, _, err) = deploy(&c, dir.path(), &xy2);
     assert!(ok, "{err}");
     let out =

@@ -30,8 +30,8 @@ pub(crate) fn export_name(root: &bootcache_api::RootDigest) -> String {
 
 /// The Docker reference a container image is imported as.
 pub(crate) fn container_reference(url: &str) -> String {
-    let key = bootcache_api::agent::container_image_key(url).to_string();
-    format!("bootcache/image:{}", &key[..16])
+    // The whole key: a tag is not cut to where two images could meet.
+    format!("bootcache/image:{}", bootcache_api::agent::container_image_key(url))
 }
 
 /// Claims runtime id `id` for `order` before anything is made under it:

@@ -343,9 +343,12 @@ async fn slow_and_huge_bodies_are_cut_and_long_urls_refused_at_once() {
     // Too large: 413, not read.
     let big = http.post(format!("http://{addr}/labs")).header("authorization", &auth).body(vec![b'#'; 5 << 20]).send().await.unwrap();
     assert_eq!(big.status(), 413);
-    // Without the credential, a body is not read at all.
-    let anon = http.post(format!("http://{addr}/labs")).body(vec![b'#'; 5 << 20]).send().await.unwrap();
-    assert_eq!(anon.status(), 401);
+    // Without the credential, a body is not read at all: 401 (or the
+    // connection closed under the rest of the body).
+    match http.post(format!("http://{addr}/labs")).body(vec![b'#'; 5 << 20]).send().await {
+        Ok(anon) => assert_eq!(anon.status(), 401),
+        Err(e) => assert!(e.is_request(), "{e}"),
+    }
     // A 1.5 MB URL: refused at once, not echoed.
     let url = format!("http://10.0.0.1/{}", "a".repeat(1_500_000));
     let started = Instant::now();

@@ -165,7 +165,18 @@ const MIGRATIONS: &[&str] = &[
         subnet TEXT NOT NULL,
         PRIMARY KEY (lab, name)
      );
-     ALTER TABLE observed ADD COLUMN uid INTEGER NOT NULL DEFAULT 0;
+     CREATE TABLE observed_by_number (
+        node TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+        lab TEXT NOT NULL,
+        name TEXT NOT NULL,
+        uid INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        reason TEXT,
+        PRIMARY KEY (node, lab, name, uid)
+     );
+     INSERT INTO observed_by_number (node, lab, name, uid, state, reason) SELECT node, lab, name, 0, state, reason FROM observed;
+     DROP TABLE observed;
+     ALTER TABLE observed_by_number RENAME TO observed;
      CREATE TABLE node_credentials (
         node TEXT PRIMARY KEY REFERENCES nodes(name) ON DELETE CASCADE,
         secret TEXT NOT NULL,
