@@ -1,5 +1,6 @@
 //! `bootcache control serve` as a process: it makes its token, answers only
-//! with it, and keeps its database across a restart.
+//! with it (and nodes' joins with the join token derived from it), keeps
+//! its database private and across a restart.
 
 mod support;
 
@@ -49,7 +50,22 @@ fn the_control_node_serves_with_its_token_and_remembers_across_a_restart() {
         assert_eq!(String::from_utf8_lossy(&printed.stdout).trim(), token);
         assert_eq!(http(port, "POST", "/nodes", None, node).0, 401);
         assert_eq!(http(port, "GET", "/nodes", Some("not-the-token-not-the-token-xxxxxxxx"), "").0, 401);
-        assert_eq!(http(port, "POST", "/nodes", Some(token), node).0, 204);
+        let join = Command::new(bootcache_bin())
+            .args(["control", "token", "--join", "--token-file"])
+            .arg(dir.path().join("control.token"))
+            .output()
+            .unwrap();
+        let join = String::from_utf8_lossy(&join.stdout).trim().to_owned();
+        assert!(join.len() == 64 && join != token);
+        // The join token joins a node, and does nothing else.
+        let (status, joined) = http(port, "POST", "/nodes", Some(&join), node);
+        assert_eq!(status, 200, "{joined}");
+        assert!(joined.contains("\"secret\"") && joined.contains("\"peer_token\""), "{joined}");
+        assert_eq!(http(port, "GET", "/nodes", Some(&join), "").0, 401);
+        assert_eq!(http(port, "GET", "/labs", Some(&join), "").0, 401);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("state").join("control.db")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the database is the owner's only");
     }
     let _control = control(dir.path(), port);
     let token = std::fs::read_to_string(dir.path().join("control.token")).unwrap();

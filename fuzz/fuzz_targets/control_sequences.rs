@@ -126,7 +126,7 @@ fuzz_target!(|data: &[u8]| {
             }
             3 => {
                 let join = Join { name: n(node), address: "10.0.0.2:7070".into(), cores: 4, memory_bytes: 1 << 30 };
-                let _ = c.join(&join, "peer".into());
+                let _ = c.join(&join, "peer".into(), op % 12 == 3);
             }
             4 => {
                 let _ = c.remove_node(&n(node));

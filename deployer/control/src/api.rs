@@ -122,10 +122,17 @@ async fn node_gate(
     }
 }
 
+/// Whether a join came with the administrator's token.
+#[derive(Clone, Copy)]
+struct ByAdmin(bool);
+
 /// Lets a join through with the join token or the administrator's.
 async fn join_gate(State(admin): State<Arc<Credential>>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let given = request.headers().get(header::AUTHORIZATION).map(axum::http::HeaderValue::as_bytes);
-    if admin.accepts(given) || Credential::from_token(&join_token(&admin)).accepts(given) {
+    let by_admin = admin.accepts(given);
+    if by_admin || Credential::from_token(&join_token(&admin)).accepts(given) {
+        let mut request = request;
+        request.extensions_mut().insert(ByAdmin(by_admin));
         return next.run(request).await;
     }
     unauthorized("joining requires the join token (`bootcache control token --join`): Authorization: Bearer <token>")
@@ -151,7 +158,7 @@ fn plain(status: StatusCode, msg: &str) -> Response {
 fn failed(e: &DbError) -> Response {
     let status = match e {
         DbError::NoSuchNode(_) | DbError::NoSuchInstance { .. } => StatusCode::NOT_FOUND,
-        DbError::BadTransition { .. } | DbError::Conflict(_) | DbError::NodeUp(_) => StatusCode::CONFLICT,
+        DbError::BadTransition { .. } | DbError::Conflict(_) | DbError::NodeUp(_) | DbError::NodeKnown(_) => StatusCode::CONFLICT,
         DbError::Claims(_) => StatusCode::BAD_REQUEST,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
@@ -164,12 +171,17 @@ pub const MAX_CACHES: usize = 10_000;
 /// was ordered, [`Db::observe`]).
 pub const MAX_REPORTS: usize = 20_000;
 
-async fn join(State(c): State<Arc<Control>>, axum::Extension(admin): axum::Extension<Arc<Credential>>, Json(j): Json<Join>) -> Response {
+async fn join(
+    State(c): State<Arc<Control>>,
+    axum::Extension(admin): axum::Extension<Arc<Credential>>,
+    axum::Extension(ByAdmin(by_admin)): axum::Extension<ByAdmin>,
+    Json(j): Json<Join>,
+) -> Response {
     if j.address.len() > 255 || j.address.parse::<std::net::SocketAddr>().is_err() {
         return plain(StatusCode::BAD_REQUEST, "address: an IP address and port, e.g. 10.0.0.2:7070");
     }
     let peer_token = peer_token(&admin);
-    match blocking(&c, move |c| c.join(&j, peer_token)).await {
+    match blocking(&c, move |c| c.join(&j, peer_token, by_admin)).await {
         Ok(Ok(joined)) => Json(joined).into_response(),
         Ok(Err(e)) => failed(&e),
         Err(r) => r,

@@ -341,14 +341,16 @@ impl Control {
 
     /// Takes a node into the cluster: a new credential of its own (only
     /// its digest is kept) and `peer_token`, what nodes present to each
-    /// other.
+    /// other. `by_admin`: asked with the administrator's token (which may
+    /// take over a node that is down; the join token may not).
     ///
     /// # Errors
-    /// A node of that name that is up ([`DbError::NodeUp`]), the database.
-    pub fn join(&self, join: &Join, peer_token: String) -> Result<Joined, DbError> {
+    /// A node of that name that is up ([`DbError::NodeUp`]) or has joined
+    /// ([`DbError::NodeKnown`]), the database.
+    pub fn join(&self, join: &Join, peer_token: String, by_admin: bool) -> Result<Joined, DbError> {
         let secret = bootcache_delivery::auth::new_token().map_err(|e| DbError::Conflict(format!("making a credential: {e}")))?;
         let digest = blake3::hash(secret.as_bytes()).to_hex().to_string();
-        self.db().join(join, &digest, now_ms(), self.heartbeat)?;
+        self.db().join(join, &digest, by_admin, now_ms(), self.heartbeat)?;
         tracing::info!(node = %join.name, address = %join.address, "node joined");
         Ok(Joined { secret, peer_token })
     }

@@ -50,6 +50,10 @@ pub enum DbError {
         /// The newest this code knows.
         known: i64,
     },
+    /// A node that has joined was asked to join again with the join token
+    /// (only its removal, or the administrator, lets it join anew).
+    #[error("node {0} has joined already: remove it first (`bootcache control node remove {0}`) to join it again")]
+    NodeKnown(Name),
     /// A node that is up was asked to join again (from elsewhere, or by
     /// someone without its credential).
     #[error("node {0} is up and has joined already: remove it first (`bootcache control node remove {0}`) to join it again")]
@@ -464,12 +468,21 @@ impl Db {
     }
 
     /// Registers `join` as a node with the credential whose BLAKE3 digest is
-    /// `secret` (hex), replacing one it had, unless it is up as of `now_ms`
-    /// (a node that is up joins again only after `remove_node`).
+    /// `secret` (hex). A node that has a credential already is not taken
+    /// over: never while it is up, and when it is down only by the
+    /// administrator (`replace`); otherwise it joins again after
+    /// `remove_node`.
     ///
     /// # Errors
-    /// [`DbError::NodeUp`], SQLite errors.
-    pub fn join(&self, join: &bootcache_api::agent::Join, secret: &str, now_ms: i64, interval: Duration) -> Result<(), DbError> {
+    /// [`DbError::NodeUp`], [`DbError::NodeKnown`], SQLite errors.
+    pub fn join(
+        &self,
+        join: &bootcache_api::agent::Join,
+        secret: &str,
+        replace: bool,
+        now_ms: i64,
+        interval: Duration,
+    ) -> Result<(), DbError> {
         let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate).map_err(self.sql())?;
         let known: Option<(Option<i64>, bool)> = tx
             .query_row(
@@ -479,10 +492,13 @@ impl Db {
             )
             .optional()
             .map_err(self.sql())?;
-        if let Some((heartbeat_ms, true)) = known
-            && self.is_up(heartbeat_ms, now_ms, interval)
-        {
-            return Err(DbError::NodeUp(join.name.clone()));
+        if let Some((heartbeat_ms, true)) = known {
+            if self.is_up(heartbeat_ms, now_ms, interval) {
+                return Err(DbError::NodeUp(join.name.clone()));
+            }
+            if !replace {
+                return Err(DbError::NodeKnown(join.name.clone()));
+            }
         }
         tx.execute(
             "INSERT INTO nodes (name, address, registered_ms) VALUES (?1, ?2, ?3)

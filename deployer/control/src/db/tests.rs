@@ -246,21 +246,24 @@ fn nodes_join_once_claim_within_bounds_and_can_be_removed() {
     let db = Db::open(&path).unwrap();
     let interval = Duration::from_secs(1);
     let join = Join { name: name("a"), address: "10.0.0.2:7070".into(), cores: 8, memory_bytes: 16 << 30 };
-    db.join(&join, "digest-1", 0, interval).unwrap();
+    db.join(&join, "digest-1", false, 0, interval).unwrap();
     assert_eq!(db.node_secret(&name("a")).unwrap().as_deref(), Some("digest-1"));
     // Up (a heartbeat): nobody joins as it again, from anywhere.
     let beat = Heartbeat { cores: u32::MAX, memory_bytes: u64::MAX, running: 0, caches: vec![], instances: vec![] };
     db.heartbeat(&name("a"), &beat, 1_000).unwrap();
     let elsewhere = Join { address: "10.6.6.6:7070".into(), ..join.clone() };
-    let e = db.join(&elsewhere, "digest-2", 1_500, interval).unwrap_err();
+    let e = db.join(&elsewhere, "digest-2", true, 1_500, interval).unwrap_err();
     assert!(matches!(e, DbError::NodeUp(_)) && e.to_string().contains("node remove a"), "{e}");
     assert_eq!(db.node_secret(&name("a")).unwrap().as_deref(), Some("digest-1"));
     // What it claims is bounded by what it joined with.
     let n = &db.nodes(1_500, interval).unwrap()[0];
     let last = n.last.as_ref().unwrap();
     assert_eq!((last.cores, last.memory_bytes, n.address.as_str()), (8, 16 << 30, "10.0.0.2:7070"));
-    // Down: it may join again (a new credential).
-    db.join(&elsewhere, "digest-3", 10_000, interval).unwrap();
+    // Down: the join token does not take it over; the administrator may (a new credential).
+    let e = db.join(&elsewhere, "digest-3", false, 10_000, interval).unwrap_err();
+    assert!(matches!(e, DbError::NodeKnown(_)), "{e}");
+    assert_eq!(db.node_secret(&name("a")).unwrap().as_deref(), Some("digest-1"));
+    db.join(&elsewhere, "digest-3", true, 10_000, interval).unwrap();
     assert_eq!(db.node_secret(&name("a")).unwrap().as_deref(), Some("digest-3"));
     // Removed: its instances go back to pending, its credential with it.
     let (text, lab) = two_instance_lab();
