@@ -97,8 +97,9 @@ struct Totals {
     latency_us: std::sync::Mutex<Vec<u64>>,
 }
 
-/// One simulated agent: registers, then heartbeats, reporting each ordered
-/// instance as fetching, then ready, and holding the VM images it fetched.
+/// One simulated agent: joins, then heartbeats with its own credential,
+/// reporting each ordered instance as fetching, then ready, and holding the
+/// VM images and tarballs it fetched.
 async fn agent(i: usize, base: String, http: reqwest::Client, interval: Duration, totals: Arc<Totals>, stop: Arc<AtomicBool>) {
     let name = format!("sim-{i:04}");
     let address = format!("127.0.{}.{}:7070", 1 + i / 250, 1 + i % 250);
@@ -146,10 +147,17 @@ async fn agent(i: usize, base: String, http: reqwest::Client, interval: Duration
                 None => InstanceState::Fetching,
                 Some(_) => InstanceState::Ready,
             };
-            if let ImageOrder::Vm { root, .. } = o.image
-                && !held.iter().any(|(r, _)| *r == root)
+            // What it fetched it holds: VM images, and tarballs whole (other
+            // nodes are given it as their source only once it holds one).
+            let key = match &o.image {
+                ImageOrder::Vm { root, .. } => Some(*root),
+                ImageOrder::Container { url, .. } => Some(bootcache_api::agent::container_image_key(url)),
+                ImageOrder::Disk { .. } => None,
+            };
+            if let Some(key) = key
+                && !held.iter().any(|(r, _)| *r == key)
             {
-                held.push((root, 1));
+                held.push((key, 1));
             }
             now_seen.insert(o.uid, (o.lab, o.name, next));
         }
