@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bootcache_api::control::InstanceView;
 use bootcache_api::{InstanceState, Lab, Name};
-use bootcache_control::api::InstanceView;
 use bootcache_control::client::{Client, ClientError};
 use bootcache_delivery::auth::Credential;
 use clap::Args;
@@ -191,7 +191,7 @@ async fn local() -> anyhow::Result<Client> {
 
 async fn local_node_up(client: &Client) -> bool {
     match client.nodes().await {
-        Ok(nodes) => nodes.as_array().is_some_and(|n| n.iter().any(|n| n["name"] == "local" && n["up"] == true)),
+        Ok(nodes) => nodes.iter().any(|n| n.name.as_str() == "local" && n.up),
         Err(_) => false,
     }
 }

@@ -47,7 +47,7 @@ pub(crate) fn held(state_dir: &Path) -> Vec<RootDigest> {
 /// The routes other nodes fetch tarballs from (`dir`: the tarballs).
 pub(crate) fn routes(dir: PathBuf, credential: Arc<bootcache_delivery::auth::Credential>) -> axum::Router {
     axum::Router::new()
-        .route("/tarballs/{key}", axum::routing::get(serve))
+        .route(bootcache_api::control::routes::TARBALL, axum::routing::get(serve))
         .with_state(Arc::new(dir))
         .layer(axum::middleware::from_fn_with_state(credential, bootcache_delivery::auth::require))
 }
@@ -127,7 +127,7 @@ pub(crate) async fn whole(shared: &Shared, key: &RootDigest, url: &str, peers: &
     }
     let authorization = shared.peer.authorization();
     for peer in peers {
-        let from = format!("{}/tarballs/{key}", peer.trim_end_matches('/'));
+        let from = format!("{}{}", peer.trim_end_matches('/'), bootcache_api::control::routes::tarball(key));
         match download(&shared.files, &from, Some(&authorization), dest).await {
             Ok(bytes) => {
                 tracing::info!(%peer, bytes, file = %dest.display(), "copied from a peer");

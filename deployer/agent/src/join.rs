@@ -77,7 +77,12 @@ pub(crate) async fn join(
     join: &Join,
     state_dir: &Path,
 ) -> Result<Result<Joined, Refusal>, AgentError> {
-    let sent = http.post(format!("{base}/nodes")).header(reqwest::header::AUTHORIZATION, authorization).json(join).send().await;
+    let sent = http
+        .post(format!("{base}{}", bootcache_api::control::routes::NODES))
+        .header(reqwest::header::AUTHORIZATION, authorization)
+        .json(join)
+        .send()
+        .await;
     let r = match sent {
         Ok(r) => r,
         Err(e) => return Ok(Err(Refusal::Unreachable(bootcache_delivery::node::chain(&e)))),

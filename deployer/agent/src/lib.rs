@@ -34,13 +34,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bootcache_api::Kind;
 use bootcache_api::Name;
 use bootcache_api::agent::{Heartbeat, Join, Orders};
 use bootcache_delivery::auth::Credential;
 use bootcache_delivery::cache::CacheOptions;
 use bootcache_delivery::node::Node;
-use bootcache_runtime::docker::Docker;
-use bootcache_runtime::libvirt::{Accel, Libvirt};
+use bootcache_runtime::{Accel, Runtime};
 
 /// How an agent runs.
 #[derive(Clone, Debug)]
@@ -86,13 +86,38 @@ pub fn tarball_routes(dir: PathBuf, credential: Arc<Credential>) -> axum::Router
     fetch::routes(dir, credential)
 }
 
-/// Why the agent could not start, or stopped.
+/// The runtime backend that runs instances of `kind` on a node: the one
+/// place a kind meets a backend ([`bootcache_runtime::open`] by name).
+pub fn backend(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Vm => "libvirt",
+        Kind::Container => "docker",
+    }
+}
+
+/// Why the agent could not start or stopped, or an instance could not be
+/// made (its reason, as the control node shows it).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AgentError {
     /// `--advertise` is not an IPv4 address (it is the VXLAN tunnel end).
     #[error("--advertise {0}: an IPv4 address")]
     Advertise(SocketAddr),
+    /// Something of that name on the node is someone else's.
+    #[error("{0}")]
+    Foreign(String),
+    /// An instance's image could not be had.
+    #[error("image: {0}")]
+    Image(String),
+    /// The node runs no instances of a kind (its agent was given no
+    /// endpoint for that backend).
+    #[error("this node runs no {kind}s (the agent has no --{backend})")]
+    NoRuntime {
+        /// The kind.
+        kind: &'static str,
+        /// Its backend.
+        backend: &'static str,
+    },
     /// An HTTP client could not be made.
     #[error("making an HTTP client: {0}")]
     Http(String),
@@ -129,8 +154,8 @@ pub enum AgentError {
 pub(crate) struct Shared {
     pub config: Config,
     pub node: Arc<Node>,
-    pub libvirt: Option<Libvirt>,
-    pub docker: Option<Docker>,
+    /// The runtimes this node has, by the kind they run.
+    pub runtimes: std::collections::BTreeMap<Kind, Box<dyn Runtime>>,
     pub network: bootcache_network::Network,
     pub dhcp: bootcache_network::dhcp::DhcpServers,
     pub http: reqwest::Client,
@@ -153,6 +178,19 @@ pub(crate) struct Shared {
     /// reported, so `destroy` waits for them).
     pub removing: Mutex<std::collections::HashMap<u32, (Name, Name, bootcache_api::InstanceState)>>,
     pub images: tokio::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Shared {
+    /// The runtime of `kind` on this node.
+    pub fn runtime(&self, kind: Kind) -> Result<&dyn Runtime, AgentError> {
+        self.runtimes.get(&kind).map(AsRef::as_ref).ok_or(AgentError::NoRuntime {
+            kind: match kind {
+                Kind::Vm => "VM",
+                Kind::Container => "container",
+            },
+            backend: backend(kind),
+        })
+    }
 }
 
 fn state_error(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> AgentError + '_ {
@@ -229,15 +267,17 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()> + S
         .await;
     });
 
-    let owner = config.name.to_string();
-    let libvirt = match &config.libvirt {
-        None => None,
-        Some(uri) => Some(Libvirt::connect(uri, &dir.join("consoles"), config.accel, &owner).await?),
-    };
-    let docker = match &config.docker {
-        None => None,
-        Some(sock) => Some(Docker::connect(sock, &owner).await?),
-    };
+    let mut runtimes = std::collections::BTreeMap::new();
+    for (kind, endpoint) in [(Kind::Vm, &config.libvirt), (Kind::Container, &config.docker)] {
+        let Some(endpoint) = endpoint else { continue };
+        let options = bootcache_runtime::Options {
+            endpoint: endpoint.clone(),
+            state_dir: dir.clone(),
+            owner: config.name.to_string(),
+            accel: config.accel,
+        };
+        runtimes.insert(kind, bootcache_runtime::open(backend(kind), &options).await?);
+    }
     let network = bootcache_network::Network::new().map_err(|e| AgentError::Network(bootcache_delivery::node::chain(&e)))?;
     let dhcp = bootcache_network::dhcp::DhcpServers::new(&dir.join("dhcp")).map_err(state_error(&dir.join("dhcp")))?;
     let files = reqwest::Client::builder()
@@ -249,8 +289,7 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()> + S
     let shared = Arc::new(Shared {
         config,
         node,
-        libvirt,
-        docker,
+        runtimes,
         network,
         dhcp,
         http,
@@ -317,7 +356,7 @@ async fn heartbeats(shared: Arc<Shared>, base: String, join: Join) {
         let auth = format!("Bearer {}", shared.secret.lock().unwrap_or_else(|p| p.into_inner()));
         let sent = shared
             .http
-            .post(format!("{base}/nodes/{name}/heartbeat"))
+            .post(format!("{base}{}", bootcache_api::control::routes::heartbeat(&name)))
             .header(reqwest::header::AUTHORIZATION, auth)
             .json(&beat)
             .send()

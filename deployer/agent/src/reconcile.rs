@@ -13,7 +13,6 @@ use std::sync::Arc;
 
 use bootcache_api::agent::{Dhcp, ImageOrder, Observed, Orders, names};
 use bootcache_api::{InstanceState, InterfaceName, Kind, Name};
-use bootcache_runtime::Runtime;
 
 use crate::Shared;
 use crate::instance::{self, Local};
@@ -200,16 +199,10 @@ impl DhcpService for NodeHost<'_> {
 impl Runtimes for NodeHost<'_> {
     async fn instances(&self) -> HashMap<String, Kind> {
         let mut out = HashMap::new();
-        if let Some(lv) = &self.0.libvirt {
-            match lv.list().await {
-                Ok(ids) => out.extend(ids.into_iter().map(|id| (id, Kind::Vm))),
-                Err(e) => tracing::warn!(error = %e, "cannot list VMs"),
-            }
-        }
-        if let Some(d) = &self.0.docker {
-            match d.list().await {
-                Ok(ids) => out.extend(ids.into_iter().map(|id| (id, Kind::Container))),
-                Err(e) => tracing::warn!(error = %e, "cannot list containers"),
+        for (kind, rt) in &self.0.runtimes {
+            match rt.list().await {
+                Ok(ids) => out.extend(ids.into_iter().map(|id| (id, *kind))),
+                Err(e) => tracing::warn!(runtime = rt.name(), error = %e, "cannot list instances"),
             }
         }
         out

@@ -24,6 +24,7 @@
 #![deny(missing_docs)]
 
 pub mod agent;
+pub mod control;
 pub mod lab;
 mod name;
 mod state;

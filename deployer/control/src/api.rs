@@ -35,9 +35,10 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use bootcache_api::agent::Join;
+pub use bootcache_api::control::InstanceView;
+use bootcache_api::control::{CachedBy, ImageHolders, ImageRequest, ImageView, LabSummary, Remaining, routes};
 use bootcache_api::{Name, RootDigest};
 use bootcache_delivery::auth::Credential;
-use serde::Deserialize;
 
 use crate::db::{Db, DbError, Heartbeat};
 pub use crate::state::{Control, now_ms};
@@ -80,25 +81,25 @@ impl Control {
             bootcache_delivery::http::bounded_body,
         );
         let administered = axum::Router::new()
-            .route("/nodes", get(nodes))
-            .route("/nodes/{name}", delete(remove_node))
-            .route("/images", post(register_image))
-            .route("/images/{root}", get(image))
-            .route("/labs", get(labs).post(deploy))
-            .route("/labs/{lab}", delete(destroy))
-            .route("/labs/{lab}/instances", get(instances))
-            .route("/labs/{lab}/remaining", get(remaining))
-            .route("/labs/{lab}/instances/{name}/{action}", post(instance_action))
+            .route(routes::NODES, get(nodes))
+            .route(routes::NODE, delete(remove_node))
+            .route(routes::IMAGES, post(register_image))
+            .route(routes::IMAGE, get(image))
+            .route(routes::LABS, get(labs).post(deploy))
+            .route(routes::LAB, delete(destroy))
+            .route(routes::INSTANCES, get(instances))
+            .route(routes::REMAINING, get(remaining))
+            .route(routes::INSTANCE_ACTION, post(instance_action))
             .layer(body.clone())
             .layer(axum::middleware::from_fn_with_state(Arc::clone(&admin), bootcache_delivery::auth::require));
         let join = axum::Router::new()
-            .route("/nodes", post(join))
+            .route(routes::NODES, post(join))
             .layer(body.clone())
             .layer(axum::middleware::from_fn_with_state(Arc::clone(&admin), join_gate))
             .layer(axum::Extension(admin));
         // A heartbeat needs its node's own credential.
         let nodes = axum::Router::new()
-            .route("/nodes/{name}/heartbeat", post(heartbeat))
+            .route(routes::HEARTBEAT, post(heartbeat))
             .layer(body)
             .layer(axum::middleware::from_fn_with_state(Arc::clone(self), node_gate));
         administered.merge(join).merge(nodes).with_state(Arc::clone(self))
@@ -226,13 +227,7 @@ async fn remove_node(State(c): State<Arc<Control>>, Path(name): Path<String>) ->
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewImage {
-    url: String,
-}
-
-async fn register_image(State(c): State<Arc<Control>>, Json(req): Json<NewImage>) -> Response {
+async fn register_image(State(c): State<Arc<Control>>, Json(req): Json<ImageRequest>) -> Response {
     if let Err(e) = bootcache_delivery::remote::check_url(&req.url) {
         return plain(StatusCode::BAD_REQUEST, &e.to_string());
     }
@@ -243,12 +238,12 @@ async fn register_image(State(c): State<Arc<Control>>, Json(req): Json<NewImage>
     };
     let (root, boot) = (header.root(), header.boot.end - header.boot.start);
     match c.db().register_image(&root, &req.url, header.virtual_size, boot, now_ms()) {
-        Ok(()) => Json(serde_json::json!({
-            "root_digest": root,
-            "url": bootcache_delivery::remote::redact(&req.url),
-            "virtual_size": header.virtual_size,
-            "boot_bytes": boot,
-        }))
+        Ok(()) => Json(ImageView {
+            root_digest: root,
+            url: bootcache_delivery::remote::redact(&req.url),
+            virtual_size: header.virtual_size,
+            boot_bytes: boot,
+        })
         .into_response(),
         Err(e) => failed(&e),
     }
@@ -263,39 +258,14 @@ async fn image(State(c): State<Arc<Control>>, Path(root): Path<String>) -> Respo
         Err(e) => return failed(&e),
     };
     match db.holders(&root) {
-        Ok(holders) => Json(serde_json::json!({
-            "root_digest": root,
-            "url": bootcache_delivery::remote::redact(&url),
-            "cached_by": holders.into_iter().map(|(node, bytes)| serde_json::json!({"node": node, "boot_bytes": bytes})).collect::<Vec<_>>(),
-        }))
+        Ok(holders) => Json(ImageHolders {
+            root_digest: root,
+            url: bootcache_delivery::remote::redact(&url),
+            cached_by: holders.into_iter().map(|(node, boot_bytes)| CachedBy { node, boot_bytes }).collect(),
+        })
         .into_response(),
         Err(e) => failed(&e),
     }
-}
-
-/// An instance as `GET /labs/{lab}/instances` shows it.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct InstanceView {
-    /// Its name.
-    pub name: Name,
-    /// Its number in the cluster.
-    pub uid: u32,
-    /// What its node calls it (the libvirt domain, the Docker container).
-    pub id: String,
-    /// VM or container.
-    pub kind: bootcache_api::Kind,
-    /// Its node, once placed.
-    pub node: Option<Name>,
-    /// Where it stands.
-    pub state: bootcache_api::InstanceState,
-    /// Why it failed or was lost.
-    pub reason: Option<String>,
-    /// Its addresses, by segment.
-    pub addresses: Vec<(Name, std::net::Ipv4Addr)>,
-    /// From its last `pending` to `ready`, ms.
-    pub ready_after_ms: Option<i64>,
-    /// Every state it went through and when (ms since the epoch).
-    pub history: Vec<(bootcache_api::InstanceState, i64)>,
 }
 
 /// The instances of `lab` with their addresses and times to ready.
@@ -316,6 +286,7 @@ pub fn views(db: &Db, lab: &Name) -> Result<Option<Vec<InstanceView>>, DbError> 
                 };
                 InstanceView {
                     addresses: expanded.get(&r.spec.name).map(|i| i.addresses.clone()).unwrap_or_default(),
+                    image: r.spec.image,
                     uid: r.uid,
                     id: bootcache_api::agent::names::instance(r.uid, lab, &r.spec.name),
                     name: r.spec.name,
@@ -355,8 +326,13 @@ async fn deploy(State(c): State<Arc<Control>>, body: String) -> Response {
             return plain(StatusCode::BAD_REQUEST, &format!("instance {}: {e}", def.name));
         }
     }
+    let name = lab.name.clone();
     match c.deploy(text, lab).await {
-        Ok((rows, _)) => Json(rows).into_response(),
+        Ok(_) => match blocking(&c, move |c| views(&c.db(), &name)).await {
+            Ok(Ok(v)) => Json(v.unwrap_or_default()).into_response(),
+            Ok(Err(e)) => failed(&e),
+            Err(r) => r,
+        },
         Err(crate::deploy::DeployError::Db(e)) => failed(&e),
         Err(e @ crate::deploy::DeployError::Superseded(_)) => plain(StatusCode::CONFLICT, &e.to_string()),
         Err(e) => plain(StatusCode::BAD_GATEWAY, &e.to_string()),
@@ -364,16 +340,16 @@ async fn deploy(State(c): State<Arc<Control>>, body: String) -> Response {
 }
 
 async fn labs(State(c): State<Arc<Control>>) -> Response {
-    let listed = blocking(&c, |c| -> Result<Vec<serde_json::Value>, DbError> {
+    let listed = blocking(&c, |c| -> Result<Vec<LabSummary>, DbError> {
         let db = c.db();
         let mut out = Vec::new();
         for name in db.lab_names()? {
             let rows = db.instances_brief(&name)?;
             let mut states = std::collections::BTreeMap::new();
             for r in &rows {
-                *states.entry(r.state.as_str()).or_insert(0u64) += 1;
+                *states.entry(r.state.as_str().to_owned()).or_insert(0u64) += 1;
             }
-            out.push(serde_json::json!({"name": name, "instances": rows.len(), "states": states}));
+            out.push(LabSummary { name, instances: rows.len() as u64, states });
         }
         Ok(out)
     })
@@ -396,12 +372,12 @@ async fn destroy(State(c): State<Arc<Control>>, Path(lab): Path<String>) -> Resp
 
 async fn remaining(State(c): State<Arc<Control>>, Path(lab): Path<String>) -> Response {
     let Ok(lab) = lab.parse::<Name>() else { return plain(StatusCode::NOT_FOUND, "no such lab") };
-    let found = blocking(&c, move |c| -> Result<serde_json::Value, DbError> {
+    let found = blocking(&c, move |c| -> Result<Remaining, DbError> {
         let db = c.db();
         let up: Vec<Name> = db.nodes(now_ms(), c.heartbeat)?.into_iter().filter(|n| n.up).map(|n| n.name).collect();
         // What down nodes said is kept but shown apart: they cannot remove it now.
         let (on_up, on_down): (Vec<_>, Vec<_>) = db.remaining(&lab)?.into_iter().partition(|r| up.contains(&r.node));
-        Ok(serde_json::json!({"remaining": on_up, "on_down_nodes": on_down}))
+        Ok(Remaining { remaining: on_up, on_down_nodes: on_down })
     })
     .await;
     match found {

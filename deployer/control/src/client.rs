@@ -6,7 +6,8 @@ use std::time::Duration;
 use bootcache_api::Name;
 use bootcache_delivery::auth::Credential;
 
-use crate::api::InstanceView;
+use bootcache_api::control::routes;
+pub use bootcache_api::control::{InstanceView, LabSummary, NodeView, Remaining};
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -43,26 +44,6 @@ impl ClientError {
 pub struct Client {
     base: String,
     http: reqwest::Client,
-}
-
-/// A lab as `GET /labs` lists it.
-#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
-pub struct LabSummary {
-    /// Its name.
-    pub name: Name,
-    /// How many instances.
-    pub instances: u64,
-    /// How many in each state.
-    pub states: std::collections::BTreeMap<String, u64>,
-}
-
-/// What nodes still run of a destroyed lab.
-#[derive(Clone, Debug, serde::Deserialize)]
-pub struct Remaining {
-    /// On nodes that are up (they will remove it).
-    pub remaining: Vec<serde_json::Value>,
-    /// On nodes that are down (removed when they come back).
-    pub on_down_nodes: Vec<serde_json::Value>,
 }
 
 impl Client {
@@ -105,8 +86,9 @@ impl Client {
     ///
     /// # Errors
     /// A bad lab file (400, naming the line), an image that cannot be read (502), unreachable.
-    pub async fn deploy(&self, text: &str) -> Result<serde_json::Value, ClientError> {
-        self.call(self.http.post(format!("{}/labs", self.base)).header("content-type", "application/yaml").body(text.to_owned())).await
+    pub async fn deploy(&self, text: &str) -> Result<Vec<InstanceView>, ClientError> {
+        self.call(self.http.post(format!("{}{}", self.base, routes::LABS)).header("content-type", "application/yaml").body(text.to_owned()))
+            .await
     }
 
     /// The labs deployed.
@@ -114,7 +96,7 @@ impl Client {
     /// # Errors
     /// Unreachable, refused.
     pub async fn labs(&self) -> Result<Vec<LabSummary>, ClientError> {
-        self.call(self.http.get(format!("{}/labs", self.base))).await
+        self.call(self.http.get(format!("{}{}", self.base, routes::LABS))).await
     }
 
     /// A lab's instances.
@@ -122,7 +104,7 @@ impl Client {
     /// # Errors
     /// No such lab (404), unreachable.
     pub async fn instances(&self, lab: &Name) -> Result<Vec<InstanceView>, ClientError> {
-        self.call(self.http.get(format!("{}/labs/{lab}/instances", self.base))).await
+        self.call(self.http.get(format!("{}{}", self.base, routes::instances(lab)))).await
     }
 
     /// Destroys a lab (nothing if it is not there).
@@ -130,7 +112,7 @@ impl Client {
     /// # Errors
     /// Unreachable, refused.
     pub async fn destroy(&self, lab: &Name) -> Result<(), ClientError> {
-        self.call::<Option<()>>(self.http.delete(format!("{}/labs/{lab}", self.base))).await.map(drop)
+        self.call::<Option<()>>(self.http.delete(format!("{}{}", self.base, routes::lab(lab)))).await.map(drop)
     }
 
     /// What nodes still run of `lab`.
@@ -138,7 +120,7 @@ impl Client {
     /// # Errors
     /// Unreachable, refused.
     pub async fn remaining(&self, lab: &Name) -> Result<Remaining, ClientError> {
-        self.call(self.http.get(format!("{}/labs/{lab}/remaining", self.base))).await
+        self.call(self.http.get(format!("{}{}", self.base, routes::remaining(lab)))).await
     }
 
     /// Stops (`running` false) or starts an instance; its agent does it at
@@ -147,8 +129,7 @@ impl Client {
     /// # Errors
     /// No such instance (404), unreachable.
     pub async fn set_running(&self, lab: &Name, name: &Name, running: bool) -> Result<(), ClientError> {
-        let action = if running { "start" } else { "stop" };
-        self.call::<Option<()>>(self.http.post(format!("{}/labs/{lab}/instances/{name}/{action}", self.base))).await.map(drop)
+        self.call::<Option<()>>(self.http.post(format!("{}{}", self.base, routes::instance_action(lab, name, running)))).await.map(drop)
     }
 
     /// Removes a node (its credential revoked, its instances placed again).
@@ -156,14 +137,14 @@ impl Client {
     /// # Errors
     /// No such node (404), unreachable, refused.
     pub async fn remove_node(&self, node: &Name) -> Result<(), ClientError> {
-        self.call::<Option<()>>(self.http.delete(format!("{}/nodes/{node}", self.base))).await.map(drop)
+        self.call::<Option<()>>(self.http.delete(format!("{}{}", self.base, routes::node(node)))).await.map(drop)
     }
 
     /// The nodes.
     ///
     /// # Errors
     /// Unreachable, refused.
-    pub async fn nodes(&self) -> Result<serde_json::Value, ClientError> {
-        self.call(self.http.get(format!("{}/nodes", self.base))).await
+    pub async fn nodes(&self) -> Result<Vec<NodeView>, ClientError> {
+        self.call(self.http.get(format!("{}{}", self.base, routes::NODES))).await
     }
 }

@@ -22,17 +22,103 @@
 pub mod docker;
 pub mod libvirt;
 
-use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use bootcache_api::agent::Nic;
 
 /// The prefix of everything a runtime makes.
 pub const PREFIX: &str = "bootcache.";
 
-/// Most bytes of a console or log [`Runtime::console`] returns (its end).
+/// Most bytes of a console or log [`Runtime::logs`] returns (its end).
 pub const CONSOLE_TAIL: usize = 1 << 20;
+
+/// The backends [`open`] knows, by name.
+pub const BACKENDS: [&str; 2] = ["libvirt", "docker"];
+
+/// How QEMU runs guests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    /// Software emulation (domain type `qemu`).
+    Tcg,
+    /// Hardware virtualisation (domain type `kvm`).
+    Kvm,
+}
+
+/// What a backend is opened with.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Where the backend's daemon is (a libvirt URI, dockerd's socket).
+    pub endpoint: String,
+    /// The agent's state directory: the backend keeps its files under it
+    /// (a VM's overlay and console).
+    pub state_dir: PathBuf,
+    /// The mark of what it makes (the agent's node): it lists only that.
+    pub owner: String,
+    /// How QEMU runs guests (VM backends).
+    pub accel: Accel,
+}
+
+/// Opens the backend called `name` (one of [`BACKENDS`]): the one place a
+/// backend is chosen.
+///
+/// # Errors
+/// An unknown name, or the backend's daemon does not answer.
+pub async fn open(name: &str, options: &Options) -> Result<Box<dyn Runtime>, RuntimeError> {
+    match name {
+        "libvirt" => Ok(Box::new(libvirt::Libvirt::connect(options).await?)),
+        "docker" => Ok(Box::new(docker::Docker::connect(options).await?)),
+        other => Err(RuntimeError::UnknownBackend(other.to_owned())),
+    }
+}
+
+/// The format of a whole disk image on the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// Raw.
+    Raw,
+    /// qcow2.
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// QEMU's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// What an instance is made from, as the node holds it; the backend
+/// prepares the rest itself (a VM's overlay, a container's image).
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A disk the node exports over NBD (a bootcache image), and its size.
+    Export {
+        /// The export (`nbd+unix:///NAME?socket=PATH`).
+        url: String,
+        /// The disk's size, bytes.
+        virtual_size: u64,
+    },
+    /// A whole disk image file on the node.
+    Disk {
+        /// The file.
+        path: PathBuf,
+        /// Its format (read from its magic, never guessed).
+        format: DiskFormat,
+    },
+    /// A root file system tarball on the node, known by `key` (imported
+    /// once however many instances use it).
+    Tarball {
+        /// The file.
+        path: PathBuf,
+        /// Its key (hex).
+        key: String,
+    },
+}
 
 /// An instance to make.
 #[derive(Clone, Debug)]
@@ -46,24 +132,12 @@ pub struct Spec {
     /// Memory, bytes.
     pub memory_bytes: u64,
     /// Its interfaces (VMs get them from the runtime; containers from the
-    /// agent, once started).
+    /// agent, once started: [`Runtime::netns_pid`]).
     pub nics: Vec<Nic>,
-    /// What it runs.
-    pub image: Image,
-}
-
-/// What an instance runs.
-#[derive(Clone, Debug)]
-pub enum Image {
-    /// A VM's disk: a qcow2 overlay (its backing file the node's export).
-    Disk(PathBuf),
-    /// A container's image reference, and its command (else the image's).
-    Container {
-        /// The image (as imported).
-        reference: String,
-        /// The command.
-        command: Option<Vec<String>>,
-    },
+    /// What it is made from.
+    pub source: Source,
+    /// A container's command (else its image's).
+    pub command: Option<Vec<String>>,
 }
 
 /// Where an instance stands as its runtime sees it.
@@ -88,91 +162,115 @@ pub struct Exec {
 
 /// Why a runtime could not do something.
 #[derive(Debug, thiserror::Error)]
-#[error("{what}: {why}")]
-pub struct RuntimeError {
-    /// What was being done (the instance and the step).
-    pub what: String,
-    /// Why, as the backend said.
-    pub why: String,
+#[non_exhaustive]
+pub enum RuntimeError {
+    /// The backend failed at something.
+    #[error("{what}: {why}")]
+    Failed {
+        /// What was being done (the instance and the step).
+        what: String,
+        /// Why, as the backend said.
+        why: String,
+    },
+    /// The backend cannot do this at all.
+    #[error("the {backend} runtime cannot {capability}")]
+    Unsupported {
+        /// The backend.
+        backend: &'static str,
+        /// What was asked.
+        capability: &'static str,
+    },
+    /// No backend of that name.
+    #[error("no runtime backend {0:?} (there are: libvirt, docker)")]
+    UnknownBackend(String),
 }
 
 impl RuntimeError {
-    /// An error of `what`, because of `why`.
+    /// A failure of `what`, because of `why`.
     pub fn new(what: impl Into<String>, why: impl std::fmt::Display) -> RuntimeError {
-        RuntimeError { what: what.into(), why: why.to_string() }
+        RuntimeError::Failed { what: what.into(), why: why.to_string() }
     }
 }
 
 /// What a Linux guest's console says when its kernel panics.
 pub const KERNEL_PANIC: &str = "Kernel panic - not syncing";
 
-/// Runs instances of one kind. Every call is idempotent where it can be:
-/// destroying what is not there succeeds.
+/// Runs instances of one kind: object-safe, one per backend directory,
+/// chosen by name ([`open`]). Every call is idempotent where it can be:
+/// destroying what is not there succeeds. The optional capabilities
+/// (`logs`, `exec`) answer [`RuntimeError::Unsupported`] unless the backend
+/// has them.
+#[async_trait]
 pub trait Runtime: Send + Sync {
-    /// Makes the instance (not started).
-    fn create(&self, spec: &Spec) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// The backend's name (as [`open`] knows it).
+    fn name(&self) -> &'static str;
+    /// Prepares what the instance needs from its source (a VM's overlay, a
+    /// container's image) and makes it (not started).
+    async fn create(&self, spec: &Spec) -> Result<(), RuntimeError>;
     /// Starts it.
-    fn start(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    async fn start(&self, id: &str) -> Result<(), RuntimeError>;
     /// Stops it (at once: lab instances hold nothing to save).
-    fn stop(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
-    /// Stops and removes it, and what the runtime made for it.
-    fn destroy(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    async fn stop(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Stops and removes it, and what the runtime prepared for it.
+    async fn destroy(&self, id: &str) -> Result<(), RuntimeError>;
     /// Where it stands.
-    fn status(&self, id: &str) -> impl Future<Output = Result<Status, RuntimeError>> + Send;
-    /// Its serial console (VM) or log (container) so far, at most
-    /// [`CONSOLE_TAIL`] bytes from its end.
-    fn console(&self, id: &str) -> impl Future<Output = Result<String, RuntimeError>> + Send;
-    /// Runs `argv` inside it (no shell), waiting at most `timeout`.
-    fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> impl Future<Output = Result<Exec, RuntimeError>> + Send;
+    async fn status(&self, id: &str) -> Result<Status, RuntimeError>;
     /// The ids of everything it made and marked as its agent's (the
     /// [`PREFIX`] and the mark).
-    fn list(&self) -> impl Future<Output = Result<Vec<String>, RuntimeError>> + Send;
+    async fn list(&self) -> Result<Vec<String>, RuntimeError>;
+    /// The process whose network namespace a running instance's interfaces
+    /// go into, when the agent gives it its interfaces (containers); `None`
+    /// when the runtime gives them itself (VMs).
+    async fn netns_pid(&self, _id: &str) -> Result<Option<u32>, RuntimeError> {
+        Ok(None)
+    }
+    /// What it printed so far (a VM's serial console, a container's log), at
+    /// most [`CONSOLE_TAIL`] bytes from its end.
+    async fn logs(&self, _id: &str) -> Result<String, RuntimeError> {
+        Err(RuntimeError::Unsupported { backend: self.name(), capability: "show an instance's logs" })
+    }
+    /// Runs `argv` inside it (no shell), waiting at most `timeout`.
+    async fn exec(&self, _id: &str, _argv: &[String], _timeout: Duration) -> Result<Exec, RuntimeError> {
+        Err(RuntimeError::Unsupported { backend: self.name(), capability: "run a command in an instance" })
+    }
 
     /// Waits until it is running and, with a `marker`, until a line of its
-    /// console contains it; fails if it stops, if its kernel panics (the
+    /// logs contains it; fails if it stops, if its kernel panics (the
     /// panic's line is the reason: a guest that panicked never gets
     /// ready), or if `timeout` passes.
-    fn wait_ready(&self, id: &str, marker: Option<&str>, timeout: Duration) -> impl Future<Output = Result<Duration, RuntimeError>> + Send
-    where
-        Self: Sized,
-    {
-        async move {
-            let start = Instant::now();
-            loop {
-                let status = self.status(id).await?;
-                match status {
-                    Status::Running => {}
-                    s if start.elapsed() > Duration::from_secs(2) => {
-                        return Err(RuntimeError::new(format!("{id}: waiting until ready"), format!("it is {s:?}, not running")));
-                    }
-                    _ => {}
+    async fn wait_ready(&self, id: &str, marker: Option<&str>, timeout: Duration) -> Result<Duration, RuntimeError> {
+        let start = Instant::now();
+        loop {
+            let status = self.status(id).await?;
+            match status {
+                Status::Running => {}
+                s if start.elapsed() > Duration::from_secs(2) => {
+                    return Err(RuntimeError::new(format!("{id}: waiting until ready"), format!("it is {s:?}, not running")));
                 }
-                let ready = match marker {
-                    None => status == Status::Running,
-                    Some(m) => {
-                        // One pass over the console: a panic anywhere fails it.
-                        let mut seen = false;
-                        for line in self.console(id).await?.lines() {
-                            if let Some(at) = line.find(KERNEL_PANIC) {
-                                return Err(RuntimeError::new(format!("{id}: booting"), line[at..].trim()));
-                            }
-                            seen |= line.contains(m);
-                        }
-                        seen
-                    }
-                };
-                if ready {
-                    return Ok(start.elapsed());
-                }
-                if start.elapsed() > timeout {
-                    let what = marker.map_or_else(|| "running".to_owned(), |m| format!("{m:?} on its console"));
-                    return Err(RuntimeError::new(
-                        format!("{id}: waiting until ready"),
-                        format!("no {what} within {} s", timeout.as_secs()),
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                _ => {}
             }
+            let ready = match marker {
+                None => status == Status::Running,
+                Some(m) => {
+                    // One pass over the logs: a panic anywhere fails it.
+                    let mut seen = false;
+                    for line in self.logs(id).await?.lines() {
+                        if let Some(at) = line.find(KERNEL_PANIC) {
+                            return Err(RuntimeError::new(format!("{id}: booting"), line[at..].trim()));
+                        }
+                        seen |= line.contains(m);
+                    }
+                    seen
+                }
+            };
+            if ready {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                let what = marker.map_or_else(|| "running".to_owned(), |m| format!("{m:?} in its logs"));
+                return Err(RuntimeError::new(format!("{id}: waiting until ready"), format!("no {what} within {} s", timeout.as_secs())));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 }
@@ -211,12 +309,16 @@ pub(crate) fn tail(s: String) -> String {
 mod tests {
     use super::*;
 
-    /// A running instance whose console says `console`.
+    /// A running instance whose logs say `console`; nothing optional but logs.
     struct Fake {
         console: &'static str,
     }
 
+    #[async_trait]
     impl Runtime for Fake {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
         async fn create(&self, _: &Spec) -> Result<(), RuntimeError> {
             Ok(())
         }
@@ -232,15 +334,23 @@ mod tests {
         async fn status(&self, _: &str) -> Result<Status, RuntimeError> {
             Ok(Status::Running)
         }
-        async fn console(&self, _: &str) -> Result<String, RuntimeError> {
-            Ok(self.console.to_owned())
-        }
-        async fn exec(&self, _: &str, _: &[String], _: Duration) -> Result<Exec, RuntimeError> {
-            Ok(Exec { code: 0, output: String::new() })
-        }
         async fn list(&self) -> Result<Vec<String>, RuntimeError> {
             Ok(Vec::new())
         }
+        async fn logs(&self, _: &str) -> Result<String, RuntimeError> {
+            Ok(self.console.to_owned())
+        }
+    }
+
+    #[tokio::test]
+    async fn what_a_backend_lacks_says_so_and_unknown_backends_are_refused() {
+        let r: Box<dyn Runtime> = Box::new(Fake { console: "" });
+        let e = r.exec("x", &["true".into()], Duration::from_secs(1)).await.unwrap_err();
+        assert!(matches!(e, RuntimeError::Unsupported { backend: "fake", .. }), "{e}");
+        assert_eq!(r.netns_pid("x").await.unwrap(), None);
+        let opts = Options { endpoint: String::new(), state_dir: "/nonexistent".into(), owner: "n".into(), accel: Accel::Tcg };
+        let e = open("lxc", &opts).await.err().unwrap();
+        assert!(e.to_string().contains("no runtime backend \"lxc\""), "{e}");
     }
 
     #[tokio::test]

@@ -6,22 +6,14 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use bootcache_api::agent::{Observed, names};
-use bootcache_api::{InstanceState, InterfaceName, Lab, Name, RootDigest};
+use bootcache_api::{InterfaceName, Lab, Name, RootDigest};
 use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
 
 use super::instances::{InstanceSpec, kind_str};
 use super::{Db, DbError};
 
 /// Something of a lab a node still runs.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Remaining {
-    /// The node.
-    pub node: Name,
-    /// The instance.
-    pub name: Name,
-    /// What the node said of it.
-    pub state: InstanceState,
-}
+pub use bootcache_api::control::RemainingInstance as Remaining;
 
 /// A segment of a deployed lab and the number the cluster gave it.
 #[derive(Clone, Debug, PartialEq, Eq)]

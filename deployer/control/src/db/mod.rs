@@ -197,20 +197,8 @@ pub const MAX_NODE_MEMORY: u64 = 64 << 40;
 
 pub use bootcache_api::agent::Heartbeat;
 
-/// A node as the control node sees it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct NodeRow {
-    /// Its name.
-    pub name: Name,
-    /// Its agent's address.
-    pub address: String,
-    /// What its last heartbeat said, if any came.
-    pub last: Option<Heartbeat>,
-    /// When it last sent one (ms since the epoch).
-    pub heartbeat_ms: Option<i64>,
-    /// Whether it is up: a heartbeat within three intervals.
-    pub up: bool,
-}
+/// A node as the control node sees it (what `GET /nodes` shows).
+pub use bootcache_api::control::NodeView as NodeRow;
 
 /// Heartbeats a node may miss before it is down.
 pub const MISSED_HEARTBEATS: u32 = 3;

@@ -1,7 +1,8 @@
 //! Containers through Docker (`bollard` against a real dockerd, the API
 //! version negotiated: Debian's docker.io 20.10 speaks 1.41). Images come
-//! from root file system tarballs imported into the node's Docker (no
-//! registry needed); containers run with no Docker network (the agent
+//! from root file system tarballs on the node, imported by this backend
+//! once per tarball (no registry needed); containers run with no Docker
+//! network (the agent
 //! gives them veths on the lab's bridges), labelled as made by the agent
 //! that made them (and only those listed); readiness is a line of their log.
 
@@ -17,7 +18,7 @@ use bollard::query_parameters::{
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
 
-use crate::{Exec, Image, PREFIX, Runtime, RuntimeError, Spec, Status, tail};
+use crate::{Exec, Options, PREFIX, Runtime, RuntimeError, Source, Spec, Status, tail};
 
 /// The label every container made carries: the agent (node) that made it.
 pub const OWNER_LABEL: &str = "dev.bootcache.owner";
@@ -27,6 +28,14 @@ pub const OWNER_LABEL: &str = "dev.bootcache.owner";
 pub struct Docker {
     client: Client,
     owner: String,
+    /// One import per image, however many containers wait for it.
+    importing: std::sync::Arc<tokio::sync::Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+/// The Docker reference a tarball of key `key` is imported as (the whole
+/// key: a tag is not cut to where two images could meet).
+pub fn reference(key: &str) -> String {
+    format!("bootcache/image:{key}")
 }
 
 fn docker_err(what: String) -> impl FnOnce(bollard::errors::Error) -> RuntimeError {
@@ -38,12 +47,14 @@ fn is_missing(e: &bollard::errors::Error) -> bool {
 }
 
 impl Docker {
-    /// Containers on the dockerd listening on unix socket `socket`, each
-    /// labelled as made by `owner` (the agent's node), and only those listed.
+    /// Containers on the dockerd listening on unix socket
+    /// `options.endpoint`, each labelled as made by `options.owner` (the
+    /// agent's node), and only those listed.
     ///
     /// # Errors
     /// dockerd does not answer.
-    pub async fn connect(socket: &str, owner: &str) -> Result<Docker, RuntimeError> {
+    pub async fn connect(options: &Options) -> Result<Docker, RuntimeError> {
+        let (socket, owner) = (options.endpoint.as_str(), options.owner.as_str());
         let what = format!("dockerd at {socket}");
         let client = Client::connect_with_unix(socket, 120, bollard::API_DEFAULT_VERSION).map_err(docker_err(what.clone()))?;
         let client = client.negotiate_version().await.map_err(docker_err(what.clone()))?;
@@ -54,7 +65,7 @@ impl Docker {
             api = v.api_version.as_deref().unwrap_or("?"),
             "docker connected"
         );
-        Ok(Docker { client, owner: owner.to_owned() })
+        Ok(Docker { client, owner: owner.to_owned(), importing: Default::default() })
     }
 
     /// Whether image `reference` is in this Docker.
@@ -91,26 +102,45 @@ impl Docker {
         Ok(())
     }
 
-    /// The process id of a running container's init (whose network
-    /// namespace its veths go into).
-    ///
-    /// # Errors
-    /// No such container, or it is not running.
-    pub async fn pid(&self, id: &str) -> Result<u32, RuntimeError> {
-        let c =
-            self.client.inspect_container(id, None::<InspectContainerOptions>).await.map_err(docker_err(format!("{id}: inspecting")))?;
-        let pid = c.state.and_then(|s| s.pid).unwrap_or(0);
-        u32::try_from(pid).ok().filter(|p| *p > 0).ok_or_else(|| RuntimeError::new(format!("{id}: its process"), "not running"))
+    /// The image of the tarball at `path` (key `key`), imported if this
+    /// Docker has it not; its reference.
+    async fn image_of(&self, path: &std::path::Path, key: &str) -> Result<String, RuntimeError> {
+        let reference = reference(key);
+        let lock = {
+            let mut all = self.importing.lock().await;
+            std::sync::Arc::clone(all.entry(reference.clone()).or_default())
+        };
+        let _held = lock.lock().await;
+        if !self.has_image(&reference).await? {
+            let file = tokio::fs::File::open(path).await.map_err(|e| RuntimeError::new(format!("{}", path.display()), e))?;
+            self.import(&reference, tokio_util::io::ReaderStream::new(file)).await?;
+            tracing::info!(%reference, "container image imported");
+        }
+        Ok(reference)
     }
 }
 
+#[async_trait::async_trait]
 impl Runtime for Docker {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+
+    async fn netns_pid(&self, id: &str) -> Result<Option<u32>, RuntimeError> {
+        let c =
+            self.client.inspect_container(id, None::<InspectContainerOptions>).await.map_err(docker_err(format!("{id}: inspecting")))?;
+        let pid = c.state.and_then(|s| s.pid).unwrap_or(0);
+        u32::try_from(pid).ok().filter(|p| *p > 0).map(Some).ok_or_else(|| RuntimeError::new(format!("{id}: its process"), "not running"))
+    }
+
     async fn create(&self, spec: &Spec) -> Result<(), RuntimeError> {
-        let Image::Container { reference, command } = &spec.image else {
-            return Err(RuntimeError::new(&spec.id, "a container needs an image"));
+        let Source::Tarball { path, key } = &spec.source else {
+            return Err(RuntimeError::new(&spec.id, "a container is made from a root file system tarball"));
         };
+        let reference = self.image_of(path, key).await?;
+        let command = &spec.command;
         let body = ContainerCreateBody {
-            image: Some(reference.clone()),
+            image: Some(reference),
             hostname: Some(spec.hostname.clone()),
             cmd: command.clone(),
             labels: Some(HashMap::from([(OWNER_LABEL.to_owned(), self.owner.clone())])),
@@ -168,7 +198,7 @@ impl Runtime for Docker {
         }
     }
 
-    async fn console(&self, id: &str) -> Result<String, RuntimeError> {
+    async fn logs(&self, id: &str) -> Result<String, RuntimeError> {
         let opts = LogsOptions { stdout: true, stderr: true, tail: "2000".into(), ..Default::default() };
         let chunks: Vec<_> = self.client.logs(id, Some(opts)).try_collect().await.map_err(docker_err(format!("{id}: reading its log")))?;
         let mut out = String::new();

@@ -1,8 +1,10 @@
 //! VMs through libvirt (the `virt` crate against a real libvirtd): one
-//! domain per VM, type `qemu` (TCG) or `kvm`, its disk a qcow2 overlay
-//! whose backing file is the node's NBD export of the image, its NICs on
-//! the lab's bridges, its serial console in a file the agent reads for the
-//! readiness marker, and a guest-agent channel for [`Runtime::exec`].
+//! domain per VM, type `qemu` (TCG) or `kvm`, its disk a qcow2 overlay this
+//! backend makes over the node's NBD export of the image (or over a whole
+//! disk file), its NICs on the lab's bridges, its serial console in a file
+//! read for the readiness marker ([`Runtime::logs`]), and a guest-agent
+//! channel for [`Runtime::exec`]. Its files (overlays, consoles) live under
+//! the agent's state directory.
 //!
 //! libvirt's calls block: each runs on Tokio's blocking pool with a
 //! connection of its own.
@@ -14,22 +16,15 @@ use base64::Engine;
 use virt::connect::Connect;
 use virt::domain::DomainState;
 
-use crate::{Exec, Image, PREFIX, Runtime, RuntimeError, Spec, Status, tail, xml_escape};
-
-/// How QEMU runs guests.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Accel {
-    /// Software emulation (domain type `qemu`).
-    Tcg,
-    /// Hardware virtualisation (domain type `kvm`).
-    Kvm,
-}
+pub use crate::Accel;
+use crate::{Exec, Options, PREFIX, Runtime, RuntimeError, Source, Spec, Status, tail, xml_escape};
 
 /// VMs on one libvirtd.
 #[derive(Clone, Debug)]
 pub struct Libvirt {
     uri: String,
     consoles: PathBuf,
+    overlays: PathBuf,
     accel: Accel,
     emulator: PathBuf,
     owner: String,
@@ -52,20 +47,26 @@ fn is_missing(e: &virt::error::Error) -> bool {
 }
 
 impl Libvirt {
-    /// VMs on the libvirtd at `uri` (e.g. `qemu:///system`), their consoles
-    /// in `consoles` (made if missing), each domain marked as made by
-    /// `owner` (the agent's node), and only those listed.
+    /// VMs on the libvirtd at `options.endpoint` (e.g. `qemu:///system`),
+    /// their consoles and overlays under the state directory (`consoles/`,
+    /// `overlays/`, made if missing), each domain marked as made by
+    /// `options.owner` (the agent's node), and only those listed.
     ///
     /// # Errors
-    /// libvirtd does not answer, or the directory cannot be made.
-    pub async fn connect(uri: &str, consoles: &Path, accel: Accel, owner: &str) -> Result<Libvirt, RuntimeError> {
-        std::fs::create_dir_all(consoles).map_err(|e| RuntimeError::new(format!("making {}", consoles.display()), e))?;
+    /// libvirtd does not answer, or the directories cannot be made.
+    pub async fn connect(options: &Options) -> Result<Libvirt, RuntimeError> {
+        let (uri, accel, owner) = (options.endpoint.as_str(), options.accel, options.owner.as_str());
+        let consoles = options.state_dir.join("consoles");
+        let overlays = options.state_dir.join("overlays");
+        for d in [&consoles, &overlays] {
+            std::fs::create_dir_all(d).map_err(|e| RuntimeError::new(format!("making {}", d.display()), e))?;
+        }
         let emulator = ["/usr/bin/qemu-system-x86_64", "/usr/libexec/qemu-kvm"]
             .iter()
             .map(PathBuf::from)
             .find(|p| p.exists())
             .ok_or_else(|| RuntimeError::new("finding QEMU", "no qemu-system-x86_64 (package qemu-system-x86)"))?;
-        let me = Libvirt { uri: uri.to_owned(), consoles: consoles.to_owned(), accel, emulator, owner: owner.to_owned() };
+        let me = Libvirt { uri: uri.to_owned(), consoles, overlays, accel, emulator, owner: owner.to_owned() };
         let v = me.blocking("connecting", |c| c.lib_version().map_err(virt_err(String::new()))).await?;
         tracing::info!(uri, libvirt = v, ?accel, "libvirt connected");
         Ok(me)
@@ -82,7 +83,10 @@ impl Libvirt {
         tokio::task::spawn_blocking(move || {
             let conn = Connect::open(Some(&uri)).map_err(virt_err(w.clone()))?;
 
-            f(&conn).map_err(|e| RuntimeError::new(format!("{w}: {}", e.what), e.why))
+            f(&conn).map_err(|e| match e {
+                RuntimeError::Failed { what, why } => RuntimeError::new(format!("{w}: {what}"), why),
+                other => other,
+            })
         })
         .await
         .map_err(|e| RuntimeError::new(what, e))?
@@ -93,9 +97,36 @@ impl Libvirt {
         self.consoles.join(format!("{id}.console"))
     }
 
-    /// The domain XML for `spec`.
-    pub fn domain_xml(&self, spec: &Spec) -> Result<String, RuntimeError> {
-        let Image::Disk(disk) = &spec.image else { return Err(RuntimeError::new(&spec.id, "a VM needs a disk")) };
+    /// Where a VM's overlay is kept.
+    pub fn overlay_path(&self, id: &str) -> PathBuf {
+        self.overlays.join(format!("{id}.qcow2"))
+    }
+
+    /// Makes VM `id`'s overlay over its source: a qcow2 file whose backing
+    /// file is the node's export (its size given: opening it here would
+    /// count as a guest's reads) or a whole disk on the node.
+    async fn make_overlay(&self, id: &str, source: &Source) -> Result<PathBuf, RuntimeError> {
+        let overlay = self.overlay_path(id);
+        let _ = std::fs::remove_file(&overlay);
+        let (backing, format, size) = match source {
+            Source::Export { url, virtual_size } => (url.clone(), "raw", Some(*virtual_size)),
+            Source::Disk { path, format } => (path.to_string_lossy().into_owned(), format.as_str(), None),
+            Source::Tarball { .. } => return Err(RuntimeError::new(id, "a VM is made from a disk, not a tarball")),
+        };
+        let mut make = tokio::process::Command::new("qemu-img");
+        make.args(["create", "-q", "-f", "qcow2", "-F", format, "-b", &backing]).arg(&overlay);
+        if let Some(size) = size {
+            make.arg("-u").arg(size.to_string());
+        }
+        let out = make.output().await.map_err(|e| RuntimeError::new(format!("{id}: qemu-img (package qemu-utils)"), e))?;
+        if !out.status.success() {
+            return Err(RuntimeError::new(format!("{id}: making the overlay"), String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        Ok(overlay)
+    }
+
+    /// The domain XML for `spec`, its disk the overlay at `disk`.
+    pub fn domain_xml(&self, spec: &Spec, disk: &Path) -> Result<String, RuntimeError> {
         let kind = match self.accel {
             Accel::Tcg => "qemu",
             Accel::Kvm => "kvm",
@@ -159,9 +190,15 @@ impl Libvirt {
     }
 }
 
+#[async_trait::async_trait]
 impl Runtime for Libvirt {
+    fn name(&self) -> &'static str {
+        "libvirt"
+    }
+
     async fn create(&self, spec: &Spec) -> Result<(), RuntimeError> {
-        let xml = self.domain_xml(spec)?;
+        let overlay = self.make_overlay(&spec.id, &spec.source).await?;
+        let xml = self.domain_xml(spec, &overlay)?;
         let _ = std::fs::remove_file(self.console_path(&spec.id));
         self.blocking(&format!("{}: defining", spec.id), move |c| c.define_domain_xml(&xml).map(drop).map_err(virt_err(String::new())))
             .await
@@ -204,6 +241,7 @@ impl Runtime for Libvirt {
         })
         .await?;
         let _ = std::fs::remove_file(self.console_path(id));
+        let _ = std::fs::remove_file(self.overlay_path(id));
         Ok(())
     }
 
@@ -223,7 +261,7 @@ impl Runtime for Libvirt {
         .await
     }
 
-    async fn console(&self, id: &str) -> Result<String, RuntimeError> {
+    async fn logs(&self, id: &str) -> Result<String, RuntimeError> {
         match tokio::fs::read(self.console_path(id)).await {
             Ok(bytes) => Ok(tail(String::from_utf8_lossy(&bytes).into_owned())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
@@ -285,6 +323,7 @@ mod tests {
         let lv = Libvirt {
             uri: "test:///default".into(),
             consoles: "/run/c".into(),
+            overlays: "/var/lib/x".into(),
             accel: Accel::Tcg,
             emulator: "/usr/bin/qemu-system-x86_64".into(),
             owner: "node-a".into(),
@@ -300,16 +339,17 @@ mod tests {
                 address: "10.0.0.5".parse().unwrap(),
                 prefix: 24,
             }],
-            image: Image::Disk("/var/lib/x/vm-1.qcow2".into()),
+            source: crate::Source::Export { url: "nbd+unix:///x?socket=/s".into(), virtual_size: 1 << 30 },
+            command: None,
         };
-        let xml = lv.domain_xml(&spec).unwrap();
+        let xml = lv.domain_xml(&spec, &lv.overlay_path(&spec.id)).unwrap();
         for part in [
             "<domain type='qemu'>",
             "<name>bootcache.lab.vm-1</name>",
             "<memory unit='b'>536870912</memory>",
             "<vcpu>2</vcpu>",
             "<source bridge='bc0123456789'/><mac address='52:54:00:01:02:03'/>",
-            "<source file='/var/lib/x/vm-1.qcow2'/>",
+            "<source file='/var/lib/x/bootcache.lab.vm-1.qcow2'/>",
             "<source path='/run/c/bootcache.lab.vm-1.console'/>",
             "org.qemu.guest_agent.0",
             "<bootcache:instance xmlns:bootcache='https://bootcache.dev/xmlns/instance/1' owner='node-a'/>",
