@@ -8,7 +8,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bootcache_delivery::auth::Credential;
+use bootcache_http::auth::Credential;
 use bootcache_delivery::cache::CacheOptions;
 use bootcache_delivery::node::Node;
 use bootcache_delivery::store::{self, StoreStats};

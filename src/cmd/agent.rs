@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use bootcache_delivery::auth::Credential;
+use bootcache_http::auth::Credential;
 use clap::{Args, ValueEnum};
 
 /// How QEMU runs guests.

@@ -9,7 +9,7 @@ use anyhow::Context;
 use bootcache_control::api::Control;
 use bootcache_control::db::Db;
 use bootcache_control::plan::Policy;
-use bootcache_delivery::auth::Credential;
+use bootcache_http::auth::Credential;
 use clap::Subcommand;
 
 #[derive(Debug, Subcommand)]
@@ -177,10 +177,9 @@ pub fn control(cmd: ControlCmd) -> anyhow::Result<ExitCode> {
                 );
                 let api = control.api(credential);
                 match agent_task {
-                    None => bootcache_delivery::http::serve(listener, api, Default::default(), super::deliver::until_signal()).await?,
+                    None => bootcache_http::serve(listener, api, Default::default(), super::deliver::until_signal()).await?,
                     Some((stop_agent, mut task)) => {
-                        let served =
-                            tokio::spawn(bootcache_delivery::http::serve(listener, api, Default::default(), std::future::pending()));
+                        let served = tokio::spawn(bootcache_http::serve(listener, api, Default::default(), std::future::pending()));
                         tokio::select! {
                             () = super::deliver::until_signal() => {}
                             // The agent could not start (no libvirtd, no dockerd...).

@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use bootcache_delivery::auth::Credential;
 use bootcache_delivery::cache::{Background, CacheOptions, Prefetch};
-use bootcache_delivery::http::Limits;
 use bootcache_delivery::node::Node;
-use bootcache_delivery::remote::redact;
 use bootcache_delivery::store::{self, StoreStats};
+use bootcache_http::Limits;
+use bootcache_http::auth::Credential;
+use bootcache_http::redact;
 use bootcache_trace::{OffsetSpace, Trace};
 use clap::{Args, Subcommand};
 use serde_json::json;
@@ -261,7 +261,7 @@ pub fn node(cmd: NodeCmd) -> anyhow::Result<ExitCode> {
             token.token_file.display(),
             nbd_socket.display()
         );
-        let served = bootcache_delivery::http::serve(listener, node.api(credential), Limits::default(), until_signal()).await;
+        let served = bootcache_http::serve(listener, node.api(credential), Limits::default(), until_signal()).await;
         let _ = std::fs::remove_file(&nbd_socket);
         served?;
         Ok(ExitCode::SUCCESS)

@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use bootcache_api::control::InstanceView;
 use bootcache_api::{InstanceState, Lab, Name};
 use bootcache_control::client::{Client, ClientError};
-use bootcache_delivery::auth::Credential;
+use bootcache_http::auth::Credential;
 use clap::Args;
 
 use super::Output;

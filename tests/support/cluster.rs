@@ -280,7 +280,7 @@ impl Cluster {
         std::fs::write(dir.join("auth.header"), format!("Authorization: Bearer {t}\n")).unwrap();
         // Agents are given the join token, as on a real cluster; nodes
         // speak to each other with the peer token.
-        let admin = bootcache_delivery::auth::Credential::from_token(t);
+        let admin = bootcache_http::auth::Credential::from_token(t);
         let join = dir.join("join.token");
         std::fs::write(&join, bootcache_control::api::join_token(&admin)).unwrap();
         std::fs::write(dir.join("peer.header"), format!("Authorization: Bearer {}\n", bootcache_control::api::peer_token(&admin))).unwrap();

@@ -45,11 +45,11 @@ pub(crate) fn held(state_dir: &Path) -> Vec<RootDigest> {
 }
 
 /// The routes other nodes fetch tarballs from (`dir`: the tarballs).
-pub(crate) fn routes(dir: PathBuf, credential: Arc<bootcache_delivery::auth::Credential>) -> axum::Router {
+pub(crate) fn routes(dir: PathBuf, credential: Arc<bootcache_http::auth::Credential>) -> axum::Router {
     axum::Router::new()
         .route(bootcache_api::control::routes::TARBALL, axum::routing::get(serve))
         .with_state(Arc::new(dir))
-        .layer(axum::middleware::from_fn_with_state(credential, bootcache_delivery::auth::require))
+        .layer(axum::middleware::from_fn_with_state(credential, bootcache_http::auth::require))
 }
 
 async fn serve(State(dir): State<Arc<PathBuf>>, UrlPath(key): UrlPath<String>) -> Response {
@@ -71,12 +71,12 @@ async fn serve(State(dir): State<Arc<PathBuf>>, UrlPath(key): UrlPath<String>) -
 /// Copies `url` whole to `dest` (staged beside it, renamed once complete:
 /// a half copy is never used), sending `authorization` if given; the bytes.
 async fn download(http: &reqwest::Client, url: &str, authorization: Option<&str>, dest: &Path) -> Result<u64, String> {
-    let shown = bootcache_delivery::remote::redact(url);
+    let shown = bootcache_http::redact(url);
     let mut req = http.get(url);
     if let Some(a) = authorization {
         req = req.header(reqwest::header::AUTHORIZATION, a);
     }
-    let resp = req.send().await.map_err(|e| format!("{shown}: {}", bootcache_delivery::node::chain(&e)))?;
+    let resp = req.send().await.map_err(|e| format!("{shown}: {}", bootcache_http::chain(&e)))?;
     if !resp.status().is_success() {
         return Err(format!("{shown}: answered {}", resp.status()));
     }
@@ -92,7 +92,7 @@ async fn download(http: &reqwest::Client, url: &str, authorization: Option<&str>
         let mut file = tokio::fs::File::create(&part).await.map_err(|e| format!("{}: {e}", part.display()))?;
         let mut body = resp.bytes_stream();
         let mut got: u64 = 0;
-        while let Some(chunk) = body.try_next().await.map_err(|e| format!("{shown}: {}", bootcache_delivery::node::chain(&e)))? {
+        while let Some(chunk) = body.try_next().await.map_err(|e| format!("{shown}: {}", bootcache_http::chain(&e)))? {
             got += chunk.len() as u64;
             if got > MAX_BYTES || expected.is_some_and(|n| got > n) {
                 return Err(format!("{shown}: more bytes than announced"));
@@ -139,7 +139,7 @@ pub(crate) async fn whole(shared: &Shared, key: &RootDigest, url: &str, peers: &
     // The store needs no credential (it serves images to anyone on the
     // deployment network); ours is not sent there.
     let bytes = download(&shared.files, url, None, dest).await.map_err(|e| format!("image {e}"))?;
-    tracing::info!(image = %bootcache_delivery::remote::redact(url), bytes, "copied from the store");
+    tracing::info!(image = %bootcache_http::redact(url), bytes, "copied from the store");
     Ok(())
 }
 

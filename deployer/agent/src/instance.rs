@@ -120,7 +120,7 @@ async fn fetch_source(shared: &Shared, order: &Order) -> Result<Source, AgentErr
                 .node
                 .open(&export_name(root), url, peers, Some(*root))
                 .await
-                .map_err(|e| AgentError::Image(bootcache_delivery::node::chain(&e)))?;
+                .map_err(|e| AgentError::Image(bootcache_http::chain(&e)))?;
             Ok(Source::Export { url: image.nbd_url, virtual_size: image.virtual_size })
         }
         ImageOrder::Disk { url } => {
@@ -144,11 +144,7 @@ async fn prefetch(shared: &Shared, order: &Order) -> Result<std::time::Duration,
     };
     let started = std::time::Instant::now();
     set(shared, order, InstanceState::Fetching, None);
-    shared
-        .node
-        .open(&export_name(root), url, peers, Some(*root))
-        .await
-        .map_err(|e| AgentError::Image(bootcache_delivery::node::chain(&e)))?;
+    shared.node.open(&export_name(root), url, peers, Some(*root)).await.map_err(|e| AgentError::Image(bootcache_http::chain(&e)))?;
     let cache = shared.node.cache(root).ok_or_else(|| AgentError::Image("the image was closed while its boot segment came".into()))?;
     if !cache.wait_prefetched(shared.config.ready_timeout).await {
         return Err(AgentError::Image(format!("the boot segment was not all here after {:?}", shared.config.ready_timeout)));
@@ -167,10 +163,9 @@ async fn whole_disk(shared: &Shared, url: &str) -> Result<(std::path::PathBuf, D
     match bootcache_convert::detect(&path) {
         Ok(bootcache_convert::Format::Raw) => Ok((path, DiskFormat::Raw)),
         Ok(bootcache_convert::Format::Qcow2) => Ok((path, DiskFormat::Qcow2)),
-        Ok(other) => Err(AgentError::Image(format!(
-            "image {}: a {other} disk; delivery: full takes raw or qcow2",
-            bootcache_delivery::remote::redact(url)
-        ))),
+        Ok(other) => {
+            Err(AgentError::Image(format!("image {}: a {other} disk; delivery: full takes raw or qcow2", bootcache_http::redact(url))))
+        }
         Err(e) => Err(AgentError::Image(format!("{}: {e}", path.display()))),
     }
 }
@@ -205,7 +200,7 @@ async fn attach(shared: &Shared, runtime: &dyn Runtime, order: &Order, id: &str)
             }
         })
         .map_err(|e| AgentError::State { path: shared.config.state_dir.join("owned.json"), why: e.to_string() })?;
-    shared.network.attach_container(pid, &mark, &veths).await.map_err(|e| AgentError::Network(bootcache_delivery::node::chain(&e)))
+    shared.network.attach_container(pid, &mark, &veths).await.map_err(|e| AgentError::Network(bootcache_http::chain(&e)))
 }
 
 /// Stops a ready instance on request (it stays, with its disk or image).

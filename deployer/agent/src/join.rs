@@ -85,7 +85,7 @@ pub(crate) async fn join(
         .await;
     let r = match sent {
         Ok(r) => r,
-        Err(e) => return Ok(Err(Refusal::Unreachable(bootcache_delivery::node::chain(&e)))),
+        Err(e) => return Ok(Err(Refusal::Unreachable(bootcache_http::chain(&e)))),
     };
     let status = r.status();
     if !status.is_success() {

@@ -37,9 +37,9 @@ use std::time::Duration;
 use bootcache_api::Kind;
 use bootcache_api::Name;
 use bootcache_api::agent::{Heartbeat, Join, Orders};
-use bootcache_delivery::auth::Credential;
 use bootcache_delivery::cache::CacheOptions;
 use bootcache_delivery::node::Node;
+use bootcache_http::auth::Credential;
 use bootcache_runtime::{Accel, Runtime};
 
 /// How an agent runs.
@@ -261,7 +261,7 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()> + S
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut rx = stop_rx.clone();
     tokio::spawn(async move {
-        let _ = bootcache_delivery::http::serve(listener, router, Default::default(), async move {
+        let _ = bootcache_http::serve(listener, router, Default::default(), async move {
             let _ = rx.wait_for(|s| *s).await;
         })
         .await;
@@ -278,7 +278,7 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()> + S
         };
         runtimes.insert(kind, bootcache_runtime::open(backend(kind), &options).await?);
     }
-    let network = bootcache_network::Network::new().map_err(|e| AgentError::Network(bootcache_delivery::node::chain(&e)))?;
+    let network = bootcache_network::Network::new().map_err(|e| AgentError::Network(bootcache_http::chain(&e)))?;
     let dhcp = bootcache_network::dhcp::DhcpServers::new(&dir.join("dhcp")).map_err(state_error(&dir.join("dhcp")))?;
     let files = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
@@ -388,7 +388,7 @@ async fn heartbeats(shared: Arc<Shared>, base: String, join: Join) {
                 }
             }
             Ok(r) => tracing::warn!(status = %r.status(), "heartbeat refused"),
-            Err(e) => tracing::warn!(error = %bootcache_delivery::node::chain(&e), "heartbeat not delivered"),
+            Err(e) => tracing::warn!(error = %bootcache_http::chain(&e), "heartbeat not delivered"),
         }
     }
 }

@@ -149,11 +149,11 @@ pub(crate) struct NodeHost<'a>(pub &'a Shared);
 
 impl Links for NodeHost<'_> {
     async fn links(&self) -> Result<HashMap<String, Option<String>>, String> {
-        let links = self.0.network.links().await.map_err(|e| bootcache_delivery::node::chain(&e))?;
+        let links = self.0.network.links().await.map_err(|e| bootcache_http::chain(&e))?;
         Ok(links.into_iter().map(|l| (l.name, l.alias)).collect())
     }
     async fn make_bridge(&self, name: &InterfaceName, mark: &str) -> Result<(), String> {
-        self.0.network.ensure_bridge(name, mark).await.map(drop).map_err(|e| bootcache_delivery::node::chain(&e))
+        self.0.network.ensure_bridge(name, mark).await.map(drop).map_err(|e| bootcache_http::chain(&e))
     }
     async fn make_vxlan(
         &self,
@@ -164,11 +164,11 @@ impl Links for NodeHost<'_> {
         remotes: &[Ipv4Addr],
     ) -> Result<(), String> {
         let net = &self.0.network;
-        let index = net.ensure_bridge(bridge, mark).await.map_err(|e| bootcache_delivery::node::chain(&e))?;
-        net.ensure_vxlan(name, mark, vni, self.0.local_ip, index, remotes).await.map_err(|e| bootcache_delivery::node::chain(&e))
+        let index = net.ensure_bridge(bridge, mark).await.map_err(|e| bootcache_http::chain(&e))?;
+        net.ensure_vxlan(name, mark, vni, self.0.local_ip, index, remotes).await.map_err(|e| bootcache_http::chain(&e))
     }
     async fn remove_link(&self, name: &str, mark: &str) -> Result<(), String> {
-        self.0.network.remove(name, mark).await.map(drop).map_err(|e| bootcache_delivery::node::chain(&e))
+        self.0.network.remove(name, mark).await.map(drop).map_err(|e| bootcache_http::chain(&e))
     }
 }
 
@@ -189,7 +189,7 @@ impl DhcpService for NodeHost<'_> {
         self.0.dhcp.running().into_iter().collect()
     }
     async fn ensure_dhcp(&self, id: u32, bridge: &InterfaceName, mark: &str, dhcp: &Dhcp) -> Result<(), String> {
-        self.0.dhcp.ensure(&self.0.network, id, bridge, mark, mark, dhcp).await.map_err(|e| bootcache_delivery::node::chain(&e))
+        self.0.dhcp.ensure(&self.0.network, id, bridge, mark, mark, dhcp).await.map_err(|e| bootcache_http::chain(&e))
     }
     async fn stop_dhcp(&self, id: u32, mark: &str) {
         self.0.dhcp.stop(&self.0.network, id, mark).await;

@@ -1,5 +1,5 @@
 //! The control node's JSON HTTP API, behind bearer tokens
-//! ([`bootcache_delivery::auth`]): the administrator's token for every
+//! ([`bootcache_http::auth`]): the administrator's token for every
 //! route but two; `POST /nodes` also takes the join token, and a node's
 //! heartbeat only that node's own credential (given when it joined).
 //!
@@ -38,7 +38,7 @@ use bootcache_api::agent::Join;
 pub use bootcache_api::control::InstanceView;
 use bootcache_api::control::{CachedBy, ImageHolders, ImageRequest, ImageView, LabSummary, Remaining, routes};
 use bootcache_api::{Name, RootDigest};
-use bootcache_delivery::auth::Credential;
+use bootcache_http::auth::Credential;
 
 use crate::db::{Db, DbError, Heartbeat};
 pub use crate::state::{Control, now_ms};
@@ -77,8 +77,8 @@ impl Control {
         // Bodies are read only once the caller is known (each layer added
         // last runs first).
         let body = axum::middleware::from_fn_with_state(
-            bootcache_delivery::http::BodyLimits { max_bytes: MAX_BODY, timeout: self.body_timeout },
-            bootcache_delivery::http::bounded_body,
+            bootcache_http::BodyLimits { max_bytes: MAX_BODY, timeout: self.body_timeout },
+            bootcache_http::bounded_body,
         );
         let administered = axum::Router::new()
             .route(routes::NODES, get(nodes))
@@ -91,7 +91,7 @@ impl Control {
             .route(routes::REMAINING, get(remaining))
             .route(routes::INSTANCE_ACTION, post(instance_action))
             .layer(body.clone())
-            .layer(axum::middleware::from_fn_with_state(Arc::clone(&admin), bootcache_delivery::auth::require));
+            .layer(axum::middleware::from_fn_with_state(Arc::clone(&admin), bootcache_http::auth::require));
         let join = axum::Router::new()
             .route(routes::NODES, post(join))
             .layer(body.clone())
@@ -234,13 +234,13 @@ async fn register_image(State(c): State<Arc<Control>>, Json(req): Json<ImageRequ
     // Read without holding the database: a slow store delays this call only.
     let header = match bootcache_delivery::cache::read_header(&req.url, c.retry).await {
         Ok(h) => h,
-        Err(e) => return plain(StatusCode::BAD_GATEWAY, &bootcache_delivery::node::chain(&e)),
+        Err(e) => return plain(StatusCode::BAD_GATEWAY, &bootcache_http::chain(&e)),
     };
     let (root, boot) = (header.root(), header.boot.end - header.boot.start);
     match c.db().register_image(&root, &req.url, header.virtual_size, boot, now_ms()) {
         Ok(()) => Json(ImageView {
             root_digest: root,
-            url: bootcache_delivery::remote::redact(&req.url),
+            url: bootcache_http::redact(&req.url),
             virtual_size: header.virtual_size,
             boot_bytes: boot,
         })
@@ -260,7 +260,7 @@ async fn image(State(c): State<Arc<Control>>, Path(root): Path<String>) -> Respo
     match db.holders(&root) {
         Ok(holders) => Json(ImageHolders {
             root_digest: root,
-            url: bootcache_delivery::remote::redact(&url),
+            url: bootcache_http::redact(&url),
             cached_by: holders.into_iter().map(|(node, boot_bytes)| CachedBy { node, boot_bytes }).collect(),
         })
         .into_response(),

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bootcache_api::Name;
-use bootcache_delivery::auth::Credential;
+use bootcache_http::auth::Credential;
 
 use bootcache_api::control::routes;
 pub use bootcache_api::control::{InstanceView, LabSummary, NodeView, Remaining};

@@ -159,8 +159,8 @@ impl Control {
             }
             let header = bootcache_delivery::cache::read_header(&def.image, self.retry).await.map_err(|e| DeployError::Image {
                 instance: def.name.clone(),
-                url: bootcache_delivery::remote::redact(&def.image),
-                why: bootcache_delivery::node::chain(&e),
+                url: bootcache_http::redact(&def.image),
+                why: bootcache_http::chain(&e),
             })?;
             let root = header.root();
             images.push(ImageRecord {
@@ -348,7 +348,7 @@ impl Control {
     /// A node of that name that is up ([`DbError::NodeUp`]) or has joined
     /// ([`DbError::NodeKnown`]), the database.
     pub fn join(&self, join: &Join, peer_token: String, by_admin: bool) -> Result<Joined, DbError> {
-        let secret = bootcache_delivery::auth::new_token().map_err(|e| DbError::Conflict(format!("making a credential: {e}")))?;
+        let secret = bootcache_http::auth::new_token().map_err(|e| DbError::Conflict(format!("making a credential: {e}")))?;
         let digest = blake3::hash(secret.as_bytes()).to_hex().to_string();
         self.db().join(join, &digest, by_admin, now_ms(), self.heartbeat)?;
         tracing::info!(node = %join.name, address = %join.address, "node joined");

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bootcache_control::api::Control;
 use bootcache_control::db::Db;
-use bootcache_delivery::auth::Credential;
+use bootcache_http::auth::Credential;
 
 const TOKEN: &str = "control-test-token-0123456789abcdef0123";
 
@@ -31,7 +31,7 @@ async fn serve(db_path: &std::path::Path) -> (String, tokio::task::JoinHandle<()
     let base = format!("http://{}", listener.local_addr().unwrap());
     let router = control.api(Credential::from_token(TOKEN));
     let task = tokio::spawn(async move {
-        let _ = bootcache_delivery::http::serve(listener, router, Default::default(), std::future::pending()).await;
+        let _ = bootcache_http::serve(listener, router, Default::default(), std::future::pending()).await;
     });
     (base, task)
 }

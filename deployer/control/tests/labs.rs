@@ -11,7 +11,7 @@ use bootcache_api::agent::{Heartbeat, Join, Observed, Orders, names};
 use bootcache_api::{InstanceState, Lab, Name};
 use bootcache_control::api::Control;
 use bootcache_control::db::Db;
-use bootcache_delivery::auth::Credential;
+use bootcache_http::auth::Credential;
 
 const TOKEN: &str = "control-test-token-0123456789abcdef0123";
 
@@ -305,7 +305,7 @@ async fn serve(c: &Arc<Control>) -> std::net::SocketAddr {
     let addr = listener.local_addr().unwrap();
     let router = c.api(Credential::from_token(TOKEN));
     tokio::spawn(async move {
-        let _ = bootcache_delivery::http::serve(listener, router, Default::default(), std::future::pending()).await;
+        let _ = bootcache_http::serve(listener, router, Default::default(), std::future::pending()).await;
     });
     addr
 }

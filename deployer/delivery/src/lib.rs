@@ -28,7 +28,7 @@
 //! # Ok(()) }
 //! ```
 
-pub mod auth;
+pub use bootcache_http::auth;
 pub mod cache;
 pub mod http;
 pub mod metrics;

@@ -102,26 +102,7 @@ fn sent(e: reqwest::Error) -> Failure {
     Failure::Transient(e)
 }
 
-/// The longest URL fetched (and shown).
-pub const MAX_URL: usize = 2048;
-
-/// `url` without what may be a secret: the password of its user part and
-/// its query (a signed URL's signature), each replaced by `***`. Anything
-/// that does not parse as a URL is shown as `<invalid URL>`, and one longer
-/// than [`MAX_URL`] bytes as its length: a message never carries more.
-pub fn redact(url: &str) -> String {
-    if url.len() > MAX_URL {
-        return format!("<a URL of {} bytes>", url.len());
-    }
-    let Ok(mut u) = reqwest::Url::parse(url) else { return "<invalid URL>".into() };
-    if u.password().is_some() {
-        let _ = u.set_password(Some("***"));
-    }
-    if u.query().is_some() {
-        u.set_query(Some("***"));
-    }
-    u.to_string()
-}
+pub use bootcache_http::{MAX_URL, redact};
 
 /// Checks that `url` is one this client fetches: `http://` with a host.
 ///

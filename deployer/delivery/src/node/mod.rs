@@ -365,17 +365,7 @@ impl Node {
     }
 }
 
-/// An error with its chain of causes, on one line (what an API answers).
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}
+pub use bootcache_http::chain;
 
 #[cfg(test)]
 mod tests {

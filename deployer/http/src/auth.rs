@@ -73,7 +73,7 @@ pub fn new_token() -> io::Result<String> {
     while filled < bytes.len() {
         filled += rustix::rand::getrandom(&mut bytes[filled..], rustix::rand::GetRandomFlags::empty())?;
     }
-    Ok(bootcache_format::hex(&bytes))
+    Ok(crate::hex(&bytes))
 }
 
 impl Credential {
@@ -145,7 +145,7 @@ impl Credential {
     /// and peer tokens come from its administrator's this way, so they
     /// follow a rotation and reveal nothing of it.
     pub fn derive(&self, purpose: &str) -> String {
-        bootcache_format::hex(&blake3::derive_key(purpose, self.token().as_bytes()))
+        crate::hex(&blake3::derive_key(purpose, self.token().as_bytes()))
     }
 
     /// The `Authorization` header value this node sends.
