@@ -1,0 +1,230 @@
+//! Checking a lab as written, one concern at a time: its segments, each
+//! instance's fields, its replicas' names; addresses are [`super::addresses`]'s.
+//! Each refusal names the line of the value at fault.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_saphyr::Spanned;
+
+use super::addresses::Addresses;
+use super::raw::{RawInstance, RawLab, RawSegment, at, err, name_at, parse_memory};
+use super::{Delivery, InstanceDef, Lab, LabError, MAX_INSTANCES, MAX_SEGMENTS, Segment, Subnet};
+use crate::{InterfaceName, Kind, Name};
+
+/// Default VM memory.
+const VM_MEMORY: u64 = 512 << 20;
+/// Default container memory.
+const CONTAINER_MEMORY: u64 = 64 << 20;
+/// The most virtual CPUs an instance may ask for.
+const MAX_CPUS: u64 = 64;
+/// The most memory an instance may ask for.
+const MAX_MEMORY: u64 = 1 << 40;
+
+/// The whole lab: segments, then instances in file order (each checked,
+/// its replicas named, its explicit addresses taken), then the addresses
+/// of those given none.
+pub(super) fn lab(raw: RawLab) -> Result<Lab, LabError> {
+    let name = name_at(&raw.name, "lab name")?;
+    let segments = segments(raw.segments.as_ref())?;
+    let mut addresses = Addresses::new(&segments);
+    let mut names = Replicas::default();
+    let mut instances = Vec::new();
+    for (key, def) in &raw.instances.value.0 {
+        let mut d = instance(key, def)?;
+        names.add(&d, at(key), def.count.as_ref().map_or(at(key), at))?;
+        d.segments = addresses.attach(instances.len(), &d, def.segments.as_ref())?;
+        instances.push(d);
+    }
+    if instances.is_empty() {
+        return Err(err(at(&raw.instances), "the lab has no instances"));
+    }
+    addresses.give(&mut instances)?;
+    Ok(Lab { name, segments, instances })
+}
+
+/// The segments: named once each, with a subnet, and a bridge name of the
+/// lab's own if it gives one.
+fn segments(raw: Option<&Spanned<super::raw::Entries<RawSegment>>>) -> Result<Vec<Segment>, LabError> {
+    let mut segments: Vec<Segment> = Vec::new();
+    let mut bridges = HashSet::new();
+    let Some(segs) = raw else { return Ok(segments) };
+    if segs.value.0.len() > MAX_SEGMENTS {
+        return Err(err(at(segs), format!("at most {MAX_SEGMENTS} segments")));
+    }
+    for (key, seg) in &segs.value.0 {
+        let seg_name = name_at(key, "segment name")?;
+        if segments.iter().any(|s| s.name == seg_name) {
+            return Err(err(at(key), format!("segment {seg_name} is defined twice")));
+        }
+        let Some(subnet) = &seg.subnet else {
+            return Err(err(at(key), format!("segment {seg_name} has no subnet (e.g. subnet: 10.20.0.0/24)")));
+        };
+        let parsed: Subnet = subnet.value.parse().map_err(|e| err(at(subnet), format!("segment {seg_name}: {e}")))?;
+        let bridge = match &seg.bridge {
+            None => None,
+            Some(b) => {
+                let n = bridge(b, &seg_name)?;
+                if !bridges.insert(n.clone()) {
+                    return Err(err(at(b), format!("bridge {n} is used by two segments")));
+                }
+                Some(n)
+            }
+        };
+        segments.push(Segment { name: seg_name, subnet: parsed, bridge });
+    }
+    Ok(segments)
+}
+
+/// A bridge name the lab gives: an interface name, not of the shape of
+/// the names bootcache gives its own.
+fn bridge(b: &Spanned<String>, seg_name: &Name) -> Result<InterfaceName, LabError> {
+    let n: InterfaceName = b.value.parse().map_err(|e: crate::BadName| err(at(b), format!("segment {seg_name} bridge: {e}")))?;
+    if is_derived_shape(n.as_str()) {
+        return Err(err(
+            at(b),
+            format!("segment {seg_name} bridge: {n} has the shape of the names bootcache gives (b, a letter of c x d v p, hex digits)"),
+        ));
+    }
+    Ok(n)
+}
+
+/// One instance definition's fields (its segments are attached apart).
+fn instance(key: &Spanned<String>, def: &RawInstance) -> Result<InstanceDef, LabError> {
+    let line = at(key);
+    let name = name_at(key, "instance name")?;
+    let kind = match &def.kind {
+        None => return Err(err(line, format!("instance {name} has no kind (vm or container)"))),
+        Some(k) => match k.value.as_str() {
+            "vm" => Kind::Vm,
+            "container" => Kind::Container,
+            other => return Err(err(at(k), format!("instance {name}: unknown kind {other:?} (vm or container)"))),
+        },
+    };
+    let Some(image) = &def.image else { return Err(err(line, format!("instance {name} has no image"))) };
+    check_url(&image.value).map_err(|e| err(at(image), format!("instance {name} image: {e}")))?;
+    let count = bounded(def.count.as_ref(), 1, MAX_INSTANCES, |c| format!("instance {name}: count must be 1 to {c}"))?;
+    let cpus = bounded(def.cpus.as_ref(), 1, MAX_CPUS, |c| format!("instance {name}: cpus must be 1 to {c}"))?;
+    let memory_bytes = match &def.memory {
+        None if kind == Kind::Vm => VM_MEMORY,
+        None => CONTAINER_MEMORY,
+        Some(m) => match parse_memory(&m.value.0) {
+            Some(b) if (1 << 20..=MAX_MEMORY).contains(&b) => b,
+            _ => {
+                return Err(err(at(m), format!("instance {name}: memory {:?} is not a size from 1MiB to 1TiB (e.g. 512MiB)", m.value.0)));
+            }
+        },
+    };
+    let node = def.node.as_ref().map(|n| name_at(n, "node")).transpose()?;
+    let ready = match &def.ready {
+        None => None,
+        Some(r) if r.value.is_empty() || r.value.len() > 256 || r.value.chars().any(char::is_control) => {
+            return Err(err(at(r), format!("instance {name}: ready must be 1 to 256 printable characters")));
+        }
+        Some(r) => Some(r.value.clone()),
+    };
+    let command = match &def.command {
+        None => None,
+        Some(_) if kind == Kind::Vm => {
+            return Err(err(line, format!("instance {name}: command is for containers (a VM runs its image's own init)")));
+        }
+        Some(c) if c.value.is_empty() || c.value.len() > 64 || c.value.iter().any(|a| a.len() > 4096 || a.contains('\0')) => {
+            return Err(err(at(c), format!("instance {name}: command must be 1 to 64 arguments of at most 4096 bytes")));
+        }
+        Some(c) => Some(c.value.clone()),
+    };
+    let delivery = match &def.delivery {
+        None => Delivery::Lazy,
+        Some(d) if kind == Kind::Container => {
+            return Err(err(at(d), format!("instance {name}: delivery is for VMs (a container's tarball is imported whole)")));
+        }
+        Some(d) => match d.value.as_str() {
+            "lazy" => Delivery::Lazy,
+            "full" => Delivery::Full,
+            other => return Err(err(at(d), format!("instance {name}: unknown delivery {other:?} (lazy or full)"))),
+        },
+    };
+    Ok(InstanceDef {
+        name,
+        kind,
+        image: image.value.clone(),
+        count: u32::try_from(count).unwrap_or(u32::MAX),
+        cpus: u32::try_from(cpus).unwrap_or(1),
+        memory_bytes,
+        segments: Vec::new(),
+        node,
+        ready,
+        command,
+        delivery,
+    })
+}
+
+/// A number from 1 to `max` (`default` when not given).
+fn bounded(v: Option<&Spanned<u64>>, default: u64, max: u64, msg: impl Fn(u64) -> String) -> Result<u64, LabError> {
+    match v {
+        None => Ok(default),
+        Some(c) if c.value == 0 || c.value > max => Err(err(at(c), msg(max))),
+        Some(c) => Ok(c.value),
+    }
+}
+
+/// The instances' names, replicas expanded: each once, and no more than a
+/// lab may have.
+#[derive(Default)]
+struct Replicas {
+    names: HashMap<Name, Option<u32>>,
+    total: u64,
+}
+
+impl Replicas {
+    fn add(&mut self, def: &InstanceDef, line: Option<u32>, count_line: Option<u32>) -> Result<(), LabError> {
+        let count = u64::from(def.count);
+        self.total += count;
+        if self.total > MAX_INSTANCES {
+            return Err(err(count_line, format!("the lab has more than {MAX_INSTANCES} instances")));
+        }
+        for i in 1..=count {
+            let n = if count == 1 { def.name.clone() } else { replica(&def.name, i).map_err(|e| err(line, e))? };
+            if let Some(prev) = self.names.insert(n.clone(), line) {
+                let first = prev.map_or(String::new(), |l| format!(" (line {l})"));
+                return Err(err(line, format!("instance name {n} is used twice{first}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn replica(name: &Name, i: u64) -> Result<Name, String> {
+    format!("{name}-{i}")
+        .parse()
+        .map_err(|_| format!("instance {name}: replica names such as {name}-{i} are longer than {} characters", Name::MAX))
+}
+
+/// Checks an image URL: `http://host[:port]/path`, at most 2048 bytes,
+/// printable, carrying no credentials (no `user:password@`, no query
+/// string, no fragment): what a lab names is stored and shown as it is,
+/// so it must hold nothing secret.
+pub fn check_url(url: &str) -> Result<(), String> {
+    let Some(rest) = url.strip_prefix("http://") else { return Err(format!("{url:?} is not an http:// URL")) };
+    if url.len() > 2048 || url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err("a URL of at most 2048 printable characters without spaces".into());
+    }
+    let host = rest.split('/').next().unwrap_or("");
+    if host.is_empty() || host.contains('@') {
+        return Err(format!("{url:?} names no host (or carries credentials)"));
+    }
+    if rest.contains('?') || rest.contains('#') {
+        return Err("an image URL has no query string or fragment (they may carry credentials, and labs are stored as written)".into());
+    }
+    if rest.split_once('/').is_none_or(|(_, p)| p.is_empty()) {
+        return Err(format!("{url:?} names no file"));
+    }
+    Ok(())
+}
+
+/// Whether `name` has the shape of a name the agents derive for what they
+/// make (`bc`, `bx`, `bd`, `bv` or `bp` and hex digits): a lab may not
+/// give its bridge such a name, so no lab's bridge is another's derived one.
+pub fn is_derived_shape(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.len() > 2 && b[0] == b'b' && matches!(b[1], b'c' | b'x' | b'd' | b'v' | b'p') && b[2..].iter().all(u8::is_ascii_hexdigit)
+}

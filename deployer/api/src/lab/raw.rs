@@ -1,0 +1,167 @@
+//! The lab file as written: YAML read in order, every value with its
+//! place, so that what is wrong is said with its line.
+
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde_saphyr::Spanned;
+
+use super::LabError;
+use crate::Name;
+
+/// A YAML mapping read in order, each key with its place.
+pub(super) struct Entries<T>(pub(super) Vec<(Spanned<String>, T)>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Entries<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Entries<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a mapping")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    out.push(entry);
+                }
+                Ok(Entries(out))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLab {
+    pub(super) name: Spanned<String>,
+    #[serde(default)]
+    pub(super) segments: Option<Spanned<Entries<RawSegment>>>,
+    pub(super) instances: Spanned<Entries<RawInstance>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSegment {
+    pub(super) subnet: Option<Spanned<String>>,
+    pub(super) bridge: Option<Spanned<String>>,
+}
+
+/// `segments: [lan, wan]` or `segments: {lan: 10.20.0.10, wan: }`.
+pub(super) enum RawAttach {
+    Names(Vec<Spanned<String>>),
+    Addresses(Entries<Option<Spanned<String>>>),
+}
+
+// Not `#[serde(untagged)]`: that buffers the value and loses its places.
+impl<'de> Deserialize<'de> for RawAttach {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawAttach;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of segment names or a mapping of segment names to addresses")
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<RawAttach, A::Error> {
+                let mut out = Vec::new();
+                while let Some(n) = seq.next_element()? {
+                    out.push(n);
+                }
+                Ok(RawAttach::Names(out))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawAttach, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    out.push(entry);
+                }
+                Ok(RawAttach::Addresses(Entries(out)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawInstance {
+    pub(super) kind: Option<Spanned<String>>,
+    pub(super) image: Option<Spanned<String>>,
+    pub(super) count: Option<Spanned<u64>>,
+    pub(super) cpus: Option<Spanned<u64>>,
+    pub(super) memory: Option<Spanned<MemoryText>>,
+    pub(super) segments: Option<Spanned<RawAttach>>,
+    pub(super) node: Option<Spanned<String>>,
+    pub(super) ready: Option<Spanned<String>>,
+    pub(super) command: Option<Spanned<Vec<String>>>,
+    pub(super) delivery: Option<Spanned<String>>,
+}
+
+/// `512MiB`, `1G`, `64M`, `1TiB` or a number of bytes.
+pub(super) struct MemoryText(pub(super) String);
+
+impl<'de> Deserialize<'de> for MemoryText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = MemoryText;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as 512MiB or 1G")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<MemoryText, E> {
+                Ok(MemoryText(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<MemoryText, E> {
+                Ok(MemoryText(v.to_string()))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<MemoryText, E> {
+                Ok(MemoryText(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+pub(super) fn parse_memory(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "T" | "TiB" => 1 << 40,
+        _ => return None,
+    };
+    num.checked_mul(mult)
+}
+
+pub(super) fn at<T>(s: &Spanned<T>) -> Option<u32> {
+    let line = u32::try_from(s.referenced.line()).unwrap_or(0);
+    (line > 0).then_some(line)
+}
+
+pub(super) fn err(line: Option<u32>, message: impl Into<String>) -> LabError {
+    LabError { line, message: message.into() }
+}
+
+pub(super) fn name_at(s: &Spanned<String>, what: &str) -> Result<Name, LabError> {
+    s.value.parse().map_err(|e: crate::BadName| err(at(s), format!("{what}: {e}")))
+}
+
+/// The library's message without its snippet, place and advice (the line
+/// is given once, by [`LabError`]).
+pub(super) fn plain_message(msg: &str) -> String {
+    let mut m = msg.lines().next().unwrap_or("not a lab file").trim();
+    m = m.strip_prefix("error: ").unwrap_or(m);
+    if let Some(rest) = m.strip_prefix("line ")
+        && let Some((_, after)) = rest.split_once(": ")
+    {
+        m = after;
+    }
+    let m = m.split(", set DuplicateKeyPolicy").next().unwrap_or(m);
+    m.replace("duplicate mapping key: ", "given twice: ")
+}
