@@ -146,7 +146,7 @@ fuzz_target!(|data: &[u8]| {
                     let def = DEFS[usize::from(bytes.next().unwrap_or(0)) % DEFS.len()];
                     seen.push(Observed { uid, lab: n(lab), name: n(def), state: InstanceState::Ready, reason: None });
                 }
-                let beat = Heartbeat { cores: u32::from(bytes.next().unwrap_or(1)), memory_bytes: 1 << 30, running: 0, caches: vec![], instances: seen };
+                let beat = Heartbeat { cores: u32::from(bytes.next().unwrap_or(1)), memory_bytes: 1 << 30, running: 0, caches: vec![], files: vec![], instances: seen };
                 let _ = c.heartbeat(&n(node), &beat);
             }
         }

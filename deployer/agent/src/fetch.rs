@@ -4,9 +4,11 @@
 //! nodes (`GET /tarballs/{key}`, behind the credential), so that the store
 //! sends each tarball once however many nodes import it: the control node
 //! names a node that holds it as the source, as it does for VM images.
-//! Peers are nodes of the same deployment, authenticated by the credential
-//! (which already lets them order anything); the length they send must be
-//! whole.
+//! Peers are nodes of the same deployment, authenticated by the peer
+//! token; the length they send must be whole, and once the cluster knows a
+//! file's digest (the first one a node reported) every copy, from a peer or
+//! the store, is checked against it before it is kept. Each file's digest
+//! is kept beside it (`KEY.blake3`) and reported in heartbeats.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,17 +29,25 @@ pub(crate) fn tarball_path(state_dir: &Path, key: &RootDigest) -> PathBuf {
     state_dir.join("tarballs").join(format!("{key}.tar"))
 }
 
-/// The tarballs and disk images this node holds whole (reported in
-/// heartbeats as caches).
-pub(crate) fn held(state_dir: &Path) -> Vec<RootDigest> {
-    let mut out: Vec<RootDigest> = [("tarballs", ".tar"), ("disks", ".img")]
+/// Where the digest of the whole file at `path` is kept.
+fn digest_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".blake3");
+    PathBuf::from(p)
+}
+
+/// The tarballs and disk images this node holds whole, each by its key
+/// with its digest (reported in heartbeats): only a file whose digest was
+/// kept beside it when it was written counts.
+pub(crate) fn held(state_dir: &Path) -> Vec<(RootDigest, RootDigest)> {
+    let mut out: Vec<(RootDigest, RootDigest)> = [("tarballs", ".tar"), ("disks", ".img")]
         .into_iter()
         .flat_map(|(dir, ext)| {
-            std::fs::read_dir(state_dir.join(dir))
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter_map(move |e| e.file_name().to_str()?.strip_suffix(ext)?.parse().ok())
+            std::fs::read_dir(state_dir.join(dir)).into_iter().flatten().flatten().filter_map(move |e| {
+                let key: RootDigest = e.file_name().to_str()?.strip_suffix(ext)?.parse().ok()?;
+                let digest = std::fs::read_to_string(digest_path(&e.path())).ok()?.trim().parse().ok()?;
+                Some((key, digest))
+            })
         })
         .collect();
     out.sort();
@@ -68,9 +78,17 @@ async fn serve(State(dir): State<Arc<PathBuf>>, UrlPath(key): UrlPath<String>) -
     ([(axum::http::header::CONTENT_LENGTH, len.to_string())], body).into_response()
 }
 
-/// Copies `url` whole to `dest` (staged beside it, renamed once complete:
-/// a half copy is never used), sending `authorization` if given; the bytes.
-async fn download(http: &reqwest::Client, url: &str, authorization: Option<&str>, dest: &Path) -> Result<u64, String> {
+/// Copies `url` whole to `dest` (staged beside it, renamed once complete
+/// and, with `want`, only if its BLAKE3 digest is that: a half or wrong
+/// copy is never used), sending `authorization` if given; the bytes and
+/// the digest (also kept beside the file).
+async fn download(
+    http: &reqwest::Client,
+    url: &str,
+    authorization: Option<&str>,
+    dest: &Path,
+    want: Option<RootDigest>,
+) -> Result<(u64, RootDigest), String> {
     let shown = bootcache_http::redact(url);
     let mut req = http.get(url);
     if let Some(a) = authorization {
@@ -92,19 +110,28 @@ async fn download(http: &reqwest::Client, url: &str, authorization: Option<&str>
         let mut file = tokio::fs::File::create(&part).await.map_err(|e| format!("{}: {e}", part.display()))?;
         let mut body = resp.bytes_stream();
         let mut got: u64 = 0;
+        let mut hasher = blake3::Hasher::new();
         while let Some(chunk) = body.try_next().await.map_err(|e| format!("{shown}: {}", bootcache_http::chain(&e)))? {
             got += chunk.len() as u64;
             if got > MAX_BYTES || expected.is_some_and(|n| got > n) {
                 return Err(format!("{shown}: more bytes than announced"));
             }
+            hasher.update(&chunk);
             file.write_all(&chunk).await.map_err(|e| format!("{}: {e}", part.display()))?;
         }
         if expected.is_some_and(|n| n != got) {
             return Err(format!("{shown}: {got} bytes received of {}", expected.unwrap_or(0)));
         }
+        let digest = RootDigest(*hasher.finalize().as_bytes());
+        if let Some(want) = want
+            && want != digest
+        {
+            return Err(format!("{shown}: the copy's digest is not the one the cluster recorded for it ({want}); not kept"));
+        }
         file.sync_all().await.map_err(|e| format!("{}: {e}", part.display()))?;
+        std::fs::write(digest_path(dest), format!("{digest}\n")).map_err(|e| format!("{}: {e}", digest_path(dest).display()))?;
         std::fs::rename(&part, dest).map_err(|e| format!("{}: {e}", dest.display()))?;
-        Ok(got)
+        Ok((got, digest))
     }
     .await;
     if result.is_err() {
@@ -115,21 +142,31 @@ async fn download(http: &reqwest::Client, url: &str, authorization: Option<&str>
 
 /// A file keyed `key` held whole on this node at `dest`: copied (once,
 /// however many instances wait for it) from the first of `peers` that has
-/// it, else from the store at `url`.
-pub(crate) async fn whole(shared: &Shared, key: &RootDigest, url: &str, peers: &[String], dest: &Path) -> Result<(), String> {
+/// it, else from the store at `url`; with `digest`, a copy is kept only if
+/// it has it (one held already that has another is copied again).
+pub(crate) async fn whole(
+    shared: &Shared,
+    key: &RootDigest,
+    url: &str,
+    peers: &[String],
+    dest: &Path,
+    digest: Option<RootDigest>,
+) -> Result<(), String> {
     let lock = {
         let mut held = shared.images.lock().await;
         Arc::clone(held.entry(dest.to_string_lossy().into_owned()).or_default())
     };
     let _held = lock.lock().await;
-    if dest.is_file() {
+    let kept: Option<RootDigest> = std::fs::read_to_string(digest_path(dest)).ok().and_then(|d| d.trim().parse().ok());
+    if dest.is_file() && kept.is_some() && (digest.is_none() || kept == digest) {
         return Ok(());
     }
+    let _ = std::fs::remove_file(dest);
     let authorization = shared.peer.authorization();
     for peer in peers {
         let from = format!("{}{}", peer.trim_end_matches('/'), bootcache_api::control::routes::tarball(key));
-        match download(&shared.files, &from, Some(&authorization), dest).await {
-            Ok(bytes) => {
+        match download(&shared.files, &from, Some(&authorization), dest, digest).await {
+            Ok((bytes, _)) => {
                 tracing::info!(%peer, bytes, file = %dest.display(), "copied from a peer");
                 return Ok(());
             }
@@ -138,7 +175,7 @@ pub(crate) async fn whole(shared: &Shared, key: &RootDigest, url: &str, peers: &
     }
     // The store needs no credential (it serves images to anyone on the
     // deployment network); ours is not sent there.
-    let bytes = download(&shared.files, url, None, dest).await.map_err(|e| format!("image {e}"))?;
+    let (bytes, _) = download(&shared.files, url, None, dest, digest).await.map_err(|e| format!("image {e}"))?;
     tracing::info!(image = %bootcache_http::redact(url), bytes, "copied from the store");
     Ok(())
 }
@@ -169,22 +206,30 @@ mod tests {
         let http = reqwest::Client::new();
         // Fewer bytes than announced: refused, nothing kept.
         let url = answer_once("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n".into(), b"12345".to_vec()).await;
-        let e = download(&http, &url, None, &dest).await.unwrap_err();
+        let e = download(&http, &url, None, &dest, None).await.unwrap_err();
         assert!(e.contains("small.tar"), "{e}");
         assert!(!dest.exists() && !dest.with_extension("part").exists());
         // An absurd length is refused before anything is written.
         let url = answer_once(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", MAX_BYTES + 1), Vec::new()).await;
-        let e = download(&http, &url, None, &dest).await.unwrap_err();
+        let e = download(&http, &url, None, &dest, None).await.unwrap_err();
         assert!(e.contains("more than"), "{e}");
         assert!(!dest.exists() && !dest.with_extension("part").exists());
         // A refusal names the status.
         let url = answer_once("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".into(), Vec::new()).await;
-        let e = download(&http, &url, None, &dest).await.unwrap_err();
+        let e = download(&http, &url, None, &dest, None).await.unwrap_err();
         assert!(e.contains("404"), "{e}");
-        // A whole answer is kept whole.
+        // A whole answer whose digest is not the cluster's: not kept.
+        let other = RootDigest(*blake3::hash(b"54321").as_bytes());
         let url = answer_once("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n".into(), b"12345".to_vec()).await;
-        assert_eq!(download(&http, &url, None, &dest).await.unwrap(), 5);
+        let e = download(&http, &url, None, &dest, Some(other)).await.unwrap_err();
+        assert!(e.contains("not the one the cluster recorded"), "{e}");
+        assert!(!dest.exists() && !dest.with_extension("part").exists());
+        // A whole answer is kept whole, with its digest beside it.
+        let url = answer_once("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n".into(), b"12345".to_vec()).await;
+        let (n, digest) = download(&http, &url, None, &dest, None).await.unwrap();
+        assert_eq!((n, digest), (5, RootDigest(*blake3::hash(b"12345").as_bytes())));
         assert_eq!(std::fs::read(&dest).unwrap(), b"12345");
+        assert_eq!(std::fs::read_to_string(digest_path(&dest)).unwrap().trim(), digest.to_string());
     }
 
     #[tokio::test]
@@ -202,13 +247,17 @@ mod tests {
     }
 
     #[test]
-    fn only_whole_files_named_by_a_key_count_as_held() {
+    fn only_whole_files_named_by_a_key_with_their_digest_count_as_held() {
         let dir = tempfile::tempdir().unwrap();
         let key = bootcache_api::agent::container_image_key("http://s/x.tar");
+        let other = bootcache_api::agent::container_image_key("http://s/y.tar");
         std::fs::create_dir_all(dir.path().join("tarballs")).unwrap();
+        let digest = RootDigest(*blake3::hash(b"t").as_bytes());
         std::fs::write(tarball_path(dir.path(), &key), b"t").unwrap();
+        std::fs::write(digest_path(&tarball_path(dir.path(), &key)), digest.to_string()).unwrap();
+        std::fs::write(tarball_path(dir.path(), &other), b"no digest kept").unwrap();
         std::fs::write(dir.path().join("tarballs").join(format!("{key}.part")), b"half").unwrap();
         std::fs::write(dir.path().join("tarballs/not-a-key.tar"), b"?").unwrap();
-        assert_eq!(held(dir.path()), vec![key]);
+        assert_eq!(held(dir.path()), vec![(key, digest)]);
     }
 }

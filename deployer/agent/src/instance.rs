@@ -7,8 +7,8 @@
 
 use std::sync::Arc;
 
-use bootcache_api::agent::{ImageOrder, Order, names};
-use bootcache_api::{InstanceState, Kind};
+use bootcache_api::agent::{Order, names};
+use bootcache_api::{Image, InstanceState, Kind};
 use bootcache_network::Veth;
 use bootcache_runtime::{DiskFormat, Runtime, Source, Spec};
 
@@ -80,7 +80,7 @@ fn set(shared: &Shared, order: &Order, state: InstanceState, reason: Option<Stri
 /// its reason (the rest of the lab goes on).
 pub(crate) async fn bring_up(shared: Arc<Shared>, order: Order) {
     let id = names::instance(order.uid, &order.lab, &order.name);
-    let result = if shared.config.prefetch_only && order.kind == Kind::Vm {
+    let result = if shared.config.prefetch_only && order.kind() == Kind::Vm {
         prefetch(&shared, &order).await
     } else {
         make(&shared, &order, &id).await
@@ -101,9 +101,9 @@ pub(crate) async fn bring_up(shared: Arc<Shared>, order: Order) {
 /// Fetches its source, makes it with its runtime, starts it, gives it its
 /// interfaces if the runtime does not, waits until ready.
 async fn make(shared: &Shared, order: &Order, id: &str) -> Result<std::time::Duration, AgentError> {
-    let runtime = shared.runtime(order.kind)?;
+    let runtime = shared.runtime(order.kind())?;
     set(shared, order, InstanceState::Fetching, None);
-    claim(shared, runtime, order.kind, id).await?;
+    claim(shared, runtime, order.kind(), id).await?;
     let source = fetch_source(shared, order).await?;
     set(shared, order, InstanceState::Starting, None);
     runtime.create(&spec(order, id, source)).await?;
@@ -115,33 +115,35 @@ async fn make(shared: &Shared, order: &Order, id: &str) -> Result<std::time::Dur
 /// What an instance is made from, as this node comes to hold it.
 async fn fetch_source(shared: &Shared, order: &Order) -> Result<Source, AgentError> {
     match &order.image {
-        ImageOrder::Vm { url, root, peers } => {
+        Image::Bootcache { url, root } => {
             let image = shared
                 .node
-                .open(&export_name(root), url, peers, Some(*root))
+                .open(&export_name(root), url, &order.sources, Some(*root))
                 .await
                 .map_err(|e| AgentError::Image(bootcache_http::chain(&e)))?;
             Ok(Source::Export { url: image.nbd_url, virtual_size: image.virtual_size })
         }
-        ImageOrder::Disk { url } => {
-            let (path, format) = whole_disk(shared, url).await?;
+        Image::Disk { url, digest } => {
+            let (path, format) = whole_disk(shared, url, *digest).await?;
             Ok(Source::Disk { path, format })
         }
-        ImageOrder::Container { url, peers } => {
-            let key = bootcache_api::agent::container_image_key(url);
+        Image::Tarball { url, digest } => {
+            let key = order.image.key();
             let path = crate::fetch::tarball_path(&shared.config.state_dir, &key);
-            crate::fetch::whole(shared, &key, url, peers, &path).await.map_err(AgentError::Image)?;
+            crate::fetch::whole(shared, &key, url, &order.sources, &path, *digest).await.map_err(AgentError::Image)?;
             Ok(Source::Tarball { path, key: key.to_string() })
         }
+        other => Err(AgentError::Image(format!("this agent cannot use an image of kind {other:?}"))),
     }
 }
 
 /// A VM order carried out up to holding its image's boot segment (the
 /// agent's prefetch-only mode): how long that took.
 async fn prefetch(shared: &Shared, order: &Order) -> Result<std::time::Duration, AgentError> {
-    let ImageOrder::Vm { url, root, peers } = &order.image else {
+    let Image::Bootcache { url, root } = &order.image else {
         return Err(AgentError::Image("prefetch-only nodes take bootcache images only".into()));
     };
+    let peers = &order.sources;
     let started = std::time::Instant::now();
     set(shared, order, InstanceState::Fetching, None);
     shared.node.open(&export_name(root), url, peers, Some(*root)).await.map_err(|e| AgentError::Image(bootcache_http::chain(&e)))?;
@@ -154,10 +156,14 @@ async fn prefetch(shared: &Shared, order: &Order) -> Result<std::time::Duration,
 
 /// A plain disk image copied whole from the store to this node, once
 /// however many VMs use it (`delivery: full`): its path and format.
-async fn whole_disk(shared: &Shared, url: &str) -> Result<(std::path::PathBuf, DiskFormat), AgentError> {
-    let key = bootcache_api::agent::container_image_key(url);
+async fn whole_disk(
+    shared: &Shared,
+    url: &str,
+    digest: Option<bootcache_api::RootDigest>,
+) -> Result<(std::path::PathBuf, DiskFormat), AgentError> {
+    let key = bootcache_api::image::file_key(url);
     let path = shared.config.state_dir.join("disks").join(format!("{key}.img"));
-    crate::fetch::whole(shared, &key, url, &[], &path).await.map_err(AgentError::Image)?;
+    crate::fetch::whole(shared, &key, url, &[], &path, digest).await.map_err(AgentError::Image)?;
     // By its magic, as convert reads images; what QEMU is given must be
     // what the file is, never a guess.
     match bootcache_convert::detect(&path) {
@@ -206,7 +212,7 @@ async fn attach(shared: &Shared, runtime: &dyn Runtime, order: &Order, id: &str)
 /// Stops a ready instance on request (it stays, with its disk or image).
 pub(crate) async fn stop(shared: Arc<Shared>, order: Order) {
     let id = names::instance(order.uid, &order.lab, &order.name);
-    let r = match shared.runtime(order.kind) {
+    let r = match shared.runtime(order.kind()) {
         Ok(rt) => rt.stop(&id).await.map_err(AgentError::from),
         Err(e) => Err(e),
     };
@@ -221,7 +227,7 @@ pub(crate) async fn start(shared: Arc<Shared>, order: Order) {
     let id = names::instance(order.uid, &order.lab, &order.name);
     set(&shared, &order, InstanceState::Starting, None);
     let r = async {
-        let rt = shared.runtime(order.kind)?;
+        let rt = shared.runtime(order.kind())?;
         rt.start(&id).await?;
         attach(&shared, rt, &order, &id).await?;
         Ok::<_, AgentError>(rt.wait_ready(&id, None, shared.config.ready_timeout).await?)

@@ -397,14 +397,17 @@ fn heartbeat(shared: &Shared) -> Heartbeat {
     let mut caches: Vec<(bootcache_api::RootDigest, u64)> =
         shared.node.cache_metrics().into_iter().map(|(root, m)| (root, m.boot_prefetch_bytes.max(1))).collect();
     let instances = reconcile::observed(shared);
-    // Tarballs and whole disks held, by key (placement and sources go by them too).
-    caches.extend(fetch::held(&shared.config.state_dir).into_iter().map(|k| (k, 1)));
+    // Tarballs and whole disks held, by key (placement and sources go by
+    // them too), with their digests.
+    let files = fetch::held(&shared.config.state_dir);
+    caches.extend(files.iter().map(|(k, _)| (*k, 1)));
     let running = u32::try_from(instances.iter().filter(|o| o.state == bootcache_api::InstanceState::Ready).count()).unwrap_or(u32::MAX);
     Heartbeat {
         cores: u32::try_from(std::thread::available_parallelism().map_or(1, |n| n.get())).unwrap_or(1),
         memory_bytes: mem_total(),
         running,
         caches,
+        files,
         instances,
     }
 }

@@ -257,7 +257,7 @@ pub(crate) fn plan(node: &Name, orders: &Orders, world: &World, owned: &Owned) -
     let mut bring = Vec::new();
     let ordered: HashMap<u32, &Order> = orders.instances.iter().map(|o| (o.uid, o)).collect();
     for order in &orders.instances {
-        if order.kind == Kind::Container {
+        if order.kind() == Kind::Container {
             for (i, _) in order.nics.iter().enumerate() {
                 if let Ok(i) = u8::try_from(i) {
                     wanted.links.insert(names::veth(order.uid, i).to_string(), instance_mark(node, order));
@@ -330,7 +330,8 @@ pub(crate) fn plan(node: &Name, orders: &Orders, world: &World, owned: &Owned) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bootcache_api::agent::{ImageOrder, Mac, Nic};
+    use bootcache_api::Image;
+    use bootcache_api::agent::{Mac, Nic};
     use std::net::Ipv4Addr;
 
     fn n(s: &str) -> Name {
@@ -359,8 +360,8 @@ mod tests {
             uid,
             lab: n("lab"),
             name: n(&format!("c{uid}")),
-            kind: Kind::Container,
-            image: ImageOrder::Container { url: "http://s/x.tar".into(), peers: vec![] },
+            image: Image::Tarball { url: "http://s/x.tar".into(), digest: None },
+            sources: vec![],
             cpus: 1,
             memory_bytes: 64 << 20,
             nics: vec![Nic { bridge: bridge.clone(), mac: names::mac(uid, 0), address: Ipv4Addr::new(10, 9, 0, 1), prefix: 24 }],
@@ -416,19 +417,19 @@ mod tests {
                     }
                     Action::BringUp(o) => {
                         let id = names::instance(o.uid, &o.lab, &o.name);
-                        self.owned.instances.insert(id.clone(), o.kind);
-                        self.world.instances.insert(id.clone(), o.kind);
+                        self.owned.instances.insert(id.clone(), o.kind());
+                        self.world.instances.insert(id.clone(), o.kind());
                         let mark = instance_mark(node, o);
                         for i in 0..o.nics.len() {
                             let v = names::veth(o.uid, i as u8).to_string();
                             self.owned.links.insert(v.clone(), mark.clone());
                             self.world.links.insert(v, Some(mark.clone()));
                         }
-                        self.world.local.insert(o.uid, LocalView { id, kind: o.kind, state: InstanceState::Ready, busy: false });
+                        self.world.local.insert(o.uid, LocalView { id, kind: o.kind(), state: InstanceState::Ready, busy: false });
                     }
                     Action::Fail { order, .. } => {
                         let id = names::instance(order.uid, &order.lab, &order.name);
-                        self.world.local.insert(order.uid, LocalView { id, kind: order.kind, state: InstanceState::Failed, busy: false });
+                        self.world.local.insert(order.uid, LocalView { id, kind: order.kind(), state: InstanceState::Failed, busy: false });
                     }
                     Action::Drop { uid, id, .. } => {
                         self.world.local.remove(uid);

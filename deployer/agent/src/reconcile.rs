@@ -11,7 +11,8 @@ use std::future::Future;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use bootcache_api::agent::{Dhcp, ImageOrder, Observed, Orders, names};
+use bootcache_api::Image;
+use bootcache_api::agent::{Dhcp, Observed, Orders, names};
 use bootcache_api::{InstanceState, InterfaceName, Kind, Name};
 
 use crate::Shared;
@@ -247,7 +248,7 @@ pub(crate) async fn apply(shared: &Arc<Shared>, orders: Orders) {
         .iter()
         .map(|(uid, l)| {
             let busy = l.task.as_ref().is_some_and(|t| !t.is_finished());
-            (*uid, LocalView { id: names::instance(*uid, &l.order.lab, &l.order.name), kind: l.order.kind, state: l.state, busy })
+            (*uid, LocalView { id: names::instance(*uid, &l.order.lab, &l.order.name), kind: l.order.kind(), state: l.state, busy })
         })
         .collect();
     let host = NodeHost(shared);
@@ -271,8 +272,8 @@ pub(crate) async fn apply(shared: &Arc<Shared>, orders: Orders) {
         .instances
         .iter()
         .filter_map(|o| match &o.image {
-            ImageOrder::Vm { root, .. } => Some(instance::export_name(root)),
-            ImageOrder::Disk { .. } | ImageOrder::Container { .. } => None,
+            Image::Bootcache { root, .. } => Some(instance::export_name(root)),
+            _ => None,
         })
         .collect();
     for named in shared.node.status() {

@@ -22,7 +22,7 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{InstanceState, InterfaceName, Kind, Name, RootDigest};
+use crate::{Image, InstanceState, InterfaceName, Kind, Name, RootDigest};
 
 /// What a node reports on each heartbeat.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +35,11 @@ pub struct Heartbeat {
     pub running: u32,
     /// The images it caches, each with the bytes of its boot segment it holds.
     pub caches: Vec<(RootDigest, u64)>,
+    /// The whole files it holds (tarballs, disks), each by its key with its
+    /// BLAKE3 digest: the first digest the control node hears for a key is
+    /// the one every later copy is checked against.
+    #[serde(default)]
+    pub files: Vec<(RootDigest, RootDigest)>,
     /// Where each instance it was ordered to run stands.
     #[serde(default)]
     pub instances: Vec<Observed>,
@@ -104,10 +109,12 @@ pub struct Order {
     pub lab: Name,
     /// Its name.
     pub name: Name,
-    /// VM or container.
-    pub kind: Kind,
-    /// Its image and where to fetch it.
-    pub image: ImageOrder,
+    /// Its image (its kind follows from it: [`Order::kind`]).
+    pub image: Image,
+    /// The nodes to fetch the image from before the store (their API
+    /// addresses), as the control node chose.
+    #[serde(default)]
+    pub sources: Vec<String>,
     /// Virtual CPUs.
     pub cpus: u32,
     /// Memory, bytes.
@@ -127,35 +134,11 @@ fn running() -> bool {
     true
 }
 
-/// Where an instance's image comes from.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase", tag = "kind")]
-pub enum ImageOrder {
-    /// A bootcache container, delivered boot segment first.
-    Vm {
-        /// The container on the store.
-        url: String,
-        /// Its root digest (what the node checks it opened).
-        root: RootDigest,
-        /// The nodes to fetch from before the store (their API addresses),
-        /// as the control node chose.
-        peers: Vec<String>,
-    },
-    /// A plain disk image (raw or qcow2), copied whole to the node before
-    /// its VMs start (`delivery: full`).
-    Disk {
-        /// The disk image on the store.
-        url: String,
-    },
-    /// A root file system tarball, imported into the node's Docker.
-    Container {
-        /// The tarball on the store.
-        url: String,
-        /// Nodes holding it whole to copy it from before the store (their
-        /// API addresses), as the control node chose.
-        #[serde(default)]
-        peers: Vec<String>,
-    },
+impl Order {
+    /// VM or container, as its image says.
+    pub fn kind(&self) -> Kind {
+        self.image.kind()
+    }
 }
 
 /// A network interface of an instance.
@@ -257,16 +240,6 @@ impl<'de> Deserialize<'de> for Mac {
     }
 }
 
-fn digest(parts: &[&str]) -> [u8; 32] {
-    let mut h = blake3::Hasher::new();
-    for p in parts {
-        // Length-prefixed, so ("ab","c") and ("a","bc") differ.
-        h.update(&(p.len() as u64).to_le_bytes());
-        h.update(p.as_bytes());
-    }
-    *h.finalize().as_bytes()
-}
-
 /// Names of what agents make on nodes, derived injectively from the numbers
 /// the control node allocates: every one holds its number in full, in
 /// fixed width, behind a prefix of its own kind.
@@ -343,19 +316,10 @@ pub mod names {
     }
 }
 
-/// The key a container image (a tarball at `url`) is cached under on a
-/// node and known by to the control node, beside VM images' root digests:
-/// the tarball is not a bootcache container, so its URL names it.
+/// The key a whole file (a tarball or disk at `url`) is cached under on a
+/// node and known by to the control node ([`crate::image::file_key`]).
 pub fn container_image_key(url: &str) -> RootDigest {
-    RootDigest(digest(&["container image", url]))
-}
-
-/// The kind of an instance's image, as an order carries it.
-pub fn kind_of(image: &ImageOrder) -> Kind {
-    match image {
-        ImageOrder::Vm { .. } | ImageOrder::Disk { .. } => Kind::Vm,
-        ImageOrder::Container { .. } => Kind::Container,
-    }
+    crate::image::file_key(url)
 }
 
 #[cfg(test)]

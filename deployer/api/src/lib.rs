@@ -25,11 +25,13 @@
 
 pub mod agent;
 pub mod control;
+pub mod image;
 pub mod lab;
 mod name;
 mod state;
 
 pub use bootcache_format::RootDigest;
+pub use image::Image;
 pub use lab::{Lab, LabError};
 pub use name::{BadName, InterfaceName, Name};
 pub use state::{InstanceState, Kind};

@@ -10,7 +10,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use bootcache_api::agent::{self, Dhcp, Heartbeat, ImageOrder, Join, Joined, Nic, Observed, Order, Orders, SegmentOrder, names};
+use bootcache_api::Image;
+use bootcache_api::agent::{self, Dhcp, Heartbeat, Join, Joined, Nic, Observed, Order, Orders, SegmentOrder, names};
 use bootcache_api::lab::Delivery;
 use bootcache_api::{InstanceState, Kind, Lab, Name, RootDigest};
 
@@ -410,6 +411,7 @@ impl Control {
             by_lab.entry(&r.spec.lab).or_default().push(r);
         }
         let mut sources: HashMap<RootDigest, Option<Vec<String>>> = HashMap::new();
+        let mut digests: HashMap<RootDigest, Option<RootDigest>> = HashMap::new();
         for (lab_name, rows) in by_lab {
             let Some(view) = self.view(&db, lab_name)? else { continue };
             let members = self.members(&db, &view)?;
@@ -429,15 +431,27 @@ impl Control {
                     sources.insert(*key, p.clone());
                     Ok(p)
                 };
-                let image = match def.kind {
-                    Kind::Vm if def.delivery == Delivery::Full => ImageOrder::Disk { url: def.image.clone() },
+                // The image as resolved at deploy (a VM image's root is its
+                // row's key), with a whole file's digest once it is known.
+                let mut digest_of = |key: &RootDigest| -> Result<Option<RootDigest>, DbError> {
+                    if let Some(d) = digests.get(key) {
+                        return Ok(*d);
+                    }
+                    let d = db.file_digest(key)?;
+                    digests.insert(*key, d);
+                    Ok(d)
+                };
+                let (image, sources) = match def.kind {
+                    Kind::Vm if def.delivery == Delivery::Full => {
+                        (Image::Disk { url: def.image.clone(), digest: digest_of(&r.spec.image)? }, Vec::new())
+                    }
                     Kind::Container => {
                         let Some(peers) = from(&r.spec.image)? else { continue };
-                        ImageOrder::Container { url: def.image.clone(), peers }
+                        (Image::Tarball { url: def.image.clone(), digest: digest_of(&r.spec.image)? }, peers)
                     }
                     Kind::Vm => {
                         let Some(peers) = from(&r.spec.image)? else { continue };
-                        ImageOrder::Vm { url: def.image.clone(), root: r.spec.image, peers }
+                        (Image::Bootcache { url: def.image.clone(), root: r.spec.image }, peers)
                     }
                 };
                 let mut nics = Vec::new();
@@ -455,8 +469,8 @@ impl Control {
                     uid: r.uid,
                     lab: lab.name.clone(),
                     name: r.spec.name.clone(),
-                    kind: def.kind,
                     image,
+                    sources,
                     cpus: def.cpus,
                     memory_bytes: def.memory_bytes,
                     nics,

@@ -16,7 +16,7 @@
 //! let db = Db::open(&dir.path().join("control.db"))?;
 //! let node = "node-1".parse()?;
 //! db.register_node(&node, "10.0.0.2:7070", 1_000)?;
-//! db.heartbeat(&node, &Heartbeat { cores: 2, memory_bytes: 24 << 30, running: 0, caches: vec![], instances: vec![] }, 2_000)?;
+//! db.heartbeat(&node, &Heartbeat { cores: 2, memory_bytes: 24 << 30, running: 0, caches: vec![], files: vec![], instances: vec![] }, 2_000)?;
 //! let nodes = db.nodes(3_000, Duration::from_secs(1))?;
 //! assert!(nodes[0].up);
 //! # Ok::<(), Box<dyn std::error::Error>>(())

@@ -215,13 +215,13 @@ async fn a_lab_is_placed_ordered_reported_and_destroyed() {
     let a = beat(&c, &base, "node-a", serde_json::json!([]), serde_json::json!([])).await;
     let vm = a["instances"].as_array().unwrap().iter().find(|o| o["name"] == "vm").expect("vm ordered on node-a");
     let vm_uid = vm["uid"].as_u64().unwrap();
-    assert_eq!(vm["image"]["peers"], serde_json::json!([]), "{vm}");
+    assert_eq!(vm["sources"], serde_json::json!([]), "{vm}");
     assert_eq!(vm["nics"][0]["address"], "10.20.0.10");
     let user = a["instances"].as_array().unwrap().iter().find(|o| o["name"] == "user-1").expect("user-1 ordered on node-a");
-    assert_eq!(user["image"]["peers"], serde_json::json!([]), "{user}");
+    assert_eq!(user["sources"], serde_json::json!([]), "{user}");
     let b = beat(&c, &base, "node-b", serde_json::json!([]), serde_json::json!([])).await;
     let vm2 = b["instances"].as_array().unwrap().iter().find(|o| o["name"] == "vm2").expect("vm2 ordered at once");
-    assert_eq!(vm2["image"]["peers"], serde_json::json!(["http://10.0.0.2:7070"]), "{vm2}");
+    assert_eq!(vm2["sources"], serde_json::json!(["http://10.0.0.2:7070"]), "{vm2}");
     assert!(b["instances"].as_array().unwrap().iter().all(|o| o["name"] != "other"), "other waits for its tarball's source: {b}");
     beat(
         &c,
@@ -233,7 +233,7 @@ async fn a_lab_is_placed_ordered_reported_and_destroyed() {
     .await;
     let b = beat(&c, &base, "node-b", serde_json::json!([]), serde_json::json!([])).await;
     let other = b["instances"].as_array().unwrap().iter().find(|o| o["name"] == "other").expect("other ordered once node-a holds it");
-    assert_eq!(other["image"]["peers"], serde_json::json!(["http://10.0.0.2:7070"]), "{other}");
+    assert_eq!(other["sources"], serde_json::json!(["http://10.0.0.2:7070"]), "{other}");
     // One segment on both nodes: joined by VXLAN; each node answers DHCP
     // for its own VM from an address of its own.
     let seg_a = &a["segments"][0];

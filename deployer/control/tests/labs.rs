@@ -33,7 +33,7 @@ fn nodes(c: &Control, nodes: &[&str], cores: u32) {
 }
 
 fn beat(cores: u32, instances: Vec<Observed>) -> Heartbeat {
-    Heartbeat { cores, memory_bytes: 64 << 30, running: 0, caches: vec![], instances }
+    Heartbeat { cores, memory_bytes: 64 << 30, running: 0, caches: vec![], files: vec![], instances }
 }
 
 async fn deploy(c: &Arc<Control>, text: &str) -> Result<(), String> {

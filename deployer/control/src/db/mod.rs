@@ -187,6 +187,16 @@ const MIGRATIONS: &[&str] = &[
         cores INTEGER NOT NULL,
         memory_bytes INTEGER NOT NULL
      );",
+    // 7: whole files (tarballs, disks) checked by digest: the first digest
+    // a node reports for a file's key is the cluster's, and only nodes whose
+    // copy has it are sources for others.
+    "CREATE TABLE file_digests (
+        key TEXT PRIMARY KEY,
+        digest TEXT NOT NULL,
+        node TEXT NOT NULL,
+        at_ms INTEGER NOT NULL
+     );
+     ALTER TABLE node_caches ADD COLUMN digest TEXT;",
 ];
 
 /// The most cores a node may claim (whatever it says, placement counts no
@@ -316,11 +326,19 @@ impl Db {
         }
         tx.execute("DELETE FROM node_caches WHERE node = ?1", params![node.as_str()]).map_err(self.sql())?;
         for (root, bytes) in &beat.caches {
-            tx.execute(
-                "INSERT INTO node_caches (node, root, boot_cached_bytes) VALUES (?1, ?2, ?3)",
-                params![node.as_str(), root.to_string(), i64::try_from(*bytes).unwrap_or(i64::MAX)],
-            )
-            .map_err(self.sql())?;
+            tx.prepare_cached("INSERT OR IGNORE INTO node_caches (node, root, boot_cached_bytes) VALUES (?1, ?2, ?3)")
+                .and_then(|mut s| s.execute(params![node.as_str(), root.to_string(), i64::try_from(*bytes).unwrap_or(i64::MAX)]))
+                .map_err(self.sql())?;
+        }
+        for (key, digest) in &beat.files {
+            let (key, digest) = (key.to_string(), digest.to_string());
+            tx.prepare_cached("UPDATE node_caches SET digest = ?3 WHERE node = ?1 AND root = ?2")
+                .and_then(|mut s| s.execute(params![node.as_str(), key, digest]))
+                .map_err(self.sql())?;
+            // The first digest heard is the cluster's.
+            tx.prepare_cached("INSERT OR IGNORE INTO file_digests (key, digest, node, at_ms) VALUES (?1, ?2, ?3, ?4)")
+                .and_then(|mut s| s.execute(params![key, digest, node.as_str(), now_ms]))
+                .map_err(self.sql())?;
         }
         tx.commit().map_err(self.sql())
     }
@@ -358,6 +376,7 @@ impl Db {
                     memory_bytes: u64::try_from(memory).unwrap_or(0),
                     running,
                     caches: self.caches_of(&name)?,
+                    files: Vec::new(),
                     instances: Vec::new(),
                 }),
             };
@@ -414,9 +433,13 @@ impl Db {
     /// # Errors
     /// SQLite errors, or a damaged row.
     pub fn holders(&self, root: &RootDigest) -> Result<Vec<(Name, u64)>, DbError> {
+        // A whole file's holder counts only if its copy has the cluster's digest.
         let mut stmt = self
             .conn
-            .prepare("SELECT node, boot_cached_bytes FROM node_caches WHERE root = ?1 ORDER BY boot_cached_bytes DESC, node")
+            .prepare_cached(
+                "SELECT nc.node, nc.boot_cached_bytes FROM node_caches nc LEFT JOIN file_digests fd ON fd.key = nc.root
+                 WHERE nc.root = ?1 AND (fd.digest IS NULL OR nc.digest = fd.digest) ORDER BY nc.boot_cached_bytes DESC, nc.node",
+            )
             .map_err(self.sql())?;
         let rows = stmt.query_map(params![root.to_string()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).map_err(self.sql())?;
         let mut out = Vec::new();
@@ -442,6 +465,20 @@ impl Db {
             )
             .map_err(self.sql())?;
         Ok(())
+    }
+
+    /// The digest the cluster knows for the whole file of `key` (the first
+    /// a node reported), if any.
+    ///
+    /// # Errors
+    /// SQLite errors, or a damaged row.
+    pub fn file_digest(&self, key: &RootDigest) -> Result<Option<RootDigest>, DbError> {
+        let d: Option<String> = self
+            .conn
+            .prepare_cached("SELECT digest FROM file_digests WHERE key = ?1")
+            .and_then(|mut s| s.query_row(params![key.to_string()], |r| r.get(0)).optional())
+            .map_err(self.sql())?;
+        d.map(|d| d.parse().map_err(|_| self.corrupt(format!("digest of file {key}")))).transpose()
     }
 
     /// The URL an image was registered with.

@@ -49,8 +49,14 @@ fn state_survives_a_restart_and_nodes_go_down_after_three_missed_heartbeats() {
         assert_eq!(db.version().unwrap(), MIGRATIONS.len() as i64);
         db.register_node(&name("a"), "10.0.0.2:7070", 0).unwrap();
         db.register_node(&name("b"), "10.0.0.3:7070", 0).unwrap();
-        let beat =
-            Heartbeat { cores: 2, memory_bytes: 24 << 30, running: 3, caches: vec![(root(1), 1000), (root(2), 50)], instances: vec![] };
+        let beat = Heartbeat {
+            cores: 2,
+            memory_bytes: 24 << 30,
+            running: 3,
+            caches: vec![(root(1), 1000), (root(2), 50)],
+            files: vec![],
+            instances: vec![],
+        };
         db.heartbeat(&name("a"), &beat, 10_000).unwrap();
         db.register_image(&root(1), "http://store/a.bcimg", 4 << 30, 1000, 0).unwrap();
     }
@@ -75,12 +81,17 @@ fn state_survives_a_restart_and_nodes_go_down_after_three_missed_heartbeats() {
     // What a node caches is replaced by each heartbeat; holders most first.
     db.heartbeat(
         &name("b"),
-        &Heartbeat { cores: 2, memory_bytes: 1, running: 0, caches: vec![(root(1), 4000)], instances: vec![] },
+        &Heartbeat { cores: 2, memory_bytes: 1, running: 0, caches: vec![(root(1), 4000)], files: vec![], instances: vec![] },
         20_000,
     )
     .unwrap();
     assert_eq!(db.holders(&root(1)).unwrap(), vec![(name("b"), 4000), (name("a"), 1000)]);
-    db.heartbeat(&name("a"), &Heartbeat { cores: 2, memory_bytes: 1, running: 0, caches: vec![], instances: vec![] }, 21_000).unwrap();
+    db.heartbeat(
+        &name("a"),
+        &Heartbeat { cores: 2, memory_bytes: 1, running: 0, caches: vec![], files: vec![], instances: vec![] },
+        21_000,
+    )
+    .unwrap();
     assert_eq!(db.holders(&root(1)).unwrap(), vec![(name("b"), 4000)]);
     assert!(db.holders(&root(2)).unwrap().is_empty());
 }
@@ -90,7 +101,7 @@ fn unknown_nodes_newer_schemas_and_damaged_rows_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("control.db");
     let db = Db::open(&path).unwrap();
-    let beat = Heartbeat { cores: 1, memory_bytes: 1, running: 0, caches: vec![], instances: vec![] };
+    let beat = Heartbeat { cores: 1, memory_bytes: 1, running: 0, caches: vec![], files: vec![], instances: vec![] };
     let err = db.heartbeat(&name("ghost"), &beat, 0).unwrap_err();
     assert!(matches!(err, DbError::NoSuchNode(_)) && err.to_string().contains("ghost"), "{err}");
     // A name that is not a Name, written behind the control node's back.
@@ -114,7 +125,12 @@ fn instances_follow_their_state_machine_survive_restarts_and_are_lost_with_their
     {
         let db = Db::open(&path).unwrap();
         db.register_node(&name("a"), "10.0.0.2:7070", 0).unwrap();
-        db.heartbeat(&name("a"), &Heartbeat { cores: 2, memory_bytes: 1, running: 0, caches: vec![], instances: vec![] }, 1_000).unwrap();
+        db.heartbeat(
+            &name("a"),
+            &Heartbeat { cores: 2, memory_bytes: 1, running: 0, caches: vec![], files: vec![], instances: vec![] },
+            1_000,
+        )
+        .unwrap();
         let spec = |name: &Name, kind, image, memory_bytes| InstanceSpec {
             lab: lab.clone(),
             name: name.clone(),
@@ -249,7 +265,7 @@ fn nodes_join_once_claim_within_bounds_and_can_be_removed() {
     db.join(&join, "digest-1", false, 0, interval).unwrap();
     assert_eq!(db.node_secret(&name("a")).unwrap().as_deref(), Some("digest-1"));
     // Up (a heartbeat): nobody joins as it again, from anywhere.
-    let beat = Heartbeat { cores: u32::MAX, memory_bytes: u64::MAX, running: 0, caches: vec![], instances: vec![] };
+    let beat = Heartbeat { cores: u32::MAX, memory_bytes: u64::MAX, running: 0, caches: vec![], files: vec![], instances: vec![] };
     db.heartbeat(&name("a"), &beat, 1_000).unwrap();
     let elsewhere = Join { address: "10.6.6.6:7070".into(), ..join.clone() };
     let e = db.join(&elsewhere, "digest-2", true, 1_500, interval).unwrap_err();
@@ -283,4 +299,34 @@ fn nodes_join_once_claim_within_bounds_and_can_be_removed() {
             assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600, "{}", f.display());
         }
     }
+}
+
+#[test]
+fn a_whole_file_is_known_by_the_first_digest_and_only_matching_copies_are_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("control.db")).unwrap();
+    for n in ["a", "b", "c"] {
+        db.register_node(&name(n), "10.0.0.2:7070", 0).unwrap();
+    }
+    let key = root(7);
+    let beat = |digest: u8| Heartbeat {
+        cores: 1,
+        memory_bytes: 1,
+        running: 0,
+        caches: vec![(key, 1)],
+        files: vec![(key, root(digest))],
+        instances: vec![],
+    };
+    assert_eq!(db.file_digest(&key).unwrap(), None);
+    db.heartbeat(&name("a"), &beat(1), 1).unwrap();
+    db.heartbeat(&name("b"), &beat(1), 2).unwrap();
+    // c's copy differs: the cluster keeps the first digest, and c is no source.
+    db.heartbeat(&name("c"), &beat(2), 3).unwrap();
+    assert_eq!(db.file_digest(&key).unwrap(), Some(root(1)));
+    let holders: Vec<Name> = db.holders(&key).unwrap().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(holders, vec![name("a"), name("b")]);
+    // A VM image (no file digest) has every holder.
+    let vm = Heartbeat { cores: 1, memory_bytes: 1, running: 0, caches: vec![(root(8), 100)], files: vec![], instances: vec![] };
+    db.heartbeat(&name("c"), &vm, 4).unwrap();
+    assert_eq!(db.holders(&root(8)).unwrap(), vec![(name("c"), 100)]);
 }

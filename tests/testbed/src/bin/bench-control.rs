@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use bootcache_api::agent::{Heartbeat, ImageOrder, Observed, Orders};
+use bootcache_api::agent::{Heartbeat, Observed, Orders};
 use bootcache_api::{InstanceState, Name};
 use clap::Parser;
 
@@ -124,7 +124,7 @@ async fn agent(i: usize, base: String, http: reqwest::Client, interval: Duration
             .iter()
             .map(|(uid, (lab, n, s))| Observed { uid: *uid, lab: lab.clone(), name: n.clone(), state: *s, reason: None })
             .collect();
-        let beat = Heartbeat { cores: 64, memory_bytes: 256 << 30, running: 0, caches: held.clone(), instances };
+        let beat = Heartbeat { cores: 64, memory_bytes: 256 << 30, running: 0, caches: held.clone(), files: vec![], instances };
         let sent = Instant::now();
         let r = http.post(format!("{base}/nodes/{name}/heartbeat")).bearer_auth(own).json(&beat).send().await;
         let orders: Option<Orders> = match r {
@@ -149,14 +149,8 @@ async fn agent(i: usize, base: String, http: reqwest::Client, interval: Duration
             };
             // What it fetched it holds: VM images, and tarballs whole (other
             // nodes are given it as their source only once it holds one).
-            let key = match &o.image {
-                ImageOrder::Vm { root, .. } => Some(*root),
-                ImageOrder::Container { url, .. } => Some(bootcache_api::agent::container_image_key(url)),
-                ImageOrder::Disk { .. } => None,
-            };
-            if let Some(key) = key
-                && !held.iter().any(|(r, _)| *r == key)
-            {
+            let key = o.image.key();
+            if !held.iter().any(|(r, _)| *r == key) {
                 held.push((key, 1));
             }
             now_seen.insert(o.uid, (o.lab, o.name, next));
