@@ -78,6 +78,69 @@ async fn serve(State(dir): State<Arc<PathBuf>>, UrlPath(key): UrlPath<String>) -
     ([(axum::http::header::CONTENT_LENGTH, len.to_string())], body).into_response()
 }
 
+/// Why a whole file was not copied.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FetchError {
+    /// It could not be asked for or read (the URL without secrets).
+    #[error("{url}: {why}")]
+    Transfer {
+        /// Where from.
+        url: String,
+        /// What failed, on one line.
+        why: String,
+    },
+    /// The answer was not the file.
+    #[error("{url}: answered {status}")]
+    Status {
+        /// Where from.
+        url: String,
+        /// What it answered.
+        status: u16,
+    },
+    /// Longer than announced or than any file is allowed.
+    #[error("{url}: {got} bytes, more than {limit}")]
+    TooLong {
+        /// Where from.
+        url: String,
+        /// What it sent or announced.
+        got: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// Shorter than announced.
+    #[error("{url}: {got} bytes received of {expected}")]
+    Short {
+        /// Where from.
+        url: String,
+        /// What came.
+        got: u64,
+        /// What was announced.
+        expected: u64,
+    },
+    /// Its digest is not the one the cluster recorded for it.
+    #[error("{url}: the copy's digest is not the one the cluster recorded for it ({want}); not kept")]
+    Digest {
+        /// Where from.
+        url: String,
+        /// The digest it should have.
+        want: RootDigest,
+    },
+    /// A file of the node's own could not be written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
+    move |source| FetchError::Io { path: path.to_owned(), source }
+}
+
 /// Copies `url` whole to `dest` (staged beside it, renamed once complete
 /// and, with `want`, only if its BLAKE3 digest is that: a half or wrong
 /// copy is never used), sending `authorization` if given; the bytes and
@@ -88,49 +151,49 @@ async fn download(
     authorization: Option<&str>,
     dest: &Path,
     want: Option<RootDigest>,
-) -> Result<(u64, RootDigest), String> {
+) -> Result<(u64, RootDigest), FetchError> {
     let shown = bootcache_http::redact(url);
+    let transfer = |e: reqwest::Error| FetchError::Transfer { url: shown.clone(), why: bootcache_http::chain(&e) };
     let mut req = http.get(url);
     if let Some(a) = authorization {
         req = req.header(reqwest::header::AUTHORIZATION, a);
     }
-    let resp = req.send().await.map_err(|e| format!("{shown}: {}", bootcache_http::chain(&e)))?;
+    let resp = req.send().await.map_err(transfer)?;
     if !resp.status().is_success() {
-        return Err(format!("{shown}: answered {}", resp.status()));
+        return Err(FetchError::Status { url: shown, status: resp.status().as_u16() });
     }
     let expected = resp.content_length();
-    if expected.is_some_and(|n| n > MAX_BYTES) {
-        return Err(format!("{shown}: {} bytes is more than {MAX_BYTES}", expected.unwrap_or(0)));
+    if let Some(n) = expected.filter(|n| *n > MAX_BYTES) {
+        return Err(FetchError::TooLong { url: shown, got: n, limit: MAX_BYTES });
     }
     if let Some(dir) = dest.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
     }
     let part = dest.with_extension("part");
     let result = async {
-        let mut file = tokio::fs::File::create(&part).await.map_err(|e| format!("{}: {e}", part.display()))?;
+        let mut file = tokio::fs::File::create(&part).await.map_err(io(&part))?;
         let mut body = resp.bytes_stream();
         let mut got: u64 = 0;
         let mut hasher = blake3::Hasher::new();
-        while let Some(chunk) = body.try_next().await.map_err(|e| format!("{shown}: {}", bootcache_http::chain(&e)))? {
+        while let Some(chunk) = body.try_next().await.map_err(transfer)? {
             got += chunk.len() as u64;
-            if got > MAX_BYTES || expected.is_some_and(|n| got > n) {
-                return Err(format!("{shown}: more bytes than announced"));
+            let limit = expected.unwrap_or(MAX_BYTES).min(MAX_BYTES);
+            if got > limit {
+                return Err(FetchError::TooLong { url: shown.clone(), got, limit });
             }
             hasher.update(&chunk);
-            file.write_all(&chunk).await.map_err(|e| format!("{}: {e}", part.display()))?;
+            file.write_all(&chunk).await.map_err(io(&part))?;
         }
-        if expected.is_some_and(|n| n != got) {
-            return Err(format!("{shown}: {got} bytes received of {}", expected.unwrap_or(0)));
+        if let Some(expected) = expected.filter(|n| *n != got) {
+            return Err(FetchError::Short { url: shown.clone(), got, expected });
         }
         let digest = RootDigest(*hasher.finalize().as_bytes());
-        if let Some(want) = want
-            && want != digest
-        {
-            return Err(format!("{shown}: the copy's digest is not the one the cluster recorded for it ({want}); not kept"));
+        if let Some(want) = want.filter(|w| *w != digest) {
+            return Err(FetchError::Digest { url: shown.clone(), want });
         }
-        file.sync_all().await.map_err(|e| format!("{}: {e}", part.display()))?;
-        std::fs::write(digest_path(dest), format!("{digest}\n")).map_err(|e| format!("{}: {e}", digest_path(dest).display()))?;
-        std::fs::rename(&part, dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+        file.sync_all().await.map_err(io(&part))?;
+        std::fs::write(digest_path(dest), format!("{digest}\n")).map_err(io(&digest_path(dest)))?;
+        std::fs::rename(&part, dest).map_err(io(dest))?;
         Ok((got, digest))
     }
     .await;
@@ -151,7 +214,7 @@ pub(crate) async fn whole(
     peers: &[String],
     dest: &Path,
     digest: Option<RootDigest>,
-) -> Result<(), String> {
+) -> Result<(), FetchError> {
     let lock = {
         let mut held = shared.images.lock().await;
         Arc::clone(held.entry(dest.to_string_lossy().into_owned()).or_default())
@@ -175,7 +238,7 @@ pub(crate) async fn whole(
     }
     // The store needs no credential (it serves images to anyone on the
     // deployment network); ours is not sent there.
-    let (bytes, _) = download(&shared.files, url, None, dest, digest).await.map_err(|e| format!("image {e}"))?;
+    let (bytes, _) = download(&shared.files, url, None, dest, digest).await?;
     tracing::info!(image = %bootcache_http::redact(url), bytes, "copied from the store");
     Ok(())
 }
@@ -206,23 +269,23 @@ mod tests {
         let http = reqwest::Client::new();
         // Fewer bytes than announced: refused, nothing kept.
         let url = answer_once("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n".into(), b"12345".to_vec()).await;
-        let e = download(&http, &url, None, &dest, None).await.unwrap_err();
+        let e = download(&http, &url, None, &dest, None).await.unwrap_err().to_string();
         assert!(e.contains("small.tar"), "{e}");
         assert!(!dest.exists() && !dest.with_extension("part").exists());
         // An absurd length is refused before anything is written.
         let url = answer_once(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", MAX_BYTES + 1), Vec::new()).await;
-        let e = download(&http, &url, None, &dest, None).await.unwrap_err();
+        let e = download(&http, &url, None, &dest, None).await.unwrap_err().to_string();
         assert!(e.contains("more than"), "{e}");
         assert!(!dest.exists() && !dest.with_extension("part").exists());
         // A refusal names the status.
         let url = answer_once("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".into(), Vec::new()).await;
-        let e = download(&http, &url, None, &dest, None).await.unwrap_err();
+        let e = download(&http, &url, None, &dest, None).await.unwrap_err().to_string();
         assert!(e.contains("404"), "{e}");
         // A whole answer whose digest is not the cluster's: not kept.
         let other = RootDigest(*blake3::hash(b"54321").as_bytes());
         let url = answer_once("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n".into(), b"12345".to_vec()).await;
         let e = download(&http, &url, None, &dest, Some(other)).await.unwrap_err();
-        assert!(e.contains("not the one the cluster recorded"), "{e}");
+        assert!(matches!(e, FetchError::Digest { .. }), "{e}");
         assert!(!dest.exists() && !dest.with_extension("part").exists());
         // A whole answer is kept whole, with its digest beside it.
         let url = answer_once("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n".into(), b"12345".to_vec()).await;

@@ -130,7 +130,7 @@ async fn fetch_source(shared: &Shared, order: &Order) -> Result<Source, AgentErr
         Image::Tarball { url, digest } => {
             let key = order.image.key();
             let path = crate::fetch::tarball_path(&shared.config.state_dir, &key);
-            crate::fetch::whole(shared, &key, url, &order.sources, &path, *digest).await.map_err(AgentError::Image)?;
+            crate::fetch::whole(shared, &key, url, &order.sources, &path, *digest).await?;
             Ok(Source::Tarball { path, key: key.to_string() })
         }
         other => Err(AgentError::Image(format!("this agent cannot use an image of kind {other:?}"))),
@@ -163,7 +163,7 @@ async fn whole_disk(
 ) -> Result<(std::path::PathBuf, DiskFormat), AgentError> {
     let key = bootcache_api::image::file_key(url);
     let path = shared.config.state_dir.join("disks").join(format!("{key}.img"));
-    crate::fetch::whole(shared, &key, url, &[], &path, digest).await.map_err(AgentError::Image)?;
+    crate::fetch::whole(shared, &key, url, &[], &path, digest).await?;
     // By its magic, as convert reads images; what QEMU is given must be
     // what the file is, never a guess.
     match bootcache_convert::detect(&path) {

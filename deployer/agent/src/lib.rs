@@ -86,6 +86,8 @@ pub fn tarball_routes(dir: PathBuf, credential: Arc<Credential>) -> axum::Router
     fetch::routes(dir, credential)
 }
 
+pub use fetch::FetchError;
+
 /// The runtime backend that runs instances of `kind` on a node: the one
 /// place a kind meets a backend ([`bootcache_runtime::open`] by name).
 pub fn backend(kind: Kind) -> &'static str {
@@ -109,6 +111,9 @@ pub enum AgentError {
     /// An instance's image could not be had.
     #[error("image: {0}")]
     Image(String),
+    /// A whole file (a tarball, a disk) could not be copied.
+    #[error("image {0}")]
+    Fetch(#[from] fetch::FetchError),
     /// The node runs no instances of a kind (its agent was given no
     /// endpoint for that backend).
     #[error("this node runs no {kind}s (the agent has no --{backend})")]
