@@ -65,6 +65,33 @@ fn spec(order: &Order, id: &str, source: Source) -> Spec {
         nics: order.nics.clone(),
         source,
         command: order.command.clone(),
+        cloud_init: (order.kind() == Kind::Vm).then(|| no_cloud(order, id)),
+    }
+}
+
+/// A VM's NoCloud seed: its instance id and name, its addresses by MAC
+/// with its gateway (network-config version 2), and the lab's user-data
+/// as `#cloud-config` (JSON is YAML: nothing is re-serialised by hand). A
+/// guest without cloud-init ignores it and keeps its DHCP address.
+pub(crate) fn no_cloud(order: &Order, id: &str) -> bootcache_runtime::NoCloud {
+    let meta = serde_json::json!({"instance-id": id, "local-hostname": order.name});
+    let mut ethernets = serde_json::Map::new();
+    for (i, nic) in order.nics.iter().enumerate() {
+        let mut eth = serde_json::json!({
+            "match": {"macaddress": nic.mac.to_string()},
+            "dhcp4": false,
+            "addresses": [format!("{}/{}", nic.address, nic.prefix)],
+        });
+        if let Some(gw) = nic.gateway {
+            eth["routes"] = serde_json::json!([{"to": "0.0.0.0/0", "via": gw.to_string()}]);
+        }
+        ethernets.insert(format!("nic{i}"), eth);
+    }
+    let network = serde_json::json!({"version": 2, "ethernets": ethernets});
+    bootcache_runtime::NoCloud {
+        meta_data: format!("{meta}\n"),
+        user_data: order.cloud_init.as_ref().map(|v| format!("#cloud-config\n{v}\n")),
+        network_config: format!("{network}\n"),
     }
 }
 
@@ -194,6 +221,7 @@ async fn attach(shared: &Shared, runtime: &dyn Runtime, order: &Order, id: &str)
             inside: format!("eth{i}"),
             mac: n.mac,
             address: (n.address, n.prefix),
+            gateway: n.gateway,
         };
         veths.push((veth, bridge_mark));
     }
@@ -249,4 +277,51 @@ pub(crate) async fn remove(shared: &Shared, kind: Kind, id: &str) -> Result<(), 
     }
     let _ = std::fs::remove_file(shared.config.state_dir.join("overlays").join(format!("{id}.qcow2")));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bootcache_api::agent::Nic;
+
+    #[test]
+    fn a_vms_seed_says_its_name_addresses_gateway_and_user_data() {
+        let order = Order {
+            uid: 7,
+            lab: "lab".parse().unwrap(),
+            name: "web-1".parse().unwrap(),
+            image: Image::Disk { url: "http://s/d.qcow2".into(), digest: None },
+            sources: vec![],
+            cpus: 1,
+            memory_bytes: 1 << 29,
+            nics: vec![
+                Nic {
+                    bridge: names::bridge(1),
+                    mac: names::mac(7, 0),
+                    address: "10.1.0.5".parse().unwrap(),
+                    prefix: 24,
+                    gateway: Some("10.1.0.1".parse().unwrap()),
+                },
+                Nic { bridge: names::bridge(2), mac: names::mac(7, 1), address: "10.2.0.5".parse().unwrap(), prefix: 16, gateway: None },
+            ],
+            ready: None,
+            command: None,
+            cloud_init: Some(serde_json::json!({"users": [{"name": "alice", "ssh_authorized_keys": ["ssh-ed25519 AAAA alice"]}]})),
+            running: true,
+        };
+        let seed = no_cloud(&order, "bootcache.7.lab.web-1");
+        let meta: serde_json::Value = serde_json::from_str(&seed.meta_data).unwrap();
+        assert_eq!((meta["instance-id"].as_str(), meta["local-hostname"].as_str()), (Some("bootcache.7.lab.web-1"), Some("web-1")));
+        let net: serde_json::Value = serde_json::from_str(&seed.network_config).unwrap();
+        assert_eq!(net["version"], 2);
+        assert_eq!(net["ethernets"]["nic0"]["match"]["macaddress"], "0a:00:00:00:07:00");
+        assert_eq!(net["ethernets"]["nic0"]["addresses"][0], "10.1.0.5/24");
+        assert_eq!(net["ethernets"]["nic0"]["routes"][0]["via"], "10.1.0.1");
+        assert!(net["ethernets"]["nic1"].get("routes").is_none());
+        let user = seed.user_data.unwrap();
+        let (head, body) = user.split_once('\n').unwrap();
+        assert_eq!(head, "#cloud-config");
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["users"][0]["name"], "alice");
+    }
 }

@@ -351,6 +351,7 @@ mod tests {
                 server: Ipv4Addr::new(10, 9, 0, 254),
                 prefix: 24,
                 hosts: vec![(Mac([0x0a, 0, 0, 0, 1, 0]), Ipv4Addr::new(10, 9, 0, 1))],
+                gateway: None,
             }),
         }
     }
@@ -364,9 +365,16 @@ mod tests {
             sources: vec![],
             cpus: 1,
             memory_bytes: 64 << 20,
-            nics: vec![Nic { bridge: bridge.clone(), mac: names::mac(uid, 0), address: Ipv4Addr::new(10, 9, 0, 1), prefix: 24 }],
+            nics: vec![Nic {
+                bridge: bridge.clone(),
+                mac: names::mac(uid, 0),
+                address: Ipv4Addr::new(10, 9, 0, 1),
+                prefix: 24,
+                gateway: None,
+            }],
             ready: None,
             command: None,
+            cloud_init: None,
             running: true,
         }
     }

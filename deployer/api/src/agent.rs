@@ -125,6 +125,10 @@ pub struct Order {
     pub ready: Option<String>,
     /// A container's command.
     pub command: Option<Vec<String>>,
+    /// A VM's cloud-init user-data (a map; its node sends it as
+    /// `#cloud-config` in the VM's NoCloud seed beside the lab's addresses).
+    #[serde(default)]
+    pub cloud_init: Option<serde_json::Value>,
     /// Whether it should run (false: stopped on request, kept).
     #[serde(default = "running")]
     pub running: bool,
@@ -152,6 +156,9 @@ pub struct Nic {
     pub address: Ipv4Addr,
     /// The segment's prefix length.
     pub prefix: u8,
+    /// The segment's gateway, if it has one (the instance's default route).
+    #[serde(default)]
+    pub gateway: Option<Ipv4Addr>,
 }
 
 /// A segment on a node: its bridge, the VXLAN link to the other nodes that
@@ -190,6 +197,9 @@ pub struct Dhcp {
     pub prefix: u8,
     /// Each VM's MAC address and the address it gets.
     pub hosts: Vec<(Mac, Ipv4Addr)>,
+    /// The router it tells them of, if the segment has one.
+    #[serde(default)]
+    pub gateway: Option<Ipv4Addr>,
 }
 
 /// A MAC address.

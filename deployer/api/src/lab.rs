@@ -16,6 +16,10 @@
 //!     segments:
 //!       lan: 10.20.0.10        # web-1; web-2 takes 10.20.0.11
 //!     ready: BOOTCACHE-BOOTED  # the line on the serial console that means up
+//!     cloud-init:              # user-data, as #cloud-config (with the lab's
+//!       users:                 # addresses, name and gateway as the rest of
+//!         - name: alice        # its NoCloud seed)
+//!           ssh_authorized_keys: [ssh-ed25519 AAAA... alice]
 //!   legacy:
 //!     kind: vm
 //!     image: http://10.0.0.1:8080/reference.qcow2
@@ -78,6 +82,10 @@ pub struct Segment {
     pub subnet: Subnet,
     /// The bridge's name on the nodes, when the lab sets one.
     pub bridge: Option<InterfaceName>,
+    /// The segment's router, when it has one: the default route of its
+    /// instances.
+    #[serde(default)]
+    pub gateway: Option<Ipv4Addr>,
 }
 
 /// An instance of the lab as written (replicas not yet expanded).
@@ -109,7 +117,13 @@ pub struct InstanceDef {
     /// How a VM's disk reaches its node.
     #[serde(default)]
     pub delivery: Delivery,
+    /// A VM's cloud-init user-data (a map, sent as `#cloud-config`).
+    #[serde(default)]
+    pub cloud_init: Option<serde_json::Value>,
 }
+
+/// The most bytes a VM's cloud-init user-data may take (as sent).
+pub const MAX_CLOUD_INIT_BYTES: usize = 64 << 10;
 
 /// How a VM's disk reaches its node.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -84,6 +84,10 @@ fn holds_capacity(s: InstanceState) -> bool {
     matches!(s, InstanceState::Placed | InstanceState::Fetching | InstanceState::Starting | InstanceState::Ready | InstanceState::Stopped)
 }
 
+/// An interface as a fingerprint holds it: its segment, subnet, bridge,
+/// address and gateway.
+type PrintedNic<'a> = (&'a Name, String, Option<&'a bootcache_api::InterfaceName>, Ipv4Addr, Option<Ipv4Addr>);
+
 /// Everything of an instance's definition its node makes it from: what
 /// a re-deploy compares to tell a changed instance (made anew) from an
 /// unchanged one (left running).
@@ -98,7 +102,8 @@ struct Fingerprint<'a> {
     node: Option<&'a Name>,
     ready: Option<&'a str>,
     command: Option<&'a [String]>,
-    nics: Vec<(&'a Name, String, Option<&'a bootcache_api::InterfaceName>, Ipv4Addr)>,
+    nics: Vec<PrintedNic<'a>>,
+    cloud_init: Option<&'a serde_json::Value>,
 }
 
 /// The instances of `lab` as the database records them.
@@ -121,8 +126,9 @@ fn specs(lab: &Lab, roots: &HashMap<String, RootDigest>) -> Vec<InstanceSpec> {
             nics: inst
                 .addresses
                 .iter()
-                .filter_map(|(seg, a)| lab.segment(seg).map(|s| (seg, s.subnet.to_string(), s.bridge.as_ref(), *a)))
+                .filter_map(|(seg, a)| lab.segment(seg).map(|s| (seg, s.subnet.to_string(), s.bridge.as_ref(), *a, s.gateway)))
                 .collect(),
+            cloud_init: def.cloud_init.as_ref(),
         };
         let fingerprint = blake3::hash(&serde_json::to_vec(&print).unwrap_or_default()).to_hex().to_string();
         out.push(InstanceSpec {
@@ -463,7 +469,13 @@ impl Control {
                     if def.kind == Kind::Vm {
                         dhcp_hosts.entry(seg.clone()).or_default().push((mac, *addr));
                     }
-                    nics.push(Nic { bridge: numbered.bridge.clone(), mac, address: *addr, prefix: segment.subnet.prefix });
+                    nics.push(Nic {
+                        bridge: numbered.bridge.clone(),
+                        mac,
+                        address: *addr,
+                        prefix: segment.subnet.prefix,
+                        gateway: segment.gateway.filter(|g| g != addr),
+                    });
                 }
                 orders.instances.push(Order {
                     uid: r.uid,
@@ -476,6 +488,7 @@ impl Control {
                     nics,
                     ready: def.ready.clone(),
                     command: def.command.clone(),
+                    cloud_init: def.cloud_init.clone(),
                     running: r.running,
                 });
             }
@@ -492,6 +505,7 @@ impl Control {
                         server: segment.subnet.node_address(u32::try_from(k).unwrap_or(0)).unwrap_or(Ipv4Addr::UNSPECIFIED),
                         prefix: segment.subnet.prefix,
                         hosts,
+                        gateway: segment.gateway,
                     }
                 });
                 orders.segments.push(SegmentOrder {

@@ -36,8 +36,9 @@ pub struct DhcpServers {
 #[derive(Debug)]
 struct Server {
     child: Child,
-    /// The bridge, the server's address and prefix: a change makes it anew.
-    place: (String, Ipv4Addr, u8),
+    /// The bridge, the server's address and prefix, the router it tells
+    /// of: a change makes it anew.
+    place: (String, Ipv4Addr, u8, Option<Ipv4Addr>),
     hosts: String,
 }
 
@@ -118,7 +119,7 @@ impl DhcpServers {
         dhcp: &Dhcp,
     ) -> Result<(), NetError> {
         let hosts: String = dhcp.hosts.iter().map(|(mac, ip)| format!("{mac},{ip}\n")).collect();
-        let place = (bridge.to_string(), dhcp.server, dhcp.prefix);
+        let place = (bridge.to_string(), dhcp.server, dhcp.prefix, dhcp.gateway);
         let hosts_file = self.file(id, "hosts");
         {
             let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
@@ -165,7 +166,8 @@ impl DhcpServers {
                 .arg(format!("--dhcp-range={network},static,{mask},1h"))
                 .arg(format!("--dhcp-hostsfile={}", hosts_file.display()))
                 .arg("--dhcp-ignore=tag:!known")
-                .arg("--dhcp-option=3")
+                // The segment's router, or none.
+                .arg(dhcp.gateway.map_or_else(|| "--dhcp-option=3".to_owned(), |g| format!("--dhcp-option=3,{g}")))
                 .arg("--dhcp-option=6")
                 .arg("--dhcp-authoritative")
                 .arg(format!("--dhcp-leasefile={}", self.file(id, "leases").display()))

@@ -126,6 +126,8 @@ pub struct Veth {
     pub mac: Mac,
     /// Its address and prefix length inside the container.
     pub address: (Ipv4Addr, u8),
+    /// The default route through it, if its segment has a gateway.
+    pub gateway: Option<Ipv4Addr>,
 }
 
 impl Network {
@@ -422,6 +424,15 @@ impl Network {
             inside.set(&format!("naming {} in the container", v.inside), msg).await?;
             inside.set(&format!("bringing {} up", v.inside), LinkUnspec::new_with_index(far).up().build()).await?;
             inside.ensure_address(&v.inside, v.address.0, v.address.1).await?;
+        }
+        if let Some((v, _)) = veths.iter().find(|(v, _)| v.gateway.is_some()) {
+            let gw = v.gateway.unwrap_or(Ipv4Addr::UNSPECIFIED);
+            let route = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().gateway(gw).build();
+            match inside.handle.route().add(route).execute().await {
+                Ok(()) => {}
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -17 => {}
+                Err(e) => return Err(failed(format!("the default route through {gw} in the container"))(e)),
+            }
         }
         if let Some(lo) = inside.index("lo").await? {
             inside.set("bringing lo up", LinkUnspec::new_with_index(lo).up().build()).await?;

@@ -82,11 +82,15 @@ fn bridges_vxlan_links_and_container_veths() {
                 inside: "eth0".into(),
                 mac: Mac([0x52, 0x54, 0, 0, 0, n as u8 + 1]),
                 address: (addr, 24),
+                // a's segment has b as its router.
+                gateway: (n == 0).then_some(Ipv4Addr::new(10, 20, 0, 2)),
             };
             net.attach_container(s.pid(), &format!("bootcache node-t instance {n} lab/c{n}"), &[(veth, MARK.to_owned())]).await.unwrap();
         }
         let shown = String::from_utf8(a.run(&["ip", "addr", "show", "eth0"]).stdout).unwrap();
         assert!(shown.contains("10.20.0.1/24") && shown.contains("52:54:00:00:00:01") && shown.contains("UP"), "{shown}");
+        let routes = String::from_utf8(a.run(&["ip", "route"]).stdout).unwrap();
+        assert!(routes.contains("default via 10.20.0.2 dev eth0"), "{routes}");
         let ping = a.run(&["ping", "-c", "1", "-W", "5", "10.20.0.2"]);
         assert!(ping.status.success(), "{}", String::from_utf8_lossy(&ping.stdout));
 
@@ -142,7 +146,12 @@ fn a_dhcp_server_lives_in_its_own_namespace() {
         let dir = tempfile::tempdir().unwrap();
         let servers = DhcpServers::new(dir.path()).unwrap();
         let mac = Mac([0x0a, 0, 0, 0, 7, 0]);
-        let dhcp = Dhcp { server: Ipv4Addr::new(10, 77, 0, 254), prefix: 24, hosts: vec![(mac, Ipv4Addr::new(10, 77, 0, 9))] };
+        let dhcp = Dhcp {
+            server: Ipv4Addr::new(10, 77, 0, 254),
+            prefix: 24,
+            hosts: vec![(mac, Ipv4Addr::new(10, 77, 0, 9))],
+            gateway: Some(Ipv4Addr::new(10, 77, 0, 1)),
+        };
         servers.ensure(&net, 5, &br, MARK, MARK, &dhcp).await.unwrap();
         servers.ensure(&net, 5, &br, MARK, MARK, &dhcp).await.unwrap();
         assert_eq!(servers.running(), vec![5]);
@@ -156,11 +165,17 @@ fn a_dhcp_server_lives_in_its_own_namespace() {
             inside: "eth0".into(),
             mac,
             address: (Ipv4Addr::new(192, 0, 2, 1), 32),
+            gateway: None,
         };
         net.attach_container(vm.pid(), "bootcache node-t instance 7 lab/vm", &[(veth, MARK.to_owned())]).await.unwrap();
-        let got = vm.run(&["busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-f", "-t", "5", "-s", "/bin/true"]);
+        // The lease, and the segment's router in it (udhcpc hands it to its script as $router).
+        let scripts = tempfile::tempdir().unwrap();
+        let script = scripts.path().join("lease.sh");
+        std::fs::write(&script, "#!/bin/sh\n[ \"$1\" = bound ] && echo \"router=$router ip=$ip\"\nexit 0\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let got = vm.run(&["busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-f", "-t", "5", "-s", script.to_str().unwrap()]);
         let said = String::from_utf8_lossy(&got.stderr).into_owned() + &String::from_utf8_lossy(&got.stdout);
-        assert!(said.contains("10.77.0.9"), "no lease: {said}");
+        assert!(said.contains("router=10.77.0.1 ip=10.77.0.9"), "no lease with its router: {said}");
         let addrs = String::from_utf8(Command::new("ip").args(["-4", "addr"]).output().unwrap().stdout).unwrap();
         assert!(!addrs.contains("10.77.0.254"), "the server's address is not the node's: {addrs}");
         let routes = String::from_utf8(Command::new("ip").args(["route", "show", "table", "all"]).output().unwrap().stdout).unwrap();

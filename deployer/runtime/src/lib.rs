@@ -120,6 +120,19 @@ pub enum Source {
     },
 }
 
+/// What a VM is told at its first boot (cloud-init's NoCloud data source):
+/// the files of its seed disk, which its backend makes and attaches
+/// read-only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NoCloud {
+    /// `meta-data` (its instance id and host name).
+    pub meta_data: String,
+    /// `user-data` (a `#cloud-config`), if the lab gives one.
+    pub user_data: Option<String>,
+    /// `network-config` (version 2: its addresses by MAC, gateway, DNS).
+    pub network_config: String,
+}
+
 /// An instance to make.
 #[derive(Clone, Debug)]
 pub struct Spec {
@@ -138,6 +151,8 @@ pub struct Spec {
     pub source: Source,
     /// A container's command (else its image's).
     pub command: Option<Vec<String>>,
+    /// A VM's cloud-init seed.
+    pub cloud_init: Option<NoCloud>,
 }
 
 /// Where an instance stands as its runtime sees it.

@@ -70,7 +70,25 @@ fn segments(raw: Option<&Spanned<super::raw::Entries<RawSegment>>>) -> Result<Ve
                 Some(n)
             }
         };
-        segments.push(Segment { name: seg_name, subnet: parsed, bridge });
+        let gateway = match &seg.gateway {
+            None => None,
+            Some(g) => {
+                let a: std::net::Ipv4Addr =
+                    g.value.parse().map_err(|_| err(at(g), format!("segment {seg_name}: gateway {:?} is not an IPv4 address", g.value)))?;
+                let index = u32::from(a).wrapping_sub(u32::from(parsed.network)).wrapping_sub(1);
+                if !parsed.holds(a) || index >= parsed.instance_hosts() {
+                    return Err(err(
+                        at(g),
+                        format!(
+                            "segment {seg_name}: gateway {a} is not a host of {parsed} below the nodes' last {} addresses",
+                            super::NODE_ADDRESSES
+                        ),
+                    ));
+                }
+                Some(a)
+            }
+        };
+        segments.push(Segment { name: seg_name, subnet: parsed, bridge, gateway });
     }
     Ok(segments)
 }
@@ -143,7 +161,24 @@ fn instance(key: &Spanned<String>, def: &RawInstance) -> Result<InstanceDef, Lab
             other => return Err(err(at(d), format!("instance {name}: unknown delivery {other:?} (lazy or full)"))),
         },
     };
+    let cloud_init = match &def.cloud_init {
+        None => None,
+        Some(c) if kind == Kind::Container => {
+            return Err(err(at(c), format!("instance {name}: cloud-init is for VMs (a container takes env, files and command)")));
+        }
+        Some(c) if !c.value.is_object() => {
+            return Err(err(at(c), format!("instance {name}: cloud-init is user-data as a map (users:, write_files:, runcmd: ...)")));
+        }
+        Some(c) => {
+            let bytes = serde_json::to_vec(&c.value).map(|v| v.len()).unwrap_or(usize::MAX);
+            if bytes > super::MAX_CLOUD_INIT_BYTES {
+                return Err(err(at(c), format!("instance {name}: cloud-init is {bytes} bytes, more than {}", super::MAX_CLOUD_INIT_BYTES)));
+            }
+            Some(c.value.clone())
+        }
+    };
     Ok(InstanceDef {
+        cloud_init,
         name,
         kind,
         image: image.value.clone(),

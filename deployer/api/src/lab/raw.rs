@@ -47,6 +47,7 @@ pub(super) struct RawLab {
 pub(super) struct RawSegment {
     pub(super) subnet: Option<Spanned<String>>,
     pub(super) bridge: Option<Spanned<String>>,
+    pub(super) gateway: Option<Spanned<String>>,
 }
 
 /// `segments: [lan, wan]` or `segments: {lan: 10.20.0.10, wan: }`.
@@ -96,6 +97,8 @@ pub(super) struct RawInstance {
     pub(super) ready: Option<Spanned<String>>,
     pub(super) command: Option<Spanned<Vec<String>>>,
     pub(super) delivery: Option<Spanned<String>>,
+    #[serde(rename = "cloud-init")]
+    pub(super) cloud_init: Option<Spanned<serde_json::Value>>,
 }
 
 /// `512MiB`, `1G`, `64M`, `1TiB` or a number of bytes.

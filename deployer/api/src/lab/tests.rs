@@ -260,3 +260,40 @@ fn addresses_are_given_in_linear_time() {
     }
     assert!(took < std::time::Duration::from_secs(20), "took {took:?}");
 }
+
+#[test]
+fn cloud_init_and_gateways_are_checked_where_they_are_written() {
+    let with = GOOD.replace(
+        "    ready: BOOTCACHE-BOOTED\n",
+        "    ready: BOOTCACHE-BOOTED\n    cloud-init:\n      users:\n        - name: alice\n          ssh_authorized_keys: [ssh-ed25519 AAAA alice]\n      write_files:\n        - {path: /etc/motd, content: hello}\n",
+    );
+    let lab = Lab::parse(&with).unwrap();
+    let ci = lab.instances[0].cloud_init.as_ref().unwrap();
+    assert_eq!(ci["users"][0]["name"], "alice");
+    assert_eq!(ci["write_files"][0]["path"], "/etc/motd");
+    let gw = GOOD.replace("    subnet: 10.20.0.0/24\n", "    subnet: 10.20.0.0/24\n    gateway: 10.20.0.1\n");
+    assert_eq!(Lab::parse(&gw).unwrap().segments[0].gateway, Some(Ipv4Addr::new(10, 20, 0, 1)));
+    let cases: &[(&str, &str, u32, &str)] = &[
+        ("    ready: BOOTCACHE-BOOTED\n", "    ready: BOOTCACHE-BOOTED\n    cloud-init: [a, b]\n", 17, "user-data as a map"),
+        ("    ready: BOOTCACHE-BOOTED\n", "    ready: BOOTCACHE-BOOTED\n    cloud-init: just text\n", 17, "user-data as a map"),
+        (
+            "    command: [/bin/sh, -c, echo up]\n",
+            "    command: [/bin/sh, -c, echo up]\n    cloud-init: {users: []}\n",
+            24,
+            "cloud-init is for VMs",
+        ),
+        ("    subnet: 10.20.0.0/24\n", "    subnet: 10.20.0.0/24\n    gateway: 10.21.0.1\n", 5, "not a host of 10.20.0.0/24"),
+        ("    subnet: 10.20.0.0/24\n", "    subnet: 10.20.0.0/24\n    gateway: 10.20.0.254\n", 5, "below the nodes'"),
+        ("    subnet: 10.20.0.0/24\n", "    subnet: 10.20.0.0/24\n    gateway: router\n", 5, "not an IPv4 address"),
+    ];
+    for (from, to, line, what) in cases {
+        let e = error_of(&GOOD.replacen(from, to, 1));
+        assert!(e.message.contains(what), "{to:?}: {e}");
+        assert_eq!(e.line, Some(*line), "{to:?}: {e}");
+    }
+    let huge = GOOD.replace(
+        "    ready: BOOTCACHE-BOOTED\n",
+        &format!("    ready: BOOTCACHE-BOOTED\n    cloud-init:\n      runcmd: [\"{}\"]\n", "x".repeat(70_000)),
+    );
+    assert!(error_of(&huge).message.contains("more than 65536"));
+}

@@ -16,6 +16,8 @@ use base64::Engine;
 use virt::connect::Connect;
 use virt::domain::DomainState;
 
+pub mod seed;
+
 pub use crate::Accel;
 use crate::{Exec, Options, PREFIX, Runtime, RuntimeError, Source, Spec, Status, tail, xml_escape};
 
@@ -25,6 +27,9 @@ pub struct Libvirt {
     uri: String,
     consoles: PathBuf,
     overlays: PathBuf,
+    seeds: PathBuf,
+    /// QEMU's group under libvirt (`libvirt-qemu`), which reads the seeds.
+    qemu_group: Option<u32>,
     accel: Accel,
     emulator: PathBuf,
     owner: String,
@@ -58,15 +63,27 @@ impl Libvirt {
         let (uri, accel, owner) = (options.endpoint.as_str(), options.accel, options.owner.as_str());
         let consoles = options.state_dir.join("consoles");
         let overlays = options.state_dir.join("overlays");
-        for d in [&consoles, &overlays] {
+        let seeds = options.state_dir.join("seeds");
+        for d in [&consoles, &overlays, &seeds] {
             std::fs::create_dir_all(d).map_err(|e| RuntimeError::new(format!("making {}", d.display()), e))?;
         }
+        // QEMU (another user under libvirt) reaches the files it is given.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&seeds, std::fs::Permissions::from_mode(0o711));
+        }
+        let qemu_group = std::fs::read_to_string("/etc/group").ok().and_then(|g| {
+            g.lines().find_map(|l| {
+                let mut f = l.split(':');
+                (f.next() == Some("libvirt-qemu")).then(|| f.nth(1).and_then(|gid| gid.parse::<u32>().ok())).flatten()
+            })
+        });
         let emulator = ["/usr/bin/qemu-system-x86_64", "/usr/libexec/qemu-kvm"]
             .iter()
             .map(PathBuf::from)
             .find(|p| p.exists())
             .ok_or_else(|| RuntimeError::new("finding QEMU", "no qemu-system-x86_64 (package qemu-system-x86)"))?;
-        let me = Libvirt { uri: uri.to_owned(), consoles, overlays, accel, emulator, owner: owner.to_owned() };
+        let me = Libvirt { uri: uri.to_owned(), consoles, overlays, seeds, qemu_group, accel, emulator, owner: owner.to_owned() };
         let v = me.blocking("connecting", |c| c.lib_version().map_err(virt_err(String::new()))).await?;
         tracing::info!(uri, libvirt = v, ?accel, "libvirt connected");
         Ok(me)
@@ -97,6 +114,11 @@ impl Libvirt {
         self.consoles.join(format!("{id}.console"))
     }
 
+    /// Where a VM's cloud-init seed is kept.
+    pub fn seed_path(&self, id: &str) -> PathBuf {
+        self.seeds.join(format!("{id}.img"))
+    }
+
     /// Where a VM's overlay is kept.
     pub fn overlay_path(&self, id: &str) -> PathBuf {
         self.overlays.join(format!("{id}.qcow2"))
@@ -125,8 +147,15 @@ impl Libvirt {
         Ok(overlay)
     }
 
-    /// The domain XML for `spec`, its disk the overlay at `disk`.
-    pub fn domain_xml(&self, spec: &Spec, disk: &Path) -> Result<String, RuntimeError> {
+    /// The domain XML for `spec`, its disk the overlay at `disk`, its
+    /// cloud-init seed (read-only) at `seed`.
+    pub fn domain_xml(&self, spec: &Spec, disk: &Path, seed: Option<&Path>) -> Result<String, RuntimeError> {
+        let seed = seed.map_or_else(String::new, |p| {
+            format!(
+                "    <disk type='file' device='disk'>\n      <driver name='qemu' type='raw'/>\n      <source file='{}'/>\n      <target dev='vdb' bus='virtio'/>\n      <readonly/>\n    </disk>\n",
+                xml_escape(&p.to_string_lossy())
+            )
+        });
         let kind = match self.accel {
             Accel::Tcg => "qemu",
             Accel::Kvm => "kvm",
@@ -159,7 +188,7 @@ impl Libvirt {
       <source file='{disk}'/>
       <target dev='vda' bus='virtio'/>
     </disk>
-{nics}    <serial type='file'><source path='{console}'/><target port='0'/></serial>
+{seed}{nics}    <serial type='file'><source path='{console}'/><target port='0'/></serial>
     <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
     <memballoon model='none'/>
   </devices>
@@ -198,7 +227,15 @@ impl Runtime for Libvirt {
 
     async fn create(&self, spec: &Spec) -> Result<(), RuntimeError> {
         let overlay = self.make_overlay(&spec.id, &spec.source).await?;
-        let xml = self.domain_xml(spec, &overlay)?;
+        let seed = match &spec.cloud_init {
+            None => None,
+            Some(cloud) => {
+                let path = self.seed_path(&spec.id);
+                seed::write(&path, cloud, self.qemu_group)?;
+                Some(path)
+            }
+        };
+        let xml = self.domain_xml(spec, &overlay, seed.as_deref())?;
         let _ = std::fs::remove_file(self.console_path(&spec.id));
         self.blocking(&format!("{}: defining", spec.id), move |c| c.define_domain_xml(&xml).map(drop).map_err(virt_err(String::new())))
             .await
@@ -242,6 +279,7 @@ impl Runtime for Libvirt {
         .await?;
         let _ = std::fs::remove_file(self.console_path(id));
         let _ = std::fs::remove_file(self.overlay_path(id));
+        let _ = std::fs::remove_file(self.seed_path(id));
         Ok(())
     }
 
@@ -324,6 +362,8 @@ mod tests {
             uri: "test:///default".into(),
             consoles: "/run/c".into(),
             overlays: "/var/lib/x".into(),
+            seeds: "/var/lib/s".into(),
+            qemu_group: None,
             accel: Accel::Tcg,
             emulator: "/usr/bin/qemu-system-x86_64".into(),
             owner: "node-a".into(),
@@ -338,11 +378,13 @@ mod tests {
                 mac: bootcache_api::agent::Mac([0x52, 0x54, 0, 1, 2, 3]),
                 address: "10.0.0.5".parse().unwrap(),
                 prefix: 24,
+                gateway: None,
             }],
             source: crate::Source::Export { url: "nbd+unix:///x?socket=/s".into(), virtual_size: 1 << 30 },
             command: None,
+            cloud_init: None,
         };
-        let xml = lv.domain_xml(&spec, &lv.overlay_path(&spec.id)).unwrap();
+        let xml = lv.domain_xml(&spec, &lv.overlay_path(&spec.id), Some(&lv.seed_path(&spec.id))).unwrap();
         for part in [
             "<domain type='qemu'>",
             "<name>bootcache.lab.vm-1</name>",
@@ -353,6 +395,7 @@ mod tests {
             "<source path='/run/c/bootcache.lab.vm-1.console'/>",
             "org.qemu.guest_agent.0",
             "<bootcache:instance xmlns:bootcache='https://bootcache.dev/xmlns/instance/1' owner='node-a'/>",
+            "<source file='/var/lib/s/bootcache.lab.vm-1.img'/>\n      <target dev='vdb' bus='virtio'/>\n      <readonly/>",
         ] {
             assert!(xml.contains(part), "{part} in\n{xml}");
         }
