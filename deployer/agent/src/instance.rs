@@ -59,13 +59,16 @@ async fn claim(shared: &Shared, runtime: &dyn Runtime, kind: Kind, id: &str) -> 
 fn spec(order: &Order, id: &str, source: Source) -> Spec {
     Spec {
         id: id.to_owned(),
-        hostname: order.name.to_string(),
+        hostname: order.hostname.as_ref().unwrap_or(&order.name).to_string(),
         cpus: order.cpus,
         memory_bytes: order.memory_bytes,
         nics: order.nics.clone(),
         source,
         command: order.command.clone(),
         cloud_init: (order.kind() == Kind::Vm).then(|| no_cloud(order, id)),
+        env: order.env.clone(),
+        files: order.files.clone(),
+        sysctls: order.sysctls.clone(),
     }
 }
 
@@ -136,7 +139,56 @@ async fn make(shared: &Shared, order: &Order, id: &str) -> Result<std::time::Dur
     runtime.create(&spec(order, id, source)).await?;
     runtime.start(id).await?;
     attach(shared, runtime, order, id).await?;
-    Ok(runtime.wait_ready(id, order.ready.as_deref(), shared.config.ready_timeout).await?)
+    let started = std::time::Instant::now();
+    for argv in &order.exec {
+        let done = runtime.exec(id, argv, EXEC_TIMEOUT).await?;
+        if done.code != 0 {
+            return Err(AgentError::Exec { argv: argv.join(" "), code: done.code, output: tail(&done.output) });
+        }
+    }
+    match &order.ready_command {
+        Some(argv) => ready_by_command(shared, runtime, id, argv).await.map(|()| started.elapsed()),
+        None => Ok(runtime.wait_ready(id, order.ready.as_deref(), shared.config.ready_timeout).await?),
+    }
+}
+
+/// The longest a command of `exec:` (or one try of `ready-command:`) may run.
+const EXEC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The end of a command's output, for a reason (at most 512 bytes).
+fn tail(output: &str) -> String {
+    let t = output.trim();
+    let mut from = t.len().saturating_sub(512);
+    while !t.is_char_boundary(from) {
+        from += 1;
+    }
+    t[from..].to_owned()
+}
+
+/// Runs `argv` in the instance every second until it succeeds or the ready
+/// timeout passes.
+async fn ready_by_command(shared: &Shared, runtime: &dyn Runtime, id: &str, argv: &[String]) -> Result<(), AgentError> {
+    let deadline = std::time::Instant::now() + shared.config.ready_timeout;
+    loop {
+        let tried = runtime.exec(id, argv, EXEC_TIMEOUT).await;
+        if let Ok(done) = &tried
+            && done.code == 0
+        {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            let last = match tried {
+                Ok(done) => format!("exit {}: {}", done.code, tail(&done.output)),
+                Err(e) => e.to_string(),
+            };
+            return Err(AgentError::NotReady(format!(
+                "{} did not succeed within {} s (last: {last})",
+                argv.join(" "),
+                shared.config.ready_timeout.as_secs()
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 /// What an instance is made from, as this node comes to hold it.
@@ -307,6 +359,12 @@ mod tests {
             ready: None,
             command: None,
             cloud_init: Some(serde_json::json!({"users": [{"name": "alice", "ssh_authorized_keys": ["ssh-ed25519 AAAA alice"]}]})),
+            env: Default::default(),
+            files: Default::default(),
+            exec: vec![],
+            hostname: None,
+            sysctls: Default::default(),
+            ready_command: None,
             running: true,
         };
         let seed = no_cloud(&order, "bootcache.7.lab.web-1");

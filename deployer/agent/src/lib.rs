@@ -111,6 +111,19 @@ pub enum AgentError {
     /// An instance's image could not be had.
     #[error("image: {0}")]
     Image(String),
+    /// A command of `exec:` failed.
+    #[error("exec {argv}: exit {code}: {output}")]
+    Exec {
+        /// The command.
+        argv: String,
+        /// Its exit code.
+        code: i64,
+        /// The end of its output.
+        output: String,
+    },
+    /// It did not become ready.
+    #[error("not ready: {0}")]
+    NotReady(String),
     /// A whole file (a tarball, a disk) could not be copied.
     #[error("image {0}")]
     Fetch(#[from] fetch::FetchError),

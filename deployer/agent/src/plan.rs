@@ -375,6 +375,12 @@ mod tests {
             ready: None,
             command: None,
             cloud_init: None,
+            env: Default::default(),
+            files: Default::default(),
+            exec: vec![],
+            hostname: None,
+            sysctls: Default::default(),
+            ready_command: None,
             running: true,
         }
     }

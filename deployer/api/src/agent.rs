@@ -129,6 +129,24 @@ pub struct Order {
     /// `#cloud-config` in the VM's NoCloud seed beside the lab's addresses).
     #[serde(default)]
     pub cloud_init: Option<serde_json::Value>,
+    /// A container's environment.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Files put into a container before it starts (absolute path, content).
+    #[serde(default)]
+    pub files: std::collections::BTreeMap<String, String>,
+    /// Commands run in it once started, in order (each must succeed).
+    #[serde(default)]
+    pub exec: Vec<Vec<String>>,
+    /// Its host name (else its name).
+    #[serde(default)]
+    pub hostname: Option<Name>,
+    /// A container's sysctls.
+    #[serde(default)]
+    pub sysctls: std::collections::BTreeMap<String, String>,
+    /// A command that succeeds once it is up (else `ready`).
+    #[serde(default)]
+    pub ready_command: Option<Vec<String>>,
     /// Whether it should run (false: stopped on request, kept).
     #[serde(default = "running")]
     pub running: bool,

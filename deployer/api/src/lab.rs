@@ -31,6 +31,10 @@
 //!     segments: [lan]          # addresses given from the subnet
 //!     command: [/bin/sh, -c, "echo up; exec sleep infinity"]
 //!     ready: up                # a line of its log
+//!     env: {ROLE: user}        # its environment
+//!     files: {/etc/motd: hi}   # files put in before it starts
+//!     exec: [[touch, /ok]]     # commands run once it has started
+//!     sysctls: {net.ipv4.ip_forward: 1}
 //! ```
 //!
 //! [`Lab::parse`] checks everything a lab names before anything is made
@@ -120,10 +124,31 @@ pub struct InstanceDef {
     /// A VM's cloud-init user-data (a map, sent as `#cloud-config`).
     #[serde(default)]
     pub cloud_init: Option<serde_json::Value>,
+    /// A container's environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Files put into a container before it starts: absolute path, content.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
+    /// Commands run in a container once it has started, in order (each
+    /// must succeed).
+    #[serde(default)]
+    pub exec: Vec<Vec<String>>,
+    /// A container's host name (else its instance name).
+    #[serde(default)]
+    pub hostname: Option<Name>,
+    /// A container's (namespaced) sysctls, e.g. `net.ipv4.ip_forward: 1`.
+    #[serde(default)]
+    pub sysctls: BTreeMap<String, String>,
+    /// A command that succeeds once the instance is up (else `ready`).
+    #[serde(default)]
+    pub ready_command: Option<Vec<String>>,
 }
 
 /// The most bytes a VM's cloud-init user-data may take (as sent).
 pub const MAX_CLOUD_INIT_BYTES: usize = 64 << 10;
+/// The most bytes one file given to a container may hold.
+pub const MAX_FILE_CONTENT: usize = 256 << 10;
 
 /// How a VM's disk reaches its node.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -104,6 +104,12 @@ struct Fingerprint<'a> {
     command: Option<&'a [String]>,
     nics: Vec<PrintedNic<'a>>,
     cloud_init: Option<&'a serde_json::Value>,
+    env: &'a std::collections::BTreeMap<String, String>,
+    files: &'a std::collections::BTreeMap<String, String>,
+    exec: &'a [Vec<String>],
+    hostname: Option<&'a Name>,
+    sysctls: &'a std::collections::BTreeMap<String, String>,
+    ready_command: Option<&'a [String]>,
 }
 
 /// The instances of `lab` as the database records them.
@@ -129,6 +135,12 @@ fn specs(lab: &Lab, roots: &HashMap<String, RootDigest>) -> Vec<InstanceSpec> {
                 .filter_map(|(seg, a)| lab.segment(seg).map(|s| (seg, s.subnet.to_string(), s.bridge.as_ref(), *a, s.gateway)))
                 .collect(),
             cloud_init: def.cloud_init.as_ref(),
+            env: &def.env,
+            files: &def.files,
+            exec: &def.exec,
+            hostname: def.hostname.as_ref(),
+            sysctls: &def.sysctls,
+            ready_command: def.ready_command.as_deref(),
         };
         let fingerprint = blake3::hash(&serde_json::to_vec(&print).unwrap_or_default()).to_hex().to_string();
         out.push(InstanceSpec {
@@ -489,6 +501,12 @@ impl Control {
                     ready: def.ready.clone(),
                     command: def.command.clone(),
                     cloud_init: def.cloud_init.clone(),
+                    env: def.env.clone(),
+                    files: def.files.clone(),
+                    exec: def.exec.clone(),
+                    hostname: def.hostname.clone(),
+                    sysctls: def.sysctls.clone(),
+                    ready_command: def.ready_command.clone(),
                     running: r.running,
                 });
             }

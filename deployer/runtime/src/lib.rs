@@ -153,6 +153,12 @@ pub struct Spec {
     pub command: Option<Vec<String>>,
     /// A VM's cloud-init seed.
     pub cloud_init: Option<NoCloud>,
+    /// A container's environment.
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Files put into a container before it starts (absolute path, content).
+    pub files: std::collections::BTreeMap<String, String>,
+    /// A container's sysctls.
+    pub sysctls: std::collections::BTreeMap<String, String>,
 }
 
 /// Where an instance stands as its runtime sees it.

@@ -145,7 +145,7 @@ fn instance(key: &Spanned<String>, def: &RawInstance) -> Result<InstanceDef, Lab
         Some(_) if kind == Kind::Vm => {
             return Err(err(line, format!("instance {name}: command is for containers (a VM runs its image's own init)")));
         }
-        Some(c) if c.value.is_empty() || c.value.len() > 64 || c.value.iter().any(|a| a.len() > 4096 || a.contains('\0')) => {
+        Some(c) if !argv_ok(&c.value) => {
             return Err(err(at(c), format!("instance {name}: command must be 1 to 64 arguments of at most 4096 bytes")));
         }
         Some(c) => Some(c.value.clone()),
@@ -177,8 +177,111 @@ fn instance(key: &Spanned<String>, def: &RawInstance) -> Result<InstanceDef, Lab
             Some(c.value.clone())
         }
     };
+    let container_only = |what: &str, line: Option<u32>| -> Result<(), LabError> {
+        if kind == Kind::Vm {
+            return Err(err(line, format!("instance {name}: {what} is for containers (a VM is configured by cloud-init)")));
+        }
+        Ok(())
+    };
+    let mut env = std::collections::BTreeMap::new();
+    if let Some(e) = &def.env {
+        container_only("env", at(e))?;
+        if e.value.0.len() > 256 {
+            return Err(err(at(e), format!("instance {name}: at most 256 environment variables")));
+        }
+        for (k, v) in &e.value.0 {
+            let ok = k.value.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                && k.value.len() <= 256
+                && k.value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !ok {
+                return Err(err(
+                    at(k),
+                    format!("instance {name}: {:?} is not an environment variable's name (letters, digits, _)", k.value),
+                ));
+            }
+            if v.value.0.len() > 4096 || v.value.0.contains('\0') {
+                return Err(err(at(v), format!("instance {name}: {} is more than 4096 bytes or holds a NUL", k.value)));
+            }
+            env.insert(k.value.clone(), v.value.0.clone());
+        }
+    }
+    let mut files = std::collections::BTreeMap::new();
+    if let Some(f) = &def.files {
+        container_only("files", at(f))?;
+        if f.value.0.len() > 64 {
+            return Err(err(at(f), format!("instance {name}: at most 64 files")));
+        }
+        for (path, content) in &f.value.0 {
+            check_path(&path.value).map_err(|why| err(at(path), format!("instance {name}: file {:?}: {why}", path.value)))?;
+            if content.value.len() > super::MAX_FILE_CONTENT {
+                return Err(err(
+                    at(content),
+                    format!("instance {name}: file {} is more than {} bytes", path.value, super::MAX_FILE_CONTENT),
+                ));
+            }
+            files.insert(path.value.clone(), content.value.clone());
+        }
+    }
+    let exec = match &def.exec {
+        None => Vec::new(),
+        Some(x) => {
+            container_only("exec", at(x))?;
+            if x.value.len() > 16 || x.value.iter().any(|c| !argv_ok(c)) {
+                return Err(err(
+                    at(x),
+                    format!("instance {name}: exec is at most 16 commands, each 1 to 64 arguments of at most 4096 bytes"),
+                ));
+            }
+            x.value.clone()
+        }
+    };
+    let hostname = match &def.hostname {
+        None => None,
+        Some(h) => {
+            container_only("hostname", at(h))?;
+            Some(name_at(h, "hostname")?)
+        }
+    };
+    let mut sysctls = std::collections::BTreeMap::new();
+    if let Some(sc) = &def.sysctls {
+        container_only("sysctls", at(sc))?;
+        if sc.value.0.len() > 64 {
+            return Err(err(at(sc), format!("instance {name}: at most 64 sysctls")));
+        }
+        for (k, v) in &sc.value.0 {
+            let ok = !k.value.is_empty()
+                && k.value.len() <= 128
+                && k.value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.');
+            if !ok {
+                return Err(err(at(k), format!("instance {name}: {:?} is not a sysctl (e.g. net.ipv4.ip_forward)", k.value)));
+            }
+            if v.value.0.len() > 256 || v.value.0.chars().any(char::is_control) {
+                return Err(err(at(v), format!("instance {name}: sysctl {} takes at most 256 printable characters", k.value)));
+            }
+            sysctls.insert(k.value.clone(), v.value.0.clone());
+        }
+    }
+    let ready_command = match &def.ready_command {
+        None => None,
+        Some(_) if ready.is_some() => {
+            return Err(err(line, format!("instance {name}: ready or ready-command, not both")));
+        }
+        Some(c) => {
+            container_only("ready-command", at(c))?;
+            if !argv_ok(&c.value) {
+                return Err(err(at(c), format!("instance {name}: ready-command must be 1 to 64 arguments of at most 4096 bytes")));
+            }
+            Some(c.value.clone())
+        }
+    };
     Ok(InstanceDef {
         cloud_init,
+        env,
+        files,
+        exec,
+        hostname,
+        sysctls,
+        ready_command,
         name,
         kind,
         image: image.value.clone(),
@@ -191,6 +294,23 @@ fn instance(key: &Spanned<String>, def: &RawInstance) -> Result<InstanceDef, Lab
         command,
         delivery,
     })
+}
+
+/// An argument vector: 1 to 64 arguments of at most 4096 bytes, no NUL.
+fn argv_ok(argv: &[String]) -> bool {
+    !argv.is_empty() && argv.len() <= 64 && argv.iter().all(|a| a.len() <= 4096 && !a.contains('\0'))
+}
+
+/// A path inside an instance: absolute, no `.` or `..` component, no NUL,
+/// at most 1024 bytes.
+fn check_path(p: &str) -> Result<(), &'static str> {
+    if !p.starts_with('/') || p.len() > 1024 || p.contains('\0') {
+        return Err("an absolute path of at most 1024 bytes");
+    }
+    if p.split('/').skip(1).any(|c| c.is_empty() || c == "." || c == "..") {
+        return Err("a path without empty, . or .. components");
+    }
+    Ok(())
 }
 
 /// A number from 1 to `max` (`default` when not given).

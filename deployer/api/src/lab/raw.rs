@@ -99,6 +99,45 @@ pub(super) struct RawInstance {
     pub(super) delivery: Option<Spanned<String>>,
     #[serde(rename = "cloud-init")]
     pub(super) cloud_init: Option<Spanned<serde_json::Value>>,
+    pub(super) env: Option<Spanned<Entries<Spanned<Scalar>>>>,
+    pub(super) files: Option<Spanned<Entries<Spanned<String>>>>,
+    pub(super) exec: Option<Spanned<Vec<Vec<String>>>>,
+    pub(super) hostname: Option<Spanned<String>>,
+    pub(super) sysctls: Option<Spanned<Entries<Spanned<Scalar>>>>,
+    #[serde(rename = "ready-command")]
+    pub(super) ready_command: Option<Spanned<Vec<String>>>,
+}
+
+/// A scalar written as text, a number or a boolean (an environment
+/// variable's value, a sysctl's), as text.
+pub(super) struct Scalar(pub(super) String);
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("text, a number or true/false")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// `512MiB`, `1G`, `64M`, `1TiB` or a number of bytes.

@@ -297,3 +297,41 @@ fn cloud_init_and_gateways_are_checked_where_they_are_written() {
     );
     assert!(error_of(&huge).message.contains("more than 65536"));
 }
+
+#[test]
+fn containers_take_env_files_exec_sysctls_and_a_ready_command() {
+    let with = GOOD.replace(
+        "    command: [/bin/sh, -c, echo up]\n",
+        "    command: [/bin/sh, -c, echo up]\n    env: {ROLE: user, PORT: 8080, DEBUG: true}\n    files:\n      /etc/motd: hello\n      /srv/app/conf.ini: \"a=1\\n\"\n    exec: [[touch, /ok], [sh, -c, echo done]]\n    hostname: user-box\n    sysctls: {net.ipv4.ip_forward: 1}\n",
+    );
+    let lab = Lab::parse(&with).unwrap();
+    let user = &lab.instances[1];
+    assert_eq!(user.env.get("PORT").map(String::as_str), Some("8080"));
+    assert_eq!(user.env.get("DEBUG").map(String::as_str), Some("true"));
+    assert_eq!(user.files.get("/srv/app/conf.ini").map(String::as_str), Some("a=1\n"));
+    assert_eq!(user.exec.len(), 2);
+    assert_eq!(user.hostname.as_ref().map(Name::as_str), Some("user-box"));
+    assert_eq!(user.sysctls.get("net.ipv4.ip_forward").map(String::as_str), Some("1"));
+    let ready =
+        GOOD.replace("    command: [/bin/sh, -c, echo up]\n", "    command: [/bin/sh, -c, echo up]\n    ready-command: [test, -f, /ok]\n");
+    assert_eq!(Lab::parse(&ready).unwrap().instances[1].ready_command.as_deref().map(<[String]>::len), Some(3));
+    let c = "    command: [/bin/sh, -c, echo up]\n";
+    let cases: &[(&str, &str, u32, &str)] = &[
+        (c, "    command: [/bin/sh, -c, echo up]\n    env: {9X: a}\n", 24, "not an environment variable's name"),
+        (c, "    command: [/bin/sh, -c, echo up]\n    env: {A-B: a}\n", 24, "not an environment variable's name"),
+        (c, "    command: [/bin/sh, -c, echo up]\n    files: {etc/motd: a}\n", 24, "an absolute path"),
+        (c, "    command: [/bin/sh, -c, echo up]\n    files: {/etc/../shadow: a}\n", 24, "without empty, . or .. components"),
+        (c, "    command: [/bin/sh, -c, echo up]\n    exec: [[]]\n", 24, "exec is at most 16 commands"),
+        (c, "    command: [/bin/sh, -c, echo up]\n    sysctls: {\"kernel; rm\": 1}\n", 24, "is not a sysctl"),
+        (c, "    command: [/bin/sh, -c, echo up]\n    hostname: Bad_Host\n", 24, "hostname"),
+        ("    ready: BOOTCACHE-BOOTED\n", "    ready: BOOTCACHE-BOOTED\n    env: {A: b}\n", 17, "env is for containers"),
+    ];
+    for (from, to, line, what) in cases {
+        let e = error_of(&GOOD.replacen(from, to, 1));
+        assert!(e.message.contains(what), "{to:?}: {e}");
+        assert_eq!(e.line, Some(*line), "{to:?}: {e}");
+    }
+    let big =
+        GOOD.replace(c, &format!("    command: [/bin/sh, -c, echo up]\n    files: {{/big: \"{}\"}}\n", "x".repeat(MAX_FILE_CONTENT + 1)));
+    assert!(error_of(&big).message.contains("more than 262144 bytes"));
+}

@@ -32,6 +32,36 @@ pub struct Docker {
     importing: std::sync::Arc<tokio::sync::Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>>,
 }
 
+/// A tar archive of `files` (absolute path, content; mode 0644, their
+/// directories 0755), as Docker takes it to put files into a container.
+pub fn files_tar(files: &std::collections::BTreeMap<String, String>) -> std::io::Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut dirs = std::collections::BTreeSet::new();
+    for (path, content) in files {
+        let rel = path.trim_start_matches('/');
+        let mut parent = std::path::Path::new(rel).parent();
+        let mut chain = Vec::new();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            chain.push(p.to_owned());
+            parent = p.parent();
+        }
+        for d in chain.into_iter().rev() {
+            if dirs.insert(d.clone()) {
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                b.append_data(&mut h, &d, std::io::empty())?;
+            }
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(content.len() as u64);
+        b.append_data(&mut h, rel, content.as_bytes())?;
+    }
+    b.into_inner()
+}
+
 /// The Docker reference a tarball of key `key` is imported as (the whole
 /// key: a tag is not cut to where two images could meet).
 pub fn reference(key: &str) -> String {
@@ -143,6 +173,7 @@ impl Runtime for Docker {
             image: Some(reference),
             hostname: Some(spec.hostname.clone()),
             cmd: command.clone(),
+            env: (!spec.env.is_empty()).then(|| spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             labels: Some(HashMap::from([(OWNER_LABEL.to_owned(), self.owner.clone())])),
             network_disabled: Some(false),
             host_config: Some(HostConfig {
@@ -152,16 +183,26 @@ impl Runtime for Docker {
                 // ping needs raw sockets.
                 cap_add: Some(vec!["NET_RAW".into()]),
                 init: Some(true),
+                sysctls: (!spec.sysctls.is_empty()).then(|| spec.sysctls.clone().into_iter().collect()),
                 ..Default::default()
             }),
             ..Default::default()
         };
         let opts = CreateContainerOptions { name: Some(spec.id.clone()), ..Default::default() };
         match self.client.create_container(Some(opts), body).await {
-            Ok(_) => Ok(()),
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
-            Err(e) => Err(docker_err(format!("{}: creating", spec.id))(e)),
+            Ok(_) => {}
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => {}
+            Err(e) => return Err(docker_err(format!("{}: creating", spec.id))(e)),
         }
+        if !spec.files.is_empty() {
+            let tar = files_tar(&spec.files).map_err(|e| RuntimeError::new(format!("{}: its files", spec.id), e))?;
+            let opts = bollard::query_parameters::UploadToContainerOptions { path: "/".into(), ..Default::default() };
+            self.client
+                .upload_to_container(&spec.id, Some(opts), bollard::body_full(tar.into()))
+                .await
+                .map_err(docker_err(format!("{}: putting its files in", spec.id)))?;
+        }
+        Ok(())
     }
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
@@ -244,5 +285,31 @@ impl Runtime for Docker {
             .map(|n| n.trim_start_matches('/').to_owned())
             .filter(|n| n.starts_with(PREFIX))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_go_into_a_tar_with_their_directories() {
+        let files = std::collections::BTreeMap::from([
+            ("/etc/motd".to_owned(), "hello\n".to_owned()),
+            ("/srv/app/conf/a.ini".to_owned(), "a=1\n".to_owned()),
+        ]);
+        let bytes = files_tar(&files).unwrap();
+        let mut a = tar::Archive::new(&bytes[..]);
+        let mut seen = Vec::new();
+        for e in a.entries().unwrap() {
+            let mut e = e.unwrap();
+            let path = e.path().unwrap().to_string_lossy().into_owned();
+            let mut content = String::new();
+            std::io::Read::read_to_string(&mut e, &mut content).unwrap();
+            seen.push((path, e.header().entry_type().is_dir(), content));
+        }
+        let names: Vec<&str> = seen.iter().map(|(p, _, _)| p.trim_end_matches('/')).collect();
+        assert_eq!(names, ["etc", "etc/motd", "srv", "srv/app", "srv/app/conf", "srv/app/conf/a.ini"]);
+        assert!(seen[1].2 == "hello\n" && !seen[1].1 && seen[0].1);
     }
 }

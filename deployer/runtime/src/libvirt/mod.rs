@@ -383,6 +383,9 @@ mod tests {
             source: crate::Source::Export { url: "nbd+unix:///x?socket=/s".into(), virtual_size: 1 << 30 },
             command: None,
             cloud_init: None,
+            env: Default::default(),
+            files: Default::default(),
+            sysctls: Default::default(),
         };
         let xml = lv.domain_xml(&spec, &lv.overlay_path(&spec.id), Some(&lv.seed_path(&spec.id))).unwrap();
         for part in [
