@@ -4,7 +4,8 @@
 //! on the other, on different nodes; each container gets its environment
 //! and files, its `exec:` commands run after it starts, one is ready when
 //! its `ready-command` succeeds; the client reaches the server through the
-//! router, and not while the router is stopped. Needs root.
+//! router, and not while the router is stopped; `bootcache exec` and
+//! `bootcache logs` reach them through the control node. Needs root.
 
 mod support;
 
@@ -98,6 +99,25 @@ fn containers_are_configured_one_by_one_and_routed_across_segments() {
     // The default routes go through the gateway; the router's own does not.
     assert!(run("node-a", &client, &["ip", "route"]).1.contains("default via 10.61.0.1"));
     assert!(!run("node-a", &router, &["ip", "route"]).1.contains("default"));
+
+    // A way in: `bootcache exec` and `bootcache logs`, through the control node and the instance's node.
+    let out = c.cli(&["exec", "routed", "client", "--", "cat", "/etc/lab/role.txt"]);
+    assert!(out.status.success(), "exec: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "the client\n");
+    let out = c.cli(&["exec", "routed", "server", "--", "sh", "-c", "echo on-b; exit 3"]);
+    assert_eq!(
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned()),
+        (Some(3), "on-b\n".to_owned()),
+        "its exit code is ours"
+    );
+    let out = c.cli(&["logs", "routed", "router"]);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("router-up"),
+        "logs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = c.cli(&["exec", "routed", "nobody", "--", "true"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no instance routed/nobody"));
 
     // Across segments and nodes, through the router; not while it is stopped.
     let (ok, said) = run("node-a", &client, &["ping", "-c", "2", "-W", "5", "10.62.0.10"]);

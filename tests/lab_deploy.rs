@@ -239,6 +239,15 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
     let id = |name: &str| -> String { instances.iter().find(|i| i["name"] == name).unwrap()["id"].as_str().unwrap().to_owned() };
     let (code, text) = c.node(vm_node).vm_exec(&id(vm), &["/bin/ping", "-c", "2", "-W", "5", &far]);
     assert_eq!(code, 0, "{vm} on {vm_node} -> container {far} on {near_node}:\n{text}");
+    // The same through the control node: `bootcache exec` (the guest agent) and `logs` (its console).
+    let out = c.cli(&["exec", "hybrid", vm, "--", "/bin/ping", "-c", "1", "-W", "5", &far]);
+    assert!(out.status.success(), "bootcache exec {vm}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = c.cli(&["logs", "hybrid", vm]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("BOOTCACHE-BOOTED"),
+        "bootcache logs {vm}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let container =
         instances.iter().find(|i| i["node"] == near_node && i["kind"] == "container").unwrap()["name"].as_str().unwrap().to_owned();
     let ping = c.node(near_node).docker_exec(&id(&container), &["ping", "-c", "2", "-W", "5", vm_addr]);

@@ -91,6 +91,76 @@ pub struct InstanceArgs {
     timeout: u64,
 }
 
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// The lab.
+    lab: String,
+    /// The instance (as `inspect` names it).
+    instance: String,
+    /// The command and its arguments (no shell: `-- sh -c '...'` for one).
+    #[arg(last = true, required = true, value_name = "CMD")]
+    argv: Vec<String>,
+    #[command(flatten)]
+    control: ControlArgs,
+    /// The most the command may run.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The lab.
+    lab: String,
+    /// The instance (as `inspect` names it).
+    instance: String,
+    #[command(flatten)]
+    control: ControlArgs,
+    /// Keep printing what it prints, every 2 s, until interrupted.
+    #[arg(short, long)]
+    follow: bool,
+}
+
+/// `bootcache exec`: the command's output on stdout, its exit code as ours
+/// (0-255), or an error saying why it could not run.
+pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
+    let (lab, name) = (lab_name(&args.lab)?, lab_name(&args.instance)?);
+    super::deliver::runtime()?.block_on(async {
+        let client = connect(&args.control).await?;
+        let r = client.exec(&lab, &name, &args.argv, Duration::from_secs(args.timeout.clamp(1, 600))).await?;
+        if let Some(e) = r.error {
+            bail!("{lab}/{name}: {e}");
+        }
+        print!("{}", r.output);
+        Ok(ExitCode::from(u8::try_from(r.code.unwrap_or(1).clamp(0, 255)).unwrap_or(1)))
+    })
+}
+
+/// `bootcache logs`: what an instance printed; with `--follow`, what it
+/// prints next as well.
+pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    let (lab, name) = (lab_name(&args.lab)?, lab_name(&args.instance)?);
+    super::deliver::runtime()?.block_on(async {
+        let client = connect(&args.control).await?;
+        let mut shown = String::new();
+        loop {
+            let r = client.logs(&lab, &name).await?;
+            if let Some(e) = r.error {
+                bail!("{lab}/{name}: {e}");
+            }
+            // Only what is new since the last look (all of it if the end moved past it).
+            let new = r.output.strip_prefix(shown.as_str()).unwrap_or(&r.output);
+            print!("{new}");
+            std::io::stdout().flush()?;
+            if !args.follow {
+                return Ok(ExitCode::SUCCESS);
+            }
+            shown = r.output;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    })
+}
+
 /// `bootcache stop` (`running` false) and `bootcache start`: each instance
 /// stopped on its node and kept, or started again; waits until done.
 pub fn set_running(args: InstanceArgs, running: bool) -> anyhow::Result<ExitCode> {

@@ -107,6 +107,13 @@ enum Command {
     Start(lab::InstanceArgs),
     /// Destroy a lab: every instance, overlay, bridge and VXLAN link it made, on every node.
     Destroy(lab::DestroyArgs),
+    /// Run a command in an instance (a container through Docker, a VM through
+    /// its QEMU guest agent), through the control node and the instance's
+    /// node; prints its output and exits with its exit code.
+    Exec(lab::ExecArgs),
+    /// Print what an instance printed: a VM's serial console, a container's
+    /// log (the last MiB), through the control node and its node.
+    Logs(lab::LogsArgs),
     /// Verify every digest in a bootcache image; fails naming the first bad extent.
     Check {
         /// The bootcache image.
@@ -132,6 +139,8 @@ impl Cli {
                 | Command::Deploy(_)
                 | Command::Inspect(_)
                 | Command::Destroy(_)
+                | Command::Exec(_)
+                | Command::Logs(_)
         )
     }
 }
@@ -162,5 +171,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Destroy(args) => lab::destroy(args),
         Command::Stop(args) => lab::set_running(args, false),
         Command::Start(args) => lab::set_running(args, true),
+        Command::Exec(args) => lab::exec(args),
+        Command::Logs(args) => lab::logs(args),
     }
 }

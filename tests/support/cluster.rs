@@ -395,8 +395,18 @@ impl Cluster {
     }
 
     /// `bootcache ARGS --control URL --token-file T` in the control host's namespace.
+    /// (Before a `--`, if there is one: what follows it is a command's own.)
     pub fn cli(&self, args: &[&str]) -> Output {
-        self.tb.command("control", BIN).args(args).args(["--control", &self.control_url, "--token-file"]).arg(&self.token).output().unwrap()
+        let split = args.iter().position(|a| *a == "--").unwrap_or(args.len());
+        let (ours, theirs) = args.split_at(split);
+        self.tb
+            .command("control", BIN)
+            .args(ours)
+            .args(["--control", &self.control_url, "--token-file"])
+            .arg(&self.token)
+            .args(theirs)
+            .output()
+            .unwrap()
     }
 
     pub fn nodes_up(&self) -> Vec<(String, bool)> {

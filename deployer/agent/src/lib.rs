@@ -28,6 +28,7 @@ mod join;
 mod own;
 mod plan;
 mod reconcile;
+mod tasks;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -381,7 +382,11 @@ async fn heartbeats(shared: Arc<Shared>, base: String, join: Join) {
             .await;
         match sent {
             Ok(r) if r.status().is_success() => match r.json::<Orders>().await {
-                Ok(orders) => {
+                Ok(mut orders) => {
+                    // Tasks are done beside the orders, whatever else runs.
+                    for task in std::mem::take(&mut orders.tasks) {
+                        tokio::spawn(tasks::run(Arc::clone(&shared), base.clone(), task));
+                    }
                     if applying.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
                         let s = Arc::clone(&shared);
                         applying = Some(tokio::spawn(async move { reconcile::apply(&s, orders).await }));

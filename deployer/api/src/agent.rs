@@ -96,6 +96,55 @@ pub struct Orders {
     pub instances: Vec<Order>,
     /// The segments they are on.
     pub segments: Vec<SegmentOrder>,
+    /// Things to do once in its instances (a command, their logs), each
+    /// answered by the node at [`crate::control::routes::task`].
+    #[serde(default)]
+    pub tasks: Vec<Task>,
+}
+
+/// Something to do once in an instance, for someone waiting at the control
+/// node (`bootcache exec`, `bootcache logs`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    /// Its number (answered with it).
+    pub id: u64,
+    /// The instance.
+    pub uid: u32,
+    /// What to do.
+    pub what: TaskKind,
+}
+
+/// What a task does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+pub enum TaskKind {
+    /// Run a command (no shell) and give back its exit code and output.
+    Exec {
+        /// The command.
+        argv: Vec<String>,
+        /// The most it may run, seconds.
+        timeout_s: u64,
+    },
+    /// Give back what the instance printed (its console or log), the end
+    /// of it.
+    Logs,
+}
+
+/// What a task gave: an exit code and output, or why it could not run.
+/// Output is at most [`TaskResult::MAX_OUTPUT`] bytes (its end).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskResult {
+    /// A command's exit code.
+    pub code: Option<i64>,
+    /// What it printed (the end of it).
+    pub output: String,
+    /// Why it could not be done.
+    pub error: Option<String>,
+}
+
+impl TaskResult {
+    /// The most output a task gives back.
+    pub const MAX_OUTPUT: usize = 1 << 20;
 }
 
 /// One instance to run.

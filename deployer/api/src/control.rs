@@ -47,8 +47,26 @@ pub mod routes {
     pub const INSTANCES: &str = "/labs/{lab}/instances";
     /// What nodes still run of a destroyed lab.
     pub const REMAINING: &str = "/labs/{lab}/remaining";
-    /// Stopping or starting an instance.
+    /// Stopping or starting an instance; running a command in it
+    /// (`exec`, POST [`super::ExecRequest`]); its logs (`logs`, GET).
     pub const INSTANCE_ACTION: &str = "/labs/{lab}/instances/{name}/{action}";
+    /// A node answering a task.
+    pub const TASK: &str = "/nodes/{name}/tasks/{id}";
+
+    /// The path a node answers task `id` at.
+    pub fn task(node: &Name, id: u64) -> String {
+        format!("/nodes/{node}/tasks/{id}")
+    }
+
+    /// The path that runs a command in an instance.
+    pub fn exec(lab: &Name, name: &Name) -> String {
+        format!("/labs/{lab}/instances/{name}/exec")
+    }
+
+    /// The path of an instance's logs.
+    pub fn logs(lab: &Name, name: &Name) -> String {
+        format!("/labs/{lab}/instances/{name}/logs")
+    }
 
     /// The heartbeat path of `node`.
     pub fn heartbeat(node: &Name) -> String {
@@ -88,6 +106,18 @@ pub mod routes {
     pub fn tarball(key: &crate::RootDigest) -> String {
         format!("/tarballs/{key}")
     }
+}
+
+/// `POST /labs/{lab}/instances/{name}/exec`: a command to run in the
+/// instance (no shell), answered with an `agent::TaskResult`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// The command: 1 to 64 arguments of at most 4096 bytes.
+    pub argv: Vec<String>,
+    /// The most it may run, seconds (at most 600; default 60).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
 }
 
 /// A node as `GET /nodes` shows it.

@@ -89,7 +89,7 @@ impl Control {
             .route(routes::LAB, delete(destroy))
             .route(routes::INSTANCES, get(instances))
             .route(routes::REMAINING, get(remaining))
-            .route(routes::INSTANCE_ACTION, post(instance_action))
+            .route(routes::INSTANCE_ACTION, post(instance_action).get(instance_view))
             .layer(body.clone())
             .layer(axum::middleware::from_fn_with_state(Arc::clone(&admin), bootcache_http::auth::require));
         let join = axum::Router::new()
@@ -100,6 +100,7 @@ impl Control {
         // A heartbeat needs its node's own credential.
         let nodes = axum::Router::new()
             .route(routes::HEARTBEAT, post(heartbeat))
+            .route(routes::TASK, post(task_done))
             .layer(body)
             .layer(axum::middleware::from_fn_with_state(Arc::clone(self), node_gate));
         administered.merge(join).merge(nodes).with_state(Arc::clone(self))
@@ -387,12 +388,17 @@ async fn remaining(State(c): State<Arc<Control>>, Path(lab): Path<String>) -> Re
     }
 }
 
-async fn instance_action(State(c): State<Arc<Control>>, Path((lab, name, action)): Path<(String, String, String)>) -> Response {
+async fn instance_action(
+    State(c): State<Arc<Control>>,
+    Path((lab, name, action)): Path<(String, String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
     let (Ok(lab), Ok(name)) = (lab.parse::<Name>(), name.parse::<Name>()) else { return plain(StatusCode::NOT_FOUND, "no such instance") };
     let running = match action.as_str() {
         "start" => true,
         "stop" => false,
-        _ => return plain(StatusCode::NOT_FOUND, "actions: start, stop"),
+        "exec" => return exec(c, lab, name, &body).await,
+        _ => return plain(StatusCode::NOT_FOUND, "actions: start, stop, exec (POST), logs (GET)"),
     };
     let shown = format!("{lab}/{name}");
     match blocking(&c, move |c| c.db().set_running(&lab, &name, running)).await {
@@ -400,5 +406,56 @@ async fn instance_action(State(c): State<Arc<Control>>, Path((lab, name, action)
         Ok(Ok(false)) => plain(StatusCode::NOT_FOUND, &format!("no instance {shown}")),
         Ok(Err(e)) => failed(&e),
         Err(r) => r,
+    }
+}
+
+/// The most a command run by `exec` may run.
+const MAX_EXEC: Duration = Duration::from_secs(600);
+
+async fn exec(c: Arc<Control>, lab: Name, name: Name, body: &[u8]) -> Response {
+    let req: bootcache_api::control::ExecRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("exec: {e}")),
+    };
+    if req.argv.is_empty() || req.argv.len() > 64 || req.argv.iter().any(|a| a.len() > 4096 || a.contains('\0')) {
+        return plain(StatusCode::BAD_REQUEST, "exec: argv is 1 to 64 arguments of at most 4096 bytes");
+    }
+    let timeout = Duration::from_secs(req.timeout_s.unwrap_or(60)).min(MAX_EXEC);
+    // The command's own time, and two heartbeats for its node to take it up and answer.
+    let wait = timeout + c.heartbeat * 2 + Duration::from_secs(10);
+    let what = bootcache_api::agent::TaskKind::Exec { argv: req.argv, timeout_s: timeout.as_secs() };
+    task_answer(c.run_task(&lab, &name, what, wait).await)
+}
+
+async fn instance_view(State(c): State<Arc<Control>>, Path((lab, name, what)): Path<(String, String, String)>) -> Response {
+    let (Ok(lab), Ok(name)) = (lab.parse::<Name>(), name.parse::<Name>()) else { return plain(StatusCode::NOT_FOUND, "no such instance") };
+    if what != "logs" {
+        return plain(StatusCode::NOT_FOUND, "GET: logs");
+    }
+    let wait = c.heartbeat * 2 + Duration::from_secs(30);
+    task_answer(c.run_task(&lab, &name, bootcache_api::agent::TaskKind::Logs, wait).await)
+}
+
+fn task_answer(r: Result<bootcache_api::agent::TaskResult, crate::tasks::TaskError>) -> Response {
+    use crate::tasks::TaskError;
+    match r {
+        Ok(result) => Json(result).into_response(),
+        Err(TaskError::Db(e)) => failed(&e),
+        Err(e @ TaskError::NoSuchInstance(_)) => plain(StatusCode::NOT_FOUND, &e.to_string()),
+        Err(e @ TaskError::NotOnNode { .. }) => plain(StatusCode::CONFLICT, &e.to_string()),
+        Err(e) => plain(StatusCode::GATEWAY_TIMEOUT, &e.to_string()),
+    }
+}
+
+async fn task_done(State(c): State<Arc<Control>>, Path((node, id)): Path<(String, u64)>, body: axum::body::Bytes) -> Response {
+    let Ok(node) = node.parse::<Name>() else { return plain(StatusCode::NOT_FOUND, "no such node") };
+    let result: bootcache_api::agent::TaskResult = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("task result: {e}")),
+    };
+    if c.task_done(&node, id, result) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        plain(StatusCode::NOT_FOUND, "no such task of this node")
     }
 }

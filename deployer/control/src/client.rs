@@ -132,6 +132,34 @@ impl Client {
         self.call::<Option<()>>(self.http.post(format!("{}{}", self.base, routes::instance_action(lab, name, running)))).await.map(drop)
     }
 
+    /// Runs `argv` in instance `name` of `lab` (no shell), waiting at most
+    /// `timeout` for it: its exit code and output (through its node).
+    ///
+    /// # Errors
+    /// No such instance (404), one on no node (409), its node did not
+    /// answer (504), unreachable.
+    pub async fn exec(
+        &self,
+        lab: &Name,
+        name: &Name,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<bootcache_api::agent::TaskResult, ClientError> {
+        let req = bootcache_api::control::ExecRequest { argv: argv.to_vec(), timeout_s: Some(timeout.as_secs()) };
+        self.call(
+            self.http.post(format!("{}{}", self.base, routes::exec(lab, name))).json(&req).timeout(timeout + Duration::from_secs(120)),
+        )
+        .await
+    }
+
+    /// What instance `name` of `lab` printed (its console or log, the end of it).
+    ///
+    /// # Errors
+    /// As [`Client::exec`].
+    pub async fn logs(&self, lab: &Name, name: &Name) -> Result<bootcache_api::agent::TaskResult, ClientError> {
+        self.call(self.http.get(format!("{}{}", self.base, routes::logs(lab, name)))).await
+    }
+
     /// Removes a node (its credential revoked, its instances placed again).
     ///
     /// # Errors

@@ -355,7 +355,9 @@ impl Control {
             db.set_states(&moves, now)?;
         }
         self.schedule()?;
-        self.orders(node)
+        let mut orders = self.orders(node)?;
+        orders.tasks = self.take_tasks(node);
+        Ok(orders)
     }
 
     /// Takes a node into the cluster: a new credential of its own (only

@@ -30,3 +30,4 @@ pub mod db;
 pub mod deploy;
 pub mod plan;
 pub mod state;
+pub mod tasks;

@@ -44,6 +44,8 @@ pub struct Control {
     /// destroyed lab does not come back and a slow deploy does not undo a
     /// later one (changed under the database's lock).
     pub(crate) epochs: Mutex<HashMap<Name, u64>>,
+    /// Tasks for nodes (`bootcache exec`, `logs`).
+    pub(crate) tasks: Mutex<crate::tasks::Tasks>,
 }
 
 impl std::fmt::Debug for Control {
@@ -78,6 +80,7 @@ impl Control {
             members: Mutex::default(),
             generation: AtomicU64::new(0),
             epochs: Mutex::default(),
+            tasks: Mutex::default(),
         })
     }
 

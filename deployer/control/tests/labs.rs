@@ -407,3 +407,43 @@ proptest::proptest! {
         });
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_and_logs_go_through_the_instances_node_and_only_it_answers() {
+    use bootcache_api::agent::{TaskKind, TaskResult};
+    let dir = tempfile::tempdir().unwrap();
+    let c = control(dir.path());
+    nodes(&c, &["node-a", "node-b"], 8);
+    deploy(&c, &lab("l", &containers("c", 1, "    node: node-a\n"))).await.unwrap();
+    let argv = vec!["cat".to_owned(), "/etc/motd".to_owned()];
+    let (c2, a2) = (Arc::clone(&c), argv.clone());
+    let asked =
+        tokio::spawn(
+            async move { c2.run_task(&n("l"), &n("c"), TaskKind::Exec { argv: a2, timeout_s: 5 }, Duration::from_secs(10)).await },
+        );
+    // node-a is handed the task with its next heartbeat, once; node-b nothing.
+    let mut task = None;
+    for _ in 0..50 {
+        let o = c.heartbeat(&n("node-a"), &beat(8, vec![])).unwrap();
+        assert!(c.heartbeat(&n("node-b"), &beat(8, vec![])).unwrap().tasks.is_empty());
+        if let Some(t) = o.tasks.into_iter().next() {
+            task = Some(t);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let task = task.expect("the task was handed over");
+    assert_eq!(task.what, TaskKind::Exec { argv, timeout_s: 5 });
+    assert!(c.heartbeat(&n("node-a"), &beat(8, vec![])).unwrap().tasks.is_empty(), "once");
+    let answer = TaskResult { code: Some(0), output: "hello\n".into(), error: None };
+    assert!(!c.task_done(&n("node-b"), task.id, answer.clone()), "another node cannot answer it");
+    assert!(c.task_done(&n("node-a"), task.id, answer.clone()));
+    assert_eq!(asked.await.unwrap().unwrap(), answer);
+    assert!(!c.task_done(&n("node-a"), task.id, answer), "answered once");
+    // Nobody answers: the caller is told, and nothing is left queued.
+    let e = c.run_task(&n("l"), &n("c"), TaskKind::Logs, Duration::from_millis(200)).await.unwrap_err();
+    assert!(e.to_string().contains("node-a did not answer"), "{e}");
+    assert!(c.heartbeat(&n("node-a"), &beat(8, vec![])).unwrap().tasks.is_empty());
+    let e = c.run_task(&n("l"), &n("nobody"), TaskKind::Logs, Duration::from_millis(200)).await.unwrap_err();
+    assert!(e.to_string().contains("no instance l/nobody"), "{e}");
+}
