@@ -468,7 +468,7 @@ mod tests {
     fn create_change_and_remove_converge_and_leave_nothing() {
         let node = n("node-a");
         let seg = segment(7, 1, true);
-        let orders = Orders { instances: vec![container(3, &seg.bridge)], segments: vec![seg.clone()] };
+        let orders = Orders { instances: vec![container(3, &seg.bridge)], segments: vec![seg.clone()], tasks: vec![] };
         let mut f = Fake::default();
         let first = f.apply(&node, &orders);
         assert!(first.contains(&Action::MakeBridge { name: seg.bridge.clone(), mark: segment_mark(&node, &seg) }));
@@ -481,7 +481,7 @@ mod tests {
 
         // Changed: the other node left, no VM needs DHCP, the container is made anew (new number).
         let seg2 = segment(7, 0, false);
-        let changed = Orders { instances: vec![container(4, &seg2.bridge)], segments: vec![seg2.clone()] };
+        let changed = Orders { instances: vec![container(4, &seg2.bridge)], segments: vec![seg2.clone()], tasks: vec![] };
         let acts = f.apply(&node, &changed);
         assert!(acts.contains(&Action::RemoveLink { name: seg.vxlan.to_string(), mark: segment_mark(&node, &seg) }), "{acts:?}");
         assert!(acts.iter().any(|a| matches!(a, Action::StopDhcp { id: 7, .. })));
@@ -505,7 +505,7 @@ mod tests {
         let mut seg = segment(9, 1, true);
         for (name, alias) in [("eth0", None), ("docker0", Some("something else")), ("lo", None)] {
             seg.bridge = name.parse().unwrap();
-            let orders = Orders { instances: vec![container(5, &seg.bridge)], segments: vec![seg.clone()] };
+            let orders = Orders { instances: vec![container(5, &seg.bridge)], segments: vec![seg.clone()], tasks: vec![] };
             let mut f = Fake::default();
             f.world.links.insert(name.into(), alias.map(str::to_owned));
             let acts = f.apply(&node, &orders);
@@ -534,7 +534,7 @@ mod tests {
         let seg = segment(10, 0, false);
         let mut f = Fake::default();
         f.world.links.insert(seg.bridge.to_string(), Some(segment_mark(&node, &seg)));
-        let acts = f.apply(&node, &Orders { instances: vec![], segments: vec![seg.clone()] });
+        let acts = f.apply(&node, &Orders { instances: vec![], segments: vec![seg.clone()], tasks: vec![] });
         assert!(acts.iter().any(|a| matches!(a, Action::Refuse { .. })), "{acts:?}");
         assert!(f.apply(&node, &Orders::default()).is_empty(), "and it is never removed");
     }
@@ -578,11 +578,11 @@ mod tests {
         let mut old = segment(20, 0, false);
         old.bridge = "br-lab".parse().unwrap();
         let mut f = Fake::default();
-        f.apply(&node, &Orders { instances: vec![], segments: vec![old.clone()] });
+        f.apply(&node, &Orders { instances: vec![], segments: vec![old.clone()], tasks: vec![] });
         let mut new = segment(21, 0, false);
         new.bridge = old.bridge.clone();
         new.lab = n("lab2");
-        let acts = f.apply(&node, &Orders { instances: vec![], segments: vec![new.clone()] });
+        let acts = f.apply(&node, &Orders { instances: vec![], segments: vec![new.clone()], tasks: vec![] });
         let removed = acts.iter().position(|a| *a == Action::RemoveLink { name: "br-lab".into(), mark: segment_mark(&node, &old) });
         let made = acts.iter().position(|a| *a == Action::MakeBridge { name: new.bridge.clone(), mark: segment_mark(&node, &new) });
         assert!(removed.unwrap() < made.unwrap(), "{acts:?}");

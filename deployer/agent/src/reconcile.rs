@@ -464,7 +464,7 @@ mod tests {
             remotes: (0..remotes).map(|i| Ipv4Addr::new(10, 0, 0, 2 + i as u8)).collect(),
             dhcp: dhcp.then(|| Dhcp { server: Ipv4Addr::new(10, 9, 0, 254), prefix: 24, hosts: vec![], gateway: None }),
         };
-        Orders { instances: vec![], segments: vec![seg] }
+        Orders { instances: vec![], segments: vec![seg], tasks: vec![] }
     }
 
     async fn round(host: &FakeHost, record: &Record, o: &Orders) {
