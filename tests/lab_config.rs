@@ -1,7 +1,7 @@
 //! Instances configured one by one, on the namespace testbed with real
 //! daemons: two segments joined by a router container (forwarding on by
 //! its sysctls, the gateway of both), a client on one segment and a server
-//! on the other, on different nodes; each container gets its environment
+//! on the other, on different nodes, and a UEFI VM (OVMF); each container gets its environment
 //! and files, its `exec:` commands run after it starts, one is ready when
 //! its `ready-command` succeeds; the client reaches the server through the
 //! router, and not while the router is stopped; `bootcache exec` and
@@ -13,6 +13,14 @@ use std::time::{Duration, Instant};
 
 use bootcache_testbed::Link;
 use support::cluster::{Cluster, Spec, container_image};
+
+/// The small guest's UEFI sibling (scripts/small-guest --uefi).
+fn small_uefi() -> std::path::PathBuf {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/small-guest");
+    let out = std::process::Command::new(script).arg("--uefi").output().unwrap();
+    assert!(out.status.success(), "small-guest --uefi: {}", String::from_utf8_lossy(&out.stderr));
+    std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
 
 fn lab(store: &str) -> String {
     let image = format!("http://{store}:8080/busybox.tar");
@@ -55,6 +63,14 @@ instances:
       /srv/www/index.html: \"hello from the server\\n\"
     command: [/bin/sh, -c, \"touch /tmp/up; exec sleep 1000000\"]
     ready-command: [test, -f, /tmp/up]
+  uefi:
+    kind: vm
+    image: http://{store}:8080/small-uefi.bcimg
+    firmware: uefi
+    memory: 256MiB
+    segments: {{left: 10.61.0.20}}
+    node: node-b
+    ready: BOOTCACHE-BOOTED
 "
     )
 }
@@ -65,6 +81,15 @@ fn containers_are_configured_one_by_one_and_routed_across_segments() {
     let store_dir = dir.path().join("store");
     std::fs::create_dir(&store_dir).unwrap();
     std::fs::copy(container_image(), store_dir.join("busybox.tar")).unwrap();
+    // The small guest's UEFI sibling (GPT, systemd-boot, XFS), as a bootcache image.
+    let raw = small_uefi();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bootcache"))
+        .args(["convert", "--quiet"])
+        .arg(&raw)
+        .arg(store_dir.join("small-uefi.bcimg"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "convert: {}", String::from_utf8_lossy(&out.stderr));
     let spec = Spec {
         nodes: vec!["node-a".into(), "node-b".into()],
         daemons: true,
@@ -119,6 +144,13 @@ fn containers_are_configured_one_by_one_and_routed_across_segments() {
     let out = c.cli(&["exec", "routed", "nobody", "--", "true"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no instance routed/nobody"));
 
+    // A UEFI VM in the lab: booted by OVMF to its marker, on the segment.
+    let (ok, said) = run("node-a", &client, &["ping", "-c", "2", "-W", "5", "10.61.0.20"]);
+    assert!(ok, "client -> the UEFI VM on the other node: {said}");
+    let out = c.cli(&["logs", "routed", "uefi"]);
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(console.contains("BOOTCACHE-BOOTED") && console.to_lowercase().contains("efi"), "{console}");
+
     // Across segments and nodes, through the router; not while it is stopped.
     let (ok, said) = run("node-a", &client, &["ping", "-c", "2", "-W", "5", "10.62.0.10"]);
     assert!(ok, "client -> server through the router: {said}");
@@ -145,7 +177,7 @@ fn containers_are_configured_one_by_one_and_routed_across_segments() {
     let id2 =
         |name: &str| again["instances"].as_array().unwrap().iter().find(|i| i["name"] == name).unwrap()["id"].as_str().unwrap().to_owned();
     assert_ne!(id2("client"), client, "the changed instance is made anew");
-    assert_eq!((id2("server"), id2("router")), (server.clone(), router.clone()), "the others are left running");
+    assert_eq!((id2("server"), id2("router"), id2("uefi")), (server.clone(), router.clone(), id("uefi")), "the others are left running");
     assert_eq!(run("node-a", &id2("client"), &["cat", "/etc/lab/role.txt"]).1, "the client, v2\n");
 
     let out = c.cli(&["destroy", "routed"]);

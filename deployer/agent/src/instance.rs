@@ -69,6 +69,7 @@ fn spec(order: &Order, id: &str, source: Source) -> Spec {
         env: order.env.clone(),
         files: order.files.clone(),
         sysctls: order.sysctls.clone(),
+        uefi: order.firmware == bootcache_api::lab::Firmware::Uefi,
     }
 }
 
@@ -365,6 +366,7 @@ mod tests {
             hostname: None,
             sysctls: Default::default(),
             ready_command: None,
+            firmware: Default::default(),
             running: true,
         };
         let seed = no_cloud(&order, "bootcache.7.lab.web-1");

@@ -381,6 +381,7 @@ mod tests {
             hostname: None,
             sysctls: Default::default(),
             ready_command: None,
+            firmware: Default::default(),
             running: true,
         }
     }

@@ -196,6 +196,9 @@ pub struct Order {
     /// A command that succeeds once it is up (else `ready`).
     #[serde(default)]
     pub ready_command: Option<Vec<String>>,
+    /// What a VM boots with.
+    #[serde(default)]
+    pub firmware: crate::lab::Firmware,
     /// Whether it should run (false: stopped on request, kept).
     #[serde(default = "running")]
     pub running: bool,

@@ -24,6 +24,7 @@
 //!     kind: vm
 //!     image: http://10.0.0.1:8080/reference.qcow2
 //!     delivery: full           # the whole disk image copied first, then booted
+//!     firmware: uefi           # OVMF (bios, SeaBIOS, unless said)
 //!   user:
 //!     kind: container
 //!     image: http://10.0.0.1:8080/busybox.tar
@@ -143,6 +144,9 @@ pub struct InstanceDef {
     /// A command that succeeds once the instance is up (else `ready`).
     #[serde(default)]
     pub ready_command: Option<Vec<String>>,
+    /// What a VM boots with.
+    #[serde(default)]
+    pub firmware: Firmware,
 }
 
 /// The most bytes a VM's cloud-init user-data may take (as sent).
@@ -164,6 +168,20 @@ pub enum Delivery {
     /// compare with).
     Full,
 }
+
+/// What a VM boots with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    /// SeaBIOS (the default).
+    #[default]
+    Bios,
+    /// UEFI (OVMF).
+    Uefi,
+}
+
+/// The least memory a UEFI VM is given (OVMF fails in less under TCG).
+pub const UEFI_MIN_MEMORY: u64 = 256 << 20;
 
 /// A checked lab.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -110,6 +110,7 @@ struct Fingerprint<'a> {
     hostname: Option<&'a Name>,
     sysctls: &'a std::collections::BTreeMap<String, String>,
     ready_command: Option<&'a [String]>,
+    firmware: bootcache_api::lab::Firmware,
 }
 
 /// The instances of `lab` as the database records them.
@@ -141,6 +142,7 @@ fn specs(lab: &Lab, roots: &HashMap<String, RootDigest>) -> Vec<InstanceSpec> {
             hostname: def.hostname.as_ref(),
             sysctls: &def.sysctls,
             ready_command: def.ready_command.as_deref(),
+            firmware: def.firmware,
         };
         let fingerprint = blake3::hash(&serde_json::to_vec(&print).unwrap_or_default()).to_hex().to_string();
         out.push(InstanceSpec {
@@ -509,6 +511,7 @@ impl Control {
                     hostname: def.hostname.clone(),
                     sysctls: def.sysctls.clone(),
                     ready_command: def.ready_command.clone(),
+                    firmware: def.firmware,
                     running: r.running,
                 });
             }

@@ -159,6 +159,8 @@ pub struct Spec {
     pub files: std::collections::BTreeMap<String, String>,
     /// A container's sysctls.
     pub sysctls: std::collections::BTreeMap<String, String>,
+    /// A VM's firmware: UEFI (OVMF) rather than BIOS.
+    pub uefi: bool,
 }
 
 /// Where an instance stands as its runtime sees it.

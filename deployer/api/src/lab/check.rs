@@ -274,7 +274,25 @@ fn instance(key: &Spanned<String>, def: &RawInstance) -> Result<InstanceDef, Lab
             Some(c.value.clone())
         }
     };
+    let firmware = match &def.firmware {
+        None => super::Firmware::Bios,
+        Some(f) if kind == Kind::Container => {
+            return Err(err(at(f), format!("instance {name}: firmware is for VMs")));
+        }
+        Some(f) => match f.value.as_str() {
+            "bios" => super::Firmware::Bios,
+            "uefi" => {
+                if memory_bytes < super::UEFI_MIN_MEMORY {
+                    let l = def.memory.as_ref().map_or(at(f), at);
+                    return Err(err(l, format!("instance {name}: firmware: uefi needs at least 256MiB of memory (OVMF)")));
+                }
+                super::Firmware::Uefi
+            }
+            other => return Err(err(at(f), format!("instance {name}: unknown firmware {other:?} (bios or uefi)"))),
+        },
+    };
     Ok(InstanceDef {
+        firmware,
         cloud_init,
         env,
         files,

@@ -106,6 +106,7 @@ pub(super) struct RawInstance {
     pub(super) sysctls: Option<Spanned<Entries<Spanned<Scalar>>>>,
     #[serde(rename = "ready-command")]
     pub(super) ready_command: Option<Spanned<Vec<String>>>,
+    pub(super) firmware: Option<Spanned<String>>,
 }
 
 /// A scalar written as text, a number or a boolean (an environment

@@ -335,3 +335,19 @@ fn containers_take_env_files_exec_sysctls_and_a_ready_command() {
         GOOD.replace(c, &format!("    command: [/bin/sh, -c, echo up]\n    files: {{/big: \"{}\"}}\n", "x".repeat(MAX_FILE_CONTENT + 1)));
     assert!(error_of(&big).message.contains("more than 262144 bytes"));
 }
+
+#[test]
+fn a_vm_boots_with_bios_or_uefi_and_uefi_has_room() {
+    let uefi = GOOD.replace("    memory: 256MiB\n", "    memory: 256MiB\n    firmware: uefi\n");
+    assert_eq!(Lab::parse(&uefi).unwrap().instances[0].firmware, Firmware::Uefi);
+    assert_eq!(Lab::parse(GOOD).unwrap().instances[0].firmware, Firmware::Bios);
+    for (to, what) in [
+        ("    memory: 256MiB\n    firmware: coreboot\n", "unknown firmware \"coreboot\" (bios or uefi)"),
+        ("    memory: 128MiB\n    firmware: uefi\n", "needs at least 256MiB"),
+    ] {
+        let e = error_of(&GOOD.replace("    memory: 256MiB\n", to));
+        assert!(e.message.contains(what), "{to:?}: {e}");
+    }
+    let e = error_of(&GOOD.replace("    command: [/bin/sh, -c, echo up]\n", "    command: [/bin/sh, -c, echo up]\n    firmware: uefi\n"));
+    assert!(e.message.contains("firmware is for VMs"), "{e}");
+}

@@ -39,6 +39,9 @@ pub struct Libvirt {
 /// its `<metadata>`, naming the agent that made it.
 pub const METADATA_NS: &str = "https://bootcache.dev/xmlns/instance/1";
 
+/// Where OVMF (UEFI for VMs) may be, the first found used.
+const OVMF: [&str; 2] = ["/usr/share/qemu/OVMF.fd", "/usr/share/ovmf/OVMF.fd"];
+
 /// libvirt's `VIR_DOMAIN_METADATA_ELEMENT`.
 const METADATA_ELEMENT: i32 = 2;
 
@@ -150,6 +153,16 @@ impl Libvirt {
     /// The domain XML for `spec`, its disk the overlay at `disk`, its
     /// cloud-init seed (read-only) at `seed`.
     pub fn domain_xml(&self, spec: &Spec, disk: &Path, seed: Option<&Path>) -> Result<String, RuntimeError> {
+        let loader = if spec.uefi {
+            let ovmf = OVMF
+                .iter()
+                .map(Path::new)
+                .find(|p| p.exists())
+                .ok_or_else(|| RuntimeError::new(format!("{}: UEFI firmware", spec.id), "no OVMF.fd (package ovmf)"))?;
+            format!("<loader readonly='yes' type='rom'>{}</loader>", xml_escape(&ovmf.to_string_lossy()))
+        } else {
+            String::new()
+        };
         let seed = seed.map_or_else(String::new, |p| {
             format!(
                 "    <disk type='file' device='disk'>\n      <driver name='qemu' type='raw'/>\n      <source file='{}'/>\n      <target dev='vdb' bus='virtio'/>\n      <readonly/>\n    </disk>\n",
@@ -176,7 +189,7 @@ impl Libvirt {
   <metadata><bootcache:instance xmlns:bootcache='{ns}' owner='{owner}'/></metadata>
   <memory unit='b'>{mem}</memory>
   <vcpu>{cpus}</vcpu>
-{cpu}  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+{cpu}  <os><type arch='x86_64' machine='pc'>hvm</type>{loader}<boot dev='hd'/></os>
   <features><acpi/></features>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>restart</on_reboot>
@@ -386,6 +399,7 @@ mod tests {
             env: Default::default(),
             files: Default::default(),
             sysctls: Default::default(),
+            uefi: false,
         };
         let xml = lv.domain_xml(&spec, &lv.overlay_path(&spec.id), Some(&lv.seed_path(&spec.id))).unwrap();
         for part in [
