@@ -52,6 +52,7 @@ instances:
       /etc/lab/role.txt: \"the client\\n\"
     exec: [[/bin/sh, -c, \"echo done > /tmp/exec-ran\"]]
     hostname: client-box
+    routes: [{{to: 10.70.0.0/16, via: 10.61.0.1}}]
     command: [/bin/sh, -c, \"echo client-up; exec sleep 1000000\"]
     ready: client-up
   server:
@@ -122,7 +123,8 @@ fn containers_are_configured_one_by_one_and_routed_across_segments() {
     assert!(!run("node-b", &server, &["env"]).1.contains("ROLE="), "env is the client's only");
     assert_eq!(run("node-a", &router, &["cat", "/proc/sys/net/ipv4/ip_forward"]).1.trim(), "1");
     // The default routes go through the gateway; the router's own does not.
-    assert!(run("node-a", &client, &["ip", "route"]).1.contains("default via 10.61.0.1"));
+    let routes = run("node-a", &client, &["ip", "route"]).1;
+    assert!(routes.contains("default via 10.61.0.1") && routes.contains("10.70.0.0/16 via 10.61.0.1"), "{routes}");
     assert!(!run("node-a", &router, &["ip", "route"]).1.contains("default"));
 
     // A way in: `bootcache exec` and `bootcache logs`, through the control node and the instance's node.

@@ -86,8 +86,17 @@ pub(crate) fn no_cloud(order: &Order, id: &str) -> bootcache_runtime::NoCloud {
             "dhcp4": false,
             "addresses": [format!("{}/{}", nic.address, nic.prefix)],
         });
-        if let Some(gw) = nic.gateway {
-            eth["routes"] = serde_json::json!([{"to": "0.0.0.0/0", "via": gw.to_string()}]);
+        let mut routes: Vec<serde_json::Value> =
+            nic.gateway.iter().map(|gw| serde_json::json!({"to": "0.0.0.0/0", "via": gw.to_string()})).collect();
+        // The lab's routes go on the interface whose subnet holds their `via`.
+        let mask = u32::MAX.checked_shl(32 - u32::from(nic.prefix)).unwrap_or(0);
+        for (to, via) in &order.routes {
+            if u32::from(*via) & mask == u32::from(nic.address) & mask {
+                routes.push(serde_json::json!({"to": to.to_string(), "via": via.to_string()}));
+            }
+        }
+        if !routes.is_empty() {
+            eth["routes"] = serde_json::Value::Array(routes);
         }
         ethernets.insert(format!("nic{i}"), eth);
     }
@@ -287,7 +296,9 @@ async fn attach(shared: &Shared, runtime: &dyn Runtime, order: &Order, id: &str)
             }
         })
         .map_err(|e| AgentError::State { path: shared.config.state_dir.join("owned.json"), why: e.to_string() })?;
-    shared.network.attach_container(pid, &mark, &veths).await.map_err(|e| AgentError::Network(bootcache_http::chain(&e)))
+    let routes: Vec<(std::net::Ipv4Addr, u8, std::net::Ipv4Addr)> =
+        order.routes.iter().map(|(to, via)| (to.network, to.prefix, *via)).collect();
+    shared.network.attach_container(pid, &mark, &veths, &routes).await.map_err(|e| AgentError::Network(bootcache_http::chain(&e)))
 }
 
 /// Stops a ready instance on request (it stays, with its disk or image).
@@ -367,6 +378,7 @@ mod tests {
             sysctls: Default::default(),
             ready_command: None,
             firmware: Default::default(),
+            routes: vec![("10.70.0.0/16".parse().unwrap(), "10.2.0.1".parse().unwrap())],
             running: true,
         };
         let seed = no_cloud(&order, "bootcache.7.lab.web-1");
@@ -377,7 +389,11 @@ mod tests {
         assert_eq!(net["ethernets"]["nic0"]["match"]["macaddress"], "0a:00:00:00:07:00");
         assert_eq!(net["ethernets"]["nic0"]["addresses"][0], "10.1.0.5/24");
         assert_eq!(net["ethernets"]["nic0"]["routes"][0]["via"], "10.1.0.1");
-        assert!(net["ethernets"]["nic1"].get("routes").is_none());
+        assert_eq!(
+            net["ethernets"]["nic1"]["routes"],
+            serde_json::json!([{"to": "10.70.0.0/16", "via": "10.2.0.1"}]),
+            "on the interface that reaches its via"
+        );
         let user = seed.user_data.unwrap();
         let (head, body) = user.split_once('\n').unwrap();
         assert_eq!(head, "#cloud-config");

@@ -382,6 +382,7 @@ mod tests {
             sysctls: Default::default(),
             ready_command: None,
             firmware: Default::default(),
+            routes: vec![],
             running: true,
         }
     }

@@ -199,6 +199,9 @@ pub struct Order {
     /// What a VM boots with.
     #[serde(default)]
     pub firmware: crate::lab::Firmware,
+    /// Routes besides its segments' and gateway's: destination, via.
+    #[serde(default)]
+    pub routes: Vec<(crate::lab::Route, Ipv4Addr)>,
     /// Whether it should run (false: stopped on request, kept).
     #[serde(default = "running")]
     pub running: bool,

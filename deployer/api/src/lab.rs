@@ -3,6 +3,8 @@
 //!
 //! ```yaml
 //! name: demo
+//! defaults:                    # what every instance takes unless it says
+//!   cpus: 1
 //! segments:
 //!   lan:
 //!     subnet: 10.20.0.0/24
@@ -25,6 +27,7 @@
 //!     image: http://10.0.0.1:8080/reference.qcow2
 //!     delivery: full           # the whole disk image copied first, then booted
 //!     firmware: uefi           # OVMF (bios, SeaBIOS, unless said)
+//!     routes: [{to: 10.70.0.0/16, via: 10.20.0.1}]
 //!   user:
 //!     kind: container
 //!     image: http://10.0.0.1:8080/busybox.tar
@@ -55,7 +58,7 @@ mod raw;
 mod subnet;
 
 pub use check::{check_url, is_derived_shape};
-pub use subnet::Subnet;
+pub use subnet::{Route, Subnet};
 
 /// The most instances one lab may have, replicas counted.
 pub const MAX_INSTANCES: u64 = 10_000;
@@ -147,6 +150,10 @@ pub struct InstanceDef {
     /// What a VM boots with.
     #[serde(default)]
     pub firmware: Firmware,
+    /// Routes besides its segments' and its gateway: a destination through
+    /// an address of one of its segments.
+    #[serde(default)]
+    pub routes: Vec<(Route, Ipv4Addr)>,
 }
 
 /// The most bytes a VM's cloud-init user-data may take (as sent).

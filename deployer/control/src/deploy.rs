@@ -111,6 +111,7 @@ struct Fingerprint<'a> {
     sysctls: &'a std::collections::BTreeMap<String, String>,
     ready_command: Option<&'a [String]>,
     firmware: bootcache_api::lab::Firmware,
+    routes: &'a [(bootcache_api::lab::Route, Ipv4Addr)],
 }
 
 /// The instances of `lab` as the database records them.
@@ -143,6 +144,7 @@ fn specs(lab: &Lab, roots: &HashMap<String, RootDigest>) -> Vec<InstanceSpec> {
             sysctls: &def.sysctls,
             ready_command: def.ready_command.as_deref(),
             firmware: def.firmware,
+            routes: &def.routes,
         };
         let fingerprint = blake3::hash(&serde_json::to_vec(&print).unwrap_or_default()).to_hex().to_string();
         out.push(InstanceSpec {
@@ -512,6 +514,7 @@ impl Control {
                     sysctls: def.sysctls.clone(),
                     ready_command: def.ready_command.clone(),
                     firmware: def.firmware,
+                    routes: def.routes.clone(),
                     running: r.running,
                 });
             }

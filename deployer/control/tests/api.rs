@@ -89,7 +89,7 @@ async fn nodes_images_and_the_credential_over_http_and_across_a_restart() {
     let beat = serde_json::json!({"cores": 2, "memory_bytes": 1u64 << 34, "running": 1, "caches": [[root, 4096]]});
     let orders = n1.post(format!("{base}/nodes/node-1/heartbeat")).json(&beat).send().await.unwrap();
     assert_eq!(orders.status(), 200);
-    assert_eq!(orders.json::<serde_json::Value>().await.unwrap(), serde_json::json!({"instances": [], "segments": []}));
+    assert_eq!(orders.json::<serde_json::Value>().await.unwrap(), serde_json::json!({"instances": [], "segments": [], "tasks": []}));
     assert_eq!(n1.post(format!("{base}/nodes/ghost/heartbeat")).json(&beat).send().await.unwrap().status(), 401);
     // Not with the administrator's token, nor another node's credential: only its own.
     assert_eq!(c.post(format!("{base}/nodes/node-1/heartbeat")).json(&beat).send().await.unwrap().status(), 401);
@@ -268,7 +268,7 @@ async fn a_lab_is_placed_ordered_reported_and_destroyed() {
     // Destroyed: no orders; what node-a still runs is listed until it says it is gone.
     assert_eq!(c.delete(format!("{base}/labs/lab1")).send().await.unwrap().status(), 204);
     let a = beat(&c, &base, "node-a", serde_json::json!([]), seen).await;
-    assert_eq!(a, serde_json::json!({"instances": [], "segments": []}));
+    assert_eq!(a, serde_json::json!({"instances": [], "segments": [], "tasks": []}));
     let rem: serde_json::Value = c.get(format!("{base}/labs/lab1/remaining")).send().await.unwrap().json().await.unwrap();
     assert_eq!(rem["remaining"][0]["name"], "vm", "{rem}");
     beat(&c, &base, "node-a", serde_json::json!([]), serde_json::json!([])).await;

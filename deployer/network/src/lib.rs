@@ -385,13 +385,20 @@ impl Network {
     /// Gives the container whose init is `pid` its interfaces: a veth pair
     /// per entry, the host end marked `mark` on its bridge (which must carry
     /// `bridge_mark`), the far end moved into the container, renamed, given
-    /// its MAC and address, and up (with `lo`). A host end left by an
+    /// its MAC and address, and up (with `lo`); then its default route (the
+    /// first gateway) and `routes` (network, prefix, via). A host end left by an
     /// earlier start is made anew; a link of its name that is not ours is
     /// refused.
     ///
     /// # Errors
     /// [`NotOurs`], netlink, or the container's namespace cannot be entered.
-    pub async fn attach_container(&self, pid: u32, mark: &str, veths: &[(Veth, String)]) -> Result<(), NetError> {
+    pub async fn attach_container(
+        &self,
+        pid: u32,
+        mark: &str,
+        veths: &[(Veth, String)],
+        routes: &[(Ipv4Addr, u8, Ipv4Addr)],
+    ) -> Result<(), NetError> {
         let inside = Network::of_process(pid).await?;
         for (v, bridge_mark) in veths {
             let joining = format!("joining bridge {}", v.bridge);
@@ -432,6 +439,14 @@ impl Network {
                 Ok(()) => {}
                 Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -17 => {}
                 Err(e) => return Err(failed(format!("the default route through {gw} in the container"))(e)),
+            }
+        }
+        for (net, prefix, via) in routes {
+            let route = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(*net, *prefix).gateway(*via).build();
+            match inside.handle.route().add(route).execute().await {
+                Ok(()) => {}
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -17 => {}
+                Err(e) => return Err(failed(format!("the route to {net}/{prefix} via {via} in the container"))(e)),
             }
         }
         if let Some(lo) = inside.index("lo").await? {

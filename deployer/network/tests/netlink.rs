@@ -85,12 +85,16 @@ fn bridges_vxlan_links_and_container_veths() {
                 // a's segment has b as its router.
                 gateway: (n == 0).then_some(Ipv4Addr::new(10, 20, 0, 2)),
             };
-            net.attach_container(s.pid(), &format!("bootcache node-t instance {n} lab/c{n}"), &[(veth, MARK.to_owned())]).await.unwrap();
+            let routes = if n == 0 { vec![(Ipv4Addr::new(10, 70, 0, 0), 16, Ipv4Addr::new(10, 20, 0, 2))] } else { vec![] };
+            net.attach_container(s.pid(), &format!("bootcache node-t instance {n} lab/c{n}"), &[(veth, MARK.to_owned())], &routes)
+                .await
+                .unwrap();
         }
         let shown = String::from_utf8(a.run(&["ip", "addr", "show", "eth0"]).stdout).unwrap();
         assert!(shown.contains("10.20.0.1/24") && shown.contains("52:54:00:00:00:01") && shown.contains("UP"), "{shown}");
         let routes = String::from_utf8(a.run(&["ip", "route"]).stdout).unwrap();
         assert!(routes.contains("default via 10.20.0.2 dev eth0"), "{routes}");
+        assert!(routes.contains("10.70.0.0/16 via 10.20.0.2 dev eth0"), "{routes}");
         let ping = a.run(&["ping", "-c", "1", "-W", "5", "10.20.0.2"]);
         assert!(ping.status.success(), "{}", String::from_utf8_lossy(&ping.stdout));
 
@@ -167,7 +171,7 @@ fn a_dhcp_server_lives_in_its_own_namespace() {
             address: (Ipv4Addr::new(192, 0, 2, 1), 32),
             gateway: None,
         };
-        net.attach_container(vm.pid(), "bootcache node-t instance 7 lab/vm", &[(veth, MARK.to_owned())]).await.unwrap();
+        net.attach_container(vm.pid(), "bootcache node-t instance 7 lab/vm", &[(veth, MARK.to_owned())], &[]).await.unwrap();
         // The lease, and the segment's router in it (udhcpc hands it to its script as $router).
         let scripts = tempfile::tempdir().unwrap();
         let script = scripts.path().join("lease.sh");

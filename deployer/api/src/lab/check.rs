@@ -30,9 +30,12 @@ pub(super) fn lab(raw: RawLab) -> Result<Lab, LabError> {
     let mut names = Replicas::default();
     let mut instances = Vec::new();
     for (key, def) in &raw.instances.value.0 {
+        let merged = raw.defaults.as_ref().map(|d| def.with_defaults(&d.value));
+        let def = merged.as_ref().unwrap_or(def);
         let mut d = instance(key, def)?;
         names.add(&d, at(key), def.count.as_ref().map_or(at(key), at))?;
         d.segments = addresses.attach(instances.len(), &d, def.segments.as_ref())?;
+        d.routes = routes(&d, def.routes.as_ref(), &segments)?;
         instances.push(d);
     }
     if instances.is_empty() {
@@ -91,6 +94,35 @@ fn segments(raw: Option<&Spanned<super::raw::Entries<RawSegment>>>) -> Result<Ve
         segments.push(Segment { name: seg_name, subnet: parsed, bridge, gateway });
     }
     Ok(segments)
+}
+
+/// An instance's routes: each destination a network (0.0.0.0/0 the
+/// default), through an address of one of its segments' subnets.
+fn routes(
+    def: &InstanceDef,
+    raw: Option<&Spanned<Vec<super::raw::RawRoute>>>,
+    segments: &[Segment],
+) -> Result<Vec<(super::Route, std::net::Ipv4Addr)>, LabError> {
+    let name = &def.name;
+    let Some(r) = raw else { return Ok(Vec::new()) };
+    if r.value.len() > 32 {
+        return Err(err(at(r), format!("instance {name}: at most 32 routes")));
+    }
+    let mut out = Vec::new();
+    for route in &r.value {
+        let to: super::Route = route.to.value.parse().map_err(|e| err(at(&route.to), format!("instance {name}: route to {e}")))?;
+        let via: std::net::Ipv4Addr = route
+            .via
+            .value
+            .parse()
+            .map_err(|_| err(at(&route.via), format!("instance {name}: via {:?} is not an IPv4 address", route.via.value)))?;
+        let on = def.segments.iter().filter_map(|(s, _)| segments.iter().find(|x| x.name == *s)).any(|s| s.subnet.holds(via));
+        if !on {
+            return Err(err(at(&route.via), format!("instance {name}: via {via} is on none of its segments")));
+        }
+        out.push((to, via));
+    }
+    Ok(out)
 }
 
 /// A bridge name the lab gives: an interface name, not of the shape of
@@ -292,6 +324,7 @@ fn instance(key: &Spanned<String>, def: &RawInstance) -> Result<InstanceDef, Lab
         },
     };
     Ok(InstanceDef {
+        routes: Vec::new(),
         firmware,
         cloud_init,
         env,

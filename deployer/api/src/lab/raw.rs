@@ -11,6 +11,7 @@ use super::LabError;
 use crate::Name;
 
 /// A YAML mapping read in order, each key with its place.
+#[derive(Clone)]
 pub(super) struct Entries<T>(pub(super) Vec<(Spanned<String>, T)>);
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Entries<T> {
@@ -40,6 +41,9 @@ pub(super) struct RawLab {
     #[serde(default)]
     pub(super) segments: Option<Spanned<Entries<RawSegment>>>,
     pub(super) instances: Spanned<Entries<RawInstance>>,
+    /// Values every instance takes unless it sets its own.
+    #[serde(default)]
+    pub(super) defaults: Option<Spanned<RawInstance>>,
 }
 
 #[derive(Deserialize)]
@@ -51,6 +55,7 @@ pub(super) struct RawSegment {
 }
 
 /// `segments: [lan, wan]` or `segments: {lan: 10.20.0.10, wan: }`.
+#[derive(Clone)]
 pub(super) enum RawAttach {
     Names(Vec<Spanned<String>>),
     Addresses(Entries<Option<Spanned<String>>>),
@@ -84,7 +89,7 @@ impl<'de> Deserialize<'de> for RawAttach {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawInstance {
     pub(super) kind: Option<Spanned<String>>,
@@ -107,10 +112,51 @@ pub(super) struct RawInstance {
     #[serde(rename = "ready-command")]
     pub(super) ready_command: Option<Spanned<Vec<String>>>,
     pub(super) firmware: Option<Spanned<String>>,
+    pub(super) routes: Option<Spanned<Vec<RawRoute>>>,
+}
+
+/// A route an instance takes: a destination through an address on one of
+/// its segments.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRoute {
+    pub(super) to: Spanned<String>,
+    pub(super) via: Spanned<String>,
+}
+
+impl RawInstance {
+    /// This instance with `defaults` where it sets nothing of its own.
+    pub(super) fn with_defaults(&self, defaults: &RawInstance) -> RawInstance {
+        macro_rules! or {
+            ($($f:ident),*) => { RawInstance { $($f: self.$f.clone().or_else(|| defaults.$f.clone()),)* } };
+        }
+        or!(
+            kind,
+            image,
+            count,
+            cpus,
+            memory,
+            segments,
+            node,
+            ready,
+            command,
+            delivery,
+            cloud_init,
+            env,
+            files,
+            exec,
+            hostname,
+            sysctls,
+            ready_command,
+            firmware,
+            routes
+        )
+    }
 }
 
 /// A scalar written as text, a number or a boolean (an environment
 /// variable's value, a sysctl's), as text.
+#[derive(Clone)]
 pub(super) struct Scalar(pub(super) String);
 
 impl<'de> Deserialize<'de> for Scalar {
@@ -142,6 +188,7 @@ impl<'de> Deserialize<'de> for Scalar {
 }
 
 /// `512MiB`, `1G`, `64M`, `1TiB` or a number of bytes.
+#[derive(Clone)]
 pub(super) struct MemoryText(pub(super) String);
 
 impl<'de> Deserialize<'de> for MemoryText {

@@ -110,3 +110,56 @@ impl<'de> Deserialize<'de> for Subnet {
         String::deserialize(d)?.parse().map_err(de::Error::custom)
     }
 }
+
+/// A route's destination: `a.b.c.d/len` (0 to 32, no host bits set;
+/// `0.0.0.0/0` the default route), not a special-purpose range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Route {
+    /// The network address.
+    pub network: Ipv4Addr,
+    /// The prefix length.
+    pub prefix: u8,
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+impl std::str::FromStr for Route {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let rule = || format!("{s:?} is not a network: write it as a.b.c.d/len, len from 0 to 32");
+        let (a, len) = s.split_once('/').ok_or_else(rule)?;
+        let network: Ipv4Addr = a.parse().map_err(|_| rule())?;
+        let prefix: u8 = len.parse().map_err(|_| rule())?;
+        if prefix > 32 {
+            return Err(rule());
+        }
+        let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) };
+        if u32::from(network) & !mask != 0 {
+            return Err(format!("{s:?} has host bits set"));
+        }
+        if prefix >= 1 {
+            let sub = Subnet { network, prefix };
+            if let Some((range, what)) = sub.special() {
+                return Err(format!("{s:?} overlaps {range} ({what})"));
+            }
+        }
+        Ok(Route { network, prefix })
+    }
+}
+
+impl Serialize for Route {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Route {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}

@@ -351,3 +351,35 @@ fn a_vm_boots_with_bios_or_uefi_and_uefi_has_room() {
     let e = error_of(&GOOD.replace("    command: [/bin/sh, -c, echo up]\n", "    command: [/bin/sh, -c, echo up]\n    firmware: uefi\n"));
     assert!(e.message.contains("firmware is for VMs"), "{e}");
 }
+
+#[test]
+fn defaults_fill_what_an_instance_leaves_and_routes_go_through_its_segments() {
+    let with = GOOD.replace("instances:\n", "defaults:\n  cpus: 2\n  node: node-9\ninstances:\n");
+    let lab = Lab::parse(&with).unwrap();
+    assert_eq!((lab.instances[0].cpus, lab.instances[0].node.as_ref().map(Name::as_str)), (2, Some("node-1")), "its own node wins");
+    assert_eq!((lab.instances[1].cpus, lab.instances[1].node.as_ref().map(Name::as_str)), (2, Some("node-9")));
+    // A default that does not fit an instance is refused at the default's line.
+    let bad = GOOD.replace("instances:\n", "defaults:\n  firmware: uefi\ninstances:\n");
+    let e = error_of(&bad);
+    assert!(e.message.contains("firmware is for VMs") && e.line == Some(9), "{e}");
+    let routed = GOOD.replace(
+        "    command: [/bin/sh, -c, echo up]\n",
+        "    command: [/bin/sh, -c, echo up]\n    routes: [{to: 10.70.0.0/16, via: 10.20.0.1}, {to: 0.0.0.0/0, via: 10.30.0.1}]\n",
+    );
+    let r = &Lab::parse(&routed).unwrap().instances[1].routes;
+    assert_eq!(r.len(), 2);
+    assert_eq!((r[0].0.to_string(), r[0].1), ("10.70.0.0/16".to_owned(), Ipv4Addr::new(10, 20, 0, 1)));
+    for (route, what) in [
+        ("{to: 10.70.0.0/16, via: 10.99.0.1}", "on none of its segments"),
+        ("{to: 10.70.0.1/16, via: 10.20.0.1}", "host bits"),
+        ("{to: 127.0.0.0/8, via: 10.20.0.1}", "loopback"),
+        ("{to: 10.70.0.0/33, via: 10.20.0.1}", "len from 0 to 32"),
+        ("{to: 10.70.0.0/16}", "via"),
+    ] {
+        let e = error_of(
+            &GOOD
+                .replace("    command: [/bin/sh, -c, echo up]\n", &format!("    command: [/bin/sh, -c, echo up]\n    routes: [{route}]\n")),
+        );
+        assert!(e.message.contains(what), "{route}: {e}");
+    }
+}
