@@ -162,11 +162,21 @@ fn labs_are_guests_on_their_hosts_and_on_each_other() {
     let xy2 = xy.clone() + &container("far", "    segments: [lan]\n    node: node-b\n", &store);
     let (ok, _, err) = deploy(&c, dir.path(), &xy2);
     assert!(ok, "{err}");
-    let out =
-        std::process::Command::new("ip").args(["-n", &c.node("node-a").netns, "-d", "link", "show", "type", "vxlan"]).output().unwrap();
-    let vxlans = String::from_utf8_lossy(&out.stdout).into_owned();
-    let vnis: std::collections::HashSet<&str> = vxlans.split("vxlan id ").skip(1).filter_map(|s| s.split_whitespace().next()).collect();
-    assert_eq!(vnis.len(), 2, "two labs, two VNIs:\n{vxlans}");
+    // node-a joins x.y's segment to node-b once its next orders say so
+    // (the deploy waited for the instances, not for node-a's links).
+    let started = Instant::now();
+    loop {
+        let out =
+            std::process::Command::new("ip").args(["-n", &c.node("node-a").netns, "-d", "link", "show", "type", "vxlan"]).output().unwrap();
+        let vxlans = String::from_utf8_lossy(&out.stdout).into_owned();
+        let vnis: std::collections::HashSet<&str> = vxlans.split("vxlan id ").skip(1).filter_map(|s| s.split_whitespace().next()).collect();
+        if vnis.len() == 2 {
+            break;
+        }
+        assert!(vnis.len() < 2, "two labs, more than two VNIs:\n{vxlans}");
+        assert!(started.elapsed() < Duration::from_secs(20), "two labs, two VNIs:\n{vxlans}\nnodes: {:?}", c.nodes_up());
+        std::thread::sleep(Duration::from_millis(300));
+    }
     destroy(&c, "x");
     let start = Instant::now();
     while c.node("node-a").docker().containers().unwrap().contains(&yzid) {

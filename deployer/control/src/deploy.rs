@@ -357,6 +357,13 @@ impl Control {
                 })
                 .collect();
             db.set_states(&moves, now)?;
+            // An instance back from lost (its node answers again) is on
+            // its node's segments again: what [`Control::members`] keeps
+            // is stale. Bumped under the database's lock, like every
+            // change of placement.
+            if moves.iter().any(|m| matches!(m.2, InstanceState::Placed | InstanceState::Lost)) {
+                self.changed();
+            }
         }
         self.schedule()?;
         let mut orders = self.orders(node)?;
@@ -524,7 +531,12 @@ impl Control {
                 }
                 let (Some(segment), Some(numbered)) = (lab.segment(seg), view.segments.get(seg)) else { continue };
                 let Some(vni) = names::vni(numbered.id) else { continue };
-                let remotes = on.iter().filter(|n| *n != node && up.contains(n)).filter_map(ip).collect();
+                // Every other node of the segment, up or not: a peer that
+                // misses a heartbeat (a loaded control node, a slow link)
+                // must not take the segment's tunnel down on the nodes that
+                // are fine; frames sent to a node that is gone are lost,
+                // which is all a gone node could have had anyway.
+                let remotes = on.iter().filter(|n| *n != node).filter_map(ip).collect();
                 let dhcp = dhcp_hosts.remove(seg).map(|hosts| {
                     let k = members.seg_vm_nodes.get(seg).and_then(|s| s.iter().position(|n| n == node)).unwrap_or(0);
                     Dhcp {

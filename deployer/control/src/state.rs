@@ -111,10 +111,18 @@ impl Control {
         loop {
             tokio::time::sleep(self.heartbeat).await;
             let me = Arc::clone(&self);
-            let marked = tokio::task::spawn_blocking(move || me.db().mark_lost(now_ms(), me.heartbeat)).await;
+            let marked = tokio::task::spawn_blocking(move || {
+                let db = me.db();
+                let lost = db.mark_lost(now_ms(), me.heartbeat);
+                // Under the database's lock, like every change of placement.
+                if lost.as_ref().is_ok_and(|l| !l.is_empty()) {
+                    me.changed();
+                }
+                lost
+            })
+            .await;
             match marked {
                 Ok(Ok(lost)) if !lost.is_empty() => {
-                    self.changed();
                     tracing::warn!(count = lost.len(), "instances lost with their nodes");
                 }
                 Ok(Ok(_)) => {}
