@@ -290,5 +290,27 @@ fn deployment_commands_read_bounded_files_and_private_tokens() -> Result<()> {
     }
     let err = fails(&["agent", "--control", "http://127.0.0.1:9", "--name", "n1", "--token-file", p(&token)]);
     assert!(err.contains("read by others"), "{err}");
+    // A file an instance takes from beside the lab file: missing, too
+    // big, or outside its folder, refused naming the line, before
+    // anything is asked of a control node.
+    let with =
+        "name: l\ninstances:\n  c:\n    kind: container\n    image: http://127.0.0.1:9/x.tar\n    files:\n      /etc/a: {from: FROM}\n";
+    let text = |from: &str| with.replace("FROM", from);
+    std::fs::write(&lab, text("conf/a.conf"))?;
+    let deploy = ["deploy", "-f", p(&lab), "--control", "http://127.0.0.1:9"];
+    let err = fails(&deploy);
+    assert!(err.contains("line 7: from: conf/a.conf") && err.contains("No such file"), "{err}");
+    std::fs::create_dir(dir.path().join("conf"))?;
+    std::fs::write(dir.path().join("conf/a.conf"), "x".repeat(bootcache_api::lab::MAX_FILE_CONTENT + 1))?;
+    let err = fails(&deploy);
+    assert!(err.contains("line 7: from: conf/a.conf") && err.contains("at most 262144 bytes"), "{err}");
+    std::fs::write(&lab, text("../a.conf"))?;
+    let err = fails(&deploy);
+    assert!(err.contains("line 7: from: \"../a.conf\"") && err.contains("without empty, . or .. components"), "{err}");
+    // Present: read and sent (the control node here answers nothing).
+    std::fs::write(&lab, text("conf/a.conf"))?;
+    std::fs::write(dir.path().join("conf/a.conf"), "a=1\n")?;
+    let err = fails(&deploy);
+    assert!(!err.contains("from:"), "{err}");
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! daemons: two segments joined by a router container (forwarding on by
 //! its sysctls, the gateway of both), a client on one segment and a server
 //! on the other, on different nodes, and a UEFI VM (OVMF); each container gets its environment
-//! and files, its `exec:` commands run after it starts, one is ready when
+//! and files (inline, or from beside the lab file), its `exec:` commands run after it starts, one is ready when
 //! its `ready-command` succeeds; the client reaches the server through the
 //! router, and not while the router is stopped; `bootcache exec` and
 //! `bootcache logs` reach them through the control node. Needs root.
@@ -61,7 +61,7 @@ instances:
     segments: {{right: 10.62.0.10}}
     node: node-b
     files:
-      /srv/www/index.html: \"hello from the server\\n\"
+      /srv/www/index.html: {{from: www/index.html}}
     command: [/bin/sh, -c, \"touch /tmp/up; exec sleep 1000000\"]
     ready-command: [test, -f, /tmp/up]
   uefi:
@@ -102,6 +102,9 @@ fn containers_are_configured_one_by_one_and_routed_across_segments() {
     let c = Cluster::start(dir.path(), &store_dir, Link::new(1000, 0.5), spec);
     let file = dir.path().join("lab.yaml");
     std::fs::write(&file, lab(&c.store_addr)).unwrap();
+    // The server's page is a file beside the lab file, sent with it.
+    std::fs::create_dir(dir.path().join("www")).unwrap();
+    std::fs::write(dir.path().join("www/index.html"), "hello from the server\n").unwrap();
     let out = c.cli(&["deploy", "-f", file.to_str().unwrap(), "--output", "json", "--timeout", "180"]);
     assert!(out.status.success(), "deploy: {}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -1,19 +1,34 @@
 //! Any bytes as a lab file: refused with a message, or a lab whose every
 //! promise holds (bounded instance count, unique names, every address a
 //! host of its segment's subnet below the nodes' own, the same lab back
-//! from JSON). Never a panic, never an unbounded allocation.
+//! from JSON); the files its `from:` names, each a path below the lab
+//! file's folder, and with them sent (empty), a lab too. Never a panic,
+//! never an unbounded allocation.
 
 #![no_main]
 
 use std::collections::HashSet;
 
 use bootcache_api::Lab;
-use bootcache_api::lab::MAX_INSTANCES;
+use bootcache_api::lab::{Attached, MAX_INSTANCES};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    match Lab::parse(text) {
+    let attached: Attached = match Lab::attachments(text) {
+        Ok(names) => names
+            .into_iter()
+            .map(|(n, _)| {
+                assert!(!n.starts_with('/') && !n.split('/').any(|c| c.is_empty() || c == ".."), "{n}");
+                (n, String::new())
+            })
+            .collect(),
+        Err(e) => {
+            assert!(!e.message.is_empty());
+            Attached::new()
+        }
+    };
+    match Lab::parse_with(text, &attached) {
         Err(e) => assert!(!e.message.is_empty()),
         Ok(lab) => {
             let all = lab.instances();

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bootcache_api::control::InstanceView;
+use bootcache_api::lab::LabSource;
 use bootcache_api::{InstanceState, Lab, Name};
 use bootcache_control::client::{Client, ClientError};
 use bootcache_http::auth::Credential;
@@ -39,7 +40,9 @@ pub struct ControlArgs {
 
 #[derive(Debug, Args)]
 pub struct DeployArgs {
-    /// The lab file (YAML: name, segments, instances).
+    /// The lab file (YAML: name, segments, instances). Files that its
+    /// instances take `{from: NAME}` are read from beside it and sent with
+    /// it.
     #[arg(short, long, value_name = "LAB.yaml")]
     file: PathBuf,
     #[command(flatten)]
@@ -269,25 +272,45 @@ async fn local_node_up(client: &Client) -> bool {
 /// Reads a lab file, no more than a lab file may hold (`/dev/zero` is
 /// refused at once).
 fn read_lab_file(path: &Path) -> anyhow::Result<String> {
+    read_text(path, bootcache_api::lab::MAX_FILE_BYTES, "a lab file")
+}
+
+/// At most `limit` bytes of UTF-8 text from `path`, refused beyond.
+fn read_text(path: &Path, limit: usize, what: &str) -> anyhow::Result<String> {
     use std::io::Read;
-    let limit = bootcache_api::lab::MAX_FILE_BYTES;
     let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
     let mut bytes = Vec::new();
     file.take(limit as u64 + 1).read_to_end(&mut bytes).with_context(|| format!("reading {}", path.display()))?;
     if bytes.len() > limit {
-        bail!("{}: a lab file is at most {limit} bytes", path.display());
+        bail!("{}: {what} is at most {limit} bytes", path.display());
     }
-    String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{}: a lab file is UTF-8 text", path.display()))
+    String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{}: {what} is UTF-8 text", path.display()))
+}
+
+/// The lab file at `path` with the files its `from:` names, read from
+/// beside it (each bounded as a container's file is).
+fn lab_source(path: &Path, text: String) -> anyhow::Result<LabSource> {
+    let names = Lab::attachments(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut files = bootcache_api::lab::Attached::new();
+    for (name, line) in names {
+        let at = line.map_or(String::new(), |l| format!("line {l}: "));
+        let content = read_text(&dir.join(&name), bootcache_api::lab::MAX_FILE_CONTENT, "a file given to an instance")
+            .map_err(|e| anyhow::anyhow!("{}: {at}from: {name}: {e:#}", path.display()))?;
+        files.insert(name, content);
+    }
+    Ok(LabSource { text, files })
 }
 
 pub fn deploy(args: DeployArgs) -> anyhow::Result<ExitCode> {
     let text = read_lab_file(&args.file)?;
+    let source = lab_source(&args.file, text)?;
     // Checked here first: a bad file starts nothing, not even a control node.
-    let lab = Lab::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+    let lab = source.parse().map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
     super::deliver::runtime()?.block_on(async {
         let client = connect(&args.control).await?;
         let started = Instant::now();
-        client.deploy(&text).await.map_err(refused(&args.file))?;
+        client.deploy(&source).await.map_err(refused(&args.file))?;
         if args.no_wait {
             eprintln!("lab {} deployed ({} instances); `bootcache inspect {}` follows it", lab.name, lab.instances().len(), lab.name);
             return Ok(ExitCode::SUCCESS);

@@ -39,6 +39,10 @@ pub enum Output {
 enum Command {
     /// Record the reads a VM makes on its image while it boots (eBPF; needs root).
     Record(record::RecordArgs),
+    /// Write a cloud-init seed disk (NoCloud: FAT, labelled cidata), such as
+    /// every lab VM gets: attach it read-only while recording a cloud
+    /// image, so that the recorded boot is cloud-init's first boot.
+    Seed(record::SeedArgs),
     /// Create, import and export trace files.
     #[command(subcommand)]
     Trace(trace::TraceCmd),
@@ -149,6 +153,7 @@ impl Cli {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Record(args) => record::record(&args),
+        Command::Seed(args) => record::seed(&args),
         Command::Trace(t) => trace::run(t),
         Command::Analyze { traces, compare, json, plot } => {
             if traces.len() == 1 && !compare {

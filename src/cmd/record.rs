@@ -157,3 +157,55 @@ fn record_pid(pid: u32, args: &RecordArgs, timeout: Duration) -> anyhow::Result<
     };
     finish(&rec.finish(info), args)
 }
+
+#[derive(Debug, Args)]
+pub struct SeedArgs {
+    /// The seed disk to write (raw; mode 0640).
+    out: PathBuf,
+    /// The guest's host name (meta-data's local-hostname).
+    #[arg(long, value_name = "NAME", default_value = "reference")]
+    hostname: String,
+    /// meta-data's instance-id (cloud-init's first boot is once per id;
+    /// default: the host name).
+    #[arg(long, value_name = "ID")]
+    instance_id: Option<String>,
+    /// user-data: a #cloud-config file (at most 64 KiB); default, none.
+    #[arg(long, value_name = "FILE")]
+    user_data: Option<PathBuf>,
+    /// network-config (version 2); default: DHCP on every ethernet
+    /// interface.
+    #[arg(long, value_name = "FILE")]
+    network_config: Option<PathBuf>,
+}
+
+/// `bootcache seed`: a NoCloud seed for a recorded first boot.
+pub fn seed(args: &SeedArgs) -> anyhow::Result<ExitCode> {
+    let name: bootcache_api::Name = args.hostname.parse().map_err(|e| anyhow::anyhow!("--hostname {:?}: {e}", args.hostname))?;
+    let id = args.instance_id.clone().unwrap_or_else(|| name.to_string());
+    if id.is_empty() || id.len() > 255 || id.chars().any(char::is_control) {
+        bail!("--instance-id: 1 to 255 printable characters");
+    }
+    let read = |path: &Path, what: &str| -> anyhow::Result<String> {
+        let limit = bootcache_api::lab::MAX_CLOUD_INIT_BYTES;
+        let bytes = std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))?;
+        if bytes.len() > limit {
+            bail!("{what} {}: at most {limit} bytes", path.display());
+        }
+        String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{what} {}: not UTF-8 text", path.display()))
+    };
+    let user_data = args.user_data.as_deref().map(|p| read(p, "user-data")).transpose()?;
+    if let Some(u) = &user_data
+        && !u.starts_with("#cloud-config")
+    {
+        bail!("user-data: a #cloud-config file (its first line says so)");
+    }
+    let network_config = match &args.network_config {
+        Some(p) => read(p, "network-config")?,
+        None => "{\"version\": 2, \"ethernets\": {\"all\": {\"match\": {\"name\": \"e*\"}, \"dhcp4\": true}}}\n".to_owned(),
+    };
+    let meta = serde_json::json!({"instance-id": id, "local-hostname": name.as_str()});
+    let cloud = bootcache_runtime::NoCloud { meta_data: format!("{meta}\n"), user_data, network_config };
+    bootcache_runtime::libvirt::seed::write(&args.out, &cloud, None)?;
+    eprintln!("wrote {} (cidata: meta-data, user-data, network-config)", args.out.display());
+    Ok(ExitCode::SUCCESS)
+}

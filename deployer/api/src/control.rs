@@ -9,7 +9,7 @@
 //! DELETE /nodes/{name}             -> 204
 //! POST   /images                   ImageRequest -> ImageView
 //! GET    /images/{root}            -> ImageHolders
-//! POST   /labs                     the lab file (YAML) -> [InstanceView]
+//! POST   /labs                     the lab file (YAML), or a LabSource (JSON: it and the files it names) -> [InstanceView]
 //! GET    /labs                     -> [LabSummary]
 //! GET    /labs/{lab}/instances     -> [InstanceView]
 //! DELETE /labs/{lab}               -> 204

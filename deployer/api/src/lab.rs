@@ -36,14 +36,18 @@
 //!     command: [/bin/sh, -c, "echo up; exec sleep infinity"]
 //!     ready: up                # a line of its log
 //!     env: {ROLE: user}        # its environment
-//!     files: {/etc/motd: hi}   # files put in before it starts
+//!     files:                   # files put in before it starts: inline,
+//!       /etc/motd: hi          # or from a file beside the lab file that
+//!       /etc/app.conf: {from: app.conf}   # `bootcache deploy` sends
 //!     exec: [[touch, /ok]]     # commands run once it has started
 //!     sysctls: {net.ipv4.ip_forward: 1}
 //! ```
 //!
 //! [`Lab::parse`] checks everything a lab names before anything is made
 //! (names, counts, subnets, addresses, URLs, markers) and says which line is
-//! wrong; [`Lab::instances`] expands replicas into the instances to deploy.
+//! wrong ([`Lab::parse_with`] with the files its `from:` names, which
+//! [`Lab::attachments`] lists); [`Lab::instances`] expands replicas into the
+//! instances to deploy.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -66,6 +70,40 @@ pub const MAX_INSTANCES: u64 = 10_000;
 pub const MAX_SEGMENTS: usize = 256;
 /// The largest lab file read.
 pub const MAX_FILE_BYTES: usize = 1 << 20;
+/// The most files one lab may send with it (`from:`).
+pub const MAX_ATTACHED: usize = 256;
+
+/// Files sent with a lab file, by the name its `from:` gives them.
+pub type Attached = BTreeMap<String, String>;
+
+/// A lab as it is deployed: its file's text and the files beside it that
+/// the text names with `from:` (what `POST /labs` takes as JSON; a lab
+/// that names none may be sent as its YAML text alone).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabSource {
+    /// The lab file.
+    pub text: String,
+    /// The files it names, by name.
+    #[serde(default)]
+    pub files: Attached,
+}
+
+impl From<String> for LabSource {
+    fn from(text: String) -> Self {
+        LabSource { text, files: Attached::new() }
+    }
+}
+
+impl LabSource {
+    /// Parses and checks the lab with its files ([`Lab::parse_with`]).
+    ///
+    /// # Errors
+    /// As [`Lab::parse_with`].
+    pub fn parse(&self) -> Result<Lab, LabError> {
+        Lab::parse_with(&self.text, &self.files)
+    }
+}
+
 /// Addresses at the top of every subnet kept for the compute nodes (each
 /// node that runs VMs on a segment answers their DHCP requests from one).
 pub const NODE_ADDRESSES: u32 = 16;
@@ -221,15 +259,56 @@ impl Lab {
     /// [`MAX_INSTANCES`], a segment without a subnet, an address outside
     /// its subnet or given twice, a non-`http://` image URL.
     pub fn parse(text: &str) -> Result<Lab, LabError> {
+        Lab::parse_with(text, &Attached::new())
+    }
+
+    /// Parses and checks a lab file sent with the files its `from:` names.
+    ///
+    /// # Errors
+    /// As [`Lab::parse`]; and a `from:` that names a file not sent, a file
+    /// sent that no `from:` names, more than [`MAX_ATTACHED`] files.
+    pub fn parse_with(text: &str, attached: &Attached) -> Result<Lab, LabError> {
+        if attached.len() > MAX_ATTACHED {
+            return Err(raw::err(None, format!("a lab sends at most {MAX_ATTACHED} files")));
+        }
+        check::lab(Self::raw(text)?, attached)
+    }
+
+    /// The files a lab file names with `from:`, each with its line and
+    /// once, in file order: what `bootcache deploy` reads from beside it.
+    ///
+    /// # Errors
+    /// YAML syntax, an unknown key, a name that is not a relative path
+    /// below the lab file's folder.
+    pub fn attachments(text: &str) -> Result<Vec<(String, Option<u32>)>, LabError> {
+        let raw = Self::raw(text)?;
+        let mut out: Vec<(String, Option<u32>)> = Vec::new();
+        let defs = raw.instances.value.0.iter().map(|(_, d)| d).chain(raw.defaults.as_ref().map(|d| &d.value));
+        for files in defs.filter_map(|d| d.files.as_ref()) {
+            for (_, content) in &files.value.0 {
+                if let raw::RawContent::From(name) = &content.value {
+                    check::check_from(name).map_err(|why| raw::err(raw::at(content), format!("from: {name:?}: {why}")))?;
+                    if !out.iter().any(|(n, _)| n == name) {
+                        out.push((name.clone(), raw::at(content)));
+                    }
+                }
+            }
+        }
+        if out.len() > MAX_ATTACHED {
+            return Err(raw::err(None, format!("a lab sends at most {MAX_ATTACHED} files")));
+        }
+        Ok(out)
+    }
+
+    fn raw(text: &str) -> Result<raw::RawLab, LabError> {
         if text.len() > MAX_FILE_BYTES {
             return Err(raw::err(None, format!("the lab file is larger than {MAX_FILE_BYTES} bytes")));
         }
-        let raw: raw::RawLab = serde_saphyr::from_str(text).map_err(|e| {
+        serde_saphyr::from_str(text).map_err(|e| {
             let line = e.location().and_then(|l| u32::try_from(l.line()).ok()).filter(|l| *l > 0);
             // The library's message carries a snippet; the first line says it.
             raw::err(line, raw::plain_message(&e.to_string()))
-        })?;
-        check::lab(raw)
+        })
     }
 
     /// The instances to deploy, replicas expanded (`name-1` .. `name-N`),

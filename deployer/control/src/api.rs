@@ -13,7 +13,7 @@
 //! DELETE /nodes/{name}         -> 204; its credential revoked, its instances placed again
 //! POST /images                 {"url": "http://store/x.bcimg"} -> the image, read from its header
 //! GET  /images/{root}          -> the image and the nodes that cache it
-//! POST /labs                   the lab file (YAML) -> the lab's instances (400 naming the line,
+//! POST /labs                   the lab file (YAML; JSON LabSource with the files it names) -> the lab's instances (400 naming the line,
 //!                              409 if destroyed or deployed again meanwhile)
 //! GET  /labs                   -> the labs deployed: name, instances by state
 //! GET  /labs/{lab}/instances   -> the lab's instances: node, state, reason, history
@@ -314,9 +314,19 @@ async fn instances(State(c): State<Arc<Control>>, Path(lab): Path<String>) -> Re
     }
 }
 
-async fn deploy(State(c): State<Arc<Control>>, body: String) -> Response {
+async fn deploy(State(c): State<Arc<Control>>, headers: axum::http::HeaderMap, body: String) -> Response {
+    // The lab file as YAML, or as JSON with the files it names.
+    let json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/json"));
+    let source = if json {
+        match serde_json::from_str::<bootcache_api::lab::LabSource>(&body) {
+            Ok(s) => s,
+            Err(e) => return plain(StatusCode::BAD_REQUEST, &format!("not a lab and its files: {e}")),
+        }
+    } else {
+        body.into()
+    };
     // Checking a lab of 10,000 instances takes CPU: not on an async worker.
-    let parsed = tokio::task::spawn_blocking(move || bootcache_api::Lab::parse(&body).map(|lab| (body, lab))).await;
+    let parsed = tokio::task::spawn_blocking(move || source.parse().map(|lab| (source, lab))).await;
     let (text, lab) = match parsed {
         Ok(Ok(l)) => l,
         Ok(Err(e)) => return plain(StatusCode::BAD_REQUEST, &e.to_string()),

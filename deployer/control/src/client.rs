@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use bootcache_api::Name;
+use bootcache_api::lab::LabSource;
 use bootcache_http::auth::Credential;
 
 use bootcache_api::control::routes;
@@ -82,13 +83,18 @@ impl Client {
         r.json().await.map_err(|e| ClientError::Unreachable { base: self.base.clone(), source: e })
     }
 
-    /// Deploys the lab file `text`; the lab's instances.
+    /// Deploys a lab file with the files it names; the lab's instances.
     ///
     /// # Errors
     /// A bad lab file (400, naming the line), an image that cannot be read (502), unreachable.
-    pub async fn deploy(&self, text: &str) -> Result<Vec<InstanceView>, ClientError> {
-        self.call(self.http.post(format!("{}{}", self.base, routes::LABS)).header("content-type", "application/yaml").body(text.to_owned()))
-            .await
+    pub async fn deploy(&self, source: &LabSource) -> Result<Vec<InstanceView>, ClientError> {
+        let post = self.http.post(format!("{}{}", self.base, routes::LABS));
+        let post = if source.files.is_empty() {
+            post.header("content-type", "application/yaml").body(source.text.clone())
+        } else {
+            post.json(source)
+        };
+        self.call(post).await
     }
 
     /// The labs deployed.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bootcache_api::Image;
 use bootcache_api::agent::{self, Dhcp, Heartbeat, Join, Joined, Nic, Observed, Order, Orders, SegmentOrder, names};
-use bootcache_api::lab::Delivery;
+use bootcache_api::lab::{Delivery, LabSource};
 use bootcache_api::{InstanceState, Kind, Lab, Name, RootDigest};
 
 use crate::db::{Db, DbError, Deployed, ImageRecord, InstanceRow, InstanceSpec, NodeRow, SegmentRow};
@@ -161,7 +161,8 @@ fn specs(lab: &Lab, roots: &HashMap<String, RootDigest>) -> Vec<InstanceSpec> {
 }
 
 impl Control {
-    /// Deploys `lab` (checked from the lab file `text`): reads its VM
+    /// Deploys `lab` (checked from `source`, the lab file and the files it
+    /// names, which is what is recorded of it): reads its VM
     /// images' headers, holding nothing, then records the lab whole in one
     /// transaction (see [`Db::put_lab`]: unchanged instances keep their
     /// state, changed ones are made anew, dropped ones go) and places what
@@ -171,7 +172,8 @@ impl Control {
     /// An image that cannot be read, a lab the database refuses (a bridge
     /// of another lab...), a destroy or another deploy of the lab recorded
     /// meanwhile ([`DeployError::Superseded`]), the database.
-    pub async fn deploy(self: &Arc<Self>, text: String, lab: Lab) -> Result<(Vec<InstanceRow>, Deployed), DeployError> {
+    pub async fn deploy(self: &Arc<Self>, source: impl Into<LabSource>, lab: Lab) -> Result<(Vec<InstanceRow>, Deployed), DeployError> {
+        let source = source.into();
         let epoch = self.epoch(&lab.name);
         // Headers first, holding nothing (a slow store delays this call only).
         let mut roots: HashMap<String, RootDigest> = HashMap::new();
@@ -195,7 +197,7 @@ impl Control {
             roots.insert(def.image.clone(), root);
         }
         let me = Arc::clone(self);
-        tokio::task::spawn_blocking(move || me.record(&text, lab, &images, &roots, epoch))
+        tokio::task::spawn_blocking(move || me.record(&source, lab, &images, &roots, epoch))
             .await
             .map_err(|e| DeployError::Db(DbError::Conflict(format!("deploying: {e}"))))?
     }
@@ -204,7 +206,7 @@ impl Control {
     /// transaction, the in-memory view changed under the same lock.
     fn record(
         &self,
-        text: &str,
+        source: &LabSource,
         lab: Lab,
         images: &[ImageRecord],
         roots: &HashMap<String, RootDigest>,
@@ -217,7 +219,7 @@ impl Control {
             if self.epoch(&name) != epoch {
                 return Err(DeployError::Superseded(name));
             }
-            let done = db.put_lab(&lab, text, images, &specs, now_ms())?;
+            let done = db.put_lab(&lab, source, images, &specs, now_ms())?;
             self.bump_epoch(&name);
             let segments = db.segments(&name)?;
             locked(&self.views).insert(name.clone(), Arc::new(LabView::new(lab, segments)));

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use serde_saphyr::Spanned;
 
 use super::addresses::Addresses;
-use super::raw::{RawInstance, RawLab, RawSegment, at, err, name_at, parse_memory};
+use super::raw::{RawContent, RawInstance, RawLab, RawSegment, at, err, name_at, parse_memory};
 use super::{Delivery, InstanceDef, Lab, LabError, MAX_INSTANCES, MAX_SEGMENTS, Segment, Subnet};
 use crate::{InterfaceName, Kind, Name};
 
@@ -23,7 +23,7 @@ const MAX_MEMORY: u64 = 1 << 40;
 /// The whole lab: segments, then instances in file order (each checked,
 /// its replicas named, its explicit addresses taken), then the addresses
 /// of those given none.
-pub(super) fn lab(raw: RawLab) -> Result<Lab, LabError> {
+pub(super) fn lab(raw: RawLab, attached: &super::Attached) -> Result<Lab, LabError> {
     let name = name_at(&raw.name, "lab name")?;
     let segments = segments(raw.segments.as_ref())?;
     let mut addresses = Addresses::new(&segments);
@@ -32,7 +32,7 @@ pub(super) fn lab(raw: RawLab) -> Result<Lab, LabError> {
     for (key, def) in &raw.instances.value.0 {
         let merged = raw.defaults.as_ref().map(|d| def.with_defaults(&d.value));
         let def = merged.as_ref().unwrap_or(def);
-        let mut d = instance(key, def)?;
+        let mut d = instance(key, def, attached)?;
         names.add(&d, at(key), def.count.as_ref().map_or(at(key), at))?;
         d.segments = addresses.attach(instances.len(), &d, def.segments.as_ref())?;
         d.routes = routes(&d, def.routes.as_ref(), &segments)?;
@@ -42,6 +42,11 @@ pub(super) fn lab(raw: RawLab) -> Result<Lab, LabError> {
         return Err(err(at(&raw.instances), "the lab has no instances"));
     }
     addresses.give(&mut instances)?;
+    let named =
+        |k: &str| raw.instances.value.0.iter().map(|(_, d)| d).chain(raw.defaults.as_ref().map(|d| &d.value)).any(|d| names_from(d, k));
+    if let Some(extra) = attached.keys().find(|k| !named(k)) {
+        return Err(err(None, format!("file {extra:?} was sent with the lab, but no from: names it")));
+    }
     Ok(Lab { name, segments, instances })
 }
 
@@ -139,7 +144,7 @@ fn bridge(b: &Spanned<String>, seg_name: &Name) -> Result<InterfaceName, LabErro
 }
 
 /// One instance definition's fields (its segments are attached apart).
-fn instance(key: &Spanned<String>, def: &RawInstance) -> Result<InstanceDef, LabError> {
+fn instance(key: &Spanned<String>, def: &RawInstance, attached: &super::Attached) -> Result<InstanceDef, LabError> {
     let line = at(key);
     let name = name_at(key, "instance name")?;
     let kind = match &def.kind {
@@ -245,13 +250,29 @@ fn instance(key: &Spanned<String>, def: &RawInstance) -> Result<InstanceDef, Lab
         }
         for (path, content) in &f.value.0 {
             check_path(&path.value).map_err(|why| err(at(path), format!("instance {name}: file {:?}: {why}", path.value)))?;
-            if content.value.len() > super::MAX_FILE_CONTENT {
+            let text = match &content.value {
+                RawContent::Inline(text) => text,
+                RawContent::From(from) => {
+                    check_from(from)
+                        .map_err(|why| err(at(content), format!("instance {name}: file {}: from: {from:?}: {why}", path.value)))?;
+                    attached.get(from).ok_or_else(|| {
+                        err(
+                            at(content),
+                            format!(
+                                "instance {name}: file {} is from {from:?}, which was not sent with the lab (`bootcache deploy` sends what from: names, from beside the lab file)",
+                                path.value
+                            ),
+                        )
+                    })?
+                }
+            };
+            if text.len() > super::MAX_FILE_CONTENT {
                 return Err(err(
                     at(content),
                     format!("instance {name}: file {} is more than {} bytes", path.value, super::MAX_FILE_CONTENT),
                 ));
             }
-            files.insert(path.value.clone(), content.value.clone());
+            files.insert(path.value.clone(), text.clone());
         }
     }
     let exec = match &def.exec {
@@ -362,6 +383,23 @@ fn check_path(p: &str) -> Result<(), &'static str> {
         return Err("a path without empty, . or .. components");
     }
     Ok(())
+}
+
+/// A file named by `from:`: a relative path below the lab file's folder
+/// (no `.`, `..` or empty component, no NUL), at most 1024 bytes.
+pub(super) fn check_from(p: &str) -> Result<(), &'static str> {
+    if p.is_empty() || p.starts_with('/') || p.len() > 1024 || p.contains('\0') || p.contains('\\') {
+        return Err("a relative path below the lab file's folder, of at most 1024 bytes");
+    }
+    if p.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        return Err("a path without empty, . or .. components");
+    }
+    Ok(())
+}
+
+/// Whether `def` takes a file from `from`.
+fn names_from(def: &RawInstance, from: &str) -> bool {
+    def.files.as_ref().is_some_and(|f| f.value.0.iter().any(|(_, c)| matches!(&c.value, RawContent::From(n) if n == from)))
 }
 
 /// A number from 1 to `max` (`default` when not given).

@@ -89,6 +89,57 @@ impl<'de> Deserialize<'de> for RawAttach {
     }
 }
 
+/// A file's content: the text itself, or `{from: NAME}`, a file beside
+/// the lab file that `bootcache deploy` sends with it.
+#[derive(Clone)]
+pub(super) enum RawContent {
+    Inline(String),
+    From(String),
+}
+
+impl<'de> Deserialize<'de> for RawContent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawContent;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a file's content, or {from: a file beside the lab file}")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawContent, E> {
+                Ok(RawContent::Inline(v.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<RawContent, E> {
+                Ok(RawContent::Inline(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawContent, E> {
+                Ok(RawContent::Inline(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawContent, E> {
+                Ok(RawContent::Inline(v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<RawContent, E> {
+                Ok(RawContent::Inline(v.to_string()))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<RawContent, E> {
+                Ok(RawContent::Inline(v.to_string()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawContent, A::Error> {
+                let mut from = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key != "from" || from.is_some() {
+                        return Err(de::Error::custom(format!(
+                            "a file is its content, or {{from: NAME}} (a file beside the lab file), not {key}:"
+                        )));
+                    }
+                    from = Some(map.next_value::<String>()?);
+                }
+                from.map(RawContent::From).ok_or_else(|| de::Error::custom("{from: NAME} names a file beside the lab file"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawInstance {
@@ -105,7 +156,7 @@ pub(super) struct RawInstance {
     #[serde(rename = "cloud-init")]
     pub(super) cloud_init: Option<Spanned<serde_json::Value>>,
     pub(super) env: Option<Spanned<Entries<Spanned<Scalar>>>>,
-    pub(super) files: Option<Spanned<Entries<Spanned<String>>>>,
+    pub(super) files: Option<Spanned<Entries<Spanned<RawContent>>>>,
     pub(super) exec: Option<Spanned<Vec<Vec<String>>>>,
     pub(super) hostname: Option<Spanned<String>>,
     pub(super) sysctls: Option<Spanned<Entries<Spanned<Scalar>>>>,

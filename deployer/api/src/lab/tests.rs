@@ -144,8 +144,14 @@ fn a_checked_lab_goes_through_json_unchanged() {
 
 #[test]
 fn the_example_lab_is_valid() {
-    let lab = Lab::parse(include_str!("../../../../examples/lab.yaml")).unwrap();
+    let text = include_str!("../../../../examples/lab.yaml");
+    let names = Lab::attachments(text).unwrap();
+    assert_eq!(names.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["files/motd"]);
+    let motd = include_str!("../../../../examples/files/motd");
+    let lab = Lab::parse_with(text, &[("files/motd".to_owned(), motd.to_owned())].into()).unwrap();
     assert_eq!(lab.instances().len(), 8);
+    assert_eq!(lab.instances[1].files.get("/etc/motd").map(String::as_str), Some(motd));
+    assert!(lab.instances[0].cloud_init.is_some());
 }
 
 #[test]
@@ -334,6 +340,58 @@ fn containers_take_env_files_exec_sysctls_and_a_ready_command() {
     let big =
         GOOD.replace(c, &format!("    command: [/bin/sh, -c, echo up]\n    files: {{/big: \"{}\"}}\n", "x".repeat(MAX_FILE_CONTENT + 1)));
     assert!(error_of(&big).message.contains("more than 262144 bytes"));
+}
+
+/// A file's content from a file beside the lab file: listed for the
+/// command line to send, taken from what was sent, refused naming its line
+/// when not sent, outside the lab's folder, too big; a file sent that
+/// nothing names is refused too.
+#[test]
+fn files_may_come_from_beside_the_lab_file() {
+    let c = "    command: [/bin/sh, -c, echo up]\n";
+    let with = GOOD.replace(
+        c,
+        "    command: [/bin/sh, -c, echo up]\n    files:\n      /etc/app.conf: {from: conf/app.conf}\n      /etc/motd: {from: motd}\n      /etc/again: {from: motd}\n",
+    );
+    assert_eq!(
+        Lab::attachments(&with).unwrap(),
+        vec![("conf/app.conf".to_owned(), Some(25)), ("motd".to_owned(), Some(26))],
+        "each once, with its line"
+    );
+    assert!(Lab::attachments(GOOD).unwrap().is_empty());
+    let sent: Attached = [("conf/app.conf".to_owned(), "a=1\n".to_owned()), ("motd".to_owned(), "hi\n".to_owned())].into();
+    let lab = Lab::parse_with(&with, &sent).unwrap();
+    assert_eq!(lab.instances[1].files.get("/etc/app.conf").map(String::as_str), Some("a=1\n"));
+    assert_eq!(lab.instances[1].files.get("/etc/again").map(String::as_str), Some("hi\n"));
+    // What was sent is what counts: a lab read again with its files is the same lab.
+    let source = LabSource { text: with.clone(), files: sent.clone() };
+    assert_eq!(source.parse().unwrap(), lab);
+    // Not sent.
+    let e = Lab::parse(&with).unwrap_err();
+    assert_eq!(e.line, Some(25), "{e}");
+    assert!(e.message.contains("\"conf/app.conf\", which was not sent with the lab"), "{e}");
+    // Sent and named by nothing.
+    let mut extra = sent.clone();
+    extra.insert("stray".into(), String::new());
+    assert!(Lab::parse_with(&with, &extra).unwrap_err().message.contains("\"stray\" was sent with the lab, but no from: names it"));
+    // Too big.
+    let mut big = sent.clone();
+    big.insert("motd".into(), "x".repeat(MAX_FILE_CONTENT + 1));
+    assert!(Lab::parse_with(&with, &big).unwrap_err().message.contains("more than 262144 bytes"));
+    // Outside the lab file's folder, or not a name.
+    for (from, what) in [
+        ("/etc/shadow", "a relative path below the lab file's folder"),
+        ("../secret", "without empty, . or .. components"),
+        ("a//b", "without empty, . or .. components"),
+    ] {
+        let text = GOOD.replace(c, &format!("    command: [/bin/sh, -c, echo up]\n    files: {{/x: {{from: \"{from}\"}}}}\n"));
+        for e in [Lab::attachments(&text).unwrap_err(), Lab::parse(&text).unwrap_err()] {
+            assert!(e.message.contains(what), "{from}: {e}");
+            assert_eq!(e.line, Some(24), "{from}: {e}");
+        }
+    }
+    let odd = GOOD.replace(c, "    command: [/bin/sh, -c, echo up]\n    files: {/x: {path: motd}}\n");
+    assert!(error_of(&odd).message.contains("a file is its content, or {from: NAME}"), "{}", error_of(&odd));
 }
 
 #[test]

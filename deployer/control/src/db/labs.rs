@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use bootcache_api::agent::{Observed, names};
+use bootcache_api::lab::LabSource;
 use bootcache_api::{InterfaceName, Lab, Name, RootDigest};
 use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
 
@@ -53,9 +54,12 @@ pub struct Deployed {
 }
 
 /// How a lab's row is written: 1 is the JSON of the checked lab (schema
-/// 5 and before), 2 the lab file's text.
+/// 5 and before), 2 the lab file's text, 3 the text with the files it
+/// names.
 const FORMAT_JSON: i64 = 1;
 const FORMAT_TEXT: i64 = 2;
+/// A lab file with the files its `from:` names ([`LabSource`], as JSON).
+const FORMAT_SOURCE: i64 = 3;
 
 /// Takes the next number of counter `name`, refusing beyond `max`.
 fn next_number(tx: &Transaction<'_>, db: &Db, name: &str, max: u32) -> Result<u32, DbError> {
@@ -84,7 +88,20 @@ impl Db {
     /// # Errors
     /// [`DbError::Conflict`] (a bridge another lab has, numbers used up);
     /// SQLite errors. Nothing is recorded then.
-    pub fn put_lab(&self, lab: &Lab, text: &str, images: &[ImageRecord], specs: &[InstanceSpec], now_ms: i64) -> Result<Deployed, DbError> {
+    pub fn put_lab(
+        &self,
+        lab: &Lab,
+        source: &LabSource,
+        images: &[ImageRecord],
+        specs: &[InstanceSpec],
+        now_ms: i64,
+    ) -> Result<Deployed, DbError> {
+        // The file as written; with the files it names, both as sent.
+        let (spec, format) = if source.files.is_empty() {
+            (source.text.clone(), FORMAT_TEXT)
+        } else {
+            (serde_json::to_string(source).map_err(|e| DbError::Conflict(format!("recording the lab: {e}")))?, FORMAT_SOURCE)
+        };
         let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate).map_err(self.sql())?;
         let big = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         for i in images {
@@ -98,7 +115,7 @@ impl Db {
         tx.execute(
             "INSERT INTO labs (name, spec, deployed_ms, format) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(name) DO UPDATE SET spec = excluded.spec, deployed_ms = excluded.deployed_ms, format = excluded.format",
-            params![lab.name.as_str(), text, now_ms, FORMAT_TEXT],
+            params![lab.name.as_str(), spec, now_ms, format],
         )
         .map_err(self.sql())?;
         self.put_segments(&tx, lab)?;
@@ -221,7 +238,16 @@ impl Db {
     /// # Errors
     /// SQLite errors.
     pub fn lab_text(&self, name: &Name) -> Result<Option<String>, DbError> {
-        self.conn.query_row("SELECT spec FROM labs WHERE name = ?1", params![name.as_str()], |r| r.get(0)).optional().map_err(self.sql())
+        let row: Option<(String, i64)> = self
+            .conn
+            .query_row("SELECT spec, format FROM labs WHERE name = ?1", params![name.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .map_err(self.sql())?;
+        row.map(|(spec, format)| match format {
+            FORMAT_SOURCE => serde_json::from_str::<LabSource>(&spec).map(|s| s.text).map_err(|e| self.corrupt(format!("lab {name}: {e}"))),
+            _ => Ok(spec),
+        })
+        .transpose()
     }
 
     /// The segments of `lab`, numbered, in name order.
@@ -343,6 +369,7 @@ impl Db {
 fn read_lab(spec: &str, format: i64) -> Result<Lab, String> {
     match format {
         FORMAT_TEXT => Lab::parse(spec).map_err(|e| e.to_string()),
+        FORMAT_SOURCE => serde_json::from_str::<LabSource>(spec).map_err(|e| e.to_string())?.parse().map_err(|e| e.to_string()),
         FORMAT_JSON => serde_json::from_str(spec).map_err(|e| e.to_string()),
         other => Err(format!("unknown format {other}")),
     }

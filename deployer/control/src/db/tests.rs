@@ -142,8 +142,8 @@ fn instances_follow_their_state_machine_survive_restarts_and_are_lost_with_their
         };
         let (text, parsed) = two_instance_lab();
         let specs = [spec(&vm, Kind::Vm, root(1), 512 << 20), spec(&web, Kind::Container, root(2), 64 << 20)];
-        assert_eq!(db.put_lab(&parsed, &text, &[], &specs, 1_000).unwrap().added, 2);
-        let again = db.put_lab(&parsed, &text, &[], &specs, 1_500).unwrap();
+        assert_eq!(db.put_lab(&parsed, &text.clone().into(), &[], &specs, 1_000).unwrap().added, 2);
+        let again = db.put_lab(&parsed, &text.clone().into(), &[], &specs, 1_500).unwrap();
         assert_eq!((again.added, again.kept), (0, 2), "a second deploy converges");
         db.set_state(&lab, &vm, InstanceState::Placed, Some(&name("a")), None, 2_000).unwrap();
         db.set_state(&lab, &vm, InstanceState::Fetching, None, None, 3_000).unwrap();
@@ -169,12 +169,30 @@ fn instances_follow_their_state_machine_survive_restarts_and_are_lost_with_their
     assert!(db.mark_lost(9_000, Duration::from_secs(2)).unwrap().is_empty(), "lost once");
 }
 
+/// A lab sent with files its `from:` names reads back with them, after
+/// a restart too; its text is still the text as written.
+#[test]
+fn a_lab_with_files_reads_back_with_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("control.db");
+    let (text, _) = two_instance_lab();
+    let text = text.replace("    image: http://s/b.tar\n", "    image: http://s/b.tar\n    files: {/etc/app.conf: {from: app.conf}}\n");
+    let source = bootcache_api::lab::LabSource { text: text.clone(), files: [("app.conf".to_owned(), "a=1\n".to_owned())].into() };
+    let lab = source.parse().unwrap();
+    Db::open(&path).unwrap().put_lab(&lab, &source, &[], &specs_of(&lab, "v1"), 0).unwrap();
+    let db = Db::open(&path).unwrap();
+    let back = db.lab(&lab.name).unwrap().unwrap();
+    assert_eq!(back, lab);
+    assert_eq!(back.instances[1].files.get("/etc/app.conf").map(String::as_str), Some("a=1\n"));
+    assert_eq!(db.lab_text(&lab.name).unwrap().unwrap(), text);
+}
+
 #[test]
 fn a_lab_is_recorded_whole_changed_instances_anew_and_numbers_never_twice() {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(&dir.path().join("control.db")).unwrap();
     let (text, lab) = two_instance_lab();
-    db.put_lab(&lab, &text, &[], &specs_of(&lab, "v1"), 0).unwrap();
+    db.put_lab(&lab, &text.clone().into(), &[], &specs_of(&lab, "v1"), 0).unwrap();
     let first = db.instances(&lab.name).unwrap();
     let seg = db.segments(&lab.name).unwrap();
     assert_eq!(seg.len(), 1);
@@ -186,7 +204,7 @@ fn a_lab_is_recorded_whole_changed_instances_anew_and_numbers_never_twice() {
     let mut specs = specs_of(&lab, "v1");
     specs[1].fingerprint = "web1-v2".into();
     specs[1].memory_bytes = 1 << 30;
-    let done = db.put_lab(&lab, &text, &[], &specs, 10).unwrap();
+    let done = db.put_lab(&lab, &text.clone().into(), &[], &specs, 10).unwrap();
     assert_eq!((done.kept, done.recreated, done.added, done.removed), (1, 1, 0, 0));
     let second = db.instances(&lab.name).unwrap();
     assert_eq!(second[0].uid, first[0].uid);
@@ -200,9 +218,9 @@ fn a_lab_is_recorded_whole_changed_instances_anew_and_numbers_never_twice() {
         "a bridge of the derived shape is refused when the lab is read"
     );
     let (text2, lab2) = lab_text("lab2", "10.8.0.0/24", Some("br-mine"));
-    db.put_lab(&lab2, &text2, &[], &specs_of(&lab2, "v1"), 20).unwrap();
+    db.put_lab(&lab2, &text2.clone().into(), &[], &specs_of(&lab2, "v1"), 20).unwrap();
     let (text3, lab3) = lab_text("lab3", "10.9.0.0/24", Some("br-mine"));
-    let e = db.put_lab(&lab3, &text3, &[], &specs_of(&lab3, "v1"), 30).unwrap_err().to_string();
+    let e = db.put_lab(&lab3, &text3.clone().into(), &[], &specs_of(&lab3, "v1"), 30).unwrap_err().to_string();
     assert!(e.contains("bridge br-mine is lab lab2's"), "{e}");
     assert!(db.lab(&lab3.name).unwrap().is_none() && db.instances(&lab3.name).unwrap().is_empty(), "nothing of a refused lab is recorded");
     let uids: std::collections::HashSet<u32> =
@@ -213,7 +231,7 @@ fn a_lab_is_recorded_whole_changed_instances_anew_and_numbers_never_twice() {
     // Destroyed: gone whole; a new deploy of the same lab gets new numbers.
     assert!(db.delete_lab(&lab.name).unwrap());
     assert!(db.segments(&lab.name).unwrap().is_empty() && db.instances(&lab.name).unwrap().is_empty());
-    db.put_lab(&lab, &text, &[], &specs_of(&lab, "v1"), 40).unwrap();
+    db.put_lab(&lab, &text.clone().into(), &[], &specs_of(&lab, "v1"), 40).unwrap();
     let third = db.instances(&lab.name).unwrap();
     assert!(third.iter().all(|r| !uids.contains(&r.uid)));
     assert!(db.segments(&lab.name).unwrap()[0].id > seg[0].id);
@@ -225,7 +243,7 @@ fn a_node_is_taken_only_for_what_it_was_ordered() {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(&dir.path().join("control.db")).unwrap();
     let (text, lab) = two_instance_lab();
-    db.put_lab(&lab, &text, &[], &specs_of(&lab, "v1"), 0).unwrap();
+    db.put_lab(&lab, &text.clone().into(), &[], &specs_of(&lab, "v1"), 0).unwrap();
     for n in ["a", "b"] {
         db.register_node(&name(n), "10.0.0.2:7070", 0).unwrap();
     }
@@ -283,7 +301,7 @@ fn nodes_join_once_claim_within_bounds_and_can_be_removed() {
     assert_eq!(db.node_secret(&name("a")).unwrap().as_deref(), Some("digest-3"));
     // Removed: its instances go back to pending, its credential with it.
     let (text, lab) = two_instance_lab();
-    db.put_lab(&lab, &text, &[], &specs_of(&lab, "v1"), 0).unwrap();
+    db.put_lab(&lab, &text.clone().into(), &[], &specs_of(&lab, "v1"), 0).unwrap();
     db.set_state(&lab.name, &name("vm1"), InstanceState::Placed, Some(&name("a")), None, 1).unwrap();
     db.set_state(&lab.name, &name("vm1"), InstanceState::Starting, None, None, 2).unwrap();
     assert!(db.remove_node(&name("a"), 3).unwrap());
