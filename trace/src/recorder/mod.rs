@@ -189,7 +189,8 @@ impl Recorder {
             self.probes.remove_fd(self.pid, fd)
         };
         if let Err(e) = result {
-            tracing::warn!(fd, error = %e, "cannot update the descriptor filter");
+            let cause = std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default();
+            tracing::warn!(fd, error = %e, %cause, "cannot update the descriptor filter");
         }
     }
 

@@ -97,6 +97,11 @@ impl Probes {
     pub(super) fn remove_fd(&mut self, tgid: u32, fd: u32) -> Result<(), RecordError> {
         match self.fds.remove(&FdKey { tgid, fd }) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            // Already gone (the kernel side drops a descriptor on close):
+            // aya reports a missing key of a hash map as the syscall's ENOENT.
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(rustix::io::Errno::NOENT.raw_os_error()) => {
+                Ok(())
+            }
             Err(e) => Err(RecordError::Map("FDS", e)),
         }
     }
