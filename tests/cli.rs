@@ -314,3 +314,24 @@ fn deployment_commands_read_bounded_files_and_private_tokens() -> Result<()> {
     assert!(!err.contains("from:"), "{err}");
     Ok(())
 }
+
+/// `push` and `pull` refuse what is not a reference, and a registry that
+/// would need HTTPS, before anything is sent or written.
+#[test]
+fn push_and_pull_refuse_bad_references_before_anything() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("out.bcimg");
+    for (reference, why) in [
+        ("http://127.0.0.1:5000/a:1", "no scheme"),
+        ("web:1", "no registry"),
+        ("127.0.0.1:5000/Web:1", "lowercase path components"),
+        ("registry.example:5000/web:1", "HTTPS is not built in yet"),
+    ] {
+        let err = fails(&["pull", reference, p(&out)]);
+        assert!(err.contains(why), "{reference}: {err}");
+    }
+    assert!(!out.exists());
+    let err = fails(&["push", p(&out), "registry.example:5000/web:1"]);
+    assert!(err.contains("HTTPS is not built in yet") || err.contains("out.bcimg"), "{err}");
+    Ok(())
+}

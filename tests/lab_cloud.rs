@@ -14,7 +14,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use bootcache_testbed::Link;
-use support::cluster::{Cluster, Spec, container_image};
+use support::bootcache;
+use support::cluster::{Cluster, Spec, container_image, record_boot};
 
 const SECRET: &str = "hunter2-not-to-be-shown";
 const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBootcacheLabTestKeyOnly alice@lab";
@@ -88,41 +89,12 @@ fn vms_are_configured_by_cloud_init_from_the_lab() {
     // seed (another name, other user-data than the lab's), then converted
     // boot set first.
     let image = cloud_guest();
-    let bc = |args: &[&std::ffi::OsStr]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_bootcache")).args(args).output().unwrap();
-        assert!(out.status.success(), "bootcache {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
     let (seed, user_data, trace) = (dir.path().join("seed.img"), dir.path().join("user-data"), dir.path().join("first.bctrace"));
+    let p = |p: &std::path::Path| p.to_str().unwrap().to_owned();
     std::fs::write(&user_data, "#cloud-config\nwrite_files:\n  - {path: /etc/lab-role, content: recorded}\n").unwrap();
-    bc(&["seed".as_ref(), seed.as_ref(), "--hostname".as_ref(), "recorded".as_ref(), "--user-data".as_ref(), user_data.as_ref()]);
-    let drive = format!("file={},format=raw,if=virtio,cache=none,aio=threads", image.display());
-    let seed_drive = format!("file={},format=raw,if=virtio,readonly=on", seed.display());
-    let record = ["record", "--image", image.to_str().unwrap(), "--out", trace.to_str().unwrap(), "--timeout", "400", "--"];
-    let qemu = [
-        "qemu-system-x86_64",
-        "-accel",
-        "tcg",
-        "-m",
-        "512",
-        "-display",
-        "none",
-        "-snapshot",
-        "-net",
-        "none",
-        "-drive",
-        &drive,
-        "-drive",
-        &seed_drive,
-    ];
-    bc(&record.iter().chain(&qemu).map(std::ffi::OsStr::new).collect::<Vec<_>>());
-    bc(&[
-        "convert".as_ref(),
-        "--quiet".as_ref(),
-        "--trace".as_ref(),
-        trace.as_ref(),
-        image.as_ref(),
-        store_dir.join("cloud.bcimg").as_ref(),
-    ]);
+    bootcache(&["seed", &p(&seed), "--hostname", "recorded", "--user-data", &p(&user_data)]);
+    record_boot(&image, &trace, "512", 400, &[format!("file={},format=raw,if=virtio,readonly=on", seed.display())]);
+    bootcache(&["convert", "--quiet", "--trace", &p(&trace), &p(&image), &p(&store_dir.join("cloud.bcimg"))]);
     let spec = Spec {
         nodes: vec!["node-a".into(), "node-b".into()],
         daemons: true,

@@ -7,6 +7,7 @@ mod image;
 mod lab;
 mod progress;
 mod record;
+mod registry;
 mod trace;
 
 use std::path::{Path, PathBuf};
@@ -80,6 +81,13 @@ enum Command {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Push a bootcache image to an OCI registry, as an artifact (one blob,
+    /// read lazily with ranges as from a store); prints the reference
+    /// pinned to its digest.
+    Push(registry::PushArgs),
+    /// Pull a bootcache image from an OCI registry into a file, every byte
+    /// checked against its digest and the image's root digest.
+    Pull(registry::PullArgs),
     /// Describe a bootcache image: sizes, segments, features, root digest.
     Info {
         /// The bootcache image.
@@ -145,6 +153,8 @@ impl Cli {
                 | Command::Destroy(_)
                 | Command::Exec(_)
                 | Command::Logs(_)
+                | Command::Push(_)
+                | Command::Pull(_)
         )
     }
 }
@@ -154,6 +164,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Record(args) => record::record(&args),
         Command::Seed(args) => record::seed(&args),
+        Command::Push(args) => registry::push(&args),
+        Command::Pull(args) => registry::pull(&args),
         Command::Trace(t) => trace::run(t),
         Command::Analyze { traces, compare, json, plot } => {
             if traces.len() == 1 && !compare {

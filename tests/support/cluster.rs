@@ -54,23 +54,23 @@ pub fn fill_store(store: &Path, work: &Path) -> Images {
 
 /// Records the small guest's boot (from `raw`, in 96 MiB) into `trace`.
 pub fn record_small_guest(raw: &Path, trace: &Path) {
-    let s = |p: &Path| p.to_str().unwrap().to_owned();
-    let drive = format!("file={},format=raw,if=virtio,cache=none,aio=threads", raw.display());
-    let accel = super::accel();
-    bootcache(&[
-        "record",
-        "--image",
-        &s(raw),
-        "--out",
-        &s(trace),
-        "--timeout",
-        "120",
-        "--",
+    record_boot(raw, trace, "96", 120, &[]);
+}
+
+/// Records the boot of the raw image `raw` to its marker into `trace`:
+/// QEMU with `memory_mib`, no network, the image as the first virtio disk
+/// and `drives` (`-drive` values) after it; at most `timeout_s` seconds.
+pub fn record_boot(raw: &Path, trace: &Path, memory_mib: &str, timeout_s: u32, drives: &[String]) {
+    let (raw_s, trace_s) = (raw.to_str().unwrap(), trace.to_str().unwrap());
+    let drive = format!("file={raw_s},format=raw,if=virtio,cache=none,aio=threads");
+    let (accel, timeout) = (super::accel(), timeout_s.to_string());
+    let mut args = vec!["record", "--image", raw_s, "--out", trace_s, "--timeout", &timeout, "--"];
+    args.extend([
         "qemu-system-x86_64",
         "-accel",
         &accel,
         "-m",
-        "96",
+        memory_mib,
         "-display",
         "none",
         "-snapshot",
@@ -79,6 +79,10 @@ pub fn record_small_guest(raw: &Path, trace: &Path) {
         "-drive",
         &drive,
     ]);
+    for d in drives {
+        args.extend(["-drive", d.as_str()]);
+    }
+    bootcache(&args);
 }
 
 /// [`fill_store`] with boot-segment extents of at most `boot_extent`.

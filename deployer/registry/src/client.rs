@@ -1,0 +1,412 @@
+//! The distribution API, as much of it as bootcache needs: manifests by
+//! tag or digest (bounded, checked against their digest), blobs streamed
+//! up from a file and down into one (checked against their digest before
+//! they are kept), and a blob's URL for readers that fetch ranges of it.
+//!
+//! Written on the HTTP client the project already uses rather than on
+//! `oci-client`: that crate holds a blob in memory to push or pull it,
+//! and bootcache's images are gigabytes.
+
+use std::path::Path;
+
+use base64::Engine as _;
+use futures_util::StreamExt as _;
+use sha2::Digest as _;
+use tokio::io::AsyncWriteExt as _;
+
+use crate::RegistryError;
+use crate::reference::{Digest, Reference, Target};
+
+/// The largest manifest read (the spec suggests registries take at least 4 MiB).
+pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+
+/// The media types of manifests this client asks for.
+pub const MANIFEST_TYPES: &[&str] = &[
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+/// How to present oneself to a registry.
+#[derive(Clone, Default)]
+pub enum Credentials {
+    /// No credential.
+    #[default]
+    Anonymous,
+    /// HTTP Basic.
+    Basic {
+        /// The user.
+        user: String,
+        /// The password (never printed).
+        password: String,
+    },
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Anonymous => f.write_str("Anonymous"),
+            Credentials::Basic { user, .. } => write!(f, "Basic({user}, ...)"),
+        }
+    }
+}
+
+impl Credentials {
+    /// The credentials Docker's `config.json` (`{"auths": {"HOST:PORT":
+    /// {"auth": base64("user:password")}}}`) holds for `registry`;
+    /// anonymous when it holds none.
+    ///
+    /// # Errors
+    /// A file that cannot be read or is not such JSON, an `auth` that is
+    /// not base64 of `user:password`.
+    pub fn from_docker_config(path: &Path, registry: &str) -> Result<Credentials, RegistryError> {
+        let bad = |why: String| RegistryError::Credentials { path: path.to_owned(), why };
+        let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+        if meta.len() > 1 << 20 {
+            return Err(bad("more than 1 MiB".into()));
+        }
+        let text = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let config: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let Some(entry) = config.get("auths").and_then(|a| a.get(registry)) else { return Ok(Credentials::Anonymous) };
+        if let (Some(u), Some(p)) = (entry.get("username").and_then(|v| v.as_str()), entry.get("password").and_then(|v| v.as_str())) {
+            return Ok(Credentials::Basic { user: u.to_owned(), password: p.to_owned() });
+        }
+        let Some(auth) = entry.get("auth").and_then(|v| v.as_str()) else { return Ok(Credentials::Anonymous) };
+        let decoded =
+            base64::engine::general_purpose::STANDARD.decode(auth).map_err(|_| bad(format!("the auth of {registry} is not base64")))?;
+        let decoded = String::from_utf8(decoded).map_err(|_| bad(format!("the auth of {registry} is not text")))?;
+        let (user, password) = decoded.split_once(':').ok_or_else(|| bad(format!("the auth of {registry} is not user:password")))?;
+        Ok(Credentials::Basic { user: user.to_owned(), password: password.to_owned() })
+    }
+
+    fn header(&self) -> Option<String> {
+        match self {
+            Credentials::Anonymous => None,
+            Credentials::Basic { user, password } => {
+                Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))))
+            }
+        }
+    }
+}
+
+/// A registry's client: one set of credentials, the registries that may
+/// be spoken to over plain HTTP.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    http: reqwest::Client,
+    credentials: Credentials,
+    insecure: Vec<String>,
+}
+
+/// A manifest as the registry sent it.
+#[derive(Clone, Debug)]
+pub struct Fetched {
+    /// Its bytes (what its digest is of).
+    pub bytes: Vec<u8>,
+    /// Its digest.
+    pub digest: Digest,
+    /// Its media type, as the registry said it.
+    pub media_type: String,
+}
+
+impl Registry {
+    /// A client presenting `credentials`; `insecure`: registries
+    /// (`HOST:PORT`) spoken to over plain HTTP besides loopback ones.
+    pub fn new(credentials: Credentials, insecure: Vec<String>) -> Registry {
+        // Redirects (blobs on a storage URL) are followed by hand, without the credential.
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .build()
+            .unwrap_or_default();
+        Registry { http, credentials, insecure }
+    }
+
+    /// `http://HOST:PORT` for loopback registries and those named
+    /// insecure; anything else would be HTTPS, which this build does not
+    /// speak yet (refused, saying so).
+    ///
+    /// # Errors
+    /// A registry that would need HTTPS.
+    pub fn base(&self, registry: &str) -> Result<String, RegistryError> {
+        let host = registry.rsplit_once(':').map_or(registry, |(h, _)| h);
+        let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        if loopback || self.insecure.iter().any(|r| r == registry) {
+            Ok(format!("http://{registry}"))
+        } else {
+            Err(RegistryError::NeedsTls(registry.to_owned()))
+        }
+    }
+
+    /// The URL of a blob of `reference`'s repository (for range readers;
+    /// it carries no credential).
+    ///
+    /// # Errors
+    /// As [`Registry::base`].
+    pub fn blob_url(&self, reference: &Reference, digest: &Digest) -> Result<String, RegistryError> {
+        Ok(format!("{}/v2/{}/blobs/{digest}", self.base(&reference.registry)?, reference.repository))
+    }
+
+    fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self.credentials.header() {
+            Some(h) => req.header(reqwest::header::AUTHORIZATION, h),
+            None => req,
+        }
+    }
+
+    async fn send(&self, reference: &Reference, req: reqwest::RequestBuilder) -> Result<reqwest::Response, RegistryError> {
+        self.authorized(req).send().await.map_err(|e| RegistryError::Unreachable { reference: reference.to_string(), why: chain(&e) })
+    }
+
+    /// The manifest `reference` names, checked: at most
+    /// [`MAX_MANIFEST_BYTES`], its bytes matching the digest asked for (or
+    /// the one the registry says).
+    ///
+    /// # Errors
+    /// Unreachable, refused (unknown, unauthorized), too big, a digest that
+    /// does not match.
+    pub async fn manifest(&self, reference: &Reference) -> Result<Fetched, RegistryError> {
+        let target = match &reference.target {
+            Target::Tag(t) => t.clone(),
+            Target::Digest(d) => d.to_string(),
+        };
+        let url = format!("{}/v2/{}/manifests/{target}", self.base(&reference.registry)?, reference.repository);
+        let resp = self.send(reference, self.http.get(url).header(reqwest::header::ACCEPT, MANIFEST_TYPES.join(", "))).await?;
+        let resp = refused(reference, "its manifest", resp).await?;
+        let media_type = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let said = resp.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let bytes = bounded(reference, resp, MAX_MANIFEST_BYTES).await?;
+        let digest = Digest::of(&bytes);
+        let expected = match (&reference.target, said) {
+            (Target::Digest(d), _) => Some(*d),
+            (Target::Tag(_), Some(s)) => Some(
+                s.parse::<Digest>()
+                    .map_err(|e| RegistryError::Bad { reference: reference.to_string(), why: format!("its Docker-Content-Digest: {e}") })?,
+            ),
+            (Target::Tag(_), None) => None,
+        };
+        if let Some(e) = expected
+            && e != digest
+        {
+            return Err(RegistryError::DigestMismatch {
+                reference: reference.to_string(),
+                what: "its manifest".into(),
+                expected: e,
+                got: digest,
+            });
+        }
+        Ok(Fetched { bytes, digest, media_type })
+    }
+
+    /// Stores `bytes` as the manifest of `reference` (a tag or its
+    /// digest); its digest.
+    ///
+    /// # Errors
+    /// Unreachable, refused.
+    pub async fn put_manifest(&self, reference: &Reference, media_type: &str, bytes: Vec<u8>) -> Result<Digest, RegistryError> {
+        let digest = Digest::of(&bytes);
+        let target = match &reference.target {
+            Target::Tag(t) => t.clone(),
+            Target::Digest(_) => digest.to_string(),
+        };
+        let url = format!("{}/v2/{}/manifests/{target}", self.base(&reference.registry)?, reference.repository);
+        let resp = self.send(reference, self.http.put(url).header(reqwest::header::CONTENT_TYPE, media_type).body(bytes)).await?;
+        refused(reference, "storing its manifest", resp).await?;
+        Ok(digest)
+    }
+
+    /// Whether the repository of `reference` holds blob `digest`.
+    ///
+    /// # Errors
+    /// Unreachable, refused other than "not there".
+    pub async fn has_blob(&self, reference: &Reference, digest: &Digest) -> Result<bool, RegistryError> {
+        let resp = self.send(reference, self.http.head(self.blob_url(reference, digest)?)).await?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(false);
+        }
+        refused(reference, &format!("blob {digest}"), resp).await.map(|_| true)
+    }
+
+    /// Uploads `bytes` (small: a config) as a blob of `reference`'s
+    /// repository, unless it is there; its digest.
+    ///
+    /// # Errors
+    /// Unreachable, refused.
+    pub async fn put_blob(&self, reference: &Reference, bytes: Vec<u8>) -> Result<Digest, RegistryError> {
+        let digest = Digest::of(&bytes);
+        if !self.has_blob(reference, &digest).await? {
+            let len = bytes.len() as u64;
+            self.upload(reference, &digest, len, reqwest::Body::from(bytes)).await?;
+        }
+        Ok(digest)
+    }
+
+    /// Uploads the file at `path` (whose digest is `digest`, `len` bytes)
+    /// as a blob of `reference`'s repository, streamed, unless it is
+    /// there.
+    ///
+    /// # Errors
+    /// The file, unreachable, refused (the registry checks the digest).
+    pub async fn put_blob_file(&self, reference: &Reference, path: &Path, digest: &Digest, len: u64) -> Result<(), RegistryError> {
+        if self.has_blob(reference, digest).await? {
+            return Ok(());
+        }
+        let file = tokio::fs::File::open(path).await.map_err(|e| RegistryError::File { path: path.to_owned(), why: e.to_string() })?;
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
+        self.upload(reference, digest, len, body).await
+    }
+
+    /// A monolithic upload: POST for a session, PUT the bytes with their digest.
+    async fn upload(&self, reference: &Reference, digest: &Digest, len: u64, body: reqwest::Body) -> Result<(), RegistryError> {
+        let base = self.base(&reference.registry)?;
+        let start = format!("{base}/v2/{}/blobs/uploads/", reference.repository);
+        let resp = self.send(reference, self.http.post(start).header(reqwest::header::CONTENT_LENGTH, 0)).await?;
+        let resp = refused(reference, "starting an upload", resp).await?;
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| RegistryError::Bad { reference: reference.to_string(), why: "an upload without a Location".into() })?;
+        // The upload's URL is the registry's own (relative, or absolute on the same origin).
+        let url = if location.starts_with('/') {
+            format!("{base}{location}")
+        } else if location.starts_with(&format!("{base}/")) {
+            location.to_owned()
+        } else {
+            return Err(RegistryError::Bad { reference: reference.to_string(), why: "an upload Location on another origin".into() });
+        };
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let put = self
+            .http
+            .put(format!("{url}{sep}digest={digest}"))
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(body);
+        let resp = self.send(reference, put).await?;
+        refused(reference, &format!("uploading blob {digest}"), resp).await.map(drop)
+    }
+
+    /// Downloads blob `digest` (`len` bytes) of `reference`'s repository
+    /// into `path` (written whole, checked, then renamed over it):
+    /// nothing is left at `path` unless its bytes match the digest.
+    ///
+    /// # Errors
+    /// Unreachable, refused, more or fewer bytes than `len`, a digest that
+    /// does not match, the file.
+    pub async fn get_blob_file(&self, reference: &Reference, digest: &Digest, len: u64, path: &Path) -> Result<(), RegistryError> {
+        let file_err = |e: std::io::Error| RegistryError::File { path: path.to_owned(), why: e.to_string() };
+        let mut resp = self.send(reference, self.http.get(self.blob_url(reference, digest)?)).await?;
+        // A registry may send its blobs from storage elsewhere: followed
+        // (a few times), without the credential.
+        for _ in 0..4 {
+            if !resp.status().is_redirection() {
+                break;
+            }
+            let to = resp.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+            let url = reqwest::Url::parse(&to)
+                .or_else(|_| resp.url().join(&to))
+                .map_err(|_| RegistryError::Bad { reference: reference.to_string(), why: "a redirect without a usable Location".into() })?;
+            resp = self
+                .http
+                .get(url)
+                .send()
+                .await
+                .map_err(|e| RegistryError::Unreachable { reference: reference.to_string(), why: chain(&e) })?;
+        }
+        let resp = refused(reference, &format!("blob {digest}"), resp).await?;
+        let tmp = path.with_extension("part");
+        let mut out = tokio::fs::File::create(&tmp).await.map_err(file_err)?;
+        let mut hasher = sha2::Sha256::new();
+        let mut got = 0u64;
+        let mut stream = resp.bytes_stream();
+        let result = async {
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| RegistryError::Unreachable { reference: reference.to_string(), why: chain(&e) })?;
+                got += chunk.len() as u64;
+                if got > len {
+                    return Err(RegistryError::Bad {
+                        reference: reference.to_string(),
+                        why: format!("blob {digest} is longer than its {len} bytes"),
+                    });
+                }
+                hasher.update(&chunk);
+                out.write_all(&chunk).await.map_err(file_err)?;
+            }
+            if got != len {
+                return Err(RegistryError::Bad {
+                    reference: reference.to_string(),
+                    why: format!("blob {digest}: {got} of its {len} bytes"),
+                });
+            }
+            let actual = Digest(hasher.finalize().into());
+            if actual != *digest {
+                return Err(RegistryError::DigestMismatch {
+                    reference: reference.to_string(),
+                    what: "a blob".into(),
+                    expected: *digest,
+                    got: actual,
+                });
+            }
+            out.sync_all().await.map_err(file_err)?;
+            tokio::fs::rename(&tmp, path).await.map_err(file_err)
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result
+    }
+}
+
+/// The response, or the registry's refusal as an error naming the reference.
+async fn refused(reference: &Reference, what: &str, resp: reqwest::Response) -> Result<reqwest::Response, RegistryError> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    // The registry's error code, if it says one (bounded).
+    let body = bounded(reference, resp, 64 << 10).await.unwrap_or_default();
+    let code = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["errors"][0]["code"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    Err(RegistryError::Refused { reference: reference.to_string(), what: what.to_owned(), status: status.as_u16(), code })
+}
+
+/// At most `limit` bytes of a response body.
+async fn bounded(reference: &Reference, resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, RegistryError> {
+    if resp.content_length().is_some_and(|l| l > limit as u64) {
+        return Err(RegistryError::Bad { reference: reference.to_string(), why: format!("an answer over {limit} bytes") });
+    }
+    let mut out = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| RegistryError::Unreachable { reference: reference.to_string(), why: chain(&e) })?;
+        if out.len() + chunk.len() > limit {
+            return Err(RegistryError::Bad { reference: reference.to_string(), why: format!("an answer over {limit} bytes") });
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,97 @@
+//! Images in OCI registries: references (`HOST[:PORT]/REPO[:TAG]`,
+//! `...@sha256:...`), a client of the distribution API that streams blobs
+//! and checks every byte against its digest, and bootcache images stored
+//! as OCI artifacts ([`artifact`]: one blob, read lazily with ranges as
+//! from a store).
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), bootcache_registry::RegistryError> {
+//! use bootcache_registry::{Credentials, Registry, artifact};
+//! let registry = Registry::new(Credentials::Anonymous, vec![]);
+//! let reference = "127.0.0.1:5000/guests/reference:v1".parse().unwrap();
+//! let pinned = artifact::push(&registry, "guest.bcimg".as_ref(), &reference).await?;
+//! artifact::pull(&registry, &pinned, "copy.bcimg".as_ref()).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod artifact;
+mod client;
+mod reference;
+
+use std::path::PathBuf;
+
+pub use client::{Credentials, Fetched, MANIFEST_TYPES, MAX_MANIFEST_BYTES, Registry};
+pub use reference::{BadReference, Digest, Reference, Target};
+
+/// What went wrong with a registry. Every message names the reference
+/// (never a credential).
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// Not reached.
+    #[error("{reference}: the registry cannot be reached: {why}")]
+    Unreachable {
+        /// The reference.
+        reference: String,
+        /// Why.
+        why: String,
+    },
+    /// The registry answered with an error status.
+    #[error("{reference}: {what}: the registry answered {status}{}", if code.is_empty() { String::new() } else { format!(" ({code})") })]
+    Refused {
+        /// The reference.
+        reference: String,
+        /// What was asked.
+        what: String,
+        /// The HTTP status.
+        status: u16,
+        /// The registry's error code (`MANIFEST_UNKNOWN`, `UNAUTHORIZED`...).
+        code: String,
+    },
+    /// Content that does not match its digest.
+    #[error("{reference}: {what} does not match its digest (expected {expected}, got {got})")]
+    DigestMismatch {
+        /// The reference.
+        reference: String,
+        /// What.
+        what: String,
+        /// The digest asked for.
+        expected: Digest,
+        /// The digest of what came.
+        got: Digest,
+    },
+    /// An answer that breaks the protocol or a bound.
+    #[error("{reference}: {why}")]
+    Bad {
+        /// The reference.
+        reference: String,
+        /// Why.
+        why: String,
+    },
+    /// A manifest that is not a bootcache image.
+    #[error("{reference} is not a bootcache image: {why}")]
+    NotBootcache {
+        /// The reference.
+        reference: String,
+        /// Why.
+        why: String,
+    },
+    /// A registry this build would have to reach over HTTPS.
+    #[error("registry {0}: only loopback registries and those named insecure are spoken to (plain HTTP); HTTPS is not built in yet")]
+    NeedsTls(String),
+    /// A credentials file that cannot be used.
+    #[error("credentials {}: {why}", path.display())]
+    Credentials {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// A local file.
+    #[error("{}: {why}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+}

@@ -1,0 +1,199 @@
+//! Against the reference registry (Debian's `docker-registry`, distribution
+//! 2.8) on loopback: a bootcache image pushed as an artifact and pulled
+//! back byte for byte; pinned by digest while its tag moves; every way a
+//! pull can go wrong refused naming the reference, with nothing left
+//! behind; Basic auth with Docker's config.json, its password never shown.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bootcache_registry::{Credentials, Reference, Registry, RegistryError, artifact};
+
+/// A registry process, killed when dropped.
+struct Served {
+    child: Child,
+    addr: String,
+    storage: PathBuf,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn registry(dir: &Path, htpasswd: Option<&Path>) -> Served {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let storage = dir.join("storage");
+    let auth = htpasswd.map_or(String::new(), |p| format!("auth:\n  htpasswd:\n    realm: bootcache\n    path: {}\n", p.display()));
+    let config = dir.join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth}",
+            storage.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("docker-registry")
+        .args(["serve"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("docker-registry (scripts/setup installs it)");
+    let served = Served { child, addr, storage };
+    let started = Instant::now();
+    while std::net::TcpStream::connect(&served.addr).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(20), "the registry did not listen");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    served
+}
+
+/// A small bootcache image of `fill`.
+fn image(dir: &Path, name: &str, fill: u8) -> PathBuf {
+    let src = dir.join(format!("{name}.raw"));
+    let mut bytes = vec![0u8; 4 << 20];
+    for (i, b) in bytes.iter_mut().enumerate().step_by(4096) {
+        *b = fill ^ (i >> 12) as u8;
+    }
+    std::fs::write(&src, &bytes).unwrap();
+    let source = bootcache_convert::open(&src, None).unwrap().source;
+    let (out, _) =
+        bootcache_convert::convert(source.as_ref(), &[], std::io::Cursor::new(Vec::new()), &Default::default(), &|_| {}).unwrap();
+    let path = dir.join(format!("{name}.bcimg"));
+    std::fs::write(&path, out.into_inner()).unwrap();
+    path
+}
+
+fn r(s: &str) -> Reference {
+    s.parse().unwrap()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+#[test]
+fn an_image_goes_up_and_comes_back_byte_for_byte_pinned_while_its_tag_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = registry(dir.path(), None);
+    let client = Registry::new(Credentials::Anonymous, vec![]);
+    let (v1, v2) = (image(dir.path(), "v1", 1), image(dir.path(), "v2", 2));
+    let tag = r(&format!("{}/guests/reference:stable", served.addr));
+    rt().block_on(async {
+        let pinned = artifact::push(&client, &v1, &tag).await.unwrap();
+        let back = dir.path().join("back.bcimg");
+        let got = artifact::pull(&client, &tag, &back).await.unwrap();
+        assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&v1).unwrap(), "bytes identical");
+        assert_eq!(got.pinned, pinned);
+        assert_eq!(got.size, std::fs::metadata(&v1).unwrap().len());
+        let manifest = client.manifest(&pinned).await.unwrap();
+        let m: serde_json::Value = serde_json::from_slice(&manifest.bytes).unwrap();
+        assert_eq!(m["artifactType"], artifact::ARTIFACT_TYPE);
+        assert_eq!(m["layers"][0]["annotations"][artifact::ROOT_ANNOTATION], got.root);
+        // A second push of the same bytes sends no blob again (it is there) and names the same manifest.
+        assert_eq!(artifact::push(&client, &v1, &tag).await.unwrap(), pinned);
+        // The tag moves to v2: the pinned reference still gives v1.
+        artifact::push(&client, &v2, &tag).await.unwrap();
+        let again = dir.path().join("again.bcimg");
+        artifact::pull(&client, &pinned, &again).await.unwrap();
+        assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(&v1).unwrap());
+        artifact::pull(&client, &tag, &again).await.unwrap();
+        assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(&v2).unwrap(), "the tag now names v2");
+        // The blob is read with ranges, as a store is.
+        let url = client.blob_url(&pinned, &got.blob).unwrap();
+        let part = reqwest::Client::new().get(url).header("range", "bytes=0-3").send().await.unwrap();
+        assert_eq!(part.status(), 206);
+        assert_eq!(part.bytes().await.unwrap().as_ref(), &std::fs::read(&v1).unwrap()[..4]);
+    });
+}
+
+#[test]
+fn what_cannot_be_pulled_exactly_is_refused_naming_the_reference_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = registry(dir.path(), None);
+    let client = Registry::new(Credentials::Anonymous, vec![]);
+    let v1 = image(dir.path(), "v1", 1);
+    let out = dir.path().join("out.bcimg");
+    rt().block_on(async {
+        // An unknown tag.
+        let missing = r(&format!("{}/guests/none:v9", served.addr));
+        let e = artifact::pull(&client, &missing, &out).await.unwrap_err();
+        assert!(matches!(&e, RegistryError::Refused { status: 404, code, .. } if code == "MANIFEST_UNKNOWN"), "{e}");
+        assert!(e.to_string().contains(&missing.to_string()), "{e}");
+        // Not a bootcache artifact: another artifact type.
+        let other = r(&format!("{}/guests/other:v1", served.addr));
+        let config = client.put_blob(&other, b"{}".to_vec()).await.unwrap();
+        let foreign = serde_json::json!({
+            "schemaVersion": 2, "mediaType": artifact::MANIFEST_TYPE, "artifactType": "application/vnd.example.thing",
+            "config": {"mediaType": artifact::EMPTY_TYPE, "digest": config.to_string(), "size": 2}, "layers": []
+        });
+        client.put_manifest(&other, artifact::MANIFEST_TYPE, serde_json::to_vec(&foreign).unwrap()).await.unwrap();
+        let e = artifact::pull(&client, &other, &out).await.unwrap_err();
+        assert!(matches!(e, RegistryError::NotBootcache { .. }) && e.to_string().contains("application/vnd.example.thing"), "{e}");
+        // A blob whose bytes the registry's storage changed: refused, nothing kept.
+        let tag = r(&format!("{}/guests/reference:v1", served.addr));
+        let pinned = artifact::push(&client, &v1, &tag).await.unwrap();
+        let resolved = artifact::resolve(&client, &pinned).await.unwrap();
+        let hex = resolved.blob.to_string().trim_start_matches("sha256:").to_owned();
+        let data = served.storage.join(format!("docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]));
+        let mut bytes = std::fs::read(&data).unwrap();
+        bytes[1000] ^= 0xff;
+        std::fs::write(&data, &bytes).unwrap();
+        let e = artifact::pull(&client, &pinned, &out).await.unwrap_err();
+        assert!(matches!(e, RegistryError::DigestMismatch { .. }) && e.to_string().contains(&pinned.to_string()), "{e}");
+        assert!(
+            !out.exists() && std::fs::read_dir(dir.path()).unwrap().all(|f| !f.unwrap().file_name().to_string_lossy().starts_with("out."))
+        );
+        // A manifest asked for by a digest it does not have.
+        let wrong = pinned.pinned(bootcache_registry::Digest([7; 32]));
+        let e = artifact::pull(&client, &wrong, &out).await.unwrap_err();
+        assert!(matches!(e, RegistryError::Refused { status: 404, .. }), "{e}");
+        // Not a loopback registry: refused before anything is sent.
+        let far = r("registry.example:5000/guests/reference:v1");
+        assert!(matches!(artifact::pull(&client, &far, &out).await.unwrap_err(), RegistryError::NeedsTls(_)));
+    });
+}
+
+#[test]
+fn basic_auth_comes_from_dockers_config_and_its_password_shows_nowhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    let made = Command::new("htpasswd").args(["-Bbc"]).arg(&htpasswd).args(["alice", "s3cret-pass"]).output().unwrap();
+    assert!(made.status.success(), "htpasswd: {}", String::from_utf8_lossy(&made.stderr));
+    let served = registry(dir.path(), Some(&htpasswd));
+    let v1 = image(dir.path(), "v1", 1);
+    let tag = r(&format!("{}/guests/reference:v1", served.addr));
+    let config = dir.path().join("config.json");
+    let auth = |user: &str, pass: &str| {
+        use base64::Engine as _;
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+        std::fs::write(&config, serde_json::json!({"auths": {served.addr.clone(): {"auth": token}}}).to_string()).unwrap();
+        Credentials::from_docker_config(&config, &served.addr).unwrap()
+    };
+    rt().block_on(async {
+        let anonymous = Registry::new(Credentials::Anonymous, vec![]);
+        let e = artifact::push(&anonymous, &v1, &tag).await.unwrap_err();
+        assert!(matches!(e, RegistryError::Refused { status: 401, .. }), "{e}");
+        let wrong = Registry::new(auth("alice", "not-the-pass"), vec![]);
+        let e = artifact::push(&wrong, &v1, &tag).await.unwrap_err();
+        assert!(matches!(e, RegistryError::Refused { status: 401, .. }) && !e.to_string().contains("not-the-pass"), "{e}");
+        let alice = auth("alice", "s3cret-pass");
+        assert!(!format!("{alice:?}").contains("s3cret"), "{alice:?}");
+        let client = Registry::new(alice, vec![]);
+        let pinned = artifact::push(&client, &v1, &tag).await.unwrap();
+        let back = dir.path().join("back.bcimg");
+        artifact::pull(&client, &pinned, &back).await.unwrap();
+        assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&v1).unwrap());
+    });
+    // A registry the file does not name: anonymous; a broken file: refused naming it.
+    assert!(matches!(Credentials::from_docker_config(&config, "other:5000").unwrap(), Credentials::Anonymous));
+    std::fs::write(&config, r#"{"auths": {"r:1": {"auth": "not base64!"}}}"#).unwrap();
+    let e = Credentials::from_docker_config(&config, "r:1").unwrap_err().to_string();
+    assert!(e.contains("config.json") && e.contains("not base64"), "{e}");
+}
