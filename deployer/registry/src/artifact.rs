@@ -86,9 +86,24 @@ pub struct Resolved {
 /// (another artifact type, not one layer of [`LAYER_TYPE`], no root digest).
 pub async fn resolve(registry: &Registry, reference: &Reference) -> Result<Resolved, RegistryError> {
     let fetched = registry.manifest(reference).await?;
+    read_manifest(reference, &fetched.bytes, fetched.digest)
+}
+
+/// A manifest's bytes (whose digest is `digest`) read as a bootcache
+/// image's.
+///
+/// # Errors
+/// Over [`MAX_MANIFEST_BYTES`](crate::MAX_MANIFEST_BYTES), not JSON, not
+/// an OCI image manifest, not a bootcache artifact.
+pub fn read_manifest(reference: &Reference, bytes: &[u8], digest: Digest) -> Result<Resolved, RegistryError> {
     let not = |why: String| RegistryError::NotBootcache { reference: reference.to_string(), why };
-    let manifest: Manifest =
-        serde_json::from_slice(&fetched.bytes).map_err(|e| not(format!("its manifest is not an OCI image manifest: {e}")))?;
+    if bytes.len() > crate::MAX_MANIFEST_BYTES {
+        return Err(not(format!("a manifest over {} bytes", crate::MAX_MANIFEST_BYTES)));
+    }
+    let manifest: Manifest = serde_json::from_slice(bytes).map_err(|e| not(format!("its manifest is not an OCI image manifest: {e}")))?;
+    if manifest.schema_version != 2 {
+        return Err(not(format!("schema version {}, not 2", manifest.schema_version)));
+    }
     if manifest.artifact_type.as_deref() != Some(ARTIFACT_TYPE) {
         return Err(not(format!("its artifact type is {:?}, not {ARTIFACT_TYPE}", manifest.artifact_type.unwrap_or_default())));
     }
@@ -99,7 +114,10 @@ pub async fn resolve(registry: &Registry, reference: &Reference) -> Result<Resol
     let blob: Digest = layer.digest.parse().map_err(|e: crate::reference::BadReference| not(e.0))?;
     let root = layer.annotations.get(ROOT_ANNOTATION).cloned().ok_or_else(|| not(format!("no {ROOT_ANNOTATION}")))?;
     let boot_bytes = layer.annotations.get(BOOT_ANNOTATION).and_then(|b| b.parse().ok()).unwrap_or(0);
-    Ok(Resolved { pinned: reference.pinned(fetched.digest), blob, size: layer.size, root, boot_bytes })
+    if root.len() != 64 || !root.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {
+        return Err(not(format!("its {ROOT_ANNOTATION} is not a BLAKE3 digest in lowercase hex")));
+    }
+    Ok(Resolved { pinned: reference.pinned(digest), blob, size: layer.size, root, boot_bytes })
 }
 
 /// Pushes the bootcache image at `path` as `reference`: the container

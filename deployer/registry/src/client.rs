@@ -67,7 +67,16 @@ impl Credentials {
             return Err(bad("more than 1 MiB".into()));
         }
         let text = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-        let config: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        Credentials::from_docker_config_json(&text, registry).map_err(bad)
+    }
+
+    /// [`Credentials::from_docker_config`] of the file's bytes.
+    ///
+    /// # Errors
+    /// Why the bytes are not such a file (never quoting a credential).
+    pub fn from_docker_config_json(text: &[u8], registry: &str) -> Result<Credentials, String> {
+        let bad = |why: String| why;
+        let config: serde_json::Value = serde_json::from_slice(text).map_err(|e| bad(format!("not JSON: {e}")))?;
         let Some(entry) = config.get("auths").and_then(|a| a.get(registry)) else { return Ok(Credentials::Anonymous) };
         if let (Some(u), Some(p)) = (entry.get("username").and_then(|v| v.as_str()), entry.get("password").and_then(|v| v.as_str())) {
             return Ok(Credentials::Basic { user: u.to_owned(), password: p.to_owned() });

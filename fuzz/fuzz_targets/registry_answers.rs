@@ -1,0 +1,46 @@
+//! What a registry or a user hands the registry client: references,
+//! digests, manifests and Docker config files. Refused with a message or
+//! read whole: a reference prints back as itself, a manifest read as a
+//! bootcache image names one blob with a well-formed root digest. Never a
+//! panic, never an allocation beyond the input's bound.
+
+#![no_main]
+
+use bootcache_registry::{Credentials, Digest, Reference, artifact};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&what, rest)) = data.split_first() else { return };
+    match what % 4 {
+        0 => {
+            let Ok(text) = std::str::from_utf8(rest) else { return };
+            match text.parse::<Reference>() {
+                Ok(r) => {
+                    let again: Reference = r.to_string().parse().expect("a reference prints back as one");
+                    assert_eq!(again, r);
+                }
+                Err(e) => assert!(!e.0.is_empty()),
+            }
+        }
+        1 => {
+            let Ok(text) = std::str::from_utf8(rest) else { return };
+            if let Ok(d) = text.parse::<Digest>() {
+                assert_eq!(d.to_string(), text);
+            }
+        }
+        2 => {
+            let reference: Reference = "127.0.0.1:5000/guests/reference:v1".parse().unwrap();
+            match artifact::read_manifest(&reference, rest, Digest::of(rest)) {
+                Ok(r) => {
+                    assert_eq!(r.root.len(), 64);
+                    assert_eq!(r.pinned, reference.pinned(Digest::of(rest)));
+                }
+                Err(e) => assert!(e.to_string().contains("127.0.0.1:5000/guests/reference:v1")),
+            }
+        }
+        _ => match Credentials::from_docker_config_json(rest, "127.0.0.1:5000") {
+            Ok(c) => drop(format!("{c:?}")),
+            Err(why) => assert!(!why.is_empty()),
+        },
+    }
+});
