@@ -53,6 +53,14 @@ pub enum ControlCmd {
         /// each image once) or `store` (every node from the store).
         #[arg(long, value_name = "FROM", default_value = "peers", value_parser = ["peers", "store"])]
         sources: String,
+        /// Credentials for the registries a lab's images are in (Docker's
+        /// config.json format); anonymous without it. Read at each deploy.
+        #[arg(long, value_name = "FILE", env = "BOOTCACHE_REGISTRY_CONFIG")]
+        registry_config: Option<std::path::PathBuf>,
+        /// A registry (HOST:PORT) spoken to over plain HTTP; loopback ones are
+        /// anyway. May be given several times.
+        #[arg(long, value_name = "HOST:PORT")]
+        insecure_registry: Vec<String>,
         /// Also run a compute agent of this name in the same process (this
         /// machine as the deployment's one node).
         #[arg(long, value_name = "NODE")]
@@ -140,7 +148,20 @@ pub fn control(cmd: ControlCmd) -> anyhow::Result<ExitCode> {
             eprintln!("node {node} removed: its instances are placed again");
             Ok(ExitCode::SUCCESS)
         }
-        ControlCmd::Serve { db, listen, heartbeat, token_file, cpu_overcommit, fan_out, placement, sources, agent, agent_options } => {
+        ControlCmd::Serve {
+            db,
+            listen,
+            heartbeat,
+            token_file,
+            cpu_overcommit,
+            fan_out,
+            placement,
+            sources,
+            registry_config,
+            insecure_registry,
+            agent,
+            agent_options,
+        } => {
             let credential = Credential::load_or_create(&token_file)?;
             if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -154,6 +175,8 @@ pub fn control(cmd: ControlCmd) -> anyhow::Result<ExitCode> {
                     c.fan_out = fan_out.min(64);
                     c.policy = placement;
                     c.peers = sources == "peers";
+                    c.registry_config = registry_config.clone();
+                    c.insecure_registries = insecure_registry.clone();
                 }
                 tokio::spawn(std::sync::Arc::clone(&control).watch_nodes());
                 let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;

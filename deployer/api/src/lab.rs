@@ -11,7 +11,7 @@
 //! instances:
 //!   web:
 //!     kind: vm
-//!     image: http://10.0.0.1:8080/reference.bcimg
+//!     image: http://10.0.0.1:8080/reference.bcimg   # or registry:5000/guests/reference:v1
 //!     count: 2                 # web-1, web-2
 //!     cpus: 1
 //!     memory: 512MiB

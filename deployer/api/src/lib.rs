@@ -28,6 +28,7 @@ pub mod control;
 pub mod image;
 pub mod lab;
 mod name;
+pub mod reference;
 mod state;
 
 pub use bootcache_format::RootDigest;

@@ -182,18 +182,26 @@ impl Control {
             if roots.contains_key(&def.image) {
                 continue;
             }
-            let header = bootcache_delivery::cache::read_header(&def.image, self.retry).await.map_err(|e| DeployError::Image {
-                instance: def.name.clone(),
-                url: bootcache_http::redact(&def.image),
-                why: bootcache_http::chain(&e),
-            })?;
+            let failed = |why: String| DeployError::Image { instance: def.name.clone(), url: bootcache_http::redact(&def.image), why };
+            // A registry reference: its tag resolved to a manifest digest
+            // now, once, and the image read from its blob by that digest
+            // (a tag moved later changes nothing this deploy recorded).
+            let (url, annotated) = match def.image.parse::<bootcache_api::reference::Reference>() {
+                Ok(reference) if bootcache_api::reference::Reference::looks_like(&def.image) => {
+                    let registry = self.registry_client(&reference).map_err(|e| failed(e.to_string()))?;
+                    let resolved = bootcache_registry::artifact::resolve(&registry, &reference).await.map_err(|e| failed(e.to_string()))?;
+                    let url = registry.blob_url(&resolved.pinned, &resolved.blob).map_err(|e| failed(e.to_string()))?;
+                    tracing::info!(instance = %def.name, image = %def.image, pinned = %resolved.pinned, "image reference resolved");
+                    (url, Some(resolved.root))
+                }
+                _ => (def.image.clone(), None),
+            };
+            let header = bootcache_delivery::cache::read_header(&url, self.retry).await.map_err(|e| failed(bootcache_http::chain(&e)))?;
             let root = header.root();
-            images.push(ImageRecord {
-                root,
-                url: def.image.clone(),
-                virtual_size: header.virtual_size,
-                boot_bytes: header.boot.end - header.boot.start,
-            });
+            if let Some(said) = annotated.filter(|said| *said != root.to_string()) {
+                return Err(failed(format!("its blob's root digest is {root}, its manifest says {said}")));
+            }
+            images.push(ImageRecord { root, url, virtual_size: header.virtual_size, boot_bytes: header.boot.end - header.boot.start });
             roots.insert(def.image.clone(), root);
         }
         let me = Arc::clone(self);
@@ -484,7 +492,15 @@ impl Control {
                     }
                     Kind::Vm => {
                         let Some(peers) = from(&r.spec.image)? else { continue };
-                        (Image::Bootcache { url: def.image.clone(), root: r.spec.image }, peers)
+                        // A registry reference was read, at deploy, from its
+                        // blob by digest: that URL, as recorded with the image.
+                        let url = if bootcache_api::reference::Reference::looks_like(&def.image) {
+                            let Some(url) = db.image_url(&r.spec.image)? else { continue };
+                            url
+                        } else {
+                            def.image.clone()
+                        };
+                        (Image::Bootcache { url, root: r.spec.image }, peers)
                     }
                 };
                 let mut nics = Vec::new();

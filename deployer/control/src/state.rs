@@ -33,6 +33,11 @@ pub struct Control {
     pub peers: bool,
     /// Time a client has to send a request's body ([`crate::api::BODY_TIMEOUT`]).
     pub body_timeout: Duration,
+    /// Credentials for registries, in Docker's `config.json` format (none:
+    /// anonymous).
+    pub registry_config: Option<std::path::PathBuf>,
+    /// Registries (`HOST:PORT`) spoken to over plain HTTP besides loopback ones.
+    pub insecure_registries: Vec<String>,
     /// Labs as deployed, expanded (changed under the database's lock).
     pub(crate) views: Mutex<HashMap<Name, Arc<LabView>>>,
     /// Where each lab's instances are, as of a placement generation.
@@ -76,12 +81,29 @@ impl Control {
             fan_out: 0,
             peers: true,
             body_timeout: crate::api::BODY_TIMEOUT,
+            registry_config: None,
+            insecure_registries: Vec::new(),
             views: Mutex::default(),
             members: Mutex::default(),
             generation: AtomicU64::new(0),
             epochs: Mutex::default(),
             tasks: Mutex::default(),
         })
+    }
+
+    /// A client of `reference`'s registry, with its credentials.
+    ///
+    /// # Errors
+    /// A credentials file that cannot be read.
+    pub(crate) fn registry_client(
+        &self,
+        reference: &bootcache_api::reference::Reference,
+    ) -> Result<bootcache_registry::Registry, bootcache_registry::RegistryError> {
+        let credentials = match &self.registry_config {
+            Some(path) => bootcache_registry::Credentials::from_docker_config(path, &reference.registry)?,
+            None => bootcache_registry::Credentials::Anonymous,
+        };
+        Ok(bootcache_registry::Registry::new(credentials, self.insecure_registries.clone()))
     }
 
     /// The database (held briefly: every call is a few SQLite statements).

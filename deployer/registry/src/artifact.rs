@@ -12,7 +12,7 @@ use sha2::Digest as _;
 
 use crate::RegistryError;
 use crate::client::Registry;
-use crate::reference::{Digest, Reference};
+use bootcache_api::reference::{Digest, Reference};
 
 /// The artifact type of a bootcache image.
 pub const ARTIFACT_TYPE: &str = "application/vnd.bootcache.image.v1";
@@ -111,7 +111,7 @@ pub fn read_manifest(reference: &Reference, bytes: &[u8], digest: Digest) -> Res
     if layer.media_type != LAYER_TYPE {
         return Err(not(format!("its layer is {}, not {LAYER_TYPE}", layer.media_type)));
     }
-    let blob: Digest = layer.digest.parse().map_err(|e: crate::reference::BadReference| not(e.0))?;
+    let blob: Digest = layer.digest.parse().map_err(|e: bootcache_api::reference::BadReference| not(e.0))?;
     let root = layer.annotations.get(ROOT_ANNOTATION).cloned().ok_or_else(|| not(format!("no {ROOT_ANNOTATION}")))?;
     let boot_bytes = layer.annotations.get(BOOT_ANNOTATION).and_then(|b| b.parse().ok()).unwrap_or(0);
     if root.len() != 64 || !root.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {

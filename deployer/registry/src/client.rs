@@ -15,7 +15,7 @@ use sha2::Digest as _;
 use tokio::io::AsyncWriteExt as _;
 
 use crate::RegistryError;
-use crate::reference::{Digest, Reference, Target};
+use bootcache_api::reference::{Digest, Reference, Target};
 
 /// The largest manifest read (the spec suggests registries take at least 4 MiB).
 pub const MAX_MANIFEST_BYTES: usize = 4 << 20;

@@ -16,12 +16,11 @@
 
 pub mod artifact;
 mod client;
-mod reference;
 
 use std::path::PathBuf;
 
+pub use bootcache_api::reference::{BadReference, Digest, Reference, Target};
 pub use client::{Credentials, Fetched, MANIFEST_TYPES, MAX_MANIFEST_BYTES, Registry};
-pub use reference::{BadReference, Digest, Reference, Target};
 
 /// What went wrong with a registry. Every message names the reference
 /// (never a credential).

@@ -5,53 +5,13 @@
 //! behind; Basic auth with Docker's config.json, its password never shown.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use bootcache_registry::{Credentials, Reference, Registry, RegistryError, artifact};
+use bootcache_testbed::programs::DockerRegistry;
 
-/// A registry process, killed when dropped.
-struct Served {
-    child: Child,
-    addr: String,
-    storage: PathBuf,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn registry(dir: &Path, htpasswd: Option<&Path>) -> Served {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
-    let storage = dir.join("storage");
-    let auth = htpasswd.map_or(String::new(), |p| format!("auth:\n  htpasswd:\n    realm: bootcache\n    path: {}\n", p.display()));
-    let config = dir.join("config.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth}",
-            storage.display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new("docker-registry")
-        .args(["serve"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("docker-registry (scripts/setup installs it)");
-    let served = Served { child, addr, storage };
-    let started = Instant::now();
-    while std::net::TcpStream::connect(&served.addr).is_err() {
-        assert!(started.elapsed() < Duration::from_secs(20), "the registry did not listen");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    served
+fn registry(dir: &Path, htpasswd: Option<&Path>) -> DockerRegistry {
+    DockerRegistry::start(dir, htpasswd).unwrap()
 }
 
 /// A small bootcache image of `fill`.

@@ -1,6 +1,7 @@
-//! The programs run on testbed hosts: nginx (a third-party store),
-//! `qemu-nbd`, `bootcache node serve`, and QEMU guests booting through
-//! overlays of their own. Each is stopped when its handle is dropped.
+//! The programs run on testbed hosts: nginx (a third-party store), the
+//! reference registry (`docker-registry`), `qemu-nbd`, `bootcache node
+//! serve`, and QEMU guests booting through overlays of their own. Each is
+//! stopped when its handle is dropped.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -67,6 +68,50 @@ impl Drop for Killed {
 
 fn curl_ok(netns: Option<&str>, url: &str) -> bool {
     wrap(netns, "curl").args(["-s", "-o", "/dev/null", "--fail", url]).status().is_ok_and(|s| s.success())
+}
+
+/// The reference registry (Debian's `docker-registry`, distribution 2.8)
+/// on a loopback port, its storage in a directory of its own; with Basic
+/// auth from an htpasswd file when one is given.
+#[derive(Debug)]
+pub struct DockerRegistry {
+    /// The process (killed when dropped).
+    pub child: Killed,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    /// Where it keeps blobs and manifests.
+    pub storage: PathBuf,
+}
+
+impl DockerRegistry {
+    /// Starts one with its configuration and storage under `dir`.
+    ///
+    /// # Errors
+    /// No `docker-registry` (scripts/setup installs it), or it does not listen.
+    pub fn start(dir: &Path, htpasswd: Option<&Path>) -> anyhow::Result<DockerRegistry> {
+        let port = free_port()?;
+        let addr = format!("127.0.0.1:{port}");
+        let storage = dir.join("registry-storage");
+        let auth = htpasswd.map_or(String::new(), |p| format!("auth:\n  htpasswd:\n    realm: bootcache\n    path: {}\n", p.display()));
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth}",
+                storage.display()
+            ),
+        )?;
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting docker-registry (scripts/setup installs it)")?;
+        let mut child = Killed(child);
+        wait_port(port, &mut child.0, "docker-registry")?;
+        Ok(DockerRegistry { child, addr, storage })
+    }
 }
 
 /// nginx serving `root` (its access log, with bytes sent, in its work dir).

@@ -156,7 +156,6 @@ fn instance(key: &Spanned<String>, def: &RawInstance, attached: &super::Attached
         },
     };
     let Some(image) = &def.image else { return Err(err(line, format!("instance {name} has no image"))) };
-    check_url(&image.value).map_err(|e| err(at(image), format!("instance {name} image: {e}")))?;
     let count = bounded(def.count.as_ref(), 1, MAX_INSTANCES, |c| format!("instance {name}: count must be 1 to {c}"))?;
     let cpus = bounded(def.cpus.as_ref(), 1, MAX_CPUS, |c| format!("instance {name}: cpus must be 1 to {c}"))?;
     let memory_bytes = match &def.memory {
@@ -198,6 +197,20 @@ fn instance(key: &Spanned<String>, def: &RawInstance, attached: &super::Attached
             other => return Err(err(at(d), format!("instance {name}: unknown delivery {other:?} (lazy or full)"))),
         },
     };
+    // An http:// URL, or for a VM delivered lazily a registry reference.
+    if crate::reference::Reference::looks_like(&image.value) {
+        if kind != Kind::Vm || delivery != Delivery::Lazy {
+            return Err(err(
+                at(image),
+                format!(
+                    "instance {name} image: a registry reference is for VM images delivered lazily so far (a container's or a full disk's image is an http:// URL)"
+                ),
+            ));
+        }
+        image.value.parse::<crate::reference::Reference>().map_err(|e| err(at(image), format!("instance {name} image: {e}")))?;
+    } else {
+        check_url(&image.value).map_err(|e| err(at(image), format!("instance {name} image: {e}")))?;
+    }
     let cloud_init = match &def.cloud_init {
         None => None,
         Some(c) if kind == Kind::Container => {
