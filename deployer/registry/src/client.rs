@@ -16,6 +16,7 @@ use tokio::io::AsyncWriteExt as _;
 
 use crate::RegistryError;
 use bootcache_api::reference::{Digest, Reference, Target};
+use bootcache_http::chain;
 
 /// The largest manifest read (the spec suggests registries take at least 4 MiB).
 pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
@@ -407,15 +408,4 @@ async fn bounded(reference: &Reference, resp: reqwest::Response, limit: usize) -
         out.extend_from_slice(&chunk);
     }
     Ok(out)
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
