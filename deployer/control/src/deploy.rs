@@ -453,6 +453,7 @@ impl Control {
         }
         let mut sources: HashMap<RootDigest, Option<Vec<String>>> = HashMap::new();
         let mut digests: HashMap<RootDigest, Option<RootDigest>> = HashMap::new();
+        let mut urls: HashMap<RootDigest, Option<String>> = HashMap::new();
         for (lab_name, rows) in by_lab {
             let Some(view) = self.view(&db, lab_name)? else { continue };
             let members = self.members(&db, &view)?;
@@ -495,7 +496,15 @@ impl Control {
                         // A registry reference was read, at deploy, from its
                         // blob by digest: that URL, as recorded with the image.
                         let url = if bootcache_api::reference::Reference::looks_like(&def.image) {
-                            let Some(url) = db.image_url(&r.spec.image)? else { continue };
+                            let url = match urls.get(&r.spec.image) {
+                                Some(u) => u.clone(),
+                                None => {
+                                    let u = db.image_url(&r.spec.image)?;
+                                    urls.insert(r.spec.image, u.clone());
+                                    u
+                                }
+                            };
+                            let Some(url) = url else { continue };
                             url
                         } else {
                             def.image.clone()
