@@ -331,6 +331,9 @@ fn push_and_pull_refuse_bad_references_before_anything() -> Result<()> {
         assert!(err.contains(why), "{reference}: {err}");
     }
     assert!(!out.exists());
+    // A seed's user-data is read within its bound (not /dev/zero to the end).
+    let err = fails(&["seed", p(&out), "--user-data", "/dev/zero"]);
+    assert!(err.contains("at most 65536 bytes"), "{err}");
     let err = fails(&["push", p(&out), "registry.example:5000/web:1"]);
     assert!(err.contains("HTTPS is not built in yet") || err.contains("out.bcimg"), "{err}");
     Ok(())

@@ -187,7 +187,10 @@ pub fn seed(args: &SeedArgs) -> anyhow::Result<ExitCode> {
     }
     let read = |path: &Path, what: &str| -> anyhow::Result<String> {
         let limit = bootcache_api::lab::MAX_CLOUD_INIT_BYTES;
-        let bytes = std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))?;
+        let mut bytes = Vec::new();
+        let file = std::fs::File::open(path).with_context(|| format!("reading {what} {}", path.display()))?;
+        std::io::Read::read_to_end(&mut std::io::Read::take(file, limit as u64 + 1), &mut bytes)
+            .with_context(|| format!("reading {what} {}", path.display()))?;
         if bytes.len() > limit {
             bail!("{what} {}: at most {limit} bytes", path.display());
         }

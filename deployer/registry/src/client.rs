@@ -21,6 +21,9 @@ use bootcache_http::chain;
 /// The largest manifest read (the spec suggests registries take at least 4 MiB).
 pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
 
+/// How long a registry may stay silent within an answer.
+pub const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The media types of manifests this client asks for.
 pub const MANIFEST_TYPES: &[&str] = &[
     "application/vnd.oci.image.manifest.v1+json",
@@ -63,11 +66,12 @@ impl Credentials {
     /// not base64 of `user:password`.
     pub fn from_docker_config(path: &Path, registry: &str) -> Result<Credentials, RegistryError> {
         let bad = |why: String| RegistryError::Credentials { path: path.to_owned(), why };
-        let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
-        if meta.len() > 1 << 20 {
+        let mut text = Vec::new();
+        let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+        std::io::Read::read_to_end(&mut std::io::Read::take(file, (1 << 20) + 1), &mut text).map_err(|e| bad(e.to_string()))?;
+        if text.len() > 1 << 20 {
             return Err(bad("more than 1 MiB".into()));
         }
-        let text = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
         Credentials::from_docker_config_json(&text, registry).map_err(bad)
     }
 
@@ -128,6 +132,10 @@ impl Registry {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(std::time::Duration::from_secs(10))
+            // A registry that stops sending mid-answer fails the call
+            // rather than holding it (a whole blob may take longer: only
+            // silence counts).
+            .read_timeout(READ_TIMEOUT)
             .build()
             .unwrap_or_default();
         Registry { http, credentials, insecure }

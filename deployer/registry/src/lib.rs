@@ -20,7 +20,7 @@ mod client;
 use std::path::PathBuf;
 
 pub use bootcache_api::reference::{BadReference, Digest, Reference, Target};
-pub use client::{Credentials, Fetched, MANIFEST_TYPES, MAX_MANIFEST_BYTES, Registry};
+pub use client::{Credentials, Fetched, MANIFEST_TYPES, MAX_MANIFEST_BYTES, READ_TIMEOUT, Registry};
 
 /// What went wrong with a registry. Every message names the reference
 /// (never a credential).

@@ -157,3 +157,40 @@ fn basic_auth_comes_from_dockers_config_and_its_password_shows_nowhere() {
     let e = Credentials::from_docker_config(&config, "r:1").unwrap_err().to_string();
     assert!(e.contains("config.json") && e.contains("not base64"), "{e}");
 }
+
+/// A registry that accepts and then says nothing, or answers a manifest
+/// without end, fails the call in bounded time and memory; a credentials
+/// file without end is refused.
+#[test]
+fn a_silent_or_endless_registry_fails_the_call() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        // First: silent after the request. Second: an endless manifest.
+        let (mut silent, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = silent.read(&mut buf);
+        let (mut endless, _) = listener.accept().unwrap();
+        let _ = endless.read(&mut buf);
+        let _ = endless.write_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/vnd.oci.image.manifest.v1+json\r\ntransfer-encoding: chunked\r\n\r\n",
+        );
+        let chunk = format!("{:x}\r\n{}\r\n", 65536, "x".repeat(65536));
+        while endless.write_all(chunk.as_bytes()).is_ok() {}
+        drop(silent);
+    });
+    let client = Registry::new(Credentials::Anonymous, vec![]);
+    let reference = r(&format!("{addr}/guests/reference:v1"));
+    rt().block_on(async {
+        let started = std::time::Instant::now();
+        let e = client.manifest(&reference).await.unwrap_err();
+        assert!(matches!(e, RegistryError::Unreachable { .. }), "{e}");
+        assert!(started.elapsed() < bootcache_registry::READ_TIMEOUT * 2, "{:?}", started.elapsed());
+        let e = client.manifest(&reference).await.unwrap_err();
+        assert!(e.to_string().contains("an answer over 4194304 bytes"), "{e}");
+    });
+    server.join().unwrap();
+    let e = Credentials::from_docker_config(Path::new("/dev/zero"), "r:1").unwrap_err().to_string();
+    assert!(e.contains("more than 1 MiB"), "{e}");
+}
