@@ -1,17 +1,18 @@
 //! What a registry or a user hands the registry client: references,
-//! digests, manifests and Docker config files. Refused with a message or
+//! digests, manifests, Docker config files, authentication challenges and
+//! token services' answers. Refused with a message or
 //! read whole: a reference prints back as itself, a manifest read as a
 //! bootcache image names one blob with a well-formed root digest. Never a
 //! panic, never an allocation beyond the input's bound.
 
 #![no_main]
 
-use bootcache_registry::{Credentials, Digest, Reference, artifact};
+use bootcache_registry::{Credentials, Digest, Reference, artifact, auth};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&what, rest)) = data.split_first() else { return };
-    match what % 4 {
+    match what % 6 {
         0 => {
             let Ok(text) = std::str::from_utf8(rest) else { return };
             match text.parse::<Reference>() {
@@ -38,8 +39,21 @@ fuzz_target!(|data: &[u8]| {
                 Err(e) => assert!(e.to_string().contains("127.0.0.1:5000/guests/reference:v1")),
             }
         }
-        _ => match Credentials::from_docker_config_json(rest, "127.0.0.1:5000") {
+        3 => match Credentials::from_docker_config_json(rest, "127.0.0.1:5000") {
             Ok(c) => drop(format!("{c:?}")),
+            Err(why) => assert!(!why.is_empty()),
+        },
+        4 => {
+            let Ok(text) = std::str::from_utf8(rest) else { return };
+            match auth::challenge(text) {
+                Ok(auth::Challenge::Bearer { realm, .. }) => assert!(realm.len() <= text.len()),
+                Ok(auth::Challenge::Basic) => {}
+                Err(why) => assert!(!why.is_empty()),
+            }
+        }
+        _ => match auth::token_of(rest) {
+            // What goes into a header: visible ASCII, bounded.
+            Ok(t) => assert!(!t.is_empty() && t.len() <= 16 << 10 && t.bytes().all(|b| b.is_ascii_graphic())),
             Err(why) => assert!(!why.is_empty()),
         },
     }

@@ -34,7 +34,7 @@ impl RegistryArgs {
             Some(path) => Credentials::from_docker_config(&path, &reference.registry)?,
             None => Credentials::Anonymous,
         };
-        Ok(Registry::new(credentials, self.insecure_registry.clone()))
+        Ok(Registry::new(credentials, self.insecure_registry.clone())?)
     }
 }
 

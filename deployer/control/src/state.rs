@@ -103,7 +103,7 @@ impl Control {
             Some(path) => bootcache_registry::Credentials::from_docker_config(path, &reference.registry)?,
             None => bootcache_registry::Credentials::Anonymous,
         };
-        Ok(bootcache_registry::Registry::new(credentials, self.insecure_registries.clone()))
+        bootcache_registry::Registry::new(credentials, self.insecure_registries.clone())
     }
 
     /// The database (held briefly: every call is a few SQLite statements).

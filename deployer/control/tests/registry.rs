@@ -40,7 +40,7 @@ fn ordered(c: &Control) -> (u32, String, bootcache_api::RootDigest) {
 async fn a_vm_image_by_reference_is_pinned_when_the_lab_is_deployed() {
     let dir = tempfile::tempdir().unwrap();
     let served = DockerRegistry::start(dir.path(), None).unwrap();
-    let client = Registry::new(Credentials::Anonymous, vec![]);
+    let client = Registry::new(Credentials::Anonymous, vec![]).unwrap();
     let (v1, v2) = (image(dir.path(), "v1", 1), image(dir.path(), "v2", 2));
     let tag: Reference = format!("{}/guests/web:stable", served.addr).parse().unwrap();
     let pinned = artifact::push(&client, &v1, &tag).await.unwrap();

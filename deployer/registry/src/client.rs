@@ -15,6 +15,7 @@ use sha2::Digest as _;
 use tokio::io::AsyncWriteExt as _;
 
 use crate::RegistryError;
+use crate::auth::{Access, Challenge, Sessions};
 use bootcache_api::reference::{Digest, Reference, Target};
 use bootcache_http::chain;
 
@@ -105,12 +106,14 @@ impl Credentials {
 }
 
 /// A registry's client: one set of credentials, the registries that may
-/// be spoken to over plain HTTP.
+/// be spoken to over plain HTTP, and what it learned of each registry
+/// (Basic or tokens, the tokens it holds; shared by its clones).
 #[derive(Clone, Debug)]
 pub struct Registry {
     http: reqwest::Client,
     credentials: Credentials,
     insecure: Vec<String>,
+    sessions: std::sync::Arc<std::sync::Mutex<Sessions>>,
 }
 
 /// A manifest as the registry sent it.
@@ -127,7 +130,10 @@ pub struct Fetched {
 impl Registry {
     /// A client presenting `credentials`; `insecure`: registries
     /// (`HOST:PORT`) spoken to over plain HTTP besides loopback ones.
-    pub fn new(credentials: Credentials, insecure: Vec<String>) -> Registry {
+    ///
+    /// # Errors
+    /// The HTTP client cannot be made (the system's resolver or TLS setup).
+    pub fn new(credentials: Credentials, insecure: Vec<String>) -> Result<Registry, RegistryError> {
         // Redirects (blobs on a storage URL) are followed by hand, without the credential.
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -137,8 +143,17 @@ impl Registry {
             // silence counts).
             .read_timeout(READ_TIMEOUT)
             .build()
-            .unwrap_or_default();
-        Registry { http, credentials, insecure }
+            .map_err(|e| RegistryError::Client(chain(&e)))?;
+        Ok(Registry { http, credentials, insecure, sessions: std::sync::Arc::default() })
+    }
+
+    /// Whether `host_port` (`HOST:PORT`) may be spoken to over plain HTTP:
+    /// loopback, or named insecure.
+    fn plain_http(&self, host_port: &str) -> bool {
+        let host = host_port.rsplit_once(':').map_or(host_port, |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        loopback || self.insecure.iter().any(|r| r == host_port)
     }
 
     /// `http://HOST:PORT` for loopback registries and those named
@@ -148,13 +163,7 @@ impl Registry {
     /// # Errors
     /// A registry that would need HTTPS.
     pub fn base(&self, registry: &str) -> Result<String, RegistryError> {
-        let host = registry.rsplit_once(':').map_or(registry, |(h, _)| h);
-        let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-        if loopback || self.insecure.iter().any(|r| r == registry) {
-            Ok(format!("http://{registry}"))
-        } else {
-            Err(RegistryError::NeedsTls(registry.to_owned()))
-        }
+        if self.plain_http(registry) { Ok(format!("http://{registry}")) } else { Err(RegistryError::NeedsTls(registry.to_owned())) }
     }
 
     /// The URL of a blob of `reference`'s repository (for range readers;
@@ -166,15 +175,102 @@ impl Registry {
         Ok(format!("{}/v2/{}/blobs/{digest}", self.base(&reference.registry)?, reference.repository))
     }
 
-    fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match self.credentials.header() {
-            Some(h) => req.header(reqwest::header::AUTHORIZATION, h),
-            None => req,
+    /// `req` with what `registry` asked for: the token held for `scope`,
+    /// or Basic once it asked for Basic, or nothing.
+    fn present(&self, registry: &str, scope: &str, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        let sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(token) = sessions.tokens.get(&(registry.to_owned(), scope.to_owned())) {
+            return req.header(reqwest::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        match (sessions.basic.contains(registry), self.credentials.header()) {
+            (true, Some(h)) => req.header(reqwest::header::AUTHORIZATION, h),
+            _ => req,
         }
     }
 
-    async fn send(&self, reference: &Reference, req: reqwest::RequestBuilder) -> Result<reqwest::Response, RegistryError> {
-        self.authorized(req).send().await.map_err(|e| RegistryError::Unreachable { reference: reference.to_string(), why: chain(&e) })
+    /// Sends the request `make` makes, presenting what the registry asked
+    /// for; on a 401, answers its challenge (Basic, or a token for the
+    /// scope from its token service, replacing the one held) and sends it
+    /// once more. A 401 after that is the caller's to report.
+    async fn send(
+        &self,
+        reference: &Reference,
+        access: Access,
+        make: impl Fn() -> Result<reqwest::RequestBuilder, RegistryError>,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let registry = reference.registry.as_str();
+        let scope = access.scope(&reference.repository);
+        let unreachable = |e: reqwest::Error| RegistryError::Unreachable { reference: reference.to_string(), why: chain(&e) };
+        let (mut answered, mut resent) = (false, false);
+        loop {
+            let resp = match self.present(registry, &scope, make()?).send().await {
+                Ok(r) => r,
+                // A kept-alive connection the registry closed meanwhile
+                // (it restarted, or timed it out): once more, on a new one.
+                // Silence is not retried: it already took its time.
+                Err(e) if !resent && !e.is_timeout() => {
+                    resent = true;
+                    continue;
+                }
+                Err(e) => return Err(unreachable(e)),
+            };
+            if resp.status() != reqwest::StatusCode::UNAUTHORIZED || answered {
+                return Ok(resp);
+            }
+            answered = true;
+            let said = resp.headers().get(reqwest::header::WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+            let Ok(challenge) = crate::auth::challenge(said) else { return Ok(resp) };
+            match challenge {
+                Challenge::Basic => {
+                    let mut sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    // Anonymous, or Basic sent and refused: the 401 stands.
+                    if matches!(self.credentials, Credentials::Anonymous) || !sessions.basic.insert(registry.to_owned()) {
+                        return Ok(resp);
+                    }
+                }
+                Challenge::Bearer { realm, service, scope: asked } => {
+                    // The whole operation's scope (a push's HEAD is
+                    // challenged for pull only), and the registry's if other.
+                    let scopes: Vec<&str> = std::iter::once(scope.as_str()).chain(asked.as_deref().filter(|a| *a != scope)).collect();
+                    let token = self.token(reference, &realm, service.as_deref(), &scopes).await?;
+                    let mut sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    sessions.tokens.insert((registry.to_owned(), scope.clone()), token);
+                }
+            }
+        }
+    }
+
+    /// A token for `scopes` from the token service at `realm`, asked with
+    /// the client's credentials (anonymously without).
+    async fn token(&self, reference: &Reference, realm: &str, service: Option<&str>, scopes: &[&str]) -> Result<String, RegistryError> {
+        let bad = |why: String| RegistryError::Bad { reference: reference.to_string(), why };
+        let mut url = reqwest::Url::parse(realm).map_err(|_| bad("its token service's realm is not a URL".into()))?;
+        let host_port = format!("{}:{}", url.host_str().unwrap_or_default(), url.port_or_known_default().unwrap_or(0));
+        match url.scheme() {
+            "http" if self.plain_http(&host_port) => {}
+            "http" | "https" => return Err(RegistryError::NeedsTls(host_port)),
+            _ => return Err(bad("its token service's realm is neither http nor https".into())),
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(bad("its token service's realm carries a credential".into()));
+        }
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            for scope in scopes {
+                q.append_pair("scope", scope);
+            }
+        }
+        let mut req = self.http.get(url);
+        if let Some(h) = self.credentials.header() {
+            req = req.header(reqwest::header::AUTHORIZATION, h);
+        }
+        let resp = req.send().await.map_err(|e| RegistryError::Unreachable { reference: reference.to_string(), why: chain(&e) })?;
+        let resp = refused(reference, "a token from its token service", resp).await?;
+        let answer = bounded(reference, resp, 64 << 10).await?;
+        crate::auth::token_of(&answer).map_err(bad)
     }
 
     /// The manifest `reference` names, checked: at most
@@ -190,7 +286,9 @@ impl Registry {
             Target::Digest(d) => d.to_string(),
         };
         let url = format!("{}/v2/{}/manifests/{target}", self.base(&reference.registry)?, reference.repository);
-        let resp = self.send(reference, self.http.get(url).header(reqwest::header::ACCEPT, MANIFEST_TYPES.join(", "))).await?;
+        let resp = self
+            .send(reference, Access::Pull, || Ok(self.http.get(&url).header(reqwest::header::ACCEPT, MANIFEST_TYPES.join(", "))))
+            .await?;
         let resp = refused(reference, "its manifest", resp).await?;
         let media_type = resp
             .headers()
@@ -238,7 +336,9 @@ impl Registry {
             Target::Digest(_) => digest.to_string(),
         };
         let url = format!("{}/v2/{}/manifests/{target}", self.base(&reference.registry)?, reference.repository);
-        let resp = self.send(reference, self.http.put(url).header(reqwest::header::CONTENT_TYPE, media_type).body(bytes)).await?;
+        let resp = self
+            .send(reference, Access::Push, || Ok(self.http.put(&url).header(reqwest::header::CONTENT_TYPE, media_type).body(bytes.clone())))
+            .await?;
         refused(reference, "storing its manifest", resp).await?;
         Ok(digest)
     }
@@ -248,7 +348,12 @@ impl Registry {
     /// # Errors
     /// Unreachable, refused other than "not there".
     pub async fn has_blob(&self, reference: &Reference, digest: &Digest) -> Result<bool, RegistryError> {
-        let resp = self.send(reference, self.http.head(self.blob_url(reference, digest)?)).await?;
+        self.blob_exists(reference, digest, Access::Pull).await
+    }
+
+    async fn blob_exists(&self, reference: &Reference, digest: &Digest, access: Access) -> Result<bool, RegistryError> {
+        let url = self.blob_url(reference, digest)?;
+        let resp = self.send(reference, access, || Ok(self.http.head(&url))).await?;
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(false);
         }
@@ -262,9 +367,9 @@ impl Registry {
     /// Unreachable, refused.
     pub async fn put_blob(&self, reference: &Reference, bytes: Vec<u8>) -> Result<Digest, RegistryError> {
         let digest = Digest::of(&bytes);
-        if !self.has_blob(reference, &digest).await? {
+        if !self.blob_exists(reference, &digest, Access::Push).await? {
             let len = bytes.len() as u64;
-            self.upload(reference, &digest, len, reqwest::Body::from(bytes)).await?;
+            self.upload(reference, &digest, len, || Ok(reqwest::Body::from(bytes.clone()))).await?;
         }
         Ok(digest)
     }
@@ -276,19 +381,29 @@ impl Registry {
     /// # Errors
     /// The file, unreachable, refused (the registry checks the digest).
     pub async fn put_blob_file(&self, reference: &Reference, path: &Path, digest: &Digest, len: u64) -> Result<(), RegistryError> {
-        if self.has_blob(reference, digest).await? {
+        if self.blob_exists(reference, digest, Access::Push).await? {
             return Ok(());
         }
-        let file = tokio::fs::File::open(path).await.map_err(|e| RegistryError::File { path: path.to_owned(), why: e.to_string() })?;
-        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
+        // Opened again if the upload is sent again (a token renewed).
+        let body = || {
+            let file = std::fs::File::open(path).map_err(|e| RegistryError::File { path: path.to_owned(), why: e.to_string() })?;
+            let file = tokio::fs::File::from_std(file);
+            Ok(reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)))
+        };
         self.upload(reference, digest, len, body).await
     }
 
     /// A monolithic upload: POST for a session, PUT the bytes with their digest.
-    async fn upload(&self, reference: &Reference, digest: &Digest, len: u64, body: reqwest::Body) -> Result<(), RegistryError> {
+    async fn upload(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        len: u64,
+        body: impl Fn() -> Result<reqwest::Body, RegistryError>,
+    ) -> Result<(), RegistryError> {
         let base = self.base(&reference.registry)?;
         let start = format!("{base}/v2/{}/blobs/uploads/", reference.repository);
-        let resp = self.send(reference, self.http.post(start).header(reqwest::header::CONTENT_LENGTH, 0)).await?;
+        let resp = self.send(reference, Access::Push, || Ok(self.http.post(&start).header(reqwest::header::CONTENT_LENGTH, 0))).await?;
         let resp = refused(reference, "starting an upload", resp).await?;
         let location = resp
             .headers()
@@ -304,13 +419,16 @@ impl Registry {
             return Err(RegistryError::Bad { reference: reference.to_string(), why: "an upload Location on another origin".into() });
         };
         let sep = if url.contains('?') { '&' } else { '?' };
-        let put = self
-            .http
-            .put(format!("{url}{sep}digest={digest}"))
-            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-            .header(reqwest::header::CONTENT_LENGTH, len)
-            .body(body);
-        let resp = self.send(reference, put).await?;
+        let url = format!("{url}{sep}digest={digest}");
+        let put = || {
+            Ok(self
+                .http
+                .put(&url)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .header(reqwest::header::CONTENT_LENGTH, len)
+                .body(body()?))
+        };
+        let resp = self.send(reference, Access::Push, put).await?;
         refused(reference, &format!("uploading blob {digest}"), resp).await.map(drop)
     }
 
@@ -323,7 +441,8 @@ impl Registry {
     /// does not match, the file.
     pub async fn get_blob_file(&self, reference: &Reference, digest: &Digest, len: u64, path: &Path) -> Result<(), RegistryError> {
         let file_err = |e: std::io::Error| RegistryError::File { path: path.to_owned(), why: e.to_string() };
-        let mut resp = self.send(reference, self.http.get(self.blob_url(reference, digest)?)).await?;
+        let url = self.blob_url(reference, digest)?;
+        let mut resp = self.send(reference, Access::Pull, || Ok(self.http.get(&url))).await?;
         // A registry may send its blobs from storage elsewhere: followed
         // (a few times), without the credential.
         for _ in 0..4 {

@@ -7,7 +7,7 @@
 //! ```no_run
 //! # async fn f() -> Result<(), bootcache_registry::RegistryError> {
 //! use bootcache_registry::{Credentials, Registry, artifact};
-//! let registry = Registry::new(Credentials::Anonymous, vec![]);
+//! let registry = Registry::new(Credentials::Anonymous, vec![])?;
 //! let reference = "127.0.0.1:5000/guests/reference:v1".parse().unwrap();
 //! let pinned = artifact::push(&registry, "guest.bcimg".as_ref(), &reference).await?;
 //! artifact::pull(&registry, &pinned, "copy.bcimg".as_ref()).await?;
@@ -15,6 +15,7 @@
 //! ```
 
 pub mod artifact;
+pub mod auth;
 mod client;
 
 use std::path::PathBuf;
@@ -85,6 +86,9 @@ pub enum RegistryError {
         /// Why.
         why: String,
     },
+    /// The HTTP client could not be made.
+    #[error("the registry client cannot be made: {0}")]
+    Client(String),
     /// A local file.
     #[error("{}: {why}", path.display())]
     File {

@@ -2,13 +2,16 @@
 //! 2.8) on loopback: a bootcache image pushed as an artifact and pulled
 //! back byte for byte; pinned by digest while its tag moves; every way a
 //! pull can go wrong refused naming the reference, with nothing left
-//! behind; Basic auth with Docker's config.json, its password never shown.
+//! behind; Basic auth with Docker's config.json, its password never shown;
+//! the Bearer token flow against a token service, one token per scope,
+//! renewed when the registry refuses it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bootcache_registry::{Credentials, Reference, Registry, RegistryError, artifact};
-use bootcache_testbed::programs::DockerRegistry;
+use bootcache_testbed::programs::{DockerRegistry, RegistryAuth};
+use bootcache_testbed::tokens::TokenIssuer;
 
 fn registry(dir: &Path, htpasswd: Option<&Path>) -> DockerRegistry {
     DockerRegistry::start(dir, htpasswd).unwrap()
@@ -42,7 +45,7 @@ fn rt() -> tokio::runtime::Runtime {
 fn an_image_goes_up_and_comes_back_byte_for_byte_pinned_while_its_tag_moves() {
     let dir = tempfile::tempdir().unwrap();
     let served = registry(dir.path(), None);
-    let client = Registry::new(Credentials::Anonymous, vec![]);
+    let client = Registry::new(Credentials::Anonymous, vec![]).unwrap();
     let (v1, v2) = (image(dir.path(), "v1", 1), image(dir.path(), "v2", 2));
     let tag = r(&format!("{}/guests/reference:stable", served.addr));
     rt().block_on(async {
@@ -77,7 +80,7 @@ fn an_image_goes_up_and_comes_back_byte_for_byte_pinned_while_its_tag_moves() {
 fn what_cannot_be_pulled_exactly_is_refused_naming_the_reference_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let served = registry(dir.path(), None);
-    let client = Registry::new(Credentials::Anonymous, vec![]);
+    let client = Registry::new(Credentials::Anonymous, vec![]).unwrap();
     let v1 = image(dir.path(), "v1", 1);
     let out = dir.path().join("out.bcimg");
     rt().block_on(async {
@@ -137,15 +140,15 @@ fn basic_auth_comes_from_dockers_config_and_its_password_shows_nowhere() {
         Credentials::from_docker_config(&config, &served.addr).unwrap()
     };
     rt().block_on(async {
-        let anonymous = Registry::new(Credentials::Anonymous, vec![]);
+        let anonymous = Registry::new(Credentials::Anonymous, vec![]).unwrap();
         let e = artifact::push(&anonymous, &v1, &tag).await.unwrap_err();
         assert!(matches!(e, RegistryError::Refused { status: 401, .. }), "{e}");
-        let wrong = Registry::new(auth("alice", "not-the-pass"), vec![]);
+        let wrong = Registry::new(auth("alice", "not-the-pass"), vec![]).unwrap();
         let e = artifact::push(&wrong, &v1, &tag).await.unwrap_err();
         assert!(matches!(e, RegistryError::Refused { status: 401, .. }) && !e.to_string().contains("not-the-pass"), "{e}");
         let alice = auth("alice", "s3cret-pass");
         assert!(!format!("{alice:?}").contains("s3cret"), "{alice:?}");
-        let client = Registry::new(alice, vec![]);
+        let client = Registry::new(alice, vec![]).unwrap();
         let pinned = artifact::push(&client, &v1, &tag).await.unwrap();
         let back = dir.path().join("back.bcimg");
         artifact::pull(&client, &pinned, &back).await.unwrap();
@@ -156,6 +159,49 @@ fn basic_auth_comes_from_dockers_config_and_its_password_shows_nowhere() {
     std::fs::write(&config, r#"{"auths": {"r:1": {"auth": "not base64!"}}}"#).unwrap();
     let e = Credentials::from_docker_config(&config, "r:1").unwrap_err().to_string();
     assert!(e.contains("config.json") && e.contains("not base64"), "{e}");
+}
+
+/// The reference registry behind a token service: refused without a
+/// credential or with a wrong one (the password shown nowhere); with the
+/// right one, a push and a pull of many requests take one token per scope
+/// (cached); once the service's key changes and the registry trusts only
+/// the new one, the token held is refused and one new token is taken.
+#[test]
+fn bearer_tokens_are_asked_once_per_scope_and_renewed_when_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = TokenIssuer::start(dir.path(), "alice", "s3cret-pass").unwrap();
+    let mut served = DockerRegistry::start_with(dir.path(), RegistryAuth::Token { realm: &issuer.realm, cert: &issuer.cert }).unwrap();
+    let v1 = image(dir.path(), "v1", 1);
+    let tag = r(&format!("{}/guests/reference:v1", served.addr));
+    let basic = |user: &str, password: &str| Credentials::Basic { user: user.into(), password: password.into() };
+    let rt = rt();
+    rt.block_on(async {
+        let anonymous = Registry::new(Credentials::Anonymous, vec![]).unwrap();
+        let e = artifact::push(&anonymous, &v1, &tag).await.unwrap_err();
+        assert!(matches!(e, RegistryError::Refused { status: 401, .. }), "{e}");
+        let wrong = Registry::new(basic("alice", "not-the-pass"), vec![]).unwrap();
+        let e = artifact::push(&wrong, &v1, &tag).await.unwrap_err().to_string();
+        assert!(e.contains("token service") && e.contains("401") && !e.contains("not-the-pass"), "{e}");
+        assert_eq!(issuer.refused(), 1, "the wrong password was tried once");
+    });
+    let before = issuer.issued();
+    let client = Registry::new(basic("alice", "s3cret-pass"), vec![]).unwrap();
+    let back = dir.path().join("back.bcimg");
+    let pinned = rt.block_on(async {
+        let pinned = artifact::push(&client, &v1, &tag).await.unwrap();
+        artifact::pull(&client, &pinned, &back).await.unwrap();
+        artifact::pull(&client, &tag, &back).await.unwrap();
+        pinned
+    });
+    assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&v1).unwrap(), "bytes identical");
+    assert_eq!(issuer.issued() - before, 2, "one token for pull,push and one for pull, however many requests");
+    // The service's key changes; the registry, started again, trusts only the new one.
+    issuer.rotate().unwrap();
+    served.restart().unwrap();
+    std::fs::remove_file(&back).unwrap();
+    rt.block_on(artifact::pull(&client, &pinned, &back)).unwrap();
+    assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&v1).unwrap());
+    assert_eq!(issuer.issued() - before, 3, "the refused token was replaced once");
 }
 
 /// A registry that accepts and then says nothing, or answers a manifest
@@ -180,7 +226,7 @@ fn a_silent_or_endless_registry_fails_the_call() {
         while endless.write_all(chunk.as_bytes()).is_ok() {}
         drop(silent);
     });
-    let client = Registry::new(Credentials::Anonymous, vec![]);
+    let client = Registry::new(Credentials::Anonymous, vec![]).unwrap();
     let reference = r(&format!("{addr}/guests/reference:v1"));
     rt().block_on(async {
         let started = std::time::Instant::now();

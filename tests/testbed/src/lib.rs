@@ -16,6 +16,7 @@ pub mod daemons;
 pub mod fanout;
 pub mod plot;
 pub mod programs;
+pub mod tokens;
 
 /// How every host's link behaves.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -71,8 +71,8 @@ fn curl_ok(netns: Option<&str>, url: &str) -> bool {
 }
 
 /// The reference registry (Debian's `docker-registry`, distribution 2.8)
-/// on a loopback port, its storage in a directory of its own; with Basic
-/// auth from an htpasswd file when one is given.
+/// on a loopback port, its storage in a directory of its own; anonymous,
+/// with Basic auth from an htpasswd file, or behind a token service.
 #[derive(Debug)]
 pub struct DockerRegistry {
     /// The process (killed when dropped).
@@ -81,6 +81,23 @@ pub struct DockerRegistry {
     pub addr: String,
     /// Where it keeps blobs and manifests.
     pub storage: PathBuf,
+    config: PathBuf,
+}
+
+/// How a [`DockerRegistry`] lets clients in.
+#[derive(Clone, Copy, Debug)]
+pub enum RegistryAuth<'a> {
+    /// Anyone, for anything.
+    Anonymous,
+    /// HTTP Basic, the users of an htpasswd file (bcrypt).
+    Htpasswd(&'a Path),
+    /// Bearer tokens from `realm`, signed by the holder of certificate `cert`.
+    Token {
+        /// The token service's URL.
+        realm: &'a str,
+        /// The certificate (PEM) it signs with.
+        cert: &'a Path,
+    },
 }
 
 impl DockerRegistry {
@@ -89,10 +106,27 @@ impl DockerRegistry {
     /// # Errors
     /// No `docker-registry` (scripts/setup installs it), or it does not listen.
     pub fn start(dir: &Path, htpasswd: Option<&Path>) -> anyhow::Result<DockerRegistry> {
+        DockerRegistry::start_with(dir, htpasswd.map_or(RegistryAuth::Anonymous, RegistryAuth::Htpasswd))
+    }
+
+    /// Starts one letting clients in by `auth`.
+    ///
+    /// # Errors
+    /// As [`DockerRegistry::start`].
+    pub fn start_with(dir: &Path, auth: RegistryAuth<'_>) -> anyhow::Result<DockerRegistry> {
         let port = free_port()?;
         let addr = format!("127.0.0.1:{port}");
         let storage = dir.join("registry-storage");
-        let auth = htpasswd.map_or(String::new(), |p| format!("auth:\n  htpasswd:\n    realm: bootcache\n    path: {}\n", p.display()));
+        let auth = match auth {
+            RegistryAuth::Anonymous => String::new(),
+            RegistryAuth::Htpasswd(p) => format!("auth:\n  htpasswd:\n    realm: bootcache\n    path: {}\n", p.display()),
+            RegistryAuth::Token { realm, cert } => format!(
+                "auth:\n  token:\n    realm: {realm}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                crate::tokens::SERVICE,
+                crate::tokens::ISSUER,
+                cert.display()
+            ),
+        };
         let config = dir.join("registry.yml");
         std::fs::write(
             &config,
@@ -101,16 +135,34 @@ impl DockerRegistry {
                 storage.display()
             ),
         )?;
+        let child = DockerRegistry::spawn(&config, port)?;
+        Ok(DockerRegistry { child, addr, storage, config })
+    }
+
+    fn spawn(config: &Path, port: u16) -> anyhow::Result<Killed> {
         let child = Command::new("docker-registry")
             .arg("serve")
-            .arg(&config)
+            .arg(config)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("starting docker-registry (scripts/setup installs it)")?;
         let mut child = Killed(child);
         wait_port(port, &mut child.0, "docker-registry")?;
-        Ok(DockerRegistry { child, addr, storage })
+        Ok(child)
+    }
+
+    /// Stops it and starts it again on the same address and storage
+    /// (reading its configuration, and the files it names, again).
+    ///
+    /// # Errors
+    /// As [`DockerRegistry::start`].
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let _ = self.child.0.kill();
+        let _ = self.child.0.wait();
+        let port = self.addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(0);
+        self.child = DockerRegistry::spawn(&self.config, port)?;
+        Ok(())
     }
 }
 
