@@ -237,11 +237,19 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
     let (vm_node, vm, vm_addr) = if near_node == "node-a" { ("node-b", "vm-b", "10.99.0.11") } else { ("node-a", "vm-a", "10.99.0.10") };
     // What each node calls an instance (its number, lab and name), from inspect.
     let id = |name: &str| -> String { instances.iter().find(|i| i["name"] == name).unwrap()["id"].as_str().unwrap().to_owned() };
+    // A failed ping says what both nodes' tunnels and bridges held.
+    let story = || format!("{}{}", c.node("node-a").network_story(), c.node("node-b").network_story());
     let (code, text) = c.node(vm_node).vm_exec(&id(vm), &["/bin/ping", "-c", "2", "-W", "5", &far]);
-    assert_eq!(code, 0, "{vm} on {vm_node} -> container {far} on {near_node}:\n{text}");
+    assert_eq!(code, 0, "{vm} on {vm_node} -> container {far} on {near_node}:\n{text}\n{}", story());
     // The same through the control node: `bootcache exec` (the guest agent) and `logs` (its console).
-    let out = c.cli(&["exec", "hybrid", vm, "--", "/bin/ping", "-c", "1", "-W", "5", &far]);
-    assert!(out.status.success(), "bootcache exec {vm}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = c.cli(&["exec", "hybrid", vm, "--", "/bin/ping", "-c", "2", "-W", "5", &far]);
+    assert!(
+        out.status.success(),
+        "bootcache exec {vm}: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        story()
+    );
     let out = c.cli(&["logs", "hybrid", vm]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("BOOTCACHE-BOOTED"),
@@ -251,7 +259,12 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
     let container =
         instances.iter().find(|i| i["node"] == near_node && i["kind"] == "container").unwrap()["name"].as_str().unwrap().to_owned();
     let ping = c.node(near_node).docker_exec(&id(&container), &["ping", "-c", "2", "-W", "5", vm_addr]);
-    assert!(ping.status.success(), "container {container} on {near_node} -> {vm} on {vm_node}: {}", String::from_utf8_lossy(&ping.stdout));
+    assert!(
+        ping.status.success(),
+        "container {container} on {near_node} -> {vm} on {vm_node}: {}\n{}",
+        String::from_utf8_lossy(&ping.stdout),
+        story()
+    );
 
     // Stopped on request and started again: kept on its node, stopped
     // there, and back on the network once started.
@@ -272,7 +285,12 @@ fn a_hybrid_lab_across_two_nodes_deploys_talks_and_goes() {
     let out = c.cli(&["start", "hybrid", &container, near_vm]);
     assert!(out.status.success(), "start: {}", String::from_utf8_lossy(&out.stderr));
     let ping = c.node(near_node).docker_exec(&id(&container), &["ping", "-c", "2", "-W", "5", vm_addr]);
-    assert!(ping.status.success(), "a started container reaches the VM on the other node again: {}", String::from_utf8_lossy(&ping.stdout));
+    assert!(
+        ping.status.success(),
+        "a started container reaches the VM on the other node again: {}\n{}",
+        String::from_utf8_lossy(&ping.stdout),
+        story()
+    );
     let out = c.cli(&["stop", "hybrid", "nobody"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no instance hybrid/nobody"));
 

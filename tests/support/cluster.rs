@@ -191,6 +191,28 @@ impl Node {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// What a failed ping's story needs from the node: its links, the
+    /// VXLAN links' forwarding entries, the FORWARD chain with its counters,
+    /// and the end of its agent's log.
+    pub fn network_story(&self) -> String {
+        let run = |args: &[&str]| {
+            let out = Command::new("ip").args(["netns", "exec", &self.netns]).args(args).output().unwrap();
+            format!("$ {}\n{}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        };
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        format!(
+            "--- {} ---\n{}{}{}{}--- its agent's log, last lines ---\n{}\n",
+            self.name,
+            run(&["ip", "-br", "link"]),
+            run(&["ip", "-d", "link", "show", "type", "vxlan"]),
+            run(&["bridge", "fdb", "show"]).lines().filter(|l| l.contains("dev bx") || l.starts_with('$')).collect::<Vec<_>>().join("\n")
+                + "\n",
+            run(&["iptables", "-L", "FORWARD", "-v", "-n"]),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    }
+
     pub fn forward_rules(&self) -> String {
         let out = Command::new("ip").args(["netns", "exec", &self.netns, "iptables", "-S", "FORWARD"]).output().unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
