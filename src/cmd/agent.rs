@@ -79,9 +79,22 @@ pub struct AgentArgs {
     /// Seconds between heartbeats (the control node's --heartbeat).
     #[arg(long, value_name = "SECS", default_value_t = 2.0)]
     heartbeat: f64,
+    /// Credentials for the registries whose blobs this node reads (VM
+    /// images by reference), in Docker's config.json format; without it,
+    /// anonymously (a registry's token flow is followed either way).
+    /// Read when an image is opened; never printed.
+    #[arg(long, value_name = "FILE", env = "BOOTCACHE_REGISTRY_CONFIG")]
+    registry_config: Option<PathBuf>,
+    /// A registry (HOST:PORT) read over plain HTTP; loopback ones are
+    /// anyway. May be given several times.
+    #[arg(long, value_name = "HOST:PORT")]
+    insecure_registry: Vec<String>,
     #[command(flatten)]
     options: AgentOptions,
 }
+
+/// How an agent reaches registries: credentials file, insecure registries.
+pub type RegistryAccess = (Option<PathBuf>, Vec<String>);
 
 /// The agent's configuration from the command line.
 pub fn config(
@@ -90,7 +103,12 @@ pub fn config(
     credential: std::sync::Arc<Credential>,
     heartbeat: Duration,
     o: &AgentOptions,
+    registries: RegistryAccess,
 ) -> anyhow::Result<bootcache_agent::Config> {
+    if let Some(path) = &registries.0 {
+        // Refused at start rather than at the first image.
+        bootcache_registry::Credentials::from_docker_config(path, "")?;
+    }
     Ok(bootcache_agent::Config {
         name: name.parse().map_err(|e| anyhow::anyhow!("--name: {e}"))?,
         control,
@@ -108,6 +126,8 @@ pub fn config(
         ready_timeout: Duration::from_secs(o.ready_timeout),
         background: o.background,
         prefetch_only: o.prefetch_only,
+        registry_config: registries.0,
+        insecure_registries: registries.1,
     })
 }
 
@@ -115,7 +135,8 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let credential = Credential::load(&args.token_file)
         .with_context(|| format!("the join token ({}; `bootcache control token --join` prints it)", args.token_file.display()))?;
     let heartbeat = Duration::from_secs_f64(args.heartbeat.clamp(0.1, 3600.0));
-    let config = config(&args.name, args.control, credential, heartbeat, &args.options)?;
+    let registries = (args.registry_config, args.insecure_registry);
+    let config = config(&args.name, args.control, credential, heartbeat, &args.options, registries)?;
     super::deliver::runtime()?.block_on(async {
         eprintln!("agent {} for {} (node API on {})", config.name, config.control, config.listen);
         bootcache_agent::run(config, super::deliver::until_signal()).await?;

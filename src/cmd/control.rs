@@ -184,7 +184,9 @@ pub fn control(cmd: ControlCmd) -> anyhow::Result<ExitCode> {
                     None => None,
                     Some(name) => {
                         let url = format!("http://{}", listener.local_addr()?);
-                        let config = super::agent::config(name, url, std::sync::Arc::clone(&credential), interval, &agent_options)?;
+                        let registries = (registry_config.clone(), insecure_registry.clone());
+                        let config =
+                            super::agent::config(name, url, std::sync::Arc::clone(&credential), interval, &agent_options, registries)?;
                         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
                         let task = tokio::spawn(bootcache_agent::run(config, async move {
                             let _ = rx.await;

@@ -77,6 +77,12 @@ pub struct Config {
     /// VM orders are carried out up to holding the boot segment, then
     /// reported ready; no VM is started.
     pub prefetch_only: bool,
+    /// Docker's `config.json` holding the credentials of registries whose
+    /// blobs (VM images by reference) the node reads; none: anonymously
+    /// (a registry's token flow is followed either way).
+    pub registry_config: Option<PathBuf>,
+    /// Registries (`HOST:PORT`) read over plain HTTP besides loopback ones.
+    pub insecure_registries: Vec<String>,
 }
 
 /// The routes a node serves its whole tarballs from (`GET
@@ -270,7 +276,8 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()> + S
     opts.peer_authorization = Some(peer.authorization());
     opts.background = config.background;
     let socket = dir.join("nbd.sock");
-    let node = Node::new(socket.clone(), opts);
+    let authorizers = bootcache_registry::blobs::authorizers(config.registry_config.clone(), config.insecure_registries.clone());
+    let node = Node::with_authorizers(socket.clone(), opts, Some(authorizers));
     let unix = bootcache_delivery::nbd::bind_unix(&socket).map_err(state_error(&socket))?;
     socket_to_qemu(&socket);
     tokio::spawn(node.nbd().serve_unix(unix));
@@ -464,6 +471,8 @@ mod tests {
             ready_timeout: Duration::from_secs(1),
             background: bootcache_delivery::cache::Background::Off,
             prefetch_only: false,
+            registry_config: None,
+            insecure_registries: Vec::new(),
         };
         let e = run(config, std::future::pending()).await.unwrap_err();
         assert!(matches!(e, AgentError::RelativeState(_)), "{e}");

@@ -186,17 +186,21 @@ impl Control {
             // A registry reference: its tag resolved to a manifest digest
             // now, once, and the image read from its blob by that digest
             // (a tag moved later changes nothing this deploy recorded).
-            let (url, annotated) = match def.image.parse::<bootcache_api::reference::Reference>() {
+            let (url, annotated, auth) = match def.image.parse::<bootcache_api::reference::Reference>() {
                 Ok(reference) if bootcache_api::reference::Reference::looks_like(&def.image) => {
                     let registry = self.registry_client(&reference).map_err(|e| failed(e.to_string()))?;
                     let resolved = bootcache_registry::artifact::resolve(&registry, &reference).await.map_err(|e| failed(e.to_string()))?;
                     let url = registry.blob_url(&resolved.pinned, &resolved.blob).map_err(|e| failed(e.to_string()))?;
                     tracing::info!(instance = %def.name, image = %def.image, pinned = %resolved.pinned, "image reference resolved");
-                    (url, Some(resolved.root))
+                    // Its header read with the same client (its token held).
+                    let auth: Arc<dyn bootcache_http::Authorizer> =
+                        Arc::new(bootcache_registry::blobs::BlobAuthorizer::new(registry, resolved.pinned.clone()));
+                    (url, Some(resolved.root), Some(auth))
                 }
-                _ => (def.image.clone(), None),
+                _ => (def.image.clone(), None, None),
             };
-            let header = bootcache_delivery::cache::read_header(&url, self.retry).await.map_err(|e| failed(bootcache_http::chain(&e)))?;
+            let header =
+                bootcache_delivery::cache::read_header_with(&url, self.retry, auth).await.map_err(|e| failed(bootcache_http::chain(&e)))?;
             let root = header.root();
             if let Some(said) = annotated.filter(|said| *said != root.to_string()) {
                 return Err(failed(format!("its blob's root digest is {root}, its manifest says {said}")));

@@ -12,12 +12,15 @@
 //! ([`redact`]) and the answer's status, never its bytes.
 
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_LENGTH, CONTENT_RANGE, ETAG, RANGE};
+
+pub use bootcache_http::{Authorizer, Authorizers};
 
 /// Errors from the store.
 #[remain::sorted]
@@ -85,6 +88,17 @@ pub struct Remote {
     len: u64,
     etag: Option<String>,
     retry: RetryPolicy,
+    auth: Option<Auth>,
+}
+
+/// What gives the remote's `Authorization` header (a registry's token).
+#[derive(Clone)]
+struct Auth(Arc<dyn Authorizer>);
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Authorizer")
+    }
 }
 
 enum Failure {
@@ -140,6 +154,20 @@ impl Remote {
     /// # Errors
     /// As [`Remote::open`].
     pub async fn open_with(url: &str, retry: RetryPolicy, authorization: Option<&str>) -> Result<Remote, RemoteError> {
+        Remote::open_inner(url, retry, authorization, None).await
+    }
+
+    /// Like [`Remote::open`], with every request's `Authorization` from
+    /// `auth` (asked again, and the request sent once more, when the
+    /// remote refuses it with a 401): a registry's blob.
+    ///
+    /// # Errors
+    /// As [`Remote::open`]; a 401 the authorizer cannot answer.
+    pub async fn open_authorized(url: &str, retry: RetryPolicy, auth: Arc<dyn Authorizer>) -> Result<Remote, RemoteError> {
+        Remote::open_inner(url, retry, None, Some(Auth(auth))).await
+    }
+
+    async fn open_inner(url: &str, retry: RetryPolicy, authorization: Option<&str>, auth: Option<Auth>) -> Result<Remote, RemoteError> {
         check_url(url)?;
         let shown = redact(url);
         let mut headers = reqwest::header::HeaderMap::new();
@@ -156,10 +184,10 @@ impl Remote {
             .default_headers(headers)
             .build()
             .map_err(|e| RemoteError::Protocol { url: shown.clone(), why: format!("HTTP client: {e}") })?;
-        let mut remote = Remote { client, url: url.into(), shown, len: 0, etag: None, retry };
+        let mut remote = Remote { client, url: url.into(), shown, len: 0, etag: None, retry, auth };
         let (len, etag) = remote
             .with_retry(|| async {
-                let resp = remote.client.head(&remote.url).send().await.map_err(sent)?;
+                let resp = remote.send(|| remote.client.head(&remote.url)).await?;
                 match resp.status() {
                     StatusCode::OK => {}
                     s => return Err(refused(resp, s, "HEAD")),
@@ -261,11 +289,14 @@ impl Remote {
         if range.start >= range.end || range.end > self.len {
             return Err(Failure::Permanent(format!("range {range:?} outside the file's {} bytes", self.len)));
         }
-        let mut req = self.client.get(&self.url).header(RANGE, format!("bytes={}-{}", range.start, range.end - 1));
-        if let Some(wait) = prefer_wait {
-            req = req.header(reqwest::header::HeaderName::from_static("prefer"), format!("wait={}", wait.as_secs().max(1)));
-        }
-        let resp = req.send().await.map_err(sent)?;
+        let make = || {
+            let req = self.client.get(&self.url).header(RANGE, format!("bytes={}-{}", range.start, range.end - 1));
+            match prefer_wait {
+                Some(wait) => req.header(reqwest::header::HeaderName::from_static("prefer"), format!("wait={}", wait.as_secs().max(1))),
+                None => req,
+            }
+        };
+        let resp = self.send(make).await?;
         match resp.status() {
             StatusCode::PARTIAL_CONTENT => {}
             StatusCode::OK => return Err(Failure::Permanent("the store ignores Range requests".into())),
@@ -277,6 +308,30 @@ impl Remote {
             return Err(Failure::Permanent(format!("the answer's Content-Range is not {expect:?} (did the file change?)")));
         }
         Ok(resp.bytes_stream())
+    }
+
+    /// Sends what `make` makes, with the authorizer's `Authorization` if
+    /// there is one; a 401 is answered by it once (its challenge given),
+    /// and the request sent again.
+    async fn send(&self, make: impl Fn() -> reqwest::RequestBuilder) -> Result<reqwest::Response, Failure> {
+        let Some(Auth(auth)) = &self.auth else { return make().send().await.map_err(sent) };
+        let mut refused: Option<String> = None;
+        loop {
+            let value = auth.authorization(refused.as_deref()).await.map_err(Failure::Permanent)?;
+            let mut req = make();
+            if let Some(v) = value {
+                let mut v = reqwest::header::HeaderValue::from_str(&v)
+                    .map_err(|_| Failure::Permanent("the credential is not a valid header value".into()))?;
+                v.set_sensitive(true);
+                req = req.header(reqwest::header::AUTHORIZATION, v);
+            }
+            let resp = req.send().await.map_err(sent)?;
+            if resp.status() != StatusCode::UNAUTHORIZED || refused.is_some() {
+                return Ok(resp);
+            }
+            let challenge = resp.headers().get(reqwest::header::WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+            refused = Some(challenge.to_owned());
+        }
     }
 
     async fn with_retry<T, F, Fut>(&self, mut attempt: F) -> Result<T, RemoteError>

@@ -170,6 +170,27 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// What an HTTP client asks for the `Authorization` header of a remote
+/// that wants one it cannot know beforehand (a registry's token, which
+/// expires): the value to send now, and a new one once the remote refused
+/// a request (401) with its `WWW-Authenticate` challenge. Implemented
+/// where the protocol is known (the registry crate); used by whoever
+/// fetches (delivery's ranged reader). The values are secrets: never
+/// logged, never put in a URL.
+pub trait Authorizer: Send + Sync {
+    /// The value to send (`None`: nothing yet); with `refused`, the
+    /// challenge of the 401 that refused the last one: a value that
+    /// answers it, or why none can.
+    fn authorization<'a>(
+        &'a self,
+        refused: Option<&'a str>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Option<String>, String>> + Send + 'a>>;
+}
+
+/// Which [`Authorizer`], if any, speaks for an origin URL (a registry's
+/// blob URL: its registry's client); asked once per image a node opens.
+pub type Authorizers = Arc<dyn Fn(&str) -> Option<Arc<dyn Authorizer>> + Send + Sync>;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -175,16 +175,54 @@ impl Registry {
         Ok(format!("{}/v2/{}/blobs/{digest}", self.base(&reference.registry)?, reference.repository))
     }
 
-    /// `req` with what `registry` asked for: the token held for `scope`,
-    /// or Basic once it asked for Basic, or nothing.
-    fn present(&self, registry: &str, scope: &str, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    /// What `registry` asked for, for `scope`: the token held, or Basic
+    /// once it asked for Basic, or nothing.
+    pub(crate) fn authorization(&self, registry: &str, scope: &str) -> Option<String> {
         let sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(token) = sessions.tokens.get(&(registry.to_owned(), scope.to_owned())) {
-            return req.header(reqwest::header::AUTHORIZATION, format!("Bearer {token}"));
+            return Some(format!("Bearer {token}"));
         }
-        match (sessions.basic.contains(registry), self.credentials.header()) {
-            (true, Some(h)) => req.header(reqwest::header::AUTHORIZATION, h),
-            _ => req,
+        if sessions.basic.contains(registry) { self.credentials.header() } else { None }
+    }
+
+    fn present(&self, registry: &str, scope: &str, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self.authorization(registry, scope) {
+            Some(h) => {
+                let mut v = match reqwest::header::HeaderValue::from_str(&h) {
+                    Ok(v) => v,
+                    Err(_) => return req,
+                };
+                v.set_sensitive(true);
+                req.header(reqwest::header::AUTHORIZATION, v)
+            }
+            None => req,
+        }
+    }
+
+    /// Answers `said`, the challenge of a 401 to a request of `reference`
+    /// needing `scope`: Basic from now on for its registry, or a token for
+    /// the scope (replacing the one held). `false`: nothing can answer it
+    /// (no challenge, anonymous asked for Basic, Basic refused).
+    ///
+    /// # Errors
+    /// The token service unreachable, refusing, or answering no token.
+    pub(crate) async fn answer(&self, reference: &Reference, scope: &str, said: &str) -> Result<bool, RegistryError> {
+        let registry = reference.registry.as_str();
+        let Ok(challenge) = crate::auth::challenge(said) else { return Ok(false) };
+        match challenge {
+            Challenge::Basic => {
+                let mut sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                Ok(!matches!(self.credentials, Credentials::Anonymous) && sessions.basic.insert(registry.to_owned()))
+            }
+            Challenge::Bearer { realm, service, scope: asked } => {
+                // The whole operation's scope (a push's HEAD is
+                // challenged for pull only), and the registry's if other.
+                let scopes: Vec<&str> = std::iter::once(scope).chain(asked.as_deref().filter(|a| *a != scope)).collect();
+                let token = self.token(reference, &realm, service.as_deref(), &scopes).await?;
+                let mut sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                sessions.tokens.insert((registry.to_owned(), scope.to_owned()), token);
+                Ok(true)
+            }
         }
     }
 
@@ -219,23 +257,8 @@ impl Registry {
             }
             answered = true;
             let said = resp.headers().get(reqwest::header::WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).unwrap_or_default();
-            let Ok(challenge) = crate::auth::challenge(said) else { return Ok(resp) };
-            match challenge {
-                Challenge::Basic => {
-                    let mut sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    // Anonymous, or Basic sent and refused: the 401 stands.
-                    if matches!(self.credentials, Credentials::Anonymous) || !sessions.basic.insert(registry.to_owned()) {
-                        return Ok(resp);
-                    }
-                }
-                Challenge::Bearer { realm, service, scope: asked } => {
-                    // The whole operation's scope (a push's HEAD is
-                    // challenged for pull only), and the registry's if other.
-                    let scopes: Vec<&str> = std::iter::once(scope.as_str()).chain(asked.as_deref().filter(|a| *a != scope)).collect();
-                    let token = self.token(reference, &realm, service.as_deref(), &scopes).await?;
-                    let mut sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    sessions.tokens.insert((registry.to_owned(), scope.clone()), token);
-                }
+            if !self.answer(reference, &scope, said).await? {
+                return Ok(resp);
             }
         }
     }

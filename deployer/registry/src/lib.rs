@@ -16,6 +16,7 @@
 
 pub mod artifact;
 pub mod auth;
+pub mod blobs;
 mod client;
 
 use std::path::PathBuf;

@@ -45,7 +45,22 @@ pub use peer::OPENING_WAIT;
 /// # Errors
 /// The store is unreachable, or the file is not a bootcache container.
 pub async fn read_header(url: &str, retry: RetryPolicy) -> Result<Header, CacheError> {
-    let remote = Remote::open(url, retry).await?;
+    read_header_with(url, retry, None).await
+}
+
+/// Like [`read_header`], asking `auth` for the credential (a registry's blob).
+///
+/// # Errors
+/// As [`read_header`]; a refusal the authorizer cannot answer.
+pub async fn read_header_with(
+    url: &str,
+    retry: RetryPolicy,
+    auth: Option<Arc<dyn crate::remote::Authorizer>>,
+) -> Result<Header, CacheError> {
+    let remote = match auth {
+        Some(a) => Remote::open_authorized(url, retry, a).await?,
+        None => Remote::open(url, retry).await?,
+    };
     Ok(open::head(&remote).await?.1)
 }
 

@@ -120,6 +120,8 @@ pub struct Node {
     nbd: Arc<NbdServer>,
     socket: PathBuf,
     opts: CacheOptions,
+    /// Who speaks for origins that want a credential (registries).
+    authorizers: Option<crate::remote::Authorizers>,
     /// Caches by root digest; an empty cell is one being opened.
     caches: Mutex<HashMap<RootDigest, Arc<OnceCell<Arc<NodeCache>>>>>,
     names: Mutex<BTreeMap<String, Binding>>,
@@ -164,10 +166,17 @@ impl Node {
     /// A node whose exports QEMU reaches at the unix socket `socket` (the
     /// caller serves `nbd()` there).
     pub fn new(socket: PathBuf, opts: CacheOptions) -> Arc<Node> {
+        Node::with_authorizers(socket, opts, None)
+    }
+
+    /// Like [`Node::new`], opening an origin for which `authorizers` gives
+    /// an authorizer with it (a registry's blob, read with its token).
+    pub fn with_authorizers(socket: PathBuf, opts: CacheOptions, authorizers: Option<crate::remote::Authorizers>) -> Arc<Node> {
         Arc::new(Node {
             nbd: NbdServer::new(),
             socket,
             opts,
+            authorizers,
             caches: Mutex::new(HashMap::new()),
             names: Mutex::new(BTreeMap::new()),
             changed: Notify::new(),
@@ -258,7 +267,11 @@ impl Node {
         peers: Vec<String>,
         expected: Option<RootDigest>,
     ) -> Result<(Arc<NodeCache>, OpenImage), NodeError> {
-        let remote = Remote::open(url, self.opts.retry).await.map_err(|e: RemoteError| NodeError::Cache(e.into()))?;
+        let remote = match self.authorizers.as_ref().and_then(|a| a(url)) {
+            Some(auth) => Remote::open_authorized(url, self.opts.retry, auth).await,
+            None => Remote::open(url, self.opts.retry).await,
+        };
+        let remote = remote.map_err(|e: RemoteError| NodeError::Cache(e.into()))?;
         // The header names the cache; a new cache goes on from the same
         // connection state and header rather than fetching them again.
         let (head, header) = crate::cache::open::head(&remote).await?;
