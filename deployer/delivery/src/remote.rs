@@ -187,7 +187,7 @@ impl Remote {
         let mut remote = Remote { client, url: url.into(), shown, len: 0, etag: None, retry, auth };
         let (len, etag) = remote
             .with_retry(|| async {
-                let resp = remote.send(|| remote.client.head(&remote.url)).await?;
+                let resp = remote.send(|url| remote.client.head(url)).await?;
                 match resp.status() {
                     StatusCode::OK => {}
                     s => return Err(refused(resp, s, "HEAD")),
@@ -289,8 +289,8 @@ impl Remote {
         if range.start >= range.end || range.end > self.len {
             return Err(Failure::Permanent(format!("range {range:?} outside the file's {} bytes", self.len)));
         }
-        let make = || {
-            let req = self.client.get(&self.url).header(RANGE, format!("bytes={}-{}", range.start, range.end - 1));
+        let make = |url: &str| {
+            let req = self.client.get(url).header(RANGE, format!("bytes={}-{}", range.start, range.end - 1));
             match prefer_wait {
                 Some(wait) => req.header(reqwest::header::HeaderName::from_static("prefer"), format!("wait={}", wait.as_secs().max(1))),
                 None => req,
@@ -310,22 +310,35 @@ impl Remote {
         Ok(resp.bytes_stream())
     }
 
-    /// Sends what `make` makes, with the authorizer's `Authorization` if
-    /// there is one; a 401 is answered by it once (its challenge given),
-    /// and the request sent again.
-    async fn send(&self, make: impl Fn() -> reqwest::RequestBuilder) -> Result<reqwest::Response, Failure> {
-        let Some(Auth(auth)) = &self.auth else { return make().send().await.map_err(sent) };
+    /// Sends what `make` makes of the URL, with the authorizer's
+    /// `Authorization` if there is one; a 401 is answered by it once (its
+    /// challenge given), and the request sent again. A registry's redirect
+    /// (its blobs kept on a storage service) is followed, a few times,
+    /// without the credential.
+    async fn send(&self, make: impl Fn(&str) -> reqwest::RequestBuilder) -> Result<reqwest::Response, Failure> {
+        let Some(Auth(auth)) = &self.auth else { return make(&self.url).send().await.map_err(sent) };
         let mut refused: Option<String> = None;
         loop {
             let value = auth.authorization(refused.as_deref()).await.map_err(Failure::Permanent)?;
-            let mut req = make();
+            let mut req = make(&self.url);
             if let Some(v) = value {
                 let mut v = reqwest::header::HeaderValue::from_str(&v)
                     .map_err(|_| Failure::Permanent("the credential is not a valid header value".into()))?;
                 v.set_sensitive(true);
                 req = req.header(reqwest::header::AUTHORIZATION, v);
             }
-            let resp = req.send().await.map_err(sent)?;
+            let mut resp = req.send().await.map_err(sent)?;
+            for _ in 0..4 {
+                if !resp.status().is_redirection() {
+                    break;
+                }
+                let to = resp.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).unwrap_or_default();
+                let to = resp.url().join(to).map_err(|_| Failure::Permanent("a redirect without a usable Location".into()))?;
+                if !matches!(to.scheme(), "http" | "https") || to.as_str().len() > MAX_URL {
+                    return Err(Failure::Permanent("a redirect to a URL this client does not fetch".into()));
+                }
+                resp = make(to.as_str()).send().await.map_err(sent)?;
+            }
             if resp.status() != StatusCode::UNAUTHORIZED || refused.is_some() {
                 return Ok(resp);
             }
@@ -382,6 +395,8 @@ fn header_u64(v: Option<&reqwest::header::HeaderValue>) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
 
     #[test]
@@ -401,5 +416,89 @@ mod tests {
         let e = Remote::open(&long, RetryPolicy::default()).await.unwrap_err();
         assert!(matches!(e, RemoteError::Protocol { .. }) && e.to_string().len() < 100, "{e}");
         assert!(started.elapsed() < Duration::from_secs(5), "not retried");
+    }
+
+    /// Gives "Bearer first" until refused, then "Bearer second".
+    struct Tokens;
+
+    impl Authorizer for Tokens {
+        fn authorization<'a>(
+            &'a self,
+            refused: Option<&'a str>,
+        ) -> std::pin::Pin<Box<dyn Future<Output = Result<Option<String>, String>> + Send + 'a>> {
+            Box::pin(async move { Ok(Some(if refused.is_some() { "Bearer second" } else { "Bearer first" }.to_owned())) })
+        }
+    }
+
+    /// A registry that refuses "Bearer first" and redirects the rest to a
+    /// storage server; what each saw of the credential.
+    fn registry_and_storage(data: &'static [u8]) -> (String, Arc<Mutex<Vec<String>>>) {
+        use std::io::{Read, Write};
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let storage = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let registry = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let storage_url = format!("http://{}/blob?signed=1", storage.local_addr().unwrap());
+        let url = format!("http://{}/v2/r/blobs/x", registry.local_addr().unwrap());
+        let serve = move |l: std::net::TcpListener, seen: Arc<Mutex<Vec<String>>>, storage_url: Option<String>, who: &'static str| {
+            std::thread::spawn(move || {
+                for c in l.incoming() {
+                    let Ok(mut c) = c else { return };
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match c.read(&mut b) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => head.extend_from_slice(&b[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).to_lowercase();
+                    let auth = head.lines().find_map(|l| l.strip_prefix("authorization: ")).unwrap_or("none").to_owned();
+                    seen.lock().unwrap().push(format!("{who}: {auth}"));
+                    let answer = match &storage_url {
+                        Some(_) if auth == "bearer first" => {
+                            "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Bearer realm=\"x\"\r\ncontent-length: 0\r\n\r\n".to_owned()
+                        }
+                        Some(to) => format!("HTTP/1.1 307 Temporary Redirect\r\nlocation: {to}\r\ncontent-length: 0\r\n\r\n"),
+                        None => {
+                            let range = head.lines().find_map(|l| l.strip_prefix("range: bytes=")).map(|r| {
+                                let (a, b) = r.split_once('-').unwrap();
+                                (a.trim().parse::<usize>().unwrap(), b.trim().parse::<usize>().unwrap())
+                            });
+                            match range {
+                                Some((a, z)) if head.starts_with("get") => {
+                                    let body = &data[a..=z];
+                                    let mut r = format!(
+                                        "HTTP/1.1 206 Partial Content\r\ncontent-range: bytes {a}-{z}/{}\r\ncontent-length: {}\r\n\r\n",
+                                        data.len(),
+                                        body.len()
+                                    )
+                                    .into_bytes();
+                                    r.extend_from_slice(body);
+                                    let _ = c.write_all(&r);
+                                    continue;
+                                }
+                                _ => format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", data.len()),
+                            }
+                        }
+                    };
+                    let _ = c.write_all(answer.as_bytes());
+                }
+            })
+        };
+        serve(storage, Arc::clone(&seen), None, "storage");
+        serve(registry, Arc::clone(&seen), Some(storage_url), "registry");
+        (url, seen)
+    }
+
+    #[tokio::test]
+    async fn a_refused_credential_is_renewed_and_a_redirect_followed_without_it() {
+        static DATA: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+        let (url, seen) = registry_and_storage(DATA);
+        let remote = Remote::open_authorized(&url, RetryPolicy::default(), Arc::new(Tokens)).await.unwrap();
+        assert_eq!(remote.len(), DATA.len() as u64);
+        assert_eq!(remote.get(3..20).await.unwrap().as_ref(), &DATA[3..20]);
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen[..3], ["registry: bearer first", "registry: bearer second", "storage: none"], "{seen:?}");
+        assert!(seen.iter().all(|s| !s.starts_with("storage") || s.ends_with("none")), "storage never sees it: {seen:?}");
     }
 }

@@ -269,8 +269,12 @@ impl Registry {
         let bad = |why: String| RegistryError::Bad { reference: reference.to_string(), why };
         let mut url = reqwest::Url::parse(realm).map_err(|_| bad("its token service's realm is not a URL".into()))?;
         let host_port = format!("{}:{}", url.host_str().unwrap_or_default(), url.port_or_known_default().unwrap_or(0));
+        // Plain HTTP as to registries: loopback, named insecure, or the
+        // host of the (plain-HTTP) registry that named it.
+        let registry_host = reference.registry.rsplit_once(':').map_or(reference.registry.as_str(), |(h, _)| h);
+        let same_host = url.host_str() == Some(registry_host) && self.plain_http(&reference.registry);
         match url.scheme() {
-            "http" if self.plain_http(&host_port) => {}
+            "http" if same_host || self.plain_http(&host_port) => {}
             "http" | "https" => return Err(RegistryError::NeedsTls(host_port)),
             _ => return Err(bad("its token service's realm is neither http nor https".into())),
         }
