@@ -290,6 +290,18 @@ fn deployment_commands_read_bounded_files_and_private_tokens() -> Result<()> {
     }
     let err = fails(&["agent", "--control", "http://127.0.0.1:9", "--name", "n1", "--token-file", p(&token)]);
     assert!(err.contains("read by others"), "{err}");
+    // An agent's registry credentials that cannot be used: refused at
+    // start, naming the file, never read past their bound.
+    let private = dir.path().join("private.token");
+    std::fs::write(&private, "a-join-token-0123456789abcdef0123456789\n")?;
+    std::fs::set_permissions(&private, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let not_json = dir.path().join("config.json");
+    std::fs::write(&not_json, "auths: nope")?;
+    for (config, why) in [("/dev/zero", "more than 1 MiB"), (p(&not_json), "not JSON")] {
+        let agent = ["agent", "--control", "http://127.0.0.1:9", "--name", "n1", "--token-file", p(&private)];
+        let err = fails(&[&agent[..], &["--registry-config", config, "--agent-state", p(&dir.path().join("state"))]].concat());
+        assert!(err.contains(config) && err.contains(why), "{config}: {err}");
+    }
     // A file an instance takes from beside the lab file: missing, too
     // big, or outside its folder, refused naming the line, before
     // anything is asked of a control node.

@@ -8,7 +8,10 @@
 //!
 //! The test checks, at 4 nodes, that the store sends the image's boot
 //! bytes about once with the plan and once per node without, and that
-//! every node got the whole boot segment; `scripts/bench-fanout` runs the
+//! every node got the whole boot segment; then the same image from the
+//! reference registry behind a token service on the store's host, named
+//! by reference: its blob sent about once too, each node and the control
+//! node presenting a token of their own; `scripts/bench-fanout` runs the
 //! benchmark (ignored here): 1 to 16 nodes, the time until the last node
 //! holds the boot segment and the store's bytes, and the simulation of 100
 //! and 1,000 nodes driven by the figures it measured. Needs root.
@@ -19,6 +22,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bootcache_testbed::Link;
+use bootcache_testbed::programs::{DockerRegistry, RegistryAuth};
+use bootcache_testbed::tokens::TokenIssuer;
 use support::cluster::{Cluster, Images, Spec, fill_store_with};
 
 /// Nodes on the testbed for the benchmark.
@@ -43,11 +48,18 @@ fn cluster(dir: &Path, link: Link, nodes: usize, boot_extent: &str) -> (Cluster,
     (Cluster::start(dir, &store, link, spec), images)
 }
 
-/// One instance of the image pinned to each of the first `n` nodes.
-fn lab(store: &str, n: usize) -> String {
+const BIN: &str = env!("CARGO_BIN_EXE_bootcache");
+
+/// The small guest's image on the store.
+fn on_store(c: &Cluster) -> String {
+    format!("http://{}:8080/small.bcimg", c.store_addr)
+}
+
+/// One instance of `image` pinned to each of the first `n` nodes.
+fn lab(image: &str, n: usize) -> String {
     let mut t = String::from("name: fanout\ninstances:\n");
     for i in 1..=n {
-        t += &format!("  f{i}:\n    kind: vm\n    image: http://{store}:8080/small.bcimg\n    memory: 96MiB\n    node: n{i}\n");
+        t += &format!("  f{i}:\n    kind: vm\n    image: {image}\n    memory: 96MiB\n    node: n{i}\n");
     }
     t
 }
@@ -55,12 +67,12 @@ fn lab(store: &str, n: usize) -> String {
 /// `n` nodes fetch the image at once from cold caches: the seconds until
 /// each holds the boot segment (from the deploy), the store's bytes and
 /// the bytes nodes took from each other.
-fn fetch(c: &Cluster, n: usize) -> (Vec<f64>, u64, f64) {
+fn fetch(c: &Cluster, n: usize, image: &str) -> (Vec<f64>, u64, f64) {
     for node in &c.nodes {
         node.cold();
     }
     let file = c.dir.join("fanout.yaml");
-    std::fs::write(&file, lab(&c.store_addr, n)).unwrap();
+    std::fs::write(&file, lab(image, n)).unwrap();
     let before = c.tb.tx_bytes("store").unwrap();
     let out = c.cli(&["deploy", "-f", file.to_str().unwrap(), "--output", "json", "--timeout", "300"]);
     assert!(out.status.success(), "deploy of {n}: {}", String::from_utf8_lossy(&out.stderr));
@@ -88,17 +100,47 @@ fn the_store_sends_the_image_once_with_the_plan_and_per_node_without() {
     let dir = tempfile::tempdir().unwrap();
     let (mut c, images) = cluster(dir.path(), Link::new(100, 0.0), 4, "256K");
     let boot_bytes = images.boot_bytes;
-    let (ready, sent, peer) = fetch(&c, 4);
+    let (ready, sent, peer) = fetch(&c, 4, &on_store(&c));
     eprintln!("tree of 4: ready {ready:?}, store sent {sent}, peers {peer} for {boot_bytes} of boot bytes");
     assert!(sent as f64 <= 1.10 * boot_bytes as f64, "with the plan the store sent {sent}, over 1.10 x {boot_bytes}");
     // The three others took the boot segment from each other.
     assert!(peer >= 2.7 * boot_bytes as f64, "peers gave {peer} bytes, under 3 x {boot_bytes}");
     c.restart_control(&["--sources", "store"]);
-    let (_, sent, peer) = fetch(&c, 4);
+    let (_, sent, peer) = fetch(&c, 4, &on_store(&c));
     assert!(
         sent as f64 >= 3.9 * boot_bytes as f64 && peer == 0.0,
         "from the store alone it sent {sent} (peers {peer}), not 4 x {boot_bytes}"
     );
+
+    // The image in the reference registry behind a token service, both on
+    // the store's host; pushed there, and named by reference in the lab.
+    let netns = c.tb.host("store").netns.clone();
+    let issuer = TokenIssuer::start_in(dir.path(), "alice", "s3cret-pass", Some(&netns), &c.store_addr).unwrap();
+    let auth = RegistryAuth::Token { realm: &issuer.realm, cert: &issuer.cert };
+    let _registry = DockerRegistry::start_in(dir.path(), Some(&netns), &c.store_addr, 5000, auth).unwrap();
+    let registry = format!("{}:5000", c.store_addr);
+    let config = dir.path().join("registry.json");
+    let alice = serde_json::json!({"username": "alice", "password": "s3cret-pass"});
+    std::fs::write(&config, serde_json::json!({"auths": {registry.clone(): alice}}).to_string()).unwrap();
+    let config_s = config.to_str().unwrap();
+    let access = ["--registry-config", config_s, "--insecure-registry", registry.as_str()];
+    let reference = format!("{registry}/guests/small:v1");
+    let image = dir.path().join("store/small.bcimg");
+    let pushed = c.tb.command("store", BIN).args(["push", image.to_str().unwrap(), &reference]).args(access).output().unwrap();
+    assert!(pushed.status.success(), "push: {}", String::from_utf8_lossy(&pushed.stderr));
+    let pushing = issuer.issued();
+    c.restart_control(&[PLANS[0].1, &access[..]].concat());
+    let (control_url, join) = (c.control_url.clone(), c.join_token());
+    for node in &mut c.nodes {
+        node.restart_agent(&control_url, &join, &access);
+    }
+    c.wait_nodes_up();
+    let (ready, sent, peer) = fetch(&c, 4, &reference);
+    eprintln!("registry, tree of 4: ready {ready:?}, its host sent {sent}, peers {peer} for {boot_bytes} of boot bytes");
+    assert!(sent as f64 <= 1.10 * boot_bytes as f64, "the registry's host sent {sent}, over 1.10 x {boot_bytes}");
+    assert!(peer >= 2.7 * boot_bytes as f64, "peers gave {peer} bytes, under 3 x {boot_bytes}");
+    assert_eq!(issuer.issued() - pushing, 5, "one token for the control node and one per node, however many ranges");
+    assert_eq!(issuer.refused(), 0);
 }
 
 /// The benchmark (`scripts/bench-fanout` runs it).
@@ -125,7 +167,7 @@ fn bench_fanout() {
                 if n == 1 && plan != "tree" {
                     continue;
                 }
-                let (ready, sent, peer) = fetch(&c, n);
+                let (ready, sent, peer) = fetch(&c, n, &on_store(&c));
                 let r = serde_json::json!({
                     "run": run, "plan": plan, "nodes": n, "rate_mbit": rate, "boot_extent": boot_extent,
                     "first_s": ready[0], "last_s": ready[ready.len() - 1], "ready_s": ready,

@@ -168,6 +168,14 @@ impl Node {
         self.agent = Some(Killed(child));
     }
 
+    /// Its agent stopped and started again, with `extra` arguments besides
+    /// those it had (it keeps its credential and state).
+    pub fn restart_agent(&mut self, control: &str, token: &Path, extra: &[&str]) {
+        self.agent = None;
+        self.args.extend(extra.iter().map(|a| (*a).to_owned()));
+        self.start_agent(control, token);
+    }
+
     /// Empties its caches: no VM image, disk or container image is held.
     pub fn cold(&self) {
         for sub in ["agent/cache", "agent/disks", "agent/tarballs"] {

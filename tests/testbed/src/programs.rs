@@ -82,6 +82,7 @@ pub struct DockerRegistry {
     /// Where it keeps blobs and manifests.
     pub storage: PathBuf,
     config: PathBuf,
+    netns: Option<String>,
 }
 
 /// How a [`DockerRegistry`] lets clients in.
@@ -114,8 +115,16 @@ impl DockerRegistry {
     /// # Errors
     /// As [`DockerRegistry::start`].
     pub fn start_with(dir: &Path, auth: RegistryAuth<'_>) -> anyhow::Result<DockerRegistry> {
-        let port = free_port()?;
-        let addr = format!("127.0.0.1:{port}");
+        DockerRegistry::start_in(dir, None, "127.0.0.1", free_port()?, auth)
+    }
+
+    /// Starts one on `ip:port` inside network namespace `netns` (a testbed
+    /// host's) when one is given.
+    ///
+    /// # Errors
+    /// As [`DockerRegistry::start`].
+    pub fn start_in(dir: &Path, netns: Option<&str>, ip: &str, port: u16, auth: RegistryAuth<'_>) -> anyhow::Result<DockerRegistry> {
+        let addr = format!("{ip}:{port}");
         let storage = dir.join("registry-storage");
         let auth = match auth {
             RegistryAuth::Anonymous => String::new(),
@@ -135,12 +144,13 @@ impl DockerRegistry {
                 storage.display()
             ),
         )?;
-        let child = DockerRegistry::spawn(&config, port)?;
-        Ok(DockerRegistry { child, addr, storage, config })
+        let netns = netns.map(str::to_owned);
+        let child = DockerRegistry::spawn(&config, netns.as_deref(), &addr)?;
+        Ok(DockerRegistry { child, addr, storage, config, netns })
     }
 
-    fn spawn(config: &Path, port: u16) -> anyhow::Result<Killed> {
-        let child = Command::new("docker-registry")
+    fn spawn(config: &Path, netns: Option<&str>, addr: &str) -> anyhow::Result<Killed> {
+        let child = wrap(netns, "docker-registry")
             .arg("serve")
             .arg(config)
             .stdout(Stdio::null())
@@ -148,7 +158,11 @@ impl DockerRegistry {
             .spawn()
             .context("starting docker-registry (scripts/setup installs it)")?;
         let mut child = Killed(child);
-        wait_port(port, &mut child.0, "docker-registry")?;
+        // Any answer will do (401 behind auth).
+        let url = format!("http://{addr}/v2/");
+        wait_until(&mut child.0, "docker-registry", Duration::from_secs(20), || {
+            wrap(netns, "curl").args(["-s", "-o", "/dev/null", &url]).status().is_ok_and(|s| s.success())
+        })?;
         Ok(child)
     }
 
@@ -160,8 +174,7 @@ impl DockerRegistry {
     pub fn restart(&mut self) -> anyhow::Result<()> {
         let _ = self.child.0.kill();
         let _ = self.child.0.wait();
-        let port = self.addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(0);
-        self.child = DockerRegistry::spawn(&self.config, port)?;
+        self.child = DockerRegistry::spawn(&self.config, self.netns.as_deref(), &self.addr)?;
         Ok(())
     }
 }

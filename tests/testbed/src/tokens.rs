@@ -29,7 +29,6 @@ pub struct TokenIssuer {
     /// The certificate (PEM) the registry is to trust.
     pub cert: PathBuf,
     shared: Arc<Shared>,
-    port: u16,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -98,10 +97,35 @@ impl TokenIssuer {
     /// # Errors
     /// No `openssl`, no port.
     pub fn start(dir: &Path, user: &str, password: &str) -> anyhow::Result<TokenIssuer> {
+        TokenIssuer::start_in(dir, user, password, None, "127.0.0.1")
+    }
+
+    /// Like [`TokenIssuer::start`], listening on `ip` inside network
+    /// namespace `netns` (a testbed host's) when one is given.
+    ///
+    /// # Errors
+    /// As [`TokenIssuer::start`]; the namespace cannot be entered.
+    pub fn start_in(dir: &Path, user: &str, password: &str, netns: Option<&str>, ip: &str) -> anyhow::Result<TokenIssuer> {
         let cert = dir.join("issuer.pem");
         let key = new_key(dir, 0, &cert)?;
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let port = listener.local_addr()?.port();
+        // The listener is made on a thread that enters the namespace (only
+        // that thread does, and ends); the socket stays the namespace's.
+        let (ns, ip_owned) = (netns.map(str::to_owned), ip.to_owned());
+        let entered = std::thread::spawn(move || {
+            (|| -> anyhow::Result<(TcpListener, u16)> {
+                if let Some(ns) = &ns {
+                    let f = std::fs::File::open(format!("/run/netns/{ns}")).with_context(|| format!("network namespace {ns}"))?;
+                    // SAFETY: setns on a descriptor this thread owns, for this thread only.
+                    if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
+                        bail!("entering network namespace {ns}: {}", std::io::Error::last_os_error());
+                    }
+                }
+                let l = TcpListener::bind((ip_owned.as_str(), 0))?;
+                let port = l.local_addr()?.port();
+                Ok((l, port))
+            })()
+        });
+        let (listener, port) = entered.join().map_err(|_| anyhow::anyhow!("the token service's thread panicked"))??;
         let shared = Arc::new(Shared {
             user: user.to_owned(),
             password: password.to_owned(),
@@ -112,17 +136,19 @@ impl TokenIssuer {
             stop: AtomicBool::new(false),
         });
         let s = shared.clone();
+        listener.set_nonblocking(true)?;
         let thread = std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if s.stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                if let Ok(c) = conn {
-                    let _ = serve(&s, c);
+            while !s.stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((c, _)) => {
+                        let _ = c.set_nonblocking(false);
+                        let _ = serve(&s, c);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
             }
         });
-        Ok(TokenIssuer { realm: format!("http://127.0.0.1:{port}/token"), cert, shared, port, thread: Some(thread) })
+        Ok(TokenIssuer { realm: format!("http://{ip}:{port}/token"), cert, shared, thread: Some(thread) })
     }
 
     /// Tokens given so far.
@@ -152,7 +178,6 @@ impl TokenIssuer {
 impl Drop for TokenIssuer {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
