@@ -427,6 +427,16 @@ fn print_views(lab: &Name, views: &[InstanceView], output: Output) -> anyhow::Re
             v.reason.as_deref().unwrap_or("")
         );
     }
+    // Registry images, as pinned when the lab was deployed.
+    let mut pinned: std::collections::BTreeMap<&str, Vec<&str>> = std::collections::BTreeMap::new();
+    for v in views {
+        if let Some(p) = &v.pinned {
+            pinned.entry(p.as_str()).or_default().push(v.name.as_str());
+        }
+    }
+    for (reference, names) in pinned {
+        println!("image {reference}: {}", names.join(", "));
+    }
     Ok(())
 }
 

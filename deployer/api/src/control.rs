@@ -189,6 +189,10 @@ pub struct InstanceView {
     pub kind: Kind,
     /// Its image's key (a VM image's root digest, a tarball's or disk's key).
     pub image: RootDigest,
+    /// For a VM image from a registry: the reference the control node
+    /// resolved its tag to at deploy, pinned to the manifest's digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
     /// Its node, once placed.
     pub node: Option<Name>,
     /// Where it stands.

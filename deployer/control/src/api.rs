@@ -275,6 +275,12 @@ pub fn views(db: &Db, lab: &Name) -> Result<Option<Vec<InstanceView>>, DbError> 
     let expanded: std::collections::HashMap<Name, bootcache_api::lab::Instance> =
         spec.instances().into_iter().map(|i| (i.name.clone(), i)).collect();
     let rows = db.instances(lab)?;
+    let mut pins = std::collections::HashMap::new();
+    for r in rows.iter().filter(|r| r.spec.kind == bootcache_api::Kind::Vm) {
+        if let std::collections::hash_map::Entry::Vacant(e) = pins.entry(r.spec.image) {
+            e.insert(db.image_reference(&r.spec.image)?);
+        }
+    }
     Ok(Some(
         rows.into_iter()
             .map(|r| {
@@ -287,6 +293,7 @@ pub fn views(db: &Db, lab: &Name) -> Result<Option<Vec<InstanceView>>, DbError> 
                 };
                 InstanceView {
                     addresses: expanded.get(&r.spec.name).map(|i| i.addresses.clone()).unwrap_or_default(),
+                    pinned: pins.get(&r.spec.image).cloned().flatten(),
                     image: r.spec.image,
                     uid: r.uid,
                     id: bootcache_api::agent::names::instance(r.uid, lab, &r.spec.name),

@@ -186,7 +186,7 @@ impl Control {
             // A registry reference: its tag resolved to a manifest digest
             // now, once, and the image read from its blob by that digest
             // (a tag moved later changes nothing this deploy recorded).
-            let (url, annotated, auth) = match def.image.parse::<bootcache_api::reference::Reference>() {
+            let (url, annotated, auth, pinned) = match def.image.parse::<bootcache_api::reference::Reference>() {
                 Ok(reference) if bootcache_api::reference::Reference::looks_like(&def.image) => {
                     let registry = self.registry_client(&reference).map_err(|e| failed(e.to_string()))?;
                     let resolved = bootcache_registry::artifact::resolve(&registry, &reference).await.map_err(|e| failed(e.to_string()))?;
@@ -195,9 +195,10 @@ impl Control {
                     // Its header read with the same client (its token held).
                     let auth: Arc<dyn bootcache_http::Authorizer> =
                         Arc::new(bootcache_registry::blobs::BlobAuthorizer::new(registry, resolved.pinned.clone()));
-                    (url, Some(resolved.root), Some(auth))
+                    let pinned = resolved.pinned.to_string();
+                    (url, Some(resolved.root), Some(auth), Some(pinned))
                 }
-                _ => (def.image.clone(), None, None),
+                _ => (def.image.clone(), None, None, None),
             };
             let header =
                 bootcache_delivery::cache::read_header_with(&url, self.retry, auth).await.map_err(|e| failed(bootcache_http::chain(&e)))?;
@@ -205,7 +206,8 @@ impl Control {
             if let Some(said) = annotated.filter(|said| *said != root.to_string()) {
                 return Err(failed(format!("its blob's root digest is {root}, its manifest says {said}")));
             }
-            images.push(ImageRecord { root, url, virtual_size: header.virtual_size, boot_bytes: header.boot.end - header.boot.start });
+            let boot_bytes = header.boot.end - header.boot.start;
+            images.push(ImageRecord { root, url, virtual_size: header.virtual_size, boot_bytes, reference: pinned });
             roots.insert(def.image.clone(), root);
         }
         let me = Arc::clone(self);

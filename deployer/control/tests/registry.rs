@@ -2,7 +2,8 @@
 //! on loopback and a control node on a real SQLite file: the tag resolved
 //! once per deploy and pinned (nodes are ordered the blob by digest; a tag
 //! moved later changes nothing until the lab is deployed again), an
-//! unknown tag refused naming the reference with nothing recorded; behind
+//! unknown tag refused naming the reference with nothing recorded; the
+//! pinned reference shown by inspect; behind
 //! a token service, the control node and a node read the blob with the
 //! credentials given to each (one token per client and scope), and a node
 //! without them is refused naming the registry.
@@ -63,18 +64,26 @@ async fn a_vm_image_by_reference_is_pinned_when_the_lab_is_deployed() {
             c.deploy(text, lab).await.map(drop).map_err(|e| e.to_string())
         }
     };
+    // What inspect shows of the instance: the reference pinned at deploy.
+    let pinned_shown = |c: &Control| {
+        let views = bootcache_control::api::views(&c.db(), &n("l")).unwrap().unwrap();
+        views[0].pinned.clone().unwrap_or_default()
+    };
     deploy(&c, text.clone()).await.unwrap();
     let (uid, url, root) = ordered(&c);
     assert_eq!(url, client.blob_url(&first.pinned, &first.blob).unwrap(), "the blob, by digest");
     assert_eq!(root.to_string(), first.root);
+    assert_eq!(pinned_shown(&c), first.pinned.to_string());
 
-    // The tag moves: nothing ordered changes.
-    artifact::push(&client, &v2, &tag).await.unwrap();
+    // The tag moves: nothing ordered or shown changes.
+    let second = artifact::push(&client, &v2, &tag).await.unwrap();
     assert_eq!(ordered(&c), (uid, url.clone(), root));
+    assert_eq!(pinned_shown(&c), first.pinned.to_string());
     // Deployed again: the new image, a new instance.
     deploy(&c, text.clone()).await.unwrap();
     let (uid2, url2, root2) = ordered(&c);
     assert!(uid2 != uid && url2 != url && root2 != root, "v2 is taken");
+    assert_eq!(pinned_shown(&c), second.to_string());
 
     // An unknown tag: refused naming the reference; the lab stays as it was.
     let missing = text.replace(":stable", ":v9");

@@ -38,6 +38,9 @@ pub struct ImageRecord {
     pub virtual_size: u64,
     /// Its boot segment's size, bytes.
     pub boot_bytes: u64,
+    /// The registry reference it was resolved from, pinned to its
+    /// manifest's digest (none for a store's URL).
+    pub reference: Option<String>,
 }
 
 /// What a deploy changed.
@@ -106,10 +109,10 @@ impl Db {
         let big = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         for i in images {
             tx.prepare_cached(
-                "INSERT INTO images (root, url, virtual_size, boot_bytes, registered_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT(root) DO UPDATE SET url = excluded.url",
+                "INSERT INTO images (root, url, virtual_size, boot_bytes, registered_ms, reference) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(root) DO UPDATE SET url = excluded.url, reference = excluded.reference",
             )
-            .and_then(|mut s| s.execute(params![i.root.to_string(), i.url, big(i.virtual_size), big(i.boot_bytes), now_ms]))
+            .and_then(|mut s| s.execute(params![i.root.to_string(), i.url, big(i.virtual_size), big(i.boot_bytes), now_ms, i.reference]))
             .map_err(self.sql())?;
         }
         tx.execute(

@@ -197,6 +197,9 @@ const MIGRATIONS: &[&str] = &[
         at_ms INTEGER NOT NULL
      );
      ALTER TABLE node_caches ADD COLUMN digest TEXT;",
+    // 8: a VM image read from a registry: the reference it was resolved
+    // to (pinned to its manifest's digest), for inspect.
+    "ALTER TABLE images ADD COLUMN reference TEXT;",
 ];
 
 /// The most cores a node may claim (whatever it says, placement counts no
@@ -479,6 +482,19 @@ impl Db {
             .and_then(|mut s| s.query_row(params![key.to_string()], |r| r.get(0)).optional())
             .map_err(self.sql())?;
         d.map(|d| d.parse().map_err(|_| self.corrupt(format!("digest of file {key}")))).transpose()
+    }
+
+    /// The registry reference (pinned to a manifest digest) image `root`
+    /// was last resolved from, if it came from a registry.
+    ///
+    /// # Errors
+    /// SQLite.
+    pub fn image_reference(&self, root: &RootDigest) -> Result<Option<String>, DbError> {
+        self.conn
+            .query_row("SELECT reference FROM images WHERE root = ?1", params![root.to_string()], |r| r.get::<_, Option<String>>(0))
+            .optional()
+            .map(Option::flatten)
+            .map_err(self.sql())
     }
 
     /// The URL an image was registered with.
