@@ -1,18 +1,20 @@
 //! What a registry or a user hands the registry client: references,
-//! digests, manifests, Docker config files, authentication challenges and
-//! token services' answers. Refused with a message or
-//! read whole: a reference prints back as itself, a manifest read as a
-//! bootcache image names one blob with a well-formed root digest. Never a
-//! panic, never an allocation beyond the input's bound.
+//! digests, manifests, container image manifests and indexes, Docker
+//! config files, authentication challenges and token services' answers.
+//! Refused with a message naming the reference, or read whole: a reference
+//! prints back as itself, a manifest read as a bootcache image names one
+//! blob with a well-formed root digest, a container image manifest at most
+//! as many layers as allowed, pinned to its own digest. Never a panic,
+//! never an allocation beyond the input's bound.
 
 #![no_main]
 
-use bootcache_registry::{Credentials, Digest, Reference, artifact, auth};
+use bootcache_registry::{Credentials, Digest, Reference, artifact, auth, image};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&what, rest)) = data.split_first() else { return };
-    match what % 6 {
+    match what % 7 {
         0 => {
             let Ok(text) = std::str::from_utf8(rest) else { return };
             match text.parse::<Reference>() {
@@ -49,6 +51,22 @@ fuzz_target!(|data: &[u8]| {
                 Ok(auth::Challenge::Bearer { realm, .. }) => assert!(realm.len() <= text.len()),
                 Ok(auth::Challenge::Basic) => {}
                 Err(why) => assert!(!why.is_empty()),
+            }
+        }
+        6 => {
+            let reference: Reference = "127.0.0.1:5000/lab/web:v1".parse().unwrap();
+            // What the registry said it is: nothing, an index, a manifest.
+            let (said, rest) = rest.split_first().map_or((0, rest), |(s, r)| (*s, r));
+            let media_type = ["", "application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.v2+json"]
+                [usize::from(said % 3)];
+            match image::read_manifest(&reference, rest, Digest::of(rest), media_type) {
+                Ok(image::Read::Image(i)) => {
+                    assert!(!i.layers.is_empty() && i.layers.len() <= image::MAX_LAYERS);
+                    assert!(i.config.size <= image::MAX_CONFIG_BYTES);
+                    assert_eq!(i.pinned, reference.pinned(Digest::of(rest)));
+                }
+                Ok(image::Read::Index(_)) => {}
+                Err(e) => assert!(e.to_string().contains("127.0.0.1:5000/lab/web:v1")),
             }
         }
         _ => match auth::token_of(rest) {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use bootcache_registry::{Credentials, Reference, Registry, artifact};
+use bootcache_registry::{Clients, Reference, Registry, artifact};
 use clap::Args;
 
 use super::Output;
@@ -30,11 +30,7 @@ impl RegistryArgs {
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))
             .map(|d| d.join("config.json"))
             .filter(|p| p.is_file());
-        let credentials = match self.registry_config.clone().or(default) {
-            Some(path) => Credentials::from_docker_config(&path, &reference.registry)?,
-            None => Credentials::Anonymous,
-        };
-        Ok(Registry::new(credentials, self.insecure_registry.clone())?)
+        Ok(Clients::new(self.registry_config.clone().or(default), self.insecure_registry.clone()).get(&reference.registry)?)
     }
 }
 

@@ -106,6 +106,16 @@ pub mod routes {
     pub fn tarball(key: &crate::RootDigest) -> String {
         format!("/tarballs/{key}")
     }
+
+    /// Where a node serves the registry blobs it holds (container images'
+    /// configs and layers) to other nodes, by digest (agent to agent,
+    /// behind the peer token).
+    pub const BLOB: &str = "/blobs/{digest}";
+
+    /// The blob path of `digest`.
+    pub fn blob(digest: &crate::reference::Digest) -> String {
+        format!("/blobs/{digest}")
+    }
 }
 
 /// `POST /labs/{lab}/instances/{name}/exec`: a command to run in the
@@ -189,7 +199,7 @@ pub struct InstanceView {
     pub kind: Kind,
     /// Its image's key (a VM image's root digest, a tarball's or disk's key).
     pub image: RootDigest,
-    /// For a VM image from a registry: the reference the control node
+    /// For an image from a registry (a VM's or a container's): the reference the control node
     /// resolved its tag to at deploy, pinned to the manifest's digest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pinned: Option<String>,

@@ -5,7 +5,18 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::reference::Digest;
 use crate::{Kind, RootDigest};
+
+/// A blob of a registry's image: content named by its digest, checked
+/// against it wherever it comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Blob {
+    /// Its `sha256:` digest.
+    pub digest: Digest,
+    /// Its size in bytes.
+    pub size: u64,
+}
 
 /// An instance's image.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -38,6 +49,20 @@ pub enum Image {
         #[serde(default)]
         digest: Option<RootDigest>,
     },
+    /// A container image from a registry, pinned when the lab was
+    /// deployed: its config and layers, which a node copies (from a peer
+    /// that holds the image, else the registry), checks and loads into
+    /// its Docker.
+    Oci {
+        /// The reference pinned to its (linux/amd64) manifest's digest.
+        reference: String,
+        /// That manifest's digest: the key nodes hold the image under.
+        manifest: Digest,
+        /// Its config blob.
+        config: Blob,
+        /// Its layers, bottom first.
+        layers: Vec<Blob>,
+    },
 }
 
 impl Image {
@@ -45,22 +70,25 @@ impl Image {
     pub fn kind(&self) -> Kind {
         match self {
             Image::Bootcache { .. } | Image::Disk { .. } => Kind::Vm,
-            Image::Tarball { .. } => Kind::Container,
+            Image::Tarball { .. } | Image::Oci { .. } => Kind::Container,
         }
     }
 
-    /// Where it is.
+    /// Where it is (a registry image: its pinned reference).
     pub fn url(&self) -> &str {
         match self {
             Image::Bootcache { url, .. } | Image::Disk { url, .. } | Image::Tarball { url, .. } => url,
+            Image::Oci { reference, .. } => reference,
         }
     }
 
     /// The key nodes cache it under and the control node knows it by: a
-    /// bootcache image's root digest, a whole file's [`file_key`].
+    /// bootcache image's root digest, a whole file's [`file_key`], a
+    /// registry image's manifest digest.
     pub fn key(&self) -> RootDigest {
         match self {
             Image::Bootcache { root, .. } => *root,
+            Image::Oci { manifest, .. } => RootDigest(manifest.0),
             Image::Disk { url, .. } | Image::Tarball { url, .. } => file_key(url),
         }
     }
@@ -73,7 +101,7 @@ impl Image {
     /// A whole file's digest, when the cluster knows it.
     pub fn digest(&self) -> Option<RootDigest> {
         match self {
-            Image::Bootcache { .. } => None,
+            Image::Bootcache { .. } | Image::Oci { .. } => None,
             Image::Disk { digest, .. } | Image::Tarball { digest, .. } => *digest,
         }
     }
@@ -106,6 +134,13 @@ mod tests {
         assert_eq!(t.key(), file_key("http://s/b.tar"));
         assert!(!b.whole() && t.whole() && d.whole());
         assert_eq!(d.digest(), Some(RootDigest([2; 32])));
+        let blob = |b: u8, size| Blob { digest: Digest([b; 32]), size };
+        let o =
+            Image::Oci { reference: "r:5000/a@sha256:x".into(), manifest: Digest([3; 32]), config: blob(4, 10), layers: vec![blob(5, 20)] };
+        assert_eq!((o.kind(), o.key(), o.whole(), o.digest()), (Kind::Container, RootDigest([3; 32]), true, None));
+        let back: Image = serde_json::from_str(&serde_json::to_string(&o).unwrap()).unwrap();
+        assert_eq!(back, o);
+        assert!(serde_json::to_string(&o).unwrap().contains(&format!("\"sha256:{}\"", "04".repeat(32))));
         let json = serde_json::to_string(&t).unwrap();
         assert_eq!(json, r#"{"type":"tarball","url":"http://s/b.tar","digest":null}"#);
         assert_eq!(serde_json::from_str::<Image>(r#"{"type":"tarball","url":"http://s/b.tar"}"#).unwrap(), t);

@@ -51,6 +51,9 @@ pub struct Control {
     pub(crate) epochs: Mutex<HashMap<Name, u64>>,
     /// Tasks for nodes (`bootcache exec`, `logs`).
     pub(crate) tasks: Mutex<crate::tasks::Tasks>,
+    /// One registry client per registry, made on first use from the two
+    /// fields above and kept (with the tokens it took) for later deploys.
+    pub(crate) registries: std::sync::OnceLock<bootcache_registry::Clients>,
 }
 
 impl std::fmt::Debug for Control {
@@ -88,10 +91,13 @@ impl Control {
             generation: AtomicU64::new(0),
             epochs: Mutex::default(),
             tasks: Mutex::default(),
+            registries: std::sync::OnceLock::new(),
         })
     }
 
-    /// A client of `reference`'s registry, with its credentials.
+    /// The client of `reference`'s registry, with its credentials (the
+    /// file is read when a registry is first spoken to; the client and its
+    /// tokens are kept for later deploys).
     ///
     /// # Errors
     /// A credentials file that cannot be read.
@@ -99,11 +105,9 @@ impl Control {
         &self,
         reference: &bootcache_api::reference::Reference,
     ) -> Result<bootcache_registry::Registry, bootcache_registry::RegistryError> {
-        let credentials = match &self.registry_config {
-            Some(path) => bootcache_registry::Credentials::from_docker_config(path, &reference.registry)?,
-            None => bootcache_registry::Credentials::Anonymous,
-        };
-        bootcache_registry::Registry::new(credentials, self.insecure_registries.clone())
+        self.registries
+            .get_or_init(|| bootcache_registry::Clients::new(self.registry_config.clone(), self.insecure_registries.clone()))
+            .get(&reference.registry)
     }
 
     /// The database (held briefly: every call is a few SQLite statements).

@@ -6,15 +6,14 @@
 //! a registry's blobs is the distribution API's to say:
 //! `http://HOST[:PORT]/v2/REPO/blobs/sha256:HEX`.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bootcache_api::reference::{Reference, Target};
 use bootcache_http::{Authorizer, Authorizers};
 
 use crate::auth::Access;
-use crate::{Credentials, Registry};
+use crate::{Clients, Credentials, Registry};
 
 /// Speaks for one blob's repository: the credential its registry asked
 /// for, for pulling from it.
@@ -76,26 +75,14 @@ pub fn blob_of(url: &str) -> Option<Reference> {
 /// one client per registry so its tokens serve every image from it.
 /// `insecure`: registries spoken to over plain HTTP besides loopback.
 pub fn authorizers(config: Option<PathBuf>, insecure: Vec<String>) -> Authorizers {
-    let clients: Mutex<HashMap<String, Registry>> = Mutex::new(HashMap::new());
+    let clients = Clients::new(config, insecure.clone());
     Arc::new(move |url: &str| {
         let reference = blob_of(url)?;
-        let mut clients = clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let registry = match clients.get(&reference.registry) {
-            Some(r) => r.clone(),
-            None => {
-                let credentials = match &config {
-                    Some(path) => match Credentials::from_docker_config(path, &reference.registry) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            tracing::warn!(error = %e, registry = %reference.registry, "registry credentials unusable; reading anonymously");
-                            Credentials::Anonymous
-                        }
-                    },
-                    None => Credentials::Anonymous,
-                };
-                let client = Registry::new(credentials, insecure.clone()).ok()?;
-                clients.insert(reference.registry.clone(), client.clone());
-                client
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, registry = %reference.registry, "registry credentials unusable; reading anonymously");
+                Registry::new(Credentials::Anonymous, insecure.clone()).ok()?
             }
         };
         Some(Arc::new(BlobAuthorizer::new(registry, reference)) as Arc<dyn Authorizer>)

@@ -7,7 +7,7 @@
 //! `oci-client`: that crate holds a blob in memory to push or pull it,
 //! and bootcache's images are gigabytes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use futures_util::StreamExt as _;
@@ -562,4 +562,43 @@ async fn bounded(reference: &Reference, resp: reqwest::Response, limit: usize) -
         out.extend_from_slice(&chunk);
     }
     Ok(out)
+}
+
+/// One client per registry, each presenting what Docker's config file
+/// holds for that registry (anonymous without a file, or for a registry
+/// it does not name), kept so that the tokens a client took serve every
+/// later call to its registry. Clones share the clients.
+#[derive(Clone, Debug, Default)]
+pub struct Clients {
+    config: Option<PathBuf>,
+    insecure: Vec<String>,
+    held: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Registry>>>,
+}
+
+impl Clients {
+    /// Clients with the credentials of Docker's config file `config` (read
+    /// when a registry is first spoken to); `insecure`: registries
+    /// (`HOST:PORT`) spoken to over plain HTTP besides loopback ones.
+    pub fn new(config: Option<PathBuf>, insecure: Vec<String>) -> Clients {
+        Clients { config, insecure, held: std::sync::Arc::default() }
+    }
+
+    /// The client of `registry` (`HOST[:PORT]`).
+    ///
+    /// # Errors
+    /// The config file cannot be used ([`Credentials::from_docker_config`]),
+    /// the HTTP client cannot be made.
+    pub fn get(&self, registry: &str) -> Result<Registry, RegistryError> {
+        let mut held = self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(r) = held.get(registry) {
+            return Ok(r.clone());
+        }
+        let credentials = match &self.config {
+            Some(path) => Credentials::from_docker_config(path, registry)?,
+            None => Credentials::Anonymous,
+        };
+        let client = Registry::new(credentials, self.insecure.clone())?;
+        held.insert(registry.to_owned(), client.clone());
+        Ok(client)
+    }
 }

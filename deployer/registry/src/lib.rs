@@ -18,11 +18,12 @@ pub mod artifact;
 pub mod auth;
 pub mod blobs;
 mod client;
+pub mod image;
 
 use std::path::PathBuf;
 
 pub use bootcache_api::reference::{BadReference, Digest, Reference, Target};
-pub use client::{Credentials, Fetched, MANIFEST_TYPES, MAX_MANIFEST_BYTES, READ_TIMEOUT, Registry};
+pub use client::{Clients, Credentials, Fetched, MANIFEST_TYPES, MAX_MANIFEST_BYTES, READ_TIMEOUT, Registry};
 
 /// What went wrong with a registry. Every message names the reference
 /// (never a credential).
@@ -71,6 +72,14 @@ pub enum RegistryError {
     /// A manifest that is not a bootcache image.
     #[error("{reference} is not a bootcache image: {why}")]
     NotBootcache {
+        /// The reference.
+        reference: String,
+        /// Why.
+        why: String,
+    },
+    /// A manifest that is not a container image Docker can load.
+    #[error("{reference} is not a container image: {why}")]
+    NotContainer {
         /// The reference.
         reference: String,
         /// Why.

@@ -197,13 +197,14 @@ fn instance(key: &Spanned<String>, def: &RawInstance, attached: &super::Attached
             other => return Err(err(at(d), format!("instance {name}: unknown delivery {other:?} (lazy or full)"))),
         },
     };
-    // An http:// URL, or for a VM delivered lazily a registry reference.
+    // An http:// URL, or a registry reference for a container or a VM
+    // delivered lazily.
     if crate::reference::Reference::looks_like(&image.value) {
-        if kind != Kind::Vm || delivery != Delivery::Lazy {
+        if kind == Kind::Vm && delivery != Delivery::Lazy {
             return Err(err(
                 at(image),
                 format!(
-                    "instance {name} image: a registry reference is for VM images delivered lazily so far (a container's or a full disk's image is an http:// URL)"
+                    "instance {name} image: a registry reference is for VM images delivered lazily (a full disk's image is an http:// URL)"
                 ),
             ));
         }
