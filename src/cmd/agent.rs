@@ -79,10 +79,12 @@ pub struct AgentArgs {
     /// Seconds between heartbeats (the control node's --heartbeat).
     #[arg(long, value_name = "SECS", default_value_t = 2.0)]
     heartbeat: f64,
-    /// Credentials for the registries whose blobs this node reads (VM
-    /// images by reference), in Docker's config.json format; without it,
-    /// anonymously (a registry's token flow is followed either way).
-    /// Read when an image is opened; never printed.
+    /// Credentials for the registries whose blobs this node reads (VM and
+    /// container images by reference), in Docker's config.json format;
+    /// without it, anonymously (a registry's token flow is followed either
+    /// way). Checked at start, read for each registry when the node first
+    /// reads from it and kept (a changed file takes an agent restart);
+    /// never printed.
     #[arg(long, value_name = "FILE", env = "BOOTCACHE_REGISTRY_CONFIG")]
     registry_config: Option<PathBuf>,
     /// A registry (HOST:PORT) read over plain HTTP; loopback ones are

@@ -54,7 +54,9 @@ pub enum ControlCmd {
         #[arg(long, value_name = "FROM", default_value = "peers", value_parser = ["peers", "store"])]
         sources: String,
         /// Credentials for the registries a lab's images are in (Docker's
-        /// config.json format); anonymous without it. Read at each deploy.
+        /// config.json format); anonymous without it. Read for each
+        /// registry when a deploy first names it; the client and its tokens
+        /// are kept for later deploys (a changed file takes a restart).
         #[arg(long, value_name = "FILE", env = "BOOTCACHE_REGISTRY_CONFIG")]
         registry_config: Option<std::path::PathBuf>,
         /// A registry (HOST:PORT) spoken to over plain HTTP; loopback ones are

@@ -222,6 +222,9 @@ async fn fetch_source(shared: &Shared, order: &Order) -> Result<Source, AgentErr
             crate::fetch::whole(shared, &key, url, &order.sources, &path, *digest).await?;
             Ok(Source::Tarball { path, key: key.to_string() })
         }
+        Image::Oci { reference, manifest, config, layers } => {
+            crate::blobs::image(shared, reference, manifest, config, layers, &order.sources).await
+        }
         other => Err(AgentError::Image(format!("this agent cannot use an image of kind {other:?}"))),
     }
 }

@@ -22,6 +22,7 @@
 
 #![deny(missing_docs)]
 
+mod blobs;
 mod fetch;
 mod instance;
 mod join;
@@ -203,6 +204,8 @@ pub(crate) struct Shared {
     /// reported, so `destroy` waits for them).
     pub removing: Mutex<std::collections::HashMap<u32, (Name, Name, bootcache_api::InstanceState)>>,
     pub images: tokio::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// A client per registry, with the node's credentials for it.
+    pub registries: bootcache_registry::Clients,
 }
 
 impl Shared {
@@ -233,7 +236,7 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()> + S
     if !dir.is_absolute() {
         return Err(AgentError::RelativeState(dir));
     }
-    for sub in ["cache", "overlays", "consoles", "dhcp", "disks", "tarballs"] {
+    for sub in ["cache", "overlays", "consoles", "dhcp", "disks", "tarballs", "blobs", "images"] {
         std::fs::create_dir_all(dir.join(sub)).map_err(state_error(&dir.join(sub)))?;
     }
     let record_path = dir.join("owned.json");
@@ -283,7 +286,10 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()> + S
     tokio::spawn(node.nbd().serve_unix(unix));
     let listener =
         tokio::net::TcpListener::bind(config.listen).await.map_err(|source| AgentError::Listen { addr: config.listen, source })?;
-    let router = node.api(Arc::clone(&peer)).merge(fetch::routes(dir.join("tarballs"), Arc::clone(&peer)));
+    let router = node
+        .api(Arc::clone(&peer))
+        .merge(fetch::routes(dir.join("tarballs"), Arc::clone(&peer)))
+        .merge(blobs::routes(dir.join("blobs"), Arc::clone(&peer)));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut rx = stop_rx.clone();
     tokio::spawn(async move {
@@ -312,6 +318,7 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()> + S
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| AgentError::Http(e.to_string()))?;
+    let registries = bootcache_registry::Clients::new(config.registry_config.clone(), config.insecure_registries.clone());
     let shared = Arc::new(Shared {
         config,
         node,
@@ -328,6 +335,7 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()> + S
         instances: Mutex::default(),
         removing: Mutex::default(),
         images: Default::default(),
+        registries,
     });
     let beating = tokio::spawn(heartbeats(Arc::clone(&shared), base, join));
     stop.await;
@@ -429,7 +437,8 @@ fn heartbeat(shared: &Shared) -> Heartbeat {
     let instances = reconcile::observed(shared);
     // Tarballs and whole disks held, by key (placement and sources go by
     // them too), with their digests.
-    let files = fetch::held(&shared.config.state_dir);
+    let mut files = fetch::held(&shared.config.state_dir);
+    files.extend(blobs::held(&shared.config.state_dir));
     caches.extend(files.iter().map(|(k, _)| (*k, 1)));
     let running = u32::try_from(instances.iter().filter(|o| o.state == bootcache_api::InstanceState::Ready).count()).unwrap_or(u32::MAX);
     Heartbeat {

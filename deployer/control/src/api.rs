@@ -276,7 +276,7 @@ pub fn views(db: &Db, lab: &Name) -> Result<Option<Vec<InstanceView>>, DbError> 
         spec.instances().into_iter().map(|i| (i.name.clone(), i)).collect();
     let rows = db.instances(lab)?;
     let mut pins = std::collections::HashMap::new();
-    for r in rows.iter().filter(|r| r.spec.kind == bootcache_api::Kind::Vm) {
+    for r in &rows {
         if let std::collections::hash_map::Entry::Vacant(e) = pins.entry(r.spec.image) {
             e.insert(db.image_reference(&r.spec.image)?);
         }

@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use bootcache_api::Image;
 use bootcache_api::agent::{self, Dhcp, Heartbeat, Join, Joined, Nic, Observed, Order, Orders, SegmentOrder, names};
+use bootcache_api::image::Blob;
 use bootcache_api::lab::{Delivery, LabSource};
+use bootcache_api::reference::{Reference, Target};
 use bootcache_api::{InstanceState, Kind, Lab, Name, RootDigest};
 
 use crate::db::{Db, DbError, Deployed, ImageRecord, InstanceRow, InstanceSpec, NodeRow, SegmentRow};
@@ -119,7 +121,9 @@ fn specs(lab: &Lab, roots: &HashMap<String, RootDigest>) -> Vec<InstanceSpec> {
     let mut out = Vec::new();
     for inst in lab.instances() {
         let Some(def) = lab.def(&inst.def) else { continue };
-        let root = roots.get(&def.image).copied().filter(|_| def.kind == Kind::Vm && def.delivery == Delivery::Lazy);
+        // A VM delivered lazily: its root digest; a container's registry
+        // image: its manifest's digest.
+        let root = roots.get(&def.image).copied().filter(|_| def.kind == Kind::Container || def.delivery == Delivery::Lazy);
         let image = root.unwrap_or_else(|| agent::container_image_key(&def.image));
         let print = Fingerprint {
             kind: def.kind,
@@ -186,8 +190,8 @@ impl Control {
             // A registry reference: its tag resolved to a manifest digest
             // now, once, and the image read from its blob by that digest
             // (a tag moved later changes nothing this deploy recorded).
-            let (url, annotated, auth, pinned) = match def.image.parse::<bootcache_api::reference::Reference>() {
-                Ok(reference) if bootcache_api::reference::Reference::looks_like(&def.image) => {
+            let (url, annotated, auth, pinned) = match def.image.parse::<Reference>() {
+                Ok(reference) if Reference::looks_like(&def.image) => {
                     let registry = self.registry_client(&reference).map_err(|e| failed(e.to_string()))?;
                     let resolved = bootcache_registry::artifact::resolve(&registry, &reference).await.map_err(|e| failed(e.to_string()))?;
                     let url = registry.blob_url(&resolved.pinned, &resolved.blob).map_err(|e| failed(e.to_string()))?;
@@ -207,7 +211,34 @@ impl Control {
                 return Err(failed(format!("its blob's root digest is {root}, its manifest says {said}")));
             }
             let boot_bytes = header.boot.end - header.boot.start;
-            images.push(ImageRecord { root, url, virtual_size: header.virtual_size, boot_bytes, reference: pinned });
+            images.push(ImageRecord { root, url, virtual_size: header.virtual_size, boot_bytes, reference: pinned, blobs: None });
+            roots.insert(def.image.clone(), root);
+        }
+        // Containers' registry references: each resolved to its linux/amd64
+        // manifest now, once, and pinned to it (its config and layers
+        // recorded with it, keyed by its digest).
+        for def in lab.instances.iter().filter(|d| d.kind == Kind::Container && Reference::looks_like(&d.image)) {
+            if roots.contains_key(&def.image) {
+                continue;
+            }
+            let failed = |why: String| DeployError::Image { instance: def.name.clone(), url: def.image.clone(), why };
+            let reference: Reference = def.image.parse().map_err(|e: bootcache_api::reference::BadReference| failed(e.0))?;
+            let registry = self.registry_client(&reference).map_err(|e| failed(e.to_string()))?;
+            let image = bootcache_registry::image::resolve(&registry, &reference).await.map_err(|e| failed(e.to_string()))?;
+            tracing::info!(instance = %def.name, image = %def.image, pinned = %image.pinned, layers = image.layers.len(), "image reference resolved");
+            let Target::Digest(manifest) = image.pinned.target else { continue };
+            let root = RootDigest(manifest.0);
+            let all: Vec<Blob> = std::iter::once(image.config).chain(image.layers.iter().copied()).collect();
+            let blobs = serde_json::to_string(&all).map_err(|e| failed(e.to_string()))?;
+            let pinned = image.pinned.to_string();
+            images.push(ImageRecord {
+                root,
+                url: pinned.clone(),
+                virtual_size: image.bytes(),
+                boot_bytes: 0,
+                reference: Some(pinned),
+                blobs: Some(blobs),
+            });
             roots.insert(def.image.clone(), root);
         }
         let me = Arc::clone(self);
@@ -460,6 +491,7 @@ impl Control {
         let mut sources: HashMap<RootDigest, Option<Vec<String>>> = HashMap::new();
         let mut digests: HashMap<RootDigest, Option<RootDigest>> = HashMap::new();
         let mut urls: HashMap<RootDigest, Option<String>> = HashMap::new();
+        let mut oci: HashMap<RootDigest, Option<Image>> = HashMap::new();
         for (lab_name, rows) in by_lab {
             let Some(view) = self.view(&db, lab_name)? else { continue };
             let members = self.members(&db, &view)?;
@@ -493,6 +525,19 @@ impl Control {
                     Kind::Vm if def.delivery == Delivery::Full => {
                         (Image::Disk { url: def.image.clone(), digest: digest_of(&r.spec.image)? }, Vec::new())
                     }
+                    Kind::Container if Reference::looks_like(&def.image) => {
+                        let Some(peers) = from(&r.spec.image)? else { continue };
+                        let image = match oci.get(&r.spec.image) {
+                            Some(i) => i.clone(),
+                            None => {
+                                let i = self.registry_image(&db, &r.spec.image)?;
+                                oci.insert(r.spec.image, i.clone());
+                                i
+                            }
+                        };
+                        let Some(image) = image else { continue };
+                        (image, peers)
+                    }
                     Kind::Container => {
                         let Some(peers) = from(&r.spec.image)? else { continue };
                         (Image::Tarball { url: def.image.clone(), digest: digest_of(&r.spec.image)? }, peers)
@@ -501,7 +546,7 @@ impl Control {
                         let Some(peers) = from(&r.spec.image)? else { continue };
                         // A registry reference was read, at deploy, from its
                         // blob by digest: that URL, as recorded with the image.
-                        let url = if bootcache_api::reference::Reference::looks_like(&def.image) {
+                        let url = if Reference::looks_like(&def.image) {
                             let url = match urls.get(&r.spec.image) {
                                 Some(u) => u.clone(),
                                 None => {
@@ -592,6 +637,20 @@ impl Control {
             }
         }
         Ok(orders)
+    }
+
+    /// The registry container image of key `root` (its manifest's digest)
+    /// as recorded at deploy; none if the record is not one (an order not
+    /// given rather than a wrong one).
+    fn registry_image(&self, db: &Db, root: &RootDigest) -> Result<Option<Image>, DbError> {
+        let (Some(reference), Some(blobs)) = (db.image_reference(root)?, db.image_blobs(root)?) else { return Ok(None) };
+        let Ok(all) = serde_json::from_str::<Vec<Blob>>(&blobs) else {
+            tracing::warn!(image = %reference, "its recorded blobs are not readable; not ordered");
+            return Ok(None);
+        };
+        let Some((config, layers)) = all.split_first() else { return Ok(None) };
+        let manifest = bootcache_api::reference::Digest(root.0);
+        Ok(Some(Image::Oci { reference, manifest, config: *config, layers: layers.to_vec() }))
     }
 
     /// The peers `node` fetches image `root` from (empty: the store), or

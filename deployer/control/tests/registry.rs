@@ -90,10 +90,10 @@ async fn a_vm_image_by_reference_is_pinned_when_the_lab_is_deployed() {
     let e = deploy(&c, missing).await.unwrap_err();
     assert!(e.contains("guests/web:v9") && e.contains("MANIFEST_UNKNOWN"), "{e}");
     assert_eq!(ordered(&c), (uid2, url2, root2));
-    // A reference is for a VM's image delivered lazily, so far.
-    let container = format!("name: l\ninstances:\n  c:\n    kind: container\n    image: {tag}\n");
-    let e = Lab::parse(&container).unwrap_err();
-    assert_eq!(e.line, Some(5), "{e}");
+    // A reference is for a container's image or a VM's delivered lazily.
+    let full = format!("name: l\ninstances:\n  c:\n    kind: vm\n    delivery: full\n    image: {tag}\n");
+    let e = Lab::parse(&full).unwrap_err();
+    assert_eq!(e.line, Some(6), "{e}");
     assert!(e.message.contains("a registry reference is for VM images"), "{e}");
 }
 

@@ -118,6 +118,16 @@ pub enum Source {
         /// Its key (hex).
         key: String,
     },
+    /// A registry's container image, its blobs on the node, each checked
+    /// against its digest (loaded once however many instances use it).
+    Image {
+        /// Its key (hex of its manifest's digest).
+        key: String,
+        /// Its config (JSON).
+        config: PathBuf,
+        /// Its layers (tar, or tar+gzip), bottom first.
+        layers: Vec<PathBuf>,
+    },
 }
 
 /// What a VM is told at its first boot (cloud-init's NoCloud data source):

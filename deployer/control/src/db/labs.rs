@@ -41,6 +41,9 @@ pub struct ImageRecord {
     /// The registry reference it was resolved from, pinned to its
     /// manifest's digest (none for a store's URL).
     pub reference: Option<String>,
+    /// A registry container image's config and layers (JSON), keyed by
+    /// its manifest's digest.
+    pub blobs: Option<String>,
 }
 
 /// What a deploy changed.
@@ -109,10 +112,12 @@ impl Db {
         let big = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         for i in images {
             tx.prepare_cached(
-                "INSERT INTO images (root, url, virtual_size, boot_bytes, registered_ms, reference) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT(root) DO UPDATE SET url = excluded.url, reference = excluded.reference",
+                "INSERT INTO images (root, url, virtual_size, boot_bytes, registered_ms, reference, blobs) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT(root) DO UPDATE SET url = excluded.url, reference = excluded.reference, blobs = excluded.blobs",
             )
-            .and_then(|mut s| s.execute(params![i.root.to_string(), i.url, big(i.virtual_size), big(i.boot_bytes), now_ms, i.reference]))
+            .and_then(|mut s| {
+                s.execute(params![i.root.to_string(), i.url, big(i.virtual_size), big(i.boot_bytes), now_ms, i.reference, i.blobs])
+            })
             .map_err(self.sql())?;
         }
         tx.execute(

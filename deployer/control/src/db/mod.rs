@@ -200,6 +200,9 @@ const MIGRATIONS: &[&str] = &[
     // 8: a VM image read from a registry: the reference it was resolved
     // to (pinned to its manifest's digest), for inspect.
     "ALTER TABLE images ADD COLUMN reference TEXT;",
+    // 9: a container image read from a registry: its config and layers
+    // (JSON, as orders carry them), keyed by its manifest's digest.
+    "ALTER TABLE images ADD COLUMN blobs TEXT;",
 ];
 
 /// The most cores a node may claim (whatever it says, placement counts no
@@ -492,6 +495,19 @@ impl Db {
     pub fn image_reference(&self, root: &RootDigest) -> Result<Option<String>, DbError> {
         self.conn
             .query_row("SELECT reference FROM images WHERE root = ?1", params![root.to_string()], |r| r.get::<_, Option<String>>(0))
+            .optional()
+            .map(Option::flatten)
+            .map_err(self.sql())
+    }
+
+    /// The config and layers (JSON) of the registry container image of
+    /// key `root` (its manifest's digest), as resolved at deploy.
+    ///
+    /// # Errors
+    /// SQLite.
+    pub fn image_blobs(&self, root: &RootDigest) -> Result<Option<String>, DbError> {
+        self.conn
+            .query_row("SELECT blobs FROM images WHERE root = ?1", params![root.to_string()], |r| r.get::<_, Option<String>>(0))
             .optional()
             .map(Option::flatten)
             .map_err(self.sql())

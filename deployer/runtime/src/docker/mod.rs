@@ -1,8 +1,11 @@
 //! Containers through Docker (`bollard` against a real dockerd, the API
 //! version negotiated: Debian's docker.io 20.10 speaks 1.41). Images come
 //! from root file system tarballs on the node, imported by this backend
-//! once per tarball (no registry needed); containers run with no Docker
-//! network (the agent
+//! once per tarball, or from a registry image's blobs the node holds
+//! (checked by their digests), loaded once per image as the archive
+//! `docker load` takes (Docker checks each layer against the config's
+//! `diff_ids` again): Docker never speaks to a registry itself. Containers
+//! run with no Docker network (the agent
 //! gives them veths on the lab's bridges), labelled as made by the agent
 //! that made them (and only those listed); readiness is a line of their log.
 
@@ -132,22 +135,119 @@ impl Docker {
         Ok(())
     }
 
-    /// The image of the tarball at `path` (key `key`), imported if this
+    /// Loads an image archive (`docker load`'s format) streamed from
+    /// `archive`.
+    ///
+    /// # Errors
+    /// The stream fails, or dockerd refuses it (a layer whose content is
+    /// not the config's `diff_ids`...).
+    pub async fn load(
+        &self,
+        reference: &str,
+        archive: impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+    ) -> Result<(), RuntimeError> {
+        let opts = bollard::query_parameters::ImportImageOptions { quiet: true, ..Default::default() };
+        let mut progress = self.client.import_image_stream(opts, archive, None);
+        while let Some(p) = progress.next().await {
+            let p = p.map_err(docker_err(format!("loading {reference}")))?;
+            if let Some(e) = p.error_detail.and_then(|d| d.message) {
+                return Err(RuntimeError::new(format!("loading {reference}"), e));
+            }
+        }
+        if !self.has_image(reference).await? {
+            return Err(RuntimeError::new(format!("loading {reference}"), "dockerd took the archive but has no such image"));
+        }
+        Ok(())
+    }
+
+    /// The image of `source` (key `key`), imported or loaded if this
     /// Docker has it not; its reference.
-    async fn image_of(&self, path: &std::path::Path, key: &str) -> Result<String, RuntimeError> {
+    async fn image_of(&self, source: &Source) -> Result<String, RuntimeError> {
+        let key = match source {
+            Source::Tarball { key, .. } | Source::Image { key, .. } => key,
+            _ => return Err(RuntimeError::new("image", "a container is made from a root file system tarball or a container image")),
+        };
         let reference = reference(key);
         let lock = {
             let mut all = self.importing.lock().await;
             std::sync::Arc::clone(all.entry(reference.clone()).or_default())
         };
         let _held = lock.lock().await;
-        if !self.has_image(&reference).await? {
-            let file = tokio::fs::File::open(path).await.map_err(|e| RuntimeError::new(format!("{}", path.display()), e))?;
-            self.import(&reference, tokio_util::io::ReaderStream::new(file)).await?;
-            tracing::info!(%reference, "container image imported");
+        if self.has_image(&reference).await? {
+            return Ok(reference);
+        }
+        match source {
+            Source::Image { config, layers, .. } => {
+                let archive = archive(&reference, config, layers).await?;
+                self.load(&reference, archive).await?;
+                tracing::info!(%reference, layers = layers.len(), "container image loaded");
+            }
+            Source::Tarball { path, .. } => {
+                let file = tokio::fs::File::open(path).await.map_err(|e| RuntimeError::new(format!("{}", path.display()), e))?;
+                self.import(&reference, tokio_util::io::ReaderStream::new(file)).await?;
+                tracing::info!(%reference, "container image imported");
+            }
+            _ => {}
         }
         Ok(reference)
     }
+}
+
+/// One file of a tar stream: its header, then its content.
+fn tar_header(name: &str, size: u64) -> Result<Bytes, std::io::Error> {
+    let mut h = tar::Header::new_ustar();
+    h.set_path(name)?;
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    Ok(Bytes::copy_from_slice(h.as_bytes()))
+}
+
+/// The zeros that pad a tar member of `size` bytes to its 512-byte block.
+fn tar_padding(size: u64) -> Bytes {
+    Bytes::from(vec![0u8; usize::try_from((512 - size % 512) % 512).unwrap_or(0)])
+}
+
+/// The archive `docker load` takes for an image of `config` and `layers`
+/// (files on the node), tagged `reference`, streamed from the files (each
+/// sent at the size it has now, which `docker load` checks).
+async fn archive(
+    reference: &str,
+    config: &std::path::Path,
+    layers: &[std::path::PathBuf],
+) -> Result<impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static, RuntimeError> {
+    let mut files = Vec::new();
+    for (i, path) in std::iter::once(config).chain(layers.iter().map(std::path::PathBuf::as_path)).enumerate() {
+        let size = tokio::fs::metadata(path).await.map_err(|e| RuntimeError::new(format!("{}", path.display()), e))?.len();
+        let name = if i == 0 { "config.json".to_owned() } else { format!("layer-{i}.tar") };
+        files.push((name, path.to_owned(), size));
+    }
+    let manifest = serde_json::to_vec(&serde_json::json!([{
+        "Config": "config.json",
+        "RepoTags": [reference],
+        "Layers": files.iter().skip(1).map(|f| f.0.clone()).collect::<Vec<_>>(),
+    }]))
+    .map_err(|e| RuntimeError::new(reference, e))?;
+    let len = manifest.len() as u64;
+    let head = futures_util::stream::iter(vec![tar_header("manifest.json", len), Ok(Bytes::from(manifest)), Ok(tar_padding(len))]);
+    let members = futures_util::stream::iter(files)
+        .then(|(name, path, size)| async move {
+            let opened = match tokio::fs::File::open(&path).await {
+                Ok(f) => tar_header(&name, size).map(|h| (h, f)),
+                Err(e) => Err(e),
+            };
+            match opened {
+                Ok((header, file)) => futures_util::stream::once(async move { Ok(header) })
+                    .chain(tokio_util::io::ReaderStream::with_capacity(tokio::io::AsyncReadExt::take(file, size), 1 << 20))
+                    .chain(futures_util::stream::once(async move { Ok(tar_padding(size)) }))
+                    .boxed(),
+                Err(e) => futures_util::stream::once(async move { Err(e) }).boxed(),
+            }
+        })
+        .flatten();
+    Ok(head.chain(members).chain(futures_util::stream::once(async { Ok(Bytes::from(vec![0u8; 1024])) })))
 }
 
 #[async_trait::async_trait]
@@ -164,10 +264,7 @@ impl Runtime for Docker {
     }
 
     async fn create(&self, spec: &Spec) -> Result<(), RuntimeError> {
-        let Source::Tarball { path, key } = &spec.source else {
-            return Err(RuntimeError::new(&spec.id, "a container is made from a root file system tarball"));
-        };
-        let reference = self.image_of(path, key).await?;
+        let reference = self.image_of(&spec.source).await.map_err(|e| RuntimeError::new(&spec.id, e))?;
         let command = &spec.command;
         let body = ContainerCreateBody {
             image: Some(reference),
@@ -291,6 +388,39 @@ impl Runtime for Docker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_image_archive_is_what_docker_load_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config");
+        std::fs::write(&config, b"{\"rootfs\": {}}").unwrap();
+        let layers: Vec<std::path::PathBuf> = (0..2u8).map(|i| dir.path().join(format!("l{i}"))).collect();
+        std::fs::write(&layers[0], vec![7u8; 1000]).unwrap();
+        std::fs::write(&layers[1], vec![9u8; 512]).unwrap();
+        let stream = archive("bootcache/image:ab", &config, &layers).await.unwrap();
+        let bytes: Vec<u8> = stream.try_collect::<Vec<Bytes>>().await.unwrap().concat();
+        assert_eq!(bytes.len() % 512, 0);
+        let mut a = tar::Archive::new(&bytes[..]);
+        let mut seen = std::collections::BTreeMap::new();
+        for e in a.entries().unwrap() {
+            let mut e = e.unwrap();
+            let path = e.path().unwrap().to_string_lossy().into_owned();
+            let mut content = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut content).unwrap();
+            seen.insert(path, content);
+        }
+        let manifest: serde_json::Value = serde_json::from_slice(&seen["manifest.json"]).unwrap();
+        assert_eq!(
+            manifest,
+            serde_json::json!([{"Config": "config.json", "RepoTags": ["bootcache/image:ab"], "Layers": ["layer-1.tar", "layer-2.tar"]}])
+        );
+        assert_eq!(seen["config.json"], std::fs::read(&config).unwrap());
+        assert_eq!(seen["layer-1.tar"], vec![7u8; 1000]);
+        assert_eq!(seen["layer-2.tar"], vec![9u8; 512]);
+        // A layer gone: the stream fails rather than sending a short image.
+        std::fs::remove_file(&layers[1]).unwrap();
+        assert!(archive("bootcache/image:ab", &config, &layers).await.is_err());
+    }
 
     #[test]
     fn files_go_into_a_tar_with_their_directories() {

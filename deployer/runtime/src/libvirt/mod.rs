@@ -136,7 +136,9 @@ impl Libvirt {
         let (backing, format, size) = match source {
             Source::Export { url, virtual_size } => (url.clone(), "raw", Some(*virtual_size)),
             Source::Disk { path, format } => (path.to_string_lossy().into_owned(), format.as_str(), None),
-            Source::Tarball { .. } => return Err(RuntimeError::new(id, "a VM is made from a disk, not a tarball")),
+            Source::Tarball { .. } | Source::Image { .. } => {
+                return Err(RuntimeError::new(id, "a VM is made from a disk, not a container image"));
+            }
         };
         let mut make = tokio::process::Command::new("qemu-img");
         make.args(["create", "-q", "-f", "qcow2", "-F", format, "-b", &backing]).arg(&overlay);
