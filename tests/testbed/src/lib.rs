@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 
 pub mod daemons;
 pub mod fanout;
+pub mod oci;
 pub mod plot;
 pub mod programs;
 pub mod tokens;
@@ -132,6 +133,26 @@ impl Testbed {
     /// When there is none.
     pub fn host(&self, name: &str) -> &Host {
         self.hosts.iter().find(|h| h.name == name).unwrap_or_else(|| panic!("no testbed host {name}"))
+    }
+
+    /// `f` run on a thread inside host `name`'s network namespace (what it
+    /// connects to, it connects to from there); what it returns.
+    ///
+    /// # Panics
+    /// When the namespace cannot be entered, or `f` panics.
+    pub fn within<T: Send>(&self, name: &str, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/var/run/netns/{}", self.host(name).netns);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+                // SAFETY: setns on this thread only, with a descriptor it holds.
+                let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+                assert_eq!(r, 0, "entering {path}: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
     }
 
     /// A command that runs `program` inside host `name`'s namespace.

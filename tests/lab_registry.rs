@@ -1,0 +1,210 @@
+//! A lab whose every image is a registry reference, on the testbed: the
+//! reference registry with Basic auth on the store's host (a shaped link
+//! like every host's), two compute nodes with libvirtd and dockerd, the
+//! control node and agents given the credentials. One VM (the small guest,
+//! pushed as a bootcache image) and five containers (a layered image
+//! pushed as an OCI image: the small guest's root file system, a layer of
+//! incompressible data and a small layer on top) per node: all ready; the
+//! registry's host sends about once the VM image's boot bytes and the
+//! container image's blobs (the other node takes them from the first);
+//! the tags moved to other images change nothing running, and deploying
+//! again takes the new container image (only its new layer from the
+//! registry). Needs root.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use bootcache_registry::{Clients, Reference, image};
+use bootcache_testbed::Link;
+use bootcache_testbed::programs::{DockerRegistry, RegistryAuth};
+use support::bootcache;
+use support::cluster::{Cluster, Spec, fill_store};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bootcache");
+
+fn lab(vm: &str, web: &str) -> String {
+    let mut t = String::from("name: reg\ninstances:\n");
+    for (i, node) in ["n1", "n2"].iter().enumerate() {
+        t += &format!("  vm{i}:\n    kind: vm\n    image: {vm}\n    memory: 128MiB\n    node: {node}\n    ready: BOOTCACHE-BOOTED\n");
+        for j in 0..5 {
+            t += &format!(
+                "  web{i}{j}:\n    kind: container\n    image: {web}\n    node: {node}\n    memory: 32MiB\n    \
+                 command: [/bin/sh, -c, \"cat /etc/layer; exec sleep 1000000\"]\n    ready: layer-top\n"
+            );
+        }
+    }
+    t
+}
+
+/// The container image: the small guest's root file system, 24 MiB that
+/// do not compress, and `/etc/layer` saying `top`.
+fn web_image(dir: &Path, top: &str) -> bootcache_testbed::oci::Image {
+    std::fs::create_dir_all(dir).unwrap();
+    let (_, rootfs) = support::cluster::small_guest();
+    let data = dir.join("data.tar");
+    bootcache_testbed::oci::tar_of(&data, &[("srv/data.bin", &bootcache_testbed::oci::filler(7, 24 << 20))]).unwrap();
+    let top_tar = dir.join(format!("top-{top}.tar"));
+    bootcache_testbed::oci::tar_of(&top_tar, &[("etc/layer", format!("layer-{top}\n").as_bytes())]).unwrap();
+    bootcache_testbed::oci::image(&dir.join("layers"), &[&rootfs, &data, &top_tar], &["/bin/sh"]).unwrap()
+}
+
+fn deploy(c: &Cluster, text: &str) -> serde_json::Value {
+    let file = c.dir.join("reg.yaml");
+    std::fs::write(&file, text).unwrap();
+    let out = c.cli(&["deploy", "-f", file.to_str().unwrap(), "--output", "json", "--timeout", "300"]);
+    assert!(out.status.success(), "deploy: {}\n{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Each instance's (name, uid, state, pinned reference), by name.
+fn seen(c: &Cluster) -> Vec<(String, u64, String, String)> {
+    let mut v: Vec<_> = c
+        .instances("reg")
+        .iter()
+        .map(|i| {
+            let s = |k: &str| i[k].as_str().unwrap_or_default().to_owned();
+            (s("name"), i["uid"].as_u64().unwrap_or(0), s("state"), s("pinned"))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_lab_of_registry_images_sends_each_about_once_and_stays_pinned() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    let images = fill_store(&store, dir.path());
+    let spec = Spec {
+        nodes: vec!["n1".into(), "n2".into()],
+        daemons: true,
+        agent_args: ["--ready-timeout", "300"].map(String::from).to_vec(),
+        control_args: Vec::new(),
+        log: "lab_registry",
+        heartbeat: 0.3,
+    };
+    let mut c = Cluster::start(dir.path(), &store, Link::new(100, 1.0), spec);
+
+    // The registry on the store's host, with Basic auth; the credentials
+    // for the control node and the agents.
+    let htpasswd = dir.path().join("htpasswd");
+    let made = Command::new("htpasswd").args(["-Bbc"]).arg(&htpasswd).args(["alice", "s3cret-pass"]).output().unwrap();
+    assert!(made.status.success(), "htpasswd: {}", String::from_utf8_lossy(&made.stderr));
+    let netns = c.tb.host("store").netns.clone();
+    let _registry = DockerRegistry::start_in(dir.path(), Some(&netns), &c.store_addr, 5000, RegistryAuth::Htpasswd(&htpasswd)).unwrap();
+    let registry = format!("{}:5000", c.store_addr);
+    let config = dir.path().join("registry.json");
+    let alice = serde_json::json!({"username": "alice", "password": "s3cret-pass"});
+    std::fs::write(&config, serde_json::json!({"auths": {registry.clone(): alice}}).to_string()).unwrap();
+    let access = ["--registry-config", config.to_str().unwrap(), "--insecure-registry", registry.as_str()];
+
+    // The images pushed: the VM's with `bootcache push`, the container's
+    // as an image builder pushes one.
+    let vm_ref = format!("{registry}/guests/small:stable");
+    let web_ref: Reference = format!("{registry}/lab/web:stable").parse().unwrap();
+    let push_vm = |c: &Cluster, image: &Path| {
+        let out = c.tb.command("store", BIN).args(["push", image.to_str().unwrap(), &vm_ref]).args(access).output().unwrap();
+        assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    push_vm(&c, &store.join("small.bcimg"));
+    let clients = Clients::new(Some(config.clone()), vec![registry.clone()]);
+    let push_web = |c: &Cluster, built: &bootcache_testbed::oci::Image| -> Reference {
+        c.tb.within("store", || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let client = clients.get(&web_ref.registry).unwrap();
+                let layers: Vec<&Path> = built.layers.iter().map(|p| p.as_path()).collect();
+                image::push(&client, &web_ref, &built.config, &layers).await.unwrap()
+            })
+        })
+    };
+    let v1 = web_image(dir.path(), "top");
+    let web_pinned = push_web(&c, &v1);
+    let web_bytes = v1.bytes().unwrap();
+
+    c.restart_control(&access);
+    let (control_url, join) = (c.control_url.clone(), c.join_token());
+    for node in &mut c.nodes {
+        node.restart_agent(&control_url, &join, &access);
+    }
+    c.wait_nodes_up();
+
+    // Deployed: everything ready, the registry's host sending each image
+    // about once, the nodes the rest to each other.
+    let before = c.tb.tx_bytes("store").unwrap();
+    let nodes_before: Vec<u64> = ["n1", "n2"].iter().map(|n| c.tb.tx_bytes(n).unwrap()).collect();
+    let text = lab(&vm_ref, &web_ref.to_string());
+    let report = deploy(&c, &text);
+    let sent = c.tb.tx_bytes("store").unwrap() - before;
+    let nodes_sent: Vec<u64> = ["n1", "n2"].iter().zip(&nodes_before).map(|(n, b)| c.tb.tx_bytes(n).unwrap() - b).collect();
+    for i in report["instances"].as_array().unwrap() {
+        assert_eq!(i["state"], "ready", "{i}");
+    }
+    let once = images.boot_bytes + web_bytes;
+    eprintln!(
+        "registry's host sent {sent} for {once} (boot bytes {} + container blobs {web_bytes}); nodes sent {nodes_sent:?}",
+        images.boot_bytes
+    );
+    assert!(sent as f64 <= 1.10 * once as f64, "the registry's host sent {sent}, over 1.10 x {once}");
+    // One node took the container image's blobs from the other, and the
+    // VM image's boot bytes.
+    let peer: f64 = ["n1", "n2"].iter().map(|n| c.node_metric(n, "bootcache_peer_bytes_total")).sum();
+    assert!(peer >= 0.9 * images.boot_bytes as f64, "peers gave {peer} of the VM image's {} boot bytes", images.boot_bytes);
+    assert!(
+        nodes_sent.iter().any(|s| *s as f64 >= 0.9 * web_bytes as f64),
+        "no node sent the other the container image's {web_bytes} bytes: {nodes_sent:?}"
+    );
+    let out = c.cli(&["exec", "reg", "web13", "--", "wc", "-c", "/srv/data.bin"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains(&(24u64 << 20).to_string()), "the middle layer: {said} {}", String::from_utf8_lossy(&out.stderr));
+    let first = seen(&c);
+    assert_eq!(first.len(), 12);
+    for (name, _, _, pinned) in &first {
+        if name.starts_with("web") {
+            assert_eq!(pinned, &web_pinned.to_string(), "{name}");
+        } else {
+            assert!(pinned.starts_with(&format!("{registry}/guests/small@sha256:")), "{name}: {pinned}");
+        }
+    }
+
+    // Both tags moved to other images: nothing running changes.
+    let other = dir.path().join("small-64k.bcimg");
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let (raw, _) = support::cluster::small_guest();
+    let trace = dir.path().join("small.bctrace");
+    bootcache(&["convert", &s(&raw), &s(&other), "--trace", &s(&trace), "--zstd", "-q", "--boot-extent", "64K"]);
+    let info: serde_json::Value = serde_json::from_str(&bootcache(&["info", &s(&other), "--output", "json"])).unwrap();
+    let other_boot = info["boot_segment_bytes"].as_u64().unwrap() + 256 + info["index_bytes"].as_u64().unwrap();
+    push_vm(&c, &other);
+    let v2 = web_image(&dir.path().join("v2"), "two");
+    let web_pinned2 = push_web(&c, &v2);
+    assert_ne!(web_pinned2, web_pinned);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(seen(&c), first, "a moved tag changed what runs");
+    let out = c.cli(&["exec", "reg", "web02", "--", "cat", "/etc/layer"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "layer-top");
+
+    // Deployed again: the new images, as new instances; the registry sends
+    // the container image's new top layer (and config), not the others.
+    let before = c.tb.tx_bytes("store").unwrap();
+    let report = deploy(&c, &text.replace("ready: layer-top", "ready: layer-two"));
+    for i in report["instances"].as_array().unwrap() {
+        assert_eq!(i["state"], "ready", "{i}");
+    }
+    let sent = c.tb.tx_bytes("store").unwrap() - before;
+    let second = seen(&c);
+    for ((name, uid, _, pinned), (_, uid1, _, pinned1)) in second.iter().zip(&first) {
+        assert!(uid != uid1 && pinned != pinned1, "{name} not remade with the moved tag's image");
+    }
+    let top = std::fs::metadata(v2.layers.last().unwrap()).unwrap().len() + v2.config.len() as u64;
+    eprintln!(
+        "deployed again: the registry's host sent {sent} (the container image's new top layer and config {top}, the VM image's boot bytes {other_boot})"
+    );
+    assert!((sent as f64) <= 1.10 * (other_boot + top) as f64, "the registry's host sent {sent}: more than 1.10 x the new parts");
+    let out = c.cli(&["destroy", "reg"]);
+    assert!(out.status.success(), "destroy: {}", String::from_utf8_lossy(&out.stderr));
+}
