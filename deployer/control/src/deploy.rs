@@ -13,7 +13,7 @@ use std::sync::Arc;
 use bootcache_api::Image;
 use bootcache_api::agent::{self, Dhcp, Heartbeat, Join, Joined, Nic, Observed, Order, Orders, SegmentOrder, names};
 use bootcache_api::image::Blob;
-use bootcache_api::lab::{Delivery, LabSource};
+use bootcache_api::lab::{Delivery, InstanceDef, LabSource};
 use bootcache_api::reference::{Reference, Target};
 use bootcache_api::{InstanceState, Kind, Lab, Name, RootDigest};
 
@@ -117,13 +117,20 @@ struct Fingerprint<'a> {
 }
 
 /// The instances of `lab` as the database records them.
-fn specs(lab: &Lab, roots: &HashMap<String, RootDigest>) -> Vec<InstanceSpec> {
+/// An image as a lab names it, for a kind of instance (a reference names a
+/// VM image for a VM, a container image for a container).
+type ImageOf = (Kind, String);
+
+/// An instance whose image is in `unresolved` is recorded failed with the
+/// reason given there.
+fn specs(lab: &Lab, roots: &HashMap<ImageOf, RootDigest>, unresolved: &HashMap<ImageOf, String>) -> Vec<InstanceSpec> {
     let mut out = Vec::new();
     for inst in lab.instances() {
         let Some(def) = lab.def(&inst.def) else { continue };
         // A VM delivered lazily: its root digest; a container's registry
         // image: its manifest's digest.
-        let root = roots.get(&def.image).copied().filter(|_| def.kind == Kind::Container || def.delivery == Delivery::Lazy);
+        let of = (def.kind, def.image.clone());
+        let root = roots.get(&of).copied().filter(|_| def.kind == Kind::Container || def.delivery == Delivery::Lazy);
         let image = root.unwrap_or_else(|| agent::container_image_key(&def.image));
         let print = Fingerprint {
             kind: def.kind,
@@ -159,6 +166,7 @@ fn specs(lab: &Lab, roots: &HashMap<String, RootDigest>) -> Vec<InstanceSpec> {
             cores: def.cpus,
             memory_bytes: def.memory_bytes,
             fingerprint,
+            failed: unresolved.get(&of).map(|why| format!("image {why}")),
         });
     }
     out
@@ -166,85 +174,131 @@ fn specs(lab: &Lab, roots: &HashMap<String, RootDigest>) -> Vec<InstanceSpec> {
 
 impl Control {
     /// Deploys `lab` (checked from `source`, the lab file and the files it
-    /// names, which is what is recorded of it): reads its VM
-    /// images' headers, holding nothing, then records the lab whole in one
-    /// transaction (see [`Db::put_lab`]: unchanged instances keep their
-    /// state, changed ones are made anew, dropped ones go) and places what
-    /// is pending. Returns the lab's instances and what changed.
+    /// names, which is what is recorded of it): reads its VM images'
+    /// headers and resolves its registry references, holding nothing, then
+    /// records the lab whole in one transaction (see [`Db::put_lab`]:
+    /// unchanged instances keep their state, changed ones are made anew,
+    /// dropped ones go) and places what is pending. An instance whose
+    /// registry reference cannot be read is recorded failed with the reason
+    /// (naming the reference), the rest of the lab going on; one that was
+    /// running from an earlier deploy of the same reference keeps the image
+    /// it was pinned to. Returns the lab's instances and what changed.
     ///
     /// # Errors
-    /// An image that cannot be read, a lab the database refuses (a bridge
-    /// of another lab...), a destroy or another deploy of the lab recorded
-    /// meanwhile ([`DeployError::Superseded`]), the database.
+    /// A store's image that cannot be read, a lab the database refuses (a
+    /// bridge of another lab...), a destroy or another deploy of the lab
+    /// recorded meanwhile ([`DeployError::Superseded`]), the database.
     pub async fn deploy(self: &Arc<Self>, source: impl Into<LabSource>, lab: Lab) -> Result<(Vec<InstanceRow>, Deployed), DeployError> {
         let source = source.into();
         let epoch = self.epoch(&lab.name);
-        // Headers first, holding nothing (a slow store delays this call only).
-        let mut roots: HashMap<String, RootDigest> = HashMap::new();
+        let earlier = self.earlier_pins(&lab.name)?;
+        // Headers and references first, holding nothing (a slow store or
+        // registry delays this call only).
+        let mut roots: HashMap<ImageOf, RootDigest> = HashMap::new();
+        let mut unresolved: HashMap<ImageOf, String> = HashMap::new();
         let mut images = Vec::new();
-        for def in lab.instances.iter().filter(|d| d.kind == Kind::Vm && d.delivery == Delivery::Lazy) {
-            if roots.contains_key(&def.image) {
+        let wanted = |d: &&InstanceDef| match d.kind {
+            Kind::Vm => d.delivery == Delivery::Lazy,
+            Kind::Container => Reference::looks_like(&d.image),
+        };
+        for def in lab.instances.iter().filter(wanted) {
+            let of = (def.kind, def.image.clone());
+            if roots.contains_key(&of) || unresolved.contains_key(&of) {
                 continue;
             }
-            let failed = |why: String| DeployError::Image { instance: def.name.clone(), url: bootcache_http::redact(&def.image), why };
-            // A registry reference: its tag resolved to a manifest digest
-            // now, once, and the image read from its blob by that digest
-            // (a tag moved later changes nothing this deploy recorded).
-            let (url, annotated, auth, pinned) = match def.image.parse::<Reference>() {
-                Ok(reference) if Reference::looks_like(&def.image) => {
-                    let registry = self.registry_client(&reference).map_err(|e| failed(e.to_string()))?;
-                    let resolved = bootcache_registry::artifact::resolve(&registry, &reference).await.map_err(|e| failed(e.to_string()))?;
-                    let url = registry.blob_url(&resolved.pinned, &resolved.blob).map_err(|e| failed(e.to_string()))?;
-                    tracing::info!(instance = %def.name, image = %def.image, pinned = %resolved.pinned, "image reference resolved");
-                    // Its header read with the same client (its token held).
-                    let auth: Arc<dyn bootcache_http::Authorizer> =
-                        Arc::new(bootcache_registry::blobs::BlobAuthorizer::new(registry, resolved.pinned.clone()));
-                    let pinned = resolved.pinned.to_string();
-                    (url, Some(resolved.root), Some(auth), Some(pinned))
-                }
-                _ => (def.image.clone(), None, None, None),
+            let read = match def.kind {
+                Kind::Vm => self.vm_image(def).await,
+                Kind::Container => self.container_image(def).await,
             };
-            let header =
-                bootcache_delivery::cache::read_header_with(&url, self.retry, auth).await.map_err(|e| failed(bootcache_http::chain(&e)))?;
-            let root = header.root();
-            if let Some(said) = annotated.filter(|said| *said != root.to_string()) {
-                return Err(failed(format!("its blob's root digest is {root}, its manifest says {said}")));
+            match read {
+                Ok(record) => {
+                    roots.insert(of, record.root);
+                    images.push(record);
+                }
+                Err(why) if Reference::looks_like(&def.image) => match earlier.get(&of) {
+                    Some(root) => {
+                        tracing::warn!(image = %def.image, %why, "reference not read; its instances keep the image pinned at the last deploy");
+                        roots.insert(of, *root);
+                    }
+                    None => {
+                        tracing::warn!(image = %def.image, %why, "reference not read; its instances fail");
+                        let why = if why.contains(&def.image) { why } else { format!("{}: {why}", def.image) };
+                        unresolved.insert(of, why);
+                    }
+                },
+                Err(why) => return Err(DeployError::Image { instance: def.name.clone(), url: bootcache_http::redact(&def.image), why }),
             }
-            let boot_bytes = header.boot.end - header.boot.start;
-            images.push(ImageRecord { root, url, virtual_size: header.virtual_size, boot_bytes, reference: pinned, blobs: None });
-            roots.insert(def.image.clone(), root);
-        }
-        // Containers' registry references: each resolved to its linux/amd64
-        // manifest now, once, and pinned to it (its config and layers
-        // recorded with it, keyed by its digest).
-        for def in lab.instances.iter().filter(|d| d.kind == Kind::Container && Reference::looks_like(&d.image)) {
-            if roots.contains_key(&def.image) {
-                continue;
-            }
-            let failed = |why: String| DeployError::Image { instance: def.name.clone(), url: def.image.clone(), why };
-            let reference: Reference = def.image.parse().map_err(|e: bootcache_api::reference::BadReference| failed(e.0))?;
-            let registry = self.registry_client(&reference).map_err(|e| failed(e.to_string()))?;
-            let image = bootcache_registry::image::resolve(&registry, &reference).await.map_err(|e| failed(e.to_string()))?;
-            tracing::info!(instance = %def.name, image = %def.image, pinned = %image.pinned, layers = image.layers.len(), "image reference resolved");
-            let Target::Digest(manifest) = image.pinned.target else { continue };
-            let root = RootDigest(manifest.0);
-            let all: Vec<Blob> = std::iter::once(image.config).chain(image.layers.iter().copied()).collect();
-            let blobs = serde_json::to_string(&all).map_err(|e| failed(e.to_string()))?;
-            let pinned = image.pinned.to_string();
-            images.push(ImageRecord {
-                root,
-                url: pinned.clone(),
-                virtual_size: image.bytes(),
-                boot_bytes: 0,
-                reference: Some(pinned),
-                blobs: Some(blobs),
-            });
-            roots.insert(def.image.clone(), root);
         }
         let me = Arc::clone(self);
-        tokio::task::spawn_blocking(move || me.record(&source, lab, &images, &roots, epoch))
+        tokio::task::spawn_blocking(move || me.record(&source, lab, &images, &roots, &unresolved, epoch))
             .await
             .map_err(|e| DeployError::Db(DbError::Conflict(format!("deploying: {e}"))))?
+    }
+
+    /// What each registry reference of `lab`, as last deployed, was pinned
+    /// to, for the instances of it that are not failed.
+    fn earlier_pins(&self, lab: &Name) -> Result<HashMap<ImageOf, RootDigest>, DeployError> {
+        let db = self.db();
+        let mut out = HashMap::new();
+        let Some(view) = self.view(&db, lab)? else { return Ok(out) };
+        for r in db.instances(lab)?.into_iter().filter(|r| r.state != InstanceState::Failed) {
+            let Some(inst) = view.expanded.get(&r.spec.name) else { continue };
+            let Some(def) = view.lab.def(&inst.def) else { continue };
+            if Reference::looks_like(&def.image) && db.image_reference(&r.spec.image)?.is_some() {
+                out.insert((def.kind, def.image.clone()), r.spec.image);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A lazily delivered VM's image: its header read from the store, or
+    /// for a registry reference the tag resolved to a manifest digest now,
+    /// once, and the header read from its blob by that digest (a tag moved
+    /// later changes nothing this deploy recorded). Why not, on one line.
+    async fn vm_image(&self, def: &InstanceDef) -> Result<ImageRecord, String> {
+        let (url, annotated, auth, pinned) = match def.image.parse::<Reference>() {
+            Ok(reference) if Reference::looks_like(&def.image) => {
+                let registry = self.registry_client(&reference).map_err(|e| e.to_string())?;
+                let resolved = bootcache_registry::artifact::resolve(&registry, &reference).await.map_err(|e| e.to_string())?;
+                let url = registry.blob_url(&resolved.pinned, &resolved.blob).map_err(|e| e.to_string())?;
+                tracing::info!(instance = %def.name, image = %def.image, pinned = %resolved.pinned, "image reference resolved");
+                // Its header read with the same client (its token held).
+                let auth: Arc<dyn bootcache_http::Authorizer> =
+                    Arc::new(bootcache_registry::blobs::BlobAuthorizer::new(registry, resolved.pinned.clone()));
+                let pinned = resolved.pinned.to_string();
+                (url, Some(resolved.root), Some(auth), Some(pinned))
+            }
+            _ => (def.image.clone(), None, None, None),
+        };
+        let header = bootcache_delivery::cache::read_header_with(&url, self.retry, auth).await.map_err(|e| bootcache_http::chain(&e))?;
+        let root = header.root();
+        if let Some(said) = annotated.filter(|said| *said != root.to_string()) {
+            return Err(format!("its blob's root digest is {root}, its manifest says {said}"));
+        }
+        let boot_bytes = header.boot.end - header.boot.start;
+        Ok(ImageRecord { root, url, virtual_size: header.virtual_size, boot_bytes, reference: pinned, blobs: None })
+    }
+
+    /// A container's registry image: resolved now, once, to its linux/amd64
+    /// manifest and pinned to it, its config and layers recorded with it,
+    /// keyed by its digest. Why not, on one line.
+    async fn container_image(&self, def: &InstanceDef) -> Result<ImageRecord, String> {
+        let reference: Reference = def.image.parse().map_err(|e: bootcache_api::reference::BadReference| e.0)?;
+        let registry = self.registry_client(&reference).map_err(|e| e.to_string())?;
+        let image = bootcache_registry::image::resolve(&registry, &reference).await.map_err(|e| e.to_string())?;
+        tracing::info!(instance = %def.name, image = %def.image, pinned = %image.pinned, layers = image.layers.len(), "image reference resolved");
+        let Target::Digest(manifest) = image.pinned.target else { return Err(format!("{reference}: not pinned to a digest")) };
+        let all: Vec<Blob> = std::iter::once(image.config).chain(image.layers.iter().copied()).collect();
+        let blobs = serde_json::to_string(&all).map_err(|e| e.to_string())?;
+        let pinned = image.pinned.to_string();
+        Ok(ImageRecord {
+            root: RootDigest(manifest.0),
+            url: pinned.clone(),
+            virtual_size: image.bytes(),
+            boot_bytes: 0,
+            reference: Some(pinned),
+            blobs: Some(blobs),
+        })
     }
 
     /// The part of [`Control::deploy`] that holds the database: one
@@ -254,10 +308,11 @@ impl Control {
         source: &LabSource,
         lab: Lab,
         images: &[ImageRecord],
-        roots: &HashMap<String, RootDigest>,
+        roots: &HashMap<ImageOf, RootDigest>,
+        unresolved: &HashMap<ImageOf, String>,
         epoch: u64,
     ) -> Result<(Vec<InstanceRow>, Deployed), DeployError> {
-        let specs = specs(&lab, roots);
+        let specs = specs(&lab, roots, unresolved);
         let name = lab.name.clone();
         let done = {
             let db = self.db();

@@ -41,6 +41,10 @@ pub struct InstanceSpec {
     /// from (a re-deploy that changes it makes the instance anew).
     #[serde(skip)]
     pub fingerprint: String,
+    /// Why it fails as it is recorded (its image could not be had at
+    /// deploy); none: it is recorded pending.
+    #[serde(skip)]
+    pub failed: Option<String>,
 }
 
 /// An instance as the control node records it.
@@ -228,7 +232,8 @@ impl Db {
             let state = parse_state(&state).ok_or_else(|| bad("state", &state))?;
             let uid = uid.ok_or_else(|| bad("number of", name.as_str()))?;
             let history = histories.remove(&name).unwrap_or_default();
-            let spec = InstanceSpec { lab, name, kind, image, cores, memory_bytes: u64::try_from(memory).unwrap_or(0), fingerprint };
+            let spec =
+                InstanceSpec { lab, name, kind, image, cores, memory_bytes: u64::try_from(memory).unwrap_or(0), fingerprint, failed: None };
             out.push(InstanceRow { uid, spec, node, state, reason, history, running: desired != "stopped" });
         }
         Ok(out)

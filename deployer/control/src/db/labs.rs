@@ -217,6 +217,15 @@ impl Db {
             tx.prepare_cached("INSERT INTO instance_states (lab, name, state, at_ms) VALUES (?1, ?2, 'pending', ?3)")
                 .and_then(|mut s| s.execute(params![spec.lab.as_str(), spec.name.as_str(), now_ms]))
                 .map_err(self.sql())?;
+            // Failed from the start (its image could not be had): never placed.
+            if let Some(why) = &spec.failed {
+                tx.prepare_cached("UPDATE instances SET state = 'failed', reason = ?3 WHERE lab = ?1 AND name = ?2")
+                    .and_then(|mut s| s.execute(params![spec.lab.as_str(), spec.name.as_str(), why]))
+                    .map_err(self.sql())?;
+                tx.prepare_cached("INSERT INTO instance_states (lab, name, state, at_ms, reason) VALUES (?1, ?2, 'failed', ?3, ?4)")
+                    .and_then(|mut s| s.execute(params![spec.lab.as_str(), spec.name.as_str(), now_ms, why]))
+                    .map_err(self.sql())?;
+            }
         }
         for name in had.keys().filter(|n| !wanted.contains(n.as_str())) {
             tx.prepare_cached("DELETE FROM instances WHERE lab = ?1 AND name = ?2")

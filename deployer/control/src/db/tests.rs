@@ -35,6 +35,7 @@ fn specs_of(lab: &bootcache_api::Lab, version: &str) -> Vec<InstanceSpec> {
             cores: 1,
             memory_bytes: 1 << 20,
             fingerprint: format!("{}-{version}", i.name),
+            failed: None,
         })
         .collect()
 }
@@ -139,6 +140,7 @@ fn instances_follow_their_state_machine_survive_restarts_and_are_lost_with_their
             cores: 1,
             memory_bytes,
             fingerprint: format!("{name}-v1"),
+            failed: None,
         };
         let (text, parsed) = two_instance_lab();
         let specs = [spec(&vm, Kind::Vm, root(1), 512 << 20), spec(&web, Kind::Container, root(2), 64 << 20)];
