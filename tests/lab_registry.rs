@@ -9,7 +9,10 @@
 //! container image's blobs (the other node takes them from the first);
 //! the tags moved to other images change nothing running, and deploying
 //! again takes the new container image (only its new layer from the
-//! registry). Needs root.
+//! registry); images whose blobs the registry serves wrong (a layer's bytes
+//! changed in its storage, one gone) fail their instances naming the
+//! reference, nothing of them kept or loaded, the rest of that lab ready.
+//! Needs root.
 
 mod support;
 
@@ -17,7 +20,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use bootcache_registry::{Clients, Reference, image};
+use bootcache_registry::{Clients, Reference, Target, image};
 use bootcache_testbed::Link;
 use bootcache_testbed::programs::{DockerRegistry, RegistryAuth};
 use support::bootcache;
@@ -205,6 +208,76 @@ fn a_lab_of_registry_images_sends_each_about_once_and_stays_pinned() {
         "deployed again: the registry's host sent {sent} (the container image's new top layer and config {top}, the VM image's boot bytes {other_boot})"
     );
     assert!((sent as f64) <= 1.10 * (other_boot + top) as f64, "the registry's host sent {sent}: more than 1.10 x the new parts");
-    let out = c.cli(&["destroy", "reg"]);
-    assert!(out.status.success(), "destroy: {}", String::from_utf8_lossy(&out.stderr));
+
+    // Blobs the registry serves wrong: one layer's bytes changed in its
+    // storage, another's gone. Those instances fail naming the reference;
+    // nothing of them is kept on the node or reaches Docker; the good one
+    // beside them is ready.
+    let blob_data = |d: &str| {
+        let hex = d.trim_start_matches("sha256:");
+        dir.path().join("registry-storage/docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
+    };
+    let layer_digest = |built: &bootcache_testbed::oci::Image| {
+        bootcache_registry::Digest::of(&std::fs::read(built.layers.last().unwrap()).unwrap()).to_string()
+    };
+    let mut pushed_bad = Vec::new();
+    for (name, top) in [("tampered", "t"), ("gone", "g")] {
+        let built = web_image(&dir.path().join(name), top);
+        let reference: Reference = format!("{registry}/lab/{name}:v1").parse().unwrap();
+        let pinned = c.tb.within("store", || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let client = clients.get(&reference.registry).unwrap();
+                let layers: Vec<&Path> = built.layers.iter().map(|p| p.as_path()).collect();
+                image::push(&client, &reference, &built.config, &layers).await.unwrap()
+            })
+        });
+        let data = blob_data(&layer_digest(&built));
+        if name == "tampered" {
+            let mut bytes = std::fs::read(&data).unwrap();
+            let last = bytes.len() - 1;
+            bytes[last] ^= 0xff;
+            std::fs::write(&data, bytes).unwrap();
+        } else {
+            std::fs::remove_file(&data).unwrap();
+        }
+        pushed_bad.push((name, pinned, layer_digest(&built)));
+    }
+    let bad = format!(
+        "name: bad\ninstances:\n  fine:\n    kind: container\n    image: {web_ref}\n    node: n1\n    \
+         command: [/bin/sh, -c, \"cat /etc/layer; exec sleep 1000000\"]\n    ready: layer-two\n  \
+         tampered:\n    kind: container\n    image: {registry}/lab/tampered:v1\n    node: n1\n  \
+         gone:\n    kind: container\n    image: {registry}/lab/gone:v1\n    node: n2\n"
+    );
+    let file = c.dir.join("bad.yaml");
+    std::fs::write(&file, bad).unwrap();
+    let out = c.cli(&["deploy", "-f", file.to_str().unwrap(), "--output", "json", "--timeout", "120"]);
+    assert!(!out.status.success(), "a lab with unusable images deployed as if whole");
+    let views = c.instances("bad");
+    let state = |n: &str| views.iter().find(|v| v["name"] == n).unwrap().clone();
+    assert_eq!(state("fine")["state"], "ready", "{}", state("fine"));
+    for (name, pinned, digest) in &pushed_bad {
+        let v = state(name);
+        let reason = v["reason"].as_str().unwrap_or_default();
+        eprintln!("{name}: {reason}");
+        assert_eq!(v["state"], "failed", "{v}");
+        assert!(reason.contains(&pinned.to_string()), "{name}: {reason}");
+        assert!(!reason.contains("s3cret"), "{name}: {reason}");
+        if *name == "tampered" {
+            assert!(reason.contains("does not match its digest"), "{reason}");
+        }
+        let hex = digest.trim_start_matches("sha256:");
+        for node in &c.nodes {
+            let kept = node.dir.join("agent/blobs").join(hex);
+            assert!(!kept.exists(), "{name}: {} kept", kept.display());
+            let Target::Digest(manifest) = &pinned.target else { panic!() };
+            let tag = format!("bootcache/image:{}", manifest.to_string().trim_start_matches("sha256:"));
+            let out = node.docker().docker().args(["images", "-q", &tag]).output().unwrap();
+            assert!(out.stdout.is_empty(), "{name}: {tag} reached Docker on {}", node.name);
+        }
+    }
+    for lab in ["bad", "reg"] {
+        let out = c.cli(&["destroy", lab]);
+        assert!(out.status.success(), "destroy: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }

@@ -178,7 +178,7 @@ impl Node {
 
     /// Empties its caches: no VM image, disk or container image is held.
     pub fn cold(&self) {
-        for sub in ["agent/cache", "agent/disks", "agent/tarballs"] {
+        for sub in ["agent/cache", "agent/disks", "agent/tarballs", "agent/blobs", "agent/images"] {
             let _ = std::fs::remove_dir_all(self.dir.join(sub));
         }
         if let Some(d) = &self.dockerd {
