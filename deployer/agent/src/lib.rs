@@ -206,6 +206,8 @@ pub(crate) struct Shared {
     pub images: tokio::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// A client per registry, with the node's credentials for it.
     pub registries: bootcache_registry::Clients,
+    /// The registry blobs being copied (passed on to peers as they arrive).
+    pub inflight: Arc<blobs::Inflight>,
 }
 
 impl Shared {
@@ -286,10 +288,12 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()> + S
     tokio::spawn(node.nbd().serve_unix(unix));
     let listener =
         tokio::net::TcpListener::bind(config.listen).await.map_err(|source| AgentError::Listen { addr: config.listen, source })?;
-    let router = node
-        .api(Arc::clone(&peer))
-        .merge(fetch::routes(dir.join("tarballs"), Arc::clone(&peer)))
-        .merge(blobs::routes(dir.join("blobs"), Arc::clone(&peer)));
+    let inflight = Arc::new(blobs::Inflight::default());
+    let router = node.api(Arc::clone(&peer)).merge(fetch::routes(dir.join("tarballs"), Arc::clone(&peer))).merge(blobs::routes(
+        dir.join("blobs"),
+        Arc::clone(&inflight),
+        Arc::clone(&peer),
+    ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut rx = stop_rx.clone();
     tokio::spawn(async move {
@@ -336,6 +340,7 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()> + S
         removing: Mutex::default(),
         images: Default::default(),
         registries,
+        inflight,
     });
     let beating = tokio::spawn(heartbeats(Arc::clone(&shared), base, join));
     stop.await;

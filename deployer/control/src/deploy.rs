@@ -562,7 +562,9 @@ impl Control {
                         return Ok(p.clone());
                     }
                     let fetchers = members.image_nodes.get(key).cloned().unwrap_or_default();
-                    let p = self.image_sources(&db, key, def.kind == Kind::Vm, node, fetchers, &up, &address)?;
+                    // VM images and registry blobs are passed on as they arrive.
+                    let relayed = def.kind == Kind::Vm || Reference::looks_like(&def.image);
+                    let p = self.image_sources(&db, key, relayed, node, fetchers, &up, &address)?;
                     sources.insert(*key, p.clone());
                     Ok(p)
                 };
@@ -710,7 +712,7 @@ impl Control {
 
     /// The peers `node` fetches image `root` from (empty: the store), or
     /// `None` while the peer chosen does not hold it yet. A `relayed` image
-    /// (a VM image) is passed on as it arrives, so a node is given its
+    /// (a VM image, a registry's container image) is passed on as it arrives, so a node is given its
     /// source at once, before the source has opened it (a source waits a
     /// moment for its own order when asked first); a tarball only once its
     /// source holds it whole. `fetchers`: the nodes with an instance of the

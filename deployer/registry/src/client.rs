@@ -467,6 +467,23 @@ impl Registry {
     /// Unreachable, refused, more or fewer bytes than `len`, a digest that
     /// does not match, the file.
     pub async fn get_blob_file(&self, reference: &Reference, digest: &Digest, len: u64, path: &Path) -> Result<(), RegistryError> {
+        self.get_blob_file_with(reference, digest, len, path, &|_| {}).await
+    }
+
+    /// [`Registry::get_blob_file`], calling `progress` with the bytes
+    /// written to the staging file (`path` with extension `part`) so far
+    /// after each write: what a node relays to its peers as it arrives.
+    ///
+    /// # Errors
+    /// As [`Registry::get_blob_file`].
+    pub async fn get_blob_file_with(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        len: u64,
+        path: &Path,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<(), RegistryError> {
         let file_err = |e: std::io::Error| RegistryError::File { path: path.to_owned(), why: e.to_string() };
         let url = self.blob_url(reference, digest)?;
         let mut resp = self.send(reference, Access::Pull, || Ok(self.http.get(&url))).await?;
@@ -505,6 +522,9 @@ impl Registry {
                 }
                 hasher.update(&chunk);
                 out.write_all(&chunk).await.map_err(file_err)?;
+                // In the file (not only queued) before it is said to be.
+                out.flush().await.map_err(file_err)?;
+                progress(got);
             }
             if got != len {
                 return Err(RegistryError::Bad {
