@@ -281,3 +281,186 @@ fn a_lab_of_registry_images_sends_each_about_once_and_stays_pinned() {
         assert!(out.status.success(), "destroy: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// The benchmark's lab: `per_node` containers of `image` pinned to each
+/// of the first `n` nodes, ready once running their command.
+fn bench_lab(image: &str, n: usize, per_node: usize) -> String {
+    let mut t = String::from("name: bench\ninstances:\n");
+    for node in 1..=n {
+        for j in 0..per_node {
+            t += &format!(
+                "  c{node}x{j}:\n    kind: container\n    image: {image}\n    node: n{node}\n    memory: 32MiB\n    \
+                 command: [/bin/sh, -c, \"echo up; exec sleep 1000000\"]\n    ready: up\n"
+            );
+        }
+    }
+    t
+}
+
+/// The benchmark (`scripts/bench-registry` runs it): the same lab of
+/// containers from the registry (by reference), from the plain store (a
+/// root file system tarball) and, the usual way, `docker pull` on every
+/// node at once, at 2 and 4 nodes; the time to the last instance ready (to
+/// the last pull done for `docker pull`) and the bytes the source's host
+/// sent.
+#[test]
+#[ignore = "a benchmark: scripts/bench-registry runs it"]
+fn bench_registry() {
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
+    let out_dir = std::path::PathBuf::from(env("BOOTCACHE_BENCH_OUT", "target/bench-registry"));
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let runs: usize = env("BOOTCACHE_BENCH_RUNS", "2").parse().unwrap();
+    let rate: u32 = env("BOOTCACHE_BENCH_RATE", "100").parse().unwrap();
+    let layer_mib: usize = env("BOOTCACHE_BENCH_LAYER_MIB", "64").parse().unwrap();
+    let per_node = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    let spec = Spec {
+        nodes: (1..=4).map(|i| format!("n{i}")).collect(),
+        daemons: true,
+        agent_args: ["--ready-timeout", "600"].map(String::from).to_vec(),
+        control_args: Vec::new(),
+        log: "bench_registry",
+        heartbeat: 0.3,
+    };
+    // The image: the small guest's root file system and three layers of
+    // data that does not compress (an application's binaries, a runtime,
+    // its data), made the same every time; the store serves it flattened.
+    let (_, rootfs) = support::cluster::small_guest();
+    let mut tars = vec![rootfs.clone()];
+    for (i, what) in ["usr/lib/runtime.bin", "opt/app/app.bin", "srv/data.bin"].iter().enumerate() {
+        let t = dir.path().join(format!("layer{i}.tar"));
+        bootcache_testbed::oci::tar_of(&t, &[(what, &bootcache_testbed::oci::filler(i as u64 + 1, layer_mib << 20))]).unwrap();
+        tars.push(t);
+    }
+    let tar_refs: Vec<&Path> = tars.iter().map(|p| p.as_path()).collect();
+    let built = bootcache_testbed::oci::image(&dir.path().join("layers"), &tar_refs, &["/bin/sh"]).unwrap();
+    bootcache_testbed::oci::flatten(&tar_refs, &store.join("app.tar")).unwrap();
+    let image_bytes = built.bytes().unwrap();
+    let tar_bytes = std::fs::metadata(store.join("app.tar")).unwrap().len();
+    let mut c = Cluster::start(dir.path(), &store, Link::new(rate, 1.0), spec);
+
+    let htpasswd = dir.path().join("htpasswd");
+    let made = Command::new("htpasswd").args(["-Bbc"]).arg(&htpasswd).args(["alice", "s3cret-pass"]).output().unwrap();
+    assert!(made.status.success(), "htpasswd: {}", String::from_utf8_lossy(&made.stderr));
+    let netns = c.tb.host("store").netns.clone();
+    let _registry = DockerRegistry::start_in(dir.path(), Some(&netns), &c.store_addr, 5000, RegistryAuth::Htpasswd(&htpasswd)).unwrap();
+    let registry = format!("{}:5000", c.store_addr);
+    let docker_config = dir.path().join("docker");
+    std::fs::create_dir_all(&docker_config).unwrap();
+    let config = docker_config.join("config.json");
+    // Docker's own form (`auth`: base64 of user:password), which the
+    // Docker client and bootcache both read.
+    let b64 = Command::new("sh").args(["-c", "printf %s alice:s3cret-pass | base64 -w0"]).output().unwrap();
+    let auth = String::from_utf8(b64.stdout).unwrap();
+    std::fs::write(&config, serde_json::json!({"auths": {registry.clone(): {"auth": auth}}}).to_string()).unwrap();
+    let access = ["--registry-config", config.to_str().unwrap(), "--insecure-registry", registry.as_str()];
+    let reference: Reference = format!("{registry}/bench/app:v1").parse().unwrap();
+    let clients = Clients::new(Some(config.clone()), vec![registry.clone()]);
+    c.tb.within("store", || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let client = clients.get(&reference.registry).unwrap();
+            let layers: Vec<&Path> = built.layers.iter().map(|p| p.as_path()).collect();
+            image::push(&client, &reference, &built.config, &layers).await.unwrap()
+        })
+    });
+    c.restart_control(&access);
+    let (control_url, join) = (c.control_url.clone(), c.join_token());
+    for node in &mut c.nodes {
+        node.restart_agent(&control_url, &join, &access);
+    }
+    c.wait_nodes_up();
+
+    let on_store = format!("http://{}:8080/app.tar", c.store_addr);
+    let mut results = Vec::new();
+    for run in 1..=runs {
+        for n in [2usize, 4] {
+            for mode in ["registry", "store", "docker pull"] {
+                for node in &c.nodes {
+                    node.cold();
+                    let _ = node.docker().docker().args(["rmi", "-f", &reference.to_string()]).output();
+                }
+                let before = c.tb.tx_bytes("store").unwrap();
+                let last = if mode == "docker pull" {
+                    let start = std::time::Instant::now();
+                    let pulls: Vec<_> = c
+                        .nodes
+                        .iter()
+                        .take(n)
+                        .map(|node| {
+                            node.docker()
+                                .docker()
+                                .env("DOCKER_CONFIG", &docker_config)
+                                .args(["pull", "-q", &reference.to_string()])
+                                .stdout(std::process::Stdio::null())
+                                .stderr(std::process::Stdio::piped())
+                                .spawn()
+                                .unwrap()
+                        })
+                        .collect();
+                    for p in pulls {
+                        let out = p.wait_with_output().unwrap();
+                        assert!(out.status.success(), "docker pull: {}", String::from_utf8_lossy(&out.stderr));
+                    }
+                    start.elapsed().as_secs_f64()
+                } else {
+                    let image = if mode == "registry" { reference.to_string() } else { on_store.clone() };
+                    let file = c.dir.join("bench.yaml");
+                    std::fs::write(&file, bench_lab(&image, n, per_node)).unwrap();
+                    let out = c.cli(&["deploy", "-f", file.to_str().unwrap(), "--output", "json", "--timeout", "900"]);
+                    assert!(out.status.success(), "deploy {mode}: {}", String::from_utf8_lossy(&out.stderr));
+                    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                    let last = report["instances"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|i| i["ready_after_ms"].as_f64().unwrap_or(f64::NAN) / 1000.0)
+                        .fold(0.0, f64::max);
+                    let out = c.cli(&["destroy", "bench"]);
+                    assert!(out.status.success(), "destroy: {}", String::from_utf8_lossy(&out.stderr));
+                    last
+                };
+                let sent = c.tb.tx_bytes("store").unwrap() - before;
+                let once = if mode == "store" { tar_bytes } else { image_bytes };
+                let r = serde_json::json!({
+                    "run": run, "mode": mode, "nodes": n, "rate_mbit": rate, "containers": n * per_node,
+                    "last_ready_s": last, "source_bytes": sent, "image_bytes": once, "source_over_once": sent as f64 / once as f64,
+                });
+                eprintln!("{r}");
+                results.push(r);
+                std::fs::write(out_dir.join("results.json"), serde_json::to_string_pretty(&results).unwrap()).unwrap();
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+    // The table: medians per mode and node count, and ratios to `docker pull`.
+    let median = |mode: &str, n: usize, key: &str| {
+        let mut v: Vec<f64> = results.iter().filter(|r| r["mode"] == mode && r["nodes"] == n).filter_map(|r| r[key].as_f64()).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let mut table = format!(
+        "Containers ({per_node} per node) of one image of {:.0} MB in {} layers ({:.0} MB as a flattened tarball), {rate} Mbit/s links, median of {runs} runs.\n\n\
+         | nodes | source | last ready (s) | vs docker pull | source host sent (MB) | x image |\n|---|---|---|---|---|---|\n",
+        image_bytes as f64 / 1e6,
+        built.layers.len(),
+        tar_bytes as f64 / 1e6
+    );
+    for n in [2usize, 4] {
+        let pull = median("docker pull", n, "last_ready_s");
+        for mode in ["registry", "store", "docker pull"] {
+            let last = median(mode, n, "last_ready_s");
+            table += &format!(
+                "| {n} | {mode} | {last:.1} | {:.2} | {:.1} | {:.2} |\n",
+                last / pull,
+                median(mode, n, "source_bytes") / 1e6,
+                median(mode, n, "source_over_once")
+            );
+        }
+    }
+    table += "\n`docker pull`: the time until every node's pull is done (no container started); registry and store: from the deploy to the last container ready.\n";
+    std::fs::write(out_dir.join("table.md"), &table).unwrap();
+    println!("{table}");
+}

@@ -264,6 +264,9 @@ async fn blob(shared: &Shared, reference: &Reference, blob: &Blob, peers: &[Stri
     if std::fs::metadata(&dest).is_ok_and(|m| m.len() == blob.size) {
         return Ok(dest);
     }
+    if let Some(d) = dest.parent() {
+        std::fs::create_dir_all(d).map_err(|e| AgentError::State { path: d.to_owned(), why: e.to_string() })?;
+    }
     let authorization = shared.peer.authorization();
     let part = dest.with_extension("part");
     // Each attempt is passed on as it arrives; one that fails ends what
@@ -332,6 +335,9 @@ pub(crate) async fn image(
         let text = serde_json::to_vec(&all).map_err(|e| AgentError::Image(e.to_string()))?;
         let state = |e: std::io::Error| AgentError::State { path: record.clone(), why: e.to_string() };
         let part = record.with_extension("part");
+        if let Some(d) = record.parent() {
+            std::fs::create_dir_all(d).map_err(|e| AgentError::State { path: d.to_owned(), why: e.to_string() })?;
+        }
         std::fs::write(&part, text).map_err(state)?;
         std::fs::rename(&part, &record).map_err(state)?;
     }

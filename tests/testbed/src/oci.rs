@@ -124,3 +124,28 @@ pub fn image(dir: &Path, tars: &[&Path], cmd: &[&str]) -> anyhow::Result<Image> 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// One root file system tarball of the layer tarballs `tars` (bottom
+/// first; a later entry of a path replaces an earlier one, as in a
+/// container), written to `out`: what a store serves for the same image.
+///
+/// # Errors
+/// A tarball that cannot be read, `out` not writable.
+pub fn flatten(tars: &[&Path], out: &Path) -> anyhow::Result<()> {
+    let mut b = tar::Builder::new(std::io::BufWriter::new(std::fs::File::create(out)?));
+    for t in tars {
+        let mut a = tar::Archive::new(std::fs::File::open(t).with_context(|| t.display().to_string())?);
+        for e in a.entries()? {
+            let e = e?;
+            let mut h = e.header().clone();
+            let path = e.path()?.into_owned();
+            let link = e.link_name()?.map(std::borrow::Cow::into_owned);
+            match link {
+                Some(target) => b.append_link(&mut h, &path, &target)?,
+                None => b.append_data(&mut h, &path, e)?,
+            }
+        }
+    }
+    b.into_inner()?.into_inner().map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?.sync_all()?;
+    Ok(())
+}
