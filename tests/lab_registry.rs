@@ -282,6 +282,93 @@ fn a_lab_of_registry_images_sends_each_about_once_and_stays_pinned() {
     }
 }
 
+/// `openssl` with `args` in `dir`, which must succeed.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").current_dir(dir).args(args).output().unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_registry_over_https_is_trusted_through_the_system_roots_only() {
+    // A registry on a host that is neither loopback nor named insecure,
+    // with a certificate from a CA of the test's own.
+    let dir = tempfile::tempdir().unwrap();
+    let tb = bootcache_testbed::Testbed::new(&["reg", "client"]).unwrap();
+    let ip = tb.host("reg").addr.to_string();
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=bootcache test CA",
+        ],
+    );
+    openssl(d, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "reg.key", "-out", "reg.csr", "-subj", "/CN=registry"]);
+    std::fs::write(d.join("ext"), format!("subjectAltName=IP:{ip}\n")).unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "reg.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "reg.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+        ],
+    );
+    let netns = tb.host("reg").netns.clone();
+    let _registry = DockerRegistry::start_tls_in(d, Some(&netns), &ip, 5000, &d.join("reg.pem"), &d.join("reg.key")).unwrap();
+    let raw = d.join("disk.raw");
+    std::fs::write(&raw, bootcache_testbed::oci::filler(3, 2 << 20)).unwrap();
+    let image = d.join("disk.bcimg");
+    bootcache(&["convert", raw.to_str().unwrap(), image.to_str().unwrap(), "-q"]);
+    let reference = format!("{ip}:5000/guests/tls:v1");
+    let cli = |trust: bool, args: &[&str]| {
+        let mut c = tb.command("client", BIN);
+        // No credentials file of the machine's: anonymous.
+        c.env("DOCKER_CONFIG", d).env_remove("SSL_CERT_DIR");
+        if trust {
+            // The system's roots, as OpenSSL takes them: here, the test's CA.
+            c.env("SSL_CERT_FILE", d.join("ca.pem"));
+        }
+        c.args(args).output().unwrap()
+    };
+    // Trusted through SSL_CERT_FILE: pushed and pulled back byte for byte.
+    let out = cli(true, &["push", image.to_str().unwrap(), &reference]);
+    assert!(out.status.success(), "push over https: {}", String::from_utf8_lossy(&out.stderr));
+    let back = d.join("back.bcimg");
+    let out = cli(true, &["pull", &reference, back.to_str().unwrap()]);
+    assert!(out.status.success(), "pull over https: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&image).unwrap(), "bytes identical");
+    // Not trusted (the system's own roots do not hold the test's CA):
+    // refused, saying why; nothing written.
+    let refused = d.join("refused.bcimg");
+    let out = cli(false, &["pull", &reference, refused.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("certificate"), "{said}");
+    assert!(!refused.exists());
+}
+
 /// The benchmark's lab: `per_node` containers of `image` pinned to each
 /// of the first `n` nodes, ready once running their command.
 fn bench_lab(image: &str, n: usize, per_node: usize) -> String {

@@ -260,7 +260,7 @@ impl Control {
             Ok(reference) if Reference::looks_like(&def.image) => {
                 let registry = self.registry_client(&reference).map_err(|e| e.to_string())?;
                 let resolved = bootcache_registry::artifact::resolve(&registry, &reference).await.map_err(|e| e.to_string())?;
-                let url = registry.blob_url(&resolved.pinned, &resolved.blob).map_err(|e| e.to_string())?;
+                let url = registry.blob_url(&resolved.pinned, &resolved.blob);
                 tracing::info!(instance = %def.name, image = %def.image, pinned = %resolved.pinned, "image reference resolved");
                 // Its header read with the same client (its token held).
                 let auth: Arc<dyn bootcache_http::Authorizer> =

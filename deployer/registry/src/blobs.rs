@@ -4,7 +4,7 @@
 //! and hands it the registry's challenge when refused, so that the token
 //! flow and Basic work there as in this crate's own client. Which URLs are
 //! a registry's blobs is the distribution API's to say:
-//! `http://HOST[:PORT]/v2/REPO/blobs/sha256:HEX`.
+//! `http[s]://HOST[:PORT]/v2/REPO/blobs/sha256:HEX`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -52,11 +52,11 @@ impl Authorizer for BlobAuthorizer {
     }
 }
 
-/// The blob a distribution API URL names (`http://HOST[:PORT]/v2/REPO/blobs/DIGEST`),
+/// The blob a distribution API URL names (`http[s]://HOST[:PORT]/v2/REPO/blobs/DIGEST`),
 /// as a reference by digest; `None` for any other URL.
 pub fn blob_of(url: &str) -> Option<Reference> {
     let u = reqwest::Url::parse(url).ok()?;
-    if u.scheme() != "http" || u.query().is_some() || u.fragment().is_some() || !u.username().is_empty() {
+    if !matches!(u.scheme(), "http" | "https") || u.query().is_some() || u.fragment().is_some() || !u.username().is_empty() {
         return None;
     }
     let host = u.host_str()?;
@@ -100,6 +100,7 @@ mod tests {
         assert_eq!((r.registry.as_str(), r.repository.as_str()), ("127.0.0.1:5000", "guests/web"));
         assert_eq!(r.to_string(), format!("127.0.0.1:5000/guests/web@{d}"));
         assert!(blob_of(&format!("http://registry.example/v2/a/blobs/{d}")).is_some());
+        assert!(blob_of(&format!("https://registry.example:5000/v2/a/blobs/{d}")).is_some());
         for other in [
             "http://127.0.0.1:8080/guest.bcimg".to_owned(),
             format!("http://127.0.0.1:5000/v2/a/manifests/{d}"),

@@ -157,22 +157,17 @@ impl Registry {
     }
 
     /// `http://HOST:PORT` for loopback registries and those named
-    /// insecure; anything else would be HTTPS, which this build does not
-    /// speak yet (refused, saying so).
-    ///
-    /// # Errors
-    /// A registry that would need HTTPS.
-    pub fn base(&self, registry: &str) -> Result<String, RegistryError> {
-        if self.plain_http(registry) { Ok(format!("http://{registry}")) } else { Err(RegistryError::NeedsTls(registry.to_owned())) }
+    /// insecure, `https://HOST:PORT` for any other (checked against the
+    /// system's roots: OpenSSL's, which `SSL_CERT_FILE` and `SSL_CERT_DIR`
+    /// replace as for any OpenSSL program).
+    pub fn base(&self, registry: &str) -> String {
+        if self.plain_http(registry) { format!("http://{registry}") } else { format!("https://{registry}") }
     }
 
     /// The URL of a blob of `reference`'s repository (for range readers;
     /// it carries no credential).
-    ///
-    /// # Errors
-    /// As [`Registry::base`].
-    pub fn blob_url(&self, reference: &Reference, digest: &Digest) -> Result<String, RegistryError> {
-        Ok(format!("{}/v2/{}/blobs/{digest}", self.base(&reference.registry)?, reference.repository))
+    pub fn blob_url(&self, reference: &Reference, digest: &Digest) -> String {
+        format!("{}/v2/{}/blobs/{digest}", self.base(&reference.registry), reference.repository)
     }
 
     /// What `registry` asked for, for `scope`: the token held, or Basic
@@ -274,8 +269,9 @@ impl Registry {
         let registry_host = reference.registry.rsplit_once(':').map_or(reference.registry.as_str(), |(h, _)| h);
         let same_host = url.host_str() == Some(registry_host) && self.plain_http(&reference.registry);
         match url.scheme() {
+            "https" => {}
             "http" if same_host || self.plain_http(&host_port) => {}
-            "http" | "https" => return Err(RegistryError::NeedsTls(host_port)),
+            "http" => return Err(RegistryError::NeedsTls(host_port)),
             _ => return Err(bad("its token service's realm is neither http nor https".into())),
         }
         if !url.username().is_empty() || url.password().is_some() {
@@ -312,7 +308,7 @@ impl Registry {
             Target::Tag(t) => t.clone(),
             Target::Digest(d) => d.to_string(),
         };
-        let url = format!("{}/v2/{}/manifests/{target}", self.base(&reference.registry)?, reference.repository);
+        let url = format!("{}/v2/{}/manifests/{target}", self.base(&reference.registry), reference.repository);
         let resp = self
             .send(reference, Access::Pull, || Ok(self.http.get(&url).header(reqwest::header::ACCEPT, MANIFEST_TYPES.join(", "))))
             .await?;
@@ -362,7 +358,7 @@ impl Registry {
             Target::Tag(t) => t.clone(),
             Target::Digest(_) => digest.to_string(),
         };
-        let url = format!("{}/v2/{}/manifests/{target}", self.base(&reference.registry)?, reference.repository);
+        let url = format!("{}/v2/{}/manifests/{target}", self.base(&reference.registry), reference.repository);
         let resp = self
             .send(reference, Access::Push, || Ok(self.http.put(&url).header(reqwest::header::CONTENT_TYPE, media_type).body(bytes.clone())))
             .await?;
@@ -379,7 +375,7 @@ impl Registry {
     }
 
     async fn blob_exists(&self, reference: &Reference, digest: &Digest, access: Access) -> Result<bool, RegistryError> {
-        let url = self.blob_url(reference, digest)?;
+        let url = self.blob_url(reference, digest);
         let resp = self.send(reference, access, || Ok(self.http.head(&url))).await?;
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(false);
@@ -428,7 +424,7 @@ impl Registry {
         len: u64,
         body: impl Fn() -> Result<reqwest::Body, RegistryError>,
     ) -> Result<(), RegistryError> {
-        let base = self.base(&reference.registry)?;
+        let base = self.base(&reference.registry);
         let start = format!("{base}/v2/{}/blobs/uploads/", reference.repository);
         let resp = self.send(reference, Access::Push, || Ok(self.http.post(&start).header(reqwest::header::CONTENT_LENGTH, 0))).await?;
         let resp = refused(reference, "starting an upload", resp).await?;
@@ -485,7 +481,7 @@ impl Registry {
         progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<(), RegistryError> {
         let file_err = |e: std::io::Error| RegistryError::File { path: path.to_owned(), why: e.to_string() };
-        let url = self.blob_url(reference, digest)?;
+        let url = self.blob_url(reference, digest);
         let mut resp = self.send(reference, Access::Pull, || Ok(self.http.get(&url))).await?;
         // A registry may send its blobs from storage elsewhere: followed
         // (a few times), without the credential.

@@ -85,8 +85,10 @@ pub enum RegistryError {
         /// Why.
         why: String,
     },
-    /// A registry this build would have to reach over HTTPS.
-    #[error("registry {0}: only loopback registries and those named insecure are spoken to (plain HTTP); HTTPS is not built in yet")]
+    /// A token service named over plain HTTP where HTTPS is wanted.
+    #[error(
+        "{0}: a token service over plain HTTP is spoken to only on loopback, on the host of a registry named insecure, or when named insecure itself"
+    )]
     NeedsTls(String),
     /// A credentials file that cannot be used.
     #[error("credentials {}: {why}", path.display())]

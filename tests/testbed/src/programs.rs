@@ -124,6 +124,26 @@ impl DockerRegistry {
     /// # Errors
     /// As [`DockerRegistry::start`].
     pub fn start_in(dir: &Path, netns: Option<&str>, ip: &str, port: u16, auth: RegistryAuth<'_>) -> anyhow::Result<DockerRegistry> {
+        DockerRegistry::start_full(dir, netns, ip, port, auth, None)
+    }
+
+    /// [`DockerRegistry::start_in`] speaking HTTPS with certificate `cert`
+    /// and its key `key` (PEM files).
+    ///
+    /// # Errors
+    /// As [`DockerRegistry::start`].
+    pub fn start_tls_in(dir: &Path, netns: Option<&str>, ip: &str, port: u16, cert: &Path, key: &Path) -> anyhow::Result<DockerRegistry> {
+        DockerRegistry::start_full(dir, netns, ip, port, RegistryAuth::Anonymous, Some((cert, key)))
+    }
+
+    fn start_full(
+        dir: &Path,
+        netns: Option<&str>,
+        ip: &str,
+        port: u16,
+        auth: RegistryAuth<'_>,
+        tls: Option<(&Path, &Path)>,
+    ) -> anyhow::Result<DockerRegistry> {
         let addr = format!("{ip}:{port}");
         let storage = dir.join("registry-storage");
         let auth = match auth {
@@ -140,8 +160,9 @@ impl DockerRegistry {
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth}",
-                storage.display()
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{}{auth}",
+                storage.display(),
+                tls.map_or_else(String::new, |(c, k)| format!("  tls:\n    certificate: {}\n    key: {}\n", c.display(), k.display())),
             ),
         )?;
         let netns = netns.map(str::to_owned);
@@ -158,7 +179,7 @@ impl DockerRegistry {
             .spawn()
             .context("starting docker-registry (scripts/setup installs it)")?;
         let mut child = Killed(child);
-        // Any answer will do (401 behind auth).
+        // Any answer will do (401 behind auth, 400 to plain HTTP behind TLS).
         let url = format!("http://{addr}/v2/");
         wait_until(&mut child.0, "docker-registry", Duration::from_secs(20), || {
             wrap(netns, "curl").args(["-s", "-o", "/dev/null", &url]).status().is_ok_and(|s| s.success())
