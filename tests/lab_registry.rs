@@ -76,6 +76,25 @@ fn seen(c: &Cluster) -> Vec<(String, u64, String, String)> {
     v
 }
 
+/// The reference registry on the store's host with Basic auth (alice),
+/// and Docker's config file (`DIR/docker/config.json`, its `auth` form,
+/// which Docker's client and bootcache both read) holding her password:
+/// the registry, its address, the config file.
+fn registry_on_store(c: &Cluster, dir: &Path) -> (DockerRegistry, String, std::path::PathBuf) {
+    let htpasswd = dir.join("htpasswd");
+    let made = Command::new("htpasswd").args(["-Bbc"]).arg(&htpasswd).args(["alice", "s3cret-pass"]).output().unwrap();
+    assert!(made.status.success(), "htpasswd: {}", String::from_utf8_lossy(&made.stderr));
+    let netns = c.tb.host("store").netns.clone();
+    let served = DockerRegistry::start_in(dir, Some(&netns), &c.store_addr, 5000, RegistryAuth::Htpasswd(&htpasswd)).unwrap();
+    let registry = format!("{}:5000", c.store_addr);
+    std::fs::create_dir_all(dir.join("docker")).unwrap();
+    let config = dir.join("docker/config.json");
+    let b64 = Command::new("sh").args(["-c", "printf %s alice:s3cret-pass | base64 -w0"]).output().unwrap();
+    let auth = String::from_utf8(b64.stdout).unwrap();
+    std::fs::write(&config, serde_json::json!({"auths": {registry.clone(): {"auth": auth}}}).to_string()).unwrap();
+    (served, registry, config)
+}
+
 #[test]
 fn a_lab_of_registry_images_sends_each_about_once_and_stays_pinned() {
     let dir = tempfile::tempdir().unwrap();
@@ -94,15 +113,7 @@ fn a_lab_of_registry_images_sends_each_about_once_and_stays_pinned() {
 
     // The registry on the store's host, with Basic auth; the credentials
     // for the control node and the agents.
-    let htpasswd = dir.path().join("htpasswd");
-    let made = Command::new("htpasswd").args(["-Bbc"]).arg(&htpasswd).args(["alice", "s3cret-pass"]).output().unwrap();
-    assert!(made.status.success(), "htpasswd: {}", String::from_utf8_lossy(&made.stderr));
-    let netns = c.tb.host("store").netns.clone();
-    let _registry = DockerRegistry::start_in(dir.path(), Some(&netns), &c.store_addr, 5000, RegistryAuth::Htpasswd(&htpasswd)).unwrap();
-    let registry = format!("{}:5000", c.store_addr);
-    let config = dir.path().join("registry.json");
-    let alice = serde_json::json!({"username": "alice", "password": "s3cret-pass"});
-    std::fs::write(&config, serde_json::json!({"auths": {registry.clone(): alice}}).to_string()).unwrap();
+    let (_registry, registry, config) = registry_on_store(&c, dir.path());
     let access = ["--registry-config", config.to_str().unwrap(), "--insecure-registry", registry.as_str()];
 
     // The images pushed: the VM's with `bootcache push`, the container's
@@ -282,12 +293,6 @@ fn a_lab_of_registry_images_sends_each_about_once_and_stays_pinned() {
     }
 }
 
-/// `openssl` with `args` in `dir`, which must succeed.
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").current_dir(dir).args(args).output().unwrap();
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 #[test]
 fn a_registry_over_https_is_trusted_through_the_system_roots_only() {
     // A registry on a host that is neither loopback nor named insecure,
@@ -296,48 +301,9 @@ fn a_registry_over_https_is_trusted_through_the_system_roots_only() {
     let tb = bootcache_testbed::Testbed::new(&["reg", "client"]).unwrap();
     let ip = tb.host("reg").addr.to_string();
     let d = dir.path();
-    openssl(
-        d,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=bootcache test CA",
-        ],
-    );
-    openssl(d, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "reg.key", "-out", "reg.csr", "-subj", "/CN=registry"]);
-    std::fs::write(d.join("ext"), format!("subjectAltName=IP:{ip}\n")).unwrap();
-    openssl(
-        d,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "reg.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "reg.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "ext",
-        ],
-    );
+    let (ca, cert, key) = bootcache_testbed::programs::tls_certificate(d, &ip).unwrap();
     let netns = tb.host("reg").netns.clone();
-    let _registry = DockerRegistry::start_tls_in(d, Some(&netns), &ip, 5000, &d.join("reg.pem"), &d.join("reg.key")).unwrap();
+    let _registry = DockerRegistry::start_tls_in(d, Some(&netns), &ip, 5000, &cert, &key).unwrap();
     let raw = d.join("disk.raw");
     std::fs::write(&raw, bootcache_testbed::oci::filler(3, 2 << 20)).unwrap();
     let image = d.join("disk.bcimg");
@@ -349,7 +315,7 @@ fn a_registry_over_https_is_trusted_through_the_system_roots_only() {
         c.env("DOCKER_CONFIG", d).env_remove("SSL_CERT_DIR");
         if trust {
             // The system's roots, as OpenSSL takes them: here, the test's CA.
-            c.env("SSL_CERT_FILE", d.join("ca.pem"));
+            c.env("SSL_CERT_FILE", &ca);
         }
         c.args(args).output().unwrap()
     };
@@ -428,20 +394,8 @@ fn bench_registry() {
     let tar_bytes = std::fs::metadata(store.join("app.tar")).unwrap().len();
     let mut c = Cluster::start(dir.path(), &store, Link::new(rate, 1.0), spec);
 
-    let htpasswd = dir.path().join("htpasswd");
-    let made = Command::new("htpasswd").args(["-Bbc"]).arg(&htpasswd).args(["alice", "s3cret-pass"]).output().unwrap();
-    assert!(made.status.success(), "htpasswd: {}", String::from_utf8_lossy(&made.stderr));
-    let netns = c.tb.host("store").netns.clone();
-    let _registry = DockerRegistry::start_in(dir.path(), Some(&netns), &c.store_addr, 5000, RegistryAuth::Htpasswd(&htpasswd)).unwrap();
-    let registry = format!("{}:5000", c.store_addr);
-    let docker_config = dir.path().join("docker");
-    std::fs::create_dir_all(&docker_config).unwrap();
-    let config = docker_config.join("config.json");
-    // Docker's own form (`auth`: base64 of user:password), which the
-    // Docker client and bootcache both read.
-    let b64 = Command::new("sh").args(["-c", "printf %s alice:s3cret-pass | base64 -w0"]).output().unwrap();
-    let auth = String::from_utf8(b64.stdout).unwrap();
-    std::fs::write(&config, serde_json::json!({"auths": {registry.clone(): {"auth": auth}}}).to_string()).unwrap();
+    let (_registry, registry, config) = registry_on_store(&c, dir.path());
+    let docker_config = config.parent().unwrap().to_owned();
     let access = ["--registry-config", config.to_str().unwrap(), "--insecure-registry", registry.as_str()];
     let reference: Reference = format!("{registry}/bench/app:v1").parse().unwrap();
     let clients = Clients::new(Some(config.clone()), vec![registry.clone()]);

@@ -101,7 +101,10 @@ impl Testbed {
     /// # Errors
     /// Missing `ip`, or not root.
     pub fn new(names: &[&str]) -> anyhow::Result<Testbed> {
-        let id = std::process::id() % 200 + 20;
+        // Another testbed of the same process (tests run in parallel) gets
+        // other names and addresses.
+        static MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let id = (std::process::id() + MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) % 200 + 20;
         let prefix = format!("bc{id}");
         let subnet = format!("10.77.{id}");
         let mut tb = Testbed { prefix: prefix.clone(), subnet: subnet.clone(), hosts: Vec::new(), netems: Vec::new() };

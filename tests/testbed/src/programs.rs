@@ -469,3 +469,25 @@ pub fn wait_markers(consoles: &[PathBuf], marker: &str, start: Instant, timeout:
     }
     Ok(seen.into_iter().flatten().collect())
 }
+
+/// A CA of the test's own (`DIR/ca.pem`) and a server certificate it
+/// signed for IP address `ip` (`DIR/server.pem`, key `DIR/server.key`):
+/// what a TLS server of the testbed presents and its clients trust.
+///
+/// # Errors
+/// No `openssl`, or it fails.
+pub fn tls_certificate(dir: &Path, ip: &str) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let (ca, ca_key, cert, key, csr, ext) = (p("ca.pem"), p("ca.key"), p("server.pem"), p("server.key"), p("server.csr"), p("server.ext"));
+    let days = ["-days", "2"];
+    crate::tokens::openssl(
+        &[&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &ca_key, "-out", &ca, "-subj", "/CN=bootcache test CA"][..], &days]
+            .concat(),
+        None,
+    )?;
+    crate::tokens::openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", "/CN=server"], None)?;
+    std::fs::write(&ext, format!("subjectAltName=IP:{ip}\n"))?;
+    let sign = ["x509", "-req", "-in", &csr, "-CA", &ca, "-CAkey", &ca_key, "-CAcreateserial", "-out", &cert, "-extfile", &ext];
+    crate::tokens::openssl(&[&sign[..], &days].concat(), None)?;
+    Ok((PathBuf::from(ca), PathBuf::from(cert), PathBuf::from(key)))
+}

@@ -43,7 +43,7 @@ struct Shared {
     stop: AtomicBool,
 }
 
-fn openssl(args: &[&str], input: Option<&[u8]>) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn openssl(args: &[&str], input: Option<&[u8]>) -> anyhow::Result<Vec<u8>> {
     let mut child = Command::new("openssl")
         .args(args)
         .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
