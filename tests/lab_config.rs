@@ -115,6 +115,30 @@ fn containers_are_configured_one_by_one_and_routed_across_segments() {
         let out = c.node(node).docker_exec(who, argv);
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
     };
+    // `who` on `node` reaches `target`. Every packet of a ping lost while
+    // the machine is loaded (the suite's other work, a TCG guest) is tried
+    // once more, 2 s later; what both nodes' tunnels, bridges and FORWARD
+    // chains held at the first loss is kept (in the message, and appended
+    // to lab_config-lost-pings.log beside the agents' logs).
+    let reach = |node: &str, who: &str, target: &str| -> (bool, String) {
+        let (ok, said) = run(node, who, &["ping", "-c", "2", "-W", "5", target]);
+        if ok {
+            return (true, said);
+        }
+        let story = format!("{said}\n{}{}", c.node("node-a").network_story(), c.node("node-b").network_story());
+        std::thread::sleep(Duration::from_secs(2));
+        let (ok, again) = run(node, who, &["ping", "-c", "3", "-W", "5", target]);
+        let note = format!(
+            "{who} -> {target}: every packet lost, then the second attempt {}:\n{story}\n",
+            if ok { "passed" } else { "failed too" }
+        );
+        eprint!("{note}");
+        let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("lab_config-lost-pings.log");
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+            let _ = std::io::Write::write_all(&mut f, note.as_bytes());
+        }
+        (ok, format!("{again}\nthe first attempt:\n{story}"))
+    };
 
     // Each got its own environment, files, host name; exec ran.
     let (_, env) = run("node-a", &client, &["env"]);
@@ -150,14 +174,14 @@ fn containers_are_configured_one_by_one_and_routed_across_segments() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no instance routed/nobody"));
 
     // A UEFI VM in the lab: booted by OVMF to its marker, on the segment.
-    let (ok, said) = run("node-a", &client, &["ping", "-c", "2", "-W", "5", "10.61.0.20"]);
+    let (ok, said) = reach("node-a", &client, "10.61.0.20");
     assert!(ok, "client -> the UEFI VM on the other node: {said}");
     let out = c.cli(&["logs", "routed", "uefi"]);
     let console = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(console.contains("BOOTCACHE-BOOTED") && console.to_lowercase().contains("efi"), "{console}");
 
     // Across segments and nodes, through the router; not while it is stopped.
-    let (ok, said) = run("node-a", &client, &["ping", "-c", "2", "-W", "5", "10.62.0.10"]);
+    let (ok, said) = reach("node-a", &client, "10.62.0.10");
     assert!(ok, "client -> server through the router: {said}");
     let out = c.cli(&["stop", "routed", "router"]);
     assert!(out.status.success(), "stop: {}", String::from_utf8_lossy(&out.stderr));
