@@ -135,6 +135,17 @@ pub struct Node {
     heartbeat: String,
 }
 
+impl Drop for Node {
+    /// Its agent stopped, then what that agent left running outside the
+    /// testbed's namespaces: its DHCP servers, each in a network namespace
+    /// of its own (a test that failed never destroyed its lab).
+    fn drop(&mut self) {
+        self.agent = None;
+        let dhcp = format!("{}/agent/dhcp/", self.dir.display());
+        let _ = Command::new("pkill").args(["-9", "-f", &dhcp]).status();
+    }
+}
+
 impl Node {
     pub fn libvirt(&self) -> &Libvirtd {
         self.libvirtd.as_ref().expect("a node with daemons")
