@@ -351,3 +351,92 @@ fn push_and_pull_refuse_bad_references_before_anything() -> Result<()> {
     assert!(err.contains("out.bcimg"), "{err}");
     Ok(())
 }
+
+fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A role over a base: a raw copy changed in places, and a qcow2 overlay
+/// on the base's source changed the same way. The layer stores only the
+/// changed blocks, reads back as the role's disk through its parent, and
+/// `info`, `check`, `export` and `diff` follow the chain; a missing or
+/// different parent is named.
+#[test]
+fn a_layer_over_a_base_holds_what_differs_and_reads_as_the_role() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (base_raw, trace) = sample(dir.path())?;
+    let base = dir.path().join("base.bcimg");
+    ok(&["convert", p(&base_raw), p(&base), "--trace", p(&trace), "--zstd", "-q"]);
+    // The role: 64 KiB written at 10 MiB, one 4 KiB block of the base's data zeroed.
+    let bytes = std::fs::read(&base_raw)?;
+    let data_block = (0..bytes.len() / 4096).find(|&b| bytes[b * 4096..(b + 1) * 4096].iter().any(|&x| x != 0)).unwrap() as u64 * 4096;
+    let role_raw = dir.path().join("role.raw");
+    std::fs::copy(&base_raw, &role_raw)?;
+    let f = OpenOptions::new().write(true).open(&role_raw)?;
+    f.write_all_at(&[0x5a; 65536], 10 << 20)?;
+    f.write_all_at(&[0; 4096], data_block)?;
+    let overlay = dir.path().join("role.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", p(&base_raw), "-F", "raw", p(&overlay)]);
+    run("qemu-io", &["-c", "write -P 0x5a 10M 64k", "-c", &format!("write -z {data_block} 4k"), p(&overlay)]);
+
+    for src in [&role_raw, &overlay] {
+        let role = dir.path().join("role.bcimg");
+        let report: serde_json::Value = serde_json::from_str(&ok(&[
+            "convert",
+            p(src),
+            p(&role),
+            "--parent",
+            p(&base),
+            "--trace",
+            p(&trace),
+            "--zstd",
+            "-q",
+            "--output",
+            "json",
+        ]))?;
+        assert_eq!(report["parent"]["changed_bytes"], 65536 + 4096, "{report}");
+        assert_eq!(report["parent"]["locator"], "base.bcimg");
+        let role_len = std::fs::metadata(&role)?.len();
+        assert!(role_len < 80 << 10 && role_len * 4 < std::fs::metadata(&base)?.len(), "the layer is {role_len} bytes");
+
+        let info: serde_json::Value = serde_json::from_str(&ok(&["info", p(&role), "--output", "json"]))?;
+        let base_info: serde_json::Value = serde_json::from_str(&ok(&["info", p(&base), "--output", "json"]))?;
+        assert_eq!(info["layer"]["parent_root_digest"], base_info["root_digest"]);
+        assert_eq!(info["layer"]["layer_depth"], 1);
+        assert_eq!(info["format_version"], "1.1");
+        assert!(info["layer"]["chain"][0]["path"].as_str().unwrap().ends_with("base.bcimg"), "{info}");
+        assert!(ok(&["check", p(&role)]).contains("in 2 layers"));
+        let back = dir.path().join("back.raw");
+        ok(&["export", p(&role), p(&back), "-q"]);
+        assert!(std::fs::read(&back)? == std::fs::read(&role_raw)?, "the flattened layer is not the role ({})", src.display());
+
+        // A node holding the base fetches the role's own 64 KiB only.
+        let diff: serde_json::Value = serde_json::from_str(&ok(&["diff", p(&base), p(&role), "--output", "json"]))?;
+        let (data, shared) = (diff["new_data_bytes"].as_u64().unwrap(), diff["shared_bytes"].as_u64().unwrap());
+        assert_eq!(data - shared, 65536, "{diff}");
+        assert!(diff["stored_bytes_to_fetch"].as_u64().unwrap() <= role_len, "{diff}");
+        // The base against itself: everything shared, nothing to fetch.
+        let same: serde_json::Value = serde_json::from_str(&ok(&["diff", p(&base), p(&base), "--output", "json"]))?;
+        assert_eq!(same["shared_bytes"], same["new_data_bytes"]);
+        assert_eq!(same["stored_bytes_to_fetch"], 0);
+    }
+
+    // The parent gone, or another image in its place: named, nothing written.
+    let role = dir.path().join("role.bcimg");
+    let moved = dir.path().join("moved.bcimg");
+    std::fs::rename(&base, &moved)?;
+    for cmd in ["check", "info"] {
+        let err = fails(&[cmd, p(&role)]);
+        assert!(err.contains("base.bcimg") && err.contains("cannot be opened"), "{cmd}: {err}");
+    }
+    assert!(fails(&["export", p(&role), p(&dir.path().join("x.raw"))]).contains("base.bcimg"));
+    assert!(!dir.path().join("x.raw").exists());
+    ok(&["convert", p(&base_raw), p(&base), "--trace", p(&trace), "-q"]); // not compressed: another root digest
+    let err = fails(&["check", p(&role)]);
+    assert!(err.contains("base.bcimg") && err.contains("does not match"), "{err}");
+    // A layer is never read on its own as if its parent were zeros.
+    let err = fails(&["push", p(&role), "127.0.0.1:1/x/y:z"]);
+    assert!(err.contains("layer"), "{err}");
+    Ok(())
+}

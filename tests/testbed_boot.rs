@@ -208,8 +208,12 @@ fn a_boot_completes_when_the_store_dies_3_s_in_and_returns_5_s_later() {
     let fx = fixture();
     let dir = tempfile::tempdir().unwrap();
     let mut tb = Testbed::new(&["store", "node"]).unwrap();
-    // At 100 Mbit/s and 20 ms the boot segment alone takes longer than 3 s.
-    tb.shape(Link::new(100, 20.0)).unwrap();
+    // At 25 Mbit/s and 20 ms the boot segment (40 MB) takes over 12 s: at
+    // most 3 s of it can arrive before the store dies, whatever the guest
+    // does meanwhile (a guest slowed down by a loaded machine may read
+    // nothing new during the outage).
+    const MBIT: u64 = 25;
+    tb.shape(Link::new(MBIT as u32, 20.0)).unwrap();
     let mut server = Some(store(&tb, &fx.store_dir));
     let started = Instant::now();
     let boot = start_boot(&tb, &dir.path().join("cache"), &["--background", "off", "--read-timeout", "60"]);
@@ -222,7 +226,10 @@ fn a_boot_completes_when_the_store_dies_3_s_in_and_returns_5_s_later() {
     eprintln!("store killed at 3 s, back at 8 s: {r}");
     assert_eq!(r["outcome"], "marker", "{r}");
     assert_eq!(r["metrics"]["read_errors"], 0, "{r}");
-    assert!(r["metrics"]["miss_wait_seconds"].as_f64().unwrap() > 1.0, "the boot never waited for the store: {r}");
+    // The node went on fetching the boot segment once the store was back.
+    let before_kill = MBIT * 1_000_000 / 8 * 3;
+    let prefetched = r["metrics"]["boot_prefetch_bytes"].as_u64().unwrap();
+    assert!(prefetched > 2 * before_kill, "{prefetched} boot bytes: the node stopped fetching after the outage: {r}");
 }
 
 #[test]

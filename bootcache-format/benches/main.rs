@@ -46,7 +46,13 @@ fn write_container(src: &Path, dst: &Path, zstd: Option<i32>) {
             segment: if i < 32 { Segment::Boot } else { Segment::Rest },
         })
         .collect();
-    let opts = WriterOptions { virtual_size: SIZE as u64, block_size: 4096, max_extent_len: EXTENT as u32, metadata: Default::default() };
+    let opts = WriterOptions {
+        virtual_size: SIZE as u64,
+        block_size: 4096,
+        max_extent_len: EXTENT as u32,
+        metadata: Default::default(),
+        ..Default::default()
+    };
     let mut w = Writer::new(BufWriter::with_capacity(1 << 20, File::create(dst).unwrap()), opts, plan.clone()).unwrap();
     for p in &plan {
         w.push(&encode_extent(&data[p.guest.start as usize..p.guest.end as usize], zstd)).unwrap();

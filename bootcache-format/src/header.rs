@@ -15,23 +15,32 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 pub const MAGIC: [u8; 8] = *b"\x89BCI\r\n\x1a\n";
 /// The major version this crate writes and reads.
 pub const VERSION_MAJOR: u16 = 1;
-/// The minor version this crate writes.
+/// The minor version this crate writes for an image that stands alone (a
+/// layer is written as 1.1: the `parent` feature, its order table).
 pub const VERSION_MINOR: u16 = 0;
+/// The minor version of layered images.
+pub const VERSION_MINOR_LAYERED: u16 = 1;
 /// Size of [`RawHeader`] in bytes.
 pub const HEADER_SIZE: u32 = 256;
 /// The largest `max_extent_len` a reader accepts (bounds every allocation).
 pub const MAX_EXTENT_LIMIT: u32 = 64 << 20;
 /// The largest metadata block a reader accepts.
 pub const MAX_META_LEN: u64 = 16 << 20;
+/// The most layers a chain may have, the image that stands alone included:
+/// a layer's `layer_depth` is below this.
+pub const MAX_CHAIN_LAYERS: u16 = 16;
+/// Size of one boot order entry.
+pub const ORDER_ENTRY_SIZE: u32 = 16;
 
 /// Incompatible feature bits: a reader that does not know one must refuse the image.
 pub mod incompat {
     /// Some extents are zstd-compressed.
     pub const ZSTD: u64 = 1 << 0;
-    /// The image is a layer over a parent image (`parent_digest`); reserved in v1.
+    /// The image is a layer over a parent image (`parent_digest`), with a
+    /// boot order table across its chain.
     pub const PARENT: u64 = 1 << 1;
     /// The bits this version can read.
-    pub const SUPPORTED: u64 = ZSTD;
+    pub const SUPPORTED: u64 = ZSTD | PARENT;
     /// The bits this version knows by name.
     pub const KNOWN: u64 = ZSTD | PARENT;
 }
@@ -88,8 +97,12 @@ pub struct RawHeader {
     pub parent_digest: [u8; 32],
     /// Guest bytes covered by boot-segment extents.
     pub boot_guest_bytes: U64,
+    /// Entries in the boot order table (layered images; zero otherwise).
+    pub order_count: U64,
+    /// Layers below this one: 0 for an image that stands alone.
+    pub layer_depth: U16,
     /// Zero.
-    pub reserved: [u8; 20],
+    pub reserved: [u8; 10],
     /// CRC-32C of this header with this field zeroed.
     pub header_crc32c: U32,
 }
@@ -176,6 +189,12 @@ pub struct Header {
     pub root_digest: [u8; 32],
     /// Guest bytes covered by boot-segment extents.
     pub boot_guest_bytes: u64,
+    /// The parent's root digest, for a layer.
+    pub parent: Option<crate::RootDigest>,
+    /// Layers below this one (0 for an image that stands alone).
+    pub layer_depth: u16,
+    /// The boot order table's file range (empty for an image that stands alone).
+    pub order: Range<u64>,
 }
 
 fn field(field: &'static str, why: impl Into<String>) -> HeaderError {
@@ -189,7 +208,7 @@ pub fn feature_names(bits: u64) -> String {
         names.push("zstd".to_string());
     }
     if bits & incompat::PARENT != 0 {
-        names.push("parent (layered images are not supported by this version)".to_string());
+        names.push("parent".to_string());
     }
     let unknown = bits & !incompat::KNOWN;
     if unknown != 0 {
@@ -268,11 +287,15 @@ impl Header {
         let index_len =
             raw.index_count.get().checked_mul(u64::from(crate::index::ENTRY_SIZE)).ok_or_else(|| field("index_count", "absurd count"))?;
         let index = segment("index_count", raw.index_offset.get(), index_len, file_len)?;
+        let (parent, layer_depth) = Self::check_parent(raw)?;
+        let order_len =
+            raw.order_count.get().checked_mul(u64::from(ORDER_ENTRY_SIZE)).ok_or_else(|| field("order_count", "absurd count"))?;
+        let order = segment("order_count", index.end, order_len, file_len)?;
         let boot = segment("boot_length", raw.boot_offset.get(), raw.boot_length.get(), file_len)?;
         let rest = segment("rest_length", raw.rest_offset.get(), raw.rest_length.get(), file_len)?;
         let meta = segment("meta_length", raw.meta_offset.get(), raw.meta_length.get(), file_len)?;
-        if boot.start != index.end || rest.start != boot.end || meta.start != rest.end {
-            return Err(field("boot_offset", "segments must follow each other: index, boot, rest, metadata"));
+        if boot.start != order.end || rest.start != boot.end || meta.start != rest.end {
+            return Err(field("boot_offset", "segments must follow each other: index, boot order, boot, rest, metadata"));
         }
         if meta.end != file_len {
             return Err(field("meta_length", format!("the metadata ends at {:#x} but the file goes on to {file_len:#x}", meta.end)));
@@ -308,11 +331,40 @@ impl Header {
             meta_digest: raw.meta_digest,
             root_digest: raw.root_digest,
             boot_guest_bytes: raw.boot_guest_bytes.get(),
+            parent,
+            layer_depth,
+            order,
         })
+    }
+
+    /// The parent fields agree with the `parent` feature: a layer names a
+    /// parent and sits at a depth within the bound; an image that stands
+    /// alone has neither, nor an order table.
+    fn check_parent(raw: &RawHeader) -> Result<(Option<crate::RootDigest>, u16), HeaderError> {
+        let depth = raw.layer_depth.get();
+        if raw.incompatible.get() & incompat::PARENT == 0 {
+            if raw.parent_digest != [0; 32] || depth != 0 || raw.order_count.get() != 0 {
+                return Err(field("parent_digest", "parent digest, layer depth or boot order set without the parent feature"));
+            }
+            return Ok((None, 0));
+        }
+        if raw.parent_digest == [0; 32] {
+            return Err(field("parent_digest", "a layer must name its parent's root digest"));
+        }
+        if depth == 0 || depth >= MAX_CHAIN_LAYERS {
+            return Err(field("layer_depth", format!("{depth} (a layer is 1..{MAX_CHAIN_LAYERS} layers above its base)")));
+        }
+        Ok((Some(crate::RootDigest(raw.parent_digest)), depth))
     }
 
     /// The file range of the index.
     pub fn index_range(&self) -> Range<u64> {
-        self.index_offset..self.boot.start
+        self.index_offset..self.order.start
+    }
+
+    /// The file range a node reads before any extent: header, index and
+    /// boot order table.
+    pub fn head_range(&self) -> Range<u64> {
+        0..self.boot.start
     }
 }

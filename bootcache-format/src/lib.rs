@@ -25,7 +25,7 @@
 //!     PlannedExtent { guest: 4096..8192, segment: Segment::Boot },
 //!     PlannedExtent { guest: 0..4096, segment: Segment::Rest },
 //! ];
-//! let opts = WriterOptions { virtual_size: 8192, block_size: 4096, max_extent_len: 4096, metadata: Default::default() };
+//! let opts = WriterOptions { virtual_size: 8192, block_size: 4096, max_extent_len: 4096, metadata: Default::default(), ..Default::default() };
 //! let mut writer = Writer::new(Cursor::new(Vec::new()), opts, plan.clone())?;
 //! for p in &plan {
 //!     let range = p.guest.start as usize..p.guest.end as usize;
@@ -42,23 +42,27 @@
 
 #![deny(missing_docs)]
 
+mod chain;
 mod digest;
 mod extent;
 mod header;
 mod index;
 mod io;
 mod meta;
+mod order;
 mod reader;
 mod writer;
 
+pub use chain::{Chain, ParentRef, Piece};
 pub use digest::{BadRootDigest, RootDigest};
 pub use extent::{EncodedExtent, ExtentError, decode_extent, encode_extent, encode_extent_borrowed, encode_extent_owned, is_zero};
-pub use header::{HEADER_SIZE, Header, HeaderError, MAGIC, MAX_EXTENT_LIMIT, RawHeader, feature_names, incompat};
+pub use header::{HEADER_SIZE, Header, HeaderError, MAGIC, MAX_CHAIN_LAYERS, MAX_EXTENT_LIMIT, RawHeader, feature_names, incompat};
 pub use index::{ENTRY_SIZE, Encoding, Entry, Index, IndexError, RawEntry, Segment};
 pub use io::ReadAt;
 pub use meta::Metadata;
-pub use reader::{CheckReport, Error, Image, hex};
-pub use writer::{PlannedExtent, WriteError, WriteSummary, Writer, WriterOptions};
+pub use order::BootRef;
+pub use reader::{CheckReport, Error, Image, ParentError, hex};
+pub use writer::{LayerOf, PlannedExtent, WriteError, WriteSummary, Writer, WriterOptions};
 
 #[cfg(test)]
 mod tests;

@@ -26,6 +26,17 @@ pub enum Error {
     /// The metadata block is not valid.
     #[error("metadata block is invalid: {0}")]
     BadMetadata(String),
+    /// The boot order table of a layer is not valid.
+    #[error("boot order table is invalid: {0}")]
+    BadOrder(String),
+    /// Layers that do not fit together.
+    #[error("layer {layer} of the chain: {why}")]
+    Chain {
+        /// 0 the image opened, 1 its parent, ...
+        layer: usize,
+        /// What does not fit.
+        why: String,
+    },
     /// The header is invalid.
     #[error("invalid header")]
     Header(#[source] HeaderError),
@@ -43,6 +54,14 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The image is a layer: its guest bytes are read with its parent.
+    #[error("the image is a layer over {parent}{}: open it with its parent", locator.as_deref().map(|l| format!(" ({l})")).unwrap_or_default())]
+    Layered {
+        /// The parent's root digest.
+        parent: crate::RootDigest,
+        /// Where the layer says the parent is.
+        locator: Option<String>,
+    },
     /// A guest read lies past the end of the disk.
     #[error("read {offset:#x}+{len:#x} past the virtual size {size:#x}")]
     OutOfRange {
@@ -53,6 +72,40 @@ pub enum Error {
         /// Virtual size.
         size: u64,
     },
+    /// A parent of the chain could not be opened, or is not the image named.
+    #[error("parent {}(root {digest}) of layer {child}", locator.as_deref().map(|l| format!("{l} ")).unwrap_or_default())]
+    Parent {
+        /// The layer naming it: 0 the image opened, 1 its parent, ...
+        child: usize,
+        /// Where the child says it is.
+        locator: Option<String>,
+        /// The root digest the child names.
+        digest: crate::RootDigest,
+        /// What went wrong.
+        #[source]
+        source: Box<ParentError>,
+    },
+}
+
+/// Why a parent could not be used.
+#[remain::sorted]
+#[derive(Debug, thiserror::Error)]
+pub enum ParentError {
+    /// It is not a valid image.
+    #[error("is not a valid bootcache image")]
+    Invalid(#[source] Error),
+    /// The file found has another root digest.
+    #[error("does not match: the file found has root {found}")]
+    Mismatch {
+        /// The root digest of what was found.
+        found: crate::RootDigest,
+    },
+    /// It could not be found or opened.
+    #[error("cannot be opened")]
+    Missing(#[source] io::Error),
+    /// The chain has more layers than a reader follows.
+    #[error("the chain is deeper than {} layers", crate::header::MAX_CHAIN_LAYERS)]
+    TooDeep,
 }
 
 fn read_vec<R: ReadAt + ?Sized>(src: &R, what: &'static str, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
@@ -68,18 +121,34 @@ pub struct Image<R> {
     src: R,
     header: Header,
     index: Index,
+    order: Vec<crate::BootRef>,
     meta: Metadata,
     last: Mutex<Option<(usize, Arc<Vec<u8>>)>>,
 }
 
 impl<R: ReadAt> Image<R> {
-    /// Opens and checks an image: header, index, root digest and metadata.
-    /// Extent data is checked when it is read.
+    /// Opens and checks an image that stands alone: header, index, root
+    /// digest and metadata. Extent data is checked when it is read. A layer
+    /// is refused ([`Error::Layered`]): read it through a [`crate::Chain`].
     ///
     /// # Errors
     /// Any structural problem, named; never panics on bad input, and never
     /// allocates more than the file's own length justifies.
     pub fn open(src: R) -> Result<Self, Error> {
+        let image = Self::open_layer(src)?;
+        if let Some(parent) = image.header.parent {
+            return Err(Error::Layered { parent, locator: image.meta.parent_locator.clone() });
+        }
+        Ok(image)
+    }
+
+    /// Opens and checks one file, which may be a layer: as [`Image::open`],
+    /// and a layer's boot order table. Guest reads of a layer are refused;
+    /// its extents can be read and checked.
+    ///
+    /// # Errors
+    /// As [`Image::open`].
+    pub fn open_layer(src: R) -> Result<Self, Error> {
         let file_len = src.size().map_err(|source| Error::Io { what: "length", offset: 0, source })?;
         if file_len < u64::from(HEADER_SIZE) {
             return Err(Error::Header(HeaderError::TooShort(file_len)));
@@ -89,10 +158,13 @@ impl<R: ReadAt> Image<R> {
         let range = header.index_range();
         let index_bytes = read_vec(&src, "index", range.start, range.end - range.start)?;
         let index = Index::parse(&index_bytes, &header).map_err(Error::Index)?;
+        let order_bytes = read_vec(&src, "boot order", header.order.start, header.order.end - header.order.start)?;
+        let order = crate::order::parse(&order_bytes, &header, &index).map_err(Error::BadOrder)?;
         let raw = RawHeader::ref_from_prefix(&head).map_err(|_| Error::Header(HeaderError::TooShort(file_len)))?.0;
         let mut hasher = blake3::Hasher::new();
         hasher.update(&raw.root_bytes());
         hasher.update(&index_bytes);
+        hasher.update(&order_bytes);
         if hasher.finalize().as_bytes() != &header.root_digest && !cfg!(fuzzing) {
             return Err(Error::Index(IndexError::RootDigestMismatch));
         }
@@ -110,7 +182,7 @@ impl<R: ReadAt> Image<R> {
         {
             return Err(Error::BadMetadata(format!("boot_seconds {s} is not a time from 0 to a day")));
         }
-        Ok(Image { src, header, index, meta, last: Mutex::new(None) })
+        Ok(Image { src, header, index, order, meta, last: Mutex::new(None) })
     }
 
     /// The checked header.
@@ -121,6 +193,12 @@ impl<R: ReadAt> Image<R> {
     /// The checked index.
     pub fn index(&self) -> &Index {
         &self.index
+    }
+
+    /// A layer's boot order table (empty for an image that stands alone,
+    /// whose boot stream is its boot segment).
+    pub fn boot_refs(&self) -> &[crate::BootRef] {
+        &self.order
     }
 
     /// The metadata block.
@@ -152,7 +230,7 @@ impl<R: ReadAt> Image<R> {
         decode_extent(entry, stored).map_err(|source| Error::BadExtent { guest_offset: entry.guest.start, source })
     }
 
-    fn cached_extent(&self, pos: usize) -> Result<Arc<Vec<u8>>, Error> {
+    pub(crate) fn cached_extent(&self, pos: usize) -> Result<Arc<Vec<u8>>, Error> {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((p, data)) = &*last
             && *p == pos
@@ -168,8 +246,12 @@ impl<R: ReadAt> Image<R> {
     /// read as zero. Every byte returned has been verified.
     ///
     /// # Errors
-    /// [`Error::OutOfRange`] past the virtual size, or a bad extent.
+    /// [`Error::OutOfRange`] past the virtual size, a bad extent, or
+    /// [`Error::Layered`] for a layer opened alone.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
+        if let Some(parent) = self.header.parent {
+            return Err(Error::Layered { parent, locator: self.meta.parent_locator.clone() });
+        }
         let len = buf.len() as u64;
         let end = offset.checked_add(len).filter(|&e| e <= self.header.virtual_size).ok_or(Error::OutOfRange {
             offset,

@@ -22,6 +22,7 @@ fn build(data: &[u8], plan: &[PlannedExtent], zstd: Option<i32>) -> Vec<u8> {
         block_size: 512,
         max_extent_len: 1 << 20,
         metadata: Metadata { creator: "test".into(), ..Default::default() },
+        ..Default::default()
     };
     let mut w = Writer::new(Cursor::new(Vec::new()), opts, plan.to_vec()).unwrap();
     for p in plan {
@@ -194,7 +195,8 @@ fn forged_indexes_are_refused() {
 
 #[test]
 fn writer_refuses_bad_plans() {
-    let opts = WriterOptions { virtual_size: 4096, block_size: 512, max_extent_len: 4096, metadata: Metadata::default() };
+    let opts =
+        WriterOptions { virtual_size: 4096, block_size: 512, max_extent_len: 4096, metadata: Metadata::default(), ..Default::default() };
     let plans = [
         vec![PlannedExtent { guest: 0..8192, segment: Segment::Boot }],
         vec![PlannedExtent { guest: 0..2048, segment: Segment::Rest }, PlannedExtent { guest: 2048..4096, segment: Segment::Boot }],
@@ -258,7 +260,7 @@ fn the_recorded_boot_time_is_typed_checked_and_read_from_older_images() {
     let with = |metadata: Metadata| {
         let data = vec![1u8; 4096];
         let plan = vec![PlannedExtent { guest: 0..4096, segment: Segment::Rest }];
-        let opts = WriterOptions { virtual_size: 4096, block_size: 512, max_extent_len: 4096, metadata };
+        let opts = WriterOptions { virtual_size: 4096, block_size: 512, max_extent_len: 4096, metadata, ..Default::default() };
         let mut w = Writer::new(Cursor::new(Vec::new()), opts, plan).unwrap();
         w.push(&encode_extent(&data, None)).unwrap();
         Image::open(w.finish().unwrap().0.into_inner())
@@ -273,4 +275,210 @@ fn the_recorded_boot_time_is_typed_checked_and_read_from_older_images() {
         assert!(err.contains("metadata"), "{bad}: {err}");
     }
     assert_eq!(with(Metadata { creator: "t".into(), ..Default::default() }).unwrap().metadata().boot_seconds, None);
+}
+
+/// Layered images: a base, a role over it, and what a reader refuses.
+mod layers {
+    use super::*;
+
+    const LOCATOR: &str = "base.bcimg";
+
+    fn write(data: &[u8], plan: &[PlannedExtent], parent: Option<LayerOf>, order: Vec<BootRef>) -> Result<Vec<u8>, WriteError> {
+        let opts = WriterOptions {
+            virtual_size: data.len() as u64,
+            block_size: 512,
+            max_extent_len: 1 << 20,
+            metadata: Metadata { creator: "test".into(), parent_locator: parent.map(|_| LOCATOR.into()), ..Default::default() },
+            parent,
+            boot_order: order,
+        };
+        let mut w = Writer::new(Cursor::new(Vec::new()), opts, plan.to_vec())?;
+        for p in plan {
+            w.push(&encode_extent(&data[p.guest.start as usize..p.guest.end as usize], Some(3)))?;
+        }
+        Ok(w.finish()?.0.into_inner())
+    }
+
+    fn base() -> (Vec<u8>, Vec<u8>) {
+        let (data, plan) = sample();
+        let file = build(&data, &plan, None);
+        (data, file)
+    }
+
+    fn boot(r: std::ops::Range<u64>) -> PlannedExtent {
+        PlannedExtent { guest: r, segment: Segment::Boot }
+    }
+
+    fn rest(r: std::ops::Range<u64>) -> PlannedExtent {
+        PlannedExtent { guest: r, segment: Segment::Rest }
+    }
+
+    fn refs(list: &[(u16, u64)]) -> Vec<BootRef> {
+        list.iter().map(|&(layer, guest_offset)| BootRef { layer, guest_offset }).collect()
+    }
+
+    /// The role: base bytes changed at 24576..28672 (read by its boot, own),
+    /// zeroed at 0..512 (a zero extent that masks the base), the rest the
+    /// base's; its boot reads the base's 20480 extent, its own, the base's 512.
+    fn role(base_data: &[u8], base_file: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let mut data = base_data.to_vec();
+        data[24576..28672].iter_mut().enumerate().for_each(|(i, b)| *b = (i * 31 % 251) as u8 + 1);
+        data[0..512].fill(0);
+        let parent = LayerOf { digest: Image::open(base_file.to_vec()).unwrap().root_digest(), depth: 0 };
+        let plan = [boot(24576..28672), rest(0..512)];
+        let file = write(&data, &plan, Some(parent), refs(&[(1, 20480), (0, 24576), (1, 512)])).unwrap();
+        (data, file)
+    }
+
+    fn found(file: &[u8]) -> impl FnMut(ParentRef<'_>) -> std::io::Result<Vec<u8>> {
+        let file = file.to_vec();
+        move |p| {
+            assert_eq!(p.locator, Some(LOCATOR));
+            Ok(file.clone())
+        }
+    }
+
+    #[test]
+    fn a_role_reads_as_its_disk_with_one_boot_stream_across_the_layers() {
+        let (base_data, base_file) = base();
+        let (role_data, role_file) = role(&base_data, &base_file);
+        assert!(role_file.len() < 4096 + 2048, "the role stores only what differs: {} bytes", role_file.len());
+        let chain = Chain::open(Image::open_layer(role_file).unwrap(), found(&base_file)).unwrap();
+        assert_eq!(chain.layers().len(), 2);
+        assert_eq!(chain.top().header().layer_depth, 1);
+        assert_eq!(chain.top().header().version_minor, 1);
+        let mut all = vec![0xAAu8; role_data.len()];
+        chain.read_at(&mut all, 0).unwrap();
+        assert_eq!(all, role_data);
+        for (off, len) in [(0, 1), (500, 30), (24000, 6000), (65535, 1)] {
+            let mut buf = vec![0xAAu8; len];
+            chain.read_at(&mut buf, off as u64).unwrap();
+            assert_eq!(buf, role_data[off..off + len]);
+        }
+        let stream: Vec<(usize, u64)> = chain.boot_stream().map(|(l, e)| (l, e.guest.start)).collect();
+        assert_eq!(stream, vec![(1, 20480), (0, 24576), (1, 512)]);
+        assert_eq!(chain.check(|_| {}).unwrap().extents, 2 + sample().1.len() as u64);
+        // A third layer over the role: the chain is followed to the base.
+        let mut v2 = role_data.clone();
+        v2[40960..41984].fill(9);
+        let role_root = chain.top().root_digest();
+        let top = write(&v2, &[rest(40960..41984)], Some(LayerOf { digest: role_root, depth: 1 }), vec![]).unwrap();
+        let mut files = vec![role(&base_data, &base_file).1, base_file].into_iter();
+        let chain = Chain::open(Image::open_layer(top).unwrap(), |_| Ok(files.next().unwrap())).unwrap();
+        let mut all = vec![0u8; v2.len()];
+        chain.read_at(&mut all, 0).unwrap();
+        assert_eq!(all, v2);
+        assert_eq!(chain.layers().len(), 3);
+    }
+
+    #[test]
+    fn a_layer_alone_is_refused_by_name_and_never_read_as_zeros() {
+        let (base_data, base_file) = base();
+        let (_, role_file) = role(&base_data, &base_file);
+        let parent = Image::open(base_file).unwrap().root_digest();
+        let msg = Image::open(role_file.clone()).unwrap_err().to_string();
+        assert!(msg.contains(&parent.to_string()) && msg.contains(LOCATOR), "{msg}");
+        let layer = Image::open_layer(role_file).unwrap();
+        assert!(matches!(layer.read_at(&mut [0u8; 8], 0), Err(Error::Layered { .. })));
+        assert!(layer.check(|_| {}).is_ok(), "its own extents can be checked");
+    }
+
+    #[test]
+    fn a_missing_or_wrong_parent_is_named() {
+        let (base_data, base_file) = base();
+        let (_, role_file) = role(&base_data, &base_file);
+        let open = || Image::open_layer(role_file.clone()).unwrap();
+        let err = Chain::open(open(), |_| Err(std::io::ErrorKind::NotFound.into())).unwrap_err();
+        assert!(matches!(&err, Error::Parent { source, .. } if matches!(**source, ParentError::Missing(_))), "{err:?}");
+        assert!(err.to_string().contains(LOCATOR), "{err}");
+        // Another image where the base should be: its root digest differs.
+        let (data, plan) = sample();
+        let other = build(&data, &plan, Some(3));
+        let err = Chain::open(open(), |_| Ok(other.clone())).unwrap_err();
+        assert!(matches!(&err, Error::Parent { source, .. } if matches!(**source, ParentError::Mismatch { .. })), "{err:?}");
+        // A parent that is not an image at all.
+        let err = Chain::open(open(), |_| Ok(vec![0u8; 300])).unwrap_err();
+        assert!(matches!(&err, Error::Parent { source, .. } if matches!(**source, ParentError::Invalid(_))), "{err:?}");
+    }
+
+    #[test]
+    fn layers_that_do_not_fit_are_refused() {
+        let (base_data, base_file) = base();
+        let digest = Image::open(base_file.clone()).unwrap().root_digest();
+        // A boot order naming an extent the base does not have (none starts at 4096).
+        let bad = write(&base_data, &[], Some(LayerOf { digest, depth: 0 }), refs(&[(1, 4096)])).unwrap();
+        let err = Chain::open(Image::open_layer(bad).unwrap(), found(&base_file)).unwrap_err();
+        assert!(matches!(err, Error::Chain { layer: 0, .. }), "{err:?}");
+        // A layer claiming a deeper parent than it has.
+        let bad = write(&base_data, &[], Some(LayerOf { digest, depth: 3 }), vec![]).unwrap();
+        let err = Chain::open(Image::open_layer(bad).unwrap(), found(&base_file)).unwrap_err();
+        assert!(matches!(err, Error::Chain { layer: 1, .. }), "{err:?}");
+        // A layer over a larger disk.
+        let bad = write(&base_data[..32768], &[], Some(LayerOf { digest, depth: 0 }), vec![]).unwrap();
+        let err = Chain::open(Image::open_layer(bad).unwrap(), found(&base_file)).unwrap_err();
+        assert!(matches!(err, Error::Chain { layer: 1, .. }), "{err:?}");
+    }
+
+    #[test]
+    fn the_writer_refuses_tables_that_do_not_describe_the_plan() {
+        let (base_data, base_file) = base();
+        let digest = Image::open(base_file).unwrap().root_digest();
+        let parent = Some(LayerOf { digest, depth: 0 });
+        let plan = [boot(24576..28672)];
+        for (parent, order) in [
+            (None, refs(&[(0, 24576)])),                                                  // a table without a parent
+            (parent, refs(&[(1, 512)])),                                                  // its own boot extent left out
+            (parent, refs(&[(0, 0), (0, 24576)])),                                        // an own entry that is no boot extent
+            (parent, refs(&[(0, 24576), (2, 0)])),                                        // a layer the chain does not have
+            (Some(LayerOf { digest, depth: MAX_CHAIN_LAYERS - 1 }), refs(&[(0, 24576)])), // too deep
+        ] {
+            assert!(matches!(write(&base_data, &plan, parent, order.clone()), Err(WriteError::BadPlan(_))), "{order:?}");
+        }
+    }
+
+    #[test]
+    fn any_flipped_byte_before_the_data_of_a_layer_is_refused() {
+        let (base_data, base_file) = base();
+        let (_, role_file) = role(&base_data, &base_file);
+        let data_start = Image::open_layer(role_file.clone()).unwrap().header().boot.start as usize;
+        for pos in 0..data_start {
+            let mut bad = role_file.clone();
+            bad[pos] ^= 0x01;
+            assert!(Image::open_layer(bad).is_err(), "flip at {pos} accepted");
+        }
+    }
+}
+
+/// The container fuzz target's seed of a layer followed by its parent (the
+/// target splits its input at each later magic): it still opens as a chain.
+/// `BOOTCACHE_WRITE_SEEDS=1 cargo test -p bootcache-format seed` writes it again.
+#[test]
+fn the_layered_fuzz_seed_is_a_chain() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/container_reader/tiny-layer-and-base.bcimg");
+    if std::env::var_os("BOOTCACHE_WRITE_SEEDS").is_some() {
+        let (data, plan) = sample();
+        let base = build(&data, &plan, Some(3));
+        let digest = Image::open(base.clone()).unwrap().root_digest();
+        let mut role = data.clone();
+        role[24576..28672].fill(3);
+        let opts = WriterOptions {
+            virtual_size: role.len() as u64,
+            block_size: 512,
+            max_extent_len: 4096,
+            metadata: Metadata { creator: "seed".into(), parent_locator: Some("base".into()), ..Default::default() },
+            parent: Some(LayerOf { digest, depth: 0 }),
+            boot_order: vec![BootRef { layer: 1, guest_offset: 20480 }, BootRef { layer: 0, guest_offset: 24576 }],
+        };
+        let plan = [PlannedExtent { guest: 24576..28672, segment: Segment::Boot }];
+        let mut w = Writer::new(Cursor::new(Vec::new()), opts, plan.to_vec()).unwrap();
+        w.push(&encode_extent(&role[24576..28672], Some(3))).unwrap();
+        let mut seed = w.finish().unwrap().0.into_inner();
+        seed.extend_from_slice(&base);
+        std::fs::write(&path, seed).unwrap();
+    }
+    let seed = std::fs::read(&path).unwrap();
+    let at = seed.windows(8).skip(1).position(|w| w == MAGIC).unwrap() + 1;
+    let (top, base) = seed.split_at(at);
+    let chain = Chain::open(Image::open_layer(top.to_vec()).unwrap(), |_| Ok(base.to_vec())).unwrap();
+    assert_eq!(chain.boot_stream().count(), 2);
 }

@@ -12,9 +12,13 @@ use zerocopy::IntoBytes;
 use zerocopy::little_endian::{U16, U32, U64};
 
 use crate::extent::EncodedExtent;
-use crate::header::{HEADER_SIZE, MAGIC, MAX_EXTENT_LIMIT, RawHeader, VERSION_MAJOR, VERSION_MINOR, incompat};
+use crate::header::{
+    HEADER_SIZE, MAGIC, MAX_CHAIN_LAYERS, MAX_EXTENT_LIMIT, ORDER_ENTRY_SIZE, RawHeader, VERSION_MAJOR, VERSION_MINOR,
+    VERSION_MINOR_LAYERED, incompat,
+};
 use crate::index::{ENTRY_SIZE, Encoding, Entry, Index, Segment};
 use crate::meta::Metadata;
+use crate::order::BootRef;
 
 /// One extent of the plan.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,8 +29,17 @@ pub struct PlannedExtent {
     pub segment: Segment,
 }
 
+/// The parent of a layer being written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerOf {
+    /// The parent's root digest.
+    pub digest: crate::RootDigest,
+    /// The parent's `layer_depth` (0 when it stands alone).
+    pub depth: u16,
+}
+
 /// Options that shape an image.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct WriterOptions {
     /// Size of the guest disk.
     pub virtual_size: u64,
@@ -34,8 +47,15 @@ pub struct WriterOptions {
     pub block_size: u32,
     /// Largest guest length of an extent in the plan.
     pub max_extent_len: u32,
-    /// The metadata block.
+    /// The metadata block (a layer's `parent_locator` says where its parent is).
     pub metadata: Metadata,
+    /// For a layer: its parent. Guest ranges the plan does not cover are
+    /// then read from the parent.
+    pub parent: Option<LayerOf>,
+    /// For a layer: the boot stream across the chain, in first-access order.
+    /// Its layer-0 entries are the plan's boot extents, in plan order (one
+    /// found to be all zero stays listed and is skipped by readers).
+    pub boot_order: Vec<BootRef>,
 }
 
 /// Errors from writing an image.
@@ -81,6 +101,7 @@ struct Layout {
     boot_end: u64,
     meta_offset: u64,
     index_count: u64,
+    order_count: u64,
 }
 
 /// Streams an image to `W`.
@@ -116,6 +137,21 @@ fn check_plan(plan: &[PlannedExtent], opts: &WriterOptions) -> Result<(), WriteE
             }
         }
     }
+    match opts.parent {
+        None if !opts.boot_order.is_empty() => return bad("a boot order table is for layers".into()),
+        None => {}
+        Some(p) if p.depth + 1 >= MAX_CHAIN_LAYERS => return bad(format!("the parent is {} layers deep already", p.depth)),
+        Some(p) => {
+            let own: Vec<u64> = plan.iter().filter(|e| e.segment == Segment::Boot).map(|e| e.guest.start).collect();
+            let listed: Vec<u64> = opts.boot_order.iter().filter(|r| r.layer == 0).map(|r| r.guest_offset).collect();
+            if own != listed {
+                return bad("the boot order's own entries are not the plan's boot extents in order".into());
+            }
+            if let Some(r) = opts.boot_order.iter().find(|r| r.layer > p.depth + 1 || r.guest_offset >= opts.virtual_size) {
+                return bad(format!("boot order entry {r:?} names no layer of the chain or lies past the disk"));
+            }
+        }
+    }
     let mut sorted: Vec<&Range<u64>> = plan.iter().map(|e| &e.guest).collect();
     sorted.sort_unstable_by_key(|r| r.start);
     if let Some(w) = sorted.windows(2).find(|w| w[1].start < w[0].end) {
@@ -132,7 +168,7 @@ impl<W: Write + Seek> Writer<W> {
     /// A plan with overlapping, empty or out-of-order extents, or an I/O error.
     pub fn new(mut out: W, opts: WriterOptions, plan: Vec<PlannedExtent>) -> Result<Self, WriteError> {
         check_plan(&plan, &opts)?;
-        let data_start = u64::from(HEADER_SIZE) + plan.len() as u64 * u64::from(ENTRY_SIZE);
+        let data_start = data_start(&plan, &opts);
         out.seek(SeekFrom::Start(data_start)).map_err(WriteError::Io)?;
         let entries = Vec::with_capacity(plan.len());
         Ok(Writer { out, opts, plan, entries, pos: data_start, boot_end: None })
@@ -173,12 +209,14 @@ impl<W: Write + Seek> Writer<W> {
     }
 
     fn header(&self, layout: &Layout, zstd: bool, boot_guest: u64, meta: &[u8], index_bytes: &[u8]) -> RawHeader {
+        let parent = self.opts.parent;
+        let features = if zstd { incompat::ZSTD } else { 0 } | if parent.is_some() { incompat::PARENT } else { 0 };
         RawHeader {
             magic: MAGIC,
             version_major: U16::new(VERSION_MAJOR),
-            version_minor: U16::new(VERSION_MINOR),
+            version_minor: U16::new(if parent.is_some() { VERSION_MINOR_LAYERED } else { VERSION_MINOR }),
             header_size: U32::new(HEADER_SIZE),
-            incompatible: U64::new(if zstd { incompat::ZSTD } else { 0 }),
+            incompatible: U64::new(features),
             compatible: U64::ZERO,
             autoclear: U64::ZERO,
             virtual_size: U64::new(self.opts.virtual_size),
@@ -196,9 +234,11 @@ impl<W: Write + Seek> Writer<W> {
             max_extent_len: U32::new(self.opts.max_extent_len),
             meta_digest: *blake3::hash(meta).as_bytes(),
             root_digest: [0; 32],
-            parent_digest: [0; 32],
+            parent_digest: parent.map(|p| p.digest.0).unwrap_or_default(),
             boot_guest_bytes: U64::new(boot_guest),
-            reserved: [0; 20],
+            order_count: U64::new(layout.order_count),
+            layer_depth: U16::new(parent.map(|p| p.depth + 1).unwrap_or(0)),
+            reserved: [0; 10],
             header_crc32c: U32::ZERO,
         }
     }
@@ -211,7 +251,7 @@ impl<W: Write + Seek> Writer<W> {
         if self.entries.len() != self.plan.len() {
             return Err(WriteError::WrongCount { expected: self.plan.len(), got: self.entries.len() });
         }
-        let data_start = u64::from(HEADER_SIZE) + self.plan.len() as u64 * u64::from(ENTRY_SIZE);
+        let data_start = data_start(&self.plan, &self.opts);
         let boot_end = self.boot_end.unwrap_or(self.pos);
         let meta = serde_json::to_vec(&self.opts.metadata).map_err(|e| WriteError::Io(e.into()))?;
         self.out.write_all(&meta).map_err(WriteError::Io)?;
@@ -223,19 +263,23 @@ impl<W: Write + Seek> Writer<W> {
         let mut sorted = std::mem::take(&mut self.entries);
         sorted.sort_unstable_by_key(|e| e.guest.start);
         let summary_extents = sorted.len();
+        let order_bytes = crate::order::to_bytes(&self.opts.boot_order);
         let index_bytes = Index::from_sorted(sorted).to_bytes();
 
-        let layout = Layout { data_start, boot_end, meta_offset, index_count: summary_extents as u64 };
+        let order_count = self.opts.boot_order.len() as u64;
+        let layout = Layout { data_start, boot_end, meta_offset, index_count: summary_extents as u64, order_count };
         let mut raw = self.header(&layout, zstd, boot_guest, &meta, &index_bytes);
         let mut hasher = blake3::Hasher::new();
         hasher.update(&raw.root_bytes());
         hasher.update(&index_bytes);
+        hasher.update(&order_bytes);
         raw.root_digest = *hasher.finalize().as_bytes();
         raw.header_crc32c = U32::new(raw.compute_crc());
 
         self.out.seek(SeekFrom::Start(0)).map_err(WriteError::Io)?;
         self.out.write_all(raw.as_bytes()).map_err(WriteError::Io)?;
         self.out.write_all(&index_bytes).map_err(WriteError::Io)?;
+        self.out.write_all(&order_bytes).map_err(WriteError::Io)?;
         self.out.flush().map_err(WriteError::Io)?;
         let summary = WriteSummary {
             root_digest: raw.root_digest,
@@ -247,4 +291,9 @@ impl<W: Write + Seek> Writer<W> {
         };
         Ok((self.out, summary))
     }
+}
+
+/// Where the data starts: after the header, the index and the boot order table.
+fn data_start(plan: &[PlannedExtent], opts: &WriterOptions) -> u64 {
+    u64::from(HEADER_SIZE) + plan.len() as u64 * u64::from(ENTRY_SIZE) + opts.boot_order.len() as u64 * u64::from(ORDER_ENTRY_SIZE)
 }

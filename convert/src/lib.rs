@@ -40,5 +40,8 @@ mod raw;
 
 pub use image::{ImageSink, ImageSource};
 pub use open::{Format, OpenError, Opened, by_magic, detect, open, open_file};
-pub use pipeline::{ConvertError, ConvertOptions, ConvertReport, convert, export, planned_bytes};
+pub use pipeline::{
+    ConvertError, ConvertOptions, ConvertReport, LAYER_GRAIN, LayerReport, convert, convert_layer, export, export_chain, layer_changes,
+    planned_bytes,
+};
 pub use raw::{RawSink, RawSource};

@@ -5,17 +5,23 @@ use std::io::{Seek, Write};
 use std::time::Instant;
 
 use bootcache_format::{
-    EncodedExtent, Encoding, Image, Metadata, ReadAt, WriteSummary, Writer, WriterOptions, encode_extent_borrowed, encode_extent_owned, hex,
+    BootRef, Chain, EncodedExtent, Encoding, Image, LayerOf, Metadata, ReadAt, WriteSummary, Writer, WriterOptions, encode_extent_borrowed,
+    encode_extent_owned, hex,
 };
-use bootcache_trace::{AccessOrder, OffsetSpace, Trace};
+use bootcache_trace::{AccessOrder, IntervalSet, OffsetSpace, Trace};
 use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::image::{ImageSink, ImageSource};
-use crate::plan::plan;
+use crate::plan::{ParentPiece, Plan, plan, plan_layer};
 
 /// How much guest data is encoded in parallel at a time.
 const BATCH_BYTES: u64 = 16 << 20;
+/// The guest grain at which a layer's bytes are compared with its parent's:
+/// a changed byte makes its 4 KiB block the layer's own.
+pub const LAYER_GRAIN: u64 = 4096;
+/// How much of both disks is compared at a time.
+const COMPARE_CHUNK: u64 = 4 << 20;
 
 /// Errors from conversion.
 #[remain::sorted]
@@ -32,6 +38,9 @@ pub enum ConvertError {
         /// Why.
         why: String,
     },
+    /// The parent image cannot be read, or cannot be this image's parent.
+    #[error("the parent image: {0}")]
+    Parent(String),
     /// The source image could not be read.
     #[error("cannot read the source image at offset {offset:#x}")]
     Source {
@@ -107,6 +116,26 @@ pub struct ConvertReport {
     pub root_digest: String,
     /// Wall time in seconds.
     pub seconds: f64,
+    /// For a layer: its parent and what it shares with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<LayerReport>,
+}
+
+/// What a layer holds of its own and takes from its parent.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerReport {
+    /// The parent's root digest, hex.
+    pub root_digest: String,
+    /// Where the layer says the parent is.
+    pub locator: String,
+    /// Layers under the new one.
+    pub depth: u16,
+    /// Guest bytes that differ from the parent (what the layer stores).
+    pub changed_bytes: u64,
+    /// Guest bytes of the boot set read from the parent's extents.
+    pub parent_boot_bytes: u64,
+    /// Parent extents in the boot order.
+    pub parent_boot_extents: usize,
 }
 
 fn boot_order(traces: &[Trace], size: u64, min_boots: usize) -> Result<AccessOrder, ConvertError> {
@@ -153,6 +182,118 @@ pub fn convert<W: Write + Seek + Send>(
     let order = boot_order(traces, size, opts.min_boots)?;
     let allocated = src.allocated().map_err(|source| ConvertError::Source { offset: 0, source })?;
     let plan = plan(&order, &allocated, size, u64::from(opts.boot_extent_max), u64::from(opts.rest_extent_len));
+    let wopts = writer_options(size, &plan, traces, opts, None);
+    let (out, mut report) = write_image(src, &plan, wopts, out, opts, progress)?;
+    report.allocated_bytes = allocated.bytes();
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok((out, report))
+}
+
+/// The guest ranges where `src` differs from the disk of `parent` (bytes
+/// past the parent's size compared with zeros), in blocks of
+/// [`LAYER_GRAIN`]: what a layer of `src` over `parent` must hold. Only
+/// what either side may hold is read. `progress` is called with guest bytes
+/// compared.
+///
+/// # Errors
+/// An unreadable source or parent, or a parent larger than the source.
+pub fn layer_changes<R: ReadAt>(src: &dyn ImageSource, parent: &Chain<R>, progress: &dyn Fn(u64)) -> Result<IntervalSet, ConvertError> {
+    let size = src.size();
+    let parent_size = parent.virtual_size();
+    if parent_size > size {
+        return Err(ConvertError::Parent(format!("its disk ({parent_size} bytes) is larger than the source's ({size} bytes)")));
+    }
+    let parent_data =
+        IntervalSet::from_ranges(parent.map().iter().filter(|p| parent.entry(p).encoding != Encoding::Zero).map(|p| p.guest.clone()));
+    let allocated = src.allocated().map_err(|source| ConvertError::Source { offset: 0, source })?;
+    let candidates = allocated.union(&parent_data).align(LAYER_GRAIN, size);
+    let (mut ours, mut theirs) = (vec![0u8; COMPARE_CHUNK as usize], vec![0u8; COMPARE_CHUNK as usize]);
+    let mut changed: Vec<std::ops::Range<u64>> = Vec::new();
+    for r in candidates.ranges() {
+        let mut at = r.start;
+        while at < r.end {
+            let n = (r.end - at).min(COMPARE_CHUNK);
+            let (a, b) = (&mut ours[..n as usize], &mut theirs[..n as usize]);
+            src.read_at(a, at).map_err(|source| ConvertError::Source { offset: at, source })?;
+            let shared = parent_size.saturating_sub(at).min(n);
+            parent.read_at(&mut b[..shared as usize], at).map_err(ConvertError::Image)?;
+            b[shared as usize..].fill(0);
+            for (i, (x, y)) in a.chunks(LAYER_GRAIN as usize).zip(b.chunks(LAYER_GRAIN as usize)).enumerate() {
+                if x != y {
+                    let start = at + i as u64 * LAYER_GRAIN;
+                    let end = start + x.len() as u64;
+                    match changed.last_mut() {
+                        Some(last) if last.end == start => last.end = end,
+                        _ => changed.push(start..end),
+                    }
+                }
+            }
+            progress(n);
+            at += n;
+        }
+    }
+    Ok(IntervalSet::from_ranges(changed))
+}
+
+/// Converts `src` into a layer over `parent` written to `out`: it stores the
+/// `changed` ranges (see [`layer_changes`]), names the parent by root digest
+/// and `locator` (where a reader should look for it, commonly its file name
+/// beside the layer), and lists its boot stream across the chain from
+/// `traces`. `progress` is called with guest bytes done.
+///
+/// # Errors
+/// As [`convert`]; a parent that cannot be this image's parent.
+#[allow(clippy::too_many_arguments, reason = "the inputs of a conversion, each needed")]
+pub fn convert_layer<W: Write + Seek + Send, R: ReadAt>(
+    src: &dyn ImageSource,
+    parent: &Chain<R>,
+    locator: &str,
+    changed: &IntervalSet,
+    traces: &[Trace],
+    out: W,
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(W, ConvertReport), ConvertError> {
+    let started = Instant::now();
+    let size = src.size();
+    if parent.virtual_size() > size {
+        return Err(ConvertError::Parent(format!("its disk ({} bytes) is larger than the source's ({size} bytes)", parent.virtual_size())));
+    }
+    let top = parent.top().header();
+    if top.layer_depth + 2 > bootcache_format::MAX_CHAIN_LAYERS {
+        return Err(ConvertError::Parent(format!("it is {} layers deep already", top.layer_depth)));
+    }
+    let order = boot_order(traces, size, opts.min_boots)?;
+    let pieces: Vec<ParentPiece> = parent
+        .map()
+        .iter()
+        .filter(|p| parent.entry(p).encoding != Encoding::Zero)
+        .map(|p| ParentPiece {
+            guest: p.guest.clone(),
+            extent: BootRef { layer: u16::try_from(p.layer + 1).unwrap_or(u16::MAX), guest_offset: parent.entry(p).guest.start },
+        })
+        .collect();
+    let lp = plan_layer(&order, changed, &pieces, size, u64::from(opts.boot_extent_max), u64::from(opts.rest_extent_len));
+    let of = LayerOf { digest: parent.top().root_digest(), depth: top.layer_depth };
+    let mut wopts = writer_options(size, &lp.plan, traces, opts, Some(locator));
+    wopts.parent = Some(of);
+    wopts.boot_order = lp.boot_order.clone();
+    let (out, mut report) = write_image(src, &lp.plan, wopts, out, opts, progress)?;
+    report.allocated_bytes = changed.bytes();
+    report.parent = Some(LayerReport {
+        root_digest: of.digest.to_string(),
+        locator: locator.to_owned(),
+        depth: of.depth + 1,
+        changed_bytes: changed.bytes(),
+        parent_boot_bytes: lp.parent_boot_bytes,
+        parent_boot_extents: lp.boot_order.iter().filter(|r| r.layer > 0).count(),
+    });
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok((out, report))
+}
+
+/// The writer's options for `plan`: metadata from the traces and options.
+fn writer_options(size: u64, plan: &Plan, traces: &[Trace], opts: &ConvertOptions, parent_locator: Option<&str>) -> WriterOptions {
     // How long the recorded boots read (the latest of their last reads): a
     // node streams the rest of the image after that, not during the boot.
     let boot_ns = traces.iter().filter_map(|t| t.records.iter().filter(|r| r.boot_bytes().is_some()).map(|r| r.t_ns).max()).max();
@@ -163,12 +304,26 @@ pub fn convert<W: Write + Seek + Send>(
         "boot_alignment": plan.block_size,
     });
     let boot_seconds = boot_ns.map(|n| (n as f64 / 1e9).min(86_400.0));
-    let wopts = WriterOptions {
+    WriterOptions {
         virtual_size: size,
         block_size: u32::try_from(plan.block_size).unwrap_or(1),
         max_extent_len: opts.boot_extent_max.max(opts.rest_extent_len),
-        metadata: Metadata { creator: opts.creator.clone(), boot_seconds, parent_locator: None, extra },
-    };
+        metadata: Metadata { creator: opts.creator.clone(), boot_seconds, parent_locator: parent_locator.map(str::to_owned), extra },
+        ..Default::default()
+    }
+}
+
+/// Writes the extents of `plan` from `src`; the report's times and
+/// allocation are the caller's to fill.
+fn write_image<W: Write + Seek + Send>(
+    src: &dyn ImageSource,
+    plan: &Plan,
+    wopts: WriterOptions,
+    out: W,
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(W, ConvertReport), ConvertError> {
+    let size = wopts.virtual_size;
     let mut writer = Writer::new(out, wopts, plan.extents.clone()).map_err(ConvertError::Writer)?;
     let zero_extents = write_extents(src, &mut writer, &plan.extents, opts.zstd_level, progress)?;
     if src.changed().map_err(|source| ConvertError::Source { offset: 0, source })? {
@@ -177,7 +332,7 @@ pub fn convert<W: Write + Seek + Send>(
     let (out, s): (W, WriteSummary) = writer.finish().map_err(ConvertError::Writer)?;
     let report = ConvertReport {
         virtual_size: size,
-        allocated_bytes: allocated.bytes(),
+        allocated_bytes: 0,
         boot_set_bytes: plan.boot_set_bytes,
         boot_guest_bytes: s.boot_guest,
         boot_segment_bytes: s.boot_stored,
@@ -187,7 +342,8 @@ pub fn convert<W: Write + Seek + Send>(
         block_size: plan.block_size,
         file_bytes: s.file_len,
         root_digest: hex(&s.root_digest),
-        seconds: started.elapsed().as_secs_f64(),
+        seconds: 0.0,
+        parent: None,
     };
     Ok((out, report))
 }
@@ -270,6 +426,26 @@ fn batches(extents: &[bootcache_format::PlannedExtent]) -> Vec<&[bootcache_forma
 /// When the source's allocation cannot be listed.
 pub fn planned_bytes(src: &dyn ImageSource) -> Result<u64, ConvertError> {
     Ok(src.allocated().map_err(|source| ConvertError::Source { offset: 0, source })?.bytes())
+}
+
+/// Writes every guest byte of the disk `chain` describes to `sink`, the
+/// layers flattened, verifying each extent. `progress` is called with guest
+/// bytes done.
+///
+/// # Errors
+/// A bad extent (named by layer and guest offset) or a write error.
+pub fn export_chain<R: ReadAt>(chain: &Chain<R>, mut sink: Box<dyn ImageSink>, progress: &dyn Fn(u64)) -> Result<(), ConvertError> {
+    let mut buf = Vec::new();
+    for piece in chain.map() {
+        let len = piece.guest.end - piece.guest.start;
+        if chain.entry(piece).encoding != Encoding::Zero {
+            buf.resize(usize::try_from(len).unwrap_or(usize::MAX), 0);
+            chain.read_at(&mut buf, piece.guest.start).map_err(ConvertError::Image)?;
+            sink.write_at(&buf, piece.guest.start).map_err(ConvertError::Write)?;
+        }
+        progress(len);
+    }
+    sink.finish().map_err(ConvertError::Write)
 }
 
 /// Writes every guest byte of `image` to `sink`, verifying each extent.

@@ -8,7 +8,9 @@
 
 use std::ops::Range;
 
-use bootcache_format::{PlannedExtent, Segment};
+use std::collections::HashSet;
+
+use bootcache_format::{BootRef, PlannedExtent, Segment};
 use bootcache_trace::{AccessOrder, IntervalSet, Piece};
 
 /// Block sizes tried, largest first, for aligning the boot set.
@@ -31,16 +33,22 @@ pub struct Plan {
     pub rest_guest_bytes: u64,
 }
 
-/// Plans extents for a disk of `size` bytes with `allocated` ranges and the
-/// boot `order` (already merged across traces).
-pub fn plan(order: &AccessOrder, allocated: &IntervalSet, size: u64, boot_extent_max: u64, rest_extent_len: u64) -> Plan {
-    let exact = order.set();
-    let exact_bytes = exact.bytes();
-    let (block_size, aligned) = ALIGNMENTS
+/// The boot order aligned to the largest block size that pads it by at most
+/// [`MAX_PADDING`], with that block size.
+fn aligned(order: &AccessOrder, size: u64) -> (u64, AccessOrder) {
+    let exact_bytes = order.set().bytes();
+    ALIGNMENTS
         .iter()
         .map(|&b| (b, order.align(b, size)))
         .find(|(_, a)| a.set().bytes() as f64 <= exact_bytes as f64 * (1.0 + MAX_PADDING))
-        .unwrap_or_else(|| (1, order.clone()));
+        .unwrap_or_else(|| (1, order.clone()))
+}
+
+/// Plans extents for a disk of `size` bytes with `allocated` ranges and the
+/// boot `order` (already merged across traces).
+pub fn plan(order: &AccessOrder, allocated: &IntervalSet, size: u64, boot_extent_max: u64, rest_extent_len: u64) -> Plan {
+    let exact_bytes = order.set().bytes();
+    let (block_size, aligned) = aligned(order, size);
 
     let mut extents = Vec::new();
     for run in coalesce(aligned.pieces(), allocated) {
@@ -55,6 +63,96 @@ pub fn plan(order: &AccessOrder, allocated: &IntervalSet, size: u64, boot_extent
         split_aligned(r, rest_extent_len, |r| extents.push(PlannedExtent { guest: r, segment: Segment::Rest }));
     }
     Plan { extents, block_size, boot_set_bytes: exact_bytes, boot_guest_bytes, rest_guest_bytes }
+}
+
+/// An extent of the parent chain a layer's boot may read instead of storing
+/// the bytes itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParentPiece {
+    /// The guest bytes read from it.
+    pub guest: Range<u64>,
+    /// Which extent: its layer counted from the layer being written (1 the
+    /// parent) and its first guest byte there.
+    pub extent: BootRef,
+}
+
+/// A layer's plan: its own extents and its boot stream across the chain.
+#[derive(Clone, Debug)]
+pub struct LayerPlan {
+    /// Own extents, as [`Plan`].
+    pub plan: Plan,
+    /// The boot stream, own extents (layer 0) and the parents' in first-access order.
+    pub boot_order: Vec<BootRef>,
+    /// Guest bytes of the boot set the parents hold.
+    pub parent_boot_bytes: u64,
+}
+
+/// Plans a layer over a parent chain: `changed` are the guest ranges whose
+/// bytes differ from the parent's (what the layer stores); `parent` the
+/// chain's stored extents (guest order) where it does not. The boot set's
+/// changed bytes become own boot extents; the parent extents the boot reads
+/// are listed in the boot order where the boot first reads them, each once.
+pub fn plan_layer(
+    order: &AccessOrder,
+    changed: &IntervalSet,
+    parent: &[ParentPiece],
+    size: u64,
+    boot_extent_max: u64,
+    rest_extent_len: u64,
+) -> LayerPlan {
+    let exact_bytes = order.set().bytes();
+    let (block_size, aligned) = aligned(order, size);
+    let unchanged = IntervalSet::from_ranges(std::iter::once(0..size)).difference(changed);
+    let mut extents = Vec::new();
+    let mut boot_order = Vec::new();
+    let mut named = HashSet::new();
+    let mut own: Option<Range<u64>> = None;
+    let mut parent_boot_bytes = 0;
+    let flush = |own: &mut Option<Range<u64>>, extents: &mut Vec<PlannedExtent>, boot_order: &mut Vec<BootRef>| {
+        if let Some(run) = own.take() {
+            split(&run, boot_extent_max, |r| {
+                boot_order.push(BootRef { layer: 0, guest_offset: r.start });
+                extents.push(PlannedExtent { guest: r, segment: Segment::Boot });
+            });
+        }
+    };
+    for piece in aligned.pieces() {
+        // Within a piece, guest order: each byte is the layer's own or the parent's.
+        let mut parts: Vec<(Range<u64>, bool)> = changed.clip(&piece.range).map(|r| (r, true)).collect();
+        parts.extend(unchanged.clip(&piece.range).map(|r| (r, false)));
+        parts.sort_unstable_by_key(|(r, _)| r.start);
+        for (r, is_own) in parts {
+            if is_own {
+                match &mut own {
+                    Some(run) if run.end == r.start => run.end = r.end,
+                    _ => {
+                        flush(&mut own, &mut extents, &mut boot_order);
+                        own = Some(r);
+                    }
+                }
+                continue;
+            }
+            let first = parent.partition_point(|p| p.guest.end <= r.start);
+            for p in parent[first..].iter().take_while(|p| p.guest.start < r.end) {
+                parent_boot_bytes += p.guest.end.min(r.end) - p.guest.start.max(r.start);
+                if named.insert(p.extent) {
+                    flush(&mut own, &mut extents, &mut boot_order);
+                    boot_order.push(p.extent);
+                }
+            }
+        }
+    }
+    flush(&mut own, &mut extents, &mut boot_order);
+    let boot_guest_bytes = extents.iter().map(|e| e.guest.end - e.guest.start).sum();
+    let boot = IntervalSet::from_ranges(extents.iter().map(|e| e.guest.clone()));
+    let rest = changed.difference(&boot);
+    let mut rest_guest_bytes = 0;
+    for r in rest.ranges() {
+        rest_guest_bytes += r.end - r.start;
+        split_aligned(r, rest_extent_len, |r| extents.push(PlannedExtent { guest: r, segment: Segment::Rest }));
+    }
+    let plan = Plan { extents, block_size, boot_set_bytes: exact_bytes, boot_guest_bytes, rest_guest_bytes };
+    LayerPlan { plan, boot_order, parent_boot_bytes }
 }
 
 /// The pieces clipped to allocated ranges, with neighbours in both order and
@@ -109,6 +207,24 @@ mod tests {
         assert_eq!(all, allocated);
         assert_eq!(p.extents.iter().map(|e| e.guest.end - e.guest.start).sum::<u64>(), 2 << 20);
         assert!(p.extents.iter().all(|e| e.guest.end - e.guest.start <= 256 << 10 || e.segment == Segment::Boot));
+    }
+
+    #[test]
+    fn a_layer_stores_what_changed_and_names_the_parent_extents_its_boot_reads_once() {
+        // The boot reads 0..8192 (half changed), then 64K..72K (the parent's), then 4096..12288 again.
+        let order = AccessOrder::from_timed([(0..8192, 0), (65536..73728, 1), (4096..12288, 2)]);
+        let changed = IntervalSet::from_ranges([4096..8192, 1 << 20..(1 << 20) + 4096]);
+        let r = |layer, guest_offset| BootRef { layer, guest_offset };
+        let parent = vec![
+            ParentPiece { guest: 0..4096, extent: r(1, 0) },
+            ParentPiece { guest: 8192..65536, extent: r(2, 8192) },
+            ParentPiece { guest: 65536..131072, extent: r(1, 65536) },
+        ];
+        let p = plan_layer(&order, &changed, &parent, 2 << 20, 1 << 20, 256 << 10);
+        assert_eq!(p.boot_order, vec![r(1, 0), r(0, 4096), r(1, 65536), r(2, 8192)]);
+        let own: Vec<_> = p.plan.extents.iter().map(|e| (e.guest.clone(), e.segment)).collect();
+        assert_eq!(own, vec![(4096..8192, Segment::Boot), (1 << 20..(1 << 20) + 4096, Segment::Rest)]);
+        assert_eq!(p.parent_boot_bytes, 4096 + 8192 + 4096);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `bootcache convert`, `export`, `info` and `check`.
+//! `bootcache convert`, `export`, `info`, `check` and `diff`.
 
 use std::fs::File;
 use std::io::BufWriter;
@@ -8,9 +8,10 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use bootcache_convert::qcow2::Qcow2Sink;
 use bootcache_convert::{
-    ConvertOptions, Format, ImageSink, RawSink, convert as run_convert, export as run_export, open as open_image, output, planned_bytes,
+    ConvertOptions, Format, ImageSink, RawSink, convert as run_convert, convert_layer, export_chain, layer_changes, open as open_image,
+    output, planned_bytes,
 };
-use bootcache_format::{Encoding, Image, Segment, feature_names};
+use bootcache_format::{Chain, Encoding, Image, ParentRef, Segment, feature_names};
 use bootcache_trace::{OffsetSpace, Trace};
 use clap::Args;
 use serde::Serialize;
@@ -50,6 +51,14 @@ pub struct ConvertArgs {
     src_format: SrcFormat,
     /// The bootcache image to write.
     dst: PathBuf,
+    /// Write a layer over this bootcache image: only the 4 KiB blocks where
+    /// the source differs from it are stored, the parent named by root digest
+    /// and by its file name (beside the layer) or path. The source may be a
+    /// qcow2 overlay whose backing file is the parent's source. The layer's
+    /// boot order lists the parent's extents its boot reads, so a node that
+    /// lacks the parent still fetches one ordered boot stream.
+    #[arg(long, value_name = "IMAGE")]
+    parent: Option<PathBuf>,
     /// Boot trace(s) whose reads go first; without one the boot segment is empty.
     #[arg(long = "trace", value_name = "TRACE")]
     traces: Vec<PathBuf>,
@@ -103,11 +112,28 @@ pub fn convert(args: &ConvertArgs) -> anyhow::Result<ExitCode> {
     // a failed conversion leaves no half file and keeps an older one intact.
     let mut inputs: Vec<&Path> = opened.files.iter().map(PathBuf::as_path).collect();
     inputs.extend(args.traces.iter().map(PathBuf::as_path));
+    let parent = args.parent.as_deref().map(open_chain).transpose()?;
+    if let Some((_, files)) = &parent {
+        inputs.extend(files.iter().map(PathBuf::as_path));
+    }
     let (file, staged) = output::stage(&args.dst, &inputs)?;
-    let bar = progress::bytes(planned_bytes(src.as_ref())?, "convert", args.quiet);
-    let (out, report) = run_convert(src.as_ref(), &traces, BufWriter::with_capacity(64 << 10, file), &opts, &|n| bar.inc(n))
-        .with_context(|| format!("converting {}", args.src.display()))?;
-    bar.finish_and_clear();
+    let out = BufWriter::with_capacity(64 << 10, file);
+    let converting = || format!("converting {}", args.src.display());
+    let (out, report) = if let (Some((chain, files)), Some(path)) = (&parent, &args.parent) {
+        let bar = progress::bytes(chain.virtual_size(), "compare", args.quiet);
+        let changed = layer_changes(src.as_ref(), chain, &|n| bar.inc(n)).with_context(converting)?;
+        bar.finish_and_clear();
+        let locator = locator(path, &files[0], &args.dst)?;
+        let bar = progress::bytes(changed.bytes(), "convert", args.quiet);
+        let done = convert_layer(src.as_ref(), chain, &locator, &changed, &traces, out, &opts, &|n| bar.inc(n)).with_context(converting)?;
+        bar.finish_and_clear();
+        done
+    } else {
+        let bar = progress::bytes(planned_bytes(src.as_ref())?, "convert", args.quiet);
+        let done = run_convert(src.as_ref(), &traces, out, &opts, &|n| bar.inc(n)).with_context(converting)?;
+        bar.finish_and_clear();
+        done
+    };
     let file = out.into_inner().map_err(std::io::IntoInnerError::into_error).context("writing the container")?;
     staged.commit(&file)?;
     if args.output == Output::Json {
@@ -119,19 +145,62 @@ pub fn convert(args: &ConvertArgs) -> anyhow::Result<ExitCode> {
             report.boot_set_bytes, report.boot_guest_bytes, report.boot_segment_bytes, report.block_size
         );
         println!("rest segment {} stored bytes; {} all-zero extents cost nothing", report.rest_segment_bytes, report.zero_extents);
+        if let Some(p) = &report.parent {
+            println!(
+                "layer over {} (root {}): {} guest bytes differ; its boot reads {} bytes in {} of the parent's extents",
+                p.locator, p.root_digest, p.changed_bytes, p.parent_boot_bytes, p.parent_boot_extents
+            );
+        }
         println!("root digest {}", report.root_digest);
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Opens a bootcache container (a regular file; another format is named).
-fn open(path: &Path) -> anyhow::Result<Image<File>> {
+/// Opens one bootcache container file, which may be a layer (a regular
+/// file; another format is named).
+fn open_layer(path: &Path) -> anyhow::Result<Image<File>> {
     let format = bootcache_convert::detect(path)?;
     if format != Format::Bootcache {
         bail!("{} is not a bootcache image: its magic says {format}", path.display());
     }
     let file = bootcache_convert::open_file(path)?;
-    Image::open(file).with_context(|| format!("{} is not a valid bootcache image", path.display()))
+    Image::open_layer(file).with_context(|| format!("{} is not a valid bootcache image", path.display()))
+}
+
+/// Opens a bootcache image and, for a layer, its parents: each where the
+/// layer that names it says (a relative locator from that layer's
+/// directory). Returns the chain and its files, the image's first.
+fn open_chain(path: &Path) -> anyhow::Result<(Chain<File>, Vec<PathBuf>)> {
+    chain_of(open_layer(path)?, path)
+}
+
+fn chain_of(top: Image<File>, path: &Path) -> anyhow::Result<(Chain<File>, Vec<PathBuf>)> {
+    let mut files = vec![path.to_owned()];
+    let chain = Chain::open(top, |p: ParentRef<'_>| {
+        let named = p.locator.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "the layer names no file for it"))?;
+        let dir = files.last().and_then(|f| f.parent()).map(Path::to_owned).unwrap_or_default();
+        let found = dir.join(named);
+        let file = bootcache_convert::open_file(&found).map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{e:#}")))?;
+        files.push(found);
+        Ok(file)
+    })
+    .with_context(|| format!("opening the layers under {}", path.display()))?;
+    Ok((chain, files))
+}
+
+/// How a layer written to `dst` names its parent at `parent`: its file name
+/// when both are in one directory, else its absolute path.
+fn locator(given: &Path, parent: &Path, dst: &Path) -> anyhow::Result<String> {
+    let dir_of = |p: &Path| -> anyhow::Result<PathBuf> {
+        let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))
+    };
+    let name = parent.file_name().and_then(|n| n.to_str()).with_context(|| format!("{} has no UTF-8 file name", given.display()))?;
+    if dir_of(parent)? == dir_of(dst)? {
+        return Ok(name.to_owned());
+    }
+    let abs = parent.canonicalize().with_context(|| format!("resolving {}", given.display()))?;
+    abs.to_str().map(str::to_owned).with_context(|| format!("{} is not a UTF-8 path", abs.display()))
 }
 
 /// Output formats of `export`.
@@ -144,21 +213,26 @@ pub enum DstFormat {
 }
 
 pub fn export(src: &Path, dst: &Path, format: DstFormat, quiet: bool) -> anyhow::Result<ExitCode> {
-    let image = open(src)?;
-    let size = image.virtual_size();
+    let (chain, files) = open_chain(src)?;
+    let size = chain.virtual_size();
     // Written aside and renamed only once every extent verified: a bad
     // container never destroys a good older output.
-    let (file, staged) = output::stage(dst, &[src])?;
+    let inputs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    let (file, staged) = output::stage(dst, &inputs)?;
     let keep = file.try_clone().context("duplicating the output's descriptor")?;
     let sink: Box<dyn ImageSink> = match format {
         DstFormat::Raw => Box::new(RawSink::new(file, size).with_context(|| format!("creating {}", dst.display()))?),
         DstFormat::Qcow2 => Box::new(Qcow2Sink::new(file, size).with_context(|| format!("creating {}", dst.display()))?),
     };
-    let bar = progress::bytes(image.index().entries().iter().map(|e| e.guest_len()).sum(), "export", quiet);
-    run_export(&image, sink, &|n| bar.inc(n)).with_context(|| format!("exporting {}", src.display()))?;
+    let bar = progress::bytes(chain.map().iter().map(|p| p.guest.end - p.guest.start).sum(), "export", quiet);
+    export_chain(&chain, sink, &|n| bar.inc(n)).with_context(|| format!("exporting {}", src.display()))?;
     bar.finish_and_clear();
     staged.commit(&keep)?;
-    eprintln!("wrote {} ({} bytes)", dst.display(), image.virtual_size());
+    eprintln!(
+        "wrote {} ({size} bytes{})",
+        dst.display(),
+        if files.len() > 1 { format!(", {} layers flattened", files.len()) } else { String::new() }
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -180,11 +254,33 @@ struct InfoJson {
     block_size: u32,
     max_extent_len: u32,
     metadata: bootcache_format::Metadata,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    layer: Option<LayerJson>,
+}
+
+/// A layer's place in its chain.
+#[derive(Serialize)]
+struct LayerJson {
+    parent_root_digest: String,
+    layer_depth: u16,
+    boot_order_entries: usize,
+    /// The images under it, parent first, as found.
+    chain: Vec<ChainEntry>,
+    /// Why the chain could not be followed, if it could not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chain_error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ChainEntry {
+    path: PathBuf,
+    root_digest: String,
+    file_bytes: u64,
 }
 
 pub fn info(path: &Path, output: Output) -> anyhow::Result<ExitCode> {
-    let image = open(path)?;
-    let h = image.header();
+    let image = open_layer(path)?;
+    let h = image.header().clone();
     let entries = image.index().entries();
     let count = |f: &dyn Fn(&bootcache_format::Entry) -> bool| entries.iter().filter(|e| f(e)).count();
     let features = if h.incompatible == 0 { Vec::new() } else { vec![feature_names(h.incompatible)] };
@@ -205,10 +301,32 @@ pub fn info(path: &Path, output: Output) -> anyhow::Result<ExitCode> {
         block_size: h.block_size,
         max_extent_len: h.max_extent_len,
         metadata: image.metadata().clone(),
+        layer: None,
     };
+    let mut info = info;
+    if let Some(parent) = h.parent {
+        let boot_order_entries = image.boot_refs().len();
+        let (chain, chain_error) = match chain_of(image, path) {
+            Ok((chain, files)) => {
+                let entries = chain.layers().iter().zip(files).skip(1).map(|(l, path)| ChainEntry {
+                    path,
+                    root_digest: l.root_digest_hex(),
+                    file_bytes: l.header().meta.end,
+                });
+                (entries.collect(), None)
+            }
+            Err(e) => (Vec::new(), Some(format!("{e:#}"))),
+        };
+        let parent_root_digest = parent.to_string();
+        info.layer = Some(LayerJson { parent_root_digest, layer_depth: h.layer_depth, boot_order_entries, chain, chain_error });
+    }
+    let failed = info.layer.as_ref().and_then(|l| l.chain_error.clone());
     if output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&info)?);
-        return Ok(ExitCode::SUCCESS);
+        return match failed {
+            Some(e) => Err(anyhow::anyhow!(e)),
+            None => Ok(ExitCode::SUCCESS),
+        };
     }
     println!("image            {}", path.display());
     println!(
@@ -226,14 +344,107 @@ pub fn info(path: &Path, output: Output) -> anyhow::Result<ExitCode> {
     println!("rest segment     {} bytes stored", info.rest_segment_bytes);
     println!("created by       {}", info.metadata.creator);
     println!("root digest      {}", info.root_digest);
-    Ok(ExitCode::SUCCESS)
+    if let Some(l) = &info.layer {
+        println!("layer            {} layers above its base; boot order of {} extents across them", l.layer_depth, l.boot_order_entries);
+        println!("parent           {} ({})", info.metadata.parent_locator.as_deref().unwrap_or("no locator"), l.parent_root_digest);
+        for (i, c) in l.chain.iter().enumerate() {
+            println!("  layer {}        {} ({} bytes, root {})", i + 1, c.path.display(), c.file_bytes, c.root_digest);
+        }
+    }
+    match failed {
+        Some(e) => Err(anyhow::anyhow!(e)),
+        None => Ok(ExitCode::SUCCESS),
+    }
 }
 
 pub fn check(path: &Path, quiet: bool) -> anyhow::Result<ExitCode> {
-    let image = open(path)?;
-    let bar = progress::bytes(image.header().rest.end - image.header().boot.start, "check", quiet);
-    let report = image.check(|n| bar.inc(n)).with_context(|| format!("{} failed verification", path.display()))?;
+    let (chain, files) = open_chain(path)?;
+    let stored = chain.layers().iter().map(|l| l.header().rest.end - l.header().boot.start).sum();
+    let bar = progress::bytes(stored, "check", quiet);
+    let report = chain.check(|n| bar.inc(n)).with_context(|| format!("{} failed verification", path.display()))?;
     bar.finish_and_clear();
-    println!("ok: {} extents, {} stored bytes verified; root digest {}", report.extents, report.stored_bytes, image.root_digest_hex());
+    let layers = if files.len() > 1 { format!(" in {} layers", files.len()) } else { String::new() };
+    println!(
+        "ok: {} extents, {} stored bytes verified{layers}; root digest {}",
+        report.extents,
+        report.stored_bytes,
+        chain.top().root_digest_hex()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `diff` found.
+#[derive(Serialize)]
+struct DiffJson {
+    old_root_digest: String,
+    new_root_digest: String,
+    /// Guest bytes of the new image that hold data (its non-zero extents, as read).
+    new_data_bytes: u64,
+    /// Of those, bytes in extents whose content the old image holds.
+    shared_bytes: u64,
+    /// Guest bytes of the new image's boot stream.
+    new_boot_bytes: u64,
+    /// Of those, bytes the old image holds.
+    shared_boot_bytes: u64,
+    /// Stored bytes a node holding the old image would fetch for the new one.
+    stored_bytes_to_fetch: u64,
+    /// Of those, for the boot.
+    boot_stored_bytes_to_fetch: u64,
+}
+
+pub fn diff(old: &Path, new: &Path, output: Output) -> anyhow::Result<ExitCode> {
+    let (a, _) = open_chain(old)?;
+    let (b, _) = open_chain(new)?;
+    let held: std::collections::HashSet<[u8; 32]> =
+        a.layers().iter().flat_map(|l| l.index().entries()).filter(|e| e.encoding != Encoding::Zero).map(|e| e.digest).collect();
+    let mut d = DiffJson {
+        old_root_digest: a.top().root_digest_hex(),
+        new_root_digest: b.top().root_digest_hex(),
+        new_data_bytes: 0,
+        shared_bytes: 0,
+        new_boot_bytes: 0,
+        shared_boot_bytes: 0,
+        stored_bytes_to_fetch: 0,
+        boot_stored_bytes_to_fetch: 0,
+    };
+    let mut counted = std::collections::HashSet::new();
+    for piece in b.map() {
+        let e = b.entry(piece);
+        if e.encoding == Encoding::Zero {
+            continue;
+        }
+        let len = piece.guest.end - piece.guest.start;
+        d.new_data_bytes += len;
+        if held.contains(&e.digest) {
+            d.shared_bytes += len;
+        } else if counted.insert((piece.layer, piece.entry)) {
+            d.stored_bytes_to_fetch += e.stored_len();
+        }
+    }
+    for (_, e) in b.boot_stream() {
+        d.new_boot_bytes += e.guest_len();
+        if held.contains(&e.digest) {
+            d.shared_boot_bytes += e.guest_len();
+        } else {
+            d.boot_stored_bytes_to_fetch += e.stored_len();
+        }
+    }
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&d)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let pct = |part: u64, whole: u64| if whole == 0 { 0.0 } else { 100.0 * part as f64 / whole as f64 };
+    println!("{} holds {:.1} % of the data of {}:", old.display(), pct(d.shared_bytes, d.new_data_bytes), new.display());
+    println!(
+        "  data             {} of {} guest bytes shared; {} stored bytes to fetch",
+        d.shared_bytes, d.new_data_bytes, d.stored_bytes_to_fetch
+    );
+    println!(
+        "  boot             {} of {} guest bytes shared ({:.1} %); {} stored bytes to fetch",
+        d.shared_boot_bytes,
+        d.new_boot_bytes,
+        pct(d.shared_boot_bytes, d.new_boot_bytes),
+        d.boot_stored_bytes_to_fetch
+    );
     Ok(ExitCode::SUCCESS)
 }

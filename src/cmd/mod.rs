@@ -68,9 +68,10 @@ enum Command {
     },
     /// Convert a raw or qcow2 disk image into a bootcache image, boot bytes first.
     Convert(image::ConvertArgs),
-    /// Write a bootcache image back out as a sparse raw or qcow2 disk image.
+    /// Write a bootcache image back out as a sparse raw or qcow2 disk image
+    /// (a layer with its parents, flattened).
     Export {
-        /// The bootcache image.
+        /// The bootcache image (a layer's parents are found as it names them).
         src: PathBuf,
         /// The disk image to write.
         dst: PathBuf,
@@ -88,7 +89,8 @@ enum Command {
     /// Pull a bootcache image from an OCI registry into a file, every byte
     /// checked against its digest and the image's root digest.
     Pull(registry::PullArgs),
-    /// Describe a bootcache image: sizes, segments, features, root digest.
+    /// Describe a bootcache image: sizes, segments, features, root digest,
+    /// and for a layer its chain of parents.
     Info {
         /// The bootcache image.
         image: PathBuf,
@@ -126,7 +128,20 @@ enum Command {
     /// Print what an instance printed: a VM's serial console, a container's
     /// log (the last MiB), through the control node and its node.
     Logs(lab::LogsArgs),
-    /// Verify every digest in a bootcache image; fails naming the first bad extent.
+    /// How many bytes two bootcache images share: extents of the second
+    /// whose content (digest) the first holds, which a node holding the first
+    /// need not fetch for the second.
+    Diff {
+        /// The image a node holds (a layer with its parents).
+        old: PathBuf,
+        /// The image to compare with it.
+        new: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Verify every digest in a bootcache image, and in a layer's parents;
+    /// fails naming the first bad extent or parent.
     Check {
         /// The bootcache image.
         image: PathBuf,
@@ -178,6 +193,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Export { src, dst, format, quiet } => image::export(&src, &dst, format, quiet),
         Command::Info { image, output } => image::info(&image, output),
         Command::Check { image, quiet } => image::check(&image, quiet),
+        Command::Diff { old, new, output } => image::diff(&old, &new, output),
         Command::Store(cmd) => deliver::store(cmd),
         Command::Node(cmd) => deliver::node(cmd),
         Command::Boot(args) => deliver::boot(&args),
