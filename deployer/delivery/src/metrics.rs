@@ -23,6 +23,7 @@ pub struct Metrics {
     pub(crate) miss_wait_ns: AtomicU64,
     pub(crate) read_errors: AtomicU64,
     pub(crate) boot_reaims: AtomicU64,
+    pub(crate) local_bytes: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -60,6 +61,9 @@ pub struct Snapshot {
     pub read_errors: u64,
     /// Times a guest that got ahead of the boot stream re-aimed it.
     pub boot_reaims: u64,
+    /// Stored bytes taken from other images' caches on this node (extents
+    /// with the same digest), not fetched.
+    pub local_bytes: u64,
     /// Share of guest reads served without waiting.
     pub hit_ratio: f64,
     /// Extents present (verified on disk, or zero).
@@ -93,6 +97,7 @@ impl Metrics {
             miss_wait_seconds: g(&self.miss_wait_ns) as f64 / 1e9,
             read_errors: g(&self.read_errors),
             boot_reaims: g(&self.boot_reaims),
+            local_bytes: g(&self.local_bytes),
             hit_ratio: if reads == 0 { 1.0 } else { g(&self.hits) as f64 / reads as f64 },
             present_extents: present,
             extents,
@@ -111,7 +116,7 @@ impl Snapshot {
 /// counter, each sample labelled with its image.
 pub fn prometheus(caches: &[(bootcache_format::RootDigest, Snapshot)]) -> String {
     type Get = fn(&Snapshot) -> f64;
-    let families: [(&str, &str, &str, Get); 18] = [
+    let families: [(&str, &str, &str, Get); 19] = [
         ("fetched_bytes_total", "counter", "Stored bytes fetched from the network.", |s| s.fetched_bytes() as f64),
         ("boot_prefetch_bytes_total", "counter", "Stored bytes fetched by the boot-segment prefetch.", |s| s.boot_prefetch_bytes as f64),
         ("demand_bytes_total", "counter", "Stored bytes fetched because a guest read missed.", |s| s.demand_bytes as f64),
@@ -128,6 +133,7 @@ pub fn prometheus(caches: &[(bootcache_format::RootDigest, Snapshot)]) -> String
         ("guest_read_wait_seconds_total", "counter", "Time guest reads waited for fetches.", |s| s.miss_wait_seconds),
         ("guest_read_errors_total", "counter", "Guest reads answered with an error.", |s| s.read_errors as f64),
         ("boot_reaims_total", "counter", "Times a guest ahead of the boot stream re-aimed it.", |s| s.boot_reaims as f64),
+        ("local_bytes_total", "counter", "Stored bytes taken from other images' caches on the node.", |s| s.local_bytes as f64),
         ("present_extents", "gauge", "Extents present in the cache.", |s| s.present_extents as f64),
         ("extents", "gauge", "Extents in the image.", |s| s.extents as f64),
     ];

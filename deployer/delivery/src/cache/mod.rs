@@ -18,6 +18,7 @@
 
 mod error;
 mod fetch;
+mod local;
 pub(crate) mod open;
 mod peer;
 pub mod presence;

@@ -140,7 +140,39 @@ pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts
     for n in &present {
         state[*n as usize] = State::Present;
     }
-    tracing::info!(url, root = %image.root_digest_hex(), extents, resumed = present.len(), "cache open");
+    // What other images' caches on this node hold need not be fetched.
+    let metrics = Metrics::default();
+    let (state, seeded, journal) = {
+        let (root_dir, index, data, stored) = (opts.dir.clone(), index.clone(), data.try_clone(), stored.try_clone());
+        let (data, stored) = (data.map_err(local(&data_path))?, stored.map_err(local(&stored_path))?);
+        let max = opts.max_index_bytes;
+        let joined = tokio::task::spawn_blocking(move || {
+            let (mut state, mut journal) = (state, journal);
+            let seeded = super::local::seed(&root_dir, root, &index, &mut state, &data, &stored, max);
+            let durable = if seeded.positions.is_empty() {
+                Ok(())
+            } else {
+                data.sync_data().and_then(|()| stored.sync_data()).and_then(|()| journal.append(&seeded.positions))
+            };
+            (state, seeded, durable, journal)
+        })
+        .await;
+        let (state, seeded, durable, journal) = joined.map_err(|e| local(&dir)(io::Error::other(e.to_string())))?;
+        durable.map_err(local(&journal_path))?;
+        (state, seeded, journal)
+    };
+    Metrics::add(&metrics.local_bytes, seeded.stored_bytes);
+    if let Err(e) = super::local::publish(&dir, &index) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot publish the image's extents to other caches on this node");
+    }
+    tracing::info!(
+        url,
+        root = %image.root_digest_hex(),
+        extents,
+        resumed = present.len(),
+        from_other_images = seeded.positions.len(),
+        "cache open"
+    );
 
     let (demand_tx, demand_rx) = mpsc::unbounded_channel();
     let (durable_tx, durable_rx) = mpsc::unbounded_channel();
@@ -161,7 +193,7 @@ pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts
         changed: Notify::new(),
         demand: demand_tx,
         durable: durable_tx,
-        metrics: Metrics::default(),
+        metrics,
         demand_in_flight: std::sync::atomic::AtomicUsize::new(0),
         aim: fetch::Aim::default(),
         last_error: Mutex::new(None),

@@ -35,34 +35,8 @@ impl Journal {
     /// # Errors
     /// I/O errors only; a journal that does not fit is replaced.
     pub fn open(path: &Path, root_digest: &[u8; 32], extents: u32) -> io::Result<(Journal, Vec<u32>)> {
-        let mut header = [0u8; HEADER_LEN];
-        header[..8].copy_from_slice(&MAGIC);
-        header[8..40].copy_from_slice(root_digest);
-        header[40..44].copy_from_slice(&extents.to_le_bytes());
-        let seed = crc32c::crc32c(&header[..44]);
-        header[44..].copy_from_slice(&seed.to_le_bytes());
-
-        let mut present = Vec::new();
-        let mut keep = 0u64;
-        if let Ok(mut f) = File::open(path) {
-            let mut bytes = Vec::new();
-            f.read_to_end(&mut bytes)?;
-            if bytes.len() >= HEADER_LEN && bytes[..HEADER_LEN] == header {
-                keep = HEADER_LEN as u64;
-                for rec in bytes[HEADER_LEN..].chunks_exact(RECORD_LEN) {
-                    let n = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]);
-                    let crc = u32::from_le_bytes([rec[4], rec[5], rec[6], rec[7]]);
-                    if crc != crc32c::crc32c_append(seed, &rec[..4]) || n >= extents {
-                        tracing::warn!(path = %path.display(), at = keep, "presence journal ends in a bad record; the rest is fetched again");
-                        break;
-                    }
-                    present.push(n);
-                    keep += RECORD_LEN as u64;
-                }
-            } else if !bytes.is_empty() {
-                tracing::warn!(path = %path.display(), "presence journal belongs to another image; starting empty");
-            }
-        }
+        let (header, seed) = header(root_digest, extents);
+        let (present, keep) = records(path, &header, seed, extents)?;
         let mut file = OpenOptions::new().create(true).read(true).write(true).truncate(false).open(path)?;
         if keep == 0 {
             file.set_len(0)?;
@@ -74,6 +48,16 @@ impl Journal {
         use std::io::Seek;
         file.seek(io::SeekFrom::End(0))?;
         Ok((Journal { file, seed }, present))
+    }
+
+    /// The extents the journal at `path` (of another cache, open or not)
+    /// records as present, read without changing it.
+    ///
+    /// # Errors
+    /// I/O errors; a journal that does not fit records nothing.
+    pub fn read(path: &Path, root_digest: &[u8; 32], extents: u32) -> io::Result<Vec<u32>> {
+        let (header, seed) = header(root_digest, extents);
+        Ok(records(path, &header, seed, extents)?.0)
     }
 
     /// Appends records for `extents` and makes them durable. The caller has
@@ -94,6 +78,42 @@ impl Journal {
         self.file.write_all(&buf)?;
         self.file.sync_data()
     }
+}
+
+fn header(root_digest: &[u8; 32], extents: u32) -> ([u8; HEADER_LEN], u32) {
+    let mut header = [0u8; HEADER_LEN];
+    header[..8].copy_from_slice(&MAGIC);
+    header[8..40].copy_from_slice(root_digest);
+    header[40..44].copy_from_slice(&extents.to_le_bytes());
+    let seed = crc32c::crc32c(&header[..44]);
+    header[44..].copy_from_slice(&seed.to_le_bytes());
+    (header, seed)
+}
+
+/// The extents recorded in the journal at `path`, and the length of its
+/// good prefix (0: none, or not this image's).
+fn records(path: &Path, header: &[u8; HEADER_LEN], seed: u32, extents: u32) -> io::Result<(Vec<u32>, u64)> {
+    let mut present = Vec::new();
+    let mut keep = 0u64;
+    let Ok(mut f) = File::open(path) else { return Ok((present, keep)) };
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes)?;
+    if bytes.len() >= HEADER_LEN && bytes[..HEADER_LEN] == *header {
+        keep = HEADER_LEN as u64;
+        for rec in bytes[HEADER_LEN..].chunks_exact(RECORD_LEN) {
+            let n = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]);
+            let crc = u32::from_le_bytes([rec[4], rec[5], rec[6], rec[7]]);
+            if crc != crc32c::crc32c_append(seed, &rec[..4]) || n >= extents {
+                tracing::warn!(path = %path.display(), at = keep, "presence journal ends in a bad record; the rest is fetched again");
+                break;
+            }
+            present.push(n);
+            keep += RECORD_LEN as u64;
+        }
+    } else if !bytes.is_empty() {
+        tracing::warn!(path = %path.display(), "presence journal belongs to another image; starting empty");
+    }
+    Ok((present, keep))
 }
 
 #[cfg(test)]
