@@ -482,3 +482,45 @@ fn the_layered_fuzz_seed_is_a_chain() {
     let chain = Chain::open(Image::open_layer(top.to_vec()).unwrap(), |_| Ok(base.to_vec())).unwrap();
     assert_eq!(chain.boot_stream().count(), 2);
 }
+
+/// A layer's header fields, forged with a valid checksum: each refused by name.
+#[test]
+fn forged_layer_headers_are_refused_by_name() {
+    let (data, plan) = sample();
+    let base = build(&data, &plan, None);
+    let digest = Image::open(base.clone()).unwrap().root_digest();
+    let opts = WriterOptions {
+        virtual_size: data.len() as u64,
+        block_size: 512,
+        max_extent_len: 4096,
+        metadata: Metadata { creator: "t".into(), parent_locator: Some("base".into()), ..Default::default() },
+        parent: Some(LayerOf { digest, depth: 0 }),
+        boot_order: vec![BootRef { layer: 1, guest_offset: 20480 }],
+    };
+    let layer = Writer::new(Cursor::new(Vec::new()), opts, vec![]).unwrap().finish().unwrap().0.into_inner();
+    assert!(Image::open_layer(layer.clone()).is_ok());
+    let forge = |edit: &dyn Fn(&mut RawHeader)| {
+        let mut bytes = layer.clone();
+        let raw = RawHeader::mut_from_prefix(&mut bytes).unwrap().0;
+        edit(raw);
+        raw.header_crc32c = U32::new(raw.compute_crc());
+        match Image::open_layer(bytes).unwrap_err() {
+            Error::Header(HeaderError::BadField { field, .. }) => field,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(forge(&|h| h.layer_depth = 16.into()), "layer_depth");
+    assert_eq!(forge(&|h| h.parent_digest = [0; 32]), "parent_digest");
+    // Parent fields without the feature: not a layer, not an image that stands alone.
+    assert_eq!(forge(&|h| h.incompatible = U64::new(0)), "parent_digest");
+    // The order table's entry moved past the disk (its CRC is the root digest's business).
+    let mut bytes = layer.clone();
+    let at = 256 + 8; // the table follows the empty index; `layer` of entry 0
+    bytes[at] = 9;
+    let err = Image::open_layer(bytes).unwrap_err();
+    assert!(matches!(err, Error::BadOrder(_)), "{err}");
+    let mut bytes = layer.clone();
+    bytes[256..264].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let err = Image::open_layer(bytes).unwrap_err();
+    assert!(matches!(err, Error::BadOrder(ref why) if why.contains("past the virtual size")), "{err}");
+}
