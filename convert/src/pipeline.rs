@@ -200,9 +200,7 @@ pub fn convert<W: Write + Seek + Send>(
 pub fn layer_changes<R: ReadAt>(src: &dyn ImageSource, parent: &Chain<R>, progress: &dyn Fn(u64)) -> Result<IntervalSet, ConvertError> {
     let size = src.size();
     let parent_size = parent.virtual_size();
-    if parent_size > size {
-        return Err(ConvertError::Parent(format!("its disk ({parent_size} bytes) is larger than the source's ({size} bytes)")));
-    }
+    fits_under(parent_size, size)?;
     let parent_data =
         IntervalSet::from_ranges(parent.map().iter().filter(|p| parent.entry(p).encoding != Encoding::Zero).map(|p| p.guest.clone()));
     let allocated = src.allocated().map_err(|source| ConvertError::Source { offset: 0, source })?;
@@ -256,9 +254,7 @@ pub fn convert_layer<W: Write + Seek + Send, R: ReadAt>(
 ) -> Result<(W, ConvertReport), ConvertError> {
     let started = Instant::now();
     let size = src.size();
-    if parent.virtual_size() > size {
-        return Err(ConvertError::Parent(format!("its disk ({} bytes) is larger than the source's ({size} bytes)", parent.virtual_size())));
-    }
+    fits_under(parent.virtual_size(), size)?;
     let top = parent.top().header();
     if top.layer_depth + 2 > bootcache_format::MAX_CHAIN_LAYERS {
         return Err(ConvertError::Parent(format!("it is {} layers deep already", top.layer_depth)));
@@ -290,6 +286,14 @@ pub fn convert_layer<W: Write + Seek + Send, R: ReadAt>(
     });
     report.seconds = started.elapsed().as_secs_f64();
     Ok((out, report))
+}
+
+/// A parent's disk is at most as large as its layer's.
+fn fits_under(parent_size: u64, size: u64) -> Result<(), ConvertError> {
+    if parent_size > size {
+        return Err(ConvertError::Parent(format!("its disk ({parent_size} bytes) is larger than the source's ({size} bytes)")));
+    }
+    Ok(())
 }
 
 /// The writer's options for `plan`: metadata from the traces and options.

@@ -57,15 +57,21 @@ pub fn plan(order: &AccessOrder, allocated: &IntervalSet, size: u64, boot_extent
     for run in coalesce(aligned.pieces(), allocated) {
         split_aligned(&run, boot_extent_max, |r| extents.push(PlannedExtent { guest: r, segment: Segment::Boot }));
     }
+    with_rest(extents, allocated, rest_extent_len, block_size, exact_bytes)
+}
+
+/// The plan of `boot` extents followed by the rest of `stored` (what the
+/// image holds) in guest order, cut at multiples of `rest_extent_len`.
+fn with_rest(mut extents: Vec<PlannedExtent>, stored: &IntervalSet, rest_extent_len: u64, block_size: u64, boot_set_bytes: u64) -> Plan {
     let boot_guest_bytes = extents.iter().map(|e| e.guest.end - e.guest.start).sum();
     let boot = IntervalSet::from_ranges(extents.iter().map(|e| e.guest.clone()));
-    let rest = allocated.difference(&boot);
+    let rest = stored.difference(&boot);
     let mut rest_guest_bytes = 0;
     for r in rest.ranges() {
         rest_guest_bytes += r.end - r.start;
         split_aligned(r, rest_extent_len, |r| extents.push(PlannedExtent { guest: r, segment: Segment::Rest }));
     }
-    Plan { extents, block_size, boot_set_bytes: exact_bytes, boot_guest_bytes, rest_guest_bytes }
+    Plan { extents, block_size, boot_set_bytes, boot_guest_bytes, rest_guest_bytes }
 }
 
 /// An extent of the parent chain a layer's boot may read instead of storing
@@ -146,15 +152,7 @@ pub fn plan_layer(
         }
     }
     flush(&mut own, &mut extents, &mut boot_order);
-    let boot_guest_bytes = extents.iter().map(|e| e.guest.end - e.guest.start).sum();
-    let boot = IntervalSet::from_ranges(extents.iter().map(|e| e.guest.clone()));
-    let rest = changed.difference(&boot);
-    let mut rest_guest_bytes = 0;
-    for r in rest.ranges() {
-        rest_guest_bytes += r.end - r.start;
-        split_aligned(r, rest_extent_len, |r| extents.push(PlannedExtent { guest: r, segment: Segment::Rest }));
-    }
-    let plan = Plan { extents, block_size, boot_set_bytes: exact_bytes, boot_guest_bytes, rest_guest_bytes };
+    let plan = with_rest(extents, changed, rest_extent_len, block_size, exact_bytes);
     LayerPlan { plan, boot_order, parent_boot_bytes }
 }
 
