@@ -255,11 +255,7 @@ async fn copy_from_peer(
 /// gives it, else from the registry.
 async fn blob(shared: &Shared, reference: &Reference, blob: &Blob, peers: &[String]) -> Result<PathBuf, AgentError> {
     let dest = blob_path(&shared.config.state_dir, &blob.digest);
-    let lock = {
-        let mut held = shared.images.lock().await;
-        Arc::clone(held.entry(dest.to_string_lossy().into_owned()).or_default())
-    };
-    let _held = lock.lock().await;
+    let _held = shared.hold(&dest).await;
     // Only a checked copy is ever renamed there.
     if std::fs::metadata(&dest).is_ok_and(|m| m.len() == blob.size) {
         return Ok(dest);
@@ -325,11 +321,7 @@ pub(crate) async fn image(
         layer_paths.push(blob(shared, &pinned, l, peers).await?);
     }
     let record = image_path(&shared.config.state_dir, manifest);
-    let lock = {
-        let mut held = shared.images.lock().await;
-        Arc::clone(held.entry(record.to_string_lossy().into_owned()).or_default())
-    };
-    let _held = lock.lock().await;
+    let _held = shared.hold(&record).await;
     if !record.is_file() {
         let all: Vec<Blob> = std::iter::once(*config).chain(layers.iter().copied()).collect();
         let text = serde_json::to_vec(&all).map_err(|e| AgentError::Image(e.to_string()))?;

@@ -215,11 +215,7 @@ pub(crate) async fn whole(
     dest: &Path,
     digest: Option<RootDigest>,
 ) -> Result<(), FetchError> {
-    let lock = {
-        let mut held = shared.images.lock().await;
-        Arc::clone(held.entry(dest.to_string_lossy().into_owned()).or_default())
-    };
-    let _held = lock.lock().await;
+    let _held = shared.hold(dest).await;
     let kept: Option<RootDigest> = std::fs::read_to_string(digest_path(dest)).ok().and_then(|d| d.trim().parse().ok());
     if dest.is_file() && kept.is_some() && (digest.is_none() || kept == digest) {
         return Ok(());

@@ -203,6 +203,7 @@ pub(crate) struct Shared {
     /// Instances no order lists any more, until they are removed (still
     /// reported, so `destroy` waits for them).
     pub removing: Mutex<std::collections::HashMap<u32, (Name, Name, bootcache_api::InstanceState)>>,
+    /// A lock per file a copy is made to (see [`Shared::hold`]).
     pub images: tokio::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// A client per registry, with the node's credentials for it.
     pub registries: bootcache_registry::Clients,
@@ -211,6 +212,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Holds `path` against other copies to it: whoever holds it makes the
+    /// file (or finds it made), however many instances wait for it.
+    pub(crate) async fn hold(&self, path: &std::path::Path) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut held = self.images.lock().await;
+            Arc::clone(held.entry(path.to_string_lossy().into_owned()).or_default())
+        };
+        lock.lock_owned().await
+    }
+
     /// The runtime of `kind` on this node.
     pub fn runtime(&self, kind: Kind) -> Result<&dyn Runtime, AgentError> {
         self.runtimes.get(&kind).map(AsRef::as_ref).ok_or(AgentError::NoRuntime {
