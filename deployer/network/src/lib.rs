@@ -286,8 +286,12 @@ impl Network {
 
     /// Makes VXLAN link `name` marked `mark` (network `vni`, tunnel end
     /// `local`) on `bridge` if it is not there, with one flooding entry per
-    /// remote node (entries for nodes no longer listed are dropped by making
-    /// it anew). One of that name without the mark is refused.
+    /// remote node: a link already there gets the entries it lacks and loses
+    /// those of nodes no longer listed, one by one. It is never made anew
+    /// for what a listing of the forwarding table says: such a dump may miss
+    /// entries when the table changes under it (a busy bridge learning), and
+    /// making the link anew drops every packet in flight and every learned
+    /// entry. One of that name without the mark is refused.
     ///
     /// # Errors
     /// [`NotOurs`], netlink.
@@ -302,10 +306,16 @@ impl Network {
     ) -> Result<(), NetError> {
         let want: HashSet<Ipv4Addr> = remotes.iter().copied().collect();
         if let Some(i) = self.ours(name.as_str(), mark, &format!("making VXLAN link {name}")).await? {
-            if self.flood_list(i).await? == want {
-                return Ok(());
+            let have = self.flood_list(i).await?;
+            for r in want.difference(&have) {
+                tracing::info!(link = %name, remote = %r, "VXLAN link floods to a new node");
+                self.flood_to(i, *r).await?;
             }
-            self.remove(name.as_str(), mark).await?;
+            for r in have.difference(&want) {
+                tracing::info!(link = %name, remote = %r, "VXLAN link no longer floods to a node");
+                self.unflood(i, *r).await?;
+            }
+            return Ok(());
         }
         let msg = LinkVxlan::new(name.as_str(), vni).local(local).port(VXLAN_PORT).learning(true).build();
         self.add(&format!("making VXLAN link {name} (VNI {vni}, local {local})"), msg).await?;
@@ -347,6 +357,19 @@ impl Network {
         Ok(())
     }
 
+    /// Removes the all-zero FDB entry to `remote` (`bridge fdb del
+    /// 00:00:00:00:00:00 dev VX dst REMOTE`); one already gone is fine.
+    async fn unflood(&self, index: u32, remote: Ipv4Addr) -> Result<(), NetError> {
+        let mut req = self.handle.neighbours().add_bridge(index, &[0; 6]).destination(IpAddr::V4(remote)).flags(NeighbourFlags::Own);
+        let message: NeighbourMessage = req.message_mut().clone();
+        match self.handle.neighbours().del(message).execute().await {
+            Ok(()) => Ok(()),
+            // ENOENT: already gone.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -2 => Ok(()),
+            Err(e) => Err(failed(format!("removing the VXLAN flooding entry to {remote}"))(e)),
+        }
+    }
+
     /// The remotes a VXLAN link floods to.
     async fn flood_list(&self, index: u32) -> Result<HashSet<Ipv4Addr>, NetError> {
         use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
@@ -359,9 +382,17 @@ impl Network {
                 continue;
             }
             let zero = n.attributes.iter().any(|a| matches!(a, NeighbourAttribute::LinkLocalAddress(l) if l.iter().all(|b| *b == 0)));
-            for a in &n.attributes {
-                if let (true, NeighbourAttribute::Destination(NeighbourAddress::Inet(ip))) = (zero, a) {
-                    out.insert(*ip);
+            // In a dump of the bridge family the kernel's NDA_DST is not
+            // parsed as an IP address: four bytes of `Other` are the IPv4 one.
+            for a in n.attributes.iter().filter(|_| zero) {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
+                        out.insert(*ip);
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
+                        out.insert(Ipv4Addr::new(b[0], b[1], b[2], b[3]));
+                    }
+                    _ => {}
                 }
             }
         }

@@ -65,10 +65,21 @@ fn bridges_vxlan_links_and_container_veths() {
         for r in remotes {
             assert_eq!(fdb.matches(&format!("00:00:00:00:00:00 dst {r}")).count(), 1, "{fdb}");
         }
-        // Another set of remotes: the link is made anew with just those.
+        // Another set of remotes: the entries follow, on the same link (made
+        // anew, it would drop the packets in flight and what it learned).
+        let index = || {
+            let out = Command::new("ip").args(["-o", "link", "show", "bx-test0"]).output().unwrap().stdout;
+            String::from_utf8(out).unwrap().split(':').next().unwrap().to_owned()
+        };
+        let before = index();
         net.ensure_vxlan(&vx, MARK, 4242, Ipv4Addr::new(10, 9, 0, 1), i, &remotes[..1]).await.unwrap();
         let fdb = String::from_utf8(Command::new("bridge").args(["fdb", "show", "dev", "bx-test0"]).output().unwrap().stdout).unwrap();
         assert!(fdb.contains("dst 10.9.0.2") && !fdb.contains("dst 10.9.0.3"), "{fdb}");
+        let third = [remotes[0], Ipv4Addr::new(10, 9, 0, 4)];
+        net.ensure_vxlan(&vx, MARK, 4242, Ipv4Addr::new(10, 9, 0, 1), i, &third).await.unwrap();
+        let fdb = String::from_utf8(Command::new("bridge").args(["fdb", "show", "dev", "bx-test0"]).output().unwrap().stdout).unwrap();
+        assert!(fdb.contains("dst 10.9.0.2") && fdb.contains("dst 10.9.0.4") && !fdb.contains("dst 10.9.0.3"), "{fdb}");
+        assert_eq!(index(), before, "the VXLAN link was made anew");
         let link = String::from_utf8(Command::new("ip").args(["-d", "link", "show", "bx-test0"]).output().unwrap().stdout).unwrap();
         assert!(link.contains("vxlan id 4242") && link.contains("master bc-test0"), "{link}");
 
