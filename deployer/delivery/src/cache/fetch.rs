@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bootcache_format::{Encoding, Index, Segment, decode_extent};
+use bootcache_format::{Index, Segment, decode_extent};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::sync::{Semaphore, mpsc};
@@ -404,12 +404,9 @@ async fn deliver(inner: &Arc<Inner>, pos: usize, stored: Bytes, source: Source, 
     }
     let me = Arc::clone(inner);
     let outcome = tokio::task::spawn_blocking(move || {
-        use std::os::unix::fs::FileExt;
         let entry = &me.index.entries()[pos];
         match decode_extent(entry, stored.to_vec()) {
-            Ok(data) => Ok(if entry.encoding == Encoding::Raw { Ok(()) } else { me.stored.write_all_at(&stored, entry.stored.start) }
-                .and_then(|()| me.data.write_all_at(&data, entry.guest.start))
-                .map_err(|e| e.to_string())),
+            Ok(data) => Ok(super::write_extent(&me.data, &me.stored, entry, &stored, &data).map_err(|e| e.to_string())),
             Err(e) => Err(e.to_string()),
         }
     })

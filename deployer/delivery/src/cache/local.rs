@@ -145,9 +145,7 @@ impl Donor {
             let positions = wanted.remove(&d.digest).unwrap_or_default();
             for pos in positions {
                 let e = &entries[pos];
-                let written = if e.encoding == Encoding::Raw { Ok(()) } else { stored.write_all_at(&bytes, e.stored.start) }
-                    .and_then(|()| data.write_all_at(&decoded, e.guest.start));
-                if let Err(err) = written {
+                if let Err(err) = super::write_extent(data, stored, e, &bytes, &decoded) {
                     tracing::warn!(error = %err, "cannot write a copied extent; fetching it");
                     continue;
                 }

@@ -416,6 +416,16 @@ impl Drop for NodeCache {
     }
 }
 
+/// Writes a verified extent into a cache's files: its guest bytes into
+/// `data`, and a compressed extent's stored bytes into `stored` at their
+/// container offsets (a raw extent's stored bytes are its guest bytes).
+fn write_extent(data: &File, stored: &File, entry: &bootcache_format::Entry, stored_bytes: &[u8], guest: &[u8]) -> io::Result<()> {
+    if entry.encoding != Encoding::Raw {
+        stored.write_all_at(stored_bytes, entry.stored.start)?;
+    }
+    data.write_all_at(guest, entry.guest.start)
+}
+
 impl Inner {
     async fn read(self: &Arc<Self>, offset: u64, buf: &mut [u8]) -> Result<(), ReadError> {
         let len = buf.len() as u64;
