@@ -185,6 +185,11 @@ impl<R: ReadAt> Image<R> {
         Ok(Image { src, header, index, order, meta, last: Mutex::new(None) })
     }
 
+    /// What the image is read from.
+    pub fn source(&self) -> &R {
+        &self.src
+    }
+
     /// The checked header.
     pub fn header(&self) -> &Header {
         &self.header

@@ -238,10 +238,16 @@ async fn prefetch(shared: &Shared, order: &Order) -> Result<std::time::Duration,
     let peers = &order.sources;
     let started = std::time::Instant::now();
     set(shared, order, InstanceState::Fetching, None);
-    shared.node.open(&export_name(root), url, peers, Some(*root)).await.map_err(|e| AgentError::Image(bootcache_http::chain(&e)))?;
-    let cache = shared.node.cache(root).ok_or_else(|| AgentError::Image("the image was closed while its boot segment came".into()))?;
-    if !cache.wait_prefetched(shared.config.ready_timeout).await {
-        return Err(AgentError::Image(format!("the boot segment was not all here after {:?}", shared.config.ready_timeout)));
+    let image =
+        shared.node.open(&export_name(root), url, peers, Some(*root)).await.map_err(|e| AgentError::Image(bootcache_http::chain(&e)))?;
+    let deadline = tokio::time::Instant::now() + shared.config.ready_timeout;
+    // Each layer's boot segment (a layer over a base: the base's too).
+    for layer in &image.layers {
+        let closed = || AgentError::Image("the image was closed while its boot segment came".into());
+        let cache = shared.node.cache(layer).ok_or_else(closed)?;
+        if !cache.wait_prefetched(deadline.saturating_duration_since(tokio::time::Instant::now())).await {
+            return Err(AgentError::Image(format!("the boot segment was not all here after {:?}", shared.config.ready_timeout)));
+        }
     }
     Ok(started.elapsed())
 }

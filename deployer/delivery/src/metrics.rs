@@ -106,6 +106,34 @@ impl Metrics {
 }
 
 impl Snapshot {
+    /// Several caches' counters added up (a layered image's), the hit
+    /// ratio over all their reads.
+    pub fn sum(all: impl IntoIterator<Item = Snapshot>) -> Snapshot {
+        let mut t = Snapshot::default();
+        for s in all {
+            t.boot_prefetch_bytes += s.boot_prefetch_bytes;
+            t.demand_bytes += s.demand_bytes;
+            t.background_bytes += s.background_bytes;
+            t.for_peers_bytes += s.for_peers_bytes;
+            t.discarded_bytes += s.discarded_bytes;
+            t.peer_bytes += s.peer_bytes;
+            t.served_to_peers_bytes += s.served_to_peers_bytes;
+            t.bad_extents += s.bad_extents;
+            t.guest_reads += s.guest_reads;
+            t.guest_read_bytes += s.guest_read_bytes;
+            t.hits += s.hits;
+            t.misses += s.misses;
+            t.miss_wait_seconds += s.miss_wait_seconds;
+            t.read_errors += s.read_errors;
+            t.boot_reaims += s.boot_reaims;
+            t.local_bytes += s.local_bytes;
+            t.present_extents += s.present_extents;
+            t.extents += s.extents;
+        }
+        t.hit_ratio = if t.guest_reads == 0 { 1.0 } else { t.hits as f64 / t.guest_reads as f64 };
+        t
+    }
+
     /// Total stored bytes fetched from the network.
     pub fn fetched_bytes(&self) -> u64 {
         self.boot_prefetch_bytes + self.demand_bytes + self.background_bytes + self.for_peers_bytes + self.discarded_bytes

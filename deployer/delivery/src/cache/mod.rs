@@ -18,6 +18,7 @@
 
 mod error;
 mod fetch;
+mod layers;
 mod local;
 pub(crate) mod open;
 mod peer;
@@ -38,6 +39,8 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
 pub use error::{FetchFailure, ReadError};
+pub use layers::LayeredDisk;
+pub(crate) use layers::{follow, roots};
 pub use peer::OPENING_WAIT;
 
 /// The checked header of the container at `url` (one small range request;
@@ -72,6 +75,15 @@ use crate::remote::{Remote, RemoteError, RetryPolicy};
 #[remain::sorted]
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
+    /// A layer's chain does not fit together: its parent is not where or
+    /// what it names, or the chain is too deep.
+    #[error("{url}: {why}")]
+    BadChain {
+        /// The layer (or parent) at fault.
+        url: String,
+        /// What is wrong.
+        why: String,
+    },
     /// The container on the store is not a valid bootcache image.
     #[error("{url} is not a usable bootcache image")]
     Image {
@@ -95,6 +107,17 @@ pub enum CacheError {
     NotAContainer {
         /// Where.
         url: String,
+    },
+    /// A layer's parent could not be opened.
+    #[error("{url}: its parent {parent}")]
+    Parent {
+        /// The layer.
+        url: String,
+        /// Where its parent was looked for.
+        parent: String,
+        /// Why it could not be opened.
+        #[source]
+        source: Box<CacheError>,
     },
     /// The store failed.
     #[error(transparent)]

@@ -17,7 +17,8 @@ use crate::remote::Remote;
 
 /// The parts of a remote container fetched so far, readable as a file of
 /// the container's length (reads elsewhere fail).
-struct Regions {
+#[derive(Clone)]
+pub(crate) struct Regions {
     len: u64,
     parts: Vec<(u64, Bytes)>,
 }
@@ -70,20 +71,42 @@ pub(super) async fn open(url: &str, opts: CacheOptions) -> Result<NodeCache, Cac
 }
 
 /// Opens the cache of the image behind `remote`, whose header (`head`,
-/// parsed as `header`) has been fetched already.
+/// parsed as `header`) has been fetched already. A layer is refused: its
+/// cache is opened with its parents' ([`crate::cache::LayeredDisk`]).
 pub(crate) async fn open_from(remote: Remote, head: Bytes, header: &Header, opts: CacheOptions) -> Result<NodeCache, CacheError> {
-    let url = remote.shown().to_owned();
-    let url = url.as_str();
-    let bad = |source| CacheError::Image { url: url.into(), source };
-    let index_bytes = header.index_range().end - header.index_range().start;
-    if index_bytes > opts.max_index_bytes {
-        return Err(CacheError::TooLarge { url: url.into(), what: "index", bytes: index_bytes, limit: opts.max_index_bytes });
+    let image = structure(&remote, head, header, opts.max_index_bytes, false).await?;
+    open_image(remote, image, opts).await
+}
+
+/// The checked structure of the container behind `remote` (header, index,
+/// boot order table, metadata), its header fetched already; a layer only
+/// when `layer`.
+pub(crate) async fn structure(
+    remote: &Remote,
+    head: Bytes,
+    header: &Header,
+    max_index_bytes: u64,
+    layer: bool,
+) -> Result<Image<Regions>, CacheError> {
+    let url = remote.shown();
+    let index_bytes = header.head_range().end.saturating_sub(header.index_range().start);
+    if index_bytes > max_index_bytes {
+        return Err(CacheError::TooLarge { url: url.into(), what: "index", bytes: index_bytes, limit: max_index_bytes });
     }
     let mut regions = Regions { len: remote.len(), parts: vec![(0, head)] };
-    fetch(&remote, &mut regions, header.index_range()).await?;
-    fetch(&remote, &mut regions, header.meta.clone()).await?;
-    // The format crate checks everything: header, index tiling, root digest, metadata.
-    let image = Image::open(regions).map_err(bad)?;
+    fetch(remote, &mut regions, header.index_range()).await?;
+    fetch(remote, &mut regions, header.order.clone()).await?;
+    fetch(remote, &mut regions, header.meta.clone()).await?;
+    // The format crate checks everything: header, index tiling, boot order, root digest, metadata.
+    let image = if layer { Image::open_layer(regions) } else { Image::open(regions) };
+    image.map_err(|source| CacheError::Image { url: url.into(), source })
+}
+
+/// Opens the cache of one image (or one layer of a chain) whose structure
+/// is checked already.
+pub(crate) async fn open_image(remote: Remote, image: Image<Regions>, opts: CacheOptions) -> Result<NodeCache, CacheError> {
+    let url = remote.shown().to_owned();
+    let url = url.as_str();
     let recorded_boot = image.metadata().boot_seconds;
     let background_delay =
         opts.background_after.unwrap_or_else(|| std::time::Duration::from_secs_f64(recorded_boot.unwrap_or(0.0).min(3600.0)));

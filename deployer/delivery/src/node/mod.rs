@@ -23,7 +23,7 @@ use tokio::sync::{Notify, OnceCell};
 
 use crate::cache::{CacheError, CacheOptions, NodeCache};
 use crate::metrics::Snapshot;
-use crate::nbd::NbdServer;
+use crate::nbd::{Export, NbdServer};
 use crate::remote::{Remote, RemoteError, check_url, redact};
 
 /// Most peers one image is fetched from.
@@ -38,6 +38,10 @@ pub struct OpenImage {
     pub url: String,
     /// Its root digest (names the cache).
     pub root_digest: RootDigest,
+    /// The root digests of its layers, its own first (one for an image
+    /// that stands alone): each layer has a cache of its own, shared by
+    /// every image over it.
+    pub layers: Vec<RootDigest>,
     /// Guest disk size.
     pub virtual_size: u64,
     /// What QEMU opens (as the backing file of its own overlay).
@@ -109,9 +113,9 @@ struct Binding {
     id: u64,
     url: String,
     shown: String,
-    /// Known once the header is fetched; from then on the binding holds
-    /// its root's cache open.
-    root: Option<RootDigest>,
+    /// Known once the headers are fetched; from then on the binding holds
+    /// the caches of these roots (its image's and its parents') open.
+    roots: Vec<RootDigest>,
     state: NameState,
 }
 
@@ -217,8 +221,13 @@ impl Node {
                     Some(Binding { state: NameState::Opening(_), .. }) => {}
                     Some(_) | None => {
                         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                        let binding =
-                            Binding { id, url: url.into(), shown: redact(url), root: None, state: NameState::Opening(Instant::now()) };
+                        let binding = Binding {
+                            id,
+                            url: url.into(),
+                            shown: redact(url),
+                            roots: Vec::new(),
+                            state: NameState::Opening(Instant::now()),
+                        };
                         names.insert(name.into(), binding);
                         break id;
                     }
@@ -237,7 +246,7 @@ impl Node {
     }
 
     /// Records how opening `name` (binding `id`) ended.
-    fn settle(&self, name: &str, id: u64, result: Result<(Arc<NodeCache>, OpenImage), NodeError>) -> Result<OpenImage, NodeError> {
+    fn settle(&self, name: &str, id: u64, result: Result<(Arc<dyn Export>, OpenImage), NodeError>) -> Result<OpenImage, NodeError> {
         let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
         let outcome = match (result, names.get_mut(name).filter(|b| b.id == id)) {
             (Ok((cache, image)), Some(b)) => {
@@ -252,7 +261,7 @@ impl Node {
             }
             (Err(e), None) => Err(e),
         };
-        let roots: Vec<RootDigest> = names.values().filter_map(|b| b.root).collect();
+        let roots: Vec<RootDigest> = names.values().flat_map(|b| b.roots.iter().copied()).collect();
         self.release_unused(&roots);
         drop(names);
         self.changed.notify_waiters();
@@ -266,7 +275,7 @@ impl Node {
         url: &str,
         peers: Vec<String>,
         expected: Option<RootDigest>,
-    ) -> Result<(Arc<NodeCache>, OpenImage), NodeError> {
+    ) -> Result<(Arc<dyn Export>, OpenImage), NodeError> {
         let remote = match self.authorizers.as_ref().and_then(|a| a(url)) {
             Some(auth) => Remote::open_authorized(url, self.opts.retry, auth).await,
             None => Remote::open(url, self.opts.retry).await,
@@ -281,26 +290,60 @@ impl Node {
         {
             return Err(NodeError::WrongImage { url: remote.shown().into(), expected, found: root });
         }
-        // The binding holds the root from here on, so closing another name
-        // of the same image does not close the cache this one opens.
-        match self.names.lock().unwrap_or_else(|p| p.into_inner()).get_mut(name) {
-            Some(b) if b.id == id => b.root = Some(root),
-            _ => return Err(NodeError::Closed(name.into())),
-        }
-        let cell = Arc::clone(self.caches.lock().unwrap_or_else(|p| p.into_inner()).entry(root).or_default());
         let shown = remote.shown().to_owned();
         let mut opts = self.opts.clone();
         opts.peers = peers;
-        let cache =
-            cell.get_or_try_init(|| async move { crate::cache::open::open_from(remote, head, &header, opts).await.map(Arc::new) }).await?;
-        let image = OpenImage {
-            name: name.into(),
-            url: shown,
-            root_digest: root,
-            virtual_size: cache.virtual_size(),
-            nbd_url: format!("nbd+unix:///{name}?socket={}", self.socket.display()),
-        };
-        Ok((Arc::clone(cache), image))
+        let nbd_url = format!("nbd+unix:///{name}?socket={}", self.socket.display());
+        if header.parent.is_none() {
+            self.hold(name, id, vec![root])?;
+            let cell = self.cell(root);
+            let cache = cell
+                .get_or_try_init(|| async move { crate::cache::open::open_from(remote, head, &header, opts).await.map(Arc::new) })
+                .await?;
+            let image = OpenImage {
+                name: name.into(),
+                url: shown,
+                root_digest: root,
+                layers: vec![root],
+                virtual_size: cache.virtual_size(),
+                nbd_url,
+            };
+            return Ok((Arc::clone(cache) as Arc<dyn Export>, image));
+        }
+        // A layer: its parents' headers and indexes first (checked to fit),
+        // then one cache per layer, each shared with every image over it.
+        let (found, map) = crate::cache::follow(remote, head, &header, self.opts.retry, self.opts.max_index_bytes).await?;
+        let layers = crate::cache::roots(&found);
+        self.hold(name, id, layers.clone())?;
+        let mut caches = Vec::with_capacity(found.len());
+        for f in found {
+            let cell = self.cell(f.image.root_digest());
+            let opts = opts.clone();
+            let cache =
+                cell.get_or_try_init(|| async move { crate::cache::open::open_image(f.remote, f.image, opts).await.map(Arc::new) }).await?;
+            caches.push(Arc::clone(cache));
+        }
+        let disk = crate::cache::LayeredDisk::new(caches, map);
+        let image = OpenImage { name: name.into(), url: shown, root_digest: root, layers, virtual_size: disk.virtual_size(), nbd_url };
+        Ok((Arc::new(disk) as Arc<dyn Export>, image))
+    }
+
+    /// Makes binding `id` of `name` hold the caches of `roots` from here on,
+    /// so closing another name of the same image (or of another image over
+    /// the same base) does not close the caches this one opens.
+    fn hold(&self, name: &str, id: u64, roots: Vec<RootDigest>) -> Result<(), NodeError> {
+        match self.names.lock().unwrap_or_else(|p| p.into_inner()).get_mut(name) {
+            Some(b) if b.id == id => {
+                b.roots = roots;
+                Ok(())
+            }
+            _ => Err(NodeError::Closed(name.into())),
+        }
+    }
+
+    /// The cell of a root's cache (empty while it is being opened).
+    fn cell(&self, root: RootDigest) -> Arc<OnceCell<Arc<NodeCache>>> {
+        Arc::clone(self.caches.lock().unwrap_or_else(|p| p.into_inner()).entry(root).or_default())
     }
 
     /// Drops the caches of roots no binding in `in_use` holds; each stops
@@ -325,7 +368,7 @@ impl Node {
         if matches!(binding.state, NameState::Ready(_)) {
             self.nbd.remove(name);
         }
-        let roots: Vec<RootDigest> = names.values().filter_map(|b| b.root).collect();
+        let roots: Vec<RootDigest> = names.values().flat_map(|b| b.roots.iter().copied()).collect();
         self.release_unused(&roots);
         drop(names);
         self.changed.notify_waiters();
@@ -340,7 +383,11 @@ impl Node {
             .iter()
             .map(|(name, b)| {
                 let metrics = match &b.state {
-                    NameState::Ready(i) => caches.get(&i.root_digest).and_then(|c| c.get()).map(|c| c.metrics()),
+                    NameState::Ready(i) => {
+                        let layers: Option<Vec<Snapshot>> =
+                            i.layers.iter().map(|r| caches.get(r).and_then(|c| c.get()).map(|c| c.metrics())).collect();
+                        layers.map(Snapshot::sum)
+                    }
                     _ => None,
                 };
                 Named { name: name.clone(), url: b.shown.clone(), state: b.state.clone(), metrics }
