@@ -1,0 +1,136 @@
+//! An image family on two nodes: five roles, each a layer over the small
+//! guest's image (`bootcache convert --parent`), four instances of each,
+//! through the control node to prefetch-only agents (an instance is ready
+//! when its node holds the boot segments of its image's layers), 100 Mbit/s
+//! links. The store sends the base's boot segment once and each role's own
+//! boot bytes once (with every file's head); the same lab of the five
+//! roles converted as whole images, in the same run, costs about five
+//! times one image. Needs root.
+//!
+//! The roles are made at block level: the small guest's disk with 512 KiB
+//! of the role's own bytes at a place of its own, which its recorded boot
+//! (the base's) is made to read too.
+
+mod support;
+
+use std::path::Path;
+
+use bootcache_testbed::Link;
+use support::bootcache;
+use support::cluster::{Cluster, Spec, fill_store};
+
+const ROLES: usize = 5;
+const PER_ROLE: usize = 4;
+const ROLE_BYTES: usize = 512 << 10;
+
+/// Bytes a node reads of the container at `path` to hold its boot:
+/// header, index, boot order table, metadata and boot segment.
+fn boot_cost(path: &Path) -> u64 {
+    let image = bootcache_format::Image::open_layer(std::fs::File::open(path).unwrap()).unwrap();
+    let h = image.header();
+    h.head_range().end + (h.meta.end - h.meta.start) + (h.boot.end - h.boot.start)
+}
+
+/// Role `r`: the small guest's disk with its own bytes, its layer over
+/// `small.bcimg` (`role{r}.bcimg`) and its whole image (`whole{r}.bcimg`).
+fn make_role(r: usize, raw: &Path, trace: &Path, store: &Path, work: &Path) {
+    use std::os::unix::fs::FileExt;
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let role_raw = work.join(format!("role{r}.raw"));
+    let out = std::process::Command::new("cp").args(["--sparse=always", &s(raw), &s(&role_raw)]).output().unwrap();
+    assert!(out.status.success(), "cp: {}", String::from_utf8_lossy(&out.stderr));
+    let at = (40 + 3 * r as u64) << 20;
+    let mut x = 0x2545_f491_4f6c_dd1d_u64 ^ r as u64;
+    let bytes: Vec<u8> = (0..ROLE_BYTES)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::OpenOptions::new().write(true).open(&role_raw).unwrap().write_all_at(&bytes, at).unwrap();
+    let mut t = bootcache_trace::Trace::open(trace).unwrap();
+    t.image.digest = None;
+    let last = t.records.last().map_or(0, |rec| rec.t_ns);
+    t.records.push(bootcache_trace::Record::read(last + 1, at, ROLE_BYTES as u64));
+    let role_trace = work.join(format!("role{r}.bctrace"));
+    t.write_to(std::fs::File::create(&role_trace).unwrap()).unwrap();
+    let base = store.join("small.bcimg");
+    let (layer, whole) = (store.join(format!("role{r}.bcimg")), store.join(format!("whole{r}.bcimg")));
+    bootcache(&["convert", &s(&role_raw), &s(&layer), "--parent", &s(&base), "--trace", &s(&role_trace), "--zstd", "-q"]);
+    bootcache(&["convert", &s(&role_raw), &s(&whole), "--trace", &s(&role_trace), "--zstd", "-q"]);
+}
+
+/// Instances of the images `{prefix}{r}.bcimg`, half of each role on each node.
+fn lab(c: &Cluster, prefix: &str) -> String {
+    let mut t = format!("name: family-{prefix}\ninstances:\n");
+    for r in 0..ROLES {
+        for i in 0..PER_ROLE {
+            let (image, node) = (format!("http://{}:8080/{prefix}{r}.bcimg", c.store_addr), 1 + i % 2);
+            t += &format!("  {prefix}{r}-{i}:\n    kind: vm\n    image: {image}\n    memory: 96MiB\n    node: n{node}\n");
+        }
+    }
+    t
+}
+
+/// Deploys the lab of `prefix` on cold nodes: the store's bytes sent.
+fn deploy(c: &Cluster, prefix: &str) -> u64 {
+    for node in &c.nodes {
+        node.cold();
+    }
+    let file = c.dir.join(format!("{prefix}.yaml"));
+    std::fs::write(&file, lab(c, prefix)).unwrap();
+    let before = c.tb.tx_bytes("store").unwrap();
+    let out = c.cli(&["deploy", "-f", file.to_str().unwrap(), "--output", "json", "--timeout", "300"]);
+    assert!(out.status.success(), "deploy {prefix}: {}", String::from_utf8_lossy(&out.stderr));
+    let sent = c.tb.tx_bytes("store").unwrap() - before;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let instances = report["instances"].as_array().unwrap();
+    assert_eq!(instances.len(), ROLES * PER_ROLE);
+    for i in instances {
+        assert_eq!(i["state"], "ready", "{i}");
+    }
+    let out = c.cli(&["destroy", &format!("family-{prefix}")]);
+    assert!(out.status.success(), "destroy: {}", String::from_utf8_lossy(&out.stderr));
+    sent
+}
+
+#[test]
+fn a_family_sends_the_base_once_and_each_role_its_own_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, work) = (dir.path().join("store"), dir.path().join("work"));
+    std::fs::create_dir_all(&store).unwrap();
+    std::fs::create_dir_all(&work).unwrap();
+    fill_store(&store, &work);
+    let (raw, _) = support::cluster::small_guest();
+    for r in 0..ROLES {
+        make_role(r, &raw, &work.join("small.bctrace"), &store, &work);
+    }
+    let base = boot_cost(&store.join("small.bcimg"));
+    let own: Vec<u64> = (0..ROLES).map(|r| boot_cost(&store.join(format!("role{r}.bcimg")))).collect();
+    let whole: Vec<u64> = (0..ROLES).map(|r| boot_cost(&store.join(format!("whole{r}.bcimg")))).collect();
+    let expected = base + own.iter().sum::<u64>();
+    let one_whole = whole.iter().sum::<u64>() as f64 / ROLES as f64;
+
+    let spec = Spec {
+        nodes: vec!["n1".into(), "n2".into()],
+        daemons: false,
+        agent_args: ["--background", "off", "--ready-timeout", "300"].map(String::from).to_vec(),
+        control_args: Vec::new(),
+        log: "family",
+        heartbeat: 0.2,
+    };
+    let c = Cluster::start(dir.path(), &store, Link::new(100, 0.0), spec);
+    let layered = deploy(&c, "role");
+    let wholes = deploy(&c, "whole");
+    eprintln!(
+        "family of {ROLES} roles x {PER_ROLE} on 2 nodes: the store sent {layered} bytes as layers for {expected} \
+         (base {base}, roles {own:?}): {:.3} x; {wholes} as whole images of {one_whole:.0} each: {:.2} x one image, {:.2} x the layers",
+        layered as f64 / expected as f64,
+        wholes as f64 / one_whole,
+        wholes as f64 / layered as f64,
+    );
+    assert!(layered as f64 <= 1.10 * expected as f64, "as layers the store sent {layered}, over 1.10 x {expected}");
+    assert!(wholes as f64 >= 4.5 * one_whole, "as whole images the store sent {wholes}, under 4.5 x {one_whole}");
+}
