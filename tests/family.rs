@@ -5,7 +5,11 @@
 //! links. The store sends the base's boot segment once and each role's own
 //! boot bytes once (with every file's head); the same lab of the five
 //! roles converted as whole images, in the same run, costs about five
-//! times one image. Needs root.
+//! times one image. With that lab running, the control node places a
+//! new role's instance on a node that holds the base rather than on the
+//! node with the most room, and a node that holds nothing fetches the
+//! base from a node that holds it (sources per layer): the store sends
+//! only that role's own bytes. Needs root.
 //!
 //! The roles are made at block level: the small guest's disk with 512 KiB
 //! of the role's own bytes at a place of its own, which its recorded boot
@@ -27,8 +31,19 @@ const ROLE_BYTES: usize = 512 << 10;
 /// header, index, boot order table, metadata and boot segment.
 fn boot_cost(path: &Path) -> u64 {
     let image = bootcache_format::Image::open_layer(std::fs::File::open(path).unwrap()).unwrap();
+    head_cost(path) + (image.header().boot.end - image.header().boot.start)
+}
+
+/// What of role `r`'s layer a node reads to boot it (its own bytes).
+fn own_cost(store: &Path, r: usize) -> u64 {
+    boot_cost(&store.join(format!("role{r}.bcimg")))
+}
+
+/// Header, index, boot order table and metadata of the container at `path`.
+fn head_cost(path: &Path) -> u64 {
+    let image = bootcache_format::Image::open_layer(std::fs::File::open(path).unwrap()).unwrap();
     let h = image.header();
-    h.head_range().end + (h.meta.end - h.meta.start) + (h.boot.end - h.boot.start)
+    h.head_range().end + (h.meta.end - h.meta.start)
 }
 
 /// Role `r`: the small guest's disk with its own bytes, its layer over
@@ -74,26 +89,34 @@ fn lab(c: &Cluster, prefix: &str) -> String {
     t
 }
 
-/// Deploys the lab of `prefix` on cold nodes: the store's bytes sent.
-fn deploy(c: &Cluster, prefix: &str) -> u64 {
-    for node in &c.nodes {
-        node.cold();
-    }
-    let file = c.dir.join(format!("{prefix}.yaml"));
-    std::fs::write(&file, lab(c, prefix)).unwrap();
+/// Deploys the lab `text` (named `family-{name}`): the store's bytes
+/// sent, and the node of each instance.
+fn deploy(c: &Cluster, name: &str, text: &str) -> (u64, Vec<(String, String)>) {
+    let file = c.dir.join(format!("{name}.yaml"));
+    std::fs::write(&file, text).unwrap();
     let before = c.tb.tx_bytes("store").unwrap();
     let out = c.cli(&["deploy", "-f", file.to_str().unwrap(), "--output", "json", "--timeout", "300"]);
-    assert!(out.status.success(), "deploy {prefix}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "deploy {name}: {}", String::from_utf8_lossy(&out.stderr));
     let sent = c.tb.tx_bytes("store").unwrap() - before;
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let instances = report["instances"].as_array().unwrap();
-    assert_eq!(instances.len(), ROLES * PER_ROLE);
     for i in instances {
         assert_eq!(i["state"], "ready", "{i}");
     }
-    let out = c.cli(&["destroy", &format!("family-{prefix}")]);
+    let on = instances.iter().map(|i| (i["name"].as_str().unwrap().to_owned(), i["node"].as_str().unwrap().to_owned())).collect();
+    (sent, on)
+}
+
+fn destroy(c: &Cluster, name: &str) {
+    let out = c.cli(&["destroy", &format!("family-{name}")]);
     assert!(out.status.success(), "destroy: {}", String::from_utf8_lossy(&out.stderr));
-    sent
+}
+
+/// One instance of `role{r}.bcimg` in a lab of its own, on `node` if given.
+fn one(c: &Cluster, name: &str, r: usize, node: Option<&str>) -> String {
+    let image = format!("http://{}:8080/role{r}.bcimg", c.store_addr);
+    let pin = node.map(|n| format!("    node: {n}\n")).unwrap_or_default();
+    format!("name: family-{name}\ninstances:\n  {name}:\n    kind: vm\n    image: {image}\n    memory: 96MiB\n{pin}")
 }
 
 #[test]
@@ -104,7 +127,8 @@ fn a_family_sends_the_base_once_and_each_role_its_own_bytes() {
     std::fs::create_dir_all(&work).unwrap();
     fill_store(&store, &work);
     let (raw, _) = support::cluster::small_guest();
-    for r in 0..ROLES {
+    // Two roles more, deployed later one at a time.
+    for r in 0..ROLES + 2 {
         make_role(r, &raw, &work.join("small.bctrace"), &store, &work);
     }
     let base = boot_cost(&store.join("small.bcimg"));
@@ -114,7 +138,7 @@ fn a_family_sends_the_base_once_and_each_role_its_own_bytes() {
     let one_whole = whole.iter().sum::<u64>() as f64 / ROLES as f64;
 
     let spec = Spec {
-        nodes: vec!["n1".into(), "n2".into()],
+        nodes: vec!["n1".into(), "n2".into(), "n3".into()],
         daemons: false,
         agent_args: ["--background", "off", "--ready-timeout", "300"].map(String::from).to_vec(),
         control_args: Vec::new(),
@@ -122,8 +146,30 @@ fn a_family_sends_the_base_once_and_each_role_its_own_bytes() {
         heartbeat: 0.2,
     };
     let c = Cluster::start(dir.path(), &store, Link::new(100, 0.0), spec);
-    let layered = deploy(&c, "role");
-    let wholes = deploy(&c, "whole");
+    let (layered, _) = deploy(&c, "role", &lab(&c, "role"));
+
+    // A sixth role, not pinned: to a node that holds the base (n3 has the
+    // most room), the store sending only the role's own bytes.
+    let (sent, on) = deploy(&c, "free", &one(&c, "free", ROLES, None));
+    assert!(on[0].1 == "n1" || on[0].1 == "n2", "placed on {} though n1 and n2 hold the base", on[0].1);
+    let own_free = own_cost(&store, ROLES);
+    assert!(sent as f64 <= 1.10 * own_free as f64, "the store sent {sent} for a role of {own_free} over a base held");
+    // A seventh, pinned to n3, which holds nothing: its base from a node
+    // that holds it, the store sending only the role's own bytes.
+    let (sent, _) = deploy(&c, "cold", &one(&c, "cold", ROLES + 1, Some("n3")));
+    let own_cold = own_cost(&store, ROLES + 1);
+    let from_peers = c.node_metric("n3", "bootcache_peer_bytes_total");
+    eprintln!("a role on a node holding the base: the store sent {sent} for its own {own_cold}; n3 took {from_peers} from peers");
+    assert!(sent as f64 <= 1.10 * own_cold as f64, "the store sent {sent} for a role of {own_cold} whose base n1 and n2 hold");
+    assert!(from_peers >= (base - head_cost(&store.join("small.bcimg"))) as f64, "n3 took {from_peers} from peers");
+    for name in ["role", "free", "cold"] {
+        destroy(&c, name);
+    }
+    for node in &c.nodes {
+        node.cold();
+    }
+    let (wholes, _) = deploy(&c, "whole", &lab(&c, "whole"));
+    destroy(&c, "whole");
     eprintln!(
         "family of {ROLES} roles x {PER_ROLE} on 2 nodes: the store sent {layered} bytes as layers for {expected} \
          (base {base}, roles {own:?}): {:.3} x; {wholes} as whole images of {one_whole:.0} each: {:.2} x one image, {:.2} x the layers",

@@ -207,7 +207,7 @@ async fn fetch_source(shared: &Shared, order: &Order) -> Result<Source, AgentErr
         Image::Bootcache { url, root } => {
             let image = shared
                 .node
-                .open(&export_name(root), url, &order.sources, Some(*root))
+                .open_layered(&export_name(root), url, &order.sources, &order.layer_sources, Some(*root))
                 .await
                 .map_err(|e| AgentError::Image(bootcache_http::chain(&e)))?;
             Ok(Source::Export { url: image.nbd_url, virtual_size: image.virtual_size })
@@ -238,8 +238,11 @@ async fn prefetch(shared: &Shared, order: &Order) -> Result<std::time::Duration,
     let peers = &order.sources;
     let started = std::time::Instant::now();
     set(shared, order, InstanceState::Fetching, None);
-    let image =
-        shared.node.open(&export_name(root), url, peers, Some(*root)).await.map_err(|e| AgentError::Image(bootcache_http::chain(&e)))?;
+    let image = shared
+        .node
+        .open_layered(&export_name(root), url, peers, &order.layer_sources, Some(*root))
+        .await
+        .map_err(|e| AgentError::Image(bootcache_http::chain(&e)))?;
     let deadline = tokio::time::Instant::now() + shared.config.ready_timeout;
     // Each layer's boot segment (a layer over a base: the base's too).
     for layer in &image.layers {
@@ -365,6 +368,7 @@ mod tests {
             name: "web-1".parse().unwrap(),
             image: Image::Disk { url: "http://s/d.qcow2".into(), digest: None },
             sources: vec![],
+            layer_sources: vec![],
             cpus: 1,
             memory_bytes: 1 << 29,
             nics: vec![

@@ -363,6 +363,7 @@ mod tests {
             name: n(&format!("c{uid}")),
             image: Image::Tarball { url: "http://s/x.tar".into(), digest: None },
             sources: vec![],
+            layer_sources: vec![],
             cpus: 1,
             memory_bytes: 64 << 20,
             nics: vec![Nic {

@@ -164,6 +164,12 @@ pub struct Order {
     /// addresses), as the control node chose.
     #[serde(default)]
     pub sources: Vec<String>,
+    /// For a layered image, the nodes to fetch a parent's extents from, by
+    /// the parent's root digest: nodes that hold the parent (for another
+    /// image over it) though not this image. A parent not listed comes
+    /// from `sources`, then the store.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layer_sources: Vec<(RootDigest, Vec<String>)>,
     /// Virtual CPUs.
     pub cpus: u32,
     /// Memory, bytes.

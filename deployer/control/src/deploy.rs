@@ -270,13 +270,16 @@ impl Control {
             }
             _ => (def.image.clone(), None, None, None),
         };
-        let header = bootcache_delivery::cache::read_header_with(&url, self.retry, auth).await.map_err(|e| bootcache_http::chain(&e))?;
+        // A layer's parents too: placement and source planning go by layer.
+        let chain = bootcache_delivery::cache::read_chain(&url, self.retry, auth).await.map_err(|e| bootcache_http::chain(&e))?;
+        let Some((header, parents)) = chain.split_first() else { return Err("no header".into()) };
+        let parents = parents.iter().map(|h| (h.root(), h.boot.end - h.boot.start)).collect();
         let root = header.root();
         if let Some(said) = annotated.filter(|said| *said != root.to_string()) {
             return Err(format!("its blob's root digest is {root}, its manifest says {said}"));
         }
         let boot_bytes = header.boot.end - header.boot.start;
-        Ok(ImageRecord { root, url, virtual_size: header.virtual_size, boot_bytes, reference: pinned, blobs: None })
+        Ok(ImageRecord { root, url, virtual_size: header.virtual_size, boot_bytes, reference: pinned, blobs: None, parents })
     }
 
     /// A container's registry image: resolved now, once, to its linux/amd64
@@ -298,6 +301,7 @@ impl Control {
             boot_bytes: 0,
             reference: Some(pinned),
             blobs: Some(blobs),
+            parents: Vec::new(),
         })
     }
 
@@ -382,6 +386,17 @@ impl Control {
                 views.insert(*lab, v);
             }
         }
+        // Each pending image's layers (itself and its parents), once.
+        let mut layers: HashMap<RootDigest, Vec<(RootDigest, u64)>> = HashMap::new();
+        for r in by_lab.values().flatten() {
+            if let std::collections::hash_map::Entry::Vacant(v) = layers.entry(r.spec.image) {
+                let mut l = db.image_layers(&r.spec.image)?;
+                if l.is_empty() {
+                    l.push((r.spec.image, 0));
+                }
+                v.insert(l);
+            }
+        }
         // Pinned instances of every lab first: a node's room goes to what
         // can run nowhere else before what can run anywhere.
         for pinned in [true, false] {
@@ -391,7 +406,7 @@ impl Control {
                     .iter()
                     .map(|r| Want {
                         instance: r.spec.name.clone(),
-                        image: r.spec.image,
+                        layers: layers.get(&r.spec.image).cloned().unwrap_or_default(),
                         cores: r.spec.cores,
                         memory_bytes: r.spec.memory_bytes,
                         pin: view.pin(&r.spec.name),
@@ -410,7 +425,7 @@ impl Control {
                             if let Some(c) = capacities.iter_mut().find(|c| c.node == *node) {
                                 c.cores = c.cores.saturating_sub(w.cores);
                                 c.memory_bytes = c.memory_bytes.saturating_sub(w.memory_bytes);
-                                c.caches.insert(w.image);
+                                c.caches.extend(w.layers.iter().map(|(r, _)| *r));
                             }
                             moves.push((*lab, &w.instance, InstanceState::Placed, Some(node), None));
                         }
@@ -547,6 +562,7 @@ impl Control {
         let mut digests: HashMap<RootDigest, Option<RootDigest>> = HashMap::new();
         let mut urls: HashMap<RootDigest, Option<String>> = HashMap::new();
         let mut oci: HashMap<RootDigest, Option<Image>> = HashMap::new();
+        let mut parents: HashMap<RootDigest, Vec<(RootDigest, Vec<String>)>> = HashMap::new();
         for (lab_name, rows) in by_lab {
             let Some(view) = self.view(&db, lab_name)? else { continue };
             let members = self.members(&db, &view)?;
@@ -620,6 +636,17 @@ impl Control {
                         (Image::Bootcache { url, root: r.spec.image }, peers)
                     }
                 };
+                let layer_sources = match &image {
+                    Image::Bootcache { root, .. } => match parents.get(root) {
+                        Some(p) => p.clone(),
+                        None => {
+                            let p = self.parent_sources(&db, root, node, &sources, &up, &address)?;
+                            parents.insert(*root, p.clone());
+                            p
+                        }
+                    },
+                    _ => Vec::new(),
+                };
                 let mut nics = Vec::new();
                 for (i, (seg, addr)) in inst.addresses.iter().enumerate() {
                     let (Some(segment), Some(numbered), Ok(i)) = (lab.segment(seg), view.segments.get(seg), u8::try_from(i)) else {
@@ -643,6 +670,7 @@ impl Control {
                     name: r.spec.name.clone(),
                     image,
                     sources,
+                    layer_sources,
                     cpus: def.cpus,
                     memory_bytes: def.memory_bytes,
                     nics,
@@ -752,6 +780,39 @@ impl Control {
             Some(Source::Node(_)) => Ok(None),
             _ => Ok(Some(Vec::new())),
         }
+    }
+
+    /// For a layered image, where `node` fetches each parent it does not
+    /// hold: a node that holds it (for another image over it), chosen among
+    /// them by `node`'s name, then the image's own `sources` (which fetch
+    /// the whole chain). Parents no other node holds are not listed.
+    fn parent_sources(
+        &self,
+        db: &Db,
+        root: &RootDigest,
+        node: &Name,
+        sources: &[String],
+        up: &HashSet<&Name>,
+        address: &dyn Fn(&Name) -> Option<String>,
+    ) -> Result<Vec<(RootDigest, Vec<String>)>, DbError> {
+        let layers = db.image_layers(root)?;
+        if !self.peers || layers.len() < 2 {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for (parent, _) in &layers[1..] {
+            let holders: Vec<Name> = db.holders(parent)?.into_iter().map(|(n, _)| n).filter(|n| up.contains(n)).collect();
+            if holders.is_empty() || holders.contains(node) {
+                continue;
+            }
+            let spread = node.as_str().bytes().map(usize::from).sum::<usize>() % holders.len();
+            let Some(holder) = address(&holders[spread]).map(|a| format!("http://{a}")) else { continue };
+            let mut list = vec![holder];
+            list.extend(sources.iter().filter(|s| !list.contains(s)).cloned().collect::<Vec<_>>());
+            list.truncate(bootcache_delivery::node::MAX_PEERS);
+            out.push((*parent, list));
+        }
+        Ok(out)
     }
 
     /// The lab as deployed, with its replicas expanded (kept in memory until

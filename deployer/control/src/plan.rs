@@ -2,8 +2,10 @@
 //! functions over what the database knows, so they are tested (and
 //! simulated at scale) without a cluster.
 //!
-//! Placement prefers nodes that already cache an instance's image (or are
-//! given it earlier in the same plan), then free capacity; the spread policy
+//! Placement prefers nodes that already cache an instance's image or most
+//! of it (its layers: a role's base held for another role counts by its
+//! boot bytes), or are given it earlier in the same plan, then free
+//! capacity; the spread policy
 //! only balances capacity (the ablation). Source planning gives every node
 //! that must fetch an image a source: a node that holds it or fetches it
 //! before, each serving at most `fan_out` others, else the store, so the
@@ -32,8 +34,9 @@ pub struct Capacity {
 pub struct Want {
     /// The instance.
     pub instance: Name,
-    /// Its image.
-    pub image: RootDigest,
+    /// Its image's layers: the image itself first, then its parents, each
+    /// with its boot segment's bytes (one for an image that stands alone).
+    pub layers: Vec<(RootDigest, u64)>,
     /// Cores it needs.
     pub cores: u32,
     /// Memory it needs, bytes.
@@ -45,7 +48,8 @@ pub struct Want {
 /// How placement chooses among nodes with room.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Policy {
-    /// Nodes that cache the image first, then the most free cores.
+    /// Nodes that cache most of the image first (by its layers' boot
+    /// bytes), then the most free cores.
     CacheAware,
     /// The most free cores, whatever they cache.
     Spread,
@@ -69,20 +73,25 @@ pub fn place(wants: &[Want], nodes: &[Capacity], policy: Policy) -> Vec<Result<(
         .iter()
         .map(|w| {
             let fits = |c: &Capacity| c.cores >= w.cores && c.memory_bytes >= w.memory_bytes && w.pin.as_ref().is_none_or(|p| *p == c.node);
-            let cached = |c: &Capacity| policy == Policy::CacheAware && c.caches.contains(&w.image);
+            // What of the image a node holds: its layers' boot bytes, then
+            // how many (an image whose boot bytes are not known counts by layers).
+            let held = |c: &Capacity| {
+                let mine = w.layers.iter().filter(|(r, _)| policy == Policy::CacheAware && c.caches.contains(r));
+                mine.fold((0u64, 0usize), |(bytes, n), (_, b)| (bytes + b, n + 1))
+            };
             // Ties go to the node listed first.
             let best = free
                 .iter_mut()
                 .enumerate()
                 .filter(|(_, c)| fits(c))
-                .max_by_key(|(i, c)| (cached(c), c.cores, c.memory_bytes, std::cmp::Reverse(*i)))
+                .max_by_key(|(i, c)| (held(c), c.cores, c.memory_bytes, std::cmp::Reverse(*i)))
                 .map(|(_, c)| c);
             match best {
                 Some(c) => {
                     c.cores -= w.cores;
                     c.memory_bytes -= w.memory_bytes;
-                    // It will hold the image once it has fetched it.
-                    c.caches.insert(w.image);
+                    // It will hold the image's layers once it has fetched them.
+                    c.caches.extend(w.layers.iter().map(|(r, _)| *r));
                     Ok((w.instance.clone(), c.node.clone()))
                 }
                 None => Err(Unplaced {
@@ -171,7 +180,7 @@ mod tests {
     }
 
     fn want(name: &str, image: u8, cores: u32) -> Want {
-        Want { instance: n(name), image: RootDigest([image; 32]), cores, memory_bytes: 1 << 30, pin: None }
+        Want { instance: n(name), layers: vec![(RootDigest([image; 32]), 100)], cores, memory_bytes: 1 << 30, pin: None }
     }
 
     #[test]
@@ -189,6 +198,29 @@ mod tests {
         let mut pinned = want("p", 1, 1);
         pinned.pin = Some(n("gone"));
         assert!(place(&[pinned], &nodes, Policy::CacheAware)[0].as_ref().unwrap_err().why.contains("gone"));
+    }
+
+    #[test]
+    fn placement_prefers_the_node_holding_most_of_a_layered_image() {
+        // Role 5 over base 9 (boot bytes 900) and mid layer 7 (50): node b
+        // holds the base for another role, c holds only the mid layer, a
+        // nothing but has the most room.
+        let role = |name: &str| Want {
+            instance: n(name),
+            layers: vec![(RootDigest([5; 32]), 30), (RootDigest([7; 32]), 50), (RootDigest([9; 32]), 900)],
+            cores: 1,
+            memory_bytes: 1 << 30,
+            pin: None,
+        };
+        let nodes = [node("a", 16, &[]), node("b", 2, &[9]), node("c", 8, &[7])];
+        let placed = place(&[role("r1"), role("r2"), role("r3")], &nodes, Policy::CacheAware);
+        let on: Vec<String> = placed.iter().map(|p| p.as_ref().unwrap().1.as_str().to_owned()).collect();
+        assert_eq!(on, ["b", "b", "c"], "the base's holder while it has room, then the node with a layer");
+        // A layer known by count only (no boot bytes) still counts.
+        let mut bare = role("r4");
+        bare.layers.iter_mut().for_each(|l| l.1 = 0);
+        let placed = place(&[bare], &nodes, Policy::CacheAware);
+        assert_ne!(placed[0].as_ref().unwrap().1, n("a"));
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub struct ImageRecord {
     /// A registry container image's config and layers (JSON), keyed by
     /// its manifest's digest.
     pub blobs: Option<String>,
+    /// A layer's parents, its own parent first, each with its boot
+    /// segment's bytes (empty for an image that stands alone).
+    pub parents: Vec<(RootDigest, u64)>,
 }
 
 /// What a deploy changed.
@@ -112,11 +115,14 @@ impl Db {
         let big = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         for i in images {
             tx.prepare_cached(
-                "INSERT INTO images (root, url, virtual_size, boot_bytes, registered_ms, reference, blobs) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT(root) DO UPDATE SET url = excluded.url, reference = excluded.reference, blobs = excluded.blobs",
+                "INSERT INTO images (root, url, virtual_size, boot_bytes, registered_ms, reference, blobs, parents)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT(root) DO UPDATE SET url = excluded.url, reference = excluded.reference, blobs = excluded.blobs,
+                 parents = excluded.parents",
             )
             .and_then(|mut s| {
-                s.execute(params![i.root.to_string(), i.url, big(i.virtual_size), big(i.boot_bytes), now_ms, i.reference, i.blobs])
+                let parents = (!i.parents.is_empty()).then(|| serde_json::to_string(&i.parents).unwrap_or_default());
+                s.execute(params![i.root.to_string(), i.url, big(i.virtual_size), big(i.boot_bytes), now_ms, i.reference, i.blobs, parents])
             })
             .map_err(self.sql())?;
         }

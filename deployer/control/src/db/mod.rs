@@ -203,6 +203,10 @@ const MIGRATIONS: &[&str] = &[
     // 9: a container image read from a registry: its config and layers
     // (JSON, as orders carry them), keyed by its manifest's digest.
     "ALTER TABLE images ADD COLUMN blobs TEXT;",
+    // 10: a layered VM image's parents (JSON: [root digest, boot bytes]
+    // each, its parent first), what placement and source planning know a
+    // family by.
+    "ALTER TABLE images ADD COLUMN parents TEXT;",
 ];
 
 /// The most cores a node may claim (whatever it says, placement counts no
@@ -511,6 +515,27 @@ impl Db {
             .optional()
             .map(Option::flatten)
             .map_err(self.sql())
+    }
+
+    /// An image's layers: itself, then its parents (the base last), each
+    /// with its boot segment's bytes; an image not registered, none.
+    ///
+    /// # Errors
+    /// SQLite errors, or a damaged row.
+    pub fn image_layers(&self, root: &RootDigest) -> Result<Vec<(RootDigest, u64)>, DbError> {
+        let row: Option<(i64, Option<String>)> = self
+            .conn
+            .prepare_cached("SELECT boot_bytes, parents FROM images WHERE root = ?1")
+            .and_then(|mut s| s.query_row(params![root.to_string()], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+            .map_err(self.sql())?;
+        let Some((boot_bytes, parents)) = row else { return Ok(Vec::new()) };
+        let mut out = vec![(*root, u64::try_from(boot_bytes).unwrap_or(0))];
+        if let Some(parents) = parents {
+            let parents: Vec<(RootDigest, u64)> =
+                serde_json::from_str(&parents).map_err(|e| self.corrupt(format!("parents of image {root}: {e}")))?;
+            out.extend(parents);
+        }
+        Ok(out)
     }
 
     /// The URL an image was registered with.

@@ -68,6 +68,30 @@ pub async fn read_header_with(
     Ok(open::head(&remote).await?.1)
 }
 
+/// The checked headers of the image at `url` and of its parents, the
+/// image first (one for an image that stands alone): what a control node
+/// knows a family by. Parents are found and checked as a node finds them.
+///
+/// # Errors
+/// As [`read_header`]; a parent missing, not the image its child names, or
+/// a chain that does not fit.
+pub async fn read_chain(
+    url: &str,
+    retry: RetryPolicy,
+    auth: Option<Arc<dyn crate::remote::Authorizer>>,
+) -> Result<Vec<Header>, CacheError> {
+    let remote = match auth {
+        Some(a) => Remote::open_authorized(url, retry, a).await?,
+        None => Remote::open(url, retry).await?,
+    };
+    let (head, header) = open::head(&remote).await?;
+    if header.parent.is_none() {
+        return Ok(vec![header]);
+    }
+    let (found, _) = layers::follow(remote, head, &header, retry, CacheOptions::new("").max_index_bytes).await?;
+    Ok(found.iter().map(|f| f.image.header().clone()).collect())
+}
+
 use crate::metrics::{Metrics, Snapshot};
 use crate::remote::{Remote, RemoteError, RetryPolicy};
 

@@ -201,11 +201,37 @@ impl Node {
     /// # Errors
     /// See [`NodeError`].
     pub async fn open(&self, name: &str, url: &str, peers: &[String], root_digest: Option<RootDigest>) -> Result<OpenImage, NodeError> {
+        self.open_layered(name, url, peers, &[], root_digest).await
+    }
+
+    /// Like [`Node::open`], a layer's parents fetched from the peers listed
+    /// for each (by root digest; a parent not listed from `peers`): nodes
+    /// that hold the parent for another image over it.
+    ///
+    /// # Errors
+    /// See [`NodeError`].
+    pub async fn open_layered(
+        &self,
+        name: &str,
+        url: &str,
+        peers: &[String],
+        layer_peers: &[(RootDigest, Vec<String>)],
+        root_digest: Option<RootDigest>,
+    ) -> Result<OpenImage, NodeError> {
         if !valid_name(name) {
             return Err(NodeError::BadRequest("name: 1 to 255 letters, digits, '.', '_' and '-', not starting with '.'".into()));
         }
         check_url(url).map_err(|e| NodeError::BadRequest(e.to_string()))?;
         let peers = checked_peers(&self.opts.peers, peers)?;
+        if layer_peers.len() > usize::from(bootcache_format::MAX_CHAIN_LAYERS) {
+            return Err(NodeError::BadRequest(format!(
+                "peers for {} layers: a chain has at most {}",
+                layer_peers.len(),
+                bootcache_format::MAX_CHAIN_LAYERS
+            )));
+        }
+        let layer_peers: Vec<(RootDigest, Vec<String>)> =
+            layer_peers.iter().map(|(r, p)| Ok((*r, checked_peers(&self.opts.peers, p)?))).collect::<Result<_, NodeError>>()?;
         let id = loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -241,7 +267,7 @@ impl Node {
                 Some(_) => {}
             }
         };
-        let result = self.open_cache(name, id, url, peers, root_digest).await;
+        let result = self.open_cache(name, id, url, peers, &layer_peers, root_digest).await;
         self.settle(name, id, result)
     }
 
@@ -274,6 +300,7 @@ impl Node {
         id: u64,
         url: &str,
         peers: Vec<String>,
+        layer_peers: &[(RootDigest, Vec<String>)],
         expected: Option<RootDigest>,
     ) -> Result<(Arc<dyn Export>, OpenImage), NodeError> {
         let remote = match self.authorizers.as_ref().and_then(|a| a(url)) {
@@ -317,8 +344,12 @@ impl Node {
         self.hold(name, id, layers.clone())?;
         let mut caches = Vec::with_capacity(found.len());
         for f in found {
-            let cell = self.cell(f.image.root_digest());
-            let opts = opts.clone();
+            let layer = f.image.root_digest();
+            let cell = self.cell(layer);
+            let mut opts = opts.clone();
+            if let Some((_, p)) = layer_peers.iter().find(|(r, _)| *r == layer) {
+                opts.peers.clone_from(p);
+            }
             let cache =
                 cell.get_or_try_init(|| async move { crate::cache::open::open_image(f.remote, f.image, opts).await.map(Arc::new) }).await?;
             caches.push(Arc::clone(cache));
