@@ -12,8 +12,14 @@
 //! only that role's own bytes. Needs root.
 //!
 //! The roles are made at block level: the small guest's disk with 512 KiB
-//! of the role's own bytes at a place of its own, which its recorded boot
-//! (the base's) is made to read too.
+//! of the role's own bytes at a place of its own (where the guest's disk
+//! holds only zeros: its file system's free blocks, so each role still
+//! boots), which its recorded boot (the base's) is made to read too.
+//!
+//! `bench_family_memory` (ignored; `scripts/bench-family` runs it) boots
+//! one VM of a role, then four more, at 512 and 2048 MiB of VM RAM on a
+//! node with libvirtd, and reports what each extra VM costs the node's
+//! bootcache agent (which holds every cache and the NBD server).
 
 mod support;
 
@@ -48,13 +54,32 @@ fn head_cost(path: &Path) -> u64 {
 
 /// Role `r`: the small guest's disk with its own bytes, its layer over
 /// `small.bcimg` (`role{r}.bcimg`) and its whole image (`whole{r}.bcimg`).
-fn make_role(r: usize, raw: &Path, trace: &Path, store: &Path, work: &Path) {
+/// Offsets of `n` places of [`ROLE_BYTES`] in `raw` that hold only zeros,
+/// from the end of the disk back.
+fn free_places(raw: &Path, n: usize) -> Vec<u64> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(raw).unwrap();
+    let len = f.metadata().unwrap().len();
+    let mut buf = vec![0u8; ROLE_BYTES];
+    let mut out = Vec::new();
+    let mut at = len - ROLE_BYTES as u64;
+    while out.len() < n && at > 0 {
+        f.read_exact_at(&mut buf, at).unwrap();
+        if buf.iter().all(|b| *b == 0) {
+            out.push(at);
+        }
+        at -= ROLE_BYTES as u64;
+    }
+    assert_eq!(out.len(), n, "the small guest's disk has no {n} free places of {ROLE_BYTES} bytes");
+    out
+}
+
+fn make_role(r: usize, at: u64, raw: &Path, trace: &Path, store: &Path, work: &Path) {
     use std::os::unix::fs::FileExt;
     let s = |p: &Path| p.to_str().unwrap().to_owned();
     let role_raw = work.join(format!("role{r}.raw"));
     let out = std::process::Command::new("cp").args(["--sparse=always", &s(raw), &s(&role_raw)]).output().unwrap();
     assert!(out.status.success(), "cp: {}", String::from_utf8_lossy(&out.stderr));
-    let at = (40 + 3 * r as u64) << 20;
     let mut x = 0x2545_f491_4f6c_dd1d_u64 ^ r as u64;
     let bytes: Vec<u8> = (0..ROLE_BYTES)
         .map(|_| {
@@ -128,8 +153,8 @@ fn a_family_sends_the_base_once_and_each_role_its_own_bytes() {
     fill_store(&store, &work);
     let (raw, _) = support::cluster::small_guest();
     // Two roles more, deployed later one at a time.
-    for r in 0..ROLES + 2 {
-        make_role(r, &raw, &work.join("small.bctrace"), &store, &work);
+    for (r, at) in free_places(&raw, ROLES + 2).into_iter().enumerate() {
+        make_role(r, at, &raw, &work.join("small.bctrace"), &store, &work);
     }
     let base = boot_cost(&store.join("small.bcimg"));
     let own: Vec<u64> = (0..ROLES).map(|r| boot_cost(&store.join(format!("role{r}.bcimg")))).collect();
@@ -179,4 +204,93 @@ fn a_family_sends_the_base_once_and_each_role_its_own_bytes() {
     );
     assert!(layered as f64 <= 1.10 * expected as f64, "as layers the store sent {layered}, over 1.10 x {expected}");
     assert!(wholes as f64 >= 4.5 * one_whole, "as whole images the store sent {wholes}, under 4.5 x {one_whole}");
+}
+
+/// Resident memory of process `pid`, bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+    kb.unwrap() * 1024
+}
+
+/// The benchmark (`scripts/bench-family` runs it): per VM RAM size, one VM
+/// of a role booted to its marker, then four more, and the node agent's
+/// resident memory after each (settled a few seconds).
+#[test]
+#[ignore = "a benchmark: scripts/bench-family runs it"]
+fn bench_family_memory() {
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
+    let out_dir = std::path::PathBuf::from(env("BOOTCACHE_BENCH_OUT", "target/bench-family"));
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let runs: usize = env("BOOTCACHE_BENCH_RUNS", "2").parse().unwrap();
+    const EXTRA: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, work) = (dir.path().join("store"), dir.path().join("work"));
+    std::fs::create_dir_all(&store).unwrap();
+    std::fs::create_dir_all(&work).unwrap();
+    fill_store(&store, &work);
+    let (raw, _) = support::cluster::small_guest();
+    make_role(0, free_places(&raw, 1)[0], &raw, &work.join("small.bctrace"), &store, &work);
+    let spec = Spec {
+        nodes: vec!["n1".into()],
+        daemons: true,
+        agent_args: Vec::new(),
+        control_args: Vec::new(),
+        log: "family-memory",
+        heartbeat: 0.5,
+    };
+    let c = Cluster::start(dir.path(), &store, Link::new(1000, 0.0), spec);
+    let agent = c.nodes[0].agent.as_ref().unwrap().0.id();
+    let lab = |n: usize, mib: u32| {
+        let image = format!("http://{}:8080/role0.bcimg", c.store_addr);
+        let mut t = String::from("name: family-memory\ninstances:\n");
+        for i in 0..n {
+            t += &format!("  vm{i}:\n    kind: vm\n    image: {image}\n    memory: {mib}MiB\n    ready: BOOTCACHE-BOOTED\n");
+        }
+        t
+    };
+    let settle = || std::thread::sleep(std::time::Duration::from_secs(5));
+    let mut results = Vec::new();
+    for run in 1..=runs {
+        for mib in [512u32, 2048] {
+            deploy(&c, "memory", &lab(1, mib));
+            settle();
+            let (one, node_one) = (rss(agent), c.nodes[0].usage().1);
+            deploy(&c, "memory", &lab(1 + EXTRA, mib));
+            settle();
+            let (more, node_more) = (rss(agent), c.nodes[0].usage().1);
+            destroy(&c, "memory");
+            let per_extra = (more as f64 - one as f64) / EXTRA as f64;
+            let r = serde_json::json!({
+                "run": run, "vm_memory_mib": mib, "extra_vms": EXTRA,
+                "agent_rss_one_vm": one, "agent_rss_more": more, "agent_bytes_per_extra_vm": per_extra,
+                "node_rss_one_vm": node_one, "node_rss_more": node_more,
+                "qemu_and_daemons_bytes_per_extra_vm": ((node_more - more) as f64 - (node_one - one) as f64) / EXTRA as f64,
+            });
+            eprintln!("{r}");
+            results.push(r);
+            std::fs::write(out_dir.join("results.json"), serde_json::to_string_pretty(&results).unwrap()).unwrap();
+        }
+    }
+    let mut table = String::from(
+        "| VM RAM (MiB) | run | agent RSS, 1 VM (MB) | agent RSS, 5 VMs (MB) | agent per extra VM (MB) | QEMU + daemons per extra VM (MB) |\n|---|---|---|---|---|---|\n",
+    );
+    for r in &results {
+        let mb = |k: &str| r[k].as_f64().unwrap() / 1e6;
+        table += &format!(
+            "| {} | {} | {:.1} | {:.1} | {:.2} | {:.1} |\n",
+            r["vm_memory_mib"],
+            r["run"],
+            mb("agent_rss_one_vm"),
+            mb("agent_rss_more"),
+            mb("agent_bytes_per_extra_vm"),
+            mb("qemu_and_daemons_bytes_per_extra_vm")
+        );
+    }
+    std::fs::write(out_dir.join("table.md"), &table).unwrap();
+    println!("{table}");
+    for r in &results {
+        let per = r["agent_bytes_per_extra_vm"].as_f64().unwrap();
+        assert!(per <= 3e6, "an extra VM cost the agent {per} bytes: {r}");
+    }
 }
