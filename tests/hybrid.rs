@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bootcache_testbed::Link;
-use support::cluster::{Cluster, Images, Spec, fill_store};
+use support::cluster::{Cluster, Images, Spec, fill_store, fill_store_from, small_guest_large};
 
 /// The configurations, as the lab files name them.
 const CONFIGS: [&str; 4] = ["traditional", "bootcache", "containers", "hybrid"];
@@ -26,7 +26,11 @@ const CONFIGS: [&str; 4] = ["traditional", "bootcache", "containers", "hybrid"];
 fn cluster(dir: &Path, link: Link, nodes: usize, control_args: &[&str]) -> (Cluster, Images) {
     let store = dir.join("store");
     std::fs::create_dir(&store).unwrap();
-    let images = fill_store(&store, dir);
+    // BOOTCACHE_BENCH_GUEST=large: the small guest's realistic-size sibling.
+    let images = match std::env::var("BOOTCACHE_BENCH_GUEST").as_deref() {
+        Ok("large") => fill_store_from(&store, dir, &small_guest_large(), "256K"),
+        _ => fill_store(&store, dir),
+    };
     let spec = Spec {
         nodes: (1..=nodes).map(|i| format!("node{i}")).collect(),
         daemons: true,

@@ -308,7 +308,7 @@ pub fn boot(args: &BootArgs) -> anyhow::Result<ExitCode> {
         let started = Instant::now();
         let mut child = cmd.spawn().with_context(|| format!("starting {}", args.qemu[0].to_string_lossy()))?;
         let (outcome, marker_at) = watch(&mut child, &console, &marker, args, started).await?;
-        let metrics = node.cache(&image.root_digest).map(|c| c.metrics()).unwrap_or_default();
+        let metrics = node.metrics(&image.layers);
         if args.json {
             println!(
                 "{}",

@@ -426,6 +426,11 @@ impl Node {
             .collect()
     }
 
+    /// The counters of an image's layers' caches added up (those open).
+    pub fn metrics(&self, layers: &[RootDigest]) -> Snapshot {
+        Snapshot::sum(layers.iter().filter_map(|r| self.cache(r)).map(|c| c.metrics()))
+    }
+
     /// The counters of each open cache, by root digest.
     pub fn cache_metrics(&self) -> Vec<(RootDigest, Snapshot)> {
         let caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
