@@ -181,7 +181,16 @@ pub fn convert<W: Write + Seek + Send>(
     }
     let order = boot_order(traces, size, opts.min_boots)?;
     let allocated = src.allocated().map_err(|source| ConvertError::Source { offset: 0, source })?;
-    let plan = plan(&order, &allocated, size, u64::from(opts.boot_extent_max), u64::from(opts.rest_extent_len));
+    // Compressed, whole grains wherever any byte is allocated: where a copy
+    // of the same data happens to hold holes (a sparse copy, an allocated
+    // run of zeros) does not move extent boundaries, so versions share
+    // their extents. The zeros this adds compress to nothing (an all-zero
+    // grain is stored as none); stored raw they would cost their length.
+    let stored = match opts.zstd_level {
+        Some(_) => allocated.align(u64::from(opts.rest_extent_len), size),
+        None => allocated.clone(),
+    };
+    let plan = plan(&order, &stored, size, u64::from(opts.boot_extent_max), u64::from(opts.rest_extent_len));
     let wopts = writer_options(size, &plan, traces, opts, None);
     let (out, mut report) = write_image(src, &plan, wopts, out, opts, progress)?;
     report.allocated_bytes = allocated.bytes();
