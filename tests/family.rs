@@ -144,18 +144,26 @@ fn one(c: &Cluster, name: &str, r: usize, node: Option<&str>) -> String {
     format!("name: family-{name}\ninstances:\n  {name}:\n    kind: vm\n    image: {image}\n    memory: 96MiB\n{pin}")
 }
 
-#[test]
-fn a_family_sends_the_base_once_and_each_role_its_own_bytes() {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, work) = (dir.path().join("store"), dir.path().join("work"));
+/// A store (`dir/store`) holding the small guest's image and `roles`
+/// roles over it (`role{r}.bcimg`, and each as a whole image); the store's
+/// path.
+fn family_store(dir: &Path, roles: usize) -> std::path::PathBuf {
+    let (store, work) = (dir.join("store"), dir.join("work"));
     std::fs::create_dir_all(&store).unwrap();
     std::fs::create_dir_all(&work).unwrap();
     fill_store(&store, &work);
     let (raw, _) = support::cluster::small_guest();
-    // Two roles more, deployed later one at a time.
-    for (r, at) in free_places(&raw, ROLES + 2).into_iter().enumerate() {
+    for (r, at) in free_places(&raw, roles).into_iter().enumerate() {
         make_role(r, at, &raw, &work.join("small.bctrace"), &store, &work);
     }
+    store
+}
+
+#[test]
+fn a_family_sends_the_base_once_and_each_role_its_own_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two roles more, deployed later one at a time.
+    let store = family_store(dir.path(), ROLES + 2);
     let base = boot_cost(&store.join("small.bcimg"));
     let own: Vec<u64> = (0..ROLES).map(|r| boot_cost(&store.join(format!("role{r}.bcimg")))).collect();
     let whole: Vec<u64> = (0..ROLES).map(|r| boot_cost(&store.join(format!("whole{r}.bcimg")))).collect();
@@ -225,12 +233,7 @@ fn bench_family_memory() {
     let runs: usize = env("BOOTCACHE_BENCH_RUNS", "2").parse().unwrap();
     const EXTRA: usize = 4;
     let dir = tempfile::tempdir().unwrap();
-    let (store, work) = (dir.path().join("store"), dir.path().join("work"));
-    std::fs::create_dir_all(&store).unwrap();
-    std::fs::create_dir_all(&work).unwrap();
-    fill_store(&store, &work);
-    let (raw, _) = support::cluster::small_guest();
-    make_role(0, free_places(&raw, 1)[0], &raw, &work.join("small.bctrace"), &store, &work);
+    let store = family_store(dir.path(), 1);
     let spec = Spec {
         nodes: vec!["n1".into()],
         daemons: true,

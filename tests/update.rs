@@ -1,7 +1,7 @@
 //! A real update of the reference guest on a node that holds the version
 //! before it. Version 2 (`scripts/reference-guest-update`) is version 1
-//! after `apt-get upgrade` from bookworm-security and bookworm-updates and
-//! the newer kernel of bookworm-backports, booted. Both are recorded and
+//! after `apt-get full-upgrade` from bookworm-security and bookworm-updates:
+//! the packages with updates and a newer 6.1 kernel, booted. Both are recorded and
 //! converted as whole images, `bootcache diff` says what they share, and a
 //! testbed node whose cache holds all of version 1 boots version 2 over a
 //! 100 Mbit/s link: what it fetches before the boot marker against what

@@ -184,24 +184,10 @@ impl LayeredDisk {
     /// Ranges within `range` that read as zeros without data (runs of at
     /// least 4 KiB, sorted).
     pub fn zero_ranges(&self, range: Range<u64>) -> Vec<Range<u64>> {
-        let mut out: Vec<Range<u64>> = Vec::new();
-        let mut push = |r: Range<u64>| match out.last_mut() {
-            Some(last) if last.end == r.start => last.end = r.end,
-            _ if r.start < r.end => out.push(r),
-            _ => {}
-        };
-        let mut pos = range.start;
         let first = self.map.partition_point(|p| p.0.end <= range.start);
-        for (r, layer) in self.map[first..].iter().take_while(|p| p.0.start < range.end) {
-            push(pos..r.start.max(pos));
-            if layer.is_none() {
-                push(r.start.max(range.start)..r.end.min(range.end));
-            }
-            pos = r.end.max(pos);
-        }
-        push(pos.min(range.end)..range.end);
-        out.retain(|r| r.end - r.start >= 4096);
-        out
+        let end = range.end;
+        let mapped = self.map[first..].iter().take_while(|p| p.0.start < end).map(|(r, layer)| (r.clone(), layer.is_none()));
+        super::zero_ranges(range, mapped)
     }
 }
 

@@ -359,23 +359,8 @@ impl NodeCache {
     /// Ranges within `range` that read as zeros without any data: zero
     /// extents and ranges no extent covers (runs of at least 4 KiB, sorted).
     pub fn zero_ranges(&self, range: Range<u64>) -> Vec<Range<u64>> {
-        let mut out: Vec<Range<u64>> = Vec::new();
-        let mut push = |r: Range<u64>| match out.last_mut() {
-            Some(last) if last.end == r.start => last.end = r.end,
-            _ if r.start < r.end => out.push(r),
-            _ => {}
-        };
-        let mut pos = range.start;
-        for e in self.inner.index.overlapping(range.clone()) {
-            push(pos..e.guest.start.max(pos));
-            if e.encoding == Encoding::Zero {
-                push(e.guest.start.max(range.start)..e.guest.end.min(range.end));
-            }
-            pos = e.guest.end.max(pos);
-        }
-        push(pos.min(range.end)..range.end);
-        out.retain(|r| r.end - r.start >= 4096);
-        out
+        let mapped = self.inner.index.overlapping(range.clone()).iter().map(|e| (e.guest.clone(), e.encoding == Encoding::Zero));
+        zero_ranges(range, mapped)
     }
 
     /// Reads `len` guest bytes at `offset`, fetching what is missing first.
@@ -461,6 +446,29 @@ impl Drop for NodeCache {
             t.abort();
         }
     }
+}
+
+/// The ranges within `range` that read as zeros, given the `mapped` ranges
+/// over it (sorted; `true`: a zero extent) and that what nothing maps is
+/// zeros: runs of at least 4 KiB, sorted.
+fn zero_ranges(range: Range<u64>, mapped: impl Iterator<Item = (Range<u64>, bool)>) -> Vec<Range<u64>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    let mut push = |r: Range<u64>| match out.last_mut() {
+        Some(last) if last.end == r.start => last.end = r.end,
+        _ if r.start < r.end => out.push(r),
+        _ => {}
+    };
+    let mut pos = range.start;
+    for (r, zero) in mapped {
+        push(pos..r.start.max(pos));
+        if zero {
+            push(r.start.max(range.start)..r.end.min(range.end));
+        }
+        pos = r.end.max(pos);
+    }
+    push(pos.min(range.end)..range.end);
+    out.retain(|r| r.end - r.start >= 4096);
+    out
 }
 
 /// Writes a verified extent into a cache's files: its guest bytes into
