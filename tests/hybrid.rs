@@ -95,7 +95,8 @@ fn deploy(c: &Cluster, images: &Images, config: &str, scale: f64, strict: bool, 
     assert!(out.status.success() || !strict, "deploy {config}: {}", String::from_utf8_lossy(&out.stderr));
     let store_bytes = c.tb.tx_bytes("store").unwrap() - sent_before;
     let usage: Vec<(f64, u64)> = c.nodes.iter().map(Node::usage).collect();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("deploy {config} gave no report ({e}): {}", String::from_utf8_lossy(&out.stderr)));
     let instances = report["instances"].as_array().unwrap();
     assert_eq!(instances.len(), count, "{report}");
     let mut ready: Vec<f64> = Vec::new();
