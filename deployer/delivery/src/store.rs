@@ -11,7 +11,7 @@
 //! `Range` and `If-Range` follow RFC 9110 ([`crate::http::range`]); the
 //! server's limits are [`crate::http::Limits`]'s defaults.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::SeekFrom;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,7 +38,13 @@ pub struct StoreStats {
     pub body_bytes: AtomicU64,
     /// Requests answered.
     pub requests: AtomicU64,
+    /// The latest ranged GET requests (file name, byte range), at most
+    /// [`RECENT_REQUESTS`], oldest first: what was asked for, in order.
+    pub recent: Mutex<VecDeque<(String, std::ops::Range<u64>)>>,
 }
+
+/// How many requests [`StoreStats::recent`] keeps.
+pub const RECENT_REQUESTS: usize = 1024;
 
 /// A file's ETag as computed for one (device, inode, length, modification time).
 type Tagged = ((u64, u64, u64, SystemTime), Option<String>);
@@ -128,7 +134,7 @@ async fn file(State(shared): State<Arc<Shared>>, method: Method, UrlPath(name): 
         return plain(StatusCode::NOT_FOUND, "no such image");
     }
     let looked_up = {
-        let shared = Arc::clone(&shared);
+        let (shared, name) = (Arc::clone(&shared), name.clone());
         tokio::task::spawn_blocking(move || {
             let (file, meta) = open_in(&shared, &name)?;
             let etag = etag(&shared, &name, &file, &meta);
@@ -161,6 +167,13 @@ async fn file(State(shared): State<Arc<Shared>>, method: Method, UrlPath(name): 
             return plain(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot seek: {e}"));
         }
         let stats = Arc::clone(&shared.stats);
+        {
+            let mut recent = stats.recent.lock().unwrap_or_else(|p| p.into_inner());
+            if recent.len() >= RECENT_REQUESTS {
+                recent.pop_front();
+            }
+            recent.push_back((name.clone(), bytes.clone()));
+        }
         let stream = ReaderStream::with_capacity(f.take(count), 256 << 10);
         let counted = futures_util::StreamExt::inspect(stream, move |chunk| {
             if let Ok(c) = chunk {

@@ -56,6 +56,15 @@ fn head_and_boot(path: &Path) -> (u64, u64) {
     (h.head_range().end + (h.meta.end - h.meta.start), h.boot.end - h.boot.start)
 }
 
+/// A role's boot stream as its boot order table gives it: each extent
+/// that stores bytes as (the file holding it, its stored range), in order.
+fn boot_stream(fx: &Fixture, role: &Path) -> Vec<(PathBuf, std::ops::Range<u64>)> {
+    let top = Image::open_layer(std::fs::File::open(role).unwrap()).unwrap();
+    let chain = Chain::open(top, |_| std::fs::File::open(&fx.container)).unwrap();
+    let files = [role.to_owned(), fx.container.clone()];
+    chain.boot_stream().filter(|(_, e)| e.stored_len() > 0).map(|(layer, e)| (files[layer].clone(), e.stored.clone())).collect()
+}
+
 fn store_dir(fx: &Fixture) -> PathBuf {
     fx.container.parent().unwrap().to_owned()
 }
@@ -81,15 +90,17 @@ async fn roles_over_one_base_share_its_cache_and_read_as_their_disks() {
     assert_eq!(open_b.layers, vec![roots(&b), base_root]);
     assert_eq!(node.cache_metrics().len(), 3, "one cache per layer, the base's shared");
 
-    // The boot segments, each once: the base's and each role's own.
+    // Each role's boot stream (its own boot extents and the base's its boot
+    // reads), an extent both read once; and the heads (each role's open
+    // reads its parent's head to check the chain).
     for root in [roots(&a), roots(&b), base_root] {
         assert!(node.cache(&root).unwrap().wait_prefetched(Duration::from_secs(20)).await);
     }
-    // Each role's open reads its parent's head to check the chain.
     let sent = fx.stats.body_bytes.load(Ordering::Relaxed);
-    let expected: u64 =
-        [&fx.container, &a, &b].iter().map(|p| head_and_boot(p)).map(|(h, b)| h + b).sum::<u64>() + head_and_boot(&fx.container).0;
-    assert_eq!(sent, expected, "the store sent the three boot segments, each once, and the heads");
+    let streamed: std::collections::HashSet<_> = boot_stream(&fx, &a).into_iter().chain(boot_stream(&fx, &b)).collect();
+    let heads = [&fx.container, &a, &b].iter().map(|p| head_and_boot(p).0).sum::<u64>() + head_and_boot(&fx.container).0;
+    let expected = heads + streamed.iter().map(|(_, r)| r.end - r.start).sum::<u64>();
+    assert_eq!(sent, expected, "the store sent the roles' boot streams, each extent once, and the heads");
 
     // QEMU reads each role as its disk, byte for byte.
     for (name, disk, open) in [("a", &a_disk, &open_a), ("b", &b_disk, &open_b)] {
@@ -114,6 +125,47 @@ async fn roles_over_one_base_share_its_cache_and_read_as_their_disks() {
     assert!(node.cache(&roots(&a)).is_none() && node.cache(&base_root).is_some());
     assert!(node.close("b"));
     assert!(node.cache_metrics().is_empty());
+}
+
+/// A role's boot reads the base and its own extents interleaved: the node
+/// fetches them as one stream in the order its boot order table gives,
+/// across the two files, and nothing else before the guest asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_boots_from_one_stream_across_its_layers_in_its_boot_order() {
+    let fx = fixture().await;
+    let store = store_dir(&fx);
+    // An edit inside a range the base's boot reads: the role's extent comes
+    // between base extents in its boot order.
+    let (_, a) = role(&fx, "a", &[(41 * MIB + 65536, vec![0x22; 4096]), (MIB, vec![0x11; 65536])], &store);
+    let want = boot_stream(&fx, &a);
+    let layers_in_order: Vec<bool> = want.iter().map(|(f, _)| *f == a).collect();
+    assert!(layers_in_order.windows(2).filter(|w| w[0] != w[1]).count() >= 2, "the fixture interleaves the layers: {want:?}");
+
+    let node = Node::new(fx.dir.path().join("node.sock"), options(fx.dir.path(), Background::Off));
+    let url = fx.url.replace("disk.bcimg", "a.bcimg");
+    let open = node.open("a", &url, &[], None).await.unwrap();
+    for root in &open.layers {
+        assert!(node.cache(root).unwrap().wait_prefetched(Duration::from_secs(20)).await);
+    }
+    // The requests for extents (past each file's head), cut into the
+    // extents they carried, in the order they were asked for.
+    let starts: std::collections::HashMap<(PathBuf, u64), std::ops::Range<u64>> =
+        want.iter().map(|(f, r)| ((f.clone(), r.start), r.clone())).collect();
+    let mut got = Vec::new();
+    for (name, range) in fx.stats.recent.lock().unwrap().iter() {
+        let file = store.join(name);
+        let h = Image::open_layer(std::fs::File::open(&file).unwrap()).unwrap().header().clone();
+        if range.start < h.boot.start || range.start >= h.meta.start {
+            continue;
+        }
+        let mut at = range.start;
+        while at < range.end {
+            let Some(r) = starts.get(&(file.clone(), at)) else { panic!("{name} {range:?}: no boot extent starts at {at}") };
+            got.push((file.clone(), r.clone()));
+            at = r.end;
+        }
+    }
+    assert_eq!(got, want, "the extents were fetched once each, in the role's boot order");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

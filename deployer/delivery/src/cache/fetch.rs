@@ -129,7 +129,7 @@ pub(super) async fn stream_loop(inner: Arc<Inner>) {
     let started = Instant::now();
     match &inner.opts.prefetch {
         Prefetch::BootSegment => {
-            stream_segment(&inner, Segment::Boot, None).await;
+            stream_segment(&inner, Segment::Boot, None, Source::Boot).await;
             tracing::info!(seconds = started.elapsed().as_secs_f64(), "boot segment cached");
         }
         Prefetch::Off => {}
@@ -147,23 +147,29 @@ pub(super) async fn stream_loop(inner: Arc<Inner>) {
     if inner.background_waits_for_quiet {
         wait_for_quiet(&inner).await;
     }
-    stream_segment(&inner, Segment::Rest, rate).await;
+    // Without its own boot stream (prefetch off or by ranges, or a layer
+    // whose chain streams what its boots read) the boot segment is part of
+    // what is left.
+    if inner.opts.prefetch != Prefetch::BootSegment {
+        stream_segment(&inner, Segment::Boot, rate, Source::Background).await;
+    }
+    stream_segment(&inner, Segment::Rest, rate, Source::Background).await;
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "image fully cached");
 }
 
-async fn stream_segment(inner: &Arc<Inner>, segment: Segment, rate: Option<u64>) {
-    let source = if segment == Segment::Boot { Source::Boot } else { Source::Background };
+async fn stream_segment(inner: &Arc<Inner>, segment: Segment, rate: Option<u64>, source: Source) {
     // Steps small enough to pace at a quarter of a second of the rate.
     let step = rate.map_or(MAX_RUN, |r| (r / 4).clamp(64 << 10, MAX_RUN));
     let started = Instant::now();
     let mut sent = 0u64;
     loop {
+        let turn = inner.stream_turn.lock().await;
         let absent: Vec<usize> = {
             let state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
             (0..state.len()).filter(|&i| state[i] == State::Absent && inner.index.entries()[i].segment == segment).collect()
         };
         // The boot stream goes on from its aim, then comes back for what it skipped.
-        let from = if segment == Segment::Boot { inner.aim.from.load(Ordering::SeqCst) } else { 0 };
+        let from = if source == Source::Boot { inner.aim.from.load(Ordering::SeqCst) } else { 0 };
         let ahead: Vec<usize> = if from == 0 {
             Vec::new()
         } else {
@@ -172,7 +178,9 @@ async fn stream_segment(inner: &Arc<Inner>, segment: Segment, rate: Option<u64>)
         let pick = if ahead.is_empty() { absent } else { ahead };
         let Some(run) = runs(&inner.index, pick, step).into_iter().next() else { return };
         let bytes: u64 = run.iter().map(|&i| inner.index.entries()[i].stored_len()).sum();
-        if !fetch_run(inner, &run, source).await {
+        let fetched = fetch_run(inner, &run, source).await;
+        drop(turn);
+        if !fetched {
             tokio::time::sleep(Duration::from_millis(500)).await; // the store is away; the next pass retries
         }
         sent += bytes;
@@ -228,10 +236,22 @@ pub(super) fn extents_of(index: &Index, size: u64, ranges: &[std::ops::Range<u64
 /// The extents holding `ranges`, in the order of the ranges; neighbours in
 /// both that order and the file go in one request.
 async fn stream_ranges(inner: &Arc<Inner>, ranges: &[std::ops::Range<u64>]) {
-    let order = extents_of(&inner.index, inner.header.virtual_size, ranges);
+    stream_positions(inner, extents_of(&inner.index, inner.header.virtual_size, ranges)).await;
+}
+
+/// Fetches the extents at `order` (positions in the index, with stored
+/// bytes) in that order as boot-stream requests: neighbours in both that
+/// order and the file go in one request; what is present or being fetched
+/// is not fetched again.
+pub(super) async fn stream_positions(inner: &Arc<Inner>, order: Vec<usize>) {
     for run in runs_in_order(&inner.index, order, MAX_RUN) {
-        // What arrived meanwhile (on demand) is not fetched again; what is
-        // left of the run is still contiguous pieces in the same order.
+        if inner.stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        let _turn = inner.stream_turn.lock().await;
+        // What arrived meanwhile (on demand, or by another stream) is not
+        // fetched again; what is left of the run is still contiguous
+        // pieces in the same order.
         let still: Vec<usize> = {
             let state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
             run.into_iter().filter(|&i| state[i] == State::Absent).collect()

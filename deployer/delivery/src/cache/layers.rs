@@ -40,6 +40,14 @@ pub(crate) struct Found {
 /// ranges between them read as zeros.
 pub(crate) type Map = Vec<(Range<u64>, Option<usize>)>;
 
+/// What a chain's layers are read as: its map, and its boot stream (the
+/// top image's boot order table: each extent's layer and guest offset, in
+/// the order that boot first read them).
+pub(crate) struct Checked {
+    pub(crate) map: Map,
+    pub(crate) stream: Vec<(usize, u64)>,
+}
+
 /// The URL of the parent a layer at `child` names by `locator`: resolved
 /// against the child's URL, and on the same origin (a layer never sends a
 /// node to another host).
@@ -55,14 +63,14 @@ fn parent_url(child: &str, locator: Option<&str>) -> Result<String, String> {
 
 /// Follows the parents of the layer behind `remote` (its header fetched
 /// already) down to an image that stands alone, and checks that they fit.
-/// Returns the layers, the one opened first, and the chain's map.
+/// Returns the layers, the one opened first, and how the chain reads.
 pub(crate) async fn follow(
     remote: Remote,
     first_head: Bytes,
     header: &Header,
     retry: RetryPolicy,
     max_index_bytes: u64,
-) -> Result<(Vec<Found>, Map), CacheError> {
+) -> Result<(Vec<Found>, Checked), CacheError> {
     let top_url = remote.shown().to_owned();
     let mut found = vec![Found { image: structure(&remote, first_head, header, max_index_bytes, true).await?, remote }];
     let mut seen = HashSet::from([header.root()]);
@@ -91,12 +99,13 @@ pub(crate) async fn follow(
         };
         found.push(parent.await.map_err(|e| fail(crate::remote::redact(&url), e))?);
     }
-    let map = check(&found).map_err(|source| CacheError::Image { url: top_url, source })?;
-    Ok((found, map))
+    let checked = check(&found).map_err(|source| CacheError::Image { url: top_url, source })?;
+    Ok((found, checked))
 }
 
-/// The format crate's checks of the chain as a whole, and its map.
-fn check(found: &[Found]) -> Result<Map, bootcache_format::Error> {
+/// The format crate's checks of the chain as a whole, its map and its
+/// boot stream.
+fn check(found: &[Found]) -> Result<Checked, bootcache_format::Error> {
     let regions = |i: usize| found[i].image.source().clone();
     let top = Image::open_layer(regions(0))?;
     let mut next = 1;
@@ -105,15 +114,26 @@ fn check(found: &[Found]) -> Result<Map, bootcache_format::Error> {
         next += 1;
         r
     })?;
-    Ok(chain.map().iter().map(|p| (p.guest.clone(), (chain.entry(p).encoding != Encoding::Zero).then_some(p.layer))).collect())
+    let map = chain.map().iter().map(|p| (p.guest.clone(), (chain.entry(p).encoding != Encoding::Zero).then_some(p.layer))).collect();
+    let stream = chain.boot_stream().map(|(layer, e)| (layer, e.guest.start)).collect();
+    Ok(Checked { map, stream })
 }
 
 /// A layered image on a node: the caches of its layers (the image opened
 /// first), read as one disk.
+///
+/// Its boot stream is one: the top image's boot order table, the extents
+/// its boot reads across the chain in the order that boot first read them,
+/// fetched one run after the other from whichever layer's cache holds each
+/// (a run: neighbours in both the table and one layer's file). The layers'
+/// caches have no boot stream of their own then; what a role's boot does
+/// not read of its base comes in their background streams, and a base's
+/// extents another role already fetched are not fetched again.
 pub struct LayeredDisk {
     layers: Vec<Arc<NodeCache>>,
     map: Map,
     size: u64,
+    stream: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for LayeredDisk {
@@ -122,10 +142,46 @@ impl std::fmt::Debug for LayeredDisk {
     }
 }
 
+impl Drop for LayeredDisk {
+    fn drop(&mut self) {
+        if let Some(t) = &self.stream {
+            t.abort();
+        }
+    }
+}
+
 impl LayeredDisk {
-    pub(crate) fn new(layers: Vec<Arc<NodeCache>>, map: Map) -> Self {
+    /// The disk of a chain's caches; with `boot_stream`, starts fetching
+    /// the chain's boot stream (and counts its extents among what each
+    /// layer's prefetch fetches, so [`NodeCache::wait_prefetched`] of each
+    /// layer waits for its part).
+    pub(crate) fn new(layers: Vec<Arc<NodeCache>>, checked: Checked, boot_stream: bool) -> Self {
         let size = layers.first().map_or(0, |l| l.virtual_size());
-        LayeredDisk { layers, map, size }
+        let stream = boot_stream.then(|| {
+            // Consecutive entries of one layer: that layer's positions, in order.
+            let mut steps: Vec<(usize, Vec<usize>)> = Vec::new();
+            for (layer, guest) in checked.stream {
+                let Some(cache) = layers.get(layer) else { continue };
+                let Some(&pos) = cache.positions([guest]).first() else { continue };
+                match steps.last_mut() {
+                    Some((l, positions)) if *l == layer => positions.push(pos),
+                    _ => steps.push((layer, vec![pos])),
+                }
+            }
+            for (layer, cache) in layers.iter().enumerate() {
+                let mine: Vec<usize> = steps.iter().filter(|(l, _)| *l == layer).flat_map(|(_, p)| p.iter().copied()).collect();
+                cache.mark_prefetched(&mine);
+            }
+            let layers = layers.clone();
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                for (layer, positions) in steps {
+                    layers[layer].stream_in_order(positions).await;
+                }
+                tracing::info!(seconds = started.elapsed().as_secs_f64(), "the chain's boot stream is cached");
+            })
+        });
+        LayeredDisk { layers, map: checked.map, size, stream }
     }
 
     /// Size of the guest disk.

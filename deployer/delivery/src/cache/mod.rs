@@ -30,7 +30,7 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -288,9 +288,10 @@ struct Inner {
     stored: File,
     /// Positions of extents with stored bytes, in container order.
     by_stored: Vec<usize>,
-    /// Extents the prefetch fetches: a relay waits for those of the boot
-    /// stream's current run rather than fetch them again.
-    prefetched: Vec<bool>,
+    /// Extents the prefetch fetches (its own, or a chain's boot stream
+    /// over this layer): a relay waits for those of the boot stream's
+    /// current run rather than fetch them again.
+    prefetched: Vec<AtomicBool>,
     /// Where bytes come from: the peers, then the store.
     sources: sources::Sources,
     state: Mutex<Vec<State>>,
@@ -303,6 +304,11 @@ struct Inner {
     demand_in_flight: std::sync::atomic::AtomicUsize,
     /// Where the boot stream goes on; guest misses ahead of it move it.
     aim: fetch::Aim,
+    /// Streams over this cache (its own, and the boot streams of chains
+    /// over it: several roles booting over one base) take turns run by
+    /// run, each choosing its run when its turn comes, so no two streams
+    /// receive the same extents.
+    stream_turn: tokio::sync::Mutex<()>,
     last_error: Mutex<Option<FetchFailure>>,
     /// Set by [`NodeCache::stop`]: nothing more is fetched.
     stopped: std::sync::atomic::AtomicBool,
@@ -415,7 +421,7 @@ impl NodeCache {
                 notified.as_mut().enable();
                 {
                     let state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
-                    if state.iter().zip(&inner.prefetched).all(|(s, p)| !*p || *s == State::Present) {
+                    if state.iter().zip(&inner.prefetched).all(|(s, p)| !p.load(Ordering::Relaxed) || *s == State::Present) {
                         return true;
                     }
                 }
@@ -426,6 +432,46 @@ impl NodeCache {
             }
         };
         tokio::time::timeout(timeout, wait).await.unwrap_or(false)
+    }
+
+    /// Fetches the extents at `positions` of this image's index as its boot
+    /// stream does, in that order (what is here or on its way is not
+    /// fetched again), and counts them among what its prefetch fetches
+    /// ([`NodeCache::wait_prefetched`] waits for them): a chain's one boot
+    /// stream across its layers' caches.
+    pub(crate) async fn stream_in_order(&self, positions: Vec<usize>) {
+        fetch::stream_positions(&self.inner, positions).await;
+    }
+
+    /// Whether this cache streams its own boot segment (it was not opened
+    /// as a layer of a chain whose boot stream fetches for it).
+    pub(crate) fn streams_its_boot(&self) -> bool {
+        self.inner.opts.prefetch == Prefetch::BootSegment
+    }
+
+    /// The positions of this image's boot extents that store bytes, in
+    /// boot-segment (first-access) order.
+    pub(crate) fn boot_positions(&self) -> Vec<usize> {
+        let index = &self.inner.index;
+        self.positions(index.boot_order().map(|e| e.guest.start))
+    }
+
+    /// Counts the extents at `positions` among what the prefetch fetches.
+    pub(crate) fn mark_prefetched(&self, positions: &[usize]) {
+        for &p in positions {
+            if let Some(flag) = self.inner.prefetched.get(p) {
+                flag.store(true, Ordering::Relaxed);
+            }
+        }
+        self.inner.changed.notify_waiters();
+    }
+
+    /// The positions in this image's index of the extents starting at
+    /// `guest_offsets` that store bytes (others are skipped).
+    pub(crate) fn positions(&self, guest_offsets: impl IntoIterator<Item = u64>) -> Vec<usize> {
+        let index = &self.inner.index;
+        let entries = index.entries();
+        guest_offsets.into_iter().map(|g| index.position(g)).filter(|&p| entries.get(p).is_some_and(|e| e.stored_len() > 0)).collect()
     }
 
     /// Stops fetching (the image was closed on this node while a client may

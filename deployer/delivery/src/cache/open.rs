@@ -154,6 +154,7 @@ pub(crate) async fn open_image(remote: Remote, image: Image<Regions>, opts: Cach
             marked
         }
     };
+    let prefetched = prefetched.into_iter().map(std::sync::atomic::AtomicBool::new).collect();
     let peers =
         opts.peers.iter().map(|base| peer::Peer::new(base, root, remote.len(), opts.retry, opts.peer_authorization.clone())).collect();
     let sources = sources::Sources::new(peers, remote.clone());
@@ -219,6 +220,7 @@ pub(crate) async fn open_image(remote: Remote, image: Image<Regions>, opts: Cach
         metrics,
         demand_in_flight: std::sync::atomic::AtomicUsize::new(0),
         aim: fetch::Aim::default(),
+        stream_turn: tokio::sync::Mutex::new(()),
         last_error: Mutex::new(None),
         stopped: std::sync::atomic::AtomicBool::new(false),
         opts,

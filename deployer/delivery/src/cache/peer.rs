@@ -215,7 +215,8 @@ impl NodeCache {
                 .iter()
                 .map(|&(pos, _)| pos)
                 .filter(|&pos| {
-                    let on_its_way = inner.prefetched[pos] && inner.aim.streaming(&entries[pos].stored);
+                    let on_its_way =
+                        inner.prefetched[pos].load(std::sync::atomic::Ordering::Relaxed) && inner.aim.streaming(&entries[pos].stored);
                     let absent = !stopped && state[pos] == State::Absent && !on_its_way;
                     if absent {
                         state[pos] = State::Fetching;
