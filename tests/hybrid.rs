@@ -36,12 +36,18 @@ fn cluster(dir: &Path, link: Link, nodes: usize, control_args: &[&str]) -> (Clus
         daemons: true,
         // The boot needs only the boot set (and what it misses): the rest
         // of the image would follow and blur the store's count.
-        agent_args: ["--background", "off", "--ready-timeout", "1200"].map(String::from).to_vec(),
+        agent_args: ["--background", "off", "--ready-timeout", &(deploy_timeout() - 300).to_string()].map(String::from).to_vec(),
         control_args: control_args.iter().map(|a| (*a).to_owned()).collect(),
         log: "hybrid",
         heartbeat: 1.0,
     };
     (Cluster::start(dir, &store, link, spec), images)
+}
+
+/// How long a deployment may take, s (`BOOTCACHE_BENCH_TIMEOUT`, 1500;
+/// at least 600): a VM's agent waits for its boot 300 s less.
+fn deploy_timeout() -> u64 {
+    std::env::var("BOOTCACHE_BENCH_TIMEOUT").ok().and_then(|t| t.parse().ok()).unwrap_or(1500).max(600)
 }
 
 /// The lab file of `config`, for this store, its counts scaled by `scale`
@@ -90,7 +96,7 @@ fn deploy(c: &Cluster, images: &Images, config: &str, scale: f64, strict: bool, 
     let cpu_before: Vec<f64> = c.nodes.iter().map(|n| n.usage().0).collect();
     let sent_before = c.tb.tx_bytes("store").unwrap();
     let started = Instant::now();
-    let out = c.cli(&["deploy", "-f", file.to_str().unwrap(), "--output", "json", "--timeout", "1500"]);
+    let out = c.cli(&["deploy", "-f", file.to_str().unwrap(), "--output", "json", "--timeout", &deploy_timeout().to_string()]);
     let wall = started.elapsed().as_secs_f64();
     assert!(out.status.success() || !strict, "deploy {config}: {}", String::from_utf8_lossy(&out.stderr));
     let store_bytes = c.tb.tx_bytes("store").unwrap() - sent_before;

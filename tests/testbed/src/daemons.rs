@@ -40,15 +40,20 @@ impl Libvirtd {
     /// Starts one in network namespace `netns`, its state under `dir`.
     pub fn start(netns: &str, dir: &Path) -> anyhow::Result<Libvirtd> {
         let sub = |s: &str| dir.join(s);
-        for s in ["run", "lib", "log", "cache"] {
+        for s in ["run", "lib", "log", "cache", "etc-qemu"] {
             std::fs::create_dir_all(sub(s))?;
         }
-        for d in ["/run/libvirt", "/var/lib/libvirt", "/var/log/libvirt", "/var/cache/libvirt"] {
+        for d in ["/run/libvirt", "/var/lib/libvirt", "/var/log/libvirt", "/var/cache/libvirt", "/etc/libvirt/qemu"] {
             std::fs::create_dir_all(d)?;
         }
+        // Persistent domain definitions too are the node's own (the host's
+        // network definitions copied in): a test killed before its clean-up
+        // leaves none in the next test's libvirtd.
         let script = format!(
-            "set -e; mount --bind '{run}' /run/libvirt; mount --bind '{lib}' /var/lib/libvirt; mount --bind '{log}' /var/log/libvirt; \
+            "set -e; cp -a /etc/libvirt/qemu/networks '{etc}/' 2>/dev/null || true; mount --bind '{etc}' /etc/libvirt/qemu; \
+             mount --bind '{run}' /run/libvirt; mount --bind '{lib}' /var/lib/libvirt; mount --bind '{log}' /var/log/libvirt; \
              mount --bind '{cache}' /var/cache/libvirt; virtlogd -d -p /run/libvirt/virtlogd.pid; exec libvirtd -p /run/libvirt/libvirtd.pid",
+            etc = sub("etc-qemu").display(),
             run = sub("run").display(),
             lib = sub("lib").display(),
             log = sub("log").display(),

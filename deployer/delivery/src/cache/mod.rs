@@ -88,7 +88,7 @@ pub async fn read_chain(
     if header.parent.is_none() {
         return Ok(vec![header]);
     }
-    let (found, _) = layers::follow(remote, head, &header, retry, CacheOptions::new("").max_index_bytes).await?;
+    let (found, _) = layers::follow(remote, head, &header, retry, DEFAULT_MAX_INDEX_BYTES).await?;
     Ok(found.iter().map(|f| f.image.header().clone()).collect())
 }
 
@@ -184,6 +184,9 @@ pub enum Prefetch {
     Ranges(Vec<Range<u64>>),
 }
 
+/// The largest index a cache takes by default ([`CacheOptions::max_index_bytes`]).
+pub const DEFAULT_MAX_INDEX_BYTES: u64 = 64 << 20;
+
 /// Settings of a cache.
 #[derive(Clone, Debug)]
 pub struct CacheOptions {
@@ -234,7 +237,7 @@ impl CacheOptions {
             demand_parallel: 8,
             peers: Vec::new(),
             peer_authorization: None,
-            max_index_bytes: 64 << 20,
+            max_index_bytes: DEFAULT_MAX_INDEX_BYTES,
         }
     }
 }
