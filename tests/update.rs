@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use bootcache_testbed::limit::Demand;
 use bootcache_testbed::programs::Killed;
 use bootcache_testbed::{Link, Testbed};
 use support::cluster::record_boot;
@@ -81,38 +82,6 @@ fn boot(tb: &Testbed, image: &str, cache: &Path) -> serde_json::Value {
     r
 }
 
-/// The least time fetching what `held` lacks of `new`'s boot adds to that
-/// boot at `rate` bytes/s, whatever the fetcher does once the VM starts:
-/// the boot in `trace` (recorded on a local disk) has read, by each moment
-/// t, extents storing A(t) bytes the node does not hold, which cannot have
-/// arrived before A(t) / rate; it waits at least the largest A(t) / rate - t.
-/// Returns that wait and the moment (s) it is largest.
-fn fetch_bound(trace: &Path, new: &Path, held: &Path, rate: f64) -> (f64, f64) {
-    let trace = bootcache_trace::Trace::open(trace).unwrap();
-    let new = bootcache_format::Image::open(std::fs::File::open(new).unwrap()).unwrap();
-    let held = bootcache_format::Image::open(std::fs::File::open(held).unwrap()).unwrap();
-    let key = |e: &bootcache_format::Entry| (e.digest, e.encoding.code(), e.guest_len(), e.stored_len());
-    let held: std::collections::HashSet<_> = held.index().entries().iter().map(key).collect();
-    let entries = new.index().entries();
-    let mut seen = vec![false; entries.len()];
-    let (mut lacking, mut worst) = (0u64, (0.0f64, 0.0f64));
-    for r in trace.records.iter().filter(|r| r.op == bootcache_trace::Op::Read && r.class == bootcache_trace::Class::Data) {
-        let first = new.index().position(r.offset);
-        for pos in first..first + new.index().overlapping(r.offset..r.offset + r.length).len() {
-            let e = &entries[pos];
-            if !std::mem::replace(&mut seen[pos], true) && e.stored_len() > 0 && !held.contains(&key(e)) {
-                lacking += e.stored_len();
-                let t = r.t_ns as f64 / 1e9;
-                let wait = lacking as f64 / rate - t;
-                if wait > worst.0 {
-                    worst = (wait, t);
-                }
-            }
-        }
-    }
-    worst
-}
-
 /// Each numeric figure's median over `runs`, as one result named `median`.
 fn medians(runs: &[serde_json::Value]) -> serde_json::Value {
     let mut out = serde_json::Map::new();
@@ -170,7 +139,8 @@ fn bench_update() {
     eprintln!("diff v1 v2: {diff}");
     let to_fetch = diff["boot_stored_bytes_to_fetch"].as_u64().unwrap();
     // The link: 100 Mbit/s.
-    let (bound_s, bound_at) = fetch_bound(&work.join("v2.bctrace"), &store.join("v2.bcimg"), &store.join("v1.bcimg"), 100e6 / 8.0);
+    let demand = Demand::lacking(&work.join("v2.bctrace"), &store.join("v2.bcimg"), Some(&store.join("v1.bcimg"))).unwrap();
+    let (bound_s, bound_at) = demand.least_stall_at(100.0);
     eprintln!("v2's boot waits at least {bound_s:.2} s for what v1 lacks at 100 Mbit/s (by {bound_at:.2} s into the boot)");
 
     let mut tb = Testbed::new(&["store", "node"]).unwrap();

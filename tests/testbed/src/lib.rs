@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 
 pub mod daemons;
 pub mod fanout;
+pub mod limit;
 pub mod oci;
 pub mod plot;
 pub mod programs;

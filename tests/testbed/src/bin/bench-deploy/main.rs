@@ -10,7 +10,6 @@
 //! Writes `results.json` (every deployment), `table.md` and PNG plots to
 //! `--out`, and prints the table.
 
-mod limit;
 mod report;
 mod run;
 
@@ -112,7 +111,7 @@ fn parse_link(s: &str) -> anyhow::Result<Link> {
     Ok(Link::new(rate.parse().with_context(|| format!("link rate {rate:?}"))?, rtt.parse().with_context(|| format!("link RTT {rtt:?}"))?))
 }
 
-fn report_all(results: &[Deployment], demand: Option<&limit::Demand>, out: &std::path::Path) -> anyhow::Result<()> {
+fn report_all(results: &[Deployment], demand: Option<&bootcache_testbed::limit::Demand>, out: &std::path::Path) -> anyhow::Result<()> {
     let table = report::table(results, demand);
     std::fs::write(out.join("table.md"), &table)?;
     print!("{table}");
@@ -128,7 +127,7 @@ fn main() -> anyhow::Result<()> {
         // The boot's demand: from --trace and --container if given, else
         // saved beside the results.
         let demand = match (&args.trace, &args.container) {
-            (Some(t), Some(c)) => Some(limit::Demand::of(t, c)?),
+            (Some(t), Some(c)) => Some(bootcache_testbed::limit::Demand::of(t, c)?),
             _ => std::fs::read(path.with_file_name("demand.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()),
         };
         if let Some(d) = &demand {
@@ -146,7 +145,7 @@ fn main() -> anyhow::Result<()> {
     let (bootcache, image, qcow2) = (need(&args.bootcache, "bootcache")?, need(&args.image, "image")?, need(&args.qcow2, "qcow2")?);
     let (container, plain, trace) =
         (need(&args.container, "container")?, need(&args.plain_container, "plain-container")?, need(&args.trace, "trace")?);
-    let demand = limit::Demand::of(&trace, &container)?;
+    let demand = bootcache_testbed::limit::Demand::of(&trace, &container)?;
     std::fs::write(args.out.join("demand.json"), serde_json::to_string(&demand)?)?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

@@ -7,8 +7,8 @@ use anyhow::Context;
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
-use crate::limit::Demand;
 use crate::run::{Deployment, Method};
+use bootcache_testbed::limit::Demand;
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);

@@ -1,4 +1,4 @@
-//! The limit a link puts on any boot-first delivery of this guest.
+//! The limit a link puts on any boot-first delivery of a guest.
 //!
 //! A guest read cannot be served before the bytes it needs have crossed the
 //! link. With the boot segment streamed in first-access order (the best
@@ -7,12 +7,15 @@
 //! `R` bytes per second the boot is delayed by at least `max(b / R - t)`
 //! over its reads. Unlike `boot set / R`, this counts *when* the guest wants
 //! the bytes: a bootloader that reads the kernel and initrd in its first
-//! second needs them at once, whatever the length of the boot.
+//! second needs them at once, whatever the length of the boot. On a node
+//! that holds some extents already (another version's cache), `b` counts
+//! only the extents it lacks.
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use anyhow::Context;
-use bootcache_format::{Encoding, Image, Segment};
+use bootcache_format::{Encoding, Entry, Image, Segment};
 use bootcache_trace::{Class, Op, Trace};
 use serde::{Deserialize, Serialize};
 
@@ -32,19 +35,44 @@ impl Demand {
     /// The demand of the boot recorded in `trace` on the container at
     /// `container` (reordered by that trace).
     pub fn of(trace: &Path, container: &Path) -> anyhow::Result<Demand> {
+        Demand::lacking(trace, container, None)
+    }
+
+    /// The same on a node that holds the extents of the container at
+    /// `held` (same stored digest, encoding and lengths): only the boot
+    /// extents it lacks cross the link, in the segment's order.
+    pub fn lacking(trace: &Path, container: &Path, held: Option<&Path>) -> anyhow::Result<Demand> {
+        let open = |p: &Path| -> anyhow::Result<Image<std::fs::File>> {
+            let file = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+            Image::open(file).with_context(|| format!("reading {}", p.display()))
+        };
         let trace = Trace::open(trace).with_context(|| format!("reading {}", trace.display()))?;
-        let file = std::fs::File::open(container).with_context(|| format!("opening {}", container.display()))?;
-        let image = Image::open(file).with_context(|| format!("reading {}", container.display()))?;
-        let (index, boot_start) = (image.index(), image.header().boot.start);
+        let image = open(container)?;
+        let key = |e: &Entry| (e.digest, e.encoding.code(), e.guest_len(), e.stored_len());
+        let held: HashSet<_> = match held {
+            Some(p) => open(p)?.index().entries().iter().filter(|e| e.encoding != Encoding::Zero).map(key).collect(),
+            None => HashSet::new(),
+        };
+        // Per boot extent the node lacks: the lacking bytes of the segment
+        // up to its end, in stream (file) order.
+        let index = image.index();
+        let mut boot: Vec<usize> = (0..index.entries().len())
+            .filter(|&i| {
+                let e = &index.entries()[i];
+                e.segment == Segment::Boot && e.encoding != Encoding::Zero && !held.contains(&key(e))
+            })
+            .collect();
+        boot.sort_by_key(|&i| index.entries()[i].stored.start);
+        let mut upto = HashMap::with_capacity(boot.len());
+        let mut sum = 0;
+        for i in boot {
+            sum += index.entries()[i].stored_len();
+            upto.insert(index.entries()[i].guest.start, sum);
+        }
         let mut points = Vec::new();
         for r in trace.records.iter().filter(|r| r.op == Op::Read && r.class == Class::Data) {
             let Some(range) = r.transferred() else { continue };
-            let needed = index
-                .overlapping(range)
-                .iter()
-                .filter(|e| e.segment == Segment::Boot && e.encoding != Encoding::Zero)
-                .map(|e| e.stored.end - boot_start)
-                .max();
+            let needed = index.overlapping(range).iter().filter_map(|e| upto.get(&e.guest.start).copied()).max();
             if let Some(b) = needed {
                 points.push((r.t_ns as f64 / 1e9, b));
             }
@@ -55,8 +83,14 @@ impl Demand {
     /// The least delay of the boot when the segment arrives at `mbit` Mbit/s
     /// from the moment the recording's clock starts.
     pub fn least_stall(&self, mbit: f64) -> f64 {
+        self.least_stall_at(mbit).0
+    }
+
+    /// [`Demand::least_stall`], and when in the recorded boot (s) the read
+    /// that waits it comes (0 if none waits).
+    pub fn least_stall_at(&self, mbit: f64) -> (f64, f64) {
         let rate = mbit * 1e6 / 8.0 * GOODPUT;
-        self.points.iter().map(|&(t, b)| b as f64 / rate - t).fold(0.0, f64::max)
+        self.points.iter().map(|&(t, b)| (b as f64 / rate - t, t)).fold((0.0, 0.0), |worst, p| if p.0 > worst.0 { p } else { worst })
     }
 
     /// Boot-segment bytes the recorded boot needed within its first `secs`.
@@ -79,5 +113,6 @@ mod tests {
         assert_eq!(d.least_stall(1000.0), 0.0, "a fast link never waits");
         assert_eq!(d.needed_by(5.0), 12_500_000);
         assert_eq!(Demand::default().least_stall(1.0), 0.0);
+        assert_eq!(d.least_stall_at(100.0).1, 1.0, "the first read is the one that waits");
     }
 }
