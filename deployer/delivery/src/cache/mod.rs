@@ -439,9 +439,8 @@ impl NodeCache {
 
     /// Fetches the extents at `positions` of this image's index as its boot
     /// stream does, in that order (what is here or on its way is not
-    /// fetched again), and counts them among what its prefetch fetches
-    /// ([`NodeCache::wait_prefetched`] waits for them): a chain's one boot
-    /// stream across its layers' caches.
+    /// fetched again): a chain's one boot stream across its layers' caches
+    /// (which marks them first, [`NodeCache::mark_prefetched`]).
     pub(crate) async fn stream_in_order(&self, positions: Vec<usize>) {
         fetch::stream_positions(&self.inner, positions).await;
     }
