@@ -18,7 +18,7 @@
 //! they list is made (once), what they do not is removed, including what an
 //! earlier run of the agent left, so a restarted agent or control node
 //! converges. It changes only what it made: each thing carries its mark and
-//! is written in its record before it is made ([`own`], [`plan`]).
+//! is written in its record before it is made (`own`, `plan`).
 
 #![deny(missing_docs)]
 

@@ -169,7 +169,7 @@ impl NodeCache {
     /// The container's bytes in `range`, as the store would send them, when
     /// every extent they belong to is present here; `Ok(None)` otherwise
     /// (including ranges outside the data segments or over
-    /// [`MAX_PEER_RANGE`]).
+    /// `MAX_PEER_RANGE`, 64 MiB).
     ///
     /// # Errors
     /// When the local files cannot be read.
@@ -202,7 +202,7 @@ impl NodeCache {
     /// node and the asking one. An extent that does not arrive within
     /// `wait`, or fails its digest, ends the stream with an error. `None`
     /// when the range is not one this cache serves (outside the data
-    /// segments, over [`MAX_PEER_RANGE`]) or holds an extent that failed its
+    /// segments, over `MAX_PEER_RANGE`) or holds an extent that failed its
     /// digest here.
     pub fn stream_stored(&self, range: Range<u64>, wait: Duration) -> Option<impl Stream<Item = io::Result<Bytes>> + Send + use<>> {
         let inner = std::sync::Arc::clone(&self.inner);
