@@ -16,7 +16,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bootcache_testbed::Link;
+use bootcache_testbed::{Link, median};
 use support::cluster::{Cluster, Images, Spec, fill_store, fill_store_from, small_guest_large};
 
 /// The configurations, as the lab files name them.
@@ -301,21 +301,12 @@ fn bench_hybrid() {
     println!("{table}");
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 0 => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-        n => v[n / 2],
-    }
-}
-
 fn rows<'a>(results: &'a [serde_json::Value], config: &str, rate: u32) -> Vec<&'a serde_json::Value> {
     results.iter().filter(|r| r["config"] == config && r["rate_mbit"] == rate).collect()
 }
 
 fn med(results: &[serde_json::Value], config: &str, rate: u32, key: &str) -> f64 {
-    median(rows(results, config, rate).iter().filter_map(|r| r[key].as_f64()).collect())
+    median(rows(results, config, rate).iter().filter_map(|r| r[key].as_f64()))
 }
 
 /// The table and the goals' ratios, medians over the runs.
@@ -328,7 +319,7 @@ fn report(results: &[serde_json::Value], configs: &[String], rates: &[u32]) -> S
             let rs = rows(results, config, rate);
             let Some(first) = rs.first() else { continue };
             let m = |k: &str| med(results, config, rate, k);
-            let sum = |k: &str| median(rs.iter().map(|r| r[k].as_array().unwrap().iter().filter_map(|v| v.as_f64()).sum()).collect());
+            let sum = |k: &str| median(rs.iter().map(|r| r[k].as_array().unwrap().iter().filter_map(|v| v.as_f64()).sum()));
             t += &format!(
                 "| {rate} Mbit/s | {config} | {} ({} + {}) | {} | {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} ({:.2}) | {:.1} | {:.0} | {:.1} |\n",
                 first["instances"],

@@ -23,6 +23,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bootcache_testbed::limit::Demand;
+use bootcache_testbed::median;
 use bootcache_testbed::programs::Killed;
 use bootcache_testbed::{Link, Testbed};
 use support::cluster::record_boot;
@@ -87,10 +88,8 @@ fn medians(runs: &[serde_json::Value]) -> serde_json::Value {
     let mut out = serde_json::Map::new();
     if let Some(first) = runs.first().and_then(|r| r.as_object()) {
         for key in first.keys() {
-            let mut v: Vec<f64> = runs.iter().filter_map(|r| r[key].as_f64()).collect();
-            v.sort_by(f64::total_cmp);
-            if !v.is_empty() {
-                let m = if v.len() % 2 == 1 { v[v.len() / 2] } else { (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0 };
+            let m = median(runs.iter().filter_map(|r| r[key].as_f64()));
+            if !m.is_nan() {
                 out.insert(key.clone(), m.into());
             }
         }

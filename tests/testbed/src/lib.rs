@@ -20,6 +20,18 @@ pub mod plot;
 pub mod programs;
 pub mod tokens;
 
+/// The median of a benchmark's figures (the mean of the middle two of an
+/// even count; NaN for none).
+pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => f64::midpoint(v[n / 2 - 1], v[n / 2]),
+    }
+}
+
 /// How every host's link behaves.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Link {

@@ -321,16 +321,17 @@ impl Node {
         let mut opts = self.opts.clone();
         opts.peers = peers;
         let nbd_url = format!("nbd+unix:///{name}?socket={}", self.socket.display());
+        // Whether this image's boot is streamed ahead of its reads.
+        let boot_first = opts.prefetch == crate::cache::Prefetch::BootSegment;
         if header.parent.is_none() {
             self.hold(name, id, vec![root])?;
             let cell = self.cell(root);
-            let wants_boot = opts.prefetch == crate::cache::Prefetch::BootSegment;
             let cache = cell
                 .get_or_try_init(|| async move { crate::cache::open::open_from(remote, head, &header, opts).await.map(Arc::new) })
                 .await?;
             // The cache of a base opened first as a layer has no boot stream
             // of its own: this image's boot needs it (a stopped cache ends it).
-            if wants_boot && !cache.streams_its_boot() {
+            if boot_first && !cache.streams_its_boot() {
                 let positions = cache.boot_positions();
                 cache.mark_prefetched(&positions);
                 let cache = Arc::clone(cache);
@@ -352,8 +353,7 @@ impl Node {
         let layers = crate::cache::roots(&found);
         self.hold(name, id, layers.clone())?;
         // The chain's one boot stream replaces each layer's own.
-        let boot_stream = opts.prefetch == crate::cache::Prefetch::BootSegment;
-        if boot_stream {
+        if boot_first {
             opts.prefetch = crate::cache::Prefetch::Off;
         }
         let mut caches = Vec::with_capacity(found.len());
@@ -368,7 +368,7 @@ impl Node {
                 cell.get_or_try_init(|| async move { crate::cache::open::open_image(f.remote, f.image, opts).await.map(Arc::new) }).await?;
             caches.push(Arc::clone(cache));
         }
-        let disk = crate::cache::LayeredDisk::new(caches, checked, boot_stream);
+        let disk = crate::cache::LayeredDisk::new(caches, checked, boot_first);
         let image = OpenImage { name: name.into(), url: shown, root_digest: root, layers, virtual_size: disk.virtual_size(), nbd_url };
         Ok((Arc::new(disk) as Arc<dyn Export>, image))
     }

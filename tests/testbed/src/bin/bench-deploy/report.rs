@@ -9,15 +9,7 @@ use plotters::prelude::*;
 
 use crate::run::{Deployment, Method};
 use bootcache_testbed::limit::Demand;
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => f64::midpoint(v[n / 2 - 1], v[n / 2]),
-    }
-}
+use bootcache_testbed::median;
 
 /// The settings present, in first-seen order: (rate, rtt, vms per node).
 fn settings(results: &[Deployment]) -> Vec<(u32, f64, usize)> {
@@ -48,7 +40,7 @@ fn spread(ds: &[&Deployment]) -> (f64, f64, f64) {
 }
 
 fn med(ds: &[&Deployment], f: impl Fn(&Deployment) -> f64) -> f64 {
-    median(&mut ds.iter().map(|d| f(d)).collect::<Vec<_>>())
+    median(ds.iter().map(|d| f(d)))
 }
 
 /// The last sample of each node.
